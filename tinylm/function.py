@@ -1,0 +1,101 @@
+"""Function: the one way to add a differentiable primitive.
+
+A subclass writes two array-level methods and nothing else::
+
+    class Exp(Function):
+        def forward(self, xp, x):
+            self.y = xp.exp(x)          # keep what backward needs on self
+            return self.y
+
+        def backward(self, xp, grad):
+            return grad * self.y        # one gradient per input (None: no gradient)
+
+    y = Exp.apply(x)                    # Tensor in, Tensor out, graph recorded
+
+``xp`` is numpy or cupy, picked from the inputs, so one body runs on CPU and GPU.
+Keyword arguments of ``apply`` become attributes before ``forward`` runs
+(``Sum.apply(x, axis=1)`` -> ``self.axis``). Python scalars among the inputs become
+constants of the first tensor's dtype. Gradients that ``backward`` returns in a
+broadcast shape are summed back to the input's shape by the engine, so binary ops
+never write that code. ``forward`` may return a tuple for several outputs; then
+``backward`` receives one gradient per output (zeros where an output was unused).
+
+Rules: never modify an incoming array or gradient in place (they may be shared), and
+return arrays of the input's dtype.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from tinylm.autograd import is_grad_enabled
+from tinylm.backend import get_array_module
+from tinylm.errors import DeviceError
+from tinylm.tensor import Tensor
+
+
+class Function:
+    differentiable = True  # False for ops like comparisons that never record a graph
+
+    def forward(self, xp, *arrays):
+        raise NotImplementedError
+
+    def backward(self, xp, *grads):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ graph plumbing
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        fn = cls()
+        fn.__dict__.update(params)
+        tensors = _as_tensors(inputs)
+        arrays = [t.data for t in tensors]
+        xp = get_array_module(*arrays)
+        if xp.__name__ != "numpy" and any(get_array_module(a) is not xp for a in arrays):
+            raise DeviceError(
+                f"{cls.__name__}: inputs live on different devices; move them with .to(device)"
+            )
+        record = (
+            cls.differentiable and is_grad_enabled() and any(t.requires_grad for t in tensors)
+        )
+        fn.needs_grad = record
+        outputs = fn.forward(xp, *arrays)
+        multiple = isinstance(outputs, tuple)
+        if not multiple:
+            outputs = (outputs,)
+        results = tuple(Tensor(o, requires_grad=record) for o in outputs)
+        if record:
+            fn.xp = xp
+            fn.inputs = tensors
+            fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
+            fn.n_outputs = len(results)
+            fn.output_meta = tuple((o.shape, o.dtype) for o in outputs)
+            fn.output_refs = tuple(weakref.ref(r) for r in results)
+            for i, r in enumerate(results):
+                r.creator = fn
+                r.output_index = i
+        return results if multiple else results[0]
+
+    def release(self) -> None:
+        """Drop inputs and saved arrays once backward has used them."""
+        self.__dict__.clear()
+        self.inputs = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+def _as_tensors(inputs) -> list:
+    ref = next((x for x in inputs if isinstance(x, Tensor)), None)
+    out = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            out.append(x)
+        elif ref is not None and isinstance(x, (int, float)) and not isinstance(x, bool):
+            dtype = ref.dtype if ref.dtype.kind == "f" else None
+            out.append(Tensor(ref.xp.asarray(x, dtype=dtype)))
+        else:
+            xp = ref.xp if ref is not None else get_array_module(x)
+            out.append(Tensor(xp.asarray(x)))
+    return out

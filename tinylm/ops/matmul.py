@@ -1,0 +1,81 @@
+"""Matrix products: batched broadcasting ``matmul`` and the fused ``linear`` layer op."""
+
+from __future__ import annotations
+
+from tinylm.errors import ShapeError
+from tinylm.function import Function
+from tinylm.ops.movement import reshape
+
+
+def _flat_rows(a):
+    """(..., n) -> (rows, n): lets a weight gradient be one GEMM instead of a batched
+    GEMM followed by a sum over the batch."""
+    return a.reshape(-1, a.shape[-1])
+
+
+class MatMul(Function):
+    """a @ b for ndim >= 2 with NumPy's batch broadcasting (1-D handled in ``matmul``)."""
+
+    def forward(self, xp, a, b):
+        if a.shape[-1] != b.shape[-2]:
+            raise ShapeError(f"matmul: inner dimensions differ, {a.shape} @ {b.shape}")
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, xp, grad):
+        a, b = self.a, self.b
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            if a.ndim == 2 and grad.ndim > 2:  # shared left matrix: sum over the batch
+                ga = (grad @ b.swapaxes(-1, -2)).sum(axis=tuple(range(grad.ndim - 2)))
+            else:
+                ga = grad @ b.swapaxes(-1, -2)
+        if self.needs_input_grad[1]:
+            if b.ndim == 2 and a.ndim > 2:  # shared weight: one GEMM over all rows
+                gb = _flat_rows(a).T @ _flat_rows(grad)
+            else:
+                gb = a.swapaxes(-1, -2) @ grad
+        return ga, gb
+
+
+def matmul(a, b):
+    a_vec, b_vec = a.ndim == 1, b.ndim == 1
+    if a_vec:
+        a = reshape(a, (1, a.shape[0]))
+    if b_vec:
+        b = reshape(b, (b.shape[0], 1))
+    y = MatMul.apply(a, b)
+    if a_vec or b_vec:
+        shape = y.shape[:-2] + (() if a_vec else y.shape[-2:-1]) + (() if b_vec else y.shape[-1:])
+        y = reshape(y, shape)
+    return y
+
+
+class Linear(Function):
+    """y = x @ W.T + b with W of shape (out, in), as torch.nn.Linear stores it."""
+
+    def forward(self, xp, x, w, *bias):
+        if x.shape[-1] != w.shape[1]:
+            raise ShapeError(
+                f"linear: input has {x.shape[-1]} features but the weight expects {w.shape[1]}"
+            )
+        self.x, self.w = x, w
+        y = x @ w.T  # (..., out)
+        if bias:
+            y += bias[0]  # y is a fresh array: in-place add is safe
+        return y
+
+    def backward(self, xp, grad):
+        g2 = _flat_rows(grad)  # (N, out)
+        gx = (grad @ self.w) if self.needs_input_grad[0] else None
+        gw = (g2.T @ _flat_rows(self.x)) if self.needs_input_grad[1] else None
+        if len(self.needs_input_grad) == 3:
+            gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+            return gx, gw, gb
+        return gx, gw
+
+
+def linear(x, weight, bias=None):
+    if bias is None:
+        return Linear.apply(x, weight)
+    return Linear.apply(x, weight, bias)

@@ -1,0 +1,228 @@
+"""Fused neural-network ops: embedding, softmax, log_softmax, cross-entropy, layer and
+RMS norm, dropout. Each is one node with a hand-written backward: fewer temporaries
+and fewer graph nodes than composing them from primitives.
+"""
+
+from __future__ import annotations
+
+from tinylm import backend
+from tinylm.errors import ShapeError, TinyLMError
+from tinylm.function import Function
+from tinylm.tensor import Tensor
+
+# --------------------------------------------------------------------------- embedding
+
+
+class Embedding(Function):
+    """weight[ids]; backward scatter-adds rows (repeated ids accumulate)."""
+
+    def forward(self, xp, ids, weight):
+        if ids.dtype.kind not in "iu":
+            raise TinyLMError(f"embedding ids must be integers, got {ids.dtype}")
+        self.ids, self.shape, self.dtype = ids, weight.shape, weight.dtype
+        return weight[ids]  # (*ids.shape, D)
+
+    def backward(self, xp, grad):
+        gw = xp.zeros(self.shape, dtype=self.dtype)
+        backend.scatter_add(gw, self.ids.ravel(), grad.reshape(-1, self.shape[1]))
+        return None, gw
+
+
+def embedding(ids, weight):
+    return Embedding.apply(ids, weight)
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+def _softmax(xp, x, axis):
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _log_softmax(xp, x, axis):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+class Softmax(Function):
+    def forward(self, xp, x):
+        self.y = _softmax(xp, x, self.axis)
+        return self.y
+
+    def backward(self, xp, grad):
+        y = self.y
+        return y * (grad - (grad * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def forward(self, xp, x):
+        self.y = _log_softmax(xp, x, self.axis)
+        return self.y
+
+    def backward(self, xp, grad):
+        return grad - xp.exp(self.y) * grad.sum(axis=self.axis, keepdims=True)
+
+
+def softmax(x, axis: int = -1):
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis: int = -1):
+    return LogSoftmax.apply(x, axis=axis)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+class CrossEntropy(Function):
+    """Softmax cross-entropy over the last axis of logits (..., V) against integer
+    targets (...). Matches torch.nn.functional.cross_entropy: targets equal to
+    ``ignore_index`` contribute nothing; with label smoothing eps the target
+    distribution is (1 - eps) one-hot + eps / V; "mean" divides by the number of
+    targets that are not ignored."""
+
+    def forward(self, xp, logits, targets):
+        V = logits.shape[-1]
+        if targets.shape != logits.shape[:-1]:
+            raise ShapeError(
+                f"cross_entropy: targets {targets.shape} must equal logits {logits.shape} "
+                "without the last (class) axis"
+            )
+        logp = _log_softmax(xp, logits.reshape(-1, V), axis=-1)  # (N, V)
+        t = targets.reshape(-1)
+        valid = t != self.ignore_index
+        safe_t = xp.where(valid, t, 0)
+        if bool(((safe_t < 0) | (safe_t >= V)).any()):
+            raise TinyLMError(f"cross_entropy: a target is outside [0, {V}) and not ignore_index")
+        rows = xp.arange(t.shape[0])
+        nll = -logp[rows, safe_t]  # (N,)
+        eps = self.label_smoothing
+        if eps:
+            nll = (1 - eps) * nll - (eps / V) * logp.sum(axis=-1)
+        nll = nll * valid
+        self.logp, self.t, self.rows, self.valid = logp, safe_t, rows, valid
+        self.shape = logits.shape
+        if self.reduction == "none":
+            return nll.reshape(targets.shape)
+        if self.reduction == "sum":
+            return nll.sum()
+        self.count = valid.sum()
+        return nll.sum() / self.count
+
+    def backward(self, xp, grad):
+        eps, V = self.label_smoothing, self.logp.shape[-1]
+        g = xp.exp(self.logp)  # softmax (N, V), a fresh array we may edit in place
+        g[self.rows, self.t] -= 1 - eps
+        if eps:
+            g -= eps / V
+        if self.reduction == "none":
+            scale = grad.reshape(-1, 1) * self.valid[:, None]
+        elif self.reduction == "sum":
+            scale = grad * self.valid[:, None]
+        else:
+            scale = (grad / self.count) * self.valid[:, None]
+        g *= scale.astype(g.dtype, copy=False)
+        return g.reshape(self.shape), None
+
+
+def cross_entropy(
+    logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0, reduction="mean"
+):
+    if reduction not in ("mean", "sum", "none"):
+        raise TinyLMError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise TinyLMError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return CrossEntropy.apply(
+        logits,
+        targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class LayerNorm(Function):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
+
+    def forward(self, xp, x, *params):
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        self.rstd = 1 / xp.sqrt(var + self.eps)
+        self.xhat = xc * self.rstd
+        self.w = params[0] if self.has_weight else None
+        y = self.xhat * self.w if self.has_weight else self.xhat.copy()
+        if self.has_bias:
+            y += params[-1]
+        return y
+
+    def backward(self, xp, grad):
+        xhat, lead = self.xhat, tuple(range(grad.ndim - 1))
+        gxhat = grad * self.w if self.has_weight else grad
+        gx = self.rstd * (
+            gxhat
+            - gxhat.mean(axis=-1, keepdims=True)
+            - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True)
+        )
+        out = [gx]
+        if self.has_weight:
+            out.append((grad * xhat).sum(axis=lead))
+        if self.has_bias:
+            out.append(grad.sum(axis=lead))
+        return tuple(out)
+
+
+class RMSNorm(Function):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (Llama, T5)."""
+
+    def forward(self, xp, x, w):
+        self.rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
+        self.xhat, self.w = x * self.rstd, w
+        return self.xhat * w
+
+    def backward(self, xp, grad):
+        xhat = self.xhat
+        gxhat = grad * self.w
+        gx = self.rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
+        gw = (grad * xhat).sum(axis=tuple(range(grad.ndim - 1)))
+        return gx, gw
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
+    params = [p for p in (weight, bias) if p is not None]
+    return LayerNorm.apply(
+        x, *params, eps=eps, has_weight=weight is not None, has_bias=bias is not None
+    )
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    return RMSNorm.apply(x, weight, eps=eps)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+class Dropout(Function):
+    def forward(self, xp, x):
+        rand_dtype = "float64" if x.dtype == "float64" else "float32"
+        keep = backend.rng(xp).random(x.shape, dtype=rand_dtype) >= self.p
+        self.scale = keep * x.dtype.type(1 / (1 - self.p))  # (x.shape) mask / (1 - p)
+        return x * self.scale
+
+    def backward(self, xp, grad):
+        return grad * self.scale
+
+
+def dropout(x, p: float = 0.1, training: bool = True):
+    """Zero each element with probability p and scale the rest by 1/(1-p)."""
+    if not 0.0 <= p < 1.0:
+        raise TinyLMError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x if isinstance(x, Tensor) else Tensor(x)
+    return Dropout.apply(x, p=p)

@@ -1,0 +1,114 @@
+"""Reductions: sum, max (primitives), logsumexp (fused for stability); mean, min and var
+composed from them. ``axis`` is None, an int or a tuple, as in NumPy.
+
+The functions here are named like the builtins they shadow (sum, max, min); code in
+this file that needs a builtin says ``builtins.max``.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+from tinylm.errors import ShapeError
+from tinylm.function import Function
+from tinylm.tensor import Tensor
+
+
+def normalize_axes(axis, ndim: int) -> tuple:
+    """``axis`` as a sorted tuple of non-negative ints (all axes for None)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ShapeError(f"axis {a} is out of range for a tensor with {ndim} dims")
+        out.append(a % ndim if ndim else 0)
+    return tuple(sorted(set(out)))
+
+
+def _keep(grad, shape, axes, keepdims):
+    """Reinsert reduced axes so ``grad`` broadcasts against the input shape."""
+    if keepdims or not axes:
+        return grad
+    kept = list(grad.shape)
+    for a in axes:
+        kept.insert(a, 1)
+    return grad.reshape(kept)
+
+
+class Sum(Function):
+    def forward(self, xp, x):
+        self.shape = x.shape
+        self.axes = normalize_axes(self.axis, x.ndim)
+        return x.sum(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, xp, grad):
+        return xp.broadcast_to(_keep(grad, self.shape, self.axes, self.keepdims), self.shape)
+
+
+class Max(Function):
+    """Max over axes; ties share the gradient equally (as torch.amax)."""
+
+    def forward(self, xp, x):
+        self.axes = normalize_axes(self.axis, x.ndim)
+        y = x.max(axis=self.axes, keepdims=True)
+        self.mask = x == y
+        return y if self.keepdims else y.reshape([n for i, n in enumerate(y.shape) if i not in self.axes])
+
+    def backward(self, xp, grad):
+        grad = _keep(grad, self.mask.shape, self.axes, self.keepdims)
+        count = self.mask.sum(axis=self.axes, keepdims=True)
+        return self.mask * (grad / count)
+
+
+class LogSumExp(Function):
+    def forward(self, xp, x):
+        self.axes = normalize_axes(self.axis, x.ndim)
+        m = x.max(axis=self.axes, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0)  # rows of -inf stay -inf, not nan
+        y = xp.log(xp.exp(x - m).sum(axis=self.axes, keepdims=True)) + m
+        self.x, self.y = x, y
+        return y if self.keepdims else y.reshape([n for i, n in enumerate(y.shape) if i not in self.axes])
+
+    def backward(self, xp, grad):
+        grad = _keep(grad, self.x.shape, self.axes, self.keepdims)
+        return grad * xp.exp(self.x - self.y)
+
+
+def sum(x, axis=None, keepdims: bool = False):
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
+def max(x, axis=None, keepdims: bool = False):
+    return Max.apply(x, axis=axis, keepdims=keepdims)
+
+
+def logsumexp(x, axis=None, keepdims: bool = False):
+    return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
+
+
+def _count(x: Tensor, axis) -> int:
+    n = 1
+    for a in normalize_axes(axis, x.ndim):
+        n *= x.shape[a]
+    return n
+
+
+def mean(x, axis=None, keepdims: bool = False):
+    return sum(x, axis, keepdims) / _count(x, axis)
+
+
+def min(x, axis=None, keepdims: bool = False):
+    return -max(-x, axis, keepdims)
+
+
+def var(x, axis=None, keepdims: bool = False, ddof: int = 0):
+    d = x - mean(x, axis, keepdims=True)
+    return sum(d * d, axis, keepdims) / (_count(x, axis) - ddof)
+
+
+def argmax(x, axis=None):
+    """Indices of the maxima (no gradient)."""
+    data = x.data if isinstance(x, Tensor) else x
+    return Tensor(data.argmax(axis=axis))
