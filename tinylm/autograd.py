@@ -70,6 +70,12 @@ def unbroadcast(grad, shape: tuple):
 # --------------------------------------------------------------------------- backward
 
 
+_FREED = (
+    "backward through a graph that was already freed; call "
+    "backward(retain_graph=True) the first time to go through it twice"
+)
+
+
 def _topological_order(root_fn) -> list:
     """Functions reachable from ``root_fn``, each after every Function that consumes it."""
     order, visited = [], set()
@@ -82,6 +88,8 @@ def _topological_order(root_fn) -> list:
         if id(fn) in visited:
             continue
         visited.add(id(fn))
+        if fn.inputs is None:  # released by an earlier backward
+            raise GraphError(_FREED)
         stack.append((fn, True))
         for t in fn.inputs:
             parent = t.creator
@@ -103,14 +111,11 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
         if root.requires_grad:
             root.grad = _accumulate(root.grad, grad)
         return
+    if fn.inputs is None:
+        raise GraphError(_FREED)
     pending = {id(fn): [None] * fn.n_outputs}
     pending[id(fn)][root.output_index] = grad
     for fn in _topological_order(fn):
-        if fn.inputs is None:
-            raise GraphError(
-                "backward through a graph that was already freed; call "
-                "backward(retain_graph=True) the first time to go through it twice"
-            )
         grads = pending.pop(id(fn), None)
         if grads is None:  # unreachable from root's gradient (e.g. a detached branch)
             continue

@@ -1,0 +1,108 @@
+"""The ``tinylm`` command line: a thin Click group; each command calls the library.
+
+Plugins add subcommands through the ``register_commands`` hook. Any ``TinyLMError``
+that reaches the group becomes one line, ``Error: <message>``, on stderr and exit
+code 2; Click's own usage errors keep their messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import sys
+
+import click
+
+from tinylm import plugins
+from tinylm.default_plugins import DEFAULT_PLUGINS
+from tinylm.errors import PluginError, TinyLMError
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tinylm")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        from tinylm import __version__
+
+        return __version__
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class TinyLMGroup(click.Group):
+    """A Click group that also lists plugin commands and reports TinyLMError in one line."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_plugin_commands(self)))
+
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or _plugin_commands(self).get(name)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        except TinyLMError as e:
+            if not standalone_mode:
+                raise
+            click.echo(f"Error: {_one_line(e)}", err=True)
+            sys.exit(2)
+
+
+def _plugin_commands(group: click.Group) -> dict:
+    """The commands plugins registered; one named like a built-in command is an error."""
+    commands = plugins.registry("commands")
+    owners = plugins.registered_by("commands")
+    for name in commands:
+        if name in group.commands:
+            raise PluginError(f"plugin {owners[name]!r} adds a command {name!r}, but tinylm "
+                              f"has a built-in command of that name; rename the plugin's")
+    return commands
+
+
+@click.group(cls=TinyLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", "-V", prog_name="tinylm",
+                      message="%(prog)s %(version)s")
+def cli():
+    """tinylm: a small, readable language-model engine on NumPy (CPU) and CuPy (GPU).
+
+    Run `tinylm COMMAND --help` for a command's options. Plugins installed in the
+    same environment add tokenizers, positional encodings, objectives, PEFT methods,
+    architectures and commands: `tinylm plugins` lists them, and the environment
+    variable TINYLM_LOAD_PLUGINS (comma-separated names; empty for none) limits
+    which are loaded.
+    """
+
+
+@cli.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins_command(as_json: bool) -> None:
+    """List the loaded plugins and what each registers.
+
+    Built-in plugins come first, then those installed through the "tinylm"
+    entry-point group (filtered by TINYLM_LOAD_PLUGINS).
+    """
+    _plugin_commands(cli)  # report a clash with a built-in command here too
+    rows = plugins.list_plugins()
+    if as_json:
+        records = [{"name": name, "version": version, "builtin": name in DEFAULT_PLUGINS,
+                    "registers": registers} for name, version, registers in rows]
+        click.echo(json.dumps(records, indent=2))
+    else:
+        click.echo(_table(rows))
+
+
+def _table(rows: list) -> str:
+    lines = [("PLUGIN", "VERSION", "REGISTERS")]
+    for name, version, registers in rows:
+        what = [f"{kind}: {', '.join(names)}" for kind, names in registers.items()] or ["-"]
+        lines.append((name, version or "-", what[0]))
+        lines.extend(("", "", more) for more in what[1:])
+    w0, w1 = (max(len(line[col]) for line in lines) for col in (0, 1))
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in lines)
+
+
+def main(argv: list | None = None) -> None:
+    """The ``tinylm`` console script."""
+    cli.main(args=argv, prog_name="tinylm")

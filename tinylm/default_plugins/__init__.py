@@ -1,0 +1,5 @@
+"""tinylm's built-in plugins: ordinary plugin modules, registered by
+``tinylm.plugins`` through the same hooks as third-party plugins (not through entry
+points). Add a module here to make it a built-in."""
+
+DEFAULT_PLUGINS = ("tinylm.default_plugins.core",)

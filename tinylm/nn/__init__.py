@@ -1,0 +1,11 @@
+"""Modules: parameters with names, and the layers models are built from.
+
+    from tinylm import nn
+    layer = nn.Linear(16, 32)
+    [name for name, _ in layer.named_parameters()]   # ['weight', 'bias']
+"""
+
+from tinylm.nn.layers import (  # noqa: F401
+    Dropout, Embedding, LayerNorm, Linear, ModuleList, RMSNorm, Sequential,
+)
+from tinylm.nn.module import LoadResult, Module, Parameter  # noqa: F401

@@ -1,0 +1,310 @@
+"""The plugin manager and the registries filled through the hooks.
+
+Plugins come from two places, loaded in this order the first time anything is looked
+up by name:
+
+1. the built-ins, the modules listed in ``tinylm.default_plugins`` (registered
+   directly, under their module names);
+2. installed packages that declare an entry point in the ``tinylm`` group, filtered
+   by the ``TINYLM_LOAD_PLUGINS`` allow-list: unset loads them all, a comma-separated
+   list loads only those (entry-point or distribution names), an empty string loads
+   none.
+
+Each registry maps a name to what a plugin registered under it, and remembers which
+plugin that was, so that a name registered twice is an error naming both plugins:
+
+    >>> registry("tokenizers")          # doctest: +SKIP
+    {'bpe': <class 'tinylm.tokenizers.bpe.BPETokenizer'>, ...}
+    >>> get_tokenizer_class("bpe")      # doctest: +SKIP
+
+A plugin that fails to import, does not fit the hook specifications or raises while
+registering is reported as a ``PluginError`` that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import os
+import re
+
+import pluggy
+
+from tinylm import hookspecs
+from tinylm.default_plugins import DEFAULT_PLUGINS
+from tinylm.errors import PluginError, TinyLMError
+
+GROUP = "tinylm"  # the entry-point group third-party plugins declare
+ALLOW_ENV = "TINYLM_LOAD_PLUGINS"
+
+# registry kind -> the hook that fills it
+KINDS = {
+    "tokenizers": "register_tokenizers",
+    "positional_encodings": "register_positional_encodings",
+    "objectives": "register_objectives",
+    "peft_methods": "register_peft_methods",
+    "architectures": "register_architectures",
+    "commands": "register_commands",
+}
+_LABELS = {  # kind -> what one thing of that kind is called in messages
+    "tokenizers": "tokenizer",
+    "positional_encodings": "positional encoding",
+    "objectives": "objective",
+    "peft_methods": "PEFT method",
+    "architectures": "architecture",
+    "commands": "command",
+}
+
+_SKIP_HINT = f"to run without it, list the plugins you want in {ALLOW_ENV} (empty for none)"
+
+_pm: pluggy.PluginManager | None = None
+_versions: dict = {}  # plugin name -> version string, or None when unknown
+_registries: dict = {}  # kind -> {name: obj}
+_owners: dict = {}  # kind -> {name: plugin name}
+
+
+# --------------------------------------------------------------------------- manager
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process's plugin manager: built-ins, then allowed entry-point plugins."""
+    global _pm
+    if _pm is None:
+        from tinylm import __version__
+
+        pm = pluggy.PluginManager(GROUP)
+        pm.add_hookspecs(hookspecs)
+        versions = {}
+        for module_name in DEFAULT_PLUGINS:
+            _register(pm, _import(module_name, "built-in plugin"), module_name)
+            versions[module_name] = __version__
+        _load_entry_points(pm, versions)
+        _check_pending(pm)
+        _pm = pm
+        _versions.update(versions)
+    return _pm
+
+
+def register_plugin(plugin, name: str | None = None) -> str:
+    """Register a module or object with ``@hookimpl`` functions; returns its name.
+
+    For tests and programmatic use; installed packages use the entry-point group.
+    """
+    pm = get_plugin_manager()
+    name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+    _register(pm, plugin, name)
+    try:
+        _check_pending(pm)
+    except PluginError:
+        pm.unregister(name=name)
+        raise
+    _versions[name] = None
+    _registries.clear()
+    _owners.clear()
+    return name
+
+
+def reset() -> None:
+    """Forget the manager and every registry (the next lookup loads plugins afresh)."""
+    global _pm
+    _pm = None
+    _versions.clear()
+    _registries.clear()
+    _owners.clear()
+
+
+def _import(module_name: str, what: str):
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:
+        raise PluginError(f"{what} {module_name!r} failed to import: {type(e).__name__}: {e}") from e
+
+
+def _register(pm: pluggy.PluginManager, plugin, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {name!r} does not fit tinylm's hooks: {e}") from e
+    except ValueError as e:  # the name, or the same object, is registered already
+        raise PluginError(f"plugin {name!r} cannot be registered: {e}") from e
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """Reject hook implementations whose name matches no hook (a typo, usually)."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        name = pm.get_name(e.plugin) or repr(e.plugin)
+        raise PluginError(f"plugin {name!r}: {e}; the hooks are in tinylm/hookspecs.py") from e
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _allow_list() -> set | None:
+    raw = os.environ.get(ALLOW_ENV)
+    if raw is None:
+        return None
+    return {_normalize(n) for n in raw.split(",") if n.strip()}
+
+
+def _entry_points():
+    """(entry point, distribution name, version) for every entry point in the group."""
+    for dist in importlib.metadata.distributions():
+        eps = [ep for ep in dist.entry_points if ep.group == GROUP]
+        if eps:
+            dist_name = dist.metadata.get("Name") or "unknown distribution"
+            for ep in eps:
+                yield ep, dist_name, dist.version
+
+
+def _load_entry_points(pm: pluggy.PluginManager, versions: dict) -> None:
+    """Like ``pm.load_setuptools_entrypoints(GROUP)``, with the allow-list and with
+    failures reported by plugin name."""
+    allowed = _allow_list()
+    if allowed == set():
+        return
+    sources = {}  # plugin name -> distribution that declared it
+    for ep, dist_name, version in _entry_points():
+        if allowed is not None and not {_normalize(ep.name), _normalize(dist_name)} & allowed:
+            continue
+        if ep.name in sources:
+            if _normalize(sources[ep.name]) == _normalize(dist_name):
+                continue  # the same distribution, found twice on sys.path
+            raise PluginError(
+                f"plugin name {ep.name!r} is declared by two distributions, "
+                f"{sources[ep.name]!r} and {dist_name!r}; uninstall one, or {_SKIP_HINT}"
+            )
+        if pm.has_plugin(ep.name):
+            raise PluginError(
+                f"plugin {ep.name!r} from {dist_name!r} has the name of a built-in plugin; "
+                f"rename its entry point"
+            )
+        try:
+            plugin = ep.load()
+        except Exception as e:
+            raise PluginError(
+                f"plugin {ep.name!r} (from {dist_name} {version}) failed to import: "
+                f"{type(e).__name__}: {e}; fix or uninstall it, or {_SKIP_HINT}"
+            ) from e
+        _register(pm, plugin, ep.name)
+        sources[ep.name] = dist_name
+        versions[ep.name] = version
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def registry(kind: str) -> dict:
+    """``{name: obj}`` of everything registered for ``kind`` (a key of ``KINDS``)."""
+    if kind not in KINDS:
+        raise TinyLMError(f"unknown plugin kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    if kind not in _registries:
+        _registries[kind], _owners[kind] = _collect(kind)
+    return dict(_registries[kind])
+
+
+def registered_by(kind: str) -> dict:
+    """``{name: plugin name}``: which plugin registered each name of ``kind``."""
+    registry(kind)
+    return dict(_owners[kind])
+
+
+def _collect(kind: str) -> tuple:
+    """Call each plugin's hook for ``kind`` on its own, recording who registered what."""
+    hook_name = KINDS[kind]
+    what = _LABELS[kind]
+    found, owners = {}, {}
+    for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():
+        plugin = impl.plugin_name
+
+        def register(name, obj, plugin=plugin):
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {plugin!r} registered a {what} under {name!r}; "
+                                  f"names are non-empty strings")
+            if name in owners:
+                first = owners[name]
+                if first == plugin:
+                    raise PluginError(f"plugin {plugin!r} registers {what} {name!r} twice")
+                fix = (f"uninstall {plugin!r} or leave it out of {ALLOW_ENV}"
+                       if first in DEFAULT_PLUGINS else
+                       f"uninstall one of them or leave one out of {ALLOW_ENV}")
+                raise PluginError(f"{what} {name!r} is registered by two plugins, "
+                                  f"{first!r} and {plugin!r}; {fix}")
+            found[name] = obj
+            owners[name] = plugin
+
+        if kind == "commands":
+            import click
+
+            group = click.Group("tinylm")
+            _call(impl, hook_name, {"cli": group})
+            for name, command in group.commands.items():
+                register(name, command)
+        else:
+            _call(impl, hook_name, {"register": register})
+    return found, owners
+
+
+def _call(impl, hook_name: str, kwargs: dict) -> None:
+    """Run one plugin's implementation of a hook, naming the plugin if it fails."""
+    if impl.hookwrapper or getattr(impl, "wrapper", False):
+        raise PluginError(f"plugin {impl.plugin_name!r} implements {hook_name} as a wrapper; "
+                          f"registration hooks take plain implementations")
+    try:
+        impl.function(*[kwargs[arg] for arg in impl.argnames])
+    except PluginError:
+        raise
+    except Exception as e:
+        raise PluginError(
+            f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def list_plugins() -> list:
+    """``[(plugin name, version or None, {kind: [names]})]`` in loading order."""
+    pm = get_plugin_manager()
+    registers = {name: {} for name, _ in pm.list_name_plugin()}
+    for kind in KINDS:
+        for name, plugin in sorted(registered_by(kind).items()):
+            registers[plugin].setdefault(kind, []).append(name)
+    return [(name, _versions.get(name), registers[name]) for name in registers]
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def _lookup(kind: str, name: str):
+    found = registry(kind)
+    if name in found:
+        return found[name]
+    close = difflib.get_close_matches(str(name), list(found), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    available = ", ".join(sorted(found)) or "none"
+    raise TinyLMError(f"unknown {_LABELS[kind]} {name!r}; available: {available}.{hint} "
+                      f"Plugins can add more: see `tinylm plugins`.")
+
+
+def get_tokenizer_class(name: str):
+    return _lookup("tokenizers", name)
+
+
+def get_positional(name: str):
+    return _lookup("positional_encodings", name)
+
+
+def get_objective(name: str):
+    return _lookup("objectives", name)
+
+
+def get_peft_method(name: str):
+    return _lookup("peft_methods", name)
+
+
+def get_architecture(name: str):
+    return _lookup("architectures", name)
