@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import tinylm
-from tinylm import backend, nn, ops
+from tinylm import amp, backend, nn, ops
 from tinylm.optim import AdamW, clip_grad_norm_, cosine_with_warmup, set_lr
 
 
@@ -70,23 +70,30 @@ def batches(data: np.ndarray, block: int, batch: int, gen: np.random.Generator):
         yield w[:, :-1], w[:, 1:]
 
 
-def train(model, data, steps, block, batch, lr, device, seed=0, log_every=50, log=print):
-    """AdamW with warmup + cosine decay to lr/10; returns the list of losses."""
+def train(model, data, steps, block, batch, lr, device, seed=0, log_every=50, log=print,
+          half=False):
+    """AdamW with warmup + cosine decay to lr/10; returns the list of losses.
+    ``half``: float16 matrix products with dynamic loss scaling (tinylm.amp)."""
     groups = [
         {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
         {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
     ]
     opt = AdamW(groups, lr=lr, betas=(0.9, 0.99))
     stream = batches(data, block, batch, np.random.default_rng(seed))
+    scaler = amp.LossScaler(enabled=half)
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         set_lr(opt, cosine_with_warmup(step, lr, lr / 10, min(100, steps // 10), steps))
         x, y = (backend.to_device(a, device) for a in next(stream))
-        loss = ops.cross_entropy(model(x), y)
+        with amp.autocast(enabled=half):
+            loss = ops.cross_entropy(model(x), y)
         opt.zero_grad()
-        loss.backward()
-        clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.scale(loss).backward()
+        finite = scaler.unscale(model.parameters())
+        if finite:
+            clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        scaler.update(finite)
         losses.append(float(loss.item()))
         if log and (step % log_every == 0 or step == steps - 1):
             rate = (step + 1) / (time.perf_counter() - t0)
@@ -120,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--half", action="store_true", help="float16 matmuls + loss scaling")
     ap.add_argument("--prompt", default="The ")
     ap.add_argument("--sample-chars", type=int, default=300)
     args = ap.parse_args(argv)
@@ -134,7 +142,7 @@ def main(argv=None):
     model = CharGPT(len(chars), args.block, args.d, args.n_layer).to(args.device)
     print(f"model: {model.num_parameters():,} parameters on {args.device}")
     losses = train(model, data, args.steps, args.block, args.batch, args.lr, args.device,
-                   seed=args.seed)
+                   seed=args.seed, half=args.half)
     print(f"final loss {np.mean(losses[-20:]):.4f} (uniform would be {math.log(len(chars)):.2f})")
     prompt = [stoi.get(c, 0) for c in args.prompt]
     out = sample(model, prompt, args.sample_chars, device=args.device, seed=args.seed)

@@ -50,7 +50,7 @@ def torch_run(torch, fn, *arrays, cot):
         else:
             tensors.append(a)
     out = fn(*tensors)
-    out.backward(torch.from_numpy(np.ascontiguousarray(cot)))
+    out.backward(torch.tensor(cot))
     grads = []
     for t, a in zip(tensors, arrays):
         if is_float(a):

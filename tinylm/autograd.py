@@ -115,6 +115,7 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
         raise GraphError(_FREED)
     pending = {id(fn): [None] * fn.n_outputs}
     pending[id(fn)][root.output_index] = grad
+    handed_out = set()  # ids of arrays already stored as some leaf's .grad
     for fn in _topological_order(fn):
         grads = pending.pop(id(fn), None)
         if grads is None:  # unreachable from root's gradient (e.g. a detached branch)
@@ -138,6 +139,9 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
             if g.dtype != t.dtype:
                 g = g.astype(t.dtype)
             if t.creator is None:
+                if t.grad is None and (g.base is not None or id(g) in handed_out):
+                    g = g.copy()  # a leaf's .grad owns its memory: in-place edits are safe
+                handed_out.add(id(g))
                 t.grad = _accumulate(t.grad, g)
             else:
                 slot = pending.setdefault(id(t.creator), [None] * t.creator.n_outputs)

@@ -101,10 +101,26 @@ def to_numpy(array) -> np.ndarray:
 
 def scatter_add(target, indices, values) -> None:
     """``target[indices] += values`` with repeated indices accumulated (in place)."""
-    if get_array_module(target) is np:
-        np.add.at(target, indices, values)
+    if get_array_module(target) is not np:
+        _cupy.add.at(target, indices, values)
+    elif _is_row_scatter(target, indices, values):
+        # Rows by 1-D ids (an embedding's backward): sort the ids once and sum each
+        # run of equal ids with one reduceat, several times faster than np.add.at.
+        order = np.argsort(indices, kind="stable")
+        ids = indices[order]
+        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+        target[ids[starts]] += np.add.reduceat(values[order], starts, axis=0)
     else:
-        _cupyx.scatter_add(target, indices, values)
+        np.add.at(target, indices, values)
+
+
+def _is_row_scatter(target, indices, values) -> bool:
+    return (
+        isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype.kind in "iu"
+        and indices.size > 0 and isinstance(values, np.ndarray)
+        and values.shape == indices.shape + target.shape[1:]
+        and int(indices.min()) >= 0  # negative ids would split one row into two runs
+    )
 
 
 def erf(x):
@@ -117,14 +133,30 @@ def erf(x):
     if get_array_module(x) is not np:
         return _cupyx.scipy.special.erf(x)
     if x.dtype == np.float64:
-        return _exact_erf(x).astype(np.float64)
-    z = np.abs(x)
-    t = 1 / (1 + 0.5 * z)
-    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
-            -0.82215223 + t * 0.17087277))))))))
-    erfc = t * np.exp(-z * z + poly)
-    return np.copysign(1 - erfc, x).astype(x.dtype, copy=False)
+        return np.asarray(_exact_erf(x), dtype=np.float64)  # 0-d input gives a float
+    # Horner's rule in place on two scratch arrays: the same float operations as the
+    # nested expression, without a fresh array (and its page faults) per step.
+    # (out= everywhere: a 0-d array would otherwise decay to a scalar.)
+    x = np.asarray(x)
+    z = np.abs(x, out=np.empty(x.shape, np.result_type(x, 0.5)))
+    t = np.multiply(z, 0.5, out=np.empty_like(z))
+    t += 1
+    np.divide(1, t, out=t)  # t = 1 / (1 + z/2)  (np.reciprocal is slower)
+    poly = np.multiply(t, _ERFC_COEFFS[-1], out=np.empty_like(t))
+    for c in _ERFC_COEFFS[-2:0:-1]:
+        poly += c
+        poly *= t
+    poly += _ERFC_COEFFS[0]
+    z *= z
+    poly -= z
+    erfc = np.exp(poly, out=poly)
+    erfc *= t  # erfc(|x|)
+    out = np.subtract(1, erfc, out=erfc)
+    return np.copysign(out, x, out=out).astype(x.dtype, copy=False)
+
+
+_ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+                -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 
 
 _exact_erf = np.frompyfunc(math.erf, 1, 1)
@@ -135,6 +167,13 @@ def raw_kernel(source: str, name: str, options: tuple = ()):
     if _cupy is None:
         raise DeviceError("CUDA kernels need CuPy; install the `cuda` extra")
     return _cupy.RawKernel(source, name, options=options)
+
+
+def raw_module(source: str, options: tuple = ()):
+    """Compile a CUDA source holding several kernels; ``.get_function(name)`` gives one."""
+    if _cupy is None:
+        raise DeviceError("CUDA kernels need CuPy; install the `cuda` extra")
+    return _cupy.RawModule(code=source, options=options)
 
 
 def synchronize() -> None:

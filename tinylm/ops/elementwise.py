@@ -226,26 +226,58 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 class Gelu(Function):
-    """GELU, exact (erf) or the tanh approximation of GPT-2 (``approximate="tanh"``)."""
+    """GELU, exact (erf) or the tanh approximation of GPT-2 (``approximate="tanh"``).
+
+    After the first product every step works in place on that fresh array: on (B, T, 4d)
+    activations the temporaries, not the arithmetic, would dominate. (``xp.asarray``:
+    on a 0-d input a product is a scalar, which ``out=`` refuses.)
+    """
 
     approximate = "none"
 
     def forward(self, xp, x):
         self.x = x
         if self.approximate == "tanh":
-            self.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-            return 0.5 * x * (1 + self.t)
-        self.cdf = 0.5 * (1 + erf(xp, x * _INV_SQRT_2))
-        return x * self.cdf
+            t = xp.asarray(x * x)
+            t *= x
+            t *= 0.044715
+            t += x
+            t *= _SQRT_2_OVER_PI
+            self.t = xp.tanh(t, out=t)  # tanh(sqrt(2/pi) (x + 0.044715 x^3))
+            y = xp.asarray(t + 1)
+            y *= x
+            y *= 0.5
+            return y
+        cdf = xp.asarray(erf(xp, x * _INV_SQRT_2))  # a fresh array
+        cdf += 1
+        cdf *= 0.5
+        self.cdf = cdf  # Phi(x)
+        return x * cdf
 
     def backward(self, xp, grad):
         x = self.x
         if self.approximate == "tanh":
             t = self.t
-            dinner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-            return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)
-        pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-        return grad * (self.cdf + x * pdf)
+            g = xp.asarray(t * t)
+            xp.subtract(1, g, out=g)  # 1 - t^2
+            g *= x
+            d = xp.asarray(x * x)  # d inner / dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+            d *= 3 * 0.044715
+            d += 1
+            d *= _SQRT_2_OVER_PI
+            g *= d
+            g += 1
+            g += t
+            g *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) d inner
+        else:
+            g = xp.asarray(x * x)
+            g *= -0.5
+            xp.exp(g, out=g)
+            g *= _INV_SQRT_2PI  # phi(x)
+            g *= x
+            g += self.cdf  # Phi(x) + x phi(x)
+        g *= grad
+        return g
 
 
 def tanh(x):

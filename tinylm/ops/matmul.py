@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+from tinylm import amp
 from tinylm.errors import ShapeError
 from tinylm.function import Function
 from tinylm.ops.movement import reshape
@@ -10,7 +13,7 @@ from tinylm.ops.movement import reshape
 def _flat_rows(a):
     """(..., n) -> (rows, n): lets a weight gradient be one GEMM instead of a batched
     GEMM followed by a sum over the batch."""
-    return a.reshape(-1, a.shape[-1])
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])  # (not -1: size-0 safe)
 
 
 class MatMul(Function):
@@ -20,7 +23,10 @@ class MatMul(Function):
         if a.shape[-1] != b.shape[-2]:
             raise ShapeError(f"matmul: inner dimensions differ, {a.shape} @ {b.shape}")
         self.a, self.b = a, b
-        return a @ b
+        try:
+            return a @ b
+        except ValueError as e:  # batch dimensions that do not broadcast
+            raise ShapeError(f"matmul: cannot multiply {a.shape} @ {b.shape}: {e}") from None
 
     def backward(self, xp, grad):
         a, b = self.a, self.b
@@ -39,6 +45,7 @@ class MatMul(Function):
 
 
 def matmul(a, b):
+    a, b = amp.cast_for_matmul(a, b)
     a_vec, b_vec = a.ndim == 1, b.ndim == 1
     if a_vec:
         a = reshape(a, (1, a.shape[0]))
@@ -59,16 +66,20 @@ class Linear(Function):
             raise ShapeError(
                 f"linear: input has {x.shape[-1]} features but the weight expects {w.shape[1]}"
             )
-        self.x, self.w = x, w
-        y = x @ w.T  # (..., out)
+        # One 2-D GEMM over all rows: NumPy would run a (..., in) @ (in, out) product
+        # as one small GEMM per leading index.
+        self.x2, self.w = _flat_rows(x), w  # (N, in)
+        y = self.x2 @ w.T  # (N, out)
         if bias:
             y += bias[0]  # y is a fresh array: in-place add is safe
-        return y
+        return y.reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
 
     def backward(self, xp, grad):
         g2 = _flat_rows(grad)  # (N, out)
-        gx = (grad @ self.w) if self.needs_input_grad[0] else None
-        gw = (g2.T @ _flat_rows(self.x)) if self.needs_input_grad[1] else None
+        gx = None
+        if self.needs_input_grad[0]:
+            gx = (g2 @ self.w).reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
+        gw = (g2.T @ self.x2) if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 3:
             gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
             return gx, gw, gb
@@ -76,6 +87,7 @@ class Linear(Function):
 
 
 def linear(x, weight, bias=None):
+    x, weight, bias = amp.cast_for_matmul(x, weight, bias)
     if bias is None:
         return Linear.apply(x, weight)
     return Linear.apply(x, weight, bias)

@@ -41,7 +41,10 @@ class Transpose(Function):
 
 class BroadcastTo(Function):
     def forward(self, xp, x):
-        return xp.broadcast_to(x, self.shape)
+        try:
+            return xp.broadcast_to(x, self.shape)
+        except ValueError as e:
+            raise ShapeError(f"cannot broadcast shape {x.shape} to {self.shape}: {e}") from None
 
     def backward(self, xp, grad):
         return grad  # the engine sums it back to the input's shape
@@ -55,7 +58,15 @@ def transpose(x, axes=None):
     return Transpose.apply(x, axes=None if axes is None else tuple(axes))
 
 
+def _check_axis(axis: int, ndim: int) -> int:
+    """``axis`` as a non-negative int, or a ShapeError when ``ndim`` dims have no such axis."""
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"axis {axis} is out of range for a tensor with {ndim} dims")
+    return axis % ndim
+
+
 def swapaxes(x, a: int, b: int):
+    a, b = _check_axis(a, x.ndim), _check_axis(b, x.ndim)
     axes = list(range(x.ndim))
     axes[a], axes[b] = axes[b], axes[a]
     return transpose(x, axes)
@@ -66,14 +77,14 @@ def broadcast_to(x, shape):
 
 
 def unsqueeze(x, axis: int):
-    axis = axis % (x.ndim + 1)
+    axis = _check_axis(axis, x.ndim + 1)
     return reshape(x, x.shape[:axis] + (1,) + x.shape[axis:])
 
 
 def squeeze(x, axis=None):
     if axis is None:
         return reshape(x, [n for n in x.shape if n != 1])
-    axis = axis % x.ndim
+    axis = _check_axis(axis, x.ndim)
     if x.shape[axis] != 1:
         raise ShapeError(f"cannot squeeze axis {axis} of size {x.shape[axis]}")
     return reshape(x, x.shape[:axis] + x.shape[axis + 1 :])
@@ -121,9 +132,10 @@ def getitem(x, index):
 
 class Concat(Function):
     def forward(self, xp, *arrays):
-        self.sizes = [a.shape[self.axis] for a in arrays]
         try:
-            return xp.concatenate(arrays, axis=self.axis)
+            out = xp.concatenate(arrays, axis=self.axis)
+            self.sizes = [a.shape[self.axis] for a in arrays]
+            return out
         except ValueError as e:
             shapes = [a.shape for a in arrays]
             raise ShapeError(f"cannot concatenate shapes {shapes} on axis {self.axis}: {e}") from None
@@ -174,7 +186,7 @@ def stack(tensors, axis: int = 0):
 def split(x, split_size_or_sections, axis: int = -1):
     """Split like ``torch.split``: an int is the size of each piece (the last may be
     smaller), a list gives every piece's size."""
-    n = x.shape[axis]
+    n = x.shape[_check_axis(axis, x.ndim)]
     if isinstance(split_size_or_sections, int):
         size = split_size_or_sections
         if size <= 0:

@@ -5,7 +5,7 @@ and fewer graph nodes than composing them from primitives.
 
 from __future__ import annotations
 
-from tinylm import backend
+from tinylm import amp, backend
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
 from tinylm.tensor import Tensor
@@ -19,6 +19,11 @@ class Embedding(Function):
     def forward(self, xp, ids, weight):
         if ids.dtype.kind not in "iu":
             raise TinyLMError(f"embedding ids must be integers, got {ids.dtype}")
+        if ids.size and bool(((ids < 0) | (ids >= weight.shape[0])).any()):
+            raise TinyLMError(
+                f"embedding: an id is outside [0, {weight.shape[0]}), the table's rows; "
+                "check the tokenizer's vocabulary size against the model's"
+            )
         self.ids, self.shape, self.dtype = ids, weight.shape, weight.dtype
         return weight[ids]  # (*ids.shape, D)
 
@@ -36,7 +41,8 @@ def embedding(ids, weight):
 
 
 def _softmax(xp, x, axis):
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e = xp.asarray(x - x.max(axis=axis, keepdims=True))  # fresh: exp in place
+    xp.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
 
@@ -54,7 +60,11 @@ class Softmax(Function):
 
     def backward(self, xp, grad):
         y = self.y
-        return y * (grad - (grad * y).sum(axis=self.axis, keepdims=True))
+        g = xp.asarray(grad * y)
+        s = g.sum(axis=self.axis, keepdims=True)
+        xp.subtract(grad, s, out=g)
+        g *= y  # y * (grad - sum(grad * y))
+        return g
 
 
 class LogSoftmax(Function):
@@ -67,10 +77,12 @@ class LogSoftmax(Function):
 
 
 def softmax(x, axis: int = -1):
+    x = amp.float32_if_half(x)
     return Softmax.apply(x, axis=axis)
 
 
 def log_softmax(x, axis: int = -1):
+    x = amp.float32_if_half(x)
     return LogSoftmax.apply(x, axis=axis)
 
 
@@ -109,7 +121,7 @@ class CrossEntropy(Function):
             return nll.reshape(targets.shape)
         if self.reduction == "sum":
             return nll.sum()
-        self.count = valid.sum()
+        self.count = valid.sum().astype(logp.dtype)  # float32 loss stays float32
         return nll.sum() / self.count
 
     def backward(self, xp, grad):
@@ -131,6 +143,7 @@ class CrossEntropy(Function):
 def cross_entropy(
     logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0, reduction="mean"
 ):
+    logits = amp.float32_if_half(logits)
     if reduction not in ("mean", "sum", "none"):
         raise TinyLMError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -152,10 +165,11 @@ class LayerNorm(Function):
 
     def forward(self, xp, x, *params):
         mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
+        xc = x - mu  # fresh: becomes xhat in place
         var = (xc * xc).mean(axis=-1, keepdims=True)
         self.rstd = 1 / xp.sqrt(var + self.eps)
-        self.xhat = xc * self.rstd
+        xc *= self.rstd
+        self.xhat = xc
         self.w = params[0] if self.has_weight else None
         y = self.xhat * self.w if self.has_weight else self.xhat.copy()
         if self.has_bias:
@@ -164,15 +178,18 @@ class LayerNorm(Function):
 
     def backward(self, xp, grad):
         xhat, lead = self.xhat, tuple(range(grad.ndim - 1))
-        gxhat = grad * self.w if self.has_weight else grad
-        gx = self.rstd * (
-            gxhat
-            - gxhat.mean(axis=-1, keepdims=True)
-            - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True)
-        )
+        # gx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat)), in place on gx
+        gx = grad * self.w if self.has_weight else grad.copy()  # gxhat, fresh
+        tmp = gx * xhat
+        m2 = tmp.mean(axis=-1, keepdims=True)
+        m1 = gx.mean(axis=-1, keepdims=True)
+        xp.multiply(xhat, m2, out=tmp)
+        gx -= tmp
+        gx -= m1
+        gx *= self.rstd
         out = [gx]
         if self.has_weight:
-            out.append((grad * xhat).sum(axis=lead))
+            out.append(xp.multiply(grad, xhat, out=tmp).sum(axis=lead))
         if self.has_bias:
             out.append(grad.sum(axis=lead))
         return tuple(out)
@@ -195,6 +212,7 @@ class RMSNorm(Function):
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
+    x = amp.float32_if_half(x)
     params = [p for p in (weight, bias) if p is not None]
     return LayerNorm.apply(
         x, *params, eps=eps, has_weight=weight is not None, has_bias=bias is not None
@@ -202,6 +220,7 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
+    x = amp.float32_if_half(x)
     return RMSNorm.apply(x, weight, eps=eps)
 
 

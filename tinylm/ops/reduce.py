@@ -21,9 +21,10 @@ def normalize_axes(axis, ndim: int) -> tuple:
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     out = []
     for a in axes:
-        if not -ndim <= a < builtins.max(ndim, 1):
+        if not -builtins.max(ndim, 1) <= a < builtins.max(ndim, 1):
             raise ShapeError(f"axis {a} is out of range for a tensor with {ndim} dims")
-        out.append(a % ndim if ndim else 0)
+        if ndim:  # a 0-d tensor accepts axis 0 or -1 (as torch) and reduces nothing
+            out.append(a % ndim)
     return tuple(sorted(set(out)))
 
 
@@ -58,7 +59,7 @@ class Max(Function):
 
     def backward(self, xp, grad):
         grad = _keep(grad, self.mask.shape, self.axes, self.keepdims)
-        count = self.mask.sum(axis=self.axes, keepdims=True)
+        count = self.mask.sum(axis=self.axes, keepdims=True).astype(grad.dtype)
         return self.mask * (grad / count)
 
 
