@@ -1,0 +1,262 @@
+"""Attention on one GPU: tinylm's FlashAttention kernels against naive CuPy attention and
+torch's scaled_dot_product_attention, forward and forward+backward, causal.
+
+    python bench/attention_gpu.py [--out results.json] [--budget 100] [--quick]
+
+Cases: B=4, H=16, head dim 64 and 128, T = 1024, 4096, 16384. Rows:
+  tinylm   float32 (simt), float16 and bfloat16 (tensor cores, impl="mma")
+  naive    CuPy, float32, materialised (B, H, T, T) scores (skipped past ~40 GB)
+  torch    F.scaled_dot_product_attention: float16, bfloat16 (flash), float32
+Times are CUDA-event medians after a warm-up; reps shrink as a case gets slower, and
+cases are skipped ("budget") once --budget seconds have passed. FLOP convention
+(FlashAttention's): forward 4 B H T^2 D, halved when causal; backward 2.5x forward.
+Peak memory: CuPy pool high-water mark (pool emptied before each row) or
+torch.cuda.max_memory_allocated, inputs included. "vs torch" is torch's fwd+bwd time
+over ours for the same dtype (> 1: we are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from tinylm import backend  # noqa: E402
+from tinylm.kernels import flash_attention as fa  # noqa: E402
+
+NAIVE_LIMIT_BYTES = 40e9
+
+
+def flops(B, H, T, D, causal, with_backward):
+    f = 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
+    return f * 3.5 if with_backward else f
+
+
+def time_ms(run, sync_events, seconds_left):
+    """Median milliseconds of run() with events, after one warm-up call."""
+    make_event, elapsed = sync_events
+    run()  # warm-up: compilation, autotuning, allocator growth
+    times = []
+    start, end = make_event(), make_event()
+    first = None
+    reps = 1
+    while len(times) < reps:
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        t = elapsed(start, end)
+        times.append(t)
+        if first is None:
+            first = t
+            reps = max(2, min(10, int(300.0 / max(t, 1e-3))))
+            if first / 1000 * reps > seconds_left():
+                reps = 2
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def cupy_runners(cp, impl_name, dtype, B, H, T, D, causal):
+    """(fwd, fwd+bwd) callables for tinylm or naive CuPy, plus the inputs they hold."""
+    rng = cp.random.default_rng(0)
+    bits = False
+    shape = (B, H, T, D)
+
+    def make():
+        x = rng.standard_normal(shape, dtype=cp.float32)
+        if dtype == "float32":
+            return x
+        if dtype == "float16":
+            return x.astype(cp.float16)
+        try:  # bfloat16: native if this CuPy has it, else raw bits
+            import ml_dtypes
+
+            return x.astype(ml_dtypes.bfloat16)
+        except Exception:
+            return fa.to_bf16_bits(cp, x)
+
+    q, k, v, do = (make() for _ in range(4))
+    bits = dtype == "bfloat16" and q.dtype == np.uint16
+    if impl_name == "tinylm":
+        impl = "simt" if dtype == "float32" else "mma"
+        kw = dict(impl=impl, bf16_bits=bits)
+
+        def fwd():
+            return fa.flash_attention_forward(q, k, v, causal, None, **kw)
+
+        def fwd_bwd():
+            o, lse = fa.flash_attention_forward(q, k, v, causal, None, **kw)
+            return fa.flash_attention_backward(q, k, v, o, lse, do, causal, None, **kw)
+
+        return fwd, fwd_bwd
+
+    scale = 1.0 / math.sqrt(D)
+    mask = cp.triu(cp.full((T, T), -cp.inf, dtype=q.dtype), k=1) if causal else None
+
+    def naive_fwd():
+        s = cp.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, T, T)
+        s *= scale
+        if mask is not None:
+            s += mask
+        s -= s.max(axis=-1, keepdims=True)
+        cp.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        return cp.matmul(s, v), s
+
+    def naive_fwd_bwd():
+        o, p = naive_fwd()
+        dv = cp.matmul(p.transpose(0, 1, 3, 2), do)
+        dp = cp.matmul(do, v.transpose(0, 1, 3, 2))
+        dp -= (dp * p).sum(axis=-1, keepdims=True)
+        dp *= p
+        dq = cp.matmul(dp, k) * scale
+        dk = cp.matmul(dp.transpose(0, 1, 3, 2), q) * scale
+        return dq, dk, dv
+
+    return naive_fwd, naive_fwd_bwd
+
+
+def torch_runners(torch, dtype, B, H, T, D, causal):
+    F = torch.nn.functional
+    tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=tdtype, generator=g)
+                   for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def fwd_bwd():
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        return torch.autograd.grad(o, (qg, kg, vg), do)
+
+    return fwd, fwd_bwd
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="tinylm FlashAttention vs naive CuPy and torch SDPA")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds before skipping cases")
+    ap.add_argument("--quick", action="store_true", help="T=1024 and 4096 only")
+    args = ap.parse_args(argv)
+
+    if not backend.cuda_available():
+        print("attention_gpu: no CuPy/GPU here, nothing to measure")
+        return 0
+    cp = backend.xp_for("cuda")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch = None
+    except Exception:
+        torch = None
+
+    t_start = time.time()
+
+    def seconds_left():
+        return args.budget - (time.time() - t_start)
+
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    pool = cp.get_default_memory_pool()
+    cupy_events = (cp.cuda.Event, lambda s, e: cp.cuda.get_elapsed_time(s, e))
+    torch_events = None
+    if torch is not None:
+        torch_events = (lambda: torch.cuda.Event(enable_timing=True),
+                        lambda s, e: s.elapsed_time(e))
+
+    B, H, causal = 4, 16, True
+    Ts = (1024, 4096) if args.quick else (1024, 4096, 16384)
+    # fastest first: when the budget runs out it is the slow rows that go
+    rows = [("torch", "float16"), ("torch", "bfloat16"), ("tinylm", "float16"),
+            ("tinylm", "bfloat16"), ("torch", "float32"), ("tinylm", "float32"),
+            ("naive", "float32")]
+    results = []
+    print(f"# attention_gpu on {device}, B={B} H={H} causal, {datetime.date.today()}")
+    for D in (64, 128):
+        for T in Ts:
+            for impl, dtype in rows:
+                rec = dict(impl=impl, dtype=dtype, B=B, H=H, T=T, D=D, causal=causal)
+                results.append(rec)
+                if impl == "torch" and torch is None:
+                    rec["status"] = "no torch"
+                    continue
+                if impl == "naive" and 3 * B * H * T * T * 4 > NAIVE_LIMIT_BYTES:
+                    rec["status"] = "oom/skip"
+                    continue
+                if seconds_left() <= 0:
+                    rec["status"] = "budget"
+                    continue
+                try:
+                    if impl == "torch":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                        fwd, fwd_bwd = torch_runners(torch, dtype, B, H, T, D, causal)
+                        events = torch_events
+                    else:
+                        pool.free_all_blocks()
+                        fwd, fwd_bwd = cupy_runners(cp, impl, dtype, B, H, T, D, causal)
+                        events = cupy_events
+                    rec["fwd_ms"] = time_ms(fwd, events, seconds_left)
+                    rec["fwd_bwd_ms"] = time_ms(fwd_bwd, events, seconds_left)
+                    if impl == "torch":
+                        rec["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+                    else:
+                        rec["peak_bytes"] = int(pool.total_bytes())
+                    rec["fwd_tflops"] = flops(B, H, T, D, causal, False) / rec["fwd_ms"] / 1e9
+                    f = flops(B, H, T, D, causal, True)
+                    rec["fwd_bwd_tflops"] = f / rec["fwd_bwd_ms"] / 1e9
+                    rec["status"] = "ok"
+                except Exception as e:  # an OOM or a failed kernel: record, go on
+                    name = type(e).__name__
+                    oom = "memory" in (name + str(e)).lower()
+                    rec["status"] = "oom/skip" if oom else f"error: {name}: {e}"
+                finally:
+                    fwd = fwd_bwd = None
+                    pool.free_all_blocks()
+                    if torch is not None:
+                        torch.cuda.empty_cache()
+
+    by_key = {(r["impl"], r["dtype"], r["T"], r["D"]): r for r in results}
+    print(f"{'D':>4} {'T':>6} {'impl':>7} {'dtype':>9} {'fwd ms':>9} {'TFLOP/s':>8} "
+          f"{'f+b ms':>9} {'TFLOP/s':>8} {'peak GB':>8} {'vs torch':>8}")
+    for r in results:
+        head = f"{r['D']:>4} {r['T']:>6} {r['impl']:>7} {r['dtype']:>9}"
+        if r.get("status") != "ok":
+            print(f"{head} {r.get('status', '?')}")
+            continue
+        t = by_key.get(("torch", r["dtype"], r["T"], r["D"]))
+        ratio = ""
+        if r["impl"] != "torch" and t and t.get("status") == "ok":
+            ratio = f"{t['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"
+            r["torch_over_ours_fwd_bwd"] = t["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        print(f"{head} {r['fwd_ms']:9.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_ms']:9.3f} "
+              f"{r['fwd_bwd_tflops']:8.1f} {r['peak_bytes'] / 1e9:8.2f} {ratio:>8}")
+    print(f"# {time.time() - t_start:.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(
+            device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
+            flops_convention="fwd 4BHT^2D (x0.5 causal), fwd+bwd 3.5x fwd",
+            results=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+// Runs tinylm/kernels/flash_attention.cu on the CPU, so its indexing, masking, tiling
+// and barrier placement are tested without a GPU.
+//
+// The .cu is compiled as C++ with FA_HOST_EMULATION and the same -D flags the launcher
+// gives NVRTC. Every thread of a block is a ucontext fiber; the scheduler runs them
+// until each blocks at a collective:
+//   __syncthreads()   all live threads of the block, at the same barrier count
+//   __shfl_xor_sync   all 32 lanes of the warp (deposit, rendezvous, read, rendezvous)
+//   mma.sync m16n8k16 all 32 lanes: the warp's fragments are decoded into full A, B
+//                     with the PTX ISA's documented layouts and multiplied in double
+//   ldmatrix.x4       all 32 lanes: lane L gives row L % 8 of matrix L / 8; each lane
+//                     gets its (row, column pair), or with .trans its (row pair, column)
+// Collectives are released one warp at a time (lowest warp first, or highest with
+// FA_EMU_ORDER=reverse), so a warp runs ahead of the others up to the next barrier.
+// A deadlock, a barrier reached by some threads only, a shared-memory write past the
+// launch's dynamic size, or a global write outside an array aborts with a message.
+// Shared memory and every output start as NaN bytes (0xFF), so reading unwritten
+// shared memory or leaving an output element unwritten shows up as NaN.
+//
+// Built and driven by tests/test_flash_attention_kernel.py:
+//   g++ -std=c++17 -O1 -DFA_HOST_EMULATION -DFA_CU_PATH='"…/flash_attention.cu"'
+//       <module -D flags> flash_attention_emu.cpp -o emu
+//   emu IMPL B H Hkv Tq Tk CAUSAL SCALE  (ROWS THREADS SMEM) x 4  IN OUT
+// with the (rows, threads, smem) of fwd, pre, dkdv, dq from launch_shape(); IN holds
+// q, k, v, do as raw elements of the module's dtype; OUT gets o, dq, dk, dv (same
+// dtype) then lse, delta (float32).
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+// ---------------------------------------------------------------- CUDA spellings
+
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+
+struct EmuDim3 { unsigned x, y, z; };
+EmuDim3 blockIdx, gridDim;
+EmuDim3 fa_emu_thread_idx();
+#define threadIdx (fa_emu_thread_idx())
+
+using std::max;
+using std::min;
+
+inline float __int_as_float(long long i) {
+    const uint32_t u = (uint32_t)i;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+[[noreturn]] static void fail(const std::string& why) {
+    std::fprintf(stderr, "EMULATION ERROR: %s\n", why.c_str());
+    std::exit(3);
+}
+[[noreturn]] void __trap() {
+    fail("__trap() (dynamic shared memory smaller than the kernel's layout?)");
+}
+
+void __syncthreads();
+float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
+unsigned fa_emu_dynamic_smem_size();
+void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, bool bf16);
+void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans);
+
+inline float fa_emu_f16_to_f32(unsigned short x) {
+    _Float16 h;
+    std::memcpy(&h, &x, 2);
+    return (float)h;
+}
+inline unsigned short fa_emu_f32_to_f16(float x) {
+    const _Float16 h = (_Float16)x;  // IEEE round to nearest even
+    unsigned short u;
+    std::memcpy(&u, &h, 2);
+    return u;
+}
+inline float fa_emu_bf16_to_f32(unsigned short x) { return __uint_as_float(((unsigned)x) << 16); }
+inline unsigned short fa_emu_f32_to_bf16(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#include FA_CU_PATH
+
+// ---------------------------------------------------------------- fibers
+
+constexpr size_t SMEM_BYTES = 232448;  // 227 KB, the most a Hopper block may have
+alignas(16) unsigned char fa_smem[SMEM_BYTES];
+
+namespace emu {
+
+enum State { READY, AT_BLOCK, AT_WARP, DONE };
+struct Fiber {
+    ucontext_t ctx;
+    State state = READY;
+    unsigned tid = 0;
+    long barriers = 0;     // __syncthreads calls so far
+    long collectives = 0;  // warp collectives so far
+};
+struct Payload { unsigned u[6]; float f; const unsigned short* p; };
+
+std::vector<Fiber> fibers;
+std::vector<Payload> scratch;
+ucontext_t sched_ctx;
+Fiber* cur = nullptr;
+unsigned smem_size = 0;
+bool reverse = false;  // FA_EMU_ORDER=reverse: run threads and warps last-first
+std::function<void()> body;
+constexpr size_t STACK = 128 * 1024;
+
+void trampoline() {
+    body();
+    cur->state = DONE;  // uc_link returns to the scheduler
+}
+
+void block_on(State s) {
+    cur->state = s;
+    swapcontext(&cur->ctx, &sched_ctx);
+}
+
+void run_block(unsigned nthreads) {
+    if (nthreads % 32) fail("block size is not a multiple of 32");
+    static std::vector<std::vector<char>> stacks;  // reused from block to block
+    while (stacks.size() < nthreads) stacks.emplace_back(STACK);
+    fibers.assign(nthreads, Fiber());
+    scratch.assign(nthreads, Payload());
+    for (unsigned t = 0; t < nthreads; ++t) {
+        Fiber& f = fibers[t];
+        f.tid = t;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks[t].data();
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &sched_ctx;
+        makecontext(&f.ctx, trampoline, 0);
+    }
+    const unsigned nwarps = nthreads / 32;
+    for (;;) {
+        for (unsigned i = 0; i < nthreads; ++i) {
+            Fiber& f = fibers[reverse ? nthreads - 1 - i : i];
+            if (f.state != READY) continue;
+            cur = &f;
+            swapcontext(&sched_ctx, &f.ctx);
+        }
+        unsigned done = 0, at_block = 0;
+        for (Fiber& f : fibers) {
+            done += f.state == DONE;
+            at_block += f.state == AT_BLOCK;
+        }
+        if (done == nthreads) break;
+        // Release ONE warp's collective: that warp runs ahead as far as it can (to the
+        // next block barrier) while the others wait, so a missing __syncthreads shows
+        // up as a read of data another warp has not written yet, or has overwritten.
+        bool released = false;
+        for (unsigned i = 0; i < nwarps && !released; ++i) {
+            const unsigned w = reverse ? nwarps - 1 - i : i;
+            bool all = true;
+            for (unsigned l = 0; l < 32; ++l) all = all && fibers[32 * w + l].state == AT_WARP;
+            if (!all) continue;
+            for (unsigned l = 1; l < 32; ++l)
+                if (fibers[32 * w + l].collectives != fibers[32 * w].collectives)
+                    fail("lanes of one warp reached different warp collectives (divergence)");
+            for (unsigned l = 0; l < 32; ++l) fibers[32 * w + l].state = READY;
+            released = true;
+        }
+        if (released) continue;
+        if (at_block == nthreads) {
+            for (Fiber& f : fibers)
+                if (f.barriers != fibers[0].barriers)
+                    fail("threads waiting at different __syncthreads() (barrier in a branch)");
+            for (Fiber& f : fibers) f.state = READY;
+            continue;
+        }
+        if (at_block + done == nthreads) fail("__syncthreads() after some threads exited");
+        fail("deadlock: a warp collective missing lanes, or lanes split between a warp "
+             "collective and a block barrier");
+    }
+}
+
+template <class F>
+void launch(unsigned gx, unsigned gy, unsigned threads, unsigned smem, F&& kernel) {
+    if (smem > SMEM_BYTES) fail("dynamic shared memory above 227 KB");
+    gridDim = {gx, gy, 1};
+    smem_size = smem;
+    body = kernel;
+    for (unsigned by = 0; by < gy; ++by) {
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            blockIdx = {bx, by, 0};
+            std::memset(fa_smem, 0xff, SMEM_BYTES);  // NaN as float, f16 and bf16
+            run_block(threads);
+            for (size_t i = smem; i < SMEM_BYTES; ++i)
+                if (fa_smem[i] != 0xff) fail("shared-memory write past the dynamic size");
+        }
+    }
+}
+
+}  // namespace emu
+
+EmuDim3 fa_emu_thread_idx() { return {emu::cur->tid, 0, 0}; }
+unsigned fa_emu_dynamic_smem_size() { return emu::smem_size; }
+
+void __syncthreads() {
+    emu::cur->barriers++;
+    emu::block_on(emu::AT_BLOCK);
+}
+
+float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+    if (mask != 0xffffffffu) fail("partial shuffle mask");
+    const unsigned tid = emu::cur->tid, base = tid & ~31u, lane = tid & 31u;
+    emu::scratch[tid].f = v;
+    emu::cur->collectives++;
+    emu::block_on(emu::AT_WARP);  // every lane has deposited
+    const float r = emu::scratch[base + (lane ^ (unsigned)lane_mask)].f;
+    emu::cur->collectives++;
+    emu::block_on(emu::AT_WARP);  // every lane has read
+    return r;
+}
+
+static float half_of(unsigned reg, int hi, bool bf16) {
+    const unsigned short x = (unsigned short)(hi ? reg >> 16 : reg & 0xffffu);
+    return bf16 ? fa_emu_bf16_to_f32(x) : fa_emu_f16_to_f32(x);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C for the whole warp,
+// fragments decoded with the layouts of the PTX ISA (groupID g = lane >> 2,
+// threadID_in_group t = lane % 4):
+//   A: a_i, i = 0..7 (two per register): row g for i in {0,1,4,5}, g + 8 otherwise;
+//      col 2t + (i & 1), plus 8 for i >= 4
+//   B: b_i, i = 0..3: row 2t + (i & 1), plus 8 for i >= 2; col g
+//   C: c_i, i = 0..3: row g for i < 2, g + 8 otherwise; col 2t + (i & 1)
+void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, bool bf16) {
+    const unsigned tid = emu::cur->tid, base = tid & ~31u, lane = tid & 31u;
+    emu::Payload& mine = emu::scratch[tid];
+    for (int i = 0; i < 4; ++i) mine.u[i] = a[i];
+    mine.u[4] = b0;
+    mine.u[5] = b1;
+    emu::cur->collectives++;
+    emu::block_on(emu::AT_WARP);
+    double A[16][16], B[16][8];
+    for (unsigned L = 0; L < 32; ++L) {
+        const emu::Payload& p = emu::scratch[base + L];
+        const int g = L >> 2, t = L & 3;
+        for (int i = 0; i < 8; ++i) {
+            const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+            const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = half_of(p.u[i / 2], i & 1, bf16);
+        }
+        for (int i = 0; i < 4; ++i) {
+            const int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
+            B[row][g] = half_of(p.u[4 + i / 2], i & 1, bf16);
+        }
+    }
+    const int g = lane >> 2, t = lane & 3;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
+        double s = c[i];
+        for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
+        out[i] = (float)s;
+    }
+    emu::cur->collectives++;
+    emu::block_on(emu::AT_WARP);  // every lane has read the others' fragments
+    for (int i = 0; i < 4; ++i) c[i] = out[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lanes 8 i .. 8 i + 7 give the row
+// addresses of matrix i; register i of lane L receives, packed low then high,
+//   M_i[L / 4][2 (L % 4)], M_i[L / 4][2 (L % 4) + 1]          without .trans
+//   M_i[2 (L % 4)][L / 4], M_i[2 (L % 4) + 1][L / 4]          with .trans
+// where M_i[row][col] is element col of the row addressed by lane 8 i + row.
+void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans) {
+    const unsigned tid = emu::cur->tid, base = tid & ~31u, lane = tid & 31u;
+    if (reinterpret_cast<uintptr_t>(p) % 16) fail("ldmatrix row address not 16-byte aligned");
+    const unsigned char* lo = fa_smem;
+    if (reinterpret_cast<const unsigned char*>(p) < lo ||
+        reinterpret_cast<const unsigned char*>(p + 8) > lo + emu::smem_size)
+        fail("ldmatrix row outside the dynamic shared memory");
+    emu::scratch[tid].p = p;
+    emu::cur->collectives++;
+    emu::block_on(emu::AT_WARP);
+    unsigned out[4];
+    for (int i = 0; i < 4; ++i) {
+        auto M = [&](int row, int col) -> unsigned {
+            return emu::scratch[base + 8 * i + row].p[col];
+        };
+        const int a = lane / 4, b = 2 * (lane % 4);
+        out[i] = trans ? (M(b, a) | (M(b + 1, a) << 16)) : (M(a, b) | (M(a, b + 1) << 16));
+    }
+    emu::cur->collectives++;
+    emu::block_on(emu::AT_WARP);
+    for (int i = 0; i < 4; ++i) r[i] = out[i];
+}
+
+// ---------------------------------------------------------------- driver
+
+// A global array with 4 KB of 0xFF guard bytes on each side; writes outside are caught.
+template <class T>
+struct Guarded {
+    static constexpr size_t G = 4096;
+    std::vector<unsigned char> raw;
+    size_t n;
+    explicit Guarded(size_t n_) : raw(n_ * sizeof(T) + 2 * G, 0xff), n(n_) {}
+    T* ptr() { return reinterpret_cast<T*>(raw.data() + G); }
+    void check(const char* name) const {
+        for (size_t i = 0; i < G; ++i)
+            if (raw[i] != 0xff || raw[raw.size() - 1 - i] != 0xff)
+                fail(std::string("write outside the array ") + name);
+    }
+};
+
+static void read_into(FILE* f, void* dst, size_t bytes) {
+    if (std::fread(dst, 1, bytes, f) != bytes) fail("short input file");
+}
+
+int main(int argc, char** argv) {
+    if (argc != 23) fail("usage: emu IMPL B H Hkv Tq Tk CAUSAL SCALE (ROWS THREADS SMEM)x4 IN OUT");
+    const char* order = std::getenv("FA_EMU_ORDER");
+    emu::reverse = order && std::string(order) == "reverse";
+    const std::string impl = argv[1];
+    const int B = std::atoi(argv[2]), H = std::atoi(argv[3]), Hkv = std::atoi(argv[4]);
+    const int Tq = std::atoi(argv[5]), Tk = std::atoi(argv[6]), causal = std::atoi(argv[7]);
+    const double scale = std::atof(argv[8]);
+    unsigned shape[4][3];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 3; ++j) shape[i][j] = (unsigned)std::atol(argv[9 + 3 * i + j]);
+    const int D = FA_HEAD_DIM;
+    const size_t nq = (size_t)B * H * Tq * D, nk = (size_t)B * Hkv * Tk * D;
+    const size_t nrows = (size_t)B * H * Tq;
+
+    Guarded<fa_t> q(nq), k(nk), v(nk), dout(nq), o(nq), dq(nq), dk(nk), dv(nk);
+    Guarded<float> lse(nrows), delta(nrows);
+    FILE* in = std::fopen(argv[21], "rb");
+    if (!in) fail("cannot open input");
+    read_into(in, q.ptr(), nq * sizeof(fa_t));
+    read_into(in, k.ptr(), nk * sizeof(fa_t));
+    read_into(in, v.ptr(), nk * sizeof(fa_t));
+    read_into(in, dout.ptr(), nq * sizeof(fa_t));
+    std::fclose(in);
+
+    const float sc = (float)scale, sl2 = (float)(scale * 1.4426950408889634);
+    const bool mma = impl == "mma";
+#if FA_DTYPE_ID == 0
+    if (mma) fail("float32 has no mma kernels");
+#endif
+    auto ceil_div = [](long long a, unsigned b) { return (unsigned)((a + b - 1) / b); };
+    fa_t *Q = q.ptr(), *K = k.ptr(), *V = v.ptr(), *dO = dout.ptr();
+    float *Lse = lse.ptr(), *Delta = delta.ptr();
+    // forward
+    emu::launch(ceil_div(Tq, shape[0][0]), B * H, shape[0][1], shape[0][2], [&] {
+#if FA_DTYPE_ID != 0
+        if (mma) return fa_fwd_mma(Q, K, V, o.ptr(), Lse, H, Hkv, Tq, Tk, sl2, causal);
+#endif
+        fa_fwd_simt(Q, K, V, o.ptr(), Lse, H, Hkv, Tq, Tk, sl2, causal);
+    });
+    // backward
+    emu::launch(ceil_div((long long)nrows, shape[1][0]), 1, shape[1][1], shape[1][2],
+                [&] { fa_bwd_pre(o.ptr(), dO, Delta, (int)nrows); });
+    emu::launch(ceil_div(Tk, shape[2][0]), B * Hkv, shape[2][1], shape[2][2], [&] {
+#if FA_DTYPE_ID != 0
+        if (mma)
+            return fa_bwd_dkdv_mma(Q, K, V, dO, Lse, Delta, dk.ptr(), dv.ptr(), H, Hkv, Tq, Tk,
+                                   sc, sl2, causal);
+#endif
+        fa_bwd_dkdv_simt(Q, K, V, dO, Lse, Delta, dk.ptr(), dv.ptr(), H, Hkv, Tq, Tk, sc, sl2,
+                         causal);
+    });
+    emu::launch(ceil_div(Tq, shape[3][0]), B * H, shape[3][1], shape[3][2], [&] {
+#if FA_DTYPE_ID != 0
+        if (mma)
+            return fa_bwd_dq_mma(Q, K, V, dO, Lse, Delta, dq.ptr(), H, Hkv, Tq, Tk, sc, sl2, causal);
+#endif
+        fa_bwd_dq_simt(Q, K, V, dO, Lse, Delta, dq.ptr(), H, Hkv, Tq, Tk, sc, sl2, causal);
+    });
+
+    const char* names[] = {"q", "k", "v", "do", "o", "dq", "dk", "dv"};
+    Guarded<fa_t>* arrays[] = {&q, &k, &v, &dout, &o, &dq, &dk, &dv};
+    for (int i = 0; i < 8; ++i) arrays[i]->check(names[i]);
+    lse.check("lse");
+    delta.check("delta");
+
+    FILE* out = std::fopen(argv[22], "wb");
+    if (!out) fail("cannot open output");
+    std::fwrite(o.ptr(), sizeof(fa_t), nq, out);
+    std::fwrite(dq.ptr(), sizeof(fa_t), nq, out);
+    std::fwrite(dk.ptr(), sizeof(fa_t), nk, out);
+    std::fwrite(dv.ptr(), sizeof(fa_t), nk, out);
+    std::fwrite(lse.ptr(), sizeof(float), nrows, out);
+    std::fwrite(delta.ptr(), sizeof(float), nrows, out);
+    std::fclose(out);
+    return 0;
+}

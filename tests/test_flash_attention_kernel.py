@@ -1,0 +1,593 @@
+"""The FlashAttention kernels (tinylm/kernels/flash_attention.cu) and their oracle.
+
+Without a GPU:
+  - nvcc compiles every module (dtype x head dim, with the launcher's -D flags) for
+    sm_90 and ptxas assembles it, with no warning (skipped without nvcc);
+  - the NumPy oracle against an independent float64 loop and central differences;
+  - the tiling algorithm (tile loops, causal skips, online softmax) in NumPy;
+  - the kernel source itself, compiled for the CPU with tests/flash_attention_emu.cpp
+    (threads as fibers; barriers, shuffles and mma.sync emulated; skipped without g++),
+    against the oracle.
+On a GPU (@pytest.mark.gpu, `pytest -m gpu`): the kernels on fresh random inputs against
+the float64 oracle, every output element written (NaN poison), bitwise determinism,
+input checks and the autograd op.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinylm.errors import DeviceError, ShapeError, TinyLMError
+from tinylm.kernels import flash_attention as fa
+from tinylm.tensor import Tensor
+
+HERE = Path(__file__).resolve().parent
+MODULES = [(dtype, d) for dtype in fa.DTYPES for d in fa.HEAD_DIMS]
+# (dtype, head dim, ldmatrix): every module as the launcher builds it, plus one with the
+# plain-load fallback of the tensor-core kernels (TINYLM_FA_LDMATRIX=0)
+BUILDS = [(dtype, d, True) for dtype, d in MODULES] + [("float16", 64, False)]
+IMPL_DTYPES = [("simt", "float32"), ("simt", "float16"), ("mma", "float16"),
+               ("simt", "bfloat16"), ("mma", "bfloat16")]
+TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+
+
+def rel_err(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| over the finite entries of expected; inf when
+    actual has a NaN or its infinities sit elsewhere (lse = -inf on fully masked rows)."""
+    a = np.asarray(actual, dtype=np.float64).reshape(np.shape(expected))
+    e = np.asarray(expected, dtype=np.float64)
+    if np.isnan(a).any():
+        return math.inf
+    fin = np.isfinite(e)
+    if not np.array_equal(np.isfinite(a), fin) or not np.array_equal(a[~fin], e[~fin]):
+        return math.inf
+    den = np.linalg.norm(e[fin])
+    num = np.linalg.norm(a[fin] - e[fin])
+    return float(num / den) if den > 0 else float(num)
+
+
+def random_qkv(B, H, Hkv, Tq, Tk, D, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, H, Tq, D))
+    k = rng.standard_normal((B, Hkv, Tk, D))
+    v = rng.standard_normal((B, Hkv, Tk, D))
+    do = rng.standard_normal((B, H, Tq, D))
+    return q, k, v, do
+
+
+# =========================================================================== nvcc
+
+
+@pytest.fixture(scope="module")
+def nvcc_results(tmp_path_factory):
+    nvcc, ptxas = shutil.which("nvcc"), shutil.which("ptxas")
+    if nvcc is None or ptxas is None:
+        pytest.skip("nvcc/ptxas not on PATH")
+    out = tmp_path_factory.mktemp("fa_nvcc")
+
+    def build(module):
+        dtype, d, ldm = module
+        ptx = out / f"fa_{dtype}_{d}_{int(ldm)}.ptx"
+        # Front-end optimisation -O1 (4x faster; errors are the same): all but the
+        # heaviest module, which gets the full optimiser the NVRTC build uses.
+        fast = [] if (dtype, d, ldm) == ("float16", 128, True) else ["-Xcicc", "-O1"]
+        cmd = [nvcc, "--ptx", "-arch=sm_90", *fast, *fa.compile_options(dtype, d, ldm),
+               str(fa.SOURCE_PATH), "-o", str(ptx)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        log = f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
+        if r.returncode == 0:  # inline PTX is only checked when ptxas assembles it
+            cmd = [ptxas, "-arch=sm_90", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            log += f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
+        return module, r.returncode, log
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return {m: (rc, log) for m, rc, log in pool.map(build, BUILDS)}
+
+
+@pytest.mark.parametrize("module", BUILDS,
+                         ids=[f"{t}-d{d}{'' if ldm else '-noldmatrix'}" for t, d, ldm in BUILDS])
+def test_cuda_source_compiles_for_sm90(nvcc_results, module):
+    rc, log = nvcc_results[module]
+    assert rc == 0, f"compilation failed:\n{log}"
+    assert "warning" not in log.lower(), f"compiler warnings:\n{log}"
+    names = fa.kernel_names(module[0])
+    for name in names:
+        assert f"Compiling entry function '{name}'" in log, f"{name} missing:\n{log}"
+
+
+def test_launch_shapes_fit_hopper():
+    for dtype, d in MODULES:
+        for name in fa.kernel_names(dtype):
+            rows, threads, smem = fa.launch_shape(name, d)
+            assert rows % 8 == 0 and threads % 32 == 0
+            assert smem <= 227 * 1024, (name, d, smem)
+
+
+# =========================================================================== the oracle
+
+
+def loop_attention(q, k, v, causal, scale):
+    """Row by row, in float64, from the definition: the oracle's oracle."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    o = np.zeros(q.shape)
+    lse = np.full((B, H, Tq), -np.inf)
+    for b in range(B):
+        for h in range(H):
+            kh, vh = k[b, h // (H // Hkv)], v[b, h // (H // Hkv)]
+            for i in range(Tq):
+                keys = [j for j in range(Tk) if not causal or j <= i + Tk - Tq]
+                if not keys:
+                    continue
+                s = np.array([q[b, h, i] @ kh[j] * scale for j in keys])
+                w = np.exp(s - s.max())
+                o[b, h, i] = sum(wj * vh[j] for wj, j in zip(w, keys)) / w.sum()
+                lse[b, h, i] = s.max() + math.log(w.sum())
+    return o, lse
+
+
+SHAPES = [  # B, H, Hkv, Tq, Tk, D
+    (1, 2, 2, 5, 5, 4),
+    (2, 4, 2, 6, 6, 3),  # GQA
+    (1, 3, 1, 4, 7, 5),  # MQA, queries at the end of a longer key sequence (KV cache)
+    (1, 2, 1, 6, 3, 4),  # more queries than keys: causal rows 0..2 see nothing
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_forward_matches_loop(shape, causal):
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, _ = random_qkv(B, H, Hkv, Tq, Tk, D, seed=1)
+    o, lse = fa.attention_reference(np, q, k, v, causal, 0.7)
+    want_o, want_lse = loop_attention(q, k, v, causal, 0.7)
+    assert o.dtype == np.float64
+    np.testing.assert_allclose(o, want_o, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    fin = np.isfinite(want_lse)
+    np.testing.assert_allclose(lse[fin], want_lse[fin], rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backward_matches_finite_differences(shape, causal):
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, do = random_qkv(B, H, Hkv, Tq, Tk, D, seed=2)
+    scale = 0.6
+    dq, dk, dv = fa.attention_reference_backward(np, q, k, v, do, causal, scale)
+
+    def loss(qq, kk, vv):
+        return float((fa.attention_reference(np, qq, kk, vv, causal, scale)[0] * do).sum())
+
+    eps = 1e-6
+    for which, grad in ((0, dq), (1, dk), (2, dv)):
+        args = [q, k, v]
+        num = np.zeros_like(args[which])
+        for idx in np.ndindex(*num.shape):
+            plus = [a.copy() for a in args]
+            minus = [a.copy() for a in args]
+            plus[which][idx] += eps
+            minus[which][idx] -= eps
+            num[idx] = (loss(*plus) - loss(*minus)) / (2 * eps)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8, err_msg=f"input {which}")
+
+
+def test_reference_fully_masked_rows_are_zero():
+    q, k, v, do = random_qkv(1, 2, 1, 6, 3, 4, seed=3)  # shift -3: rows 0..2 see no key
+    o, lse = fa.attention_reference(np, q, k, v, True)
+    dq, dk, dv = fa.attention_reference_backward(np, q, k, v, do, True)
+    assert np.all(o[:, :, :3] == 0) and np.all(np.isneginf(lse[:, :, :3]))
+    assert np.all(np.isfinite(lse[:, :, 3:])) and np.all(dq[:, :, :3] == 0)
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+
+
+def test_reference_float32_inputs_compute_in_float32():
+    q, k, v, _ = random_qkv(1, 1, 1, 4, 4, 8, seed=4)
+    o, lse = fa.attention_reference(np, *(a.astype(np.float32) for a in (q, k, v)))
+    assert o.dtype == np.float32 and lse.dtype == np.float32
+
+
+def test_function_on_numpy_uses_the_reference_and_differentiates():
+    from tinylm.testing import gradcheck
+
+    q, k, v, _ = random_qkv(1, 2, 1, 4, 5, 3, seed=5)
+    assert gradcheck(lambda a, b, c: fa.FlashAttention.apply(a, b, c, causal=True, scale=0.5),
+                     q, k, v)
+    out = fa.flash_attention(Tensor(q), Tensor(k), Tensor(v), causal=True, scale=0.5)
+    np.testing.assert_allclose(out.numpy(), fa.attention_reference(np, q, k, v, True, 0.5)[0])
+
+
+def test_kernels_refuse_numpy_arrays():
+    q, k, v, _ = random_qkv(1, 1, 1, 4, 4, 32, seed=6)
+    with pytest.raises(DeviceError, match="CuPy"):
+        fa.flash_attention_forward(q.astype(np.float32), k, v)
+
+
+def test_bf16_bits_round_to_nearest_even():
+    # bfloat16 keeps 7 fraction bits: near 1 the spacing is 2**-7, a tie is 2**-8 away
+    x = np.array([1.0, -2.5, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, np.inf, np.nan],
+                 dtype=np.float32)
+    bits = fa.to_bf16_bits(np, x)
+    assert bits.dtype == np.uint16
+    back = fa.from_bf16_bits(np, bits)
+    expected = [1.0, -2.5, 1.0, 1 + 2**-6, 1 + 2**-7, np.inf]  # ties go to the even one
+    np.testing.assert_array_equal(back[:6], expected)
+    assert np.isnan(back[6])
+
+
+# =========================================================================== tiling, in NumPy
+# The loops of the kernels (tile order, causal tile skipping, base-2 online softmax,
+# the backward's key-tile / query-tile ownership), on whole tiles at a time. Besides
+# the result, each skipped tile is checked to hold no visible (query, key) pair.
+
+
+def visible_key_tiles(q0, BR, BC, Tq, Tk, causal):  # as in the .cu
+    n_all = -(-Tk // BC)
+    if not causal:
+        return n_all
+    last_key = min(q0 + BR, Tq) - 1 + (Tk - Tq)
+    return 0 if last_key < 0 else min(n_all, last_key // BC + 1)
+
+
+def first_query_tile(k0, BR, Tq, Tk, causal):  # as in the .cu
+    if not causal:
+        return 0
+    r = k0 - (Tk - Tq)
+    return 0 if r <= 0 else r // BR
+
+
+def _visible(rows, cols, Tq, Tk, causal):
+    v = (cols[None, :] < Tk) & (rows[:, None] < Tq)
+    return v & (cols[None, :] <= rows[:, None] + Tk - Tq) if causal else v
+
+
+def _probs(x, vis):
+    with np.errstate(over="ignore"):  # masked-out entries may overflow; they are dropped
+        return np.where(vis, np.exp2(x), 0)
+
+
+def tiled_attention(q, k, v, do, causal, scale, fwd_tiles, kv_tiles, q_tiles):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group, sl2 = H // Hkv, scale * fa.LOG2E
+
+    def pad(x, n):  # rows past the end read as zeros, like the shared tiles
+        return np.concatenate([x, np.zeros((n, x.shape[1]))])
+
+    o, lse = np.full(q.shape, np.nan), np.full((B, H, Tq), np.nan)
+    dq, dk, dv = np.full(q.shape, np.nan), np.full(k.shape, np.nan), np.full(v.shape, np.nan)
+    for b in range(B):
+        for h in range(H):  # forward: one block per (b, h, query tile)
+            BR, BC = fwd_tiles
+            qh = pad(q[b, h], BR)
+            kh, vh = pad(k[b, h // group], BC), pad(v[b, h // group], BC)
+            for q0 in range(0, Tq, BR):
+                rows = np.arange(q0, q0 + BR)
+                n_kt = visible_key_tiles(q0, BR, BC, Tq, Tk, causal)
+                m, l, acc = np.full(BR, -np.inf), np.zeros(BR), np.zeros((BR, D))
+                for kt in range(-(-Tk // BC)):
+                    cols = np.arange(kt * BC, kt * BC + BC)
+                    vis = _visible(rows, cols, Tq, Tk, causal)
+                    if kt >= n_kt:
+                        assert not vis.any(), "a skipped key tile holds visible keys"
+                        continue
+                    s = np.where(vis, qh[rows] @ kh[cols].T * sl2, -np.inf)
+                    m_new = np.maximum(m, s.max(axis=1))
+                    m_use = np.where(m_new == -np.inf, 0, m_new)
+                    alpha = np.exp2(m - m_use)
+                    p = np.exp2(s - m_use[:, None])
+                    l = l * alpha + p.sum(axis=1)
+                    acc = acc * alpha[:, None] + p @ vh[cols]
+                    m = m_new
+                ok = rows < Tq
+                safe = np.where(l > 0, l, 1)
+                o[b, h, rows[ok]] = np.where(l[:, None] > 0, acc / safe[:, None], 0)[ok]
+                lse_rows = np.where(l > 0, (m + np.log2(safe)) * math.log(2), -np.inf)
+                lse[b, h, rows[ok]] = lse_rows[ok]
+    delta = (o * do).sum(axis=-1)
+    L2 = np.where(np.isneginf(lse), np.inf, lse * fa.LOG2E)
+    for b in range(B):
+        for hk in range(Hkv):  # dk, dv: one block per (b, kv head, key tile)
+            BR, BC = kv_tiles
+            kh, vh = pad(k[b, hk], BC), pad(v[b, hk], BC)
+            for k0 in range(0, Tk, BC):
+                cols = np.arange(k0, k0 + BC)
+                dka, dva = np.zeros((BC, D)), np.zeros((BC, D))
+                first = first_query_tile(k0, BR, Tq, Tk, causal)
+                for h in range(hk * group, (hk + 1) * group):
+                    qh, doh = pad(q[b, h], BR), pad(do[b, h], BR)
+                    Lh, dh = np.append(L2[b, h], [np.inf] * BR), np.append(delta[b, h], [0] * BR)
+                    for qt in range(-(-Tq // BR)):
+                        rows = np.arange(qt * BR, qt * BR + BR)
+                        vis = _visible(rows, cols, Tq, Tk, causal)
+                        if qt < first:
+                            assert not vis.any(), "a skipped query tile sees these keys"
+                            continue
+                        p = _probs(qh[rows] @ kh[cols].T * sl2 - Lh[rows, None], vis)
+                        ds = p * (doh[rows] @ vh[cols].T - dh[rows, None])
+                        dva += p.T @ doh[rows]
+                        dka += ds.T @ qh[rows]
+                ok = cols < Tk
+                dk[b, hk, cols[ok]], dv[b, hk, cols[ok]] = (dka * scale)[ok], dva[ok]
+        for h in range(H):  # dq: one block per (b, h, query tile)
+            BR, BC = q_tiles
+            qh, doh = pad(q[b, h], BR), pad(do[b, h], BR)
+            kh, vh = pad(k[b, h // group], BC), pad(v[b, h // group], BC)
+            Lh, dh = np.append(L2[b, h], [np.inf] * BR), np.append(delta[b, h], [0] * BR)
+            for q0 in range(0, Tq, BR):
+                rows = np.arange(q0, q0 + BR)
+                acc = np.zeros((BR, D))
+                for kt in range(visible_key_tiles(q0, BR, BC, Tq, Tk, causal)):
+                    cols = np.arange(kt * BC, kt * BC + BC)
+                    vis = _visible(rows, cols, Tq, Tk, causal)
+                    p = _probs(qh[rows] @ kh[cols].T * sl2 - Lh[rows, None], vis)
+                    acc += (p * (doh[rows] @ vh[cols].T - dh[rows, None])) @ kh[cols]
+                ok = rows < Tq
+                dq[b, h, rows[ok]] = (acc * scale)[ok]
+    return o, lse, dq, dk, dv
+
+
+TILINGS = [((64, 64), (64, 64), (64, 64)), ((64, 32), (32, 32), (64, 32)),
+           ((16, 48), (32, 16), (16, 16)), ((64, 64), (32, 64), (64, 64))]
+
+
+@pytest.mark.parametrize("tiles", TILINGS, ids=str)
+@pytest.mark.parametrize("T", [(1, 1), (17, 17), (64, 64), (100, 100), (17, 70), (70, 17)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_algorithm_matches_reference(tiles, T, causal):
+    Tq, Tk = T
+    q, k, v, do = random_qkv(1, 4, 2, Tq, Tk, 8, seed=Tq * 131 + Tk)
+    got = tiled_attention(q, k, v, do, causal, 0.3, *tiles)
+    want = fa.attention_reference(np, q, k, v, causal, 0.3)
+    want += fa.attention_reference_backward(np, q, k, v, do, causal, 0.3)
+    for name, g, w in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        assert rel_err(g, w) < 1e-12, name
+
+
+# =========================================================================== the kernels on the CPU
+# tests/flash_attention_emu.cpp compiles flash_attention.cu for the host (one binary per
+# module, the launcher's -D flags) and runs fwd, pre, dkdv and dq on the given inputs.
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not on PATH")
+    out = tmp_path_factory.mktemp("fa_emu")
+    built = {}
+
+    def get(dtype, d, ldmatrix):
+        if (dtype, d, ldmatrix) not in built:
+            exe = out / f"emu_{dtype}_{d}_{int(ldmatrix)}"
+            cmd = [gxx, "-O1", "-w", *fa.compile_options(dtype, d, ldmatrix), "-DFA_HOST_EMULATION",
+                   f'-DFA_CU_PATH="{fa.SOURCE_PATH}"', str(HERE / "flash_attention_emu.cpp"),
+                   "-o", str(exe)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            assert r.returncode == 0, f"building the emulator failed:\n{r.stdout}{r.stderr}"
+            built[(dtype, d, ldmatrix)] = exe
+        return built[(dtype, d, ldmatrix)]
+
+    return get, out
+
+
+def _host_cast(x, dtype):
+    """(raw array in the kernel's storage, its exact float64 values)."""
+    if dtype == "bfloat16":
+        bits = fa.to_bf16_bits(np, x)
+        return bits, fa.from_bf16_bits(np, bits).astype(np.float64)
+    raw = x.astype(dtype)
+    return raw, raw.astype(np.float64)
+
+
+def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix=True, seed=0):
+    get, out = emulator
+    B, H, Hkv, Tq, Tk, D = shape
+    exe = get(dtype, D, ldmatrix)
+    host = random_qkv(B, H, Hkv, Tq, Tk, D, seed)
+    raws, exact = zip(*(_host_cast(x, dtype) for x in host))
+    tag = f"{dtype}_{impl}_{'_'.join(map(str, shape))}_{int(causal)}_{order}_{int(ldmatrix)}"
+    inp, res = out / f"in_{tag}.bin", out / f"out_{tag}.bin"
+    inp.write_bytes(b"".join(np.ascontiguousarray(r).tobytes() for r in raws))
+    scale = 1.0 / math.sqrt(D)
+    args = [str(exe), impl, B, H, Hkv, Tq, Tk, int(causal), repr(scale)]
+    for name in (f"fa_fwd_{impl}", "fa_bwd_pre", f"fa_bwd_dkdv_{impl}", f"fa_bwd_dq_{impl}"):
+        args += list(fa.launch_shape(name, D))
+    args += [str(inp), str(res)]
+    env = dict(os.environ, FA_EMU_ORDER=order)
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, f"emulated kernels failed:\n{r.stdout}{r.stderr}"
+    buf = res.read_bytes()
+    store = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    nq, nk, nr = B * H * Tq * D, B * Hkv * Tk * D, B * H * Tq
+    outs, off = [], 0
+    for n in (nq, nq, nk, nk):
+        a = np.frombuffer(buf, store, n, off)
+        off += n * np.dtype(store).itemsize
+        outs.append(fa.from_bf16_bits(np, a) if dtype == "bfloat16" else a)
+    lse = np.frombuffer(buf, np.float32, nr, off).astype(np.float64)
+    o, dq, dk, dv = (a.astype(np.float64) for a in outs)
+    q, k, v, do = exact
+    ref = fa.attention_reference(np, q, k, v, causal, scale)
+    ref += fa.attention_reference_backward(np, q, k, v, do, causal, scale)
+    return dict(zip(("o", "lse", "dq", "dk", "dv"), zip((o, lse, dq, dk, dv), ref)))
+
+
+EMU_CASES = [  # (impl, dtype, (B, H, Hkv, Tq, Tk, D), causal, order[, ldmatrix])
+    ("simt", "float32", (2, 2, 1, 17, 17, 32), True, "forward"),
+    ("simt", "float32", (1, 2, 2, 100, 100, 64), True, "reverse"),
+    ("simt", "float32", (1, 2, 2, 17, 70, 128), False, "forward"),
+    ("simt", "float32", (1, 2, 1, 70, 17, 128), True, "reverse"),  # rows that see nothing
+    ("simt", "float32", (1, 1, 1, 1, 1, 64), True, "forward"),
+    ("simt", "float16", (1, 2, 1, 70, 70, 32), True, "reverse"),
+    ("simt", "bfloat16", (1, 2, 2, 100, 100, 128), True, "forward"),
+    ("mma", "float16", (1, 2, 1, 70, 70, 32), True, "forward"),
+    ("mma", "float16", (1, 2, 2, 17, 100, 64), False, "reverse"),
+    ("mma", "float16", (1, 2, 1, 70, 17, 128), True, "forward"),
+    ("mma", "bfloat16", (2, 2, 2, 100, 100, 64), True, "reverse"),
+    ("mma", "bfloat16", (1, 4, 2, 33, 33, 128), False, "forward"),
+    ("mma", "bfloat16", (1, 2, 1, 1, 1, 32), True, "reverse"),
+    ("mma", "float16", (1, 2, 1, 70, 70, 64), True, "reverse", False),  # plain loads
+    ("mma", "bfloat16", (1, 2, 2, 33, 70, 128), False, "forward", False),
+]
+
+
+def _emu_id(c):
+    ldm = "" if len(c) < 6 or c[5] else "-noldmatrix"
+    return f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}-{'causal' if c[3] else 'full'}-{c[4]}{ldm}"
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=[_emu_id(c) for c in EMU_CASES])
+def test_kernels_emulated_on_cpu(emulator, case):
+    impl, dtype, shape, causal, order = case[:5]
+    ldmatrix = case[5] if len(case) > 5 else True
+    results = run_emulated(emulator, dtype, impl, shape, causal, order, ldmatrix)
+    for name, (got, want) in results.items():
+        err = rel_err(got, want)
+        assert err < TOL[dtype], f"{name}: relative error {err:.3g}"
+
+
+# =========================================================================== on the GPU
+
+
+@pytest.fixture
+def cp(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    monkeypatch.setenv("TINYLM_POISON", "1")  # outputs start as NaN: all must be written
+    return cupy
+
+
+def _device(cp, host, dtype):
+    """(device arrays in `dtype`, their exact float64 values, bf16_bits flag)."""
+    if dtype == "bfloat16":
+        try:
+            import ml_dtypes
+
+            dev = [cp.asarray(h.astype(ml_dtypes.bfloat16)) for h in host]
+            return dev, [cp.asnumpy(d).astype(np.float64) for d in dev], False
+        except Exception:  # no bfloat16 in this CuPy (or no ml_dtypes): raw bits
+            dev = [cp.asarray(fa.to_bf16_bits(np, h)) for h in host]
+            return dev, [fa.from_bf16_bits(np, cp.asnumpy(d)).astype(np.float64) for d in dev], True
+    dev = [cp.asarray(h.astype(dtype)) for h in host]
+    return dev, [cp.asnumpy(d).astype(np.float64) for d in dev], False
+
+
+def _host(cp, a, bits):
+    return fa.from_bf16_bits(np, cp.asnumpy(a)).astype(np.float64) if bits else \
+        cp.asnumpy(a).astype(np.float64)
+
+
+def run_gpu(cp, impl, dtype, shape, causal, seed, scale=None):
+    B, H, Hkv, Tq, Tk, D = shape
+    (q, k, v, do), exact, bits = _device(cp, random_qkv(B, H, Hkv, Tq, Tk, D, seed), dtype)
+    kw = dict(impl=impl, bf16_bits=bits)
+    o, lse = fa.flash_attention_forward(q, k, v, causal, scale, **kw)
+    dq, dk, dv = fa.flash_attention_backward(q, k, v, o, lse, do, causal, scale, **kw)
+    cp.cuda.runtime.deviceSynchronize()  # surfaces asynchronous launch errors here
+    got = [_host(cp, a, bits) for a in (o,)] + [cp.asnumpy(lse).astype(np.float64)] + \
+        [_host(cp, a, bits) for a in (dq, dk, dv)]
+    qx, kx, vx, dox = exact
+    want = fa.attention_reference(np, qx, kx, vx, causal, scale)
+    want += fa.attention_reference_backward(np, qx, kx, vx, dox, causal, scale)
+    return dict(zip(("o", "lse", "dq", "dk", "dv"), zip(got, want))), (o, lse, dq, dk, dv)
+
+
+def _check(results, dtype):
+    errs = {name: rel_err(g, w) for name, (g, w) in results.items()}
+    bad = {n: e for n, e in errs.items() if not e < TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]}: {bad} (all: {errs})"
+
+
+_seed = [100]
+
+
+def fresh_seed():
+    _seed[0] += 1
+    return _seed[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES, ids=[f"{i}-{d}" for i, d in IMPL_DTYPES])
+@pytest.mark.parametrize("D", fa.HEAD_DIMS)
+@pytest.mark.parametrize("T", [1, 17, 64, 100, 257])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_matches_float64_reference(cp, impl, dtype, D, T, causal):
+    results, _ = run_gpu(cp, impl, dtype, (2, 3, 3, T, T, D), causal, fresh_seed())
+    _check(results, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES, ids=[f"{i}-{d}" for i, d in IMPL_DTYPES])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 100, 100, 64), (1, 8, 1, 65, 65, 128),
+                                   (2, 4, 2, 17, 100, 32), (1, 4, 4, 100, 17, 64),
+                                   (1, 2, 1, 1, 300, 64)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_gqa_and_unequal_lengths(cp, impl, dtype, shape, causal):
+    results, _ = run_gpu(cp, impl, dtype, shape, causal, fresh_seed(), scale=0.3)
+    _check(results, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,D", [("float16", 64), ("bfloat16", 128)])
+@pytest.mark.parametrize("T", [(100, 100), (33, 70), (70, 33)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_mma_plain_load_fallback(cp, monkeypatch, dtype, D, T, causal):
+    """TINYLM_FA_LDMATRIX=0 builds the tensor-core kernels with plain shared loads: if
+    the ldmatrix path ever fails on a device, this one tells whether the rest holds."""
+    monkeypatch.setenv("TINYLM_FA_LDMATRIX", "0")
+    results, _ = run_gpu(cp, "mma", dtype, (2, 4, 2, *T, D), causal, fresh_seed())
+    _check(results, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES, ids=[f"{i}-{d}" for i, d in IMPL_DTYPES])
+def test_gpu_is_deterministic(cp, impl, dtype):
+    shape, seed = (2, 4, 2, 257, 257, 64), fresh_seed()
+    _, first = run_gpu(cp, impl, dtype, shape, True, seed)
+    _, second = run_gpu(cp, impl, dtype, shape, True, seed)
+    for a, b in zip(first, second):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,dtype", [("simt", "float32"), ("mma", "float16")])
+def test_gpu_function_is_differentiable(cp, impl, dtype):
+    B, H, Hkv, T, D = 2, 4, 2, 100, 64
+    (q, k, v, w), exact, _ = _device(cp, random_qkv(B, H, Hkv, T, T, D, fresh_seed()), dtype)
+    tq, tk, tv = (Tensor(a, requires_grad=True) for a in (q, k, v))
+    y = fa.FlashAttention.apply(tq, tk, tv, causal=True, impl=impl)
+    y.backward(w)
+    qx, kx, vx, wx = exact
+    want = [fa.attention_reference(np, qx, kx, vx, True)[0]]
+    want += fa.attention_reference_backward(np, qx, kx, vx, wx, True)
+    for name, got, ref in zip(("o", "dq", "dk", "dv"), (y.data, tq.grad, tk.grad, tv.grad), want):
+        assert rel_err(cp.asnumpy(got).astype(np.float64), ref) < TOL[dtype], name
+
+
+@pytest.mark.gpu
+def test_gpu_input_checks(cp):
+    (q, k, v), _, _ = _device(cp, random_qkv(1, 4, 2, 8, 8, 64, 0)[:3], "float32")
+    with pytest.raises(ShapeError, match="head dim"):
+        fa.flash_attention_forward(q[..., :48].copy(), k[..., :48].copy(), v[..., :48].copy())
+    with pytest.raises(ShapeError, match="contiguous"):
+        fa.flash_attention_forward(q.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2), k, v)
+    with pytest.raises(ShapeError, match="share"):
+        fa.flash_attention_forward(q[:, :3].copy(), k, v)
+    with pytest.raises(TinyLMError, match="dtype"):
+        fa.flash_attention_forward(q, k.astype(cp.float16), v)
+    with pytest.raises(TinyLMError, match="mma"):
+        fa.flash_attention_forward(q, k, v, impl="mma")
+    with pytest.raises(TinyLMError, match="supports"):
+        fa.flash_attention_forward(q.astype(cp.float64), k.astype(cp.float64), v.astype(cp.float64))
+    with pytest.raises(ShapeError, match="lse"):
+        o, lse = fa.flash_attention_forward(q, k, v)
+        fa.flash_attention_backward(q, k, v, o, lse[:, :1].copy(), o)

@@ -1,0 +1,2 @@
+"""CUDA kernels (*.cu) and their Python launchers; each kernel has a NumPy reference
+that is its test oracle (see flash_attention.py)."""
