@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import tinylm
 from tinylm import hookimpl, plugins
 from tinylm.cli import cli, main
+from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import CheckpointError
 
 CORE = "tinylm.default_plugins.core"
@@ -62,9 +63,11 @@ def test_help(flag):
 def test_plugins_table():
     result = run("plugins")
     assert result.exit_code == 0, result.output
-    header, row = result.output.splitlines()
+    header, row, *more = result.output.splitlines()
     assert header.split() == ["PLUGIN", "VERSION", "REGISTERS"]
     assert row.split()[:2] == [CORE, tinylm.__version__]
+    names = [line.split()[0] for line in [row, *more] if not line.startswith(" ")]
+    assert names == list(DEFAULT_PLUGINS)  # the built-ins, nothing installed
 
 
 def test_plugins_table_lists_what_each_registers():
@@ -81,7 +84,7 @@ def test_plugins_json():
     records = json.loads(result.output)
     assert records[0] == {"name": CORE, "version": tinylm.__version__, "builtin": True,
                           "registers": {}}
-    assert records[1] == {"name": "greeter", "version": None, "builtin": False,
+    assert records[-1] == {"name": "greeter", "version": None, "builtin": False,
                           "registers": {"commands": ["boom", "crash", "hello"]}}
 
 

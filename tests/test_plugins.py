@@ -6,9 +6,11 @@ import textwrap
 import pytest
 
 from tinylm import hookimpl, plugins
+from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import PluginError, TinyLMError
 
 CORE = "tinylm.default_plugins.core"
+BUILTINS = list(DEFAULT_PLUGINS)  # core first, then the other built-in plugin modules
 
 
 class Alpha:
@@ -44,10 +46,11 @@ class Raising:
 def test_builtins_are_loaded_as_ordinary_plugins():
     import tinylm
 
-    (name, version, registers), *rest = plugins.list_plugins()
-    assert name == CORE and version == tinylm.__version__
-    assert rest == []  # the conftest allow-list is empty: nothing installed is loaded
-    assert isinstance(registers, dict)
+    loaded = plugins.list_plugins()
+    # the conftest allow-list is empty: nothing installed is loaded, only the built-ins
+    assert [name for name, _, _ in loaded] == BUILTINS and BUILTINS[0] == CORE
+    for _, version, registers in loaded:
+        assert version == tinylm.__version__ and isinstance(registers, dict)
 
 
 def test_manager_is_cached_until_reset():
@@ -243,7 +246,7 @@ def test_entry_point_plugins_load_when_allow_list_is_unset(installed, monkeypatc
 
 def test_empty_allow_list_loads_no_third_party_plugin(installed):
     installed("tinylm-fake", "fake", "tinylm_fake_mod")
-    assert loaded_names() == [CORE]  # conftest sets TINYLM_LOAD_PLUGINS=""
+    assert loaded_names() == BUILTINS  # conftest sets TINYLM_LOAD_PLUGINS=""
 
 
 @pytest.mark.parametrize("allow, loaded", [
@@ -263,7 +266,7 @@ def test_allow_list_picks_among_several(installed, monkeypatch):
     installed("tinylm-one", "one", "tinylm_one_mod")
     installed("tinylm-two", "two", "tinylm_two_mod", source=GOOD_PLUGIN.replace("fake-tok", "two"))
     monkeypatch.setenv(plugins.ALLOW_ENV, "two")
-    assert loaded_names() == [CORE, "two"]
+    assert loaded_names() == BUILTINS + ["two"]
 
 
 def test_plugin_that_fails_to_import_is_reported_by_name(installed, monkeypatch):

@@ -17,11 +17,12 @@ from tinylm.autograd import enable_grad, is_grad_enabled, no_grad
 from tinylm.tensor import Tensor, arange, full, ones, rand, randn, tensor, zeros
 from tinylm.hookspecs import hookimpl
 from tinylm import checkpoint, nn, ops, optim
+from tinylm.models.hf import load_pretrained, save_pretrained
 
 __all__ = [
     "__version__", "TinyLMError", "ShapeError", "DeviceError", "GraphError",
     "CheckpointError", "PluginError", "Tensor", "tensor", "zeros", "ones", "full", "arange",
     "randn", "rand", "no_grad", "enable_grad", "is_grad_enabled", "seed", "cuda_available",
-    "hookimpl", "ops", "nn", "optim", "checkpoint",
+    "hookimpl", "ops", "nn", "optim", "checkpoint", "load_pretrained", "save_pretrained",
 ]
 

@@ -106,3 +106,12 @@ def _table(rows: list) -> str:
 def main(argv: list | None = None) -> None:
     """The ``tinylm`` console script."""
     cli.main(args=argv, prog_name="tinylm")
+
+
+from tinylm.commands.info import info_command  # noqa: E402  (the group is defined above)
+
+cli.add_command(info_command)
+
+from tinylm.commands.tokenize import tokenize_group  # noqa: E402
+
+cli.add_command(tokenize_group)

@@ -2,4 +2,9 @@
 ``tinylm.plugins`` through the same hooks as third-party plugins (not through entry
 points). Add a module here to make it a built-in."""
 
-DEFAULT_PLUGINS = ("tinylm.default_plugins.core",)
+DEFAULT_PLUGINS = (
+    "tinylm.default_plugins.core",
+    "tinylm.default_plugins.positional",
+    "tinylm.default_plugins.architectures",
+    "tinylm.default_plugins.tokenizers",
+)

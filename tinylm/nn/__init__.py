@@ -9,3 +9,7 @@ from tinylm.nn.layers import (  # noqa: F401
     Dropout, Embedding, LayerNorm, Linear, ModuleList, RMSNorm, Sequential,
 )
 from tinylm.nn.module import LoadResult, Module, Parameter  # noqa: F401
+from tinylm.nn.attention import KVCache, MultiHeadAttention, mask_bias  # noqa: F401
+from tinylm.nn.mlp import MLP  # noqa: F401
+from tinylm.nn.moe import MoE, load_balancing_loss  # noqa: F401
+from tinylm.nn.block import TransformerBlock, make_norm  # noqa: F401

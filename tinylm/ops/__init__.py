@@ -21,3 +21,5 @@ from tinylm.ops.nn import (  # noqa: F401
     cross_entropy, dropout, embedding, layer_norm, log_softmax, rms_norm, softmax,
 )
 from tinylm.ops.attention import scaled_dot_product_attention  # noqa: F401
+from tinylm.ops.rotary import rotary  # noqa: F401
+from tinylm.ops.flash import tiled_attention  # noqa: F401

@@ -1,0 +1,185 @@
+"""What every model family shares: the ``Stack`` of blocks, the output record, init.
+
+A family is an embedding, one or two ``Stack``s and a head:
+
+    Decoder (GPT-2, Llama)   tok_emb -> Stack(causal)                     -> lm_head
+    Encoder (BERT)           tok_emb + type_emb -> Stack(bidirectional)   -> MLM / classifier
+    EncoderDecoder (T5)      shared -> Stack(bidirectional) ... Stack(causal, cross) -> lm_head
+
+A ``Stack`` owns the positional scheme, the blocks and the final norm; it turns a
+padding mask, causality and the scheme's bias into one additive attention bias per
+forward, and its rotation (RoPE) into one table, and hands both to every block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from tinylm import backend, nn, ops
+from tinylm.models.config import ModelConfig
+from tinylm.nn.attention import mask_bias
+from tinylm.nn.block import TransformerBlock, make_norm
+from tinylm.errors import TinyLMError
+from tinylm.positional import PositionalDims, PositionalEncoding, build_positional
+from tinylm.tensor import Tensor
+
+
+@dataclass
+class ModelOutput:
+    """What a model's forward returns; fields a family does not produce stay None.
+
+    ``loss`` includes ``moe_aux_coef * aux_loss`` when the model has experts."""
+
+    logits: Tensor | None = None  # (B, T, vocab) or (B, num_labels)
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None  # MoE load balancing, summed over layers
+    hidden_states: Tensor | None = None  # (B, T, d): the last stack's output
+    pooled: Tensor | None = None  # (B, d): BERT's pooler output
+    encoder_hidden_states: Tensor | None = None  # (B, S, d): T5's encoder output
+
+
+def block_from_config(c: ModelConfig, cross: bool = False) -> TransformerBlock:
+    return TransformerBlock(
+        c.d_model, c.n_head, c.ff_size, n_kv_head=c.kv_heads, head_dim=c.head_size,
+        activation=c.activation, gated=c.gated_mlp, bias=c.bias, norm=c.norm,
+        norm_eps=c.norm_eps, norm_position=c.norm_position, dropout=c.dropout,
+        attn_dropout=c.attn_dropout, attn_scale=c.attn_scale, cross=cross,
+        n_experts=c.n_experts, top_k=c.moe_top_k, renormalize=c.moe_renormalize,
+        mlp_dropout=c.mlp_dropout,
+    )
+
+
+def positional_from_config(c: ModelConfig, bidirectional: bool):
+    dims = PositionalDims(c.d_model, c.n_head, c.head_size, c.max_positions, bidirectional)
+    return build_positional(c.positional, dims, c.positional_options)
+
+
+class Stack(nn.Module):
+    """Positional scheme, ``n_layer`` blocks, final norm (pre-norm models only)."""
+
+    def __init__(self, c: ModelConfig, n_layer: int, causal: bool, cross: bool = False,
+                 embed_norm: bool = False, final_dropout: bool = False):
+        super().__init__()
+        self.causal, self.final_dropout = causal, final_dropout
+        self.pos = positional_from_config(c, bidirectional=not causal)
+        self.embed_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if embed_norm else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(block_from_config(c, cross) for _ in range(n_layer))
+        pre = c.norm_position == "pre"
+        self.norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if pre else None
+
+    def forward(self, x, attention_mask=None, cache=None, memory=None, memory_mask=None,
+                positions=None):
+        """x (B, T, d) token embeddings -> (hidden (B, T, d), MoE aux loss or None).
+
+        ``attention_mask`` (B, S): 1 = token, 0 = padding, over every key position (the
+        cached ones too); ``positions`` (T,) or (B, T): defaults to past .. past+T-1;
+        ``memory`` (B, S', d) and ``memory_mask`` (B, S'): what cross-attention reads."""
+        T = x.shape[1]
+        xp = x.xp
+        past = cache.length if cache is not None else 0
+        q_pos = xp.arange(past, past + T) if positions is None else _array(positions, xp)
+        k_pos = cache.advance(q_pos) if cache is not None else q_pos  # (S,) or (B, S)
+        keep = _padding(attention_mask, xp)
+        x = self.pos.embed(x, q_pos)  # (B, T, d)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        slopes = self._alibi_slopes(k_pos, xp)
+        bias = None if slopes is not None else self.pos.bias(q_pos, k_pos)  # (1|B, H, T, S)
+        is_causal = self.causal
+        if keep is not None:
+            pad = mask_bias(keep, T, k_pos.shape[-1], self.causal, x.dtype, xp)  # (B, 1, T, S)
+            bias, is_causal = (pad if bias is None else bias + pad), False
+        memory_keep = _padding(memory_mask, xp)
+        memory_bias = None if memory_keep is None else mask_bias(
+            memory_keep, T, memory.shape[1], False, x.dtype, xp)  # (B, 1, T, S')
+        rotate = self.pos.rotation(q_pos)
+        token_mask = None if keep is None else keep[:, -T:]  # (B, T)
+        aux = None
+        for block in self.blocks:
+            x, a = block(x, bias=bias, is_causal=is_causal, rotate=rotate, cache=cache,
+                         memory=memory, memory_bias=memory_bias, token_mask=token_mask,
+                         alibi_slopes=slopes)
+            aux = a if aux is None else (aux if a is None else aux + a)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.final_dropout:
+            x = self.drop(x)
+        return x, aux
+
+    def _alibi_slopes(self, k_pos, xp):
+        """The scheme's ALiBi slopes when keys sit at the default positions 0..S-1 (the
+        attention op assumes them), else None: then ``bias`` spells the bias out."""
+        slopes = self.pos.alibi_slopes()
+        if slopes is None or k_pos.ndim != 1 or not bool((k_pos == xp.arange(len(k_pos))).all()):
+            return None
+        return slopes
+
+
+def _array(a, xp):
+    return xp.asarray(a.data if isinstance(a, Tensor) else a)
+
+
+def _padding(mask, xp):
+    """The padding mask as an array, or None when there is none (or it keeps everything)."""
+    if mask is None:
+        return None
+    mask = _array(mask, xp)
+    return None if bool(mask.all()) else mask
+
+
+class Model(nn.Module):
+    """Base of the model families: a ``config``, weight init, the output record, and
+    ``save_pretrained`` (Hugging Face format, see ``tinylm.models.hf``)."""
+
+    config_class: ClassVar[type] = ModelConfig
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def init_weights(self) -> None:
+        """GPT-2's init: Linear and embedding weights ~ N(0, init_std), biases 0, norms 1;
+        the projections that write into the residual stream (attention ``out``, MLP
+        ``down``) get init_std / sqrt(2 n_layers) so the stream's variance stays put."""
+        std = self.config.init_std
+        n_layers = sum(len(m.blocks) for m in self.modules() if isinstance(m, Stack))
+        gen = backend.rng(np)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                residual = name.endswith((".out", ".down"))
+                s = std / math.sqrt(2 * max(n_layers, 1)) if residual else std
+                m.weight.data[...] = gen.normal(0.0, s, m.weight.shape)
+                if m.bias is not None:
+                    m.bias.data[...] = 0
+            elif isinstance(m, (nn.Embedding, PositionalEncoding)) and "weight" in m._parameters:
+                m.weight.data[...] = gen.normal(0.0, std, m.weight.shape)
+
+    def as_ids(self, ids):
+        """Token ids as an integer array on the model's device."""
+        xp = next(iter(self.parameters())).xp
+        ids = xp.asarray(ids.data if isinstance(ids, Tensor) else ids)
+        if ids.ndim != 2:
+            raise TinyLMError(f"token ids must be (batch, time), got shape {ids.shape}")
+        return ids
+
+    def output(self, logits, targets=None, aux=None, **fields) -> ModelOutput:
+        """The ModelOutput, with the loss when ``targets`` are given (-100 = ignore)."""
+        loss = None
+        if targets is not None:
+            targets = _array(targets, logits.xp)
+            loss = ops.cross_entropy(logits, targets)
+            if aux is not None and self.config.moe_aux_coef:
+                loss = loss + aux * self.config.moe_aux_coef
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, **fields)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a Hugging Face checkpoint directory (config.json + safetensors)."""
+        from tinylm.models.hf import save_pretrained
+
+        save_pretrained(self, path, **kwargs)

@@ -1,0 +1,41 @@
+"""Decoder-only language models: GPT-2 and Llama from one class and config switches.
+
+    GPT2Config:  learned positions, LayerNorm, GELU (tanh) MLP, biases, tied lm_head
+    LlamaConfig: RoPE, RMSNorm, SwiGLU, no biases, GQA (n_kv_head), separate lm_head
+
+    config = LlamaConfig(vocab_size=100, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=172)
+    model = Decoder(config)
+    out = model(ids, targets=ids_shifted)           # out.logits (B, T, 100), out.loss
+"""
+
+from __future__ import annotations
+
+from tinylm import nn
+from tinylm.models.base import Model, Stack
+from tinylm.models.config import ModelConfig
+
+
+class Decoder(Model):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.transformer = Stack(c, c.n_layer, causal=True)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    def forward(self, ids, targets=None, attention_mask=None, cache=None, positions=None):
+        """ids (B, T) -> ModelOutput with logits (B, T, vocab).
+
+        ``targets`` (B, T) are the next tokens, already shifted (targets[:, t] follows
+        ids[:, t]); -100 is ignored. ``attention_mask`` (B, S): 1 = token, 0 = padding,
+        S = cached + new positions. ``cache``: a ``tinylm.nn.KVCache`` to decode with
+        (feed only the new tokens). ``positions``: (T,) or (B, T) position ids, e.g.
+        for left-padded batches; default past .. past+T-1."""
+        ids = self.as_ids(ids)
+        x = self.tok_emb(ids)  # (B, T, d)
+        h, aux = self.transformer(x, attention_mask, cache=cache, positions=positions)  # (B, T, d)
+        logits = self.lm_head(h)  # (B, T, vocab)
+        return self.output(logits, targets, aux, hidden_states=h)

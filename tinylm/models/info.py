@@ -1,0 +1,351 @@
+"""How big a model is and how much memory training it takes, from its config alone.
+
+    counts = parameter_counts(LlamaConfig())         # {"embeddings": ..., "total": 6738415616}
+    mem = activation_memory(config, batch_size=8, seq_len=1024)
+    print(describe(config, batch_size=8, seq_len=1024))   # what `tinylm info` prints
+
+Nothing is allocated: a 70B config is counted as quickly as a tiny one.
+
+``parameter_counts`` is exact (the tests compare it with ``num_parameters()`` of built
+models). ``activation_memory`` estimates the bytes a training forward keeps for
+backward, term by term, following what tinylm's ops keep: every intermediate that is
+an input of a later op (the graph holds them), plus what a few ops save besides
+(LayerNorm's normalised input, GELU's tanh/CDF, softmax probabilities, dropout
+masks). Per layer that is about
+
+    13 N d + 3 N d_ff + 4 B H T S     bytes / itemsize, N = B T tokens
+
+for a GPT-2 block (pre-norm, GELU), plus 2 N V for the logits and their log-softmax.
+Attention follows the op's own choice: the fused naive op keeps the probabilities
+(4 B H T S bytes); the composed one (T5's learned bias, attention dropout) a few more
+score-sized arrays; the tiled op (T * S >= ``ops.attention.TILED_MIN_SCORES``) none,
+only q, k, v copies and a log-sum-exp. It assumes no padding mask (packed training
+batches). The tests hold it within a few percent of what the graph really retains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinylm.models.config import BertConfig, ModelConfig, T5Config
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _linear(i: int, o: int, bias: bool) -> int:
+    return i * o + (o if bias else 0)
+
+
+def _norm(c: ModelConfig) -> int:
+    return c.d_model * (2 if c.norm == "layernorm" and c.bias else 1)
+
+
+def _positional(c: ModelConfig, bidirectional: bool) -> int:
+    """Parameters of the positional scheme (built: they are small, and plugins count too)."""
+    from tinylm.models.base import positional_from_config
+
+    if c.positional == "learned":  # skip building a big table just to count it
+        return c.max_positions * c.d_model
+    return positional_from_config(c, bidirectional).num_parameters()
+
+
+def _block(c: ModelConfig, cross: bool) -> dict:
+    d, nh, nkv, hs, ff, b = c.d_model, c.n_head, c.kv_heads, c.head_size, c.ff_size, c.bias
+    attn = _linear(d, (nh + 2 * nkv) * hs, b) + _linear(nh * hs, d, b)
+    if cross:
+        attn += _linear(d, nh * hs, b) + _linear(d, 2 * nkv * hs, b) + _linear(nh * hs, d, b)
+    mlp = _linear(d, ff, b) * (2 if c.gated_mlp else 1) + _linear(ff, d, b)
+    router = d * c.n_experts
+    return {"attention": attn, "feed_forward": mlp * max(c.n_experts, 1) + router,
+            "active_feed_forward": mlp * (c.moe_top_k if c.n_experts else 1) + router,
+            "norms": _norm(c) * (3 if cross else 2)}
+
+
+def parameter_counts(c: ModelConfig) -> dict:
+    """{"embeddings", "positional", "attention", "feed_forward", "norms", "heads",
+    "total", "active"}: parameters by part (tied weights once). "active" is what one
+    token uses (with experts, only its top-k)."""
+    d, V = c.d_model, c.vocab_size
+    counts = dict(embeddings=V * d, positional=0, attention=0, feed_forward=0, norms=0,
+                  heads=0)
+    active_ff = 0
+
+    def stack(n_layer, bidirectional, cross=False, final_norm=None):
+        nonlocal active_ff
+        counts["positional"] += _positional(c, bidirectional)
+        blk = _block(c, cross)
+        for key in ("attention", "feed_forward", "norms"):
+            counts[key] += n_layer * blk[key]
+        active_ff += n_layer * blk["active_feed_forward"]
+        if c.norm_position == "pre" if final_norm is None else final_norm:
+            counts["norms"] += _norm(c)
+
+    if isinstance(c, T5Config):
+        stack(c.n_layer, True)
+        stack(c.decoder_layers, False, cross=True)
+        counts["heads"] = 0 if c.tie_embeddings else V * d
+    elif isinstance(c, BertConfig):
+        counts["embeddings"] += c.type_vocab_size * d
+        if c.embed_norm:
+            counts["norms"] += _norm(c)
+        stack(c.n_layer, True)
+        if c.pooler and c.head != "mlm":
+            counts["heads"] += _linear(d, d, True)
+        if c.head == "mlm":
+            decoder = V if c.tie_embeddings else V * d + V  # its bias (and weight, untied)
+            counts["heads"] += _linear(d, d, True) + _norm(c) + decoder
+        elif c.head == "classification":
+            counts["heads"] += _linear(d, c.num_labels, True)
+    else:
+        stack(c.n_layer, False)
+        counts["heads"] = 0 if c.tie_embeddings else V * d
+    counts["total"] = sum(counts.values())
+    counts["active"] = counts["total"] - counts["feed_forward"] + active_ff
+    return counts
+
+
+# --------------------------------------------------------------------------- activations
+
+
+class _Tally:
+    """Bytes by part, added as element counts of a given itemsize."""
+
+    def __init__(self, itemsize: int, score_itemsize: int):
+        self.itemsize, self.score_itemsize = itemsize, score_itemsize
+        self.parts: dict = {}
+
+    def add(self, part: str, elements: float, itemsize: int | None = None):
+        self.parts[part] = self.parts.get(part, 0) + int(elements) * (itemsize or self.itemsize)
+
+
+def _attention(t: _Tally, c, part, B, T, S, rotary, composed, causal, bias, cross=False):
+    """One attention sub-layer (norm, projections, scores, output, residual)."""
+    N, d, nh, nkv, hs = B * T, c.d_model, c.n_head, c.kv_heads, c.head_size
+    t.add(part, 2 * N * d + N)  # norm: normalised input + output (+ 1/rms per row)
+    if cross:
+        t.add(part, N * nh * hs + B * S * 2 * nkv * hs)  # q, and kv of the memory
+    else:
+        t.add(part, N * (nh + 2 * nkv) * hs)  # fused qkv
+        if rotary:
+            t.add(part, N * (nh + nkv) * hs)  # rotated q and k
+    scores = B * nh * T * S
+    if not composed and T * S >= _tiled_min_scores():  # the tiled op: O(T), no scores
+        copies = 1 if rotary and not cross else 2  # k, v made contiguous (RoPE's k is)
+        t.add(part + " scores", N * nh * hs + copies * B * S * nkv * hs + B * nh * T,
+              t.score_itemsize)  # q * scale, k, v, log-sum-exp
+        return _attention_out(t, c, part, N)
+    if 1 < nkv < nh:  # (one kv head is repeated as a stride-0 view: no copy)
+        t.add(part, 2 * B * nh * S * hs)  # k, v repeated for the query heads
+    if c.positional == "alibi" and not cross:  # the op builds the (H, T, S) bias
+        t.add(part, nh * T * S, t.score_itemsize)
+    if composed:  # matmul, [causal fill], [bias add], softmax, [dropout mask + output]
+        n = 2 + int(causal) + int(bias) + (2 if c.attn_dropout else 0)
+        t.add(part, N * nh * hs)  # q * scale
+        t.add(part + " scores", n * scores)
+    else:
+        t.add(part + " scores", scores, t.score_itemsize)  # the probabilities
+    _attention_out(t, c, part, N)
+
+
+def _attention_out(t: _Tally, c, part, N):
+    d, nh, hs = c.d_model, c.n_head, c.head_size
+    t.add(part, 2 * N * nh * hs + 2 * N * d)  # output, heads merged, out-proj, residual add
+    if c.dropout:
+        t.add(part, 2 * N * d)
+
+
+def _tiled_min_scores() -> int:
+    """The attention op's own switch to its tiled path (read at call time)."""
+    from tinylm.ops import attention
+
+    return getattr(attention, "TILED_MIN_SCORES", float("inf"))
+
+
+def _feed_forward(t: _Tally, c, part, N):
+    d, ff = c.d_model, c.ff_size
+    rows = N * c.moe_top_k if c.n_experts else N
+    t.add(part, 2 * N * d + N)  # norm
+    if c.gated_mlp:
+        t.add(part, 5 * rows * ff)  # gate, sigmoid/cdf, act, up, product
+    elif c.activation == "relu":
+        t.add(part, 2 * rows * ff)  # up, output
+        t.add(part, rows * ff, 1)  # the boolean mask
+    else:
+        t.add(part, 3 * rows * ff)  # up, saved tanh/cdf/sigmoid, output
+    if c.mlp_dropout:
+        t.add(part, 2 * rows * ff)
+    if c.n_experts:  # router logits, probs, gate weights; tokens gathered, expert outputs,
+        E, k = c.n_experts, c.moe_top_k  # joined, back in token order, weighted; the sum
+        t.add(part, 2 * N * E + 3 * N * k + 5 * rows * d + N * d)
+        t.add(part, 3 * rows + N, 8)  # int64 dispatch indices
+    else:
+        t.add(part, N * d)  # down projection
+    t.add(part, N * d + (2 * N * d if c.dropout else 0))  # residual add (+ dropout)
+
+
+def activation_memory(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
+                      dtype="float32", target_len: int | None = None) -> dict:
+    """Estimated bytes a training forward keeps for backward, by part, and "total".
+
+    ``seq_len`` defaults to ``max_positions``; for T5 it is the encoder length and
+    ``target_len`` (default: seq_len) the decoder's."""
+    B = batch_size
+    T = c.max_positions if seq_len is None else seq_len
+    dt = np.dtype(dtype)
+    t = _Tally(dt.itemsize, np.promote_types(dt, np.float32).itemsize)
+    d, V = c.d_model, c.vocab_size
+    rotary = c.positional == "rope"
+    learned_bias = c.positional == "t5"
+    composed = learned_bias or bool(c.attn_dropout)
+
+    def embed(N, T_):
+        t.add("embeddings", N * d)  # token embeddings
+        if c.positional in ("learned", "sinusoidal"):
+            t.add("embeddings", T_ * d + N * d)  # the (T, d) position vectors, the sum
+        if c.dropout:
+            t.add("embeddings", 2 * N * d)
+
+    def stack(B_, T_, n_layer, causal, memory=None):
+        N = B_ * T_
+        if learned_bias:
+            t.add("attention", T_ * T_ * c.n_head)  # the bias table, once per stack
+        for _ in range(n_layer):
+            _attention(t, c, "attention", B_, T_, T_, rotary, composed, causal, learned_bias)
+            if memory is not None:
+                _attention(t, c, "attention", B_, T_, memory, False, False, False, False,
+                           cross=True)
+            _feed_forward(t, c, "feed_forward", N)
+        if c.norm_position == "pre":
+            t.add("head", 2 * N * d + N)
+        return N
+
+    def logits(N):
+        t.add("head", N * V)
+        t.add("head", N * V, t.score_itemsize)  # cross-entropy's log-softmax
+
+    if isinstance(c, T5Config):
+        Tt = T if target_len is None else target_len
+        embed(B * T, T)
+        stack(B, T, c.n_layer, False)
+        embed(B * Tt, Tt)
+        N = stack(B, Tt, c.decoder_layers, True, memory=T)
+        if c.dropout:
+            t.add("head", 2 * (B * T + N) * d)  # dropout after each final norm
+        if c.tie_embeddings and c.scale_decoder_output:
+            t.add("head", N * d)
+        logits(N)
+    elif isinstance(c, BertConfig):
+        N = B * T
+        embed(N, T)
+        if c.type_vocab_size:
+            t.add("embeddings", 2 * N * d)
+        if c.embed_norm:
+            t.add("embeddings", 2 * N * d + N)
+        stack(B, T, c.n_layer, False)
+        if c.head == "mlm":
+            t.add("head", 5 * N * d + N)  # dense, gelu (saved + out), norm
+            logits(N)
+    else:
+        N = B * T
+        embed(N, T)
+        stack(B, T, c.n_layer, True)
+        logits(N)
+    parts = dict(t.parts)
+    parts["total"] = sum(t.parts.values())
+    return parts
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def retained_bytes(output) -> int:
+    """Bytes of the arrays the autograd graph below ``output`` keeps alive: op inputs and
+    what ops saved for backward, parameters excluded, each buffer once. What
+    ``activation_memory`` estimates, measured on a real forward."""
+    from tinylm.nn.module import Parameter
+
+    roots, params, stack, seen = {}, set(), [output.creator], set()
+
+    def root(a):
+        while getattr(a, "base", None) is not None:
+            a = a.base
+        return a
+
+    def visit(a):
+        if hasattr(a, "nbytes") and hasattr(a, "dtype"):
+            r = root(a)
+            roots[id(r)] = r
+        elif isinstance(a, (tuple, list)):
+            for x in a:
+                visit(x)
+
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for x in fn.inputs or ():
+            if isinstance(x, Parameter):
+                params.add(id(root(x.data)))
+            else:
+                visit(x.data)
+            stack.append(x.creator)
+        for name, value in vars(fn).items():
+            if name not in ("inputs", "xp", "output_refs", "output_meta"):
+                visit(value)
+    return sum(int(r.nbytes) for i, r in roots.items() if i not in params)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _human(n: float, unit: str = "B") -> str:
+    """1234567 -> "1.2 MB"; with unit "" counts read 1.2M, 6.7B (billions)."""
+    prefixes = ("", "K", "M", "G", "T") if unit else ("", "K", "M", "B", "T")
+    for prefix in prefixes:
+        if abs(n) < 1000 or prefix == "T":
+            if unit:
+                return f"{n:.1f} {prefix}{unit}" if prefix else f"{int(n)} {unit}"
+            return f"{n:.1f}{prefix}" if prefix else f"{int(n)}"
+        n /= 1000
+
+
+def describe(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
+             dtype="float32") -> str:
+    """The report ``tinylm info`` prints."""
+    counts = parameter_counts(c)
+    T = c.max_positions if seq_len is None else seq_len
+    mem = activation_memory(c, batch_size, T, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    lines = [f"architecture  {c.architecture} ({type(c).__name__})"]
+    shape = (f"d_model={c.d_model} n_layer={c.n_layer} n_head={c.n_head} "
+             f"n_kv_head={c.kv_heads} head_dim={c.head_size} d_ff={c.ff_size} "
+             f"vocab={c.vocab_size}")
+    lines.append(f"shape         {shape}")
+    extras = [f"positional={c.positional}", f"norm={c.norm} ({c.norm_position})",
+              f"activation={c.activation}{' gated' if c.gated_mlp else ''}",
+              f"tied={c.tie_embeddings}"]
+    if c.n_experts:
+        extras.append(f"experts={c.n_experts} top_k={c.moe_top_k}")
+    lines.append("options       " + " ".join(extras))
+    lines.append("")
+    lines.append(f"parameters    {counts['total']:,} ({_human(counts['total'], '')})")
+    for key in ("embeddings", "positional", "attention", "feed_forward", "norms", "heads"):
+        if counts[key]:
+            share = 100 * counts[key] / counts["total"]
+            lines.append(f"  {key:<12}{counts[key]:>16,}  {share:5.1f}%")
+    if counts["active"] != counts["total"]:
+        lines.append(f"  active/token{counts['active']:>16,}")
+    p_bytes = counts["total"] * itemsize
+    lines.append("")
+    lines.append(f"memory        batch={batch_size} seq_len={T} dtype={dtype} "
+                 f"(training, estimated)")
+    lines.append(f"  weights     {_human(p_bytes):>12}")
+    lines.append(f"  gradients   {_human(p_bytes):>12}")
+    lines.append(f"  AdamW state {_human(2 * p_bytes):>12}")
+    lines.append(f"  activations {_human(mem['total']):>12}")
+    for key, value in mem.items():
+        if key != "total":
+            lines.append(f"    {key:<22}{_human(value):>12}")
+    lines.append(f"  total       {_human(4 * p_bytes + mem['total']):>12}")
+    return "\n".join(lines)
