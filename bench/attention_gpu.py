@@ -2,17 +2,23 @@
 torch's scaled_dot_product_attention, forward and forward+backward, causal.
 
     python bench/attention_gpu.py [--out results.json] [--budget 100] [--quick]
+        [--T 1024,4096,16384] [--D 64,128] [--variants v1,v2] [--ms 300]
 
 Cases: B=4, H=16, head dim 64 and 128, T = 1024, 4096, 16384. Rows:
-  tinylm   float32 (simt), float16 and bfloat16 (tensor cores, impl="mma")
-  naive    CuPy, float32, materialised (B, H, T, T) scores (skipped past ~40 GB)
+  tinylm   float32 (simt), float16 and bfloat16 (tensor cores, impl="mma"), once per
+           kernel variant (v1, v2: see flash_attention.kernel_plan; the "variant"
+           column; for float32 v2 changes the backward only)
+  naive    CuPy, float32 and float16, materialised (B, H, T, T) scores (skipped past
+           ~40 GB)
   torch    F.scaled_dot_product_attention: float16, bfloat16 (flash), float32
-Times are CUDA-event medians after a warm-up; reps shrink as a case gets slower, and
-cases are skipped ("budget") once --budget seconds have passed. FLOP convention
-(FlashAttention's): forward 4 B H T^2 D, halved when causal; backward 2.5x forward.
-Peak memory: CuPy pool high-water mark (pool emptied before each row) or
-torch.cuda.max_memory_allocated, inputs included. "vs torch" is torch's fwd+bwd time
-over ours for the same dtype (> 1: we are faster).
+Times are CUDA-event medians after a warm-up; reps aim at --ms milliseconds per
+measurement (2 to 10 reps), and cases are skipped ("budget") once --budget seconds have
+passed: T=4096 (the targets) runs first, then 16384, then 1024, and within a size the
+16-bit rows first. FLOP convention (FlashAttention's): forward 4 B H T^2 D, halved
+when causal; backward 2.5x forward. Peak memory: CuPy pool high-water mark (pool
+emptied before each row) or torch.cuda.max_memory_allocated, inputs included.
+"vs torch" is torch's fwd+bwd time over ours for the same dtype (> 1: we are faster),
+"vs naive" the naive CuPy fwd+bwd time over ours, same dtype (float16 for bfloat16).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def flops(B, H, T, D, causal, with_backward):
     return f * 3.5 if with_backward else f
 
 
-def time_ms(run, sync_events, seconds_left):
+def time_ms(run, sync_events, seconds_left, target_ms=300.0):
     """Median milliseconds of run() with events, after one warm-up call."""
     make_event, elapsed = sync_events
     run()  # warm-up: compilation, autotuning, allocator growth
@@ -58,7 +64,7 @@ def time_ms(run, sync_events, seconds_left):
         times.append(t)
         if first is None:
             first = t
-            reps = max(2, min(10, int(300.0 / max(t, 1e-3))))
+            reps = max(2, min(10, int(target_ms / max(t, 1e-3))))
             if first / 1000 * reps > seconds_left():
                 reps = 2
     return statistics.median(times)
@@ -67,7 +73,7 @@ def time_ms(run, sync_events, seconds_left):
 # --------------------------------------------------------------------------- runners
 
 
-def cupy_runners(cp, impl_name, dtype, B, H, T, D, causal):
+def cupy_runners(cp, impl_name, dtype, B, H, T, D, causal, variant=None):
     """(fwd, fwd+bwd) callables for tinylm or naive CuPy, plus the inputs they hold."""
     rng = cp.random.default_rng(0)
     bits = False
@@ -90,7 +96,7 @@ def cupy_runners(cp, impl_name, dtype, B, H, T, D, causal):
     bits = dtype == "bfloat16" and q.dtype == np.uint16
     if impl_name == "tinylm":
         impl = "simt" if dtype == "float32" else "mma"
-        kw = dict(impl=impl, bf16_bits=bits)
+        kw = dict(impl=impl, bf16_bits=bits, variant=variant)
 
         def fwd():
             return fa.flash_attention_forward(q, k, v, causal, None, **kw)
@@ -154,6 +160,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds before skipping cases")
     ap.add_argument("--quick", action="store_true", help="T=1024 and 4096 only")
+    ap.add_argument("--T", default="1024,4096,16384", help="sequence lengths, comma-separated")
+    ap.add_argument("--D", default="64,128", help="head dims, comma-separated")
+    ap.add_argument("--variants", default="v1,v2", help="tinylm kernel variants to time")
+    ap.add_argument("--ms", type=float, default=300.0,
+                    help="aim each measurement at this many milliseconds of reps")
     args = ap.parse_args(argv)
 
     if not backend.cuda_available():
@@ -183,22 +194,30 @@ def main(argv=None) -> int:
                         lambda s, e: s.elapsed_time(e))
 
     B, H, causal = 4, 16, True
-    Ts = (1024, 4096) if args.quick else (1024, 4096, 16384)
+    Ts = [int(x) for x in args.T.split(",")]
+    if args.quick:
+        Ts = [T for T in Ts if T <= 4096]
+    Ts.sort(key=lambda T: (T != 4096, -T))  # the targets' size first, then the largest
+    Ds = [int(x) for x in args.D.split(",")]
+    variants = [x for x in args.variants.split(",") if x]
     # fastest first: when the budget runs out it is the slow rows that go
-    rows = [("torch", "float16"), ("torch", "bfloat16"), ("tinylm", "float16"),
-            ("tinylm", "bfloat16"), ("torch", "float32"), ("tinylm", "float32"),
-            ("naive", "float32")]
+    tiny = [("tinylm", dt, var) for dt in ("float16", "bfloat16") for var in variants]
+    rows = [("torch", "float16", ""), ("torch", "bfloat16", "")] + tiny + [
+        ("naive", "float16", ""), ("torch", "float32", "")] + [
+        ("tinylm", "float32", var) for var in variants] + [("naive", "float32", "")]
     results = []
     print(f"# attention_gpu on {device}, B={B} H={H} causal, {datetime.date.today()}")
-    for D in (64, 128):
-        for T in Ts:
-            for impl, dtype in rows:
-                rec = dict(impl=impl, dtype=dtype, B=B, H=H, T=T, D=D, causal=causal)
+    for T in Ts:
+        for D in Ds:
+            for impl, dtype, variant in rows:
+                rec = dict(impl=impl, dtype=dtype, variant=variant, B=B, H=H, T=T, D=D,
+                           causal=causal)
                 results.append(rec)
                 if impl == "torch" and torch is None:
                     rec["status"] = "no torch"
                     continue
-                if impl == "naive" and 3 * B * H * T * T * 4 > NAIVE_LIMIT_BYTES:
+                itemsize = 2 if dtype != "float32" else 4
+                if impl == "naive" and 3 * B * H * T * T * itemsize > NAIVE_LIMIT_BYTES:
                     rec["status"] = "oom/skip"
                     continue
                 if seconds_left() <= 0:
@@ -212,10 +231,11 @@ def main(argv=None) -> int:
                         events = torch_events
                     else:
                         pool.free_all_blocks()
-                        fwd, fwd_bwd = cupy_runners(cp, impl, dtype, B, H, T, D, causal)
+                        fwd, fwd_bwd = cupy_runners(cp, impl, dtype, B, H, T, D, causal,
+                                                    variant or None)
                         events = cupy_events
-                    rec["fwd_ms"] = time_ms(fwd, events, seconds_left)
-                    rec["fwd_bwd_ms"] = time_ms(fwd_bwd, events, seconds_left)
+                    rec["fwd_ms"] = time_ms(fwd, events, seconds_left, args.ms)
+                    rec["fwd_bwd_ms"] = time_ms(fwd_bwd, events, seconds_left, args.ms)
                     if impl == "torch":
                         rec["peak_bytes"] = int(torch.cuda.max_memory_allocated())
                     else:
@@ -234,21 +254,26 @@ def main(argv=None) -> int:
                     if torch is not None:
                         torch.cuda.empty_cache()
 
-    by_key = {(r["impl"], r["dtype"], r["T"], r["D"]): r for r in results}
-    print(f"{'D':>4} {'T':>6} {'impl':>7} {'dtype':>9} {'fwd ms':>9} {'TFLOP/s':>8} "
-          f"{'f+b ms':>9} {'TFLOP/s':>8} {'peak GB':>8} {'vs torch':>8}")
-    for r in results:
-        head = f"{r['D']:>4} {r['T']:>6} {r['impl']:>7} {r['dtype']:>9}"
+    by_key = {(r["impl"], r["dtype"], r["T"], r["D"]): r for r in results if r["impl"] != "tinylm"}
+    print(f"{'D':>4} {'T':>6} {'impl':>7} {'dtype':>9} {'var':>3} {'fwd ms':>8} {'TFLOP/s':>7} "
+          f"{'f+b ms':>8} {'TFLOP/s':>7} {'peak GB':>7} {'vs torch':>8} {'vs naive':>8}")
+    for r in sorted(results, key=lambda r: (r["D"], r["T"])):
+        head = f"{r['D']:>4} {r['T']:>6} {r['impl']:>7} {r['dtype']:>9} {r['variant']:>3}"
         if r.get("status") != "ok":
             print(f"{head} {r.get('status', '?')}")
             continue
-        t = by_key.get(("torch", r["dtype"], r["T"], r["D"]))
-        ratio = ""
-        if r["impl"] != "torch" and t and t.get("status") == "ok":
-            ratio = f"{t['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"
-            r["torch_over_ours_fwd_bwd"] = t["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        print(f"{head} {r['fwd_ms']:9.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_ms']:9.3f} "
-              f"{r['fwd_bwd_tflops']:8.1f} {r['peak_bytes'] / 1e9:8.2f} {ratio:>8}")
+        ratios = []
+        for other, dt, key in (("torch", r["dtype"], "torch_over_ours_fwd_bwd"),
+                               ("naive", "float16" if r["dtype"] == "bfloat16" else r["dtype"],
+                                "naive_over_ours_fwd_bwd")):
+            t = by_key.get((other, dt, r["T"], r["D"]))
+            if r["impl"] != other and t and t.get("status") == "ok":
+                r[key] = t["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                ratios.append(f"{r[key]:8.2f}")
+            else:
+                ratios.append(f"{'':>8}")
+        print(f"{head} {r['fwd_ms']:8.3f} {r['fwd_tflops']:7.1f} {r['fwd_bwd_ms']:8.3f} "
+              f"{r['fwd_bwd_tflops']:7.1f} {r['peak_bytes'] / 1e9:7.2f} {' '.join(ratios)}")
     print(f"# {time.time() - t_start:.0f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(

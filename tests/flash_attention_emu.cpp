@@ -2,16 +2,24 @@
 // and barrier placement are tested without a GPU.
 //
 // The .cu is compiled as C++ with FA_HOST_EMULATION and the same -D flags the launcher
-// gives NVRTC. Every thread of a block is a ucontext fiber; the scheduler runs them
-// until each blocks at a collective:
+// gives NVRTC. Every thread of a block is a ucontext fiber. The scheduler runs ONE warp
+// at a time as far as it can go (through its warp collectives, up to the next
+// __syncthreads), lowest warp first (highest with FA_EMU_ORDER=reverse), so a warp runs
+// ahead of the others: a missing __syncthreads shows up as a read of data another warp
+// has not written yet, or has already overwritten. Collectives:
 //   __syncthreads()   all live threads of the block, at the same barrier count
 //   __shfl_xor_sync   all 32 lanes of the warp (deposit, rendezvous, read, rendezvous)
 //   mma.sync m16n8k16 all 32 lanes: the warp's fragments are decoded into full A, B
 //                     with the PTX ISA's documented layouts and multiplied in double
 //   ldmatrix.x4       all 32 lanes: lane L gives row L % 8 of matrix L / 8; each lane
 //                     gets its (row, column pair), or with .trans its (row pair, column)
-// Collectives are released one warp at a time (lowest warp first, or highest with
-// FA_EMU_ORDER=reverse), so a warp runs ahead of the others up to the next barrier.
+// cp.async (16 or 4 bytes, zero-fill past src-size) per thread, with commit_group and
+// wait_group N. FA_EMU_CPASYNC=late (the default) models an asynchronous copy at its
+// most adversarial: at issue the destination turns to NaN bytes, and the data lands
+// only when the issuing thread's wait_group retires the group, so reading a chunk
+// before its copier's wait + a barrier, or refilling a buffer someone still reads,
+// gives NaN. FA_EMU_CPASYNC=early copies at issue. A thread may not exit with copies
+// in flight; a source outside every input array is an error.
 // A deadlock, a barrier reached by some threads only, a shared-memory write past the
 // launch's dynamic size, or a global write outside an array aborts with a message.
 // Shared memory and every output start as NaN bytes (0xFF), so reading unwritten
@@ -20,10 +28,11 @@
 // Built and driven by tests/test_flash_attention_kernel.py:
 //   g++ -std=c++17 -O1 -DFA_HOST_EMULATION -DFA_CU_PATH='"…/flash_attention.cu"'
 //       <module -D flags> flash_attention_emu.cpp -o emu
-//   emu IMPL B H Hkv Tq Tk CAUSAL SCALE  (ROWS THREADS SMEM) x 4  IN OUT
-// with the (rows, threads, smem) of fwd, pre, dkdv, dq from launch_shape(); IN holds
-// q, k, v, do as raw elements of the module's dtype; OUT gets o, dq, dk, dv (same
-// dtype) then lse, delta (float32).
+//   emu B H Hkv Tq Tk CAUSAL SCALE  (NAME ROWS THREADS SMEM) x 4  IN OUT
+// with the kernels of the forward, the pre-pass, dk/dv and dq (names and launch shapes
+// as the launcher picks them: fa.kernel_plan, fa.launch_shape). IN holds q, k, v, do
+// as raw elements of the module's dtype; OUT gets o, dq, dk, dv (same dtype) then lse,
+// delta (float32).
 
 #include <ucontext.h>
 
@@ -33,6 +42,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <string>
 #include <vector>
@@ -88,6 +98,9 @@ float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 unsigned fa_emu_dynamic_smem_size();
 void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, bool bf16);
 void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans);
+void fa_emu_cp_async(void* dst, const void* src, int cp_size, unsigned src_size);
+void fa_emu_cp_async_commit();
+void fa_emu_cp_async_wait(int n);
 
 inline float fa_emu_f16_to_f32(unsigned short x) {
     _Float16 h;
@@ -126,9 +139,17 @@ struct Fiber {
     long collectives = 0;  // warp collectives so far
 };
 struct Payload { unsigned u[6]; float f; const unsigned short* p; };
+struct Copy { unsigned char* dst; unsigned char data[16]; int size; };
+struct Async {  // one thread's cp.async state
+    std::vector<Copy> open;                  // issued since the last commit
+    std::deque<std::vector<Copy>> groups;    // committed, not yet retired (oldest first)
+};
 
 std::vector<Fiber> fibers;
 std::vector<Payload> scratch;
+std::vector<Async> asyncs;
+bool cp_early = false;  // FA_EMU_CPASYNC=early: copies land at issue
+std::vector<std::pair<const unsigned char*, const unsigned char*>> inputs;  // readable ranges
 ucontext_t sched_ctx;
 Fiber* cur = nullptr;
 unsigned smem_size = 0;
@@ -138,6 +159,9 @@ constexpr size_t STACK = 128 * 1024;
 
 void trampoline() {
     body();
+    const Async& a = asyncs[cur->tid];
+    if (!a.open.empty() || !a.groups.empty())
+        fail("a thread exited with cp.async copies in flight");
     cur->state = DONE;  // uc_link returns to the scheduler
 }
 
@@ -152,6 +176,7 @@ void run_block(unsigned nthreads) {
     while (stacks.size() < nthreads) stacks.emplace_back(STACK);
     fibers.assign(nthreads, Fiber());
     scratch.assign(nthreads, Payload());
+    asyncs.assign(nthreads, Async());
     for (unsigned t = 0; t < nthreads; ++t) {
         Fiber& f = fibers[t];
         f.tid = t;
@@ -163,34 +188,42 @@ void run_block(unsigned nthreads) {
     }
     const unsigned nwarps = nthreads / 32;
     for (;;) {
-        for (unsigned i = 0; i < nthreads; ++i) {
-            Fiber& f = fibers[reverse ? nthreads - 1 - i : i];
-            if (f.state != READY) continue;
-            cur = &f;
-            swapcontext(&sched_ctx, &f.ctx);
+        // Pick ONE warp that can move (lowest first, or highest with reverse): run its
+        // ready lanes, or release its warp collective once all 32 lanes wait there. It
+        // keeps the processor until it reaches a block barrier or exits, so it runs
+        // ahead of every other warp.
+        bool moved = false;
+        for (unsigned i = 0; i < nwarps && !moved; ++i) {
+            const unsigned w = reverse ? nwarps - 1 - i : i;
+            Fiber* lanes = &fibers[32 * w];
+            bool ready = false, all_at_warp = true;
+            for (unsigned l = 0; l < 32; ++l) {
+                ready = ready || lanes[l].state == READY;
+                all_at_warp = all_at_warp && lanes[l].state == AT_WARP;
+            }
+            if (!ready && all_at_warp) {
+                for (unsigned l = 1; l < 32; ++l)
+                    if (lanes[l].collectives != lanes[0].collectives)
+                        fail("lanes of one warp reached different warp collectives (divergence)");
+                for (unsigned l = 0; l < 32; ++l) lanes[l].state = READY;
+                ready = true;
+            }
+            if (!ready) continue;
+            for (unsigned j = 0; j < 32; ++j) {
+                Fiber& f = lanes[reverse ? 31 - j : j];
+                if (f.state != READY) continue;
+                cur = &f;
+                swapcontext(&sched_ctx, &f.ctx);
+            }
+            moved = true;
         }
+        if (moved) continue;
         unsigned done = 0, at_block = 0;
         for (Fiber& f : fibers) {
             done += f.state == DONE;
             at_block += f.state == AT_BLOCK;
         }
         if (done == nthreads) break;
-        // Release ONE warp's collective: that warp runs ahead as far as it can (to the
-        // next block barrier) while the others wait, so a missing __syncthreads shows
-        // up as a read of data another warp has not written yet, or has overwritten.
-        bool released = false;
-        for (unsigned i = 0; i < nwarps && !released; ++i) {
-            const unsigned w = reverse ? nwarps - 1 - i : i;
-            bool all = true;
-            for (unsigned l = 0; l < 32; ++l) all = all && fibers[32 * w + l].state == AT_WARP;
-            if (!all) continue;
-            for (unsigned l = 1; l < 32; ++l)
-                if (fibers[32 * w + l].collectives != fibers[32 * w].collectives)
-                    fail("lanes of one warp reached different warp collectives (divergence)");
-            for (unsigned l = 0; l < 32; ++l) fibers[32 * w + l].state = READY;
-            released = true;
-        }
-        if (released) continue;
         if (at_block == nthreads) {
             for (Fiber& f : fibers)
                 if (f.barriers != fibers[0].barriers)
@@ -318,6 +351,49 @@ void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans) {
     for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 
+// cp.async.{ca,cg}.shared.global [dst], [src], cp_size, src_size: cp_size bytes land
+// at dst, the first src_size of them from src, the rest zeros. See the header for the
+// late / early models; the source is read at issue (inputs do not change in a kernel).
+void fa_emu_cp_async(void* dst, const void* src, int cp_size, unsigned src_size) {
+    auto* d = static_cast<unsigned char*>(dst);
+    const auto* sp = static_cast<const unsigned char*>(src);
+    if (cp_size != 4 && cp_size != 8 && cp_size != 16) fail("cp.async size must be 4, 8 or 16");
+    if ((int)src_size > cp_size) fail("cp.async src-size above cp-size");
+    if (reinterpret_cast<uintptr_t>(d) % cp_size || reinterpret_cast<uintptr_t>(sp) % cp_size)
+        fail("cp.async address not aligned to its size");
+    if (d < fa_smem || d + cp_size > fa_smem + emu::smem_size)
+        fail("cp.async destination outside the dynamic shared memory");
+    if (src_size > 0) {
+        bool inside = false;
+        for (auto& r : emu::inputs) inside = inside || (sp >= r.first && sp + src_size <= r.second);
+        if (!inside) fail("cp.async source outside every input array");
+    }
+    emu::Copy c{d, {}, cp_size};
+    std::memcpy(c.data, sp, src_size);
+    std::memset(c.data + src_size, 0, cp_size - src_size);
+    if (emu::cp_early) {
+        std::memcpy(d, c.data, cp_size);
+    } else {
+        std::memset(d, 0xff, cp_size);  // in flight: the contents are undefined
+        emu::asyncs[emu::cur->tid].open.push_back(c);
+    }
+}
+
+void fa_emu_cp_async_commit() {
+    emu::Async& a = emu::asyncs[emu::cur->tid];
+    a.groups.push_back(std::move(a.open));
+    a.open.clear();
+}
+
+// cp.async.wait_group n: retire this thread's committed groups until at most n remain.
+void fa_emu_cp_async_wait(int n) {
+    emu::Async& a = emu::asyncs[emu::cur->tid];
+    while ((int)a.groups.size() > n) {
+        for (const emu::Copy& c : a.groups.front()) std::memcpy(c.dst, c.data, c.size);
+        a.groups.pop_front();
+    }
+}
+
 // ---------------------------------------------------------------- driver
 
 // A global array with 4 KB of 0xFF guard bytes on each side; writes outside are caught.
@@ -339,64 +415,90 @@ static void read_into(FILE* f, void* dst, size_t bytes) {
     if (std::fread(dst, 1, bytes, f) != bytes) fail("short input file");
 }
 
+struct Launch {
+    std::string name;
+    unsigned rows, threads, smem;
+};
+
+[[noreturn]] static void unknown(const std::string& name) {
+    fail("kernel " + name + " is not in this module (or not known to the emulator)");
+}
+
 int main(int argc, char** argv) {
-    if (argc != 23) fail("usage: emu IMPL B H Hkv Tq Tk CAUSAL SCALE (ROWS THREADS SMEM)x4 IN OUT");
+    if (argc != 26) fail("usage: emu B H Hkv Tq Tk CAUSAL SCALE (NAME ROWS THREADS SMEM)x4 IN OUT");
     const char* order = std::getenv("FA_EMU_ORDER");
     emu::reverse = order && std::string(order) == "reverse";
-    const std::string impl = argv[1];
-    const int B = std::atoi(argv[2]), H = std::atoi(argv[3]), Hkv = std::atoi(argv[4]);
-    const int Tq = std::atoi(argv[5]), Tk = std::atoi(argv[6]), causal = std::atoi(argv[7]);
-    const double scale = std::atof(argv[8]);
-    unsigned shape[4][3];
+    const char* cpmode = std::getenv("FA_EMU_CPASYNC");
+    emu::cp_early = cpmode && std::string(cpmode) == "early";
+    const int B = std::atoi(argv[1]), H = std::atoi(argv[2]), Hkv = std::atoi(argv[3]);
+    const int Tq = std::atoi(argv[4]), Tk = std::atoi(argv[5]), causal = std::atoi(argv[6]);
+    const double scale = std::atof(argv[7]);
+    Launch plan[4];  // forward, pre-pass, dk/dv, dq
     for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 3; ++j) shape[i][j] = (unsigned)std::atol(argv[9 + 3 * i + j]);
+        plan[i] = {argv[8 + 4 * i], (unsigned)std::atol(argv[9 + 4 * i]),
+                   (unsigned)std::atol(argv[10 + 4 * i]), (unsigned)std::atol(argv[11 + 4 * i])};
     const int D = FA_HEAD_DIM;
     const size_t nq = (size_t)B * H * Tq * D, nk = (size_t)B * Hkv * Tk * D;
     const size_t nrows = (size_t)B * H * Tq;
 
     Guarded<fa_t> q(nq), k(nk), v(nk), dout(nq), o(nq), dq(nq), dk(nk), dv(nk);
-    Guarded<float> lse(nrows), delta(nrows);
-    FILE* in = std::fopen(argv[21], "rb");
+    Guarded<float> lse(nrows), delta(nrows), lse2(nrows);
+    FILE* in = std::fopen(argv[24], "rb");
     if (!in) fail("cannot open input");
     read_into(in, q.ptr(), nq * sizeof(fa_t));
     read_into(in, k.ptr(), nk * sizeof(fa_t));
     read_into(in, v.ptr(), nk * sizeof(fa_t));
     read_into(in, dout.ptr(), nq * sizeof(fa_t));
     std::fclose(in);
+    auto readable = [](auto& g) {  // cp.async may read the array (not its guard bytes)
+        const auto* p = reinterpret_cast<const unsigned char*>(g.ptr());
+        emu::inputs.push_back({p, p + g.n * sizeof(*g.ptr())});
+    };
+    readable(q), readable(k), readable(v), readable(dout), readable(o);
+    readable(lse), readable(delta), readable(lse2);
 
     const float sc = (float)scale, sl2 = (float)(scale * 1.4426950408889634);
-    const bool mma = impl == "mma";
-#if FA_DTYPE_ID == 0
-    if (mma) fail("float32 has no mma kernels");
-#endif
     auto ceil_div = [](long long a, unsigned b) { return (unsigned)((a + b - 1) / b); };
     fa_t *Q = q.ptr(), *K = k.ptr(), *V = v.ptr(), *dO = dout.ptr();
-    float *Lse = lse.ptr(), *Delta = delta.ptr();
-    // forward
-    emu::launch(ceil_div(Tq, shape[0][0]), B * H, shape[0][1], shape[0][2], [&] {
+    float *Lse = lse.ptr(), *Delta = delta.ptr(), *Lse2 = lse2.ptr();
+    const std::string fwd = plan[0].name, pre = plan[1].name, kv = plan[2].name, dqn = plan[3].name;
+
+    emu::launch(ceil_div(Tq, plan[0].rows), B * H, plan[0].threads, plan[0].smem, [&] {
+        auto* kern = fwd == "fa_fwd_simt" ? fa_fwd_simt : nullptr;
 #if FA_DTYPE_ID != 0
-        if (mma) return fa_fwd_mma(Q, K, V, o.ptr(), Lse, H, Hkv, Tq, Tk, sl2, causal);
+        if (fwd == "fa_fwd_mma") kern = fa_fwd_mma;
+        if (fwd == "fa_fwd_mma2") kern = fa_fwd_mma2;
 #endif
-        fa_fwd_simt(Q, K, V, o.ptr(), Lse, H, Hkv, Tq, Tk, sl2, causal);
+        if (!kern) unknown(fwd);
+        kern(Q, K, V, o.ptr(), Lse, H, Hkv, Tq, Tk, sl2, causal);
     });
-    // backward
-    emu::launch(ceil_div((long long)nrows, shape[1][0]), 1, shape[1][1], shape[1][2],
-                [&] { fa_bwd_pre(o.ptr(), dO, Delta, (int)nrows); });
-    emu::launch(ceil_div(Tk, shape[2][0]), B * Hkv, shape[2][1], shape[2][2], [&] {
-#if FA_DTYPE_ID != 0
-        if (mma)
-            return fa_bwd_dkdv_mma(Q, K, V, dO, Lse, Delta, dk.ptr(), dv.ptr(), H, Hkv, Tq, Tk,
-                                   sc, sl2, causal);
-#endif
-        fa_bwd_dkdv_simt(Q, K, V, dO, Lse, Delta, dk.ptr(), dv.ptr(), H, Hkv, Tq, Tk, sc, sl2,
-                         causal);
+    // the pre-pass decides what dk/dv and dq get: lse (fa_bwd_pre) or lse2 (fa_bwd_pre2)
+    const bool two = pre == "fa_bwd_pre2";
+    float* L = two ? Lse2 : Lse;
+    emu::launch(ceil_div((long long)nrows, plan[1].rows), 1, plan[1].threads, plan[1].smem, [&] {
+        if (pre == "fa_bwd_pre") return fa_bwd_pre(o.ptr(), dO, Delta, (int)nrows);
+        if (pre == "fa_bwd_pre2") return fa_bwd_pre2(o.ptr(), dO, Lse, Delta, Lse2, (int)nrows);
+        unknown(pre);
     });
-    emu::launch(ceil_div(Tq, shape[3][0]), B * H, shape[3][1], shape[3][2], [&] {
+    emu::launch(ceil_div(Tk, plan[2].rows), B * Hkv, plan[2].threads, plan[2].smem, [&] {
+        auto* kern = kv == "fa_bwd_dkdv_simt" ? fa_bwd_dkdv_simt : nullptr;
+        if (kv == "fa_bwd_dkdv_simt2") kern = fa_bwd_dkdv_simt2;
 #if FA_DTYPE_ID != 0
-        if (mma)
-            return fa_bwd_dq_mma(Q, K, V, dO, Lse, Delta, dq.ptr(), H, Hkv, Tq, Tk, sc, sl2, causal);
+        if (kv == "fa_bwd_dkdv_mma") kern = fa_bwd_dkdv_mma;
+        if (kv == "fa_bwd_dkdv_mma2") kern = fa_bwd_dkdv_mma2;
 #endif
-        fa_bwd_dq_simt(Q, K, V, dO, Lse, Delta, dq.ptr(), H, Hkv, Tq, Tk, sc, sl2, causal);
+        if (!kern) unknown(kv);
+        kern(Q, K, V, dO, L, Delta, dk.ptr(), dv.ptr(), H, Hkv, Tq, Tk, sc, sl2, causal);
+    });
+    emu::launch(ceil_div(Tq, plan[3].rows), B * H, plan[3].threads, plan[3].smem, [&] {
+        auto* kern = dqn == "fa_bwd_dq_simt" ? fa_bwd_dq_simt : nullptr;
+        if (dqn == "fa_bwd_dq_simt2") kern = fa_bwd_dq_simt2;
+#if FA_DTYPE_ID != 0
+        if (dqn == "fa_bwd_dq_mma") kern = fa_bwd_dq_mma;
+        if (dqn == "fa_bwd_dq_mma2") kern = fa_bwd_dq_mma2;
+#endif
+        if (!kern) unknown(dqn);
+        kern(Q, K, V, dO, L, Delta, dq.ptr(), H, Hkv, Tq, Tk, sc, sl2, causal);
     });
 
     const char* names[] = {"q", "k", "v", "do", "o", "dq", "dk", "dv"};
@@ -404,8 +506,9 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 8; ++i) arrays[i]->check(names[i]);
     lse.check("lse");
     delta.check("delta");
+    lse2.check("lse2");
 
-    FILE* out = std::fopen(argv[22], "wb");
+    FILE* out = std::fopen(argv[25], "wb");
     if (!out) fail("cannot open output");
     std::fwrite(o.ptr(), sizeof(fa_t), nq, out);
     std::fwrite(dq.ptr(), sizeof(fa_t), nq, out);

@@ -11,6 +11,10 @@ Without a GPU:
 On a GPU (@pytest.mark.gpu, `pytest -m gpu`): the kernels on fresh random inputs against
 the float64 oracle, every output element written (NaN poison), bitwise determinism,
 input checks and the autograd op.
+
+Both generations of the tensor-core kernels are tested (variant "v1" and "v2", see
+flash_attention.kernel_plan): v2 on every shape, v1 (verified on an H200 before v2
+existed, and unchanged since) on a smaller set.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ MODULES = [(dtype, d) for dtype in fa.DTYPES for d in fa.HEAD_DIMS]
 BUILDS = [(dtype, d, True) for dtype, d in MODULES] + [("float16", 64, False)]
 IMPL_DTYPES = [("simt", "float32"), ("simt", "float16"), ("mma", "float16"),
                ("simt", "bfloat16"), ("mma", "bfloat16")]
+# (impl, dtype, variant): every kernel family the launcher can run
+CONFIGS = [(i, d, "v1") for i, d in IMPL_DTYPES] + [
+    ("mma", "float16", "v2"), ("mma", "bfloat16", "v2"), ("simt", "float32", "v2")]
+CONFIGS_V2 = [c for c in CONFIGS if c[2] == "v2"]
 TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
 
 
@@ -102,6 +110,11 @@ def test_cuda_source_compiles_for_sm90(nvcc_results, module):
     names = fa.kernel_names(module[0])
     for name in names:
         assert f"Compiling entry function '{name}'" in log, f"{name} missing:\n{log}"
+    # the v2 tensor-core kernels were sized to fit the registers: no local-memory spills
+    for entry in log.split("Compiling entry function '")[1:]:
+        name = entry.split("'")[0]
+        if name.endswith("_mma2"):
+            assert "0 bytes spill stores, 0 bytes spill loads" in entry, f"{name} spills:\n{entry}"
 
 
 def test_launch_shapes_fit_hopper():
@@ -337,7 +350,8 @@ def tiled_attention(q, k, v, do, causal, scale, fwd_tiles, kv_tiles, q_tiles):
 
 
 TILINGS = [((64, 64), (64, 64), (64, 64)), ((64, 32), (32, 32), (64, 32)),
-           ((16, 48), (32, 16), (16, 16)), ((64, 64), (32, 64), (64, 64))]
+           ((16, 48), (32, 16), (16, 16)), ((64, 64), (32, 64), (64, 64)),
+           ((128, 64), (64, 64), (64, 64)), ((128, 32), (32, 64), (64, 32))]  # v2's
 
 
 @pytest.mark.parametrize("tiles", TILINGS, ids=str)
@@ -389,23 +403,26 @@ def _host_cast(x, dtype):
     return raw, raw.astype(np.float64)
 
 
-def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix=True, seed=0):
+def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix=True, seed=0,
+                 variant="v1", cpasync="late", scale=None):
     get, out = emulator
     B, H, Hkv, Tq, Tk, D = shape
     exe = get(dtype, D, ldmatrix)
     host = random_qkv(B, H, Hkv, Tq, Tk, D, seed)
     raws, exact = zip(*(_host_cast(x, dtype) for x in host))
-    tag = f"{dtype}_{impl}_{'_'.join(map(str, shape))}_{int(causal)}_{order}_{int(ldmatrix)}"
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    plan = fa.kernel_plan(impl, dtype, D, scale, variant)
+    tag = (f"{dtype}_{impl}_{variant}_{'_'.join(map(str, shape))}_{int(causal)}_{order}_"
+           f"{int(ldmatrix)}_{cpasync}_{scale:.3f}")
     inp, res = out / f"in_{tag}.bin", out / f"out_{tag}.bin"
     inp.write_bytes(b"".join(np.ascontiguousarray(r).tobytes() for r in raws))
-    scale = 1.0 / math.sqrt(D)
-    args = [str(exe), impl, B, H, Hkv, Tq, Tk, int(causal), repr(scale)]
-    for name in (f"fa_fwd_{impl}", "fa_bwd_pre", f"fa_bwd_dkdv_{impl}", f"fa_bwd_dq_{impl}"):
-        args += list(fa.launch_shape(name, D))
+    args = [str(exe), B, H, Hkv, Tq, Tk, int(causal), repr(scale)]
+    for step in ("fwd", "pre", "dkdv", "dq"):
+        args += [plan[step], *fa.launch_shape(plan[step], D)]
     args += [str(inp), str(res)]
-    env = dict(os.environ, FA_EMU_ORDER=order)
+    env = dict(os.environ, FA_EMU_ORDER=order, FA_EMU_CPASYNC=cpasync)
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, f"emulated kernels failed:\n{r.stdout}{r.stderr}"
+    assert r.returncode == 0, f"emulated kernels {plan} failed:\n{r.stdout}{r.stderr}"
     buf = res.read_bytes()
     store = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
     nq, nk, nr = B * H * Tq * D, B * Hkv * Tk * D, B * H * Tq
@@ -422,38 +439,105 @@ def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix
     return dict(zip(("o", "lse", "dq", "dk", "dv"), zip((o, lse, dq, dk, dv), ref)))
 
 
-EMU_CASES = [  # (impl, dtype, (B, H, Hkv, Tq, Tk, D), causal, order[, ldmatrix])
-    ("simt", "float32", (2, 2, 1, 17, 17, 32), True, "forward"),
-    ("simt", "float32", (1, 2, 2, 100, 100, 64), True, "reverse"),
-    ("simt", "float32", (1, 2, 2, 17, 70, 128), False, "forward"),
-    ("simt", "float32", (1, 2, 1, 70, 17, 128), True, "reverse"),  # rows that see nothing
-    ("simt", "float32", (1, 1, 1, 1, 1, 64), True, "forward"),
-    ("simt", "float16", (1, 2, 1, 70, 70, 32), True, "reverse"),
-    ("simt", "bfloat16", (1, 2, 2, 100, 100, 128), True, "forward"),
-    ("mma", "float16", (1, 2, 1, 70, 70, 32), True, "forward"),
-    ("mma", "float16", (1, 2, 2, 17, 100, 64), False, "reverse"),
-    ("mma", "float16", (1, 2, 1, 70, 17, 128), True, "forward"),
-    ("mma", "bfloat16", (2, 2, 2, 100, 100, 64), True, "reverse"),
-    ("mma", "bfloat16", (1, 4, 2, 33, 33, 128), False, "forward"),
-    ("mma", "bfloat16", (1, 2, 1, 1, 1, 32), True, "reverse"),
-    ("mma", "float16", (1, 2, 1, 70, 70, 64), True, "reverse", False),  # plain loads
-    ("mma", "bfloat16", (1, 2, 2, 33, 70, 128), False, "forward", False),
+EMU_CASES = [  # (impl, variant, dtype, (B, H, Hkv, Tq, Tk, D), causal, order[, options])
+    ("simt", "v1", "float32", (2, 2, 1, 17, 17, 32), True, "forward"),
+    ("simt", "v1", "float32", (1, 2, 2, 100, 100, 64), True, "reverse"),
+    ("simt", "v1", "float32", (1, 2, 2, 17, 70, 128), False, "forward"),
+    ("simt", "v1", "float32", (1, 2, 1, 70, 17, 128), True, "reverse"),  # rows that see nothing
+    ("simt", "v1", "float32", (1, 1, 1, 1, 1, 64), True, "forward"),
+    ("simt", "v1", "float16", (1, 2, 1, 70, 70, 32), True, "reverse"),
+    ("simt", "v1", "bfloat16", (1, 2, 2, 100, 100, 128), True, "forward"),
+    ("mma", "v1", "float16", (1, 2, 1, 70, 70, 32), True, "forward"),
+    ("mma", "v1", "float16", (1, 2, 2, 17, 100, 64), False, "reverse"),
+    ("mma", "v1", "float16", (1, 2, 1, 70, 17, 128), True, "forward"),
+    ("mma", "v1", "bfloat16", (2, 2, 2, 100, 100, 64), True, "reverse"),
+    ("mma", "v1", "bfloat16", (1, 4, 2, 33, 33, 128), False, "forward"),
+    ("mma", "v1", "bfloat16", (1, 2, 1, 1, 1, 32), True, "reverse"),
+    ("mma", "v1", "float16", (1, 2, 1, 70, 70, 64), True, "reverse", {"ldmatrix": False}),
+    ("mma", "v1", "bfloat16", (1, 2, 2, 33, 70, 128), False, "forward", {"ldmatrix": False}),
+    # v2: cp.async modelled at its most adversarial (late: NaN until the copier waits),
+    # warps in both orders; a 128-row forward tile plus a partial one (T = 130 ... 257);
+    # GQA groups whose dk/dv work items cross query heads; rows that see nothing
+    # (n_kt = 0 in the forward and dq: Tq - Tk >= 128); KV-cache shapes; one query
+    ("mma", "v2", "float16", (1, 2, 1, 130, 130, 32), True, "forward"),
+    ("mma", "v2", "float16", (1, 4, 2, 100, 100, 64), True, "reverse"),
+    ("mma", "v2", "float16", (1, 2, 2, 17, 150, 64), False, "forward"),
+    ("mma", "v2", "float16", (1, 2, 1, 200, 17, 64), True, "reverse"),
+    ("mma", "v2", "float16", (1, 2, 1, 70, 140, 128), True, "forward"),
+    ("mma", "v2", "bfloat16", (1, 4, 1, 97, 97, 128), True, "reverse"),
+    ("mma", "v2", "bfloat16", (2, 2, 2, 130, 70, 64), False, "forward"),
+    ("mma", "v2", "bfloat16", (1, 2, 1, 1, 1, 32), True, "reverse"),
+    ("mma", "v2", "bfloat16", (1, 2, 1, 200, 30, 128), True, "forward"),
+    ("mma", "v2", "float16", (1, 2, 2, 64, 64, 32), True, "reverse"),
+    # v2 with cp.async copying at issue, with plain shared loads, and with scale <= 0
+    # (the v1 forward, then the v2 backward)
+    ("mma", "v2", "float16", (1, 2, 1, 130, 100, 64), True, "forward", {"cpasync": "early"}),
+    ("mma", "v2", "bfloat16", (1, 2, 2, 70, 70, 128), True, "reverse", {"cpasync": "early"}),
+    ("mma", "v2", "float16", (1, 2, 1, 100, 100, 64), True, "reverse", {"ldmatrix": False}),
+    ("mma", "v2", "bfloat16", (1, 2, 2, 33, 70, 128), False, "forward", {"ldmatrix": False}),
+    ("mma", "v2", "float16", (1, 2, 1, 70, 70, 64), True, "forward", {"scale": -0.3}),
+    ("mma", "v2", "bfloat16", (1, 2, 1, 40, 70, 32), True, "reverse", {"scale": 0.0}),
+    # v2 SIMT backward (lse2; its own tiles at d=128)
+    ("simt", "v2", "float32", (1, 4, 2, 100, 100, 128), True, "forward"),
+    ("simt", "v2", "float32", (1, 2, 1, 70, 17, 128), True, "reverse"),
+    ("simt", "v2", "float32", (1, 2, 2, 17, 130, 64), False, "forward"),
+    ("simt", "v2", "float32", (2, 2, 1, 33, 33, 32), True, "reverse"),
+    ("simt", "v2", "bfloat16", (1, 2, 1, 70, 70, 128), True, "forward"),
 ]
 
 
 def _emu_id(c):
-    ldm = "" if len(c) < 6 or c[5] else "-noldmatrix"
-    return f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}-{'causal' if c[3] else 'full'}-{c[4]}{ldm}"
+    opts = c[6] if len(c) > 6 else {}
+    extra = "".join(f"-{k}={v}" for k, v in opts.items())
+    return (f"{c[0]}-{c[1]}-{c[2]}-{'x'.join(map(str, c[3]))}-{'causal' if c[4] else 'full'}-"
+            f"{c[5]}{extra}")
 
 
 @pytest.mark.parametrize("case", EMU_CASES, ids=[_emu_id(c) for c in EMU_CASES])
 def test_kernels_emulated_on_cpu(emulator, case):
-    impl, dtype, shape, causal, order = case[:5]
-    ldmatrix = case[5] if len(case) > 5 else True
-    results = run_emulated(emulator, dtype, impl, shape, causal, order, ldmatrix)
+    impl, variant, dtype, shape, causal, order = case[:6]
+    opts = case[6] if len(case) > 6 else {}
+    results = run_emulated(emulator, dtype, impl, shape, causal, order, variant=variant, **opts)
     for name, (got, want) in results.items():
         err = rel_err(got, want)
         assert err < TOL[dtype], f"{name}: relative error {err:.3g}"
+
+
+def test_kernel_plan_variants(monkeypatch):
+    """Which kernels a call runs: by default (DEFAULT_VARIANT) v2 tensor-core kernels
+    (scale > 0 for the forward), v1 on request (argument or TINYLM_FA_VARIANT); SIMT
+    v2 is a backward only."""
+    monkeypatch.delenv("TINYLM_FA_VARIANT", raising=False)
+    v2 = {"fwd": "fa_fwd_mma2", "pre": "fa_bwd_pre2", "dkdv": "fa_bwd_dkdv_mma2",
+          "dq": "fa_bwd_dq_mma2"}
+    v1 = {"fwd": "fa_fwd_mma", "pre": "fa_bwd_pre", "dkdv": "fa_bwd_dkdv_mma",
+          "dq": "fa_bwd_dq_mma"}
+    assert fa.DEFAULT_VARIANT["mma"] == "v2"
+    assert fa.kernel_plan("mma", "float16", 64, 0.125) == v2
+    assert fa.kernel_plan("mma", "bfloat16", 128, 0.1, "v1") == v1
+    assert fa.kernel_plan("mma", "float16", 64, -0.5)["fwd"] == "fa_fwd_mma"
+    assert fa.kernel_plan("mma", "float16", 64, 0.0) == dict(v2, fwd="fa_fwd_mma")
+    assert fa.kernel_plan("mma", "float16", 64, 1e-46)["fwd"] == "fa_fwd_mma"  # 0 in float32
+    simt = {"fwd": "fa_fwd_simt", "pre": "fa_bwd_pre", "dkdv": "fa_bwd_dkdv_simt",
+            "dq": "fa_bwd_dq_simt"}
+    assert fa.kernel_plan("simt", "float32", 64, 0.125, "v1") == simt
+    assert fa.kernel_plan("simt", "float32", 64, 0.125, "v2") == {
+        "fwd": "fa_fwd_simt", "pre": "fa_bwd_pre2", "dkdv": "fa_bwd_dkdv_simt2",
+        "dq": "fa_bwd_dq_simt2"}
+    monkeypatch.setenv("TINYLM_FA_VARIANT", "v1")
+    assert fa.kernel_plan("mma", "float16", 64, 0.125) == v1
+    assert fa.kernel_plan("mma", "float16", 64, 0.125, "v2") == v2  # the argument wins
+    monkeypatch.setenv("TINYLM_FA_VARIANT", "v3")
+    with pytest.raises(TinyLMError, match="TINYLM_FA_VARIANT"):
+        fa.kernel_plan("mma", "float16", 64, 0.125)
+    with pytest.raises(TinyLMError, match="variant"):
+        fa.kernel_plan("mma", "float16", 64, 0.125, "fast")
+    for dtype, d in MODULES:  # every kernel of a plan is in its module, with a launch shape
+        for impl in (("simt",) if dtype == "float32" else ("simt", "mma")):
+            for variant in ("v1", "v2"):
+                for name in fa.kernel_plan(impl, dtype, d, 0.1, variant).values():
+                    assert name in fa.kernel_names(dtype)
+                    fa.launch_shape(name, d)
 
 
 # =========================================================================== on the GPU
@@ -486,10 +570,10 @@ def _host(cp, a, bits):
         cp.asnumpy(a).astype(np.float64)
 
 
-def run_gpu(cp, impl, dtype, shape, causal, seed, scale=None):
+def run_gpu(cp, impl, dtype, shape, causal, seed, scale=None, variant=None):
     B, H, Hkv, Tq, Tk, D = shape
     (q, k, v, do), exact, bits = _device(cp, random_qkv(B, H, Hkv, Tq, Tk, D, seed), dtype)
-    kw = dict(impl=impl, bf16_bits=bits)
+    kw = dict(impl=impl, bf16_bits=bits, variant=variant)
     o, lse = fa.flash_attention_forward(q, k, v, causal, scale, **kw)
     dq, dk, dv = fa.flash_attention_backward(q, k, v, o, lse, do, causal, scale, **kw)
     cp.cuda.runtime.deviceSynchronize()  # surfaces asynchronous launch errors here
@@ -515,24 +599,46 @@ def fresh_seed():
     return _seed[0]
 
 
+def _cid(c):
+    return "-".join(c)
+
+
+# The tensor-core v2 on every length (130: one full 128-row forward tile and a partial
+# one), masked and not; SIMT v2 on three; v1 (verified on an H200, unchanged since) on
+# two, causal only.
+MATCH_CASES = [
+    (c, T, causal) for c in CONFIGS
+    for T in {"mma": (1, 17, 64, 100, 130, 257), "simt": (17, 100, 257)}[c[0]]
+    if c[2] == "v2" or T in (17, 257)
+    for causal in ((False, True) if c[2] == "v2" else (True,))]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES, ids=[f"{i}-{d}" for i, d in IMPL_DTYPES])
+@pytest.mark.parametrize("config,T,causal", MATCH_CASES,
+                         ids=[f"{_cid(c)}-T{T}-{'causal' if k else 'full'}"
+                              for c, T, k in MATCH_CASES])
 @pytest.mark.parametrize("D", fa.HEAD_DIMS)
-@pytest.mark.parametrize("T", [1, 17, 64, 100, 257])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_matches_float64_reference(cp, impl, dtype, D, T, causal):
-    results, _ = run_gpu(cp, impl, dtype, (2, 3, 3, T, T, D), causal, fresh_seed())
+def test_gpu_matches_float64_reference(cp, config, T, D, causal):
+    impl, dtype, variant = config
+    results, _ = run_gpu(cp, impl, dtype, (2, 3, 3, T, T, D), causal, fresh_seed(),
+                         variant=variant)
     _check(results, dtype)
 
 
+GQA_SHAPES = [(2, 4, 2, 100, 100, 64), (1, 8, 1, 65, 65, 128), (2, 4, 2, 17, 100, 32),
+              (1, 4, 4, 100, 17, 64), (1, 2, 1, 1, 300, 64),
+              (1, 2, 1, 200, 17, 64), (1, 4, 2, 130, 300, 128)]  # rows that see nothing; KV cache
+GQA_CASES = [(c, shape, causal) for c in CONFIGS for shape in GQA_SHAPES
+             for causal in ((False, True) if c[0] == "mma" and c[2] == "v2" else (True,))]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES, ids=[f"{i}-{d}" for i, d in IMPL_DTYPES])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 100, 100, 64), (1, 8, 1, 65, 65, 128),
-                                   (2, 4, 2, 17, 100, 32), (1, 4, 4, 100, 17, 64),
-                                   (1, 2, 1, 1, 300, 64)], ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_gqa_and_unequal_lengths(cp, impl, dtype, shape, causal):
-    results, _ = run_gpu(cp, impl, dtype, shape, causal, fresh_seed(), scale=0.3)
+@pytest.mark.parametrize("config,shape,causal", GQA_CASES,
+                         ids=[f"{_cid(c)}-{s}-{'causal' if k else 'full'}"
+                              for c, s, k in GQA_CASES])
+def test_gpu_gqa_and_unequal_lengths(cp, config, shape, causal):
+    impl, dtype, variant = config
+    results, _ = run_gpu(cp, impl, dtype, shape, causal, fresh_seed(), scale=0.3, variant=variant)
     _check(results, dtype)
 
 
@@ -542,29 +648,45 @@ def test_gpu_gqa_and_unequal_lengths(cp, impl, dtype, shape, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_mma_plain_load_fallback(cp, monkeypatch, dtype, D, T, causal):
     """TINYLM_FA_LDMATRIX=0 builds the tensor-core kernels with plain shared loads: if
-    the ldmatrix path ever fails on a device, this one tells whether the rest holds."""
+    the ldmatrix path ever fails on a device, this one tells whether the rest holds.
+    (v2 here: the v1 kernels passed this on an H200.)"""
     monkeypatch.setenv("TINYLM_FA_LDMATRIX", "0")
-    results, _ = run_gpu(cp, "mma", dtype, (2, 4, 2, *T, D), causal, fresh_seed())
+    results, _ = run_gpu(cp, "mma", dtype, (2, 4, 2, *T, D), causal, fresh_seed(), variant="v2")
     _check(results, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES, ids=[f"{i}-{d}" for i, d in IMPL_DTYPES])
-def test_gpu_is_deterministic(cp, impl, dtype):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_gpu_v2_nonpositive_scale(cp, dtype, scale):
+    """scale <= 0: the plan runs the v1 forward (the v2 one needs scale > 0), then the
+    v2 backward."""
+    assert fa.kernel_plan("mma", dtype, 64, scale, "v2")["fwd"] == "fa_fwd_mma"
+    results, _ = run_gpu(cp, "mma", dtype, (1, 4, 2, 100, 100, 64), True, fresh_seed(),
+                         scale=scale, variant="v2")
+    _check(results, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=[_cid(c) for c in CONFIGS])
+def test_gpu_is_deterministic(cp, config):
+    impl, dtype, variant = config
     shape, seed = (2, 4, 2, 257, 257, 64), fresh_seed()
-    _, first = run_gpu(cp, impl, dtype, shape, True, seed)
-    _, second = run_gpu(cp, impl, dtype, shape, True, seed)
+    _, first = run_gpu(cp, impl, dtype, shape, True, seed, variant=variant)
+    _, second = run_gpu(cp, impl, dtype, shape, True, seed, variant=variant)
     for a, b in zip(first, second):
         assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl,dtype", [("simt", "float32"), ("mma", "float16")])
-def test_gpu_function_is_differentiable(cp, impl, dtype):
+@pytest.mark.parametrize("impl,dtype,variant", [("simt", "float32", "v1"), ("mma", "float16", "v1"),
+                                                ("mma", "float16", None)])
+def test_gpu_function_is_differentiable(cp, monkeypatch, impl, dtype, variant):
+    monkeypatch.delenv("TINYLM_FA_VARIANT", raising=False)  # None: the default, v2 for mma
     B, H, Hkv, T, D = 2, 4, 2, 100, 64
     (q, k, v, w), exact, _ = _device(cp, random_qkv(B, H, Hkv, T, T, D, fresh_seed()), dtype)
     tq, tk, tv = (Tensor(a, requires_grad=True) for a in (q, k, v))
-    y = fa.FlashAttention.apply(tq, tk, tv, causal=True, impl=impl)
+    y = fa.FlashAttention.apply(tq, tk, tv, causal=True, impl=impl, variant=variant)
     y.backward(w)
     qx, kx, vx, wx = exact
     want = [fa.attention_reference(np, qx, kx, vx, True)[0]]
@@ -588,6 +710,8 @@ def test_gpu_input_checks(cp):
         fa.flash_attention_forward(q, k, v, impl="mma")
     with pytest.raises(TinyLMError, match="supports"):
         fa.flash_attention_forward(q.astype(cp.float64), k.astype(cp.float64), v.astype(cp.float64))
+    with pytest.raises(TinyLMError, match="variant"):
+        fa.flash_attention_forward(q, k, v, variant="v9")
     with pytest.raises(ShapeError, match="lse"):
         o, lse = fa.flash_attention_forward(q, k, v)
         fa.flash_attention_backward(q, k, v, o, lse[:, :1].copy(), o)

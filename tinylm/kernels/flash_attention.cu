@@ -8,11 +8,12 @@
 // the usual j <= i when Tq == Tk (a KV cache puts the queries at the end). A row that
 // sees no key at all gets o = 0 and lse = -inf, and contributes no gradient.
 //
-// One module is compiled per (dtype, head dim): the launcher (flash_attention.py)
-// passes -DFA_DTYPE_ID=0|1|2 (float32 | float16 | bfloat16), -DFA_HEAD_DIM=32|64|128 and
-// the tile sizes below; the defaults let `nvcc --ptx` compile the file as it is.
+// One module is compiled per (dtype, head dim, kernel family): the launcher
+// (flash_attention.py) passes -DFA_DTYPE_ID=0|1|2 (float32 | float16 | bfloat16),
+// -DFA_HEAD_DIM=32|64|128, -DFA_KERNELS (which families) and the tile sizes below; the
+// defaults let `nvcc --ptx` compile the file as it is.
 //
-// Two families of kernels:
+// Two families of kernels, the tensor-core one in two generations:
 //   *_simt  256 threads as a 16 x 16 grid, fp32 math on CUDA cores; shared tiles hold
 //           float32 whatever the input dtype (16-bit inputs are widened on load).
 //   *_mma   (float16 / bfloat16 only) 4 warps, each owning 16 rows of the tile, using
@@ -20,9 +21,14 @@
 //           ldmatrix for the operand fragments (FA_LDMATRIX=0: plain shared loads);
 //           P and dS stay in registers and are rounded to the input dtype before they
 //           feed a tensor-core product, as in FlashAttention-2.
+//   *_mma2  v2 of the *_mma kernels (section "v2: cp.async"): cp.async double
+//           buffering, one barrier per tile, 32-row warps in the forward, one-FFMA
+//           exponents, reused fragments kept in registers. *_simt2: the SIMT backward
+//           with the v2 exponent (lse2) and its own tiles.
 // Kernels, per family:
 //   fa_fwd_*        grid (ceil(Tq/BR), B*H)      o, lse
 //   fa_bwd_pre      grid (ceil(B*H*Tq/8))        delta = rowsum(dO * O)
+//   fa_bwd_pre2     grid (ceil(B*H*Tq/8))        delta, and lse2 = lse * log2(e) for v2
 //   fa_bwd_dkdv_*   grid (ceil(Tk/BC), B*Hkv)    dk, dv: one block owns a key tile and
 //                   loops over every query head of its group and every query tile
 //   fa_bwd_dq_*     grid (ceil(Tq/BR), B*H)      dq: one block owns a query tile
@@ -32,11 +38,12 @@
 // Scores are kept in base 2: x = (q . k) * scale * log2(e), p = exp2(x - m). The
 // launcher passes scale and scale_log2 = scale * log2(e).
 //
-// NVRTC (CuPy) compiles this file: no #include at all; the 16-bit conversions, ldmatrix
-// and mma are written as inline PTX. With FA_HOST_EMULATION defined,
+// NVRTC (CuPy) compiles this file: no #include at all; the 16-bit conversions, ldmatrix,
+// mma and cp.async are written as inline PTX. With FA_HOST_EMULATION defined,
 // tests/flash_attention_emu.cpp compiles this same file for the CPU (it defines the
-// CUDA built-ins used here and emulates threads, barriers, shuffles, ldmatrix and
-// mma.sync); the few inline-PTX statements have host twins (fa_emu_*) under that macro.
+// CUDA built-ins used here and emulates threads, barriers, shuffles, ldmatrix, mma.sync
+// and cp.async); the few inline-PTX statements have host twins (fa_emu_*) under that
+// macro. Performance notes, predictions and measurements: NOTES.md beside this file.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -76,6 +83,54 @@ typedef unsigned int u32;
 #endif
 #ifndef FA_MMA_Q_BC
 #define FA_MMA_Q_BC 64
+#endif
+
+// v2 SIMT backward (fa_bwd_*_simt2): the v1 code with lse2 (one FFMA per exponent), its
+// own tiles, and FA_SIMT2_*_MINB blocks per multiprocessor in its launch bounds (1 lets
+// a block with too much shared memory for two use up to 255 registers).
+#ifndef FA_SIMT2_KV_BR
+#define FA_SIMT2_KV_BR 64
+#endif
+#ifndef FA_SIMT2_KV_BC
+#define FA_SIMT2_KV_BC 64
+#endif
+#ifndef FA_SIMT2_KV_MINB
+#define FA_SIMT2_KV_MINB 2
+#endif
+#ifndef FA_SIMT2_Q_BR
+#define FA_SIMT2_Q_BR 64
+#endif
+#ifndef FA_SIMT2_Q_BC
+#define FA_SIMT2_Q_BC 64
+#endif
+#ifndef FA_SIMT2_Q_MINB
+#define FA_SIMT2_Q_MINB 2
+#endif
+// v2 tensor-core kernels (cp.async, two stages): the forward's warps own FA_MMA2_FWD_MT
+// m-tiles of 16 rows (BR = 64 MT) and step over FA_MMA2_FWD_BC keys; dk/dv owns 64 keys
+// and steps over FA_MMA2_KV_BR queries; dq owns 64 queries and steps over FA_MMA2_Q_BC
+// keys. *_REGS = 1 keeps the operand a warp reuses all along (Q; K and V; Q and dO) in
+// registers instead of re-reading it from shared memory.
+#ifndef FA_MMA2_FWD_MT
+#define FA_MMA2_FWD_MT 2
+#endif
+#ifndef FA_MMA2_FWD_BC
+#define FA_MMA2_FWD_BC 64
+#endif
+#ifndef FA_MMA2_FWD_QREGS
+#define FA_MMA2_FWD_QREGS 1
+#endif
+#ifndef FA_MMA2_KV_BR
+#define FA_MMA2_KV_BR 64
+#endif
+#ifndef FA_MMA2_KV_REGS
+#define FA_MMA2_KV_REGS 1
+#endif
+#ifndef FA_MMA2_Q_BC
+#define FA_MMA2_Q_BC 64
+#endif
+#ifndef FA_MMA2_Q_REGS
+#define FA_MMA2_Q_REGS 1
 #endif
 
 #define FA_NEG_INF __int_as_float(0xff800000)
@@ -474,7 +529,9 @@ __device__ __forceinline__ void bwd_pre(const typename DT::T* __restrict__ o,
 //   S^T = K Q^T, P^T = exp2(S^T * scale_log2 - lse2[q]), dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta[q]);  dV += P^T dO,  dK += dS^T Q  (times scale at the end)
 // Shared: Ks, Vs [BC][D+4]; Qs, dOs [BR][D+4]; PTs, DSTs [BC][BR+16]; Ls, Dd [BR].
-template <class DT, int D, int BR, int BC>
+// LSE2 (v2): `lse` is lse2 from fa_bwd_pre2 (base 2, +inf for rows that saw nothing),
+// and the exponent is one FFMA.
+template <class DT, int D, int BR, int BC, bool LSE2 = false>
 __device__ __forceinline__ void dkdv_simt(const typename DT::T* __restrict__ q,
                                           const typename DT::T* __restrict__ k,
                                           const typename DT::T* __restrict__ v,
@@ -527,7 +584,8 @@ __device__ __forceinline__ void dkdv_simt(const typename DT::T* __restrict__ q,
                 float L = FA_POS_INF, dd = 0.f;  // padding rows: p = exp2(-inf) = 0
                 if (q0 + r < Tq) {
                     const float x = lseb[q0 + r];
-                    if (x != FA_NEG_INF) L = x * FA_LOG2E;  // fully masked row: p = 0
+                    if constexpr (LSE2) L = x;
+                    else if (x != FA_NEG_INF) L = x * FA_LOG2E;  // fully masked row: p = 0
                     dd = deltab[q0 + r];
                 }
                 Ls[r] = L;
@@ -551,7 +609,8 @@ __device__ __forceinline__ void dkdv_simt(const typename DT::T* __restrict__ q,
 #pragma unroll
                 for (int j = 0; j < RN; ++j) {
                     const int rl = tx + 16 * j, r = q0 + rl;
-                    float p = exp2f(st[i][j] * scale_log2 - Ls[rl]);
+                    float p = LSE2 ? exp2f(fmaf(st[i][j], scale_log2, -Ls[rl]))
+                                   : exp2f(st[i][j] * scale_log2 - Ls[rl]);
                     if (edge && !(r < Tq && visible(r, c, Tk, shift, causal))) p = 0.f;
                     PTs[(ty + 16 * i) * LDT + rl] = p;
                     DSTs[(ty + 16 * i) * LDT + rl] = p * (dpt[i][j] - Dd[rl]);
@@ -578,8 +637,8 @@ __device__ __forceinline__ void dkdv_simt(const typename DT::T* __restrict__ q,
 // Block: BR queries of one (batch, head); loops over the visible key tiles.
 //   S = Q K^T, P = exp2(S * scale_log2 - lse2), dP = dO V^T, dS = P (dP - delta),
 //   dQ += dS K   (times scale at the end)
-// Shared: Qs, dOs [BR][D+4]; Ks, Vs [BC][D+4]; DSs [BR][BC+16].
-template <class DT, int D, int BR, int BC>
+// Shared: Qs, dOs [BR][D+4]; Ks, Vs [BC][D+4]; DSs [BR][BC+16]. LSE2: as in dkdv_simt.
+template <class DT, int D, int BR, int BC, bool LSE2 = false>
 __device__ __forceinline__ void dq_simt(const typename DT::T* __restrict__ q,
                                         const typename DT::T* __restrict__ k,
                                         const typename DT::T* __restrict__ v,
@@ -617,7 +676,8 @@ __device__ __forceinline__ void dq_simt(const typename DT::T* __restrict__ q,
         Dr[i] = 0.f;
         if (r < Tq) {
             const float x = lse[(long long)bh * Tq + r];
-            if (x != FA_NEG_INF) L[i] = x * FA_LOG2E;
+            if constexpr (LSE2) L[i] = x;
+            else if (x != FA_NEG_INF) L[i] = x * FA_LOG2E;
             Dr[i] = delta[(long long)bh * Tq + r];
         }
 #pragma unroll
@@ -646,7 +706,8 @@ __device__ __forceinline__ void dq_simt(const typename DT::T* __restrict__ q,
             const int r = q0 + ty + 16 * i;
 #pragma unroll
             for (int j = 0; j < CN; ++j) {
-                float p = exp2f(s[i][j] * scale_log2 - L[i]);
+                float p = LSE2 ? exp2f(fmaf(s[i][j], scale_log2, -L[i]))
+                               : exp2f(s[i][j] * scale_log2 - L[i]);
                 if (edge && !(r < Tq && visible(r, k0 + tx + 16 * j, Tk, shift, causal))) p = 0.f;
                 DSs[(ty + 16 * i) * LDP + tx + 16 * j] = p * (dp[i][j] - Dr[i]);
             }
@@ -1194,6 +1255,579 @@ __device__ __forceinline__ void dq_mma(const u16* __restrict__ q, const u16* __r
     }
 }
 
+// ===================================================================== v2: cp.async
+// Variant v2 of the tensor-core kernels (the v1 kernels above stay as they were
+// verified; the launcher picks, see flash_attention.py). What changes:
+//   - tiles stream global -> shared with cp.async (sm_80+) into two stages: the next
+//     tile is in flight while the current one is computed; one __syncthreads per tile;
+//   - the forward gives each warp MT m-tiles (16 MT query rows), so every K / V
+//     fragment read from shared memory feeds MT tensor-core products;
+//   - exponents are one FFMA: exp2(s * scale_log2 - m) with the max kept in raw score
+//     units (forward; needs scale > 0) or the row's lse already in base 2 (backward,
+//     lse2 from fa_bwd_pre2);
+//   - fragments that a warp reuses over the whole loop stay in registers (Q in the
+//     forward, K and V in dk/dv, Q and dO in dq) where registers allow (FA_MMA2_*REGS).
+//
+// cp.async: each thread copies 16-byte (or 4-byte) chunks global -> shared without
+// going through registers. A thread's copies form a group at cp_async_commit(), and
+// cp_async_wait<N>() returns once at most N of ITS groups are in flight. Completion is
+// per thread, so a chunk that thread A copied may be read by thread B only after A's
+// wait and a __syncthreads() that A reaches after its wait and B before its read; and a
+// buffer may be refilled only after a __syncthreads() that every reader of its old
+// contents has passed. The loops below all have this shape:
+//
+//     issue tile 0 -> stage 0; commit; wait<0>; __syncthreads()
+//     for it: if it > 0: wait<0>; __syncthreads()    (tile it landed; every thread is
+//                                                    past its reads of tile it - 1)
+//             issue tile it + 1 -> stage (it + 1) & 1; commit     (overlaps compute)
+//             compute on stage it & 1
+//     wait<0>                                        (nothing in flight at exit)
+//
+// Bytes past src_bytes are zero-filled: src_bytes = 0 reads nothing and stores zeros
+// (padding rows of a tile; the source address is then clamped to a valid row anyway).
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, u32 src_bytes) {
+#ifdef FA_HOST_EMULATION
+    fa_emu_cp_async(dst, src, 16, src_bytes);
+#else
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(d), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, u32 src_bytes) {
+#ifdef FA_HOST_EMULATION
+    fa_emu_cp_async(dst, src, 4, src_bytes);
+#else
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"(d), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef FA_HOST_EMULATION
+    fa_emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef FA_HOST_EMULATION
+    fa_emu_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+// dst[r][c] = src[(row0 + r) * D + c] (16-bit), r < ROWS, c < D, in 16-byte cp.async
+// chunks; rows at or past nrows become 0. Exactly ROWS * D / 8 / NT chunks per thread.
+template <int D, int ROWS, int LDH, int NT>
+__device__ __forceinline__ void mma_load_tile_async(u16* dst, const u16* __restrict__ src, int row0,
+                                                    int nrows, int tid) {
+    constexpr int C8 = D / 8, N = ROWS * C8;
+    static_assert(N % NT == 0, "tile chunks must divide among the threads");
+#pragma unroll
+    for (int j = 0; j < N / NT; ++j) {
+        const int i = tid + j * NT, r = i / C8, c = (i % C8) * 8;
+        const bool ok = row0 + r < nrows;
+        cp_async16(dst + r * LDH + c, src + (long long)(ok ? row0 + r : 0) * D + c, ok ? 16u : 0u);
+    }
+}
+
+// dst[r] = src[row0 + r] (float32), r < ROWS, one 4-byte cp.async each; 0 past nrows.
+template <int ROWS, int NT>
+__device__ __forceinline__ void load_rows_async(float* dst, const float* __restrict__ src, int row0,
+                                                int nrows, int tid) {
+    for (int r = tid; r < ROWS; r += NT) {
+        const bool ok = row0 + r < nrows;
+        cp_async4(dst + r, src + (ok ? row0 + r : 0), ok ? 4u : 0u);
+    }
+}
+
+// ===================================================================== v2: warp-level products
+// One warp, MT m-tiles of 16 rows. Fragment layouts as in the tensor-core building
+// blocks above; "acc[mt][nt]" is the 16 x 8 C tile nt of m-tile mt.
+
+// acc[mt][nt] += A_mt B^T over 16 KD columns: A_mt = rows a_row0 + 16 mt .. + 15 of As
+// (row-major, leading dim lda), B^T row-major in Bt: B[kk][n] = Bt[n * ldb + kk], n < 8 NS.
+template <class DT, int MT, int KD, int NS>
+__device__ __forceinline__ void warp_abt_smem(float (&acc)[MT][NS][4], const u16* As, int lda,
+                                              int a_row0, const u16* Bt, int ldb, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) load_a(a[mt], As, lda, a_row0 + 16 * mt, kk * 16, lane);
+#pragma unroll
+        for (int nt = 0; nt < NS; nt += 2) {
+            u32 b[4];
+            load_b2_trans(b, Bt, ldb, nt * 8, kk * 16, lane);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma16816<DT>(acc[mt][nt], a[mt], b[0], b[1]);
+                mma16816<DT>(acc[mt][nt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// The same with A already in registers: af[mt][kk] is the A fragment of m-tile mt,
+// columns 16 kk .. 16 kk + 15.
+template <class DT, int MT, int KD, int NS>
+__device__ __forceinline__ void warp_abt_regs(float (&acc)[MT][NS][4], const u32 (&af)[MT][KD][4],
+                                              const u16* Bt, int ldb, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+        for (int nt = 0; nt < NS; nt += 2) {
+            u32 b[4];
+            load_b2_trans(b, Bt, ldb, nt * 8, kk * 16, lane);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma16816<DT>(acc[mt][nt], af[mt][kk], b[0], b[1]);
+                mma16816<DT>(acc[mt][nt + 1], af[mt][kk], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// af[mt][kk] = A fragments of rows a_row0 + 16 mt .., all 16 KD columns, of As.
+template <int MT, int KD>
+__device__ __forceinline__ void load_a_frags(u32 (&af)[MT][KD][4], const u16* As, int lda,
+                                             int a_row0, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            load_a(af[mt][kk], As, lda, a_row0 + 16 * mt, kk * 16, lane);
+}
+
+// acc[mt][nt] += P_mt B over 16 KP rows of B: P_mt (16 x 16 KP) is the C tiles p[mt][..]
+// rounded to DT (the A fragment of columns 16 kp .. is p[mt][2 kp], p[mt][2 kp + 1]);
+// B row-major in Bs: B[kk][n] = Bs[kk * ldb + n], n < 8 NO.
+template <class DT, int MT, int KP, int NO>
+__device__ __forceinline__ void warp_pb(float (&acc)[MT][NO][4], const float (&p)[MT][2 * KP][4],
+                                        const u16* Bs, int ldb, int lane) {
+#pragma unroll
+    for (int kp = 0; kp < KP; ++kp) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) c_to_a<DT>(a[mt], p[mt][2 * kp], p[mt][2 * kp + 1]);
+#pragma unroll
+        for (int nt = 0; nt < NO; nt += 2) {
+            u32 b[4];
+            load_b2_rows(b, Bs, ldb, kp * 16, nt * 8, lane);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma16816<DT>(acc[mt][nt], a[mt], b[0], b[1]);
+                mma16816<DT>(acc[mt][nt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+template <int MT, int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
+}
+
+// ===================================================================== v2: tensor-core forward
+// Block: BR = 64 MT query rows, 4 warps; warp w owns rows 16 MT w .. 16 MT (w + 1) - 1 as
+// MT m-tiles. Key tiles of BC stream through two shared stages.
+// Shared (16-bit): Qs[BR][D+8], then per stage s (0, 1): Ks[BC][D+8], Vs[BC][D+8].
+// Running max m is in raw score units (so s * scale_log2 - m * scale_log2 is one FFMA;
+// scale_log2 > 0 is required, the launcher uses v1 otherwise).
+template <class DT, int D, int MT, int BC, bool QREGS>
+__device__ __forceinline__ void fwd_mma2(const u16* __restrict__ q, const u16* __restrict__ k,
+                                         const u16* __restrict__ v, u16* __restrict__ o,
+                                         float* __restrict__ lse, int H, int Hkv, int Tq, int Tk,
+                                         float scale_log2, int causal) {
+    constexpr int NT = 128, BR = 64 * MT, LDH = D + 8;
+    constexpr int KD = D / 16, NS = BC / 8, NO = D / 8, KP = BC / 16;
+    static_assert(BC % 16 == 0 && D % 16 == 0, "tile shape");
+    u16* Qs = reinterpret_cast<u16*>(fa_smem);  // [BR][LDH]
+    u16* KV = Qs + BR * LDH;                      // stage s: K at KV + 2 s BC LDH, V after it
+    require_smem(2u * (BR + 4 * BC) * LDH);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // heaviest (causal) tiles first
+    const int bh = blockIdx.y, b = bh / H, h = bh - b * H, hk = h / (H / Hkv);
+    const u16* kb = k + ((long long)b * Hkv + hk) * Tk * D;
+    const u16* vb = v + ((long long)b * Hkv + hk) * Tk * D;
+    const int shift = Tk - Tq;
+    const int n_kt = visible_key_tiles<BR, BC>(q0, Tq, Tk, causal);
+    const int wrow = warp * 16 * MT;  // this warp's first row in the tile
+    const int r_lo = q0 + wrow + g;   // row of (mt, half): r_lo + 16 mt + 8 half
+
+    mma_load_tile_async<D, BR, LDH, NT>(Qs, q + (long long)bh * Tq * D, q0, Tq, tid);
+    if (n_kt > 0) {
+        mma_load_tile_async<D, BC, LDH, NT>(KV, kb, 0, Tk, tid);
+        mma_load_tile_async<D, BC, LDH, NT>(KV + BC * LDH, vb, 0, Tk, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    u32 qf[QREGS ? MT : 1][QREGS ? KD : 1][4];  // used when QREGS
+    if constexpr (QREGS) load_a_frags<MT, KD>(qf, Qs, LDH, wrow, lane);
+
+    float m[MT][2], l[MT][2], oacc[MT][NO][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = FA_NEG_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
+    zero_acc(oacc);
+
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int k0 = kt * BC;
+        if (kt > 0) {
+            cp_async_wait<0>();  // my copies of tile kt have landed
+            __syncthreads();     // everyone's have; everyone is done with tile kt - 1
+        }
+        if (kt + 1 < n_kt) {  // tile kt + 1 into the stage tile kt - 1 used
+            u16* nxt = KV + ((kt + 1) & 1) * 2 * BC * LDH;
+            mma_load_tile_async<D, BC, LDH, NT>(nxt, kb, k0 + BC, Tk, tid);
+            mma_load_tile_async<D, BC, LDH, NT>(nxt + BC * LDH, vb, k0 + BC, Tk, tid);
+        }
+        cp_async_commit();
+        const u16* Ks = KV + (kt & 1) * 2 * BC * LDH;
+        const u16* Vs = Ks + BC * LDH;
+
+        float s[MT][NS][4];  // raw scores Q K^T, this warp's 16 MT rows x BC keys
+        zero_acc(s);
+        if constexpr (QREGS) warp_abt_regs<DT, MT, KD, NS>(s, qf, Ks, LDH, lane);
+        else warp_abt_smem<DT, MT, KD, NS>(s, Qs, LDH, wrow, Ks, LDH, lane);
+
+        const bool edge = (k0 + BC > Tk) || (causal && k0 + BC - 1 > q0 + shift);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx[2] = {FA_NEG_INF, FA_NEG_INF};
+#pragma unroll
+            for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = k0 + nt * 8 + 2 * t + (e & 1);
+                    if (edge && !visible(r_lo + 16 * mt + 8 * (e >> 1), c, Tk, shift, causal))
+                        s[mt][nt][e] = FA_NEG_INF;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
+                }
+            }
+            float mu[2], alpha[2], rs[2] = {0.f, 0.f};  // mu: the max in base-2 units
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float m_new = fmaxf(m[mt][half], allreduce_max4(mx[half]));
+                // a row that sees nothing yet: mu = 0 (its p are exp2(-inf) = 0)
+                mu[half] = (m_new == FA_NEG_INF) ? 0.f : m_new * scale_log2;
+                alpha[half] = exp2f(fmaf(m[mt][half], scale_log2, -mu[half]));  // 0 at first
+                m[mt][half] = m_new;
+            }
+#pragma unroll
+            for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    // masked: exp2(-inf) = 0
+                    const float p = exp2f(fmaf(s[mt][nt][e], scale_log2, -mu[e >> 1]));
+                    s[mt][nt][e] = p;
+                    rs[e >> 1] += p;
+                }
+            }
+            l[mt][0] = l[mt][0] * alpha[0] + rs[0];
+            l[mt][1] = l[mt][1] * alpha[1] + rs[1];
+#pragma unroll
+            for (int nt = 0; nt < NO; ++nt) {
+                oacc[mt][nt][0] *= alpha[0];
+                oacc[mt][nt][1] *= alpha[0];
+                oacc[mt][nt][2] *= alpha[1];
+                oacc[mt][nt][3] *= alpha[1];
+            }
+        }
+        warp_pb<DT, MT, KP, NO>(oacc, s, Vs, LDH, lane);  // O += P V, P from the S fragments
+    }
+    cp_async_wait<0>();  // nothing in flight at exit (only matters when n_kt == 0)
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const float lt = allreduce_sum4(l[mt][half]);
+            const int r = r_lo + 16 * mt + 8 * half;
+            if (r < Tq) {
+                const long long row = (long long)bh * Tq + r;
+                mma_store_row<DT, D>(o + row * D, oacc[mt], half, lt > 0.f ? 1.f / lt : 0.f, t);
+                if (t == 0)
+                    lse[row] = lt > 0.f ? (m[mt][half] * scale_log2 + log2f(lt)) * FA_LN2
+                                        : FA_NEG_INF;
+            }
+        }
+    }
+}
+
+// ===================================================================== v2: backward pre-pass
+// delta[row] = sum_d dO[row][d] * O[row][d], and lse2[row] = lse[row] * log2(e) (+inf
+// where lse = -inf: such a row saw no key, and exp2(s - inf) = 0 keeps it out of every
+// gradient). One warp per row, 8 rows per block.
+template <class DT, int D>
+__device__ __forceinline__ void bwd_pre2(const typename DT::T* __restrict__ o,
+                                         const typename DT::T* __restrict__ dout,
+                                         const float* __restrict__ lse, float* __restrict__ delta,
+                                         float* __restrict__ lse2, int nrows) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * 8 + warp;
+    if (row >= nrows) return;  // whole warp leaves together; no barrier in this kernel
+    float acc = 0.f;
+#pragma unroll
+    for (int c = lane; c < D; c += 32)
+        acc = fmaf(to_f32<DT>(o[row * D + c]), to_f32<DT>(dout[row * D + c]), acc);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(FA_FULL_MASK, acc, off);
+    if (lane == 0) {
+        delta[row] = acc;
+        const float x = lse[row];
+        lse2[row] = x == FA_NEG_INF ? FA_POS_INF : x * FA_LOG2E;
+    }
+}
+
+// Issue the copies of dk/dv work item i (query head gi = i / nqt of the group, query
+// tile qt_first + i % nqt) into stage `stage`: its Q and dO tiles (QD + 2 stage BR LDH,
+// then dO) and its rows of lse2, delta (LD + 2 stage BR, then delta).
+template <int D, int BR>
+__device__ __forceinline__ void dkdv2_issue(u16* QD, float* LD, const u16* __restrict__ q,
+                                            const u16* __restrict__ dout,
+                                            const float* __restrict__ lse2,
+                                            const float* __restrict__ delta, int i, int stage,
+                                            int nqt, int qt_first, int b, int H, int hk, int group,
+                                            int Tq, int tid) {
+    constexpr int NT = 128, LDH = D + 8;
+    const int gi = i / nqt, q0 = (qt_first + i % nqt) * BR;
+    const long long bh = (long long)b * H + hk * group + gi;
+    u16* Qs = QD + stage * 2 * BR * LDH;
+    float* Ls = LD + stage * 2 * BR;
+    mma_load_tile_async<D, BR, LDH, NT>(Qs, q + bh * Tq * D, q0, Tq, tid);
+    mma_load_tile_async<D, BR, LDH, NT>(Qs + BR * LDH, dout + bh * Tq * D, q0, Tq, tid);
+    load_rows_async<BR, NT>(Ls, lse2 + bh * Tq, q0, Tq, tid);
+    load_rows_async<BR, NT>(Ls + BR, delta + bh * Tq, q0, Tq, tid);
+}
+
+// ============================================================ v2: tensor-core backward: dk, dv
+// Block: BC = 64 keys (warp w owns keys 16 w .. 16 w + 15); loops over the work items
+// (query head of the group, query tile of BR rows that sees these keys), streaming each
+// item's Q, dO, lse2, delta through two shared stages. Per warp, keys as rows:
+//   S^T = K Q^T, dP^T = V dO^T (16 x BR); P^T = exp2(S^T scale_log2 - lse2),
+//   dS^T = P^T (dP^T - delta); dV += P^T dO, dK += dS^T Q.
+// KVREGS: the warp's K and V fragments stay in registers (D <= 64).
+// Shared: per stage s: Ls[BR], Dd[BR] (float); Ks, Vs [64][D+8]; per stage: Qs, dOs [BR][D+8].
+template <class DT, int D, int BR, bool KVREGS>
+__device__ __forceinline__ void dkdv_mma2(const u16* __restrict__ q, const u16* __restrict__ k,
+                                          const u16* __restrict__ v, const u16* __restrict__ dout,
+                                          const float* __restrict__ lse2,
+                                          const float* __restrict__ delta, u16* __restrict__ dk,
+                                          u16* __restrict__ dv, int H, int Hkv, int Tq, int Tk,
+                                          float scale, float scale_log2, int causal) {
+    constexpr int NT = 128, BC = 64, LDH = D + 8;
+    constexpr int KD = D / 16, NS = BR / 8, NO = D / 8, KP = BR / 16;
+    static_assert(BR % 16 == 0 && D % 16 == 0, "tile shape");
+    float* LD = reinterpret_cast<float*>(fa_smem);  // stage s: Ls = LD + 2 s BR, Dd = Ls + BR
+    u16* Ks = reinterpret_cast<u16*>(LD + 4 * BR);    // [BC][LDH]  (offset 16 BR bytes)
+    u16* Vs = Ks + BC * LDH;                          // [BC][LDH]
+    u16* QD = Vs + BC * LDH;                          // stage s: Qs = QD + 2 s BR LDH, dOs after
+    require_smem(16u * BR + 2u * (2 * BC + 4 * BR) * LDH);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = blockIdx.x * BC;
+    const int bkv = blockIdx.y, b = bkv / Hkv, hk = bkv - b * Hkv, group = H / Hkv;
+    const int shift = Tk - Tq;
+    const int c_lo = k0 + warp * 16 + g;  // keys of half 0 and half 1: c_lo, c_lo + 8
+    const int nq = (Tq + BR - 1) / BR;
+    const int qt_first = first_query_tile<BR>(k0, Tq, Tk, causal);
+    const int nqt = nq > qt_first ? nq - qt_first : 0;
+    const int n_items = group * nqt;  // item i: query head gi = i / nqt, tile qt_first + i % nqt
+
+    mma_load_tile_async<D, BC, LDH, NT>(Ks, k + (long long)bkv * Tk * D, k0, Tk, tid);
+    mma_load_tile_async<D, BC, LDH, NT>(Vs, v + (long long)bkv * Tk * D, k0, Tk, tid);
+    if (n_items > 0) dkdv2_issue<D, BR>(QD, LD, q, dout, lse2, delta, 0, 0, nqt, qt_first, b, H, hk,
+                                        group, Tq, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    u32 kf[1][KVREGS ? KD : 1][4], vf[1][KVREGS ? KD : 1][4];  // used when KVREGS
+    if constexpr (KVREGS) {
+        load_a_frags<1, KD>(kf, Ks, LDH, warp * 16, lane);
+        load_a_frags<1, KD>(vf, Vs, LDH, warp * 16, lane);
+    }
+
+    float dka[1][NO][4], dva[1][NO][4];
+    zero_acc(dka);
+    zero_acc(dva);
+
+    for (int it = 0; it < n_items; ++it) {
+        if (it > 0) {
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+        if (it + 1 < n_items)
+            dkdv2_issue<D, BR>(QD, LD, q, dout, lse2, delta, it + 1, (it + 1) & 1, nqt, qt_first, b,
+                               H, hk, group, Tq, tid);
+        cp_async_commit();
+        const int q0 = (qt_first + it % nqt) * BR;
+        const u16* Qs = QD + (it & 1) * 2 * BR * LDH;
+        const u16* dOs = Qs + BR * LDH;
+        const float* Ls = LD + (it & 1) * 2 * BR;
+        const float* Dd = Ls + BR;
+
+        float st[1][NS][4], dpt[1][NS][4];  // this warp's 16 keys x BR queries
+        zero_acc(st);
+        zero_acc(dpt);
+        if constexpr (KVREGS) {
+            warp_abt_regs<DT, 1, KD, NS>(st, kf, Qs, LDH, lane);    // S^T = K Q^T
+            warp_abt_regs<DT, 1, KD, NS>(dpt, vf, dOs, LDH, lane);  // dP^T = V dO^T
+        } else {
+            warp_abt_smem<DT, 1, KD, NS>(st, Ks, LDH, warp * 16, Qs, LDH, lane);
+            warp_abt_smem<DT, 1, KD, NS>(dpt, Vs, LDH, warp * 16, dOs, LDH, lane);
+        }
+
+        const bool edge = (q0 + BR > Tq) || (k0 + BC > Tk) ||
+                          (causal && k0 + BC - 1 > q0 + shift);
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt) {
+            const int rl = nt * 8 + 2 * t;  // this lane's query columns rl, rl + 1
+            const float2 L2 = *reinterpret_cast<const float2*>(Ls + rl);
+            const float2 Dl = *reinterpret_cast<const float2*>(Dd + rl);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = c_lo + 8 * (e >> 1), r = q0 + rl + (e & 1);
+                const float Lr = (e & 1) ? L2.y : L2.x, Dr = (e & 1) ? Dl.y : Dl.x;
+                float p = exp2f(fmaf(st[0][nt][e], scale_log2, -Lr));
+                if (edge && !(r < Tq && visible(r, c, Tk, shift, causal))) p = 0.f;
+                st[0][nt][e] = p;                           // P^T
+                dpt[0][nt][e] = p * (dpt[0][nt][e] - Dr);  // dS^T
+            }
+        }
+        warp_pb<DT, 1, KP, NO>(dva, st, dOs, LDH, lane);  // dV += P^T dO
+        warp_pb<DT, 1, KP, NO>(dka, dpt, Qs, LDH, lane);  // dK += dS^T Q
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int c = c_lo + 8 * half;
+        if (c < Tk) {
+            const long long row = (long long)bkv * Tk + c;
+            mma_store_row<DT, D>(dk + row * D, dka[0], half, scale, t);
+            mma_store_row<DT, D>(dv + row * D, dva[0], half, 1.f, t);
+        }
+    }
+}
+
+// ================================================================ v2: tensor-core backward: dq
+// Block: BR = 64 queries (warp w owns rows 16 w .. 16 w + 15); key tiles of BC stream
+// through two shared stages.
+//   S = Q K^T, dP = dO V^T, P = exp2(S scale_log2 - lse2), dS = P (dP - delta), dQ += dS K.
+// QREGS: the warp's Q and dO fragments stay in registers (D <= 64).
+// Shared: Qs, dOs [64][D+8]; per stage: Ks, Vs [BC][D+8] (16-bit).
+template <class DT, int D, int BC, bool QREGS>
+__device__ __forceinline__ void dq_mma2(const u16* __restrict__ q, const u16* __restrict__ k,
+                                        const u16* __restrict__ v, const u16* __restrict__ dout,
+                                        const float* __restrict__ lse2,
+                                        const float* __restrict__ delta, u16* __restrict__ dq,
+                                        int H, int Hkv, int Tq, int Tk, float scale,
+                                        float scale_log2, int causal) {
+    constexpr int NT = 128, BR = 64, LDH = D + 8;
+    constexpr int KD = D / 16, NS = BC / 8, NO = D / 8, KP = BC / 16;
+    static_assert(BC % 16 == 0 && D % 16 == 0, "tile shape");
+    u16* Qs = reinterpret_cast<u16*>(fa_smem);  // [BR][LDH]
+    u16* dOs = Qs + BR * LDH;                     // [BR][LDH]
+    u16* KV = dOs + BR * LDH;                     // stage s: Ks = KV + 2 s BC LDH, Vs after it
+    require_smem(2u * (2 * BR + 4 * BC) * LDH);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int bh = blockIdx.y, b = bh / H, h = bh - b * H, hk = h / (H / Hkv);
+    const u16* kb = k + ((long long)b * Hkv + hk) * Tk * D;
+    const u16* vb = v + ((long long)b * Hkv + hk) * Tk * D;
+    const int shift = Tk - Tq;
+    const int n_kt = visible_key_tiles<BR, BC>(q0, Tq, Tk, causal);
+    const int r_lo = q0 + warp * 16 + g;
+
+    mma_load_tile_async<D, BR, LDH, NT>(Qs, q + (long long)bh * Tq * D, q0, Tq, tid);
+    mma_load_tile_async<D, BR, LDH, NT>(dOs, dout + (long long)bh * Tq * D, q0, Tq, tid);
+    if (n_kt > 0) {
+        mma_load_tile_async<D, BC, LDH, NT>(KV, kb, 0, Tk, tid);
+        mma_load_tile_async<D, BC, LDH, NT>(KV + BC * LDH, vb, 0, Tk, tid);
+    }
+    cp_async_commit();
+
+    float L[2], Dr[2];  // lse2 and delta of rows r_lo, r_lo + 8 (+inf, 0 past Tq)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = r_lo + 8 * half;
+        L[half] = r < Tq ? lse2[(long long)bh * Tq + r] : FA_POS_INF;
+        Dr[half] = r < Tq ? delta[(long long)bh * Tq + r] : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    u32 qf[1][QREGS ? KD : 1][4], dof[1][QREGS ? KD : 1][4];  // used when QREGS
+    if constexpr (QREGS) {
+        load_a_frags<1, KD>(qf, Qs, LDH, warp * 16, lane);
+        load_a_frags<1, KD>(dof, dOs, LDH, warp * 16, lane);
+    }
+    float dqa[1][NO][4];
+    zero_acc(dqa);
+
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int k0 = kt * BC;
+        if (kt > 0) {
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+        if (kt + 1 < n_kt) {
+            u16* nxt = KV + ((kt + 1) & 1) * 2 * BC * LDH;
+            mma_load_tile_async<D, BC, LDH, NT>(nxt, kb, k0 + BC, Tk, tid);
+            mma_load_tile_async<D, BC, LDH, NT>(nxt + BC * LDH, vb, k0 + BC, Tk, tid);
+        }
+        cp_async_commit();
+        const u16* Ks = KV + (kt & 1) * 2 * BC * LDH;
+        const u16* Vs = Ks + BC * LDH;
+
+        float s[1][NS][4], dp[1][NS][4];
+        zero_acc(s);
+        zero_acc(dp);
+        if constexpr (QREGS) {
+            warp_abt_regs<DT, 1, KD, NS>(s, qf, Ks, LDH, lane);    // S = Q K^T
+            warp_abt_regs<DT, 1, KD, NS>(dp, dof, Vs, LDH, lane);  // dP = dO V^T
+        } else {
+            warp_abt_smem<DT, 1, KD, NS>(s, Qs, LDH, warp * 16, Ks, LDH, lane);
+            warp_abt_smem<DT, 1, KD, NS>(dp, dOs, LDH, warp * 16, Vs, LDH, lane);
+        }
+
+        const bool edge = (q0 + BR > Tq) || (k0 + BC > Tk) ||
+                          (causal && k0 + BC - 1 > q0 + shift);
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int half = e >> 1, r = r_lo + 8 * half;
+                const int c = k0 + nt * 8 + 2 * t + (e & 1);
+                float p = exp2f(fmaf(s[0][nt][e], scale_log2, -L[half]));
+                if (edge && !(r < Tq && visible(r, c, Tk, shift, causal))) p = 0.f;
+                dp[0][nt][e] = p * (dp[0][nt][e] - Dr[half]);  // dS
+            }
+        }
+        warp_pb<DT, 1, KP, NO>(dqa, dp, Ks, LDH, lane);  // dQ += dS K
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = r_lo + 8 * half;
+        if (r < Tq) mma_store_row<DT, D>(dq + ((long long)bh * Tq + r) * D, dqa[0], half, scale, t);
+    }
+}
+
 // ===================================================================== the kernels of this module
 
 #if FA_DTYPE_ID == 0
@@ -1210,16 +1844,31 @@ typedef BF16 FA_DT;
 #endif
 typedef FA_DT::T fa_t;
 
+// FA_KERNELS picks the kernel families of the module (a bit mask; the pre-passes are
+// always there): 1 SIMT, 2 tensor-core v1, 4 tensor-core v2 (16-bit dtypes only). The
+// launcher compiles one family per module so a process builds only what it runs.
+#ifndef FA_KERNELS
+#define FA_KERNELS 7
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+fa_bwd_pre(const fa_t* o, const fa_t* dout, float* delta, int nrows) {
+    bwd_pre<FA_DT, FA_HEAD_DIM>(o, dout, delta, nrows);
+}
+
+// fa_bwd_pre2 writes lse2 for the v2 backward kernels, which take it in place of lse.
+extern "C" __global__ void __launch_bounds__(256, 2)
+fa_bwd_pre2(const fa_t* o, const fa_t* dout, const float* lse, float* delta, float* lse2,
+            int nrows) {
+    bwd_pre2<FA_DT, FA_HEAD_DIM>(o, dout, lse, delta, lse2, nrows);
+}
+
+#if FA_KERNELS & 1
 extern "C" __global__ void __launch_bounds__(256, 2)
 fa_fwd_simt(const fa_t* q, const fa_t* k, const fa_t* v, fa_t* o, float* lse, int H, int Hkv,
             int Tq, int Tk, float scale_log2, int causal) {
     fwd_simt<FA_DT, FA_HEAD_DIM, FA_SIMT_FWD_BR, FA_SIMT_FWD_BC>(q, k, v, o, lse, H, Hkv, Tq, Tk,
                                                                  scale_log2, causal);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2)
-fa_bwd_pre(const fa_t* o, const fa_t* dout, float* delta, int nrows) {
-    bwd_pre<FA_DT, FA_HEAD_DIM>(o, dout, delta, nrows);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -1238,7 +1887,25 @@ fa_bwd_dq_simt(const fa_t* q, const fa_t* k, const fa_t* v, const fa_t* dout, co
                                                             Tq, Tk, scale, scale_log2, causal);
 }
 
-#if FA_DTYPE_ID != 0
+// v2 SIMT backward: lse2 in place of lse (from fa_bwd_pre2), FA_SIMT2_* tiles.
+extern "C" __global__ void __launch_bounds__(256, FA_SIMT2_KV_MINB)
+fa_bwd_dkdv_simt2(const fa_t* q, const fa_t* k, const fa_t* v, const fa_t* dout,
+                  const float* lse2, const float* delta, fa_t* dk, fa_t* dv, int H, int Hkv,
+                  int Tq, int Tk, float scale, float scale_log2, int causal) {
+    dkdv_simt<FA_DT, FA_HEAD_DIM, FA_SIMT2_KV_BR, FA_SIMT2_KV_BC, true>(
+        q, k, v, dout, lse2, delta, dk, dv, H, Hkv, Tq, Tk, scale, scale_log2, causal);
+}
+
+extern "C" __global__ void __launch_bounds__(256, FA_SIMT2_Q_MINB)
+fa_bwd_dq_simt2(const fa_t* q, const fa_t* k, const fa_t* v, const fa_t* dout, const float* lse2,
+                const float* delta, fa_t* dq, int H, int Hkv, int Tq, int Tk, float scale,
+                float scale_log2, int causal) {
+    dq_simt<FA_DT, FA_HEAD_DIM, FA_SIMT2_Q_BR, FA_SIMT2_Q_BC, true>(
+        q, k, v, dout, lse2, delta, dq, H, Hkv, Tq, Tk, scale, scale_log2, causal);
+}
+#endif
+
+#if FA_DTYPE_ID != 0 && (FA_KERNELS & 2)
 extern "C" __global__ void __launch_bounds__(128)
 fa_fwd_mma(const u16* q, const u16* k, const u16* v, u16* o, float* lse, int H, int Hkv, int Tq,
            int Tk, float scale_log2, int causal) {
@@ -1259,5 +1926,31 @@ fa_bwd_dq_mma(const u16* q, const u16* k, const u16* v, const u16* dout, const f
               float scale_log2, int causal) {
     dq_mma<FA_DT, FA_HEAD_DIM, FA_MMA_Q_BC>(q, k, v, dout, lse, delta, dq, H, Hkv, Tq, Tk, scale,
                                             scale_log2, causal);
+}
+#endif
+
+#if FA_DTYPE_ID != 0 && (FA_KERNELS & 4)
+// v2: see "v2: cp.async" above.
+extern "C" __global__ void __launch_bounds__(128)
+fa_fwd_mma2(const u16* q, const u16* k, const u16* v, u16* o, float* lse, int H, int Hkv, int Tq,
+            int Tk, float scale_log2, int causal) {
+    fwd_mma2<FA_DT, FA_HEAD_DIM, FA_MMA2_FWD_MT, FA_MMA2_FWD_BC, FA_MMA2_FWD_QREGS != 0>(
+        q, k, v, o, lse, H, Hkv, Tq, Tk, scale_log2, causal);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+fa_bwd_dkdv_mma2(const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2,
+                 const float* delta, u16* dk, u16* dv, int H, int Hkv, int Tq, int Tk, float scale,
+                 float scale_log2, int causal) {
+    dkdv_mma2<FA_DT, FA_HEAD_DIM, FA_MMA2_KV_BR, FA_MMA2_KV_REGS != 0>(
+        q, k, v, dout, lse2, delta, dk, dv, H, Hkv, Tq, Tk, scale, scale_log2, causal);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+fa_bwd_dq_mma2(const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2,
+               const float* delta, u16* dq, int H, int Hkv, int Tq, int Tk, float scale,
+               float scale_log2, int causal) {
+    dq_mma2<FA_DT, FA_HEAD_DIM, FA_MMA2_Q_BC, FA_MMA2_Q_REGS != 0>(
+        q, k, v, dout, lse2, delta, dq, H, Hkv, Tq, Tk, scale, scale_log2, causal);
 }
 #endif

@@ -27,9 +27,29 @@ accumulation. Two implementations (``impl=``):
   rounded to the input dtype before they enter a tensor-core product, as in
   FlashAttention-2. ``TINYLM_FA_LDMATRIX=0`` swaps ldmatrix for plain shared loads.
 
-``"auto"`` picks ``mma`` for 16-bit inputs and ``simt`` for float32. bfloat16 arrays:
-CuPy builds with a bfloat16 dtype work directly; elsewhere pass uint16 arrays holding
-the raw bits with ``bf16_bits=True`` (see ``to_bf16_bits``/``from_bf16_bits``).
+``"auto"`` picks ``mma`` for 16-bit inputs and ``simt`` for float32.
+
+Two generations of the kernels (``variant=``, or ``TINYLM_FA_VARIANT``):
+
+- ``"v1"``: the first kernels (verified on an H200): 4 warps x 16 rows, tiles loaded
+  synchronously, two barriers per tile.
+- ``"v2"``: tiles stream through two shared-memory stages with ``cp.async`` (the next
+  tile loads while the current one is computed, one barrier per tile), the forward's
+  warps own 32 query rows each (every K / V fragment read from shared memory feeds
+  two tensor-core products), exponents are one FFMA (the backward reads lse in base 2,
+  ``lse2``, written by ``fa_bwd_pre2``), and operands a warp reuses over its whole loop
+  stay in registers where they fit.
+  For ``impl="simt"``, v2 is a backward only: the v1 code with the lse2 exponent and
+  its own tiles (``SIMT2_TILES``: larger at d=128).
+- ``"auto"`` (the default): ``DEFAULT_VARIANT`` per implementation: v2 for both (on
+  an H200 on 2026-11-26 every v2 kernel passed the GPU tests and compute-sanitizer;
+  the tensor-core v2 is 1.3-1.6x faster than v1, the SIMT v2 backward 1.1x at d=128
+  and the same elsewhere; see bench/RESULTS.md). The v2 forward needs
+  scale > 0 (its running max is kept in raw score units); for scale <= 0 the v1
+  forward runs, with the v2 backward. ``kernel_plan`` says which kernels a call runs.
+
+bfloat16 arrays: CuPy builds with a bfloat16 dtype work directly; elsewhere pass uint16
+arrays holding the raw bits with ``bf16_bits=True`` (see ``to_bf16_bits``/``from_bf16_bits``).
 
 Backward: ``fa_bwd_pre`` computes delta = rowsum(dO * O); ``fa_bwd_dkdv_*`` owns a key
 tile and loops over the query tiles (and, with GQA, the query heads) that see it;
@@ -58,6 +78,7 @@ SOURCE_PATH = Path(__file__).with_name("flash_attention.cu")
 HEAD_DIMS = (32, 64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
 IMPLS = ("auto", "simt", "mma")
+VARIANTS = ("auto", "v1", "v2")
 LOG2E = 1.4426950408889634
 
 _DTYPE_IDS = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -78,6 +99,31 @@ MMA_TILES = {
     64: {"FWD_BC": 64, "KV_BR": 64, "Q_BC": 64},
     128: {"FWD_BC": 64, "KV_BR": 32, "Q_BC": 64},
 }
+# v2 tensor-core kernels, 128 threads (4 warps): the forward's warps own FWD_MT m-tiles
+# of 16 rows (64 FWD_MT rows per block) and step over FWD_BC keys; dk/dv owns 64 keys
+# and steps over KV_BR queries; dq owns 64 queries and steps over Q_BC keys. *_REGS:
+# keep Q (forward), K and V (dk/dv), Q and dO (dq) fragments in registers. Chosen from
+# ptxas -v on sm_90: no spills, registers <= 255 (see NOTES.md).
+MMA2_TILES = {
+    32: {"FWD_MT": 2, "FWD_BC": 64, "FWD_QREGS": 1, "KV_BR": 32, "KV_REGS": 1,
+         "Q_BC": 64, "Q_REGS": 1},
+    64: {"FWD_MT": 2, "FWD_BC": 64, "FWD_QREGS": 1, "KV_BR": 64, "KV_REGS": 1,
+         "Q_BC": 64, "Q_REGS": 1},
+    128: {"FWD_MT": 2, "FWD_BC": 32, "FWD_QREGS": 0, "KV_BR": 32, "KV_REGS": 0,
+          "Q_BC": 32, "Q_REGS": 0},
+}
+# v2 SIMT backward: the v1 kernels with lse2 (one FFMA per exponent) and these tiles,
+# (BR queries, BC keys, blocks per multiprocessor in the launch bounds). At d=128 the
+# dk/dv tile doubles its keys (4 x 2 micro-tiles instead of 2 x 2) and dq its keys
+# (4 x 4 instead of 4 x 2): less shared-memory traffic per FLOP, one block per SM.
+SIMT2_TILES = {
+    32: {"KV": (64, 64, 2), "Q": (64, 64, 2)},
+    64: {"KV": (64, 64, 2), "Q": (64, 64, 2)},
+    128: {"KV": (32, 64, 1), "Q": (64, 64, 1)},
+}
+# What variant="auto" runs, per implementation. The GPU check (bench/gpu_kernel_check.sh)
+# tests both variants of every kernel; set an entry to "v1" to go back.
+DEFAULT_VARIANT = {"mma": "v2", "simt": "v2"}
 SIMT_THREADS = 256
 MMA_THREADS = 128
 MMA_ROWS = 64  # the fixed side of a tensor-core tile (4 warps x 16 rows)
@@ -97,9 +143,13 @@ def ldmatrix_enabled() -> bool:
     return os.environ.get("TINYLM_FA_LDMATRIX", "1") != "0"
 
 
-def compile_options(dtype: str, head_dim: int, ldmatrix=None) -> tuple:
-    """The NVRTC options of the module for ``dtype`` and ``head_dim`` (nvcc takes them too)."""
-    simt, mma = SIMT_TILES[head_dim], MMA_TILES[head_dim]
+def compile_options(dtype: str, head_dim: int, ldmatrix=None, kernels: int = 7) -> tuple:
+    """The NVRTC options of the module for ``dtype`` and ``head_dim`` (nvcc takes them too).
+
+    ``kernels``: the families compiled in (bit mask, FA_KERNELS in the .cu): 1 SIMT, 2
+    tensor-core v1, 4 tensor-core v2; the pre-passes are always there."""
+    simt, mma, mma2 = SIMT_TILES[head_dim], MMA_TILES[head_dim], MMA2_TILES[head_dim]
+    simt2 = SIMT2_TILES[head_dim]
     ldmatrix = ldmatrix_enabled() if ldmatrix is None else ldmatrix
     return (
         "-std=c++17",
@@ -110,15 +160,62 @@ def compile_options(dtype: str, head_dim: int, ldmatrix=None) -> tuple:
         f"-DFA_SIMT_Q_BR={simt['Q'][0]}", f"-DFA_SIMT_Q_BC={simt['Q'][1]}",
         f"-DFA_MMA_FWD_BC={mma['FWD_BC']}", f"-DFA_MMA_KV_BR={mma['KV_BR']}",
         f"-DFA_MMA_Q_BC={mma['Q_BC']}",
+        *(f"-DFA_MMA2_{key}={value}" for key, value in mma2.items()),
+        *(f"-DFA_SIMT2_{which}_{part}={value}" for which, tile in simt2.items()
+          for part, value in zip(("BR", "BC", "MINB"), tile)),
         f"-DFA_LDMATRIX={int(bool(ldmatrix))}",
+        f"-DFA_KERNELS={int(kernels)}",
     )
 
 
 def kernel_names(dtype: str) -> tuple:
-    names = ("fa_fwd_simt", "fa_bwd_pre", "fa_bwd_dkdv_simt", "fa_bwd_dq_simt")
+    names = ("fa_fwd_simt", "fa_bwd_pre", "fa_bwd_dkdv_simt", "fa_bwd_dq_simt", "fa_bwd_pre2",
+             "fa_bwd_dkdv_simt2", "fa_bwd_dq_simt2")
     if dtype != "float32":
         names += ("fa_fwd_mma", "fa_bwd_dkdv_mma", "fa_bwd_dq_mma")
+        names += ("fa_fwd_mma2", "fa_bwd_dkdv_mma2", "fa_bwd_dq_mma2")
     return names
+
+
+def kernel_family(name: str) -> int:
+    """The FA_KERNELS bit of the module that holds kernel ``name`` (0: in every module)."""
+    for suffix, bit in (("_simt", 1), ("_simt2", 1), ("_mma", 2), ("_mma2", 4)):
+        if name.endswith(suffix):
+            return bit
+    return 0
+
+
+def variant_default() -> str:
+    """The variant asked for by TINYLM_FA_VARIANT (v1, v2 or auto; unset: auto)."""
+    value = os.environ.get("TINYLM_FA_VARIANT", "auto") or "auto"
+    if value not in VARIANTS:
+        raise TinyLMError(f"TINYLM_FA_VARIANT must be one of {VARIANTS}, got {value!r}")
+    return value
+
+
+def kernel_plan(impl: str, dtype: str, head_dim: int, scale: float, variant=None) -> dict:
+    """The kernels one forward + backward runs: {"fwd", "pre", "dkdv", "dq"} -> name.
+
+    ``impl`` is "simt" or "mma" (resolved), ``variant`` "v1", "v2", "auto" or None
+    (TINYLM_FA_VARIANT, else auto). The v2 tensor-core forward needs scale > 0, so
+    scale <= 0 runs the v1 forward (the backward stays v2: both forwards leave the same
+    o and lse). SIMT v2 is a backward only (the forward stays v1). Every v2 backward
+    reads lse2 from fa_bwd_pre2."""
+    variant = variant_default() if variant is None else variant
+    if variant not in VARIANTS:
+        raise TinyLMError(f"flash attention: variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "auto":
+        variant = DEFAULT_VARIANT[impl]
+    if variant == "v2" and impl == "mma":
+        # the kernel gets scale * log2(e) as a float32: it must stay > 0 (not round to 0)
+        positive = np.float32(scale * LOG2E) > 0
+        return {"fwd": "fa_fwd_mma2" if positive else "fa_fwd_mma", "pre": "fa_bwd_pre2",
+                "dkdv": "fa_bwd_dkdv_mma2", "dq": "fa_bwd_dq_mma2"}
+    if variant == "v2":
+        return {"fwd": "fa_fwd_simt", "pre": "fa_bwd_pre2", "dkdv": "fa_bwd_dkdv_simt2",
+                "dq": "fa_bwd_dq_simt2"}
+    return {"fwd": f"fa_fwd_{impl}", "pre": "fa_bwd_pre", "dkdv": f"fa_bwd_dkdv_{impl}",
+            "dq": f"fa_bwd_dq_{impl}"}
 
 
 def launch_shape(name: str, head_dim: int) -> tuple:
@@ -127,9 +224,13 @@ def launch_shape(name: str, head_dim: int) -> tuple:
     The shared-memory formulas mirror the tile layouts in the .cu; every kernel checks
     %dynamic_smem_size on entry and traps if it was given less than it lays out."""
     D = head_dim
-    if name.endswith("_simt"):
-        which = {"fa_fwd_simt": "FWD", "fa_bwd_dkdv_simt": "KV", "fa_bwd_dq_simt": "Q"}[name]
-        BR, BC = SIMT_TILES[D][which]
+    if name.endswith("_simt") or name.endswith("_simt2"):
+        which = {"fa_fwd_simt": "FWD", "fa_bwd_dkdv_simt": "KV", "fa_bwd_dq_simt": "Q",
+                 "fa_bwd_dkdv_simt2": "KV", "fa_bwd_dq_simt2": "Q"}[name]
+        if name.endswith("2"):
+            BR, BC = SIMT2_TILES[D][which][:2]
+        else:
+            BR, BC = SIMT_TILES[D][which]
         LD = D + 4
         if which == "FWD":  # Qs, Ks, Vs, Ps
             floats = BR * LD + 2 * BC * LD + BR * (BC + 16)
@@ -139,6 +240,17 @@ def launch_shape(name: str, head_dim: int) -> tuple:
             return BC, SIMT_THREADS, 4 * floats
         floats = 2 * BR * LD + 2 * BC * LD + BR * (BC + 16)  # Qs, dOs, Ks, Vs, DSs
         return BR, SIMT_THREADS, 4 * floats
+    if name.endswith("_mma2"):
+        LDH = D + 8
+        t2 = MMA2_TILES[D]
+        if name == "fa_fwd_mma2":  # Qs, then two stages of Ks, Vs (16-bit)
+            BR = MMA_ROWS * t2["FWD_MT"]
+            return BR, MMA_THREADS, 2 * (BR + 4 * t2["FWD_BC"]) * LDH
+        if name == "fa_bwd_dkdv_mma2":  # two stages of Ls, Dd (float); Ks, Vs; two of Qs, dOs
+            BR = t2["KV_BR"]
+            return MMA_ROWS, MMA_THREADS, 16 * BR + 2 * (2 * MMA_ROWS + 4 * BR) * LDH
+        if name == "fa_bwd_dq_mma2":  # Qs, dOs; two stages of Ks, Vs
+            return MMA_ROWS, MMA_THREADS, 2 * (2 * MMA_ROWS + 4 * t2["Q_BC"]) * LDH
     if name.endswith("_mma"):
         LDH = D + 8
         tiles = MMA_TILES[D]
@@ -149,7 +261,7 @@ def launch_shape(name: str, head_dim: int) -> tuple:
             return MMA_ROWS, MMA_THREADS, 8 * BR + 2 * (2 * MMA_ROWS + 2 * BR) * LDH
         if name == "fa_bwd_dq_mma":  # Qs, dOs, Ks, Vs
             return MMA_ROWS, MMA_THREADS, 2 * (2 * MMA_ROWS + 2 * tiles["Q_BC"]) * LDH
-    if name == "fa_bwd_pre":
+    if name in ("fa_bwd_pre", "fa_bwd_pre2"):
         return PRE_ROWS_PER_BLOCK, 256, 0
     raise KeyError(name)
 
@@ -158,8 +270,8 @@ _modules: dict = {}
 _kernels: dict = {}
 
 
-def _kernel(dtype: str, head_dim: int, name: str, device_id: int):
-    options = compile_options(dtype, head_dim)
+def _kernel(dtype: str, head_dim: int, name: str, device_id: int, family: int):
+    options = compile_options(dtype, head_dim, kernels=family)
     key = (options, name, device_id)
     kern = _kernels.get(key)
     if kern is None:
@@ -175,9 +287,27 @@ def _kernel(dtype: str, head_dim: int, name: str, device_id: int):
     return kern
 
 
-def _launch(dtype, head_dim, name, device_id, grid, args):
+def precompile(dtype: str, head_dim: int, family: int, ldmatrix=None, device_id: int = 0):
+    """Compile (and so put in CuPy's on-disk kernel cache, shared by later processes) the
+    module of one kernel family: bench/gpu_kernel_check.sh builds them all in parallel
+    processes before the tests. ``ldmatrix`` None: as TINYLM_FA_LDMATRIX says."""
+    if ldmatrix is not None:
+        os.environ["TINYLM_FA_LDMATRIX"] = "1" if ldmatrix else "0"
+    _kernel(dtype, head_dim, "fa_bwd_pre", device_id, family)
+
+
+def module_specs() -> list:
+    """(dtype, head dim, family, ldmatrix) of every module the GPU tests compile."""
+    specs = [(dtype, d, fam, True) for dtype, d in ((t, d) for t in DTYPES for d in HEAD_DIMS)
+             for fam in ((1,) if dtype == "float32" else (1, 2, 4))]
+    return specs + [("float16", 64, 4, False), ("bfloat16", 128, 4, False)]
+
+
+def _launch(dtype, head_dim, name, device_id, grid, args, family=None):
+    """Launch kernel ``name`` from the module of ``family`` (default: its own family; the
+    pre-passes, in every module, say which one to use)."""
     _, threads, smem = launch_shape(name, head_dim)
-    kern = _kernel(dtype, head_dim, name, device_id)
+    kern = _kernel(dtype, head_dim, name, device_id, family or kernel_family(name))
     kern(grid, (threads, 1, 1), args, shared_mem=smem)
 
 
@@ -305,11 +435,11 @@ def _empty(xp, shape, array_dtype, dtype_name, poison):
 
 
 def flash_attention_forward(q, k, v, causal: bool = False, scale=None, *, impl: str = "auto",
-                            bf16_bits: bool = False, poison=None):
+                            bf16_bits: bool = False, poison=None, variant=None):
     """(o, lse): o like q, lse (B, H, Tq) float32 natural-log logsumexp of the scaled scores.
 
     q (B, H, Tq, D), k and v (B, Hkv, Tk, D): C-contiguous CuPy arrays of one dtype on one
-    GPU. ``scale`` defaults to 1 / sqrt(D)."""
+    GPU. ``scale`` defaults to 1 / sqrt(D). ``variant``: see ``kernel_plan``."""
     xp, device = _check_device_arrays({"q": q, "k": k, "v": v})
     B, H, Hkv, Tq, Tk, D, dtype = _check_qkv(q, k, v, bf16_bits)
     impl, scale = _resolve(impl, dtype, scale, D)
@@ -317,7 +447,7 @@ def flash_attention_forward(q, k, v, causal: bool = False, scale=None, *, impl: 
     with q.device:
         o = _empty(xp, q.shape, q.dtype, dtype, poison)
         lse = _empty(xp, (B, H, Tq), np.float32, "float32", poison)
-        name = f"fa_fwd_{impl}"
+        name = kernel_plan(impl, dtype, D, scale, variant)["fwd"]
         rows = launch_shape(name, D)[0]
         grid = ((Tq + rows - 1) // rows, B * H, 1)
         args = (q, k, v, o, lse, np.int32(H), np.int32(Hkv), np.int32(Tq), np.int32(Tk),
@@ -327,7 +457,8 @@ def flash_attention_forward(q, k, v, causal: bool = False, scale=None, *, impl: 
 
 
 def flash_attention_backward(q, k, v, o, lse, do, causal: bool = False, scale=None, *,
-                             impl: str = "auto", bf16_bits: bool = False, poison=None):
+                             impl: str = "auto", bf16_bits: bool = False, poison=None,
+                             variant=None):
     """(dq, dk, dv) of ``sum(o * do)``, given the forward's o and lse (same causal, scale)."""
     xp, device = _check_device_arrays({"q": q, "k": k, "v": v, "o": o, "lse": lse, "do": do})
     B, H, Hkv, Tq, Tk, D, dtype = _check_qkv(q, k, v, bf16_bits)
@@ -344,6 +475,7 @@ def flash_attention_backward(q, k, v, o, lse, do, causal: bool = False, scale=No
             f"got {tuple(lse.shape)} {lse.dtype}"
         )
     poison = _poison_on(poison)
+    plan = kernel_plan(impl, dtype, D, scale, variant)
     with q.device:
         delta = _empty(xp, (B, H, Tq), np.float32, "float32", poison)
         dq = _empty(xp, q.shape, q.dtype, dtype, poison)
@@ -354,17 +486,24 @@ def flash_attention_backward(q, k, v, o, lse, do, causal: bool = False, scale=No
 
         nrows = B * H * Tq
         grid = ((nrows + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, 1, 1)
-        _launch(dtype, D, "fa_bwd_pre", device, grid, (o, do, delta, np.int32(nrows)))
+        if plan["pre"] == "fa_bwd_pre2":  # delta and lse2 = lse * log2(e) (+inf for -inf)
+            lse_arg = _empty(xp, (B, H, Tq), np.float32, "float32", poison)
+            args = (o, do, lse, delta, lse_arg, np.int32(nrows))
+        else:
+            lse_arg = lse
+            args = (o, do, delta, np.int32(nrows))
+        _launch(dtype, D, plan["pre"], device, grid, args, family=kernel_family(plan["dq"]))
 
-        name = f"fa_bwd_dkdv_{impl}"
+        name = plan["dkdv"]
         keys = launch_shape(name, D)[0]
         grid = ((Tk + keys - 1) // keys, B * Hkv, 1)
-        _launch(dtype, D, name, device, grid, (q, k, v, do, lse, delta, dk, dv) + ints + floats)
+        _launch(dtype, D, name, device, grid,
+                (q, k, v, do, lse_arg, delta, dk, dv) + ints + floats)
 
-        name = f"fa_bwd_dq_{impl}"
+        name = plan["dq"]
         rows = launch_shape(name, D)[0]
         grid = ((Tq + rows - 1) // rows, B * H, 1)
-        _launch(dtype, D, name, device, grid, (q, k, v, do, lse, delta, dq) + ints + floats)
+        _launch(dtype, D, name, device, grid, (q, k, v, do, lse_arg, delta, dq) + ints + floats)
     return dq, dk, dv
 
 
@@ -381,6 +520,7 @@ class FlashAttention(Function):
     causal = False
     scale = None
     impl = "auto"
+    variant = None
 
     def forward(self, xp, q, k, v):
         if xp is np:
@@ -388,7 +528,8 @@ class FlashAttention(Function):
             o = o.astype(q.dtype, copy=False)
         else:
             q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
-            o, lse = flash_attention_forward(q, k, v, self.causal, self.scale, impl=self.impl)
+            o, lse = flash_attention_forward(q, k, v, self.causal, self.scale, impl=self.impl,
+                                             variant=self.variant)
         if self.needs_grad:
             self.saved = (q, k, v, o, lse)
         return o
@@ -400,12 +541,12 @@ class FlashAttention(Function):
             grads = attention_reference_backward(xp, q, k, v, grad, self.causal, self.scale)
             return tuple(g.astype(a.dtype, copy=False) for g, a in zip(grads, (q, k, v)))
         return flash_attention_backward(q, k, v, o, lse, grad, self.causal, self.scale,
-                                        impl=self.impl)
+                                        impl=self.impl, variant=self.variant)
 
 
-def flash_attention(q, k, v, causal: bool = False, scale=None, impl: str = "auto"):
+def flash_attention(q, k, v, causal: bool = False, scale=None, impl: str = "auto", variant=None):
     """Tensor-level entry point: ``FlashAttention.apply`` with keyword defaults."""
-    return FlashAttention.apply(q, k, v, causal=causal, scale=scale, impl=impl)
+    return FlashAttention.apply(q, k, v, causal=causal, scale=scale, impl=impl, variant=variant)
 
 
 # --------------------------------------------------------------------------- the oracle
