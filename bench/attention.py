@@ -13,10 +13,14 @@ warm-up then timed forward+backward repetitions (median). ``--repeat`` runs the 
 sweep that many times, interleaved, and the table shows the medians of the runs.
 
 torch gets as many threads as numpy's BLAS has (threadpoolctl tells when installed,
-else OPENBLAS_NUM_THREADS / the CPU count). The naive path needs about 3.3 float32
-(T, T) arrays per head at its peak (backward): a case whose predicted peak (scaled as
-T^2 from the largest naive case measured, or that rule) exceeds ``--naive-limit-gb``
-is skipped with "would need N GB" instead of being run into the OOM killer.
+else OPENBLAS_NUM_THREADS / the CPU count): ``OPENBLAS_NUM_THREADS=1 python
+bench/attention.py`` compares one core each, which is what to quote on a machine
+whose other cores are busy (multi-threaded OpenBLAS then stalls in every tile GEMM).
+
+The naive path needs about 3.3 float32 (T, T) arrays per head at its peak (backward):
+a case whose predicted peak (scaled as T^2 from the largest naive case measured, or
+that rule) exceeds ``--naive-limit-gb`` is skipped with "would need N GB" instead of
+being run into the OOM killer.
 """
 
 from __future__ import annotations

@@ -115,3 +115,11 @@ cli.add_command(info_command)
 from tinylm.commands.tokenize import tokenize_group  # noqa: E402
 
 cli.add_command(tokenize_group)
+
+from tinylm.commands.train import train_command  # noqa: E402
+from tinylm.commands.generate import generate_command  # noqa: E402
+from tinylm.commands.plot import plot_command  # noqa: E402
+
+cli.add_command(train_command)
+cli.add_command(generate_command)
+cli.add_command(plot_command)

@@ -2,20 +2,31 @@
 
     softmax(q @ k^T * scale + mask) @ v        q: (B, H, T, hs), k, v: (B, Hkv, S, hs)
 
-Composed from matmul, masked_fill and the fused softmax, so its gradient needs no code
-of its own. Grouped-query attention: when Hkv divides H, each k/v head serves H / Hkv
-query heads (Hkv = 1 is multi-query attention).
+One fused node (``Attention``: two batched GEMMs and an in-place softmax each way)
+when the mask is a constant; composed from matmul, masked_fill and the fused softmax
+(whose gradients need no code here) when the mask is a tensor that learns or dropout
+is on. Grouped-query attention: when Hkv divides H, each k/v head serves H / Hkv query
+heads (Hkv = 1 is multi-query attention).
+
+Long sequences go to ``flash.tiled_attention`` (same result, O(T) memory) unless
+``impl="naive"`` is asked for: see ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
 import math
 
-from tinylm.errors import ShapeError
+import numpy as np
+
+from tinylm import amp
+from tinylm.errors import ShapeError, TinyLMError
+from tinylm.function import Function
 from tinylm.ops.elementwise import add, masked_fill, mul
 from tinylm.ops.matmul import matmul
 from tinylm.ops.movement import broadcast_to, reshape, swapaxes
 from tinylm.ops.nn import dropout, softmax
+from tinylm.ops.reduce import last_axis_sum
+from tinylm.ops.flash import alibi_bias, tiled_attention
 from tinylm.tensor import Tensor
 
 
@@ -24,6 +35,62 @@ def causal_mask(xp, T: int, S: int):
 
     With a KV cache S > T and query t sits at absolute position S - T + t."""
     return xp.triu(xp.ones((T, S), dtype=bool), k=S - T + 1)
+
+
+_causal_bias_cache: dict = {}
+
+
+def causal_bias(xp, T: int, S: int, dtype):
+    """(T, S) additive mask: 0 where query t may see key s, -inf after it. Cached (it is
+    read-only) for the last few shapes, so a training loop builds it once."""
+    key = (xp.__name__, T, S, dtype.str)
+    bias = _causal_bias_cache.get(key)
+    if bias is None:
+        bias = xp.where(causal_mask(xp, T, S), -xp.inf, 0).astype(dtype)
+        if len(_causal_bias_cache) >= 8:
+            _causal_bias_cache.clear()
+        _causal_bias_cache[key] = bias
+    return bias
+
+
+def _score_dtype(dtype):
+    """Scores and probabilities are at least float32 (as the composed softmax under amp)."""
+    return np.promote_types(dtype, np.float32)
+
+
+class Attention(Function):
+    """softmax(q @ k^T * scale + mask) @ v as one node, for a constant mask: ``bias``
+    (additive, broadcastable to (B, H, T, S)) and/or ``keep`` (boolean, True = keep).
+
+    Backward, with P the probabilities and dY the output gradient:
+    dV = P^T dY, dP = dY V^T, dS = P * (dP - rowsum(dP * P)) * scale, dQ = dS K,
+    dK = dS^T Q. Masked entries have P = 0, so they get no gradient.
+    """
+
+    def forward(self, xp, q, k, v):
+        att = q @ k.swapaxes(-1, -2)  # (B, H, T, S), fresh: the rest is in place
+        att = att.astype(_score_dtype(att.dtype), copy=False)  # half -> float32 softmax
+        att *= self.scale
+        if self.bias is not None:
+            att += self.bias
+        if self.keep is not None:
+            xp.copyto(att, -xp.inf, where=~self.keep)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= last_axis_sum(xp, att)
+        self.q, self.k, self.v, self.p = q, k, v, att
+        return att.astype(v.dtype, copy=False) @ v  # (B, H, T, hs), in v's dtype
+
+    def backward(self, xp, grad):
+        q, k, v, p = self.q, self.k, self.v, self.p
+        gv = p.swapaxes(-1, -2) @ grad if self.needs_input_grad[2] else None
+        ds = (grad @ v.swapaxes(-1, -2)).astype(p.dtype, copy=False)  # dP (B, H, T, S)
+        ds -= last_axis_sum(xp, ds * p)
+        ds *= p
+        ds *= self.scale
+        gq = ds @ k if self.needs_input_grad[0] else None
+        gk = ds.swapaxes(-1, -2) @ q if self.needs_input_grad[1] else None
+        return gq, gk, gv
 
 
 def repeat_kv(x, n_rep: int):
@@ -36,22 +103,74 @@ def repeat_kv(x, n_rep: int):
     return reshape(x, (B, Hkv * n_rep, S, hs))
 
 
+# impl="auto" switches to the tiled op (O(T) memory) from this many scores per head:
+# there it is as fast as the naive path on a CPU, and faster beyond (bench/attention.py).
+TILED_MIN_SCORES = 512 * 1024
+IMPLS = ("auto", "naive", "tiled")
+
+
 def scaled_dot_product_attention(
     q, k, v, mask=None, is_causal: bool = False, scale=None, dropout_p: float = 0.0,
-    training: bool = True,
+    training: bool = True, alibi_slopes=None, impl: str = "auto",
 ):
     """``mask``: boolean (True = keep, as torch) or additive float, broadcastable to
-    (B, H, T, S)."""
+    (B, H, T, S). ``alibi_slopes`` (H,): add ALiBi's ``-slope_h * |pos_q - pos_k|``
+    (query i at position i + S - T), see ``flash.alibi_bias``.
+
+    ``impl``: ``"naive"`` materialises the (B, H, T, S) scores (this file, the
+    reference); ``"tiled"`` never does (``tinylm.ops.flash``: online softmax,
+    O(T) memory); ``"auto"`` takes the tiled op when T * S >= TILED_MIN_SCORES and
+    the mask is constant and dropout is off (the tiled op has no dropout)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ShapeError(f"attention expects (B, H, T, hs) tensors, got {q.shape}, {k.shape}, {v.shape}")
     H, Hkv = q.shape[1], k.shape[1]
     if H % Hkv:
         raise ShapeError(f"{H} query heads cannot share {Hkv} key/value heads evenly")
+    if impl not in IMPLS:
+        raise TinyLMError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    learned_mask = isinstance(mask, Tensor) and mask.requires_grad
+    if impl == "tiled" and (learned_mask or (dropout_p and training)):
+        raise TinyLMError(
+            "impl='tiled' takes a constant mask and no dropout; use impl='naive' (or "
+            "'auto') for a mask that learns or for attention dropout"
+        )
+    if impl == "tiled" or (
+        impl == "auto" and not learned_mask and not (dropout_p and training)
+        and q.shape[2] * k.shape[2] >= TILED_MIN_SCORES
+    ):
+        q, k, v = amp.cast_for_matmul(q, k, v)  # as the naive path does
+        return tiled_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                               alibi_slopes=alibi_slopes)  # (B, H, T, hs)
     k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
     T, S = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    xp = q.xp
+    alibi = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.data if isinstance(alibi_slopes, Tensor) else alibi_slopes
+        slopes = xp.asarray(slopes)
+        if slopes.shape != (H,):
+            raise ShapeError(
+                f"alibi_slopes must have shape ({H},), one per head; got {slopes.shape}"
+            )
+        alibi = alibi_bias(xp, slopes, T, S, _score_dtype(q.dtype))  # (H, T, S)
+    if not learned_mask and not (dropout_p and training):
+        bias = causal_bias(xp, T, S, _score_dtype(q.dtype)) if is_causal else None
+        if alibi is not None:
+            bias = alibi if bias is None else bias + alibi
+        keep = None
+        if mask is not None:
+            m = mask.data if isinstance(mask, Tensor) else xp.asarray(mask)
+            if m.dtype == bool:
+                keep = m
+            else:
+                m = m.astype(_score_dtype(q.dtype), copy=False)
+                bias = m if bias is None else bias + m
+        q, k, v = amp.cast_for_matmul(q, k, v)  # as the composed path's matmuls do
+        return Attention.apply(q, k, v, scale=scale, bias=bias, keep=keep)  # (B, H, T, hs)
     att = matmul(mul(q, scale), swapaxes(k, -1, -2))  # (B, H, T, S)
-    xp = att.xp
+    if alibi is not None:
+        att = add(att, Tensor(alibi))
     if is_causal:
         att = masked_fill(att, causal_mask(xp, T, S), -float("inf"))
     if mask is not None:
