@@ -65,8 +65,9 @@ def test_manager_is_cached_until_reset():
 
 def test_registered_names_are_looked_up_and_attributed():
     assert plugins.register_plugin(Alpha) == "Alpha"
-    assert plugins.registry("tokenizers") == {"alpha-bpe": "AlphaBPE", "shared": "alpha's"}
-    assert plugins.registered_by("tokenizers") == {"alpha-bpe": "Alpha", "shared": "Alpha"}
+    found, owners = plugins.registry("tokenizers"), plugins.registered_by("tokenizers")
+    assert {"alpha-bpe": "AlphaBPE", "shared": "alpha's"}.items() <= found.items()
+    assert {name for name, owner in owners.items() if owner == "Alpha"} == {"alpha-bpe", "shared"}
     assert plugins.get_tokenizer_class("alpha-bpe") == "AlphaBPE"
     assert plugins.get_objective("alpha-lm") == "AlphaLM"
     listed = {name: registers for name, _, registers in plugins.list_plugins()}
@@ -136,7 +137,7 @@ def test_unknown_name_lists_what_is_available(lookup, kind):
 
 def test_unknown_name_suggests_a_close_one():
     plugins.register_plugin(Alpha)
-    with pytest.raises(TinyLMError, match="available: alpha-bpe, shared. Did you mean 'alpha-bpe'"):
+    with pytest.raises(TinyLMError, match="available: alpha-bpe, .*shared.*Did you mean 'alpha-bpe'"):
         plugins.get_tokenizer_class("alpha_bpe")
 
 
@@ -195,7 +196,7 @@ def test_hook_with_unknown_argument_is_rejected():
 
 
 def test_new_plugin_refreshes_cached_registries():
-    assert plugins.registry("tokenizers") == {}
+    assert "alpha-bpe" not in plugins.registry("tokenizers")
     plugins.register_plugin(Alpha)
     assert "alpha-bpe" in plugins.registry("tokenizers")
 
