@@ -4,9 +4,9 @@
     python examples/char_gpt.py --data input.txt --steps 2000 --device cuda
 
 The default corpus is the text of Python's bundled ``pydoc_data`` topics (about
-465 KB), so it runs on any fresh install. Until the `tinylm train` command lands
-this is the engine's end-to-end demo; the GPU check reuses it to compare the loss
-curve on CPU and GPU.
+465 KB), so it runs on any fresh install. It shows the engine with nothing hidden;
+``tinylm train`` (tinylm/train.py) is the full trainer. The GPU check
+(bench/gpu_train_check.py) reuses this file to compare the loss curve on CPU and GPU.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Stack(nn.Module):
         self.norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if pre else None
 
     def forward(self, x, attention_mask=None, cache=None, memory=None, memory_mask=None,
-                positions=None):
+                positions=None, prefix_length=None):
         """x (B, T, d) token embeddings -> (hidden (B, T, d), MoE aux loss or None).
 
         ``attention_mask`` (B, S): 1 = token, 0 = padding, over every key position (the
@@ -92,8 +92,9 @@ class Stack(nn.Module):
         slopes = self._alibi_slopes(k_pos, xp)
         bias = None if slopes is not None else self.pos.bias(q_pos, k_pos)  # (1|B, H, T, S)
         is_causal = self.causal
-        if keep is not None:
-            pad = mask_bias(keep, T, k_pos.shape[-1], self.causal, x.dtype, xp)  # (B, 1, T, S)
+        if keep is not None or prefix_length is not None:  # (prefix LM: see mask_bias)
+            pad = mask_bias(keep, T, k_pos.shape[-1], self.causal, x.dtype, xp,
+                            prefix_length=prefix_length)  # (B, 1, T, S)
             bias, is_causal = (pad if bias is None else bias + pad), False
         memory_keep = _padding(memory_mask, xp)
         memory_bias = None if memory_keep is None else mask_bias(

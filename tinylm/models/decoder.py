@@ -26,16 +26,19 @@ class Decoder(Model):
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
-    def forward(self, ids, targets=None, attention_mask=None, cache=None, positions=None):
+    def forward(self, ids, targets=None, attention_mask=None, cache=None, positions=None,
+                prefix_length=None):
         """ids (B, T) -> ModelOutput with logits (B, T, vocab).
 
         ``targets`` (B, T) are the next tokens, already shifted (targets[:, t] follows
         ids[:, t]); -100 is ignored. ``attention_mask`` (B, S): 1 = token, 0 = padding,
         S = cached + new positions. ``cache``: a ``tinylm.nn.KVCache`` to decode with
         (feed only the new tokens). ``positions``: (T,) or (B, T) position ids, e.g.
-        for left-padded batches; default past .. past+T-1."""
+        for left-padded batches; default past .. past+T-1. ``prefix_length`` (B,): a
+        prefix LM, whose first prefix_length positions attend bidirectionally."""
         ids = self.as_ids(ids)
         x = self.tok_emb(ids)  # (B, T, d)
-        h, aux = self.transformer(x, attention_mask, cache=cache, positions=positions)  # (B, T, d)
+        h, aux = self.transformer(x, attention_mask, cache=cache, positions=positions,
+                                  prefix_length=prefix_length)  # (B, T, d)
         logits = self.lm_head(h)  # (B, T, vocab)
         return self.output(logits, targets, aux, hidden_states=h)

@@ -34,10 +34,12 @@ def score_dtype(dtype):
     return np.promote_types(dtype, np.float32)
 
 
-def mask_bias(keep, T: int, S: int, causal: bool, dtype, xp=np):
+def mask_bias(keep, T: int, S: int, causal: bool, dtype, xp=np, prefix_length=None):
     """An additive mask (B, 1, T, S) from ``keep`` (B, S), 1 = attend, 0 = padding, or
     None: then only causality, (1, 1, T, S). Queries are the last T of the S positions
-    (with a KV cache, the first S - T are in the cache)."""
+    (with a KV cache, the first S - T are in the cache). ``prefix_length`` (B,): a
+    prefix LM's causal mask, where the first prefix_length keys are visible to every
+    query (the prefix attends bidirectionally)."""
     allowed = xp.ones((1, 1, T, S), dtype=bool)
     if keep is not None:
         keep = keep.data if isinstance(keep, Tensor) else xp.asarray(keep)
@@ -48,7 +50,12 @@ def mask_bias(keep, T: int, S: int, causal: bool, dtype, xp=np):
             )
         allowed = allowed & keep.astype(bool)[:, None, None, :]  # (B, 1, 1|T, S)
     if causal:
-        allowed = allowed & xp.tril(xp.ones((T, S), dtype=bool), k=S - T)  # (B, 1, T, S)
+        causal_ok = xp.tril(xp.ones((T, S), dtype=bool), k=S - T)  # (T, S)
+        if prefix_length is not None:
+            prefix = prefix_length.data if isinstance(prefix_length, Tensor) else prefix_length
+            prefix = xp.asarray(prefix).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            causal_ok = causal_ok | (xp.arange(S) < prefix)  # (B, 1, T, S)
+        allowed = allowed & causal_ok  # (B, 1, T, S)
     dtype = score_dtype(dtype)
     return xp.where(allowed, dtype.type(0), np.finfo(dtype).min).astype(dtype)
 

@@ -1,0 +1,69 @@
+"""``tinylm plot RUN_DIR``: draw a run's loss curves (RUN_DIR/metrics.jsonl) to a PNG.
+
+    tinylm plot runs/demo                  # writes runs/demo/loss.png
+    tinylm plot runs/a runs/b -o cmp.png   # several runs on one chart
+
+Needs matplotlib: ``pip install 'tinylm[plot]'``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from tinylm.errors import TinyLMError
+
+
+def plot_runs(run_dirs, output, title=None) -> str:
+    """Draw the training loss (thin) and validation loss (markers) of each run."""
+    from tinylm.train import METRICS_FILE, read_metrics
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TinyLMError("tinylm plot needs matplotlib: pip install 'tinylm[plot]' "
+                          "(or pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = 0
+    for run in run_dirs:
+        path = os.path.join(run, METRICS_FILE)
+        if not os.path.exists(path):
+            raise TinyLMError(f"{run} has no {METRICS_FILE}; is it the --out folder of a "
+                              f"`tinylm train` run?")
+        records = read_metrics(path)
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        label = os.path.basename(os.path.normpath(run)) if len(run_dirs) > 1 else ""
+        if train:
+            ax.plot(*zip(*train), linewidth=1, alpha=0.7,
+                    label=f"{label} train".strip())
+        if val:
+            ax.plot(*zip(*val), marker="o", linewidth=2, label=f"{label} val".strip())
+        drawn += len(train) + len(val)
+    if not drawn:
+        raise TinyLMError(f"no loss values in {', '.join(run_dirs)} yet; train for at "
+                          f"least --log-every steps first")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "tinylm: " + ", ".join(os.path.normpath(r) for r in run_dirs))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+@click.command(name="plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", help="The PNG to write [default: RUN_DIR/loss.png].")
+@click.option("--title", help="The chart's title.")
+def plot_command(run_dirs, output, title):
+    """Draw the loss curves of RUN_DIRS (their metrics.jsonl) to a PNG."""
+    output = output or os.path.join(run_dirs[0], "loss.png")
+    plot_runs(list(run_dirs), output, title)
+    click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,146 @@
+"""``tinylm train``: train a model on text, with a progress bar, samples and checkpoints.
+
+    tinylm train --out runs/demo                           # Python's pydoc topics, char GPT
+    tinylm train --config examples/shakespeare_char.toml   # a run described in TOML
+    tinylm train --data corpus/ --family llama --tokenizer bpe --vocab-size 4096 \\
+                 --n-layer 6 --d-model 256 --max-steps 5000 --out runs/llama
+    tinylm train --family bert --data docs.jsonl --text-field body --out runs/bert
+
+Settings come from the defaults (``tinylm.train.TrainConfig``), then ``--config``,
+then the options given here. Running the same command again on the same --out
+resumes from its last checkpoint (Ctrl-C saves one and stops); --overwrite starts
+over. Metrics go to OUT/metrics.jsonl (``tinylm plot OUT`` draws them).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+# option name -> TrainConfig field; the model's fields go into the [model] table
+_MODEL_OPTIONS = {"n_layer": "n_layer", "n_head": "n_head", "d_model": "d_model",
+                  "d_ff": "d_ff", "dropout": "dropout"}
+
+
+def _parse_value(text: str):
+    """A --set value: TOML syntax (1e-3, true, "x", [1, 2]) or else a bare string."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except Exception:
+        return text
+
+
+@click.command(name="train")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="A TOML file of settings (top level) and a [model] table.")
+@click.option("--data", multiple=True, type=click.Path(exists=True),
+              help="Text file, JSONL file or folder (repeat for several) "
+                   "[default: Python's pydoc topics].")
+@click.option("-o", "--out", "out_dir", help="Run directory: checkpoints, metrics, samples.")
+@click.option("--family", help="Model family: gpt, llama, bert, t5 (or a plugin's).")
+@click.option("--objective", help="causal-lm, prefix-lm, masked-lm, span-corruption "
+                                  "[default: the family's].")
+@click.option("--tokenizer", help="char, bpe (trained on the data) or a tokenizer file.")
+@click.option("--vocab-size", type=click.IntRange(min=1), help="For a trained bpe tokenizer.")
+@click.option("--n-layer", type=click.IntRange(min=1))
+@click.option("--n-head", type=click.IntRange(min=1))
+@click.option("--d-model", "--n-embd", "d_model", type=click.IntRange(min=1))
+@click.option("--d-ff", type=click.IntRange(min=1))
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--block-size", type=click.IntRange(min=1), help="Context length in tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step.")
+@click.option("--max-steps", type=click.IntRange(min=0))
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--min-lr", type=float, help="Final learning rate [default: lr/10].")
+@click.option("--warmup-steps", type=click.IntRange(min=0))
+@click.option("--lr-decay-steps", type=click.IntRange(min=0), help="[default: max-steps]")
+@click.option("--weight-decay", type=click.FloatRange(min=0))
+@click.option("--beta1", type=float)
+@click.option("--beta2", type=float)
+@click.option("--grad-clip", type=click.FloatRange(min=0), help="0 turns clipping off.")
+@click.option("--eval-every", type=click.IntRange(min=1))
+@click.option("--eval-iters", type=click.IntRange(min=1))
+@click.option("--log-every", type=click.IntRange(min=1))
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="[default: eval-every]")
+@click.option("--sample-tokens", type=click.IntRange(min=0),
+              help="Length of the sample printed at each eval (0: none).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--sampling", type=click.Choice(["random", "packed"]),
+              help="Random windows (nanoGPT) or packed documents.")
+@click.option("--text-field", help="The text field of JSONL records [default: text].")
+@click.option("--cache-dir", help="Where tokenized data is cached [default: ~/.cache/tinylm].")
+@click.option("--seed", type=click.IntRange(min=0))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]))
+@click.option("--half/--no-half", default=None, help="float16 matmuls + loss scaling.")
+@click.option("--threads", type=click.IntRange(min=0),
+              help="BLAS threads on the CPU (0: as configured) [default: 1 for models "
+                   "under 20M parameters].")
+@click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any other setting, e.g. -s temperature=1.0 -s model.norm=rmsnorm.")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT has a checkpoint.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show the progress bar (on stderr).")
+def train_command(config_path, data, out_dir, settings, overwrite, progress, **options):
+    """Train a language model on text files (default: Python's pydoc topics).
+
+    Prints a progress bar with the loss, tokens/s and the time left, and at each
+    evaluation the validation loss and perplexity and, for decoders, a sample.
+    Writes OUT/model.safetensors, config.json, tokenizer.txt (what `tinylm generate
+    --model OUT` loads), the optimizer and trainer state, and OUT/metrics.jsonl.
+    Run it again to resume; Ctrl-C saves a checkpoint and stops.
+    """
+    from tinylm.train import TrainConfig, Trainer, has_checkpoint, read_checkpoint_state
+
+    given = {}  # the settings this command line (and --config) sets explicitly
+    if config_path:
+        from tinylm.train import read_toml
+
+        given.update(TrainConfig.from_toml(config_path).to_dict())
+        given = {k: v for k, v in given.items() if k in read_toml(config_path)}
+    model = dict(given.get("model", {}))
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _MODEL_OPTIONS:
+            model[_MODEL_OPTIONS[name]] = value
+        else:
+            given[name] = value
+    if data:
+        given["data"] = list(data)
+    if out_dir:
+        given["out_dir"] = out_dir
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        key, value = key.strip(), _parse_value(raw.strip())
+        if key.startswith("model."):
+            model[key[len("model."):]] = value
+        elif key.startswith("objective_options."):
+            given.setdefault("objective_options", {})[key.split(".", 1)[1]] = value
+        else:
+            given[key] = value
+    if model:
+        given["model"] = model
+    if "out_dir" not in given:
+        raise click.UsageError("say where the run goes: --out DIR (or out_dir in --config)")
+    config = TrainConfig.from_dict(given)
+    if not overwrite and has_checkpoint(config.out_dir):
+        saved = TrainConfig.from_dict(read_checkpoint_state(config.out_dir)["config"])
+        config = config.for_resume(saved, set(given))
+    trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress,
+                      overwrite=overwrite)
+    result = trainer.fit()
+    if result["interrupted"]:
+        sys.exit(130)
+    summary = f"done: {result['step']} steps"
+    if result["val_loss"] is not None:
+        summary += f", val loss {result['val_loss']:.4f}"
+    click.echo(f"{summary}; model in {config.out_dir} "
+               f"(tinylm generate --model {config.out_dir} --prompt ...)", err=True)

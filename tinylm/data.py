@@ -1,0 +1,358 @@
+"""Training data: text sources -> one token file on disk -> batches of windows.
+
+    files = resolve_sources(["corpus/", "extra.jsonl"])      # [] -> the default corpus
+    data = TokenData.prepare(files, tokenizer, cache_dir)    # tokenized once, then reused
+    train, val = data.split(0.1)                             # the first 90% of the tokens
+    batches = Batcher(train, window=65, batch_size=12, seed=1337)
+    x = batches.next()                                       # (12, 65) int64
+
+Sources are plain text files (one document each), JSONL files (one document per line,
+its text under ``text_field``), folders of such files (every file below, in sorted
+order, hidden ones skipped), or nothing: the text of Python's bundled ``pydoc_data``
+topics, one document per topic, so a fresh install has something to learn from.
+
+The documents are tokenized once into ``tokens-<key>.bin``, a flat uint16 (uint32 for
+vocabularies above 65536) array with the end-of-text token between documents, next to
+``tokens-<key>.json``, a small manifest: the sources' paths, sizes and modification
+times and the tokenizer's SHA-256. A later run with the same sources and tokenizer
+memory-maps the file instead of tokenizing again; a changed source or tokenizer makes
+a new one. The manifest is written last, so a file without one is never trusted.
+
+Batches are windows of consecutive tokens, drawn two ways, both deterministic for a
+seed and resumable exactly (``state_dict`` / ``load_state_dict``):
+
+- "random": nanoGPT's sampling, each window at a uniformly random offset;
+- "packed": the stream cut into back-to-back windows (documents packed across the
+  end-of-text separators), visited in a fresh random order each epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinylm.errors import TinyLMError
+
+FORMAT = "tinylm-tokens"
+FORMAT_VERSION = 1
+DEFAULT_CORPUS = "<pydoc_data topics>"  # what resolve_sources([]) stands for
+MODES = ("random", "packed")
+
+
+class DataError(TinyLMError, ValueError):
+    """A data source that is missing, unreadable, malformed, or too small."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def resolve_sources(paths) -> list:
+    """The files to read, in order: folders expanded (sorted, hidden entries skipped),
+    ``[]`` -> ``[DEFAULT_CORPUS]``."""
+    paths = [os.fspath(p) for p in (paths or [])]
+    if not paths:
+        return [DEFAULT_CORPUS]
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+            if not found:
+                raise DataError(f"the folder {path!r} has no files to train on")
+            files += sorted(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise DataError(f"data source {path!r} does not exist; give a text file, a "
+                            f"JSONL file or a folder of them")
+    return files
+
+
+def default_corpus_documents() -> list:
+    """The topics of Python's ``pydoc_data`` (about 465 KB of English about Python)."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _default_corpus_file() -> str:
+    import pydoc_data.topics
+
+    return pydoc_data.topics.__file__
+
+
+def read_documents(path: str, text_field: str = "text"):
+    """Yield the documents of one source file (or of the default corpus)."""
+    if path == DEFAULT_CORPUS:
+        yield from default_corpus_documents()
+        return
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path!r} is not UTF-8 text (byte {e.start}); tinylm trains on "
+                        f"UTF-8 text and JSONL files") from None
+    if not path.endswith(".jsonl"):
+        if text:
+            yield text
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{n}: no {text_field!r} field (found {keys}); pass "
+                            f"--text-field NAME to read another")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{n}: the {text_field!r} field is a "
+                            f"{type(value).__name__}, not a string")
+        if value:
+            yield value
+
+
+def iter_documents(files, text_field: str = "text"):
+    for path in files:
+        yield from read_documents(path, text_field)
+
+
+def source_fingerprint(files, text_field: str = "text") -> list:
+    """[{path, size, mtime_ns}] of the files: what decides whether a cache is current."""
+    out = []
+    for path in files:
+        real = _default_corpus_file() if path == DEFAULT_CORPUS else path
+        st = os.stat(real)
+        out.append({"path": path if path == DEFAULT_CORPUS else os.path.abspath(path),
+                    "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return [{"text_field": text_field}] + out
+
+
+def fingerprint_key(*parts) -> str:
+    """A short hex key for JSON-serialisable ``parts``."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """SHA-256 of the tokenizer's saved file: equal hashes, equal tokenizers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tokenizer.txt")
+        tokenizer.save(path)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+
+def default_cache_dir() -> str:
+    """``$TINYLM_CACHE``, else ``$XDG_CACHE_HOME/tinylm``, else ``~/.cache/tinylm``."""
+    if os.environ.get("TINYLM_CACHE"):
+        return os.environ["TINYLM_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tinylm")
+
+
+# --------------------------------------------------------------------------- token files
+
+
+def token_dtype(vocab_size: int):
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@dataclass
+class TokenData:
+    """All documents' tokens (a read-only memmap) and the manifest describing them."""
+
+    tokens: np.ndarray
+    manifest: dict
+    path: str = ""
+    reused: bool = False
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def prepare(cls, files, tokenizer, cache_dir, text_field: str = "text",
+                eot: str | None = "<|endoftext|>", progress=None) -> "TokenData":
+        """Tokenize ``files`` into ``cache_dir`` (or reuse what a previous call made).
+
+        ``eot``: the special token written between documents (None: nothing).
+        ``progress``: called as ``progress(done_files, total_files)``."""
+        sources = source_fingerprint(files, text_field)
+        tok_hash = tokenizer_sha256(tokenizer)
+        eot_id = None
+        if eot is not None:
+            eot_id = tokenizer.token_to_id(eot)
+            if eot_id is None:
+                raise DataError(f"the tokenizer has no {eot!r} token to separate documents "
+                                f"with; add it as a special token")
+        key = fingerprint_key(sources, tok_hash, eot_id)
+        os.makedirs(cache_dir, exist_ok=True)
+        bin_path = os.path.join(cache_dir, f"tokens-{key}.bin")
+        manifest_path = os.path.join(cache_dir, f"tokens-{key}.json")
+        manifest = _read_manifest(manifest_path)
+        dtype = token_dtype(tokenizer.vocab_size)
+        if (manifest and manifest.get("sources") == sources
+                and manifest.get("tokenizer_sha256") == tok_hash
+                and os.path.exists(bin_path)
+                and os.path.getsize(bin_path) == manifest["n_tokens"] * dtype.itemsize):
+            return cls(_memmap(bin_path, dtype, manifest["n_tokens"]), manifest, bin_path, True)
+
+        n_tokens = n_docs = 0
+        fd, tmp = tempfile.mkstemp(prefix=f".tokens-{key}.", suffix=".tmp", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for i, path in enumerate(files):
+                    for doc in read_documents(path, text_field):
+                        ids = tokenizer.encode(doc, disallowed_special=())
+                        if n_docs and eot_id is not None:
+                            f.write(np.array([eot_id], dtype=dtype).tobytes())
+                            n_tokens += 1
+                        f.write(np.asarray(ids, dtype=dtype).tobytes())
+                        n_tokens += len(ids)
+                        n_docs += 1
+                    if progress is not None:
+                        progress(i + 1, len(files))
+            os.replace(tmp, bin_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if n_tokens == 0:
+            raise DataError(f"the data ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})"
+                            f" holds no text")
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "sources": sources,
+            "tokenizer_sha256": tok_hash, "dtype": dtype.name, "n_tokens": n_tokens,
+            "n_documents": n_docs, "eot_id": eot_id, "vocab_size": tokenizer.vocab_size,
+        }
+        _write_json_atomic(manifest_path, manifest)
+        return cls(_memmap(bin_path, dtype, n_tokens), manifest, bin_path, False)
+
+    def split(self, val_fraction: float) -> tuple:
+        """(train, val): the first 1 - val_fraction of the tokens, and the rest."""
+        if not 0 <= val_fraction < 1:
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        n_train = int(len(self.tokens) * (1 - val_fraction))
+        return self.tokens[:n_train], self.tokens[n_train:]
+
+
+def _memmap(path, dtype, n):
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def _read_manifest(path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    if manifest.get("version") != FORMAT_VERSION:
+        return None
+    return manifest
+
+
+def _write_json_atomic(path, obj) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batcher:
+    """Batches of ``batch_size`` windows of ``window`` consecutive tokens (int64).
+
+    ``mode`` "random" (a uniformly random offset per window, as nanoGPT) or "packed"
+    (back-to-back windows, a new random order each epoch). Its own NumPy generator,
+    seeded with ``seed``, makes every choice, so ``state_dict()`` (JSON-ready) taken
+    between batches resumes the exact sequence."""
+
+    def __init__(self, tokens, window: int, batch_size: int, mode: str = "random",
+                 seed: int = 0, split: str = "train"):
+        if mode not in MODES:
+            raise DataError(f"sampling mode must be one of {MODES}, got {mode!r}")
+        if window < 1 or batch_size < 1:
+            raise DataError("window and batch_size must be positive")
+        self.tokens, self.window, self.batch_size, self.mode = tokens, window, batch_size, mode
+        n = len(tokens)
+        need = window if mode == "random" else window * batch_size
+        if n < need:
+            if mode == "random":
+                what, fixes = "one window", ["lower --block-size"]
+            else:
+                what = f"one batch of {batch_size} back-to-back windows"
+                fixes = ["lower --block-size or --batch-size"]
+            if split == "validation":
+                fixes.append("raise --val-fraction")
+            raise DataError(
+                f"the {split} split has {n:,} tokens, fewer than {what} needs ({need:,}); "
+                f"give more text, or {', or '.join(fixes)}")
+        self.rng = np.random.default_rng(seed)
+        self.n_windows = n // window  # packed mode
+        self.epoch, self.index, self._order, self._epoch_state = 0, 0, None, None
+        self._offsets = np.arange(window)
+
+    def next(self) -> np.ndarray:
+        if self.mode == "random":
+            starts = self.rng.integers(0, len(self.tokens) - self.window + 1,
+                                       size=self.batch_size)
+        else:
+            picks = []
+            while len(picks) < self.batch_size:
+                if self._order is None or self.index >= self.n_windows:
+                    if self._order is not None:
+                        self.epoch += 1
+                    self._new_epoch()
+                take = min(self.batch_size - len(picks), self.n_windows - self.index)
+                picks.extend(self._order[self.index:self.index + take])
+                self.index += take
+            starts = np.asarray(picks) * self.window
+        idx = starts[:, None] + self._offsets  # (B, window)
+        return np.asarray(self.tokens[idx], dtype=np.int64)
+
+    def _new_epoch(self) -> None:
+        self._epoch_state = self.rng.bit_generator.state
+        self._order = self.rng.permutation(self.n_windows)
+        self.index = 0
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "rng": self.rng.bit_generator.state, "epoch": self.epoch,
+                "index": self.index, "epoch_rng": self._epoch_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise DataError(f"the saved data position is for {state.get('mode')!r} sampling, "
+                            f"this run samples {self.mode!r}")
+        self.epoch, self._order = int(state["epoch"]), None
+        if state.get("epoch_rng") is not None:  # rebuild this epoch's order
+            self.rng.bit_generator.state = state["epoch_rng"]
+            self._new_epoch()
+        self.rng.bit_generator.state = state["rng"]
+        self.index = int(state["index"])
