@@ -12,6 +12,12 @@ own. Both models hold the same weights (tests/tiny_gpt.py builds the twins) and 
 this one process, interleaved: after warm-up, each repetition times one tinylm step and
 one torch step (in alternating order), and the table reports medians.
 
+Each timed step starts after a short pause (``--settle``, 0.2 s). Without it the two
+thread pools fight: OpenBLAS's worker threads keep spinning for about 0.1 s after a
+numpy GEMM, so on a 2-core machine a torch step that follows a tinylm step gets half
+the machine (measured here: torch 31 ms/step interleaved without the pause, 16-17 ms
+alone or with it), which would flatter tinylm.
+
 The environment is used as it is (threads, OPENBLAS_*); the header says what it was.
 To see numpy's current OpenBLAS kernels on a machine where OPENBLAS_CORETYPE is pinned,
 run the same command under ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`` and label
@@ -56,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--steps", type=int, default=30, help="timed repetitions of each")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--settle", type=float, default=0.2, metavar="SECONDS",
+                   help="pause before each timed step so that the other side's thread "
+                        "pool has gone to sleep (default 0.2; 0 to turn off)")
     p.add_argument("--threads", type=int,
                    help="set both numpy's BLAS threads (threadpoolctl) and torch's to N")
     p.add_argument("--only", choices=("tinylm", "torch"),
@@ -74,7 +83,9 @@ class Runner:
         self.step_ms, self.opt_ms = [], []
         self.loss = None
 
-    def run(self, record: bool) -> None:
+    def run(self, record: bool, settle: float = 0.0) -> None:
+        if settle:
+            time.sleep(settle)  # let the other side's thread pool stop spinning
         t0 = time.perf_counter()
         self.loss = self.step()
         t1 = time.perf_counter()
@@ -330,9 +341,10 @@ def main(argv=None) -> None:
     with LoadMeter() as load:
         for i in range(args.steps):
             for r in (runners if i % 2 == 0 else runners[::-1]):
-                r.run(record=True)
+                r.run(record=True, settle=args.settle)
 
-    print(f"\nmedian of {args.steps} interleaved steps after {args.warmup} warm-up:")
+    print(f"\nmedian of {args.steps} interleaved steps after {args.warmup} warm-up "
+          f"(settle {args.settle:g} s):")
     print(f"{'':<28}" + "".join(f"{r.name:>12}" for r in runners)
           + (f"{'ratio':>12}" if len(runners) == 2 else ""))
     for label, attr in (("fwd+bwd ms/step", "step_ms"), ("AdamW step ms", "opt_ms")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tinylm import amp, backend
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
+from tinylm.ops.reduce import last_axis_sum
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- embedding
@@ -164,9 +165,9 @@ class LayerNorm(Function):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
 
     def forward(self, xp, x, *params):
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu  # fresh: becomes xhat in place
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        inv_d = 1.0 / x.shape[-1]
+        xc = x - last_axis_sum(xp, x) * inv_d  # x - mean, fresh: becomes xhat in place
+        var = last_axis_sum(xp, xc * xc) * inv_d
         self.rstd = 1 / xp.sqrt(var + self.eps)
         xc *= self.rstd
         self.xhat = xc
@@ -180,9 +181,10 @@ class LayerNorm(Function):
         xhat, lead = self.xhat, tuple(range(grad.ndim - 1))
         # gx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat)), in place on gx
         gx = grad * self.w if self.has_weight else grad.copy()  # gxhat, fresh
+        inv_d = 1.0 / grad.shape[-1]
         tmp = gx * xhat
-        m2 = tmp.mean(axis=-1, keepdims=True)
-        m1 = gx.mean(axis=-1, keepdims=True)
+        m2 = last_axis_sum(xp, tmp) * inv_d
+        m1 = last_axis_sum(xp, gx) * inv_d
         xp.multiply(xhat, m2, out=tmp)
         gx -= tmp
         gx -= m1
