@@ -4,7 +4,7 @@ value and gradient vs torch in float64 and float32."""
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from op_helpers import check_device, check_torch
@@ -247,6 +247,9 @@ def test_layer_norm(case, eps):
 def test_layer_norm_matches_torch(dtype, tol, data):
     torch = pytest.importorskip("torch")
     x, w, b = data.draw(norm_case(dtype))
+    # A (near-)constant row in float32: x - mean is pure rounding, amplified by
+    # 1/sqrt(eps) ~ 316; ours is exactly 0, torch's is not, and neither is wrong.
+    assume(dtype == np.float64 or float(x.std(axis=-1).min(initial=1.0)) > 1e-2)
     inputs = [a for a in (x, w, b) if a is not None]
     check_torch(torch, _layer_norm_call(w, b, 1e-5), _layer_norm_call(w, b, 1e-5, torch), *inputs,
                 **tol)
