@@ -19,6 +19,10 @@ def plot_runs(run_dirs, output, title=None) -> str:
     """Draw the training loss (thin) and validation loss (markers) of each run."""
     from tinylm.train import METRICS_FILE, read_metrics
 
+    for run in run_dirs:  # bad input first: it is an error with or without matplotlib
+        if not os.path.exists(os.path.join(run, METRICS_FILE)):
+            raise TinyLMError(f"{run} has no {METRICS_FILE}; is it the --out folder of a "
+                              f"`tinylm train` run?")
     try:
         import matplotlib
 
@@ -30,11 +34,7 @@ def plot_runs(run_dirs, output, title=None) -> str:
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = 0
     for run in run_dirs:
-        path = os.path.join(run, METRICS_FILE)
-        if not os.path.exists(path):
-            raise TinyLMError(f"{run} has no {METRICS_FILE}; is it the --out folder of a "
-                              f"`tinylm train` run?")
-        records = read_metrics(path)
+        records = read_metrics(os.path.join(run, METRICS_FILE))
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         label = os.path.basename(os.path.normpath(run)) if len(run_dirs) > 1 else ""

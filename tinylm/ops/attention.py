@@ -27,6 +27,7 @@ from tinylm.ops.movement import broadcast_to, reshape, swapaxes
 from tinylm.ops.nn import dropout, softmax
 from tinylm.ops.reduce import last_axis_sum
 from tinylm.ops.flash import alibi_bias, tiled_attention
+from tinylm.kernels import flash_attention as cuda_flash
 from tinylm.tensor import Tensor
 
 
@@ -106,7 +107,7 @@ def repeat_kv(x, n_rep: int):
 # impl="auto" switches to the tiled op (O(T) memory) from this many scores per head:
 # there it is as fast as the naive path on a CPU, and faster beyond (bench/attention.py).
 TILED_MIN_SCORES = 512 * 1024
-IMPLS = ("auto", "naive", "tiled")
+IMPLS = ("auto", "naive", "tiled", "cuda")
 
 
 def scaled_dot_product_attention(
@@ -120,7 +121,10 @@ def scaled_dot_product_attention(
     ``impl``: ``"naive"`` materialises the (B, H, T, S) scores (this file, the
     reference); ``"tiled"`` never does (``tinylm.ops.flash``: online softmax,
     O(T) memory); ``"auto"`` takes the tiled op when T * S >= TILED_MIN_SCORES and
-    the mask is constant and dropout is off (the tiled op has no dropout)."""
+    the mask is constant and dropout is off (the tiled op has no dropout). On a GPU,
+    ``"auto"`` (and ``"cuda"``) runs the FlashAttention RawKernels
+    (``tinylm.kernels.flash_attention``) whenever they apply: no mask other than
+    causal, no ALiBi, no dropout, head dim 32/64/128, float32 or float16."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ShapeError(f"attention expects (B, H, T, hs) tensors, got {q.shape}, {k.shape}, {v.shape}")
     H, Hkv = q.shape[1], k.shape[1]
@@ -134,6 +138,20 @@ def scaled_dot_product_attention(
             "impl='tiled' takes a constant mask and no dropout; use impl='naive' (or "
             "'auto') for a mask that learns or for attention dropout"
         )
+    if impl in ("auto", "cuda") and q.device == "cuda":
+        q16, k16, v16 = amp.cast_for_matmul(q, k, v)
+        fits = (mask is None and alibi_slopes is None and not (dropout_p and training)
+                and q.shape[-1] in cuda_flash.HEAD_DIMS
+                and q16.dtype in (np.float32, np.float16))
+        if fits:
+            return cuda_flash.flash_attention(q16, k16, v16, causal=is_causal, scale=scale)
+        if impl == "cuda":
+            raise TinyLMError(
+                "impl='cuda' needs q/k/v on the GPU in float32 or float16, head dim 32, 64 "
+                "or 128, no mask but causal, no ALiBi and no dropout; use impl='auto'"
+            )
+    elif impl == "cuda":
+        raise TinyLMError("impl='cuda' needs tensors on the GPU; use impl='auto' on the CPU")
     if impl == "tiled" or (
         impl == "auto" and not learned_mask and not (dropout_p and training)
         and q.shape[2] * k.shape[2] >= TILED_MIN_SCORES
