@@ -29,12 +29,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 B, H, HS = 1, 4, 64
@@ -72,21 +73,6 @@ def numpy_threads() -> int:
     except ImportError:
         pass
     return int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024
 
 
 # --------------------------------------------------------------------------- one case

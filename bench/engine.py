@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import cpu_model, peak_rss_mib  # noqa: E402
 from tiny_gpt import TinyGPT, torch_twin  # noqa: E402
 
 from tinylm import backend  # noqa: E402
@@ -139,21 +140,6 @@ def blas_info() -> str:
                          f"{lib.get('num_threads')} threads"
                          + (f", kernel {arch}" if arch else ""))
     return "numpy BLAS: " + ("; ".join(parts) or "none found")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024
 
 
 def _cpu_busy_seconds():

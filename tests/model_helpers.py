@@ -9,6 +9,7 @@ meaningless where a value is ~0.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import tinylm
 from tinylm.models.hf import hf_state_dict
@@ -100,3 +101,41 @@ def kv_steps(model, ids, mask, prefix: int = 4, **kwargs):
             steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
                                **kwargs).logits.numpy())
     return np.concatenate(steps, axis=1)
+
+
+def assert_matches_hf(model, hf_model, vocab: int, seed: int = 0):
+    """Logits on a padded batch: ours against ``hf_model``'s, over the real tokens."""
+    import torch
+
+    ids, mask = padded_batch(vocab, seed=seed)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=torch.from_numpy(ids),
+                          attention_mask=torch.from_numpy(mask)).logits
+    with tinylm.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+    return assert_logits_match(ours.numpy(), theirs.numpy(), mask.astype(bool))
+
+
+def assert_loss_and_grads_match(model, hf_model, vocab: int, seed: int = 1):
+    """Next-token loss on a padded batch and every parameter's gradient, ours against torch's."""
+    import torch
+
+    ids, mask = padded_batch(vocab, seed=seed)
+    targets = np.where(mask == 1, np.roll(ids, -1, axis=1), -100)
+    hf_model.zero_grad()
+    model.zero_grad()
+    logits = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+    tl = torch_loss(logits, targets)
+    tl.backward()
+    out = model(ids, attention_mask=mask, targets=targets)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(tl.item(), rel=1e-5)
+    return assert_grads_match(model, hf_model)
+
+
+def assert_kv_cache_matches_full(model, vocab: int, seed: int = 3):
+    """Prefix-then-one-token-at-a-time through a KV cache equals a full recompute."""
+    ids, mask = padded_batch(vocab, T=12, seed=seed)
+    with tinylm.no_grad():
+        full = model(ids, attention_mask=mask).logits.numpy()
+    return assert_logits_match(kv_steps(model, ids, mask), full, mask.astype(bool), tol=1e-5)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tinylm  # noqa: E402
 from model_helpers import (  # noqa: E402
-    assert_grads_match, assert_logits_match, build_hf, kv_steps, load_in_tinylm, padded_batch,
-    torch_loss,
+    assert_kv_cache_matches_full, assert_logits_match, assert_loss_and_grads_match,
+    assert_matches_hf, build_hf, load_in_tinylm,
 )
 from tinylm.models import Decoder, LlamaConfig  # noqa: E402
 
@@ -47,27 +47,12 @@ def test_config_is_translated(pair):
 
 def test_logits_match_with_padding(pair):
     hf, model = pair
-    ids, mask = padded_batch(VOCAB)
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-    with tinylm.no_grad():
-        ours = model(ids, attention_mask=mask).logits
-    assert_logits_match(ours.numpy(), theirs.numpy(), mask.astype(bool))
+    assert_matches_hf(model, hf, VOCAB)
 
 
 def test_gradients_match(pair):
     hf, model = pair
-    ids, mask = padded_batch(VOCAB, seed=1)
-    targets = np.where(mask == 1, np.roll(ids, -1, axis=1), -100)
-    hf.zero_grad()
-    model.zero_grad()
-    logits = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-    tl = torch_loss(logits, targets)
-    tl.backward()
-    out = model(ids, attention_mask=mask, targets=targets)
-    out.loss.backward()
-    assert out.loss.item() == pytest.approx(tl.item(), rel=1e-5)
-    assert_grads_match(model, hf)
+    assert_loss_and_grads_match(model, hf, VOCAB)
 
 
 def test_round_trip_through_transformers(pair, tmp_path):
@@ -75,20 +60,12 @@ def test_round_trip_through_transformers(pair, tmp_path):
     model.save_pretrained(tmp_path)
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     assert back.config.num_key_value_heads == model.config.kv_heads
-    ids, mask = padded_batch(VOCAB, seed=2)
-    with torch.no_grad():
-        theirs = back(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-    with tinylm.no_grad():
-        ours = model(ids, attention_mask=mask).logits
-    assert_logits_match(ours.numpy(), theirs.numpy(), mask.astype(bool))
+    assert_matches_hf(model, back, VOCAB, seed=2)
 
 
 def test_kv_cache_matches_full_recompute(pair):
     _, model = pair
-    ids, mask = padded_batch(VOCAB, T=12, seed=3)
-    with tinylm.no_grad():
-        full = model(ids, attention_mask=mask).logits.numpy()
-    assert_logits_match(kv_steps(model, ids, mask), full, mask.astype(bool), tol=1e-5)
+    assert_kv_cache_matches_full(model, VOCAB)
 
 
 def test_left_padded_positions_give_the_unpadded_logits(pair):

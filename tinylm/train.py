@@ -56,6 +56,7 @@ import numpy as np
 
 from tinylm import amp, backend, checkpoint, plugins
 from tinylm.autograd import no_grad
+from tinylm.config_files import field_type_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
 from tinylm.errors import CheckpointError, TinyLMError
@@ -86,6 +87,10 @@ class TrainingDiverged(TinyLMError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- config
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                "list": (list, tuple), "dict": (dict,)}
 
 
 @dataclass
@@ -141,19 +146,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)):
             self.data = [self.data]
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kinds = [k.strip() for k in str(f.type).split("|")]
-            if value is None and "None" in kinds:
-                continue
-            types = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-                     "list": (list, tuple), "dict": (dict,)}
-            allowed = tuple(t for k in kinds for t in types.get(k, ()))
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-                problems.append(f"{f.name} must be {f.type}, got {value!r}")
-            elif "float" in kinds and not isinstance(value, bool) and isinstance(value, int):
-                setattr(self, f.name, float(value))
+        problems = field_type_problems(self, _FIELD_TYPES)
         if not problems:
             problems = self._check()
         if problems:
@@ -257,13 +250,7 @@ class TrainConfig:
 
 def read_toml(path) -> dict:
     path = os.fspath(path)
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError as e:
-            raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`") from e
+    tomllib = toml_module()
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
+from tinylm.config_files import field_type_problems, toml_module
 from tinylm.errors import TinyLMError
 
 
@@ -108,18 +109,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ checks
 
     def __post_init__(self):
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kinds = [k.strip() for k in str(f.type).split("|")]
-            if value is None and "None" in kinds:
-                continue
-            allowed = tuple(t for k in kinds for t in _TYPES.get(k, ()))
-            bad_bool = isinstance(value, bool) and bool not in allowed
-            if allowed and (not isinstance(value, allowed) or bad_bool):
-                problems.append(f"{f.name} must be {f.type}, got {value!r}")
-            elif "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
+        problems = field_type_problems(self, _TYPES)
         if not problems:
             problems = self._check()
         if problems:
@@ -303,14 +293,7 @@ def read_config_file(path) -> dict:
     path = os.fspath(path)
     try:
         if path.endswith(".toml"):
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                try:
-                    import tomli as tomllib
-                except ModuleNotFoundError as e:
-                    raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`; "
-                                      "or write the config as JSON") from e
+            tomllib = toml_module("; or write the config as JSON")
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         else:

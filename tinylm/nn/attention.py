@@ -145,6 +145,14 @@ class KVCache:
             self._static[id(layer)] = compute()
         return self._static[id(layer)]
 
+    def crop(self, length: int) -> None:
+        """Forget every position after the first ``length`` (e.g. rejected draft tokens
+        in speculative decoding); cross-attention keys and values stay."""
+        for slot in self._slots.values():
+            slot.length = min(slot.length, length)
+        if self.positions is not None:
+            self.positions = self.positions[..., :length]
+
     def reorder(self, index) -> None:
         """Keep batch rows ``index`` (in that order), e.g. the surviving beams."""
         for slot in self._slots.values():

@@ -26,6 +26,7 @@ name in the tokenizer registry, so plugin tokenizers load the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -147,6 +148,22 @@ class Tokenizer(ABC):
         return segments
 
 
+    def _encode_with_specials(self, text: str, allowed_special, disallowed_special,
+                              encode_text) -> list:
+        """The ids of ``text``: each allowed special token as its id, the ordinary text
+        between them through ``encode_text`` (str -> a new list of ids)."""
+        segments = self._special_segments(text, allowed_special, disallowed_special)
+        if len(segments) == 1 and isinstance(segments[0], str):
+            return encode_text(segments[0])
+        ids = []
+        for segment in segments:
+            if isinstance(segment, int):
+                ids.append(segment)
+            else:
+                ids.extend(encode_text(segment))
+        return ids
+
+
 # ---------------------------------------------------------------------- argument checks
 
 
@@ -259,6 +276,37 @@ def atomic_write(path, data, *, binary: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+def special_token_rows(items):
+    """The rows of a saved ``special_tokens`` section, one per ``(text, id)`` of
+    ``items`` in that order: the id, a space, the JSON-quoted text."""
+    return (f"{i} {json.dumps(t, ensure_ascii=False)}" for t, i in items)
+
+
+def read_special_tokens(reader) -> dict:
+    """``{text: id}`` from the ``special_tokens`` section that ``special_token_rows``
+    wrote (``reader``: a ``formats.PlainReader``)."""
+    specials = {}
+    for k, row in enumerate(reader.section("special_tokens")):
+        i, _, text = row.partition(" ")
+        try:
+            specials[json.loads(text)] = int(i)
+        except ValueError:
+            reader.row_error(k, f"expected 'ID \"TEXT\"', got {row[:60]!r}")
+    return specials
+
+
+def hf_added_tokens(obj: dict, fail) -> dict:
+    """``{content: id}`` of a Hugging Face ``tokenizer.json``'s ``added_tokens``;
+    ``fail(message)`` makes the error for a malformed entry."""
+    specials = {}
+    for added in obj.get("added_tokens") or []:
+        try:
+            specials[added["content"]] = int(added["id"])
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"added token {added!r} lacks an id or content") from None
+    return specials
 
 
 def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokenizer:

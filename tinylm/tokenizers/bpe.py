@@ -37,7 +37,7 @@ from itertools import chain, repeat
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
     Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, check_text,
-    surrogate_error,
+    hf_added_tokens, read_special_tokens, special_token_rows, surrogate_error,
 )
 from tinylm.tokenizers.formats import from_bytelevel, to_bytelevel
 from tinylm.tokenizers.pretokenize import PreTokenizer, hf_pattern, pattern_name, resolve_pattern
@@ -204,16 +204,8 @@ class BPETokenizer(Tokenizer):
     # ------------------------------------------------------------------ encode
 
     def encode(self, text: str, *, allowed_special=(), disallowed_special="all") -> list:
-        segments = self._special_segments(text, allowed_special, disallowed_special)
-        if len(segments) == 1 and isinstance(segments[0], str):
-            return self.encode_ordinary(segments[0])
-        ids = []
-        for segment in segments:
-            if isinstance(segment, int):
-                ids.append(segment)
-            else:
-                ids.extend(self.encode_ordinary(segment))
-        return ids
+        return self._encode_with_specials(text, allowed_special, disallowed_special,
+                                          self.encode_ordinary)
 
     def encode_ordinary(self, text: str) -> list:
         """The ids of ``text`` with special tokens treated as plain text."""
@@ -580,11 +572,8 @@ class BPETokenizer(Tokenizer):
         w.field("mode", self.mode)
         w.field("ignore_merges", self.ignore_merges)
         w.field("add_prefix_space", self.add_prefix_space)
-        import json
-
-        w.section("special_tokens", (f"{i} {json.dumps(t, ensure_ascii=False)}"
-                                     for t, i in sorted(self.special_tokens.items(),
-                                                        key=lambda kv: kv[1])))
+        w.section("special_tokens", special_token_rows(sorted(self.special_tokens.items(),
+                                                              key=lambda kv: kv[1])))
         w.section("tokens", (f"{i} {to_bytelevel(t)}" for i, t in enumerate(self._tokens)
                              if t is not None))
         w.section("merges", () if self._merges is None else
@@ -594,8 +583,6 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def load(cls, path) -> "BPETokenizer":
         """Read a file ``save`` wrote in tinylm's format."""
-        import json
-
         r = formats.PlainReader(path, cls.name)
         pattern = r.field("pattern")
         mode = r.field("mode")
@@ -603,13 +590,7 @@ class BPETokenizer(Tokenizer):
         add_prefix_space = r.field("add_prefix_space")
         if mode not in ("merges", "ranks") or not isinstance(pattern, str):
             r.fail(f"mode must be 'merges' or 'ranks', not {mode!r}")
-        specials = {}
-        for k, row in enumerate(r.section("special_tokens")):
-            i, _, text = row.partition(" ")
-            try:
-                specials[json.loads(text)] = int(i)
-            except ValueError:
-                r.row_error(k, f"expected 'ID \"TEXT\"', got {row[:60]!r}")
+        specials = read_special_tokens(r)
         tokens = {}
         for k, row in enumerate(r.section("tokens")):
             i, _, spelling = row.partition(" ")
@@ -689,12 +670,7 @@ class BPETokenizer(Tokenizer):
         vocab = model.get("vocab")
         if not isinstance(vocab, dict):
             raise fail("model.vocab must be an object mapping tokens to ids")
-        specials = {}
-        for added in obj.get("added_tokens") or []:
-            try:
-                specials[added["content"]] = int(added["id"])
-            except (KeyError, TypeError, ValueError):
-                raise fail(f"added token {added!r} lacks an id or content") from None
+        specials = hf_added_tokens(obj, fail)
         tokens = {}
         for spelling, i in vocab.items():
             if not isinstance(i, int) or i < 0:

@@ -22,7 +22,7 @@ from collections import Counter
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
     Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, check_text,
-    surrogate_error,
+    read_special_tokens, special_token_rows, surrogate_error,
 )
 
 
@@ -150,16 +150,8 @@ class CharTokenizer(Tokenizer):
         raise AssertionError("unreachable")
 
     def encode(self, text: str, *, allowed_special=(), disallowed_special="all") -> list:
-        segments = self._special_segments(text, allowed_special, disallowed_special)
-        if len(segments) == 1 and isinstance(segments[0], str):
-            return self._encode_text(segments[0])
-        ids = []
-        for segment in segments:
-            if isinstance(segment, int):
-                ids.append(segment)
-            else:
-                ids.extend(self._encode_text(segment))
-        return ids
+        return self._encode_with_specials(text, allowed_special, disallowed_special,
+                                          self._encode_text)
 
     def decode(self, ids) -> str:
         ids = as_id_list(ids)
@@ -183,8 +175,7 @@ class CharTokenizer(Tokenizer):
                                  f"{format!r}")
         w = formats.PlainWriter(self.name, self.FORMAT_VERSION)
         w.field("unk_token", self.unk_token)
-        w.section("special_tokens", (f"{i} {json.dumps(t, ensure_ascii=False)}"
-                                     for t, i in self.special_tokens.items()))
+        w.section("special_tokens", special_token_rows(self.special_tokens.items()))
         w.section("chars", (json.dumps(c, ensure_ascii=True) for c in self.chars))
         atomic_write(path, w.text())
 
@@ -192,13 +183,7 @@ class CharTokenizer(Tokenizer):
     def load(cls, path) -> "CharTokenizer":
         r = formats.PlainReader(path, cls.name)
         unk_token = r.field("unk_token")
-        specials = {}
-        for k, row in enumerate(r.section("special_tokens")):
-            i, _, text = row.partition(" ")
-            try:
-                specials[json.loads(text)] = int(i)
-            except ValueError:
-                r.row_error(k, f"expected 'ID \"TEXT\"', got {row[:60]!r}")
+        specials = read_special_tokens(r)
         chars = []
         for k, row in enumerate(r.section("chars")):
             try:

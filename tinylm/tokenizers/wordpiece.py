@@ -31,7 +31,8 @@ import regex
 
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
-    Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, surrogate_error,
+    Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, hf_added_tokens,
+    special_token_rows, surrogate_error,
 )
 
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
@@ -239,13 +240,8 @@ class WordPieceTokenizer(Tokenizer):
     # ------------------------------------------------------------------ encode
 
     def _encode_part(self, text, allowed_special, disallowed_special) -> list:
-        ids = []
-        for segment in self._special_segments(text, allowed_special, disallowed_special):
-            if isinstance(segment, int):
-                ids.append(segment)
-            else:
-                ids.extend(self._encode_text(segment))
-        return ids
+        return self._encode_with_specials(text, allowed_special, disallowed_special,
+                                          self._encode_text)
 
     def encode_with_types(self, text: str, pair: str | None = None, *,
                           add_special_tokens: bool = True, allowed_special=(),
@@ -334,8 +330,7 @@ class WordPieceTokenizer(Tokenizer):
             w = formats.PlainWriter(self.name, self.FORMAT_VERSION)
             for key, value in self._options().items():
                 w.field(key, value)
-            w.section("special_tokens", (f"{i} {json.dumps(t, ensure_ascii=False)}"
-                                         for t, i in self.special_tokens.items()))
+            w.section("special_tokens", special_token_rows(self.special_tokens.items()))
             w.section("tokens", (f"{i} {json.dumps(t, ensure_ascii=False)}"
                                  for t, i in sorted(self.vocab.items(), key=lambda kv: kv[1])))
             atomic_write(path, w.text())
@@ -448,12 +443,7 @@ class WordPieceTokenizer(Tokenizer):
         vocab = model.get("vocab")
         if not isinstance(vocab, dict):
             raise fail("model.vocab must be an object mapping tokens to ids")
-        specials = {}
-        for added in obj.get("added_tokens") or []:
-            try:
-                specials[added["content"]] = int(added["id"])
-            except (KeyError, TypeError, ValueError):
-                raise fail(f"added token {added!r} lacks an id or content") from None
+        specials = hf_added_tokens(obj, fail)
         try:
             return cls(vocab, unk_token=model.get("unk_token", "[UNK]"),
                        continuing_prefix=model.get("continuing_subword_prefix", "##"),
