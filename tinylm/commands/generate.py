@@ -3,6 +3,8 @@ Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json).
 
     tinylm generate --model runs/demo --prompt "The " --max-new-tokens 300
     tinylm generate -m hf/gpt2 --prompt-file prompt.txt -t 0 --stop "\\n\\n" --json
+    tinylm generate -m runs/demo --chat --chat-template chatml --system "Be brief."
+    tinylm generate -m runs/demo --few-shot examples.jsonl --k 3 -p "the query"
 
 Text streams to stdout as tokens are produced (a character cut between tokens waits
 for its last byte). ``--json`` prints one JSON object at the end instead: the text,
@@ -73,9 +75,27 @@ def load_for_generation(path, device: str = "cpu"):
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with per-token log-probabilities.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--chat", is_flag=True,
+              help="Interactive chat: read user lines from stdin until EOF or /exit and "
+                   "stream each reply, rendering the conversation with a chat template.")
+@click.option("--chat-template", "chat_template", default=None, metavar="NAME|FILE",
+              help="--chat: a built-in template (plain, chatml) or a JSON file [default: "
+                   "the model's chat_template.json, else plain].")
+@click.option("--system", "system_text", default=None,
+              help="--chat: a system message that opens the conversation.")
+@click.option("--few-shot", "few_shot_file", type=click.Path(dir_okay=False), default=None,
+              help="Build a few-shot prompt: solved examples from this JSONL file "
+                   "({\"input\": ..., \"output\": ...} per line), then --prompt as the query.")
+@click.option("--k", "k_shots", type=click.IntRange(min=0), default=None,
+              help="--few-shot: use the first K examples [default: all].")
+@click.option("--cot", is_flag=True,
+              help="Chain of thought: ask --prompt as 'Q: ...' and start the answer with "
+                   "\"Let's think step by step.\"")
 def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p,
                      min_p, repetition_penalty, frequency_penalty, presence_penalty, stop,
-                     num_beams, length_penalty, draft_dir, draft_tokens, seed, as_json, device):
+                     num_beams, length_penalty, draft_dir, draft_tokens, seed, as_json, device,
+                     chat=False, chat_template=None, system_text=None, few_shot_file=None,
+                     k_shots=None, cot=False):
     """Continue --prompt with text sampled from the model in --model."""
     from tinylm.generate import (
         TextStream, beam_search, cut_at_stop, generate, speculative_greedy,
@@ -87,7 +107,34 @@ def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature
         raise click.UsageError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
         prompt = prompt_file.read()
+    if chat:
+        if prompt is not None or few_shot_file or cot or num_beams > 1 or draft_dir or as_json:
+            raise click.UsageError("--chat reads the conversation from stdin: leave out "
+                                   "--prompt, --few-shot, --cot, --num-beams, --draft-model "
+                                   "and --json")
+    elif chat_template is not None or system_text is not None:
+        raise click.UsageError("--chat-template and --system go with --chat")
+    if k_shots is not None and not few_shot_file:
+        raise click.UsageError("--k goes with --few-shot")
+    if few_shot_file or cot:
+        from tinylm.prompts import chain_of_thought, few_shot, load_examples
+
+        if few_shot_file and cot:
+            raise click.UsageError("give --few-shot or --cot, not both")
+        if not prompt:
+            raise click.UsageError("give the question to ask with --prompt or --prompt-file")
+        prompt = (few_shot("", load_examples(few_shot_file), prompt, k=k_shots)
+                  if few_shot_file else chain_of_thought(prompt))
     model, tokenizer = load_for_generation(model_dir, device)
+    if chat:
+        from tinylm.prompts import ChatTemplate
+
+        template = ChatTemplate.resolve(chat_template, model_dir)
+        return chat_loop(model, tokenizer, template, system_text, max_new_tokens=max_new_tokens,
+                         stop=stop, seed=seed, device=device, temperature=temperature,
+                         top_k=top_k, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty,
+                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     eot = tokenizer.token_to_id(EOT)
     if prompt:
         ids = tokenizer.encode(prompt)
@@ -151,3 +198,55 @@ def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature
         return
     sys.stdout.write(stream.finish() + "\n")
     sys.stdout.flush()
+
+
+def chat_loop(model, tokenizer, template, system=None, *, max_new_tokens=200, stop=(),
+              seed=None, device="cpu", stdin=None, **sampling):
+    """``tinylm generate --chat``: read a user line, render the whole conversation with
+    ``template``, stream the reply (cut at the template's and ``stop``'s strings), add
+    it to the history; until EOF or ``/exit``. Returns the conversation."""
+    import numpy as np
+
+    from tinylm.generate import TextStream, cut_at_stop, generate
+    from tinylm.objectives import EOT
+    from tinylm.train import auto_threads, blas_threads
+
+    stdin = stdin if stdin is not None else sys.stdin
+    stops = list(template.stop) + [s for s in stop if s]
+    eot = tokenizer.token_to_id(EOT)
+    rng = np.random.default_rng(seed)
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\r\n")
+        if line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(template.render(messages, add_generation_prompt=True))
+        stream = TextStream(stops)
+
+        def on_token(row, token, logprob, stream=stream):
+            if token == eot:
+                return
+            text = stream.feed(tokenizer.decode_bytes([token]))
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+        with blas_threads(auto_threads(model, device)):
+            out = generate(model, [ids], max_new_tokens, stop=stops, tokenizer=tokenizer,
+                           eos_id=eot, rng=rng, on_token=on_token, **sampling)
+        sys.stdout.write(stream.finish() + "\n")
+        sys.stdout.flush()
+        reply = [t for t in out.tokens[0] if t != eot]
+        messages.append({"role": "assistant",
+                         "content": cut_at_stop(tokenizer.decode(reply), stops)})
+    return messages
