@@ -412,6 +412,39 @@ def test_speculative_stops_at_eos():
     assert out.tokens == greedy[:greedy.index(eos) + 1]
 
 
+def test_speculative_accept_reproduces_the_target_distribution():
+    """Whatever the draft's q, the first token is distributed as p_0 and, when a second
+    token follows, it is distributed as p_1 (Monte Carlo, 40k draws, V = 5)."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5) * 0.7, size=3)  # (n+1, V) target
+    q = rng.dirichlet(np.ones(5) * 0.7, size=2)  # (n, V) draft, far from p
+    first, second, N = np.zeros(5), np.zeros(5), 40_000
+    for _ in range(N):
+        proposal = [int(rng.choice(5, p=q[0])), int(rng.choice(5, p=q[1]))]
+        tokens, accepted = G.speculative_accept(p, q, proposal, rng)
+        assert len(tokens) == accepted + 1 and tokens[:accepted] == proposal[:accepted]
+        first[tokens[0]] += 1
+        if len(tokens) > 1:
+            second[tokens[1]] += 1
+    np.testing.assert_allclose(first / N, p[0], atol=0.012)
+    np.testing.assert_allclose(second / second.sum(), p[1], atol=0.02)
+
+
+def test_speculative_sample_is_seeded_and_exact_with_itself():
+    target = tiny("llama")
+    prompt = [3, 14, 15]
+    a = G.speculative_sample(target, _clone(target), prompt, 12, k=3, temperature=0.8, seed=5)
+    b = G.speculative_sample(target, _clone(target), prompt, 12, k=3, temperature=0.8, seed=5)
+    assert a.tokens == b.tokens and len(a.tokens) == 12
+    assert a.accepted == a.proposed  # p == q: every draft token is kept
+    draft = Decoder(GPT2Config(vocab_size=50, d_model=16, n_layer=1, n_head=2,
+                               max_positions=64)).eval()
+    c = G.speculative_sample(target, draft, prompt, 12, k=3, temperature=1.0, seed=1)
+    assert len(c.tokens) == 12 and all(0 <= t < 50 for t in c.tokens)
+    with pytest.raises(TinyLMError):
+        G.speculative_sample(target, draft, prompt, 4, temperature=-1.0)
+
+
 def test_greedy_with_repetition_penalty_equals_transformers(hf_gpt2_pair):
     import torch
 

@@ -563,6 +563,50 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int = 200, *, k: i
     the draft proposes ``k`` tokens one at a time, the target scores all of them in one
     forward, and the longest prefix on which the draft agrees with the target's argmax
     is kept, plus the target's own next token. The output is the target's greedy output.
+    ``speculative_sample`` is the sampling form."""
+    return speculative_sample(target, draft, prompt, max_new_tokens, k=k, temperature=0.0,
+                              eos_id=eos_id)
+
+
+def speculative_accept(p, q, proposal, rng) -> tuple:
+    """The acceptance rule of speculative sampling (Leviathan et al. 2023; Chen et al.
+    2023), which makes the output distributed exactly as the target's.
+
+    ``p``: (n+1, V) target probabilities at each proposed position and one past them;
+    ``q``: (n, V) the draft's probabilities the proposal was sampled from. Draft token
+    x_j is kept with probability min(1, p_j[x_j] / q_j[x_j]); at the first rejection the
+    token is drawn from the residual max(0, p_j - q_j) (normalised) and the rest is
+    dropped; when all are kept, one more token is drawn from p_n. Returns (tokens,
+    number of draft tokens accepted).
+
+    >>> p = np.array([[0.0, 1.0], [0.5, 0.5]]); q = np.array([[1.0, 0.0]])
+    >>> speculative_accept(p, q, [0], np.random.default_rng(0))  # p never picks 0
+    ([1], 0)
+    """
+    for j, x in enumerate(proposal):
+        if rng.random() * q[j, x] < p[j, x]:  # u < p/q without dividing by q = 0
+            continue
+        residual = np.maximum(p[j] - q[j], 0.0)
+        total = residual.sum()
+        residual = p[j] if total <= 0 else residual / total
+        return list(proposal[:j]) + [int(rng.choice(len(residual), p=residual))], j
+    n = len(proposal)
+    return list(proposal) + [int(rng.choice(p.shape[1], p=p[n]))], n
+
+
+def _probs(logits, temperature: float):
+    """softmax(logits / temperature) in float64 over the last axis."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def speculative_sample(target, draft, prompt, max_new_tokens: int = 200, *, k: int = 4,
+                       temperature: float = 1.0, seed=None, rng=None,
+                       eos_id=None) -> SpeculativeResult:
+    """Sample from ``target`` at ``temperature`` with a ``draft`` model proposing ``k``
+    tokens at a time; the tokens are distributed exactly as sampling the target alone
+    would give (``speculative_accept``). temperature 0 is greedy (``speculative_greedy``).
 
     Both models keep a KV cache; rejected positions are cropped from it. Each cache
     holds the context minus the tokens it has not been fed yet (fed at its next call)."""
@@ -574,6 +618,10 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int = 200, *, k: i
             raise TinyLMError("speculative decoding needs two decoder-only models")
     if k < 1:
         raise TinyLMError(f"k (draft tokens per step) must be >= 1, got {k}")
+    if temperature < 0:
+        raise TinyLMError(f"temperature must be >= 0, got {temperature}")
+    greedy = temperature == 0
+    rng = rng if rng is not None else np.random.default_rng(seed)
     if draft.config.vocab_size != target.config.vocab_size:
         raise TinyLMError(f"the draft model's vocab_size ({draft.config.vocab_size}) differs "
                           f"from the target's ({target.config.vocab_size}); the draft must "
@@ -599,16 +647,26 @@ def speculative_greedy(target, draft, prompt, max_new_tokens: int = 200, *, k: i
         with no_grad():
             while len(ctx) - n0 < max_new_tokens:
                 n = min(k, max_new_tokens - (len(ctx) - n0))
-                proposal = []
-                for _ in range(n):  # the draft: feed what it has not seen, take argmax
+                proposal, q = [], []
+                for _ in range(n):  # the draft: feed what it has not seen, pick a token
                     fresh = (ctx + proposal)[d_cache.length:]
                     logits = draft(np.array([fresh]), cache=d_cache).logits
-                    proposal.append(int(backend.to_numpy(logits.data[0, -1, :V]).argmax()))
+                    row = backend.to_numpy(logits.data[0, -1, :V])
+                    if greedy:
+                        proposal.append(int(row.argmax()))
+                    else:
+                        q.append(_probs(row, temperature))
+                        proposal.append(int(rng.choice(V, p=q[-1])))
                 fresh = (ctx + proposal)[t_cache.length:]
                 logits = backend.to_numpy(target(np.array([fresh]), cache=t_cache).logits.data[0])
-                choice = logits[-(n + 1):, :V].argmax(axis=-1)  # (n+1,) target's picks
-                agree = np.cumprod(choice[:n] == np.array(proposal)).sum()
-                new = proposal[:agree] + [int(choice[agree])]
+                rows = logits[-(n + 1):, :V]  # (n+1, V) the target at each proposed position
+                if greedy:
+                    choice = rows.argmax(axis=-1)  # (n+1,) target's picks
+                    agree = int(np.cumprod(choice[:n] == np.array(proposal)).sum())
+                    new = proposal[:agree] + [int(choice[agree])]
+                else:
+                    new, agree = speculative_accept(_probs(rows, temperature), np.array(q),
+                                                    proposal, rng)
                 result.proposed += n
                 result.accepted += int(agree)
                 t_cache.crop(len(ctx) + agree)  # keep context + accepted drafts

@@ -68,7 +68,8 @@ def load_for_generation(path, device: str = "cpu"):
               help="Beam search: a finished beam scores sum(log p) / length ** this.")
 @click.option("--draft-model", "draft_dir", default=None,
               help="Speculative decoding: a small model with the same tokenizer proposes "
-                   "tokens that --model checks (greedy, -t 0: the output is --model's).")
+                   "tokens that --model checks; the output is distributed exactly as "
+                   "--model's own sampling (with -t 0: its greedy output).")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
               help="Speculative decoding: tokens the draft proposes per step.")
 @click.option("--seed", type=click.IntRange(min=0), default=1337, show_default=True)
@@ -98,7 +99,7 @@ def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature
                      k_shots=None, cot=False):
     """Continue --prompt with text sampled from the model in --model."""
     from tinylm.generate import (
-        TextStream, beam_search, cut_at_stop, generate, speculative_greedy,
+        TextStream, beam_search, cut_at_stop, generate, speculative_sample,
     )
     from tinylm.objectives import EOT, model_kind
     from tinylm.train import auto_threads, blas_threads
@@ -147,8 +148,6 @@ def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature
     if num_beams > 1 or draft_dir is not None:
         if num_beams > 1 and draft_dir is not None:
             raise click.UsageError("give --num-beams or --draft-model, not both")
-        if draft_dir is not None and temperature != 0:
-            raise click.UsageError("speculative decoding (--draft-model) is greedy: add -t 0")
         extra = {}
         with blas_threads(auto_threads(model, device)):
             if num_beams > 1:
@@ -157,7 +156,8 @@ def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature
                 new, extra["score"] = found.tokens[0], found.scores[0]
             else:
                 draft, _ = load_for_generation(draft_dir, device)
-                found = speculative_greedy(model, draft, ids, max_new_tokens, k=draft_tokens)
+                found = speculative_sample(model, draft, ids, max_new_tokens, k=draft_tokens,
+                                           temperature=temperature, seed=seed)
                 new = found.tokens
                 extra.update(proposed=found.proposed, accepted=found.accepted)
         text = cut_at_stop(tokenizer.decode(new), stop)
