@@ -12,34 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/out/gpu_check}"
 mkdir -p "$OUT"
-T0=$(date +%s)
-NAMES=()
-CODES=()
-SECS=()
-
-# step NAME TIMEOUT_SECONDS LOGFILE CMD...: run CMD (output to the terminal and LOGFILE),
-# killed after TIMEOUT_SECONDS (exit 124), and record its exit status and duration.
-step() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    echo
-    echo "=== [$name] $* (limit ${limit}s, log $log)"
-    local t=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
-    local rc=${PIPESTATUS[0]}
-    NAMES+=("$name")
-    CODES+=("$rc")
-    SECS+=("$(( $(date +%s) - t ))")
-    echo "=== [$name] exit $rc"
-}
-
-skip() {  # skip NAME WHY
-    echo
-    echo "=== [$1] skipped: $2"
-    NAMES+=("$1")
-    CODES+=("skip")
-    SECS+=("0")
-}
+source bench/_gpu_steps.sh
 
 step info 30 "$OUT/info.log" bash -c '
     nvidia-smi -L

@@ -24,35 +24,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/out/gpu_kernel_check}"
 mkdir -p "$OUT"
-T0=$(date +%s)
-NAMES=()
-CODES=()
-SECS=()
-
-# step NAME TIMEOUT_SECONDS LOGFILE CMD...: run CMD (output to the terminal and LOGFILE),
-# killed after TIMEOUT_SECONDS (exit 124), and record its exit status and duration.
-step() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    echo
-    echo "=== [$name] $* (limit ${limit}s, log $log)"
-    local t
-    t=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
-    local rc=${PIPESTATUS[0]}
-    NAMES+=("$name")
-    CODES+=("$rc")
-    SECS+=("$(( $(date +%s) - t ))")
-    echo "=== [$name] exit $rc"
-}
-
-skip() {  # skip NAME WHY
-    echo
-    echo "=== [$1] skipped: $2"
-    NAMES+=("$1")
-    CODES+=("skip")
-    SECS+=("0")
-}
+source bench/_gpu_steps.sh
 
 step info 20 "$OUT/info.log" bash -c '
     nvidia-smi -L
@@ -80,60 +52,14 @@ step pytest 120 "$OUT/pytest.log" \
     python3 -m pytest -m gpu -q -rfE --maxfail=20 "${PER_TEST[@]}" -p no:cacheprovider \
     --durations=5 tests/test_flash_attention_kernel.py
 
-# A small run of every v2 kernel at head dims 32 and 128 (flash_attention_small.py
-# covers 64), for the sanitizer to watch.
-cat > "$OUT/fa_small_v2.py" <<'EOF'
-import sys
-import numpy as np
-from tinylm import backend
-from tinylm.kernels import flash_attention as fa
-
-cp = backend.xp_for("cuda")
-ok = True
-for D in (32, 128):
-    B, H, Hkv, T, causal = 1, 4, 2, 130, True
-    rng = np.random.default_rng(D)
-    host = [rng.standard_normal(s) for s in [(B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D),
-                                             (B, H, T, D)]]
-    for impl, dtype, tol in [("mma", "float16", 1e-2), ("mma", "bfloat16", 1e-2),
-                             ("simt", "float32", 1e-5)]:
-        bits = dtype == "bfloat16"
-        if bits:
-            dev = [cp.asarray(fa.to_bf16_bits(np, h)) for h in host]
-            exact = [fa.from_bf16_bits(np, cp.asnumpy(d)).astype(np.float64) for d in dev]
-        else:
-            dev = [cp.asarray(h.astype(dtype)) for h in host]
-            exact = [cp.asnumpy(d).astype(np.float64) for d in dev]
-        q, k, v, do = dev
-        kw = dict(impl=impl, bf16_bits=bits, poison=True, variant="v2")
-        o, lse = fa.flash_attention_forward(q, k, v, causal, **kw)
-        dq, dk, dv = fa.flash_attention_backward(q, k, v, o, lse, do, causal, **kw)
-        cp.cuda.runtime.deviceSynchronize()
-
-        def host64(a):
-            a = cp.asnumpy(a)
-            return fa.from_bf16_bits(np, a).astype(np.float64) if bits else a.astype(np.float64)
-
-        want = fa.attention_reference(np, *exact[:3], causal)
-        want += fa.attention_reference_backward(np, *exact, causal)
-        got = (host64(o), cp.asnumpy(lse).astype(np.float64), host64(dq), host64(dk), host64(dv))
-        errs = [np.inf if np.isnan(g).any() else np.linalg.norm(g - w) / np.linalg.norm(w)
-                for g, w in zip(got, want)]
-        good = all(e < tol for e in errs)
-        ok &= good
-        plan = fa.kernel_plan(impl, dtype, D, 1.0, "v2")
-        print(f"d={D:<3} {impl:>4} {dtype:>8} {plan['fwd']}/{plan['dkdv']}/{plan['dq']}: " +
-              " ".join(f"{n}={e:.2e}" for n, e in zip(("o", "lse", "dq", "dk", "dv"), errs)) +
-              (" ok" if good else " FAIL"))
-sys.exit(0 if ok else 1)
-EOF
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck; do
         step "$tool" 75 "$OUT/sanitizer.log" env TINYLM_FA_VARIANT=v2 bash -c "
             compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/flash_attention_small.py
             a=\$?
-            compute-sanitizer --tool $tool --error-exitcode 9 python3 '$OUT/fa_small_v2.py'
+            compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/flash_attention_small.py \\
+                --head-dims 32,128 --T 130 --variant v2 --cases mma-float16,mma-bfloat16,simt-float32
             b=\$?
             exit \$(( a ? a : b ))"
     done
