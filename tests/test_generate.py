@@ -295,17 +295,27 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
         assert row[:len(new)] == new
 
 
-def test_t5_greedy_equals_transformers_generate(tmp_path):
-    torch = pytest.importorskip("torch")
+T5_PROMPTS = [[5, 6, 7, 8], [11, 12], [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.fixture
+def hf_t5_pair(tmp_path):
+    """A tiny random T5 from transformers and the same weights loaded into tinylm."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
     from model_helpers import build_hf, load_in_tinylm
 
     config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                    num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
                                    eos_token_id=1, pad_token_id=0, initializer_factor=4.0)
     hf = build_hf(transformers.T5ForConditionalGeneration, config)
-    model = load_in_tinylm(hf, tmp_path)
-    prompts = [[5, 6, 7, 8], [11, 12], [40, 41, 42, 43, 44, 45, 46]]
+    return hf, load_in_tinylm(hf, tmp_path)
+
+
+def test_t5_greedy_equals_transformers_generate(hf_t5_pair):
+    torch = pytest.importorskip("torch")
+    hf, model = hf_t5_pair
+    prompts = T5_PROMPTS
     ours = G.generate(model, prompts, 12, temperature=0, eos_id=1)
     ids, mask, _ = G.left_pad(prompts, pad_id=0)
     with torch.no_grad():
@@ -459,17 +469,10 @@ def test_greedy_with_repetition_penalty_equals_transformers(hf_gpt2_pair):
         assert ours.tokens[0] == seq[0, len(p):].tolist()[:len(ours.tokens[0])]
 
 
-def test_t5_beam_search_equals_transformers(tmp_path):
+def test_t5_beam_search_equals_transformers(hf_t5_pair):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from model_helpers import build_hf, load_in_tinylm
-
-    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
-                                   eos_token_id=1, pad_token_id=0, initializer_factor=4.0)
-    hf = build_hf(transformers.T5ForConditionalGeneration, config)
-    model = load_in_tinylm(hf, tmp_path)
-    prompts = [[5, 6, 7, 8], [11, 12], [40, 41, 42, 43, 44, 45, 46]]
+    hf, model = hf_t5_pair
+    prompts = T5_PROMPTS
     for eos in (1, 62, 8):  # 62 and 8 end some beams early
         batch = G.beam_search(model, prompts, 10, num_beams=3, eos_id=eos).tokens
         for p, ours in zip(prompts, batch):
