@@ -18,7 +18,7 @@ Four phases:
    tinylm take the same batches; their first losses must agree (float32 tolerance);
    then ``--timing-steps`` steps of each, interleaved (one tinylm step, one torch step,
    alternating which goes first), for each ``--threads`` count (numpy's BLAS through
-   tinylm.train.blas_threads, torch.set_num_threads): median ms/step and the ratio.
+   tinylm.threads.blas_threads, torch.set_num_threads): median ms/step and the ratio.
 2. tinylm trains the recipe for ``--steps`` steps (validation every 250 steps on
    ``--eval-iters`` fixed batches).
    Extra ``--seeds`` train again with other seeds. Each run's final model is also
@@ -51,7 +51,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinylm.train import TrainConfig, Trainer, blas_threads, read_metrics  # noqa: E402
+from tinylm.threads import blas_threads  # noqa: E402
+from tinylm.train import TrainConfig, Trainer, read_metrics  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = ROOT / "bench" / "results"

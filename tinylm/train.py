@@ -38,7 +38,6 @@ bit-identical losses and ends with bit-identical weights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinylm import amp, backend, checkpoint, plugins
+from tinylm.threads import blas_threads
 from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key
@@ -487,66 +487,12 @@ def load_model_dir(path, device: str = "cpu"):
 SMALL_MODEL_PARAMETERS = 20_000_000
 
 
-@contextlib.contextmanager
-def blas_threads(n: int | None):
-    """Limit the BLAS library (OpenBLAS, MKL ...) to ``n`` threads inside the block
-    (None or 0: leave it alone). Small models' matrix products gain little from more
-    threads, and OpenBLAS's spinning threads slow down many times over on a busy
-    machine. Uses threadpoolctl when installed, else OpenBLAS's own setter."""
-    if not n:
-        yield
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        with threadpool_limits(limits=n, user_api="blas"):
-            yield
-        return
-    setters = _openblas_setters()
-    previous = [get() for get, _ in setters]
-    for _, put in setters:
-        put(n)
-    try:
-        yield
-    finally:
-        for (_, put), old in zip(setters, previous):
-            put(old)
-
-
 def auto_threads(model, device: str = "cpu") -> int | None:
-    """1 for a small model on the CPU (see ``blas_threads``), else None (as configured)."""
+    """1 for a small model on the CPU, else None (as configured): small models' matrix
+    products gain little from more BLAS threads, which on a busy machine slow down many
+    times over (see ``tinylm.threads``)."""
     small = model.num_parameters() < SMALL_MODEL_PARAMETERS
     return 1 if small and backend.normalize_device(device) == "cpu" else None
-
-
-def _openblas_setters() -> list:
-    """(get, set) thread-count functions of every OpenBLAS loaded in this process."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return []
-    found = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_", ""):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    found.append((get, put))
-                    break
-            else:
-                continue
-            break
-    return found
 
 
 # --------------------------------------------------------------------------- metrics

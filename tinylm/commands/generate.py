@@ -102,7 +102,8 @@ def generate_command(model_dir, prompt, prompt_file, max_new_tokens, temperature
         TextStream, beam_search, cut_at_stop, generate, speculative_sample,
     )
     from tinylm.objectives import EOT, model_kind
-    from tinylm.train import auto_threads, blas_threads
+    from tinylm.threads import blas_threads
+    from tinylm.train import auto_threads
 
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
@@ -209,7 +210,8 @@ def chat_loop(model, tokenizer, template, system=None, *, max_new_tokens=200, st
 
     from tinylm.generate import TextStream, cut_at_stop, generate
     from tinylm.objectives import EOT
-    from tinylm.train import auto_threads, blas_threads
+    from tinylm.threads import blas_threads
+    from tinylm.train import auto_threads
 
     stdin = stdin if stdin is not None else sys.stdin
     stops = list(template.stop) + [s for s in stop if s]

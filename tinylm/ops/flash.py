@@ -38,11 +38,14 @@ Accumulation is float32 (float64 for float64 inputs, as gradcheck needs); float1
 inputs are upcast once, O(T * hs). Tile sizes (``block_q``, ``block_k``) default to
 values measured on a CPU with 1 MB of L2 per core (see BLOCK_Q); any sizes work.
 
-Speed: per core it keeps up with torch's fused CPU kernel (bench/attention.py,
-bench/RESULTS.md). Its GEMMs are tile-sized, thousands of BLAS calls per op, so a
-multi-threaded OpenBLAS synchronises its threads thousands of times: on a machine whose
-cores are busy with other processes that costs up to 10x; run such jobs with
-OPENBLAS_NUM_THREADS=1.
+Threads: query tiles are independent, so on NumPy the op splits them over
+``tinylm.threads.cpu_threads()`` Python threads (the BLAS library's thread limit, e.g.
+``OPENBLAS_NUM_THREADS``), each calling single-threaded BLAS; backward gives each thread
+its own dK and dV and sums them at the end. The split is fixed by the shapes, so
+results do not depend on thread timing. (Letting a multi-threaded BLAS split each
+tile-sized GEMM instead synchronises its threads thousands of times per op, which cost
+up to 10x on a machine with busy cores.) Per core the op keeps up with torch's fused
+CPU kernel (bench/attention.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import numpy as np
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
 from tinylm.tensor import Tensor
+from tinylm.threads import balance, cpu_threads, run_parts
 
 # Default tiles: (Br x Bc) = 256 x 256 score tiles. All B * H heads of a tile are in
 # flight at once, so when their score tiles would pass TILE_BYTES the larger block side
@@ -181,19 +185,28 @@ class _Plan:
         return t.reshape((self.B, self.Hkv, self.rep * (i1 - i0)) + t.shape[4:])
 
 
-def tiled_attention_forward(xp, plan: _Plan, q5, k, v):
+def query_tiles(plan: _Plan, threads: int) -> list:
+    """The query tiles [(i0, i1), ...] split into at most ``threads`` lists of about
+    equal work (a causal tile's work grows with the keys it sees); deterministic, so a
+    run's results do not depend on which thread finishes first."""
+    tiles = [(i0, min(i0 + plan.br, plan.T)) for i0 in range(0, plan.T, plan.br)]
+    costs = [(i1 - i0) * max(plan.key_end(i1), 1) for i0, i1 in tiles]
+    return [[tiles[i] for i in part] for part in balance(costs, threads)]
+
+
+def tiled_attention_forward(xp, plan: _Plan, q5, k, v, threads: int = 1):
     """(o5, lse5): o (B, Hkv, rep, T, hs) and the row logsumexp lse (B, Hkv, rep, T).
 
     ``q5`` holds q * scale as (B, Hkv, rep, T, hs); k, v are (B, Hkv, S, hs); all in the
-    accumulation dtype."""
+    accumulation dtype. Query tiles are independent: ``threads`` threads share them out."""
     p, acc = plan, plan.acc
     B, Hkv, rep, T, d = p.B, p.Hkv, p.rep, p.T, p.d
     kt = k.swapaxes(-1, -2)  # (B, Hkv, hs, S), a view
     o5 = xp.empty((B, Hkv, rep, T, d), dtype=acc)
     lse5 = xp.empty((B, Hkv, rep, T), dtype=acc)
     ninf = acc.type(-np.inf)
-    for i0 in range(0, T, p.br):
-        i1 = min(i0 + p.br, T)
+
+    def tile(i0, i1):
         br, R = i1 - i0, rep * (i1 - i0)
         qt = p.rows(q5, i0, i1)  # (B, Hkv, R, hs)
         s_buf = xp.empty((B, Hkv, R, p.bc), dtype=acc)
@@ -227,12 +240,21 @@ def tiled_attention_forward(xp, plan: _Plan, q5, k, v):
         lse = xp.where(seen, xp.where(m == ninf, 0, m) + xp.log(xp.where(seen, l, 1)), ninf)
         o5[:, :, :, i0:i1] = o_t.reshape(B, Hkv, rep, br, d)
         lse5[:, :, :, i0:i1] = lse.reshape(B, Hkv, rep, br)
+
+    def work(tiles):
+        for i0, i1 in tiles:
+            tile(i0, i1)
+
+    run_parts(work, query_tiles(p, threads))
     return o5, lse5
 
 
-def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5):
+def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5, threads: int = 1):
     """(dq5, dk, dv) of sum(o * do), recomputing score tiles from ``lse5``; ``dq5`` is
-    the gradient of the unscaled q, in the (B, Hkv, rep, T, hs) layout."""
+    the gradient of the unscaled q, in the (B, Hkv, rep, T, hs) layout.
+
+    With ``threads`` > 1 each thread walks its share of the query tiles into its own dK
+    and dV (O(S * hs) each), summed at the end in a fixed order."""
     p, acc = plan, plan.acc
     B, Hkv, rep, T, S, d = p.B, p.Hkv, p.rep, p.T, p.S, p.d
     kt, vt = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
@@ -240,10 +262,8 @@ def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5):
     # rows that saw nothing: p = exp(s - inf) = 0 everywhere, so no gradient
     lse5 = xp.where(lse5 == -np.inf, np.inf, lse5)
     dq5 = xp.empty((B, Hkv, rep, T, d), dtype=acc)
-    dk = xp.zeros((B, Hkv, S, d), dtype=acc)
-    dv = xp.zeros((B, Hkv, S, d), dtype=acc)
-    for i0 in range(0, T, p.br):
-        i1 = min(i0 + p.br, T)
+
+    def tile(i0, i1, dk, dv):
         br, R = i1 - i0, rep * (i1 - i0)
         qt, dot = p.rows(q5, i0, i1), p.rows(do5, i0, i1)  # (B, Hkv, R, hs)
         lse = p.rows(lse5, i0, i1)[..., None]  # (B, Hkv, R, 1)
@@ -274,6 +294,19 @@ def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5):
             dk[:, :, j0:j1] += kv  # dK_j += dS^T (Q_i * scale)
         dq_t *= p.scale
         dq5[:, :, :, i0:i1] = dq_t.reshape(B, Hkv, rep, br, d)
+
+    def work(tiles):
+        dk = xp.zeros((B, Hkv, S, d), dtype=acc)
+        dv = xp.zeros((B, Hkv, S, d), dtype=acc)
+        for i0, i1 in tiles:
+            tile(i0, i1, dk, dv)
+        return dk, dv
+
+    parts = run_parts(work, query_tiles(p, threads))
+    dk, dv = parts[0]
+    for dk_w, dv_w in parts[1:]:
+        dk += dk_w
+        dv += dv_w
     return dq5, dk, dv
 
 
@@ -281,7 +314,7 @@ class TiledAttention(Function):
     """softmax(q @ k^T * scale + bias) @ v as one node that never holds the (T, S) scores.
 
     ``TiledAttention.apply(q, k, v, scale=None, causal=False, mask=None, alibi_slopes=None,
-    block_q=None, block_k=None)``: q (B, H, T, hs), k and v (B, Hkv, S, hs) Tensors;
+    block_q=None, block_k=None, threads=None)``: q (B, H, T, hs), k and v (B, Hkv, S, hs) Tensors;
     ``mask`` a constant array (bool, True = keep, or additive) broadcastable to
     (B, H, T, S); ``alibi_slopes`` (H,). Computes in float32 (float64 for float64
     inputs) and returns the inputs' dtype, like the naive path.
@@ -293,6 +326,7 @@ class TiledAttention(Function):
     alibi_slopes = None
     block_q = None
     block_k = None
+    threads = None  # None: tinylm.threads.cpu_threads() on NumPy, 1 on CuPy
 
     def forward(self, xp, q, k, v):
         plan = _Plan(xp, q, k, v, self.scale, self.causal, self.mask, self.alibi_slopes,
@@ -304,22 +338,23 @@ class TiledAttention(Function):
         q5 = q5.reshape(B, plan.Hkv, plan.rep, T, d)  # (B, Hkv, rep, T, hs), a view
         k = xp.ascontiguousarray(k, dtype=plan.acc)
         v = xp.ascontiguousarray(v, dtype=plan.acc)
-        o5, lse5 = tiled_attention_forward(xp, plan, q5, k, v)
+        threads = self.threads or (cpu_threads() if xp is np else 1)
+        o5, lse5 = tiled_attention_forward(xp, plan, q5, k, v, threads)
         if self.needs_grad:
-            self.saved = (plan, q5, k, v, o5, lse5)
+            self.saved = (plan, q5, k, v, o5, lse5, threads)
         o = o5.reshape(B, H, T, d)  # (B, H, T, hs)
         return o.astype(out_dtype, copy=False)
 
     def backward(self, xp, grad):
-        plan, q5, k, v, o5, lse5 = self.saved
+        plan, q5, k, v, o5, lse5, threads = self.saved
         B, H, T, d = grad.shape
         do5 = xp.ascontiguousarray(grad, dtype=plan.acc).reshape(B, plan.Hkv, plan.rep, T, d)
-        dq5, dk, dv = tiled_attention_backward(xp, plan, q5, k, v, o5, lse5, do5)
+        dq5, dk, dv = tiled_attention_backward(xp, plan, q5, k, v, o5, lse5, do5, threads)
         return dq5.reshape(B, H, T, d), dk, dv
 
 
 def tiled_attention(q, k, v, mask=None, is_causal: bool = False, scale=None,
-                    alibi_slopes=None, block_q=None, block_k=None):
+                    alibi_slopes=None, block_q=None, block_k=None, threads=None):
     """Attention with O(T) memory; the same arguments and result as
     ``scaled_dot_product_attention(..., impl="tiled")`` (which calls this).
 
@@ -338,4 +373,5 @@ def tiled_attention(q, k, v, mask=None, is_causal: bool = False, scale=None,
     if isinstance(alibi_slopes, Tensor):
         alibi_slopes = alibi_slopes.data
     return TiledAttention.apply(q, k, v, scale=scale, causal=is_causal, mask=mask,
-                                alibi_slopes=alibi_slopes, block_q=block_q, block_k=block_k)
+                                alibi_slopes=alibi_slopes, block_q=block_q, block_k=block_k,
+                                threads=threads)

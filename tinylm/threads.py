@@ -1,0 +1,95 @@
+"""CPU threads: the BLAS library's thread pool, and splitting work over Python threads.
+
+NumPy can use several cores in two ways. The BLAS library (OpenBLAS, MKL) splits each
+matrix product over its own threads: right for a few large products. For thousands of
+small ones (tiled attention, small models) those threads synchronise on every call,
+and on a machine whose cores are busy with other work one late thread stalls them all:
+up to 10x slower, measured (bench/RESULTS.md). The other way is to split the work
+ourselves and run single-threaded BLAS calls in Python threads: NumPy releases the GIL
+inside BLAS calls and ufunc loops, so the threads run in parallel and meet only once,
+at the end.
+
+One knob controls both: the BLAS library's thread limit (``OPENBLAS_NUM_THREADS``,
+``MKL_NUM_THREADS``, threadpoolctl, or ``blas_threads`` below). Ops that split work
+themselves use that many threads (``cpu_threads``), each with single-threaded BLAS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # a declared dependency; without it the limits are left alone
+    ThreadpoolController = None
+
+_controller = None
+
+
+def _blas():
+    """threadpoolctl's view of the BLAS libraries loaded in this process (or None)."""
+    global _controller
+    if ThreadpoolController is None:
+        return None
+    if _controller is None:
+        import numpy  # noqa: F401  (loads numpy's BLAS before the scan)
+
+        _controller = ThreadpoolController().select(user_api="blas")
+    return _controller
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads() -> int:
+    """How many threads an op that splits its own work should use: the BLAS library's
+    current thread limit (so ``OPENBLAS_NUM_THREADS=1`` or ``blas_threads(1)`` keeps
+    everything on one core), at most the cores this process may use."""
+    blas = _blas()
+    if blas is None or not blas.lib_controllers:
+        return cores()
+    n = max(lib.num_threads for lib in blas.lib_controllers)
+    return max(1, min(n, cores()))
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Limit the BLAS library to ``n`` threads inside the block (None or 0: leave it
+    as it is)."""
+    blas = _blas()
+    if not n or blas is None:
+        yield
+        return
+    with blas.limit(limits=n):
+        yield
+
+
+def run_parts(fn, parts: list) -> list:
+    """``[fn(part) for part in parts]``, one thread per part, each part's BLAS calls
+    single-threaded. The calling thread runs the first part; results come back in the
+    order of ``parts``, and the first exception raised is re-raised here."""
+    if len(parts) <= 1:
+        return [fn(part) for part in parts]
+    with blas_threads(1), ThreadPoolExecutor(len(parts) - 1) as pool:
+        futures = [pool.submit(fn, part) for part in parts[1:]]
+        first = fn(parts[0])
+        return [first] + [f.result() for f in futures]
+
+
+def balance(costs: list, n: int) -> list:
+    """Split item indices into at most ``n`` lists of near-equal total cost (longest
+    first, each to the least loaded list; deterministic). Each list comes back sorted."""
+    n = max(1, min(n, len(costs)))
+    loads, parts = [0.0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        w = min(range(n), key=lambda w: (loads[w], w))
+        loads[w] += costs[i]
+        parts[w].append(i)
+    return [sorted(p) for p in parts if p]
