@@ -5,22 +5,22 @@
     .venv/bin/python bench/attention.py --tune           # tiled tile sizes at T=4096
 
 One causal self-attention, B=1, H=4, hs=64, float32 on the CPU, for T in {1024, 4096,
-8192, 16384}: tinylm's naive path (``impl="naive"``, materialises the (T, T) scores),
+8192, 16384, 32768}: tinylm's naive path (``impl="naive"``, materialises the (T, T) scores),
 tinylm's tiled path (``impl="tiled"``, online softmax, O(T) memory) and torch's
 ``scaled_dot_product_attention``. Every (impl, T) case runs in a fresh subprocess, so
 its peak RSS (``ru_maxrss``: imports + inputs + the op) is its own; inside it, one
 warm-up then timed forward+backward repetitions (median). ``--repeat`` runs the whole
 sweep that many times, interleaved, and the table shows the medians of the runs.
 
-torch gets as many threads as numpy's BLAS has (threadpoolctl tells when installed,
-else OPENBLAS_NUM_THREADS / the CPU count): ``OPENBLAS_NUM_THREADS=1 python
-bench/attention.py`` compares one core each, which is what to quote on a machine
-whose other cores are busy (multi-threaded OpenBLAS then stalls in every tile GEMM).
+Threads: torch gets as many as numpy's BLAS has (``tinylm.threads.cpu_threads``), and
+so does the tiled op (it splits its query tiles over that many Python threads);
+``OPENBLAS_NUM_THREADS=1 python bench/attention.py`` compares one core each.
 
 The naive path needs about 3.3 float32 (T, T) arrays per head at its peak (backward):
 a case whose predicted peak (scaled as T^2 from the largest naive case measured, or
-that rule) exceeds ``--naive-limit-gb`` is skipped with "would need N GB" instead of
-being run into the OOM killer.
+that rule) exceeds ``--naive-limit-gb`` (default: 80 % of this machine's memory) is
+reported as "cannot run here: would need N GB" instead of being run into the OOM
+killer.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ NAIVE_SCORE_ARRAYS = 3.3  # float32 (B, H, T, T) arrays alive at the naive path'
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, nargs="+", default=[1024, 4096, 8192, 16384],
+    p.add_argument("--seq", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768],
                    help="sequence lengths T")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--repeat", type=int, default=3, help="runs of the whole sweep (median)")
-    p.add_argument("--naive-limit-gb", type=float, default=8.0,
-                   help="skip naive cases predicted to need more (default 8: a shared machine)")
+    p.add_argument("--naive-limit-gb", type=float, default=None,
+                   help="skip naive cases predicted to need more "
+                        "(default: 80%% of this machine's memory)")
     p.add_argument("--block", type=int, nargs=2, metavar=("BR", "BC"),
                    help="tiled tile sizes (default: the library's)")
     p.add_argument("--tune", action="store_true",
@@ -64,15 +65,15 @@ def parse_args(argv=None):
 
 
 def numpy_threads() -> int:
-    try:
-        from threadpoolctl import threadpool_info
+    sys.path.insert(0, str(ROOT))
+    from tinylm.threads import cpu_threads
 
-        n = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
-        if n:
-            return int(n[0])
-    except ImportError:
-        pass
-    return int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+    return cpu_threads()
+
+
+def memory_gb() -> float:
+    """This machine's physical memory in GB (GiB)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 # --------------------------------------------------------------------------- one case
@@ -178,6 +179,8 @@ def header(args) -> str:
 
 def sweep(args) -> None:
     print(header(args), flush=True)
+    machine = memory_gb()
+    limit = 0.8 * machine if args.naive_limit_gb is None else args.naive_limit_gb
     results: dict = {}  # (impl, T) -> list of runs
     skipped: dict = {}
     for rep in range(args.repeat):
@@ -187,9 +190,11 @@ def sweep(args) -> None:
                 if impl == "naive":
                     last = {T_: rs[-1] for (i, T_), rs in results.items() if i == "naive"}
                     need = predict_naive_gb(T, {t: r for t, r in last.items()})
-                    if need > args.naive_limit_gb:
-                        skipped[(impl, T)] = (f"skipped: would need ~{need:.1f} GB "
-                                              f"(> --naive-limit-gb {args.naive_limit_gb:g})")
+                    if need > limit:
+                        where = ("cannot run here" if need > machine
+                                 else f"skipped (> --naive-limit-gb {limit:g})")
+                        skipped[(impl, T)] = (f"{where}: would need ~{need:.1f} GB, this "
+                                              f"machine has {machine:.1f} GB")
                         continue
                 r = run_case(impl, T, args.block)
                 results.setdefault((impl, T), []).append(r)

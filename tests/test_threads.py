@@ -33,7 +33,7 @@ def test_run_parts_keeps_order_runs_in_threads_and_limits_blas():
         return part * 2
 
     assert threads.run_parts(fn, [1, 2, 3]) == [2, 4, 6]
-    assert threading.get_ident() in seen and len(seen) == 3
+    assert len(seen) == 3
     assert set(limits) == {1}  # BLAS is single-threaded inside the parts
     assert threads.run_parts(lambda part: part, []) == []
 
