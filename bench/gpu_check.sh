@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one-shot GPU check: versions, the GPU tests, CPU-vs-GPU training, compute-sanitizer
-# on a small attention run, the attention benchmark. At most about 9 minutes, usually 4; every step runs
-# even when an earlier one failed, and the summary at the end gives each exit status.
+# on a small attention run, the attention benchmark, the fused kernels' tests and bench.
+# At most about 13 minutes (the sum of the steps' limits), usually under 5; every step
+# runs even when an earlier one failed, and the summary at the end gives each exit status.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to ./out/gpu_check)
 #
 # Logs and JSON land in $OUT: pytest_flash.log, train_check.{log,json}, pytest_gpu.log,
-# sanitizer.log (memcheck + racecheck), attention_gpu.{log,json}.
+# sanitizer.log (memcheck + racecheck), attention_gpu.{log,json}, pytest_fused.log,
+# fused_gpu.{log,json}, sanitizer_fused.log (memcheck, racecheck, synccheck).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,7 +36,7 @@ step train_cpu_vs_gpu 90 "$OUT/train_check.log" \
     python3 bench/gpu_train_check.py --steps 60 --out "$OUT/train_check.json"
 step pytest_gpu 90 "$OUT/pytest_gpu.log" \
     python3 -m pytest -m gpu -q -x "${PER_TEST[@]}" -p no:cacheprovider \
-    --ignore=tests/test_flash_attention_kernel.py tests
+    --ignore=tests/test_flash_attention_kernel.py --ignore=tests/test_fused_kernels.py tests
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
     step memcheck 60 "$OUT/sanitizer.log" \
@@ -51,6 +53,22 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
         compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/flash_attention_small.py
 else
     skip racecheck "compute-sanitizer not on PATH"
+fi
+
+# The fused training-step kernels (tinylm/kernels/fused.cu, off by default until these
+# pass): their GPU tests without -x, then fused vs unfused timings.
+step pytest_fused 60 "$OUT/pytest_fused.log" \
+    python3 -m pytest -m gpu -q -rfE --maxfail=30 "${PER_TEST[@]}" -p no:cacheprovider \
+    tests/test_fused_kernels.py
+step fused_bench 50 "$OUT/fused_gpu.log" \
+    python3 bench/fused_gpu.py --budget 35 --out "$OUT/fused_gpu.json"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck racecheck synccheck; do
+        step "fused_$tool" 40 "$OUT/sanitizer_fused.log" \
+            compute-sanitizer --tool "$tool" --error-exitcode 9 python3 bench/fused_small.py
+    done
+else
+    skip fused_sanitizer "compute-sanitizer not on PATH"
 fi
 
 # more checks below

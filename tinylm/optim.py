@@ -24,6 +24,7 @@ import numpy as np
 from tinylm import backend
 from tinylm.autograd import no_grad
 from tinylm.errors import CheckpointError, TinyLMError
+from tinylm.kernels import fused
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- base
@@ -229,7 +230,9 @@ class AdamW(Optimizer):
         p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
     (amsgrad uses the running maximum of v.) Each step allocates one temporary the
-    size of the parameter; the rest is in place on the state arrays.
+    size of the parameter; the rest is in place on the state arrays. On float32 CuPy
+    arrays with TINYLM_FUSED_KERNELS=1 the step is one fused kernel per parameter
+    (``tinylm.kernels.fused.adamw_step``), with no temporary.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -249,6 +252,11 @@ class AdamW(Optimizer):
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = xp.zeros_like(p.data)
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        vmax = state["max_exp_avg_sq"] if group["amsgrad"] else None
+        if fused.usable(p.data, grad, m, v, vmax):
+            fused.adamw_step(p.data, grad, m, v, vmax, lr=lr, beta1=beta1, beta2=beta2,
+                             eps=eps, weight_decay=group["weight_decay"], step=t)
+            return
 
         if group["weight_decay"] != 0:
             p.data *= 1 - lr * group["weight_decay"]

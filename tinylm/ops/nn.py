@@ -1,13 +1,20 @@
 """Fused neural-network ops: embedding, softmax, log_softmax, cross-entropy, layer and
 RMS norm, dropout. Each is one node with a hand-written backward: fewer temporaries
 and fewer graph nodes than composing them from primitives.
+
+Cross-entropy and the norms run the CUDA kernels of ``tinylm.kernels.fused`` (one or
+three launches instead of ten or more) when ``fused.usable`` says so: float32 CuPy
+arrays with TINYLM_FUSED_KERNELS=1. Otherwise, and always on NumPy, the composed path.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinylm import amp, backend
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
+from tinylm.kernels import fused
 from tinylm.ops.reduce import last_axis_sum
 from tinylm.tensor import Tensor
 
@@ -97,19 +104,33 @@ class CrossEntropy(Function):
     distribution is (1 - eps) one-hot + eps / V; "mean" divides by the number of
     targets that are not ignored."""
 
+    fused_path = False  # True once forward ran the fused kernels
+
     def forward(self, xp, logits, targets):
-        V = logits.shape[-1]
         if targets.shape != logits.shape[:-1]:
             raise ShapeError(
                 f"cross_entropy: targets {targets.shape} must equal logits {logits.shape} "
                 "without the last (class) axis"
             )
+        self.shape = logits.shape
+        if logits.shape[-1] and fused.usable(logits) and targets.dtype.kind in "iu":
+            nll, valid = self._forward_fused(xp, logits, targets)
+        else:
+            nll, valid = self._forward_composed(xp, logits, targets)
+        if self.reduction == "none":
+            return nll.reshape(targets.shape)
+        if self.reduction == "sum":
+            return nll.sum()
+        self.count = valid.sum().astype(nll.dtype)  # float32 loss stays float32
+        return nll.sum() / self.count
+
+    def _forward_composed(self, xp, logits, targets):
+        V = logits.shape[-1]
         logp = _log_softmax(xp, logits.reshape(-1, V), axis=-1)  # (N, V)
         t = targets.reshape(-1)
         valid = t != self.ignore_index
         safe_t = xp.where(valid, t, 0)
-        if bool(((safe_t < 0) | (safe_t >= V)).any()):
-            raise TinyLMError(f"cross_entropy: a target is outside [0, {V}) and not ignore_index")
+        _check_targets(safe_t, V)
         rows = xp.arange(t.shape[0])
         nll = -logp[rows, safe_t]  # (N,)
         eps = self.label_smoothing
@@ -117,15 +138,25 @@ class CrossEntropy(Function):
             nll = (1 - eps) * nll - (eps / V) * logp.sum(axis=-1)
         nll = nll * valid
         self.logp, self.t, self.rows, self.valid = logp, safe_t, rows, valid
-        self.shape = logits.shape
-        if self.reduction == "none":
-            return nll.reshape(targets.shape)
-        if self.reduction == "sum":
-            return nll.sum()
-        self.count = valid.sum().astype(logp.dtype)  # float32 loss stays float32
-        return nll.sum() / self.count
+        return nll, valid
+
+    def _forward_fused(self, xp, logits, targets):
+        """One kernel: lse per row and the loss (0 where ignored); keeps lse, not logp."""
+        V = logits.shape[-1]
+        t = xp.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
+        valid = t != self.ignore_index
+        _check_targets(xp.where(valid, t, 0), V)
+        self.fused_path, self.logits, self.t = True, logits.reshape(-1, V), t
+        nll, self.lse = fused.cross_entropy_forward(self.logits, t, self.ignore_index,
+                                                    self.label_smoothing)
+        return nll, valid
 
     def backward(self, xp, grad):
+        if self.fused_path:
+            g = fused.cross_entropy_backward(
+                self.logits, self.t, self.lse, grad, self.count if self.reduction == "mean"
+                else None, self.ignore_index, self.label_smoothing)
+            return g.reshape(self.shape), None
         eps, V = self.label_smoothing, self.logp.shape[-1]
         g = xp.exp(self.logp)  # softmax (N, V), a fresh array we may edit in place
         g[self.rows, self.t] -= 1 - eps
@@ -139,6 +170,11 @@ class CrossEntropy(Function):
             scale = (grad / self.count) * self.valid[:, None]
         g *= scale.astype(g.dtype, copy=False)
         return g.reshape(self.shape), None
+
+
+def _check_targets(safe_t, V):
+    if bool(((safe_t < 0) | (safe_t >= V)).any()):
+        raise TinyLMError(f"cross_entropy: a target is outside [0, {V}) and not ignore_index")
 
 
 def cross_entropy(
@@ -164,7 +200,16 @@ def cross_entropy(
 class LayerNorm(Function):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
 
+    fused_path = False  # True once forward ran the fused kernels
+
     def forward(self, xp, x, *params):
+        w = params[0] if self.has_weight else None
+        b = params[-1] if self.has_bias else None
+        if _fused_norm(x, w, b):
+            self.fused_path, self.x, self.w = True, x, w
+            y, self.mean, self.rstd = fused.norm_forward(
+                x.reshape(-1, x.shape[-1]), w, b, self.eps, center=True)
+            return y.reshape(x.shape)
         inv_d = 1.0 / x.shape[-1]
         xc = x - last_axis_sum(xp, x) * inv_d  # x - mean, fresh: becomes xhat in place
         var = last_axis_sum(xp, xc * xc) * inv_d
@@ -178,6 +223,8 @@ class LayerNorm(Function):
         return y
 
     def backward(self, xp, grad):
+        if self.fused_path:
+            return _norm_backward_fused(self, xp, grad, center=True)
         xhat, lead = self.xhat, tuple(range(grad.ndim - 1))
         # gx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat)), in place on gx
         gx = grad * self.w if self.has_weight else grad.copy()  # gxhat, fresh
@@ -200,17 +247,43 @@ class LayerNorm(Function):
 class RMSNorm(Function):
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (Llama, T5)."""
 
+    fused_path = False  # True once forward ran the fused kernels
+    has_weight, has_bias = True, False
+
     def forward(self, xp, x, w):
+        if _fused_norm(x, w, None):
+            self.fused_path, self.x, self.w = True, x, w
+            y, self.mean, self.rstd = fused.norm_forward(
+                x.reshape(-1, x.shape[-1]), w, None, self.eps, center=False)
+            return y.reshape(x.shape)
         self.rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
         self.xhat, self.w = x * self.rstd, w
         return self.xhat * w
 
     def backward(self, xp, grad):
+        if self.fused_path:
+            return _norm_backward_fused(self, xp, grad, center=False)
         xhat = self.xhat
         gxhat = grad * self.w
         gx = self.rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
         gw = (grad * xhat).sum(axis=tuple(range(grad.ndim - 1)))
         return gx, gw
+
+
+def _fused_norm(x, w, b) -> bool:
+    """The fused norm kernels take these arrays: weight and bias of shape (D,) only (the
+    kernels read w[j] for j < D; a broadcast weight takes the composed path)."""
+    return bool(x.shape[-1]) and all(p is None or p.shape == x.shape[-1:] for p in (w, b)) \
+        and fused.usable(x, w, b)
+
+
+def _norm_backward_fused(fn, xp, grad, center: bool):
+    """(dx, dw?, db?) of a LayerNorm / RMSNorm node whose forward ran the fused kernel."""
+    D = grad.shape[-1]
+    dy = xp.ascontiguousarray(xp.asarray(grad, dtype=np.float32)).reshape(-1, D)
+    dx, dw, db = fused.norm_backward(dy, fn.x.reshape(-1, D), fn.w, fn.mean, fn.rstd, center,
+                                     want_w=fn.has_weight, want_b=fn.has_bias)
+    return (dx.reshape(grad.shape),) + tuple(g for g in (dw, db) if g is not None)
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
