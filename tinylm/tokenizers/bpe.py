@@ -32,7 +32,9 @@ from __future__ import annotations
 import gc
 import heapq
 import threading
-from itertools import chain, repeat
+from functools import reduce
+from itertools import islice, repeat
+from operator import iconcat
 
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
@@ -223,7 +225,7 @@ class BPETokenizer(Tokenizer):
     def _encode_pieces(self, pieces: list, text: str) -> list:
         lookup = self._cache.__getitem__
         try:  # the fast path: every piece seen before
-            return list(chain.from_iterable(map(lookup, pieces)))
+            return _concat(map(lookup, pieces))
         except KeyError:
             pass
         with self._lock:  # the cache changes only here (threads may share a tokenizer)
@@ -239,7 +241,7 @@ class BPETokenizer(Tokenizer):
             finally:
                 if collecting:
                     gc.enable()
-            ids = list(chain.from_iterable(map(lookup, pieces)))
+            ids = _concat(map(lookup, pieces))
             for piece in long:
                 del self._cache[piece]
         return ids
@@ -253,7 +255,7 @@ class BPETokenizer(Tokenizer):
             cache.clear()
             new = set(pieces)
         new = list(new)
-        data = [piece.encode("utf-8") for piece in new]
+        data = list(map(str.encode, new))  # UTF-8
         longest = max(map(len, data), default=0)
         if len(new) < _BATCH_MIN:
             cache.update(zip(new, map(self._encode_piece_bytes, data)))
@@ -341,13 +343,8 @@ class BPETokenizer(Tokenizer):
 
         if self._tables is None:
             self._tables = self._merge_arrays()
-        keys, key_ranks, merged, byte_ids, byte_pair_ranks, size = self._tables
+        rank_of, merged, byte_ids, byte_pair_ranks = self._tables
         none = len(merged)
-
-        def rank_of(left, right):  # ranks of the pairs (left[i], right[i]); none if absent
-            key = left * size + right
-            at = np.searchsorted(keys, key)
-            return np.where(keys[at] == key, key_ranks[at], none)
 
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
@@ -356,7 +353,7 @@ class BPETokenizer(Tokenizer):
         ranks = np.append(byte_pair_ranks[data[:-1], data[1:]], none)  # pair (i, i + 1)
         ranks[starts + lengths - 1] = none  # no pair across two pieces
         which = np.arange(len(pieces))  # the original index of each piece still merging
-        out = [None] * len(pieces)
+        done_ids, done_which, done_lengths = [], [], []  # the pieces that left, per round
         while True:
             n = len(ids)
             # Per piece, the lowest rank * n + position: its best pair, leftmost on a tie.
@@ -367,12 +364,11 @@ class BPETokenizer(Tokenizer):
             if not merging.all():  # finished pieces leave
                 done = ~merging
                 leaving = np.repeat(done, lengths)
-                flat, at = ids[leaving].tolist(), 0
-                for k, length in zip(which[done].tolist(), lengths[done].tolist()):
-                    out[k] = tuple(flat[at:at + length])
-                    at += length
+                done_ids.append(ids[leaving])
+                done_which.append(which[done])
+                done_lengths.append(lengths[done])
                 if not merging.any():
-                    return out
+                    break
                 keep[leaving] = False
             pos, offset = pos[merging], pos[merging] - starts[merging]
             ids[pos] = merged[rank[merging]]
@@ -387,20 +383,23 @@ class BPETokenizer(Tokenizer):
             ranks[at[last]] = none
             left = at[offset > 0] - 1  # the pair (previous, new)
             ranks[left] = rank_of(ids[left], ids[left + 1])
+        # One tuple per piece, in the order they left (islice takes each piece's ids
+        # from one shared iterator), then put back in the pieces' order.
+        flat = iter(np.concatenate(done_ids).tolist())
+        lengths = np.concatenate(done_lengths).tolist()
+        out = list(map(tuple, map(islice, repeat(flat), lengths)))
+        return list(map(out.__getitem__, np.argsort(np.concatenate(done_which)).tolist()))
 
     def _merge_arrays(self) -> tuple:
-        """The merge table for ``_merge_batch``: the pair keys (left * size + right),
-        sorted and ending in a sentinel, their ranks, rank -> new id, byte -> id, and
-        the ranks of all byte pairs as a 256 x 256 table."""
+        """The merge table for ``_merge_batch``: ``rank_of(left, right)`` (the ranks of
+        the pairs ``(left[i], right[i])``, ``none`` if absent), rank -> new id, byte ->
+        id, and the ranks of all byte pairs as a 256 x 256 table."""
         import numpy as np
 
-        size = max(self.vocab_size, 1)
-        pairs = np.array(list(self._ranks), dtype=np.int64).reshape(-1, 2)
-        keys = pairs[:, 0] * size + pairs[:, 1]
-        order = np.argsort(keys)
-        ranks = np.fromiter(self._ranks.values(), dtype=np.int64, count=len(self._ranks))
         none = len(self._merged)
-        sentinel = np.iinfo(np.int64).max  # keeps the keys sorted; never a real key
+        pairs = np.array(list(self._ranks), dtype=np.int64).reshape(-1, 2)
+        pair_ranks = np.fromiter(self._ranks.values(), dtype=np.int64, count=len(self._ranks))
+        rank_of = _PairTable(pairs, pair_ranks, none, size=max(self.vocab_size, 1))
         byte_ids = np.asarray(self._byte_ids, dtype=np.int64)
         # The first lookup, of byte pairs, from a dense 256 x 256 table.
         byte_pair_ranks = np.full((256, 256), none, dtype=np.int64)
@@ -408,8 +407,7 @@ class BPETokenizer(Tokenizer):
         for (left, right), rank in self._ranks.items():
             if left in byte_of and right in byte_of:
                 byte_pair_ranks[byte_of[left], byte_of[right]] = rank
-        return (np.append(keys[order], sentinel), np.append(ranks[order], none),
-                np.asarray(self._merged, dtype=np.int64), byte_ids, byte_pair_ranks, size)
+        return rank_of, np.asarray(self._merged, dtype=np.int64), byte_ids, byte_pair_ranks
 
     def _merge_long(self, ids: list) -> list:
         """``_merge`` for long pieces: a heap of (rank, position) over a linked list,
@@ -779,3 +777,55 @@ def _hf_pre_tokenizer(spec, fail) -> tuple:
     raise fail(f"pre_tokenizer {kind!r} is not supported: tinylm reads byte-level BPE "
                f"tokenizers whose pre-tokenizer is ByteLevel (with its regex) or a Split regex "
                f"(isolated) followed by ByteLevel without regex")
+
+
+def _concat(tuples) -> list:
+    """One list of the items of ``tuples``: ``list(chain.from_iterable(tuples))``, 20%
+    faster (``iconcat`` extends the list with each tuple in C, without an iterator)."""
+    return reduce(iconcat, tuples, [])
+
+
+class _PairTable:
+    """A hash table from id pairs to merge ranks, looked up a whole array at a time
+    (NumPy has no dict; a binary search of the sorted pairs is several times slower).
+    Each pair ``left * size + right`` hashes (Fibonacci hashing) to a row, one per
+    two pairs or so; ``keys`` holds the pairs row after row, ``starts[row]`` is where a
+    row begins, and a lookup compares the 1st, 2nd, ... key of each query's row with
+    the query (rows hold at most a handful of keys; past a row's end are other rows'
+    keys, which never equal the query)."""
+
+    _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
+
+    def __init__(self, pairs, ranks, none: int, size: int):
+        import numpy as np
+
+        self.none, self.size = none, size  # size: more than any id
+        self.bits = max(2 * len(pairs) - 1, 1).bit_length()  # rows: a power of 2 >= 2 * pairs
+        key = pairs[:, 0] * size + pairs[:, 1]
+        row = self._row(key)
+        order = np.argsort(row, kind="stable")
+        counts = np.bincount(row, minlength=1 << self.bits)
+        self.width = int(counts.max(initial=0))  # the most keys in one row
+        self.starts = np.cumsum(counts) - counts
+        pad = max(self.width, 1)  # so that a row's start + width stays in the arrays
+        self.keys = np.append(key[order], np.full(pad, -1))
+        self.ranks = np.append(ranks[order], np.full(pad, none))
+
+    def _row(self, key):
+        import numpy as np
+
+        product = key.astype(np.uint64) * np.uint64(self._GOLDEN)  # wraps mod 2**64
+        return (product >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def __call__(self, left, right):
+        """The ranks of the pairs ``(left[i], right[i])``; ``none`` where absent."""
+        import numpy as np
+
+        key = left * self.size + right
+        at = self.starts[self._row(key)]
+        out = np.full(len(key), self.none, dtype=np.int64)
+        for _ in range(self.width):
+            hit = self.keys[at] == key
+            out[hit] = self.ranks[at[hit]]
+            at += 1
+        return out
