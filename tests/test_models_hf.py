@@ -20,6 +20,8 @@ from tinylm.models import (
 from tinylm.models.hf import hf_state_dict
 
 GPT2 = GPT2Config(vocab_size=50, d_model=16, n_layer=2, n_head=2, max_positions=16)
+LLAMA3_SCALING = {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def saved(tmp_path, config=GPT2, **kwargs):
@@ -74,6 +76,56 @@ def test_config_json_is_what_transformers_expects(tmp_path):
     assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
     assert hf["num_key_value_heads"] == 1 and hf["rope_parameters"]["rope_theta"] == 5e5
     assert hf["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"type": "linear", "factor": 4.0}],
+                         ids=lambda s: s["type"])
+def test_rope_scaling_is_written_and_read_back(tmp_path, scaling):
+    config = LlamaConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, n_kv_head=1, d_ff=40,
+                         positional_options={"base": 5e5, "scaling": scaling})
+    model = saved(tmp_path, config)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    params = {k: v for k, v in scaling.items() if k != "type"}
+    expected = {"rope_type": scaling["type"], **params}
+    assert hf["rope_parameters"] == {"rope_theta": 5e5, **expected}
+    assert hf["rope_scaling"] == expected  # for transformers < 5
+    back = tinylm.load_pretrained(tmp_path)
+    assert back.config == config and same_weights(model, back)
+
+
+def test_pre_v5_rope_scaling_configs_are_read(tmp_path):
+    """transformers < 5 wrote "rope_scaling" (with "type" in older files) and a top-level
+    "rope_theta"; llama3 without original_max_position_embeddings takes the model's."""
+    saved(tmp_path, LlamaConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, d_ff=40))
+    hf = json.loads((tmp_path / "config.json").read_text())
+    del hf["rope_parameters"]
+    hf.update(rope_theta=5e5, max_position_embeddings=128,
+              rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    options = tinylm.load_pretrained(tmp_path).config.positional_options
+    assert options == {"base": 5e5, "scaling": {"type": "linear", "factor": 2.0}}
+    hf["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    scaling = tinylm.load_pretrained(tmp_path).config.positional_options["scaling"]
+    assert scaling["type"] == "llama3" and scaling["original_max_position_embeddings"] == 128
+
+
+@pytest.mark.parametrize("key, rope", [
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0],
+                         "long_factor": [1.0]}),
+])
+def test_unsupported_rope_types_are_refused(tmp_path, key, rope):
+    saved(tmp_path, LlamaConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, d_ff=40))
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf[key] = rope
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    kind = rope.get("rope_type", rope.get("type"))
+    with pytest.raises(CheckpointError, match=rf"does not support: rope_type='{kind}' "
+                                              r"\(only 'default', 'linear', 'llama3'\)"):
+        tinylm.load_pretrained(tmp_path)
 
 
 # --------------------------------------------------------------------------- transformers files
@@ -203,7 +255,8 @@ def test_configs_transformers_cannot_express_are_refused(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 @pytest.mark.parametrize("config", [
-    GPT2, LlamaConfig(n_kv_head=8, positional_options={"base": 5e5, "fraction": 0.5}),
+    GPT2, LlamaConfig(n_kv_head=8, positional_options={"base": 5e5, "fraction": 0.5,
+                                                        "scaling": dict(LLAMA3_SCALING)}),
     BertConfig(head="none"), T5Config(n_decoder_layer=3, gated_mlp=True),
 ], ids=lambda c: getattr(c, "architecture", c))
 def test_configs_round_trip_through_files(tmp_path, config, suffix):

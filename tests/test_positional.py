@@ -133,6 +133,80 @@ def test_rope_rejects_odd_rotary_dims():
         RoPE(10, fraction=0.3)
 
 
+# Llama 3.1's real parameters, and a tiny original context (head_dim 16, 32 positions) that
+# puts one frequency in each band: kept, blended, divided.
+LLAMA31 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+SMALL_LLAMA3 = {**LLAMA31, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("head_dim, base, fraction, scaling", [
+    (128, 500000.0, 1.0, LLAMA31),
+    (64, 500000.0, 1.0, {**LLAMA31, "factor": 32.0}),  # Llama 3.2
+    (16, 10000.0, 1.0, SMALL_LLAMA3),
+    (32, 10000.0, 0.5, {**SMALL_LLAMA3, "factor": 3.0, "low_freq_factor": 0.5,
+                        "high_freq_factor": 3.0, "original_max_position_embeddings": 100}),
+    (16, 10000.0, 1.0, {"type": "linear", "factor": 4.0}),
+    (24, 1e6, 0.5, {"type": "linear", "factor": 2.5}),
+], ids=lambda v: v["type"] if isinstance(v, dict) else None)
+def test_rope_scaling_frequencies_are_transformers(head_dim, base, fraction, scaling):
+    """Against transformers' _compute_{linear_scaling,llama3}_rope_parameters."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {k: v for k, v in scaling.items() if k != "type"}
+    config = transformers.LlamaConfig(
+        hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=131072,
+        rope_parameters={"rope_type": scaling["type"], "rope_theta": base,
+                         "partial_rotary_factor": fraction, **params})
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS[scaling["type"]](config)
+    assert attention_factor == 1.0  # nothing to scale cos/sin by: tinylm applies none
+    rope = RoPE(head_dim, base=base, fraction=fraction, scaling=scaling)
+    assert rope.inv_freq.dtype == np.float32 and rope.inv_freq.shape == tuple(theirs.shape)
+    # float32 both; 5e-7 allows the 1-2 ulp by which NumPy's and torch's float32 pow differ
+    # in the unscaled frequencies already
+    np.testing.assert_allclose(rope.inv_freq.astype(np.float64),
+                               theirs.numpy().astype(np.float64), rtol=5e-7, atol=0)
+    assert not np.allclose(rope.inv_freq, RoPE(head_dim, base=base, fraction=fraction).inv_freq)
+
+
+def test_llama3_scaling_keeps_short_waves_divides_long_ones_and_blends_between():
+    rope, plain = RoPE(16, scaling=SMALL_LLAMA3), RoPE(16)
+    ratio = (plain.inv_freq / rope.inv_freq).astype(np.float64)  # 1 .. factor
+    wavelength = 2 * np.pi / plain.inv_freq  # 6.3, 20, 63, ...: bands < 8, 8..32, > 32
+    np.testing.assert_allclose(ratio[wavelength < 8], 1.0)
+    np.testing.assert_allclose(ratio[wavelength > 32], 8.0, rtol=1e-6)
+    blended = ratio[(wavelength >= 8) & (wavelength <= 32)]
+    assert blended.size == 1 and 1.0 < blended[0] < 8.0
+    np.testing.assert_allclose(RoPE(16, scaling={"type": "linear", "factor": 4.0}).inv_freq,
+                               plain.inv_freq / 4)
+    assert "scaling=llama3" in repr(rope)
+
+
+def test_rope_scaling_options_reach_rope_from_a_config():
+    dims = PositionalDims(d_model=32, n_head=2, head_dim=16, max_positions=64,
+                          bidirectional=False)
+    rope = build_positional("rope", dims, {"base": 500.0, "scaling": SMALL_LLAMA3})
+    np.testing.assert_array_equal(rope.inv_freq, RoPE(16, 500.0, scaling=SMALL_LLAMA3).inv_freq)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"type": "yarn", "factor": 4.0},
+     r"'yarn' is not supported; tinylm has \['linear', 'llama3'\]"),
+    ({"factor": 4.0}, "None is not supported"),
+    ({"type": "linear", "factor": 4.0, "low_freq_factor": 1.0},
+     r"linear RoPE scaling takes exactly \['factor'\]"),
+    ({"type": "llama3", "factor": 8.0}, "llama3 RoPE scaling takes exactly"),
+    ({"type": "linear", "factor": 0.0}, "factor must be positive"),
+    ("linear", "must be a table like"),
+    ({**LLAMA31, "low_freq_factor": 4.0}, "0 < low_freq_factor < high_freq_factor"),
+])
+def test_rope_rejects_unknown_or_malformed_scaling(scaling, message):
+    with pytest.raises(TinyLMError, match=message):
+        RoPE(16, scaling=scaling)
+
+
 # --------------------------------------------------------------------------- ALiBi
 
 

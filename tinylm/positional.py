@@ -156,19 +156,73 @@ class Rotation:
         return ops.rotary(x, self.cos, self.sin, interleaved=self.interleaved)
 
 
+def linear_scaling(inv_freq, factor: float):
+    """Position interpolation (kaiokendev; Chen et al.): every frequency divided by
+    ``factor``, as if the positions were ``p / factor``. Hugging Face's "linear"."""
+    return inv_freq / np.float32(factor)
+
+
+def llama3_scaling(inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float,
+                   original_max_position_embeddings: int):
+    """Llama 3.1's frequency-dependent interpolation. With L the original context:
+    frequencies whose wavelength 2 pi / f is shorter than L / high_freq_factor stay,
+    those longer than L / low_freq_factor are divided by ``factor``, and those in
+    between blend the two with s = (L / wavelength - low) / (high - low):
+    f' = (1 - s) f / factor + s f. Hugging Face's "llama3", computed in float32 as it does."""
+    if not 0 < low_freq_factor < high_freq_factor:
+        raise TinyLMError(f"llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor, "
+                          f"got {low_freq_factor} and {high_freq_factor}")
+    context = np.float32(original_max_position_embeddings)
+    factor = np.float32(factor)
+    low, high = np.float32(low_freq_factor), np.float32(high_freq_factor)
+    wavelength = np.float32(2 * math.pi) / inv_freq
+    smooth = (context / wavelength - low) / (high - low)  # < 0 long, > 1 short waves
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    is_long, is_short = wavelength > context / low, wavelength < context / high
+    return np.where(is_long, inv_freq / factor, np.where(is_short, inv_freq, blended))
+
+
+# RoPE's ``scaling = {type = ..., **parameters}``: the static rescalings of the inverse
+# frequencies, each a function (inv_freq (rot/2,) float32, **parameters) -> the same.
+ROPE_SCALINGS = {"linear": linear_scaling, "llama3": llama3_scaling}
+
+
+def scale_frequencies(inv_freq, scaling: dict):
+    """``inv_freq`` rescaled as ``scaling`` ({"type": "linear", "factor": 4.0}, ...) says."""
+    if not isinstance(scaling, dict):
+        raise TinyLMError(f"RoPE scaling must be a table like {{type = \"linear\", factor = "
+                          f"4.0}}, got {scaling!r}")
+    params = dict(scaling)
+    kind = params.pop("type", None)
+    if kind not in ROPE_SCALINGS:
+        raise TinyLMError(f"RoPE scaling type {kind!r} is not supported; tinylm has "
+                          f"{sorted(ROPE_SCALINGS)} (give scaling = {{type = ..., ...}})")
+    fn = ROPE_SCALINGS[kind]
+    wanted = [n for n in inspect.signature(fn).parameters if n != "inv_freq"]
+    if sorted(params) != sorted(wanted):
+        raise TinyLMError(f"{kind} RoPE scaling takes exactly {wanted}, got {sorted(params)}")
+    if not params["factor"] > 0:
+        raise TinyLMError(f"RoPE scaling factor must be positive, got {params['factor']}")
+    return fn(inv_freq, **params).astype(np.float32)
+
+
 class RoPE(PositionalEncoding):
     """Rotary position embedding (Su et al., RoFormer): feature pair i of a query or key
     at position p turns by the angle p * base^(-2i/rot_dim). Then q_m . k_n depends on
     the positions only through m - n. ``fraction`` < 1 rotates only the first
     ``int(head_dim * fraction)`` features, as GPT-NeoX's ``rotary_pct``. ``interleaved``
-    picks GPT-J's pairing (2i, 2i+1) over NeoX/Llama's (i, i + rot_dim/2).
+    picks GPT-J's pairing (2i, 2i+1) over NeoX/Llama's (i, i + rot_dim/2). ``scaling``
+    rescales the frequencies to stretch a model's context (see ``ROPE_SCALINGS``), e.g.
+    ``{"type": "linear", "factor": 4.0}`` or Llama 3.1's ``{"type": "llama3", "factor":
+    8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}``.
 
     Angles are computed in float32, as Hugging Face does, so long positions round the
     same way in both.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, fraction: float = 1.0,
-                 interleaved: bool = False):
+                 interleaved: bool = False, scaling: dict | None = None):
         super().__init__()
         rot_dim = int(head_dim * fraction)
         if rot_dim % 2 or rot_dim <= 0:
@@ -180,6 +234,10 @@ class RoPE(PositionalEncoding):
         self.base, self.fraction, self.interleaved = float(base), fraction, bool(interleaved)
         exponent = np.arange(0, rot_dim, 2, dtype=np.int64).astype(np.float32) / rot_dim
         self.inv_freq = (1.0 / (np.float32(base) ** exponent)).astype(np.float32)  # (rot/2,)
+        self.scaling = scaling or None
+        if self.scaling:
+            self.inv_freq = scale_frequencies(self.inv_freq, self.scaling)
+            self.scaling = dict(self.scaling)
 
     @classmethod
     def from_dims(cls, dims, **options):
@@ -201,7 +259,8 @@ class RoPE(PositionalEncoding):
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rot_dim={self.rot_dim}, base={self.base:g}"
-                + (", interleaved" if self.interleaved else ""))
+                + (", interleaved" if self.interleaved else "")
+                + (f", scaling={self.scaling['type']}" if self.scaling else ""))
 
 
 # --------------------------------------------------------------------------- relative bias

@@ -1,5 +1,6 @@
 """Hugging Face checkpoint directories: import (``load_pretrained``) and export
-(``save_pretrained``) for GPT-2, Llama (GQA included), BERT and T5.
+(``save_pretrained``) for GPT-2, Llama (GQA and "linear" / "llama3" RoPE scaling
+included), BERT and T5.
 
     model = tinylm.load_pretrained("path/to/llama")     # config.json + *.safetensors
     model.save_pretrained("out/")                       # transformers.AutoModel... loads it
@@ -187,21 +188,49 @@ class GPT2(Family):
         return (r"\.attn\.(masked_)?bias$",) + ((r"^lm_head\.weight$",) if c.tie_embeddings else ())
 
 
+# Hugging Face's rope_type -> the keys of its parameters, for the static rescalings of
+# the RoPE frequencies that tinylm's RoPE implements (tinylm.positional.ROPE_SCALINGS).
+_ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+_ROPE_TYPES = ("default",) + tuple(_ROPE_SCALING_KEYS)
+
+
+def _rope_scaling_from_hf(kind: str, rope: dict, hf: dict) -> dict:
+    """RoPE's ``scaling`` option from an HF rope dict (KeyError names a missing key)."""
+    rope = dict(rope)
+    if kind == "llama3":  # transformers' fallbacks: a top-level value, else the model's
+        rope["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings",
+            rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048)))
+    return {"type": kind, **{k: rope[k] for k in _ROPE_SCALING_KEYS[kind]}}
+
+
+def _rope_scaling_to_hf(scaling: dict) -> dict:
+    return {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
+
+
 class Llama(Family):
     model_type, config_class, prefix = "llama", LlamaConfig, "model"
 
     def from_hf(self, hf):
-        rope = dict(hf.get("rope_parameters") or {})
+        # transformers >= 5 writes "rope_parameters"; older configs "rope_scaling" and a
+        # top-level "rope_theta". As transformers does, "rope_scaling" wins when present.
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or {}
-        kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        problems = [] if kind == "default" else [f"rope_type={kind!r} (only 'default')"]
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        problems = [] if kind in _ROPE_TYPES else [
+            f"rope_type={kind!r} (only {', '.join(map(repr, _ROPE_TYPES))})"]
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             problems.append("attention_bias != mlp_bias (tinylm has one bias switch)")
         _unsupported("llama", problems)
         fraction = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         options = _non_default({"base": float(rope["rope_theta"]), "fraction": fraction},
                                {"base": 10000.0, "fraction": 1.0})
+        if kind != "default":
+            options["scaling"] = _rope_scaling_from_hf(kind, rope, hf)
         return LlamaConfig(
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
@@ -220,7 +249,7 @@ class Llama(Family):
 
     def exportable(self, c):
         p = super().exportable(c)
-        extra = set(c.positional_options) - {"base", "fraction"}
+        extra = set(c.positional_options) - {"base", "fraction", "scaling"}
         if extra:
             p.append(f"RoPE options {sorted(extra)}")
         if c.dropout or c.mlp_dropout or c.attn_scale is not None:
@@ -246,6 +275,10 @@ class Llama(Family):
         if c.positional_options.get("fraction", 1.0) != 1.0:
             fraction = c.positional_options["fraction"]
             rope["partial_rotary_factor"] = hf["partial_rotary_factor"] = fraction
+        if c.positional_options.get("scaling"):
+            scaling = _rope_scaling_to_hf(c.positional_options["scaling"])
+            rope.update(scaling)
+            hf["rope_scaling"] = scaling  # what transformers < 5 reads
         return hf
 
     def rules(self, c):
