@@ -2,13 +2,10 @@
 // and barrier placement are tested without a GPU.
 //
 // The .cu is compiled as C++ with FA_HOST_EMULATION and the same -D flags the launcher
-// gives NVRTC. Every thread of a block is a ucontext fiber. The scheduler runs ONE warp
-// at a time as far as it can go (through its warp collectives, up to the next
-// __syncthreads), lowest warp first (highest with FA_EMU_ORDER=reverse), so a warp runs
-// ahead of the others: a missing __syncthreads shows up as a read of data another warp
-// has not written yet, or has already overwritten. Collectives:
-//   __syncthreads()   all live threads of the block, at the same barrier count
-//   __shfl_xor_sync   all 32 lanes of the warp (deposit, rendezvous, read, rendezvous)
+// gives NVRTC. The fiber runtime (threads as ucontext fibers, ONE warp at a time as far
+// as it can go, lowest warp first or highest with FA_EMU_ORDER=reverse; __syncthreads,
+// __shfl_xor_sync, NaN-poisoned shared memory, error aborts) is tests/cuda_emu.h. This
+// file adds the collectives and copies of the tensor-core kernels:
 //   mma.sync m16n8k16 all 32 lanes: the warp's fragments are decoded into full A, B
 //                     with the PTX ISA's documented layouts and multiplied in double
 //   ldmatrix.x4       all 32 lanes: lane L gives row L % 8 of matrix L / 8; each lane
@@ -20,10 +17,10 @@
 // before its copier's wait + a barrier, or refilling a buffer someone still reads,
 // gives NaN. FA_EMU_CPASYNC=early copies at issue. A thread may not exit with copies
 // in flight; a source outside every input array is an error.
-// A deadlock, a barrier reached by some threads only, a shared-memory write past the
-// launch's dynamic size, or a global write outside an array aborts with a message.
-// Shared memory and every output start as NaN bytes (0xFF), so reading unwritten
-// shared memory or leaving an output element unwritten shows up as NaN.
+// A global write outside an array aborts with a message (as do the runtime's errors:
+// deadlock, a barrier reached by some threads only, a shared-memory write past the
+// launch's dynamic size). Shared memory and every output start as NaN bytes (0xFF), so
+// reading unwritten shared memory or leaving an output element unwritten shows up as NaN.
 //
 // Built and driven by tests/test_flash_attention_kernel.py:
 //   g++ -std=c++17 -O1 -DFA_HOST_EMULATION -DFA_CU_PATH='"…/flash_attention.cu"'
@@ -34,8 +31,6 @@
 // as raw elements of the module's dtype; OUT gets o, dq, dk, dv (same dtype) then lse,
 // delta (float32).
 
-#include <ucontext.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,58 +38,21 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <functional>
 #include <string>
 #include <vector>
 
+#define CUDA_EMU_STACK_BYTES (128 * 1024)
+#include "cuda_emu.h"
+
 // ---------------------------------------------------------------- CUDA spellings
-
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__
-#define __align__(n) __attribute__((aligned(n)))
-
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-inline float2 make_float2(float a, float b) { return {a, b}; }
-inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
-inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
-
-struct EmuDim3 { unsigned x, y, z; };
-EmuDim3 blockIdx, gridDim;
-EmuDim3 fa_emu_thread_idx();
-#define threadIdx (fa_emu_thread_idx())
 
 using std::max;
 using std::min;
 
-inline float __int_as_float(long long i) {
-    const uint32_t u = (uint32_t)i;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline float __uint_as_float(unsigned u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-[[noreturn]] static void fail(const std::string& why) {
-    std::fprintf(stderr, "EMULATION ERROR: %s\n", why.c_str());
-    std::exit(3);
-}
 [[noreturn]] void __trap() {
     fail("__trap() (dynamic shared memory smaller than the kernel's layout?)");
 }
 
-void __syncthreads();
-float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 unsigned fa_emu_dynamic_smem_size();
 void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, bool bf16);
 void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans);
@@ -123,158 +81,39 @@ inline unsigned short fa_emu_f32_to_bf16(float x) {
 
 #include FA_CU_PATH
 
-// ---------------------------------------------------------------- fibers
+// ---------------------------------------------------------------- mma, ldmatrix, cp.async
 
 constexpr size_t SMEM_BYTES = 232448;  // 227 KB, the most a Hopper block may have
 alignas(16) unsigned char fa_smem[SMEM_BYTES];
 
 namespace emu {
 
-enum State { READY, AT_BLOCK, AT_WARP, DONE };
-struct Fiber {
-    ucontext_t ctx;
-    State state = READY;
-    unsigned tid = 0;
-    long barriers = 0;     // __syncthreads calls so far
-    long collectives = 0;  // warp collectives so far
-};
-struct Payload { unsigned u[6]; float f; const unsigned short* p; };
+struct Payload { unsigned u[6]; const unsigned short* p; };  // a lane's mma / ldmatrix input
 struct Copy { unsigned char* dst; unsigned char data[16]; int size; };
 struct Async {  // one thread's cp.async state
     std::vector<Copy> open;                  // issued since the last commit
     std::deque<std::vector<Copy>> groups;    // committed, not yet retired (oldest first)
 };
 
-std::vector<Fiber> fibers;
 std::vector<Payload> scratch;
 std::vector<Async> asyncs;
 bool cp_early = false;  // FA_EMU_CPASYNC=early: copies land at issue
 std::vector<std::pair<const unsigned char*, const unsigned char*>> inputs;  // readable ranges
-ucontext_t sched_ctx;
-Fiber* cur = nullptr;
-unsigned smem_size = 0;
-bool reverse = false;  // FA_EMU_ORDER=reverse: run threads and warps last-first
-std::function<void()> body;
-constexpr size_t STACK = 128 * 1024;
 
-void trampoline() {
-    body();
-    const Async& a = asyncs[cur->tid];
-    if (!a.open.empty() || !a.groups.empty())
-        fail("a thread exited with cp.async copies in flight");
-    cur->state = DONE;  // uc_link returns to the scheduler
-}
-
-void block_on(State s) {
-    cur->state = s;
-    swapcontext(&cur->ctx, &sched_ctx);
-}
-
-void run_block(unsigned nthreads) {
-    if (nthreads % 32) fail("block size is not a multiple of 32");
-    static std::vector<std::vector<char>> stacks;  // reused from block to block
-    while (stacks.size() < nthreads) stacks.emplace_back(STACK);
-    fibers.assign(nthreads, Fiber());
+void reset_block(unsigned nthreads) {
     scratch.assign(nthreads, Payload());
     asyncs.assign(nthreads, Async());
-    for (unsigned t = 0; t < nthreads; ++t) {
-        Fiber& f = fibers[t];
-        f.tid = t;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stacks[t].data();
-        f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &sched_ctx;
-        makecontext(&f.ctx, trampoline, 0);
-    }
-    const unsigned nwarps = nthreads / 32;
-    for (;;) {
-        // Pick ONE warp that can move (lowest first, or highest with reverse): run its
-        // ready lanes, or release its warp collective once all 32 lanes wait there. It
-        // keeps the processor until it reaches a block barrier or exits, so it runs
-        // ahead of every other warp.
-        bool moved = false;
-        for (unsigned i = 0; i < nwarps && !moved; ++i) {
-            const unsigned w = reverse ? nwarps - 1 - i : i;
-            Fiber* lanes = &fibers[32 * w];
-            bool ready = false, all_at_warp = true;
-            for (unsigned l = 0; l < 32; ++l) {
-                ready = ready || lanes[l].state == READY;
-                all_at_warp = all_at_warp && lanes[l].state == AT_WARP;
-            }
-            if (!ready && all_at_warp) {
-                for (unsigned l = 1; l < 32; ++l)
-                    if (lanes[l].collectives != lanes[0].collectives)
-                        fail("lanes of one warp reached different warp collectives (divergence)");
-                for (unsigned l = 0; l < 32; ++l) lanes[l].state = READY;
-                ready = true;
-            }
-            if (!ready) continue;
-            for (unsigned j = 0; j < 32; ++j) {
-                Fiber& f = lanes[reverse ? 31 - j : j];
-                if (f.state != READY) continue;
-                cur = &f;
-                swapcontext(&sched_ctx, &f.ctx);
-            }
-            moved = true;
-        }
-        if (moved) continue;
-        unsigned done = 0, at_block = 0;
-        for (Fiber& f : fibers) {
-            done += f.state == DONE;
-            at_block += f.state == AT_BLOCK;
-        }
-        if (done == nthreads) break;
-        if (at_block == nthreads) {
-            for (Fiber& f : fibers)
-                if (f.barriers != fibers[0].barriers)
-                    fail("threads waiting at different __syncthreads() (barrier in a branch)");
-            for (Fiber& f : fibers) f.state = READY;
-            continue;
-        }
-        if (at_block + done == nthreads) fail("__syncthreads() after some threads exited");
-        fail("deadlock: a warp collective missing lanes, or lanes split between a warp "
-             "collective and a block barrier");
-    }
 }
 
-template <class F>
-void launch(unsigned gx, unsigned gy, unsigned threads, unsigned smem, F&& kernel) {
-    if (smem > SMEM_BYTES) fail("dynamic shared memory above 227 KB");
-    gridDim = {gx, gy, 1};
-    smem_size = smem;
-    body = kernel;
-    for (unsigned by = 0; by < gy; ++by) {
-        for (unsigned bx = 0; bx < gx; ++bx) {
-            blockIdx = {bx, by, 0};
-            std::memset(fa_smem, 0xff, SMEM_BYTES);  // NaN as float, f16 and bf16
-            run_block(threads);
-            for (size_t i = smem; i < SMEM_BYTES; ++i)
-                if (fa_smem[i] != 0xff) fail("shared-memory write past the dynamic size");
-        }
-    }
+void check_exit(unsigned tid) {
+    const Async& a = asyncs[tid];
+    if (!a.open.empty() || !a.groups.empty())
+        fail("a thread exited with cp.async copies in flight");
 }
 
 }  // namespace emu
 
-EmuDim3 fa_emu_thread_idx() { return {emu::cur->tid, 0, 0}; }
 unsigned fa_emu_dynamic_smem_size() { return emu::smem_size; }
-
-void __syncthreads() {
-    emu::cur->barriers++;
-    emu::block_on(emu::AT_BLOCK);
-}
-
-float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
-    if (mask != 0xffffffffu) fail("partial shuffle mask");
-    const unsigned tid = emu::cur->tid, base = tid & ~31u, lane = tid & 31u;
-    emu::scratch[tid].f = v;
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);  // every lane has deposited
-    const float r = emu::scratch[base + (lane ^ (unsigned)lane_mask)].f;
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);  // every lane has read
-    return r;
-}
 
 static float half_of(unsigned reg, int hi, bool bf16) {
     const unsigned short x = (unsigned short)(hi ? reg >> 16 : reg & 0xffffu);
@@ -294,8 +133,7 @@ void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigne
     for (int i = 0; i < 4; ++i) mine.u[i] = a[i];
     mine.u[4] = b0;
     mine.u[5] = b1;
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);
+    emu::warp_rendezvous();
     double A[16][16], B[16][8];
     for (unsigned L = 0; L < 32; ++L) {
         const emu::Payload& p = emu::scratch[base + L];
@@ -318,8 +156,7 @@ void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigne
         for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
         out[i] = (float)s;
     }
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);  // every lane has read the others' fragments
+    emu::warp_rendezvous();  // every lane has read the others' fragments
     for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
@@ -336,8 +173,7 @@ void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans) {
         reinterpret_cast<const unsigned char*>(p + 8) > lo + emu::smem_size)
         fail("ldmatrix row outside the dynamic shared memory");
     emu::scratch[tid].p = p;
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);
+    emu::warp_rendezvous();
     unsigned out[4];
     for (int i = 0; i < 4; ++i) {
         auto M = [&](int row, int col) -> unsigned {
@@ -346,8 +182,7 @@ void fa_emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans) {
         const int a = lane / 4, b = 2 * (lane % 4);
         out[i] = trans ? (M(b, a) | (M(b + 1, a) << 16)) : (M(a, b) | (M(a, b + 1) << 16));
     }
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);
+    emu::warp_rendezvous();
     for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 
@@ -426,8 +261,10 @@ struct Launch {
 
 int main(int argc, char** argv) {
     if (argc != 26) fail("usage: emu B H Hkv Tq Tk CAUSAL SCALE (NAME ROWS THREADS SMEM)x4 IN OUT");
-    const char* order = std::getenv("FA_EMU_ORDER");
-    emu::reverse = order && std::string(order) == "reverse";
+    emu::order_from_env("FA_EMU_ORDER");
+    emu::shared_memory(fa_smem, SMEM_BYTES);
+    emu::on_block = emu::reset_block;
+    emu::on_exit = emu::check_exit;
     const char* cpmode = std::getenv("FA_EMU_CPASYNC");
     emu::cp_early = cpmode && std::string(cpmode) == "early";
     const int B = std::atoi(argv[1]), H = std::atoi(argv[2]), Hkv = std::atoi(argv[3]);

@@ -1,17 +1,18 @@
 // Runs tinylm/kernels/fused.cu on the CPU, so its indexing, reductions and barrier
-// placement are tested without a GPU. The same execution model as
-// tests/flash_attention_emu.cpp, cut down to what fused.cu uses (no mma, ldmatrix or
-// cp.async): every thread of a block is a ucontext fiber; the scheduler runs ONE warp
-// at a time as far as it can go (through its shuffles, up to the next __syncthreads),
-// lowest warp first (highest with FZ_EMU_ORDER=reverse), so a warp runs ahead of the
-// others and a missing __syncthreads shows up as a read of shared data another warp has
-// not written yet, or has already overwritten.
+// placement are tested without a GPU. The execution model is tests/cuda_emu.h (shared
+// with tests/flash_attention_emu.cpp, which adds mma, ldmatrix and cp.async, none of
+// which fused.cu uses): every thread of a block is a ucontext fiber; the scheduler runs
+// ONE warp at a time as far as it can go (through its shuffles, up to the next
+// __syncthreads), lowest warp first (highest with FZ_EMU_ORDER=reverse), so a warp runs
+// ahead of the others and a missing __syncthreads shows up as a read of shared data
+// another warp has not written yet, or has already overwritten.
 //   __syncthreads()   all live threads of the block, at the same barrier count
 //   __shfl_xor_sync   all 32 lanes of the warp (deposit, rendezvous, read, rendezvous)
 // A deadlock, a barrier reached by some threads only, lanes of a warp at different
-// shuffles, a shared-memory write past the launch's dynamic size, or a global write
-// outside an array aborts with a message. Shared memory and every output start as NaN
-// bytes (0xFF), so an unwritten output element or unwritten shared read shows up as NaN.
+// shuffles, a shared-memory write past the launch's dynamic size, a launch with a block
+// size other than FZ_THREADS, or a global write outside an array aborts with a message.
+// Shared memory and every output start as NaN bytes (0xFF), so an unwritten output
+// element or unwritten shared read shows up as NaN.
 //
 // Built and driven by tests/test_fused_kernels.py:
 //   g++ -std=c++17 -O1 -DFZ_HOST_EMULATION -DFZ_CU_PATH='"…/fused.cu"' <module -D flags>
@@ -28,8 +29,6 @@
 //   argument tuple (see run_launch), so the launcher's argument order and types are
 //   checked against the kernels' signatures too.
 
-#include <ucontext.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -41,172 +40,12 @@
 #include <utility>
 #include <vector>
 
-// ---------------------------------------------------------------- CUDA spellings
-
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__
-#define __align__(n) __attribute__((aligned(n)))
-
-struct EmuDim3 { unsigned x, y, z; };
-EmuDim3 blockIdx, gridDim;
-EmuDim3 fz_emu_thread_idx();
-#define threadIdx (fz_emu_thread_idx())
-
-inline float __int_as_float(int i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
-
-[[noreturn]] static void fail(const std::string& why) {
-    std::fprintf(stderr, "EMULATION ERROR: %s\n", why.c_str());
-    std::exit(3);
-}
-
-void __syncthreads();
-float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
+#include "cuda_emu.h"
 
 #include FZ_CU_PATH
 
-// ---------------------------------------------------------------- fibers
-
 constexpr size_t SMEM_BYTES = 48 * 1024;
 alignas(16) float fz_smem[SMEM_BYTES / 4];
-
-namespace emu {
-
-enum State { READY, AT_BLOCK, AT_WARP, DONE };
-struct Fiber {
-    ucontext_t ctx;
-    State state = READY;
-    unsigned tid = 0;
-    long barriers = 0;     // __syncthreads calls so far
-    long collectives = 0;  // shuffles so far
-};
-
-std::vector<Fiber> fibers;
-std::vector<float> scratch;  // one shuffle slot per thread
-ucontext_t sched_ctx;
-Fiber* cur = nullptr;
-bool reverse = false;  // FZ_EMU_ORDER=reverse: run threads and warps last-first
-std::function<void()> body;
-constexpr size_t STACK = 64 * 1024;
-
-void trampoline() {
-    body();
-    cur->state = DONE;  // uc_link returns to the scheduler
-}
-
-void block_on(State s) {
-    cur->state = s;
-    swapcontext(&cur->ctx, &sched_ctx);
-}
-
-void run_block(unsigned nthreads) {
-    if (nthreads % 32) fail("block size is not a multiple of 32");
-    static std::vector<std::vector<char>> stacks;  // reused from block to block
-    while (stacks.size() < nthreads) stacks.emplace_back(STACK);
-    fibers.assign(nthreads, Fiber());
-    scratch.assign(nthreads, 0.f);
-    for (unsigned t = 0; t < nthreads; ++t) {
-        Fiber& f = fibers[t];
-        f.tid = t;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stacks[t].data();
-        f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &sched_ctx;
-        makecontext(&f.ctx, trampoline, 0);
-    }
-    const unsigned nwarps = nthreads / 32;
-    for (;;) {
-        // Pick ONE warp that can move: run its ready lanes, or release its shuffle once
-        // all 32 lanes wait there. It keeps going until it reaches a barrier or exits.
-        bool moved = false;
-        for (unsigned i = 0; i < nwarps && !moved; ++i) {
-            const unsigned w = reverse ? nwarps - 1 - i : i;
-            Fiber* lanes = &fibers[32 * w];
-            bool ready = false, all_at_warp = true;
-            for (unsigned l = 0; l < 32; ++l) {
-                ready = ready || lanes[l].state == READY;
-                all_at_warp = all_at_warp && lanes[l].state == AT_WARP;
-            }
-            if (!ready && all_at_warp) {
-                for (unsigned l = 1; l < 32; ++l)
-                    if (lanes[l].collectives != lanes[0].collectives)
-                        fail("lanes of one warp reached different shuffles (divergence)");
-                for (unsigned l = 0; l < 32; ++l) lanes[l].state = READY;
-                ready = true;
-            }
-            if (!ready) continue;
-            for (unsigned j = 0; j < 32; ++j) {
-                Fiber& f = lanes[reverse ? 31 - j : j];
-                if (f.state != READY) continue;
-                cur = &f;
-                swapcontext(&sched_ctx, &f.ctx);
-            }
-            moved = true;
-        }
-        if (moved) continue;
-        unsigned done = 0, at_block = 0;
-        for (Fiber& f : fibers) {
-            done += f.state == DONE;
-            at_block += f.state == AT_BLOCK;
-        }
-        if (done == nthreads) break;
-        if (at_block == nthreads) {
-            for (Fiber& f : fibers)
-                if (f.barriers != fibers[0].barriers)
-                    fail("threads waiting at different __syncthreads() (barrier in a branch)");
-            for (Fiber& f : fibers) f.state = READY;
-            continue;
-        }
-        if (at_block + done == nthreads) fail("__syncthreads() after some threads exited");
-        fail("deadlock: a shuffle missing lanes, or lanes split between a shuffle and a "
-             "barrier");
-    }
-}
-
-template <class F>
-void launch(unsigned gx, unsigned gy, unsigned threads, unsigned smem, F&& kernel) {
-    if (smem > SMEM_BYTES) fail("dynamic shared memory above 48 KB");
-    if (threads != FZ_THREADS) fail("launched with a block size other than FZ_THREADS");
-    gridDim = {gx, gy, 1};
-    body = kernel;
-    auto* bytes = reinterpret_cast<unsigned char*>(fz_smem);
-    for (unsigned by = 0; by < gy; ++by) {
-        for (unsigned bx = 0; bx < gx; ++bx) {
-            blockIdx = {bx, by, 0};
-            std::memset(bytes, 0xff, SMEM_BYTES);  // NaN
-            run_block(threads);
-            for (size_t i = smem; i < SMEM_BYTES; ++i)
-                if (bytes[i] != 0xff) fail("shared-memory write past the dynamic size");
-        }
-    }
-}
-
-}  // namespace emu
-
-EmuDim3 fz_emu_thread_idx() { return {emu::cur->tid, 0, 0}; }
-
-void __syncthreads() {
-    emu::cur->barriers++;
-    emu::block_on(emu::AT_BLOCK);
-}
-
-float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
-    if (mask != 0xffffffffu) fail("partial shuffle mask");
-    const unsigned tid = emu::cur->tid, base = tid & ~31u, lane = tid & 31u;
-    emu::scratch[tid] = v;
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);  // every lane has deposited
-    const float r = emu::scratch[base + (lane ^ (unsigned)lane_mask)];
-    emu::cur->collectives++;
-    emu::block_on(emu::AT_WARP);  // every lane has read
-    return r;
-}
 
 // ---------------------------------------------------------------- driver
 
@@ -424,8 +263,11 @@ static int run_launch(char** a) {  // NAME GX GY THREADS SMEM IN OUT
 }
 
 int main(int argc, char** argv) {
-    const char* order = std::getenv("FZ_EMU_ORDER");
-    emu::reverse = order && std::string(order) == "reverse";
+    emu::order_from_env("FZ_EMU_ORDER");
+    emu::shared_memory(fz_smem, SMEM_BYTES);
+    emu::on_launch = [](unsigned threads, unsigned) {
+        if (threads != FZ_THREADS) fail("launched with a block size other than FZ_THREADS");
+    };
     const std::string op = argc > 1 ? argv[1] : "";
     if (op == "norm" && argc == 12) return run_norm(argv + 2);
     if (op == "ce" && argc == 13) return run_ce(argv + 2);
