@@ -1,6 +1,8 @@
 """tinylm/threads.py: the BLAS thread limit and splitting work over threads."""
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,3 +59,58 @@ def test_blas_threads_limits_and_restores():
     with threads.blas_threads(None):
         assert threads.cpu_threads() == before
     assert 1 <= before <= threads.cores()
+
+
+def test_overlapping_calls_share_one_limit_and_restore_it():
+    """Two user threads in run_parts at once: BLAS stays at 1 while either runs, both
+    see the outside thread count, and the limit is lifted only when the last ends."""
+    before = threads.cpu_threads()
+    a_started, b_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def a_part(part):
+        a_started.set()
+        b_done.wait(30)
+        return part
+
+    def b_part(part):
+        return part
+
+    def user_a():
+        threads.run_parts(a_part, [1, 2])
+
+    t = threading.Thread(target=user_a)
+    t.start()
+    a_started.wait(30)
+    seen["during"] = threads.cpu_threads()  # another thread's parts hold BLAS at 1
+    threads.run_parts(b_part, [1, 2])
+    b_done.set()
+    t.join(30)
+    assert seen["during"] == before
+    assert threads.cpu_threads() == before  # restored by the last call, not stuck at 1
+
+
+def test_run_parts_inside_a_part_runs_inline():
+    inner = threads.run_parts(lambda part: threads.run_parts(lambda x: x * part, [1, 2]),
+                              [10, 20, 30])
+    assert inner == [[10, 20], [20, 40], [30, 60]]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_gets_a_fresh_pool():
+    threads.run_parts(lambda part: part, [1, 2, 3])  # the pool exists, threads started
+    pid = os.fork()
+    if pid == 0:  # the child: must not hang on the parent's (absent) threads
+        try:
+            ok = threads.run_parts(lambda part: part + 1, [1, 2]) == [2, 3]
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("run_parts hung in a forked child")

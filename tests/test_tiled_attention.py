@@ -117,6 +117,17 @@ def test_gradcheck_float64_several_tiles(shape, kw, tiles):
     assert testing.gradcheck(fn, q, k, v)
 
 
+@pytest.mark.parametrize("T, S", [(0, 5), (3, 0), (0, 0)])
+def test_empty_queries_or_keys(T, S):
+    q = Tensor(np.ones((1, 2, T, 4), dtype=np.float32), requires_grad=True)
+    k = Tensor(np.ones((1, 2, S, 4), dtype=np.float32), requires_grad=True)
+    v = Tensor(np.ones((1, 2, S, 4), dtype=np.float32), requires_grad=True)
+    out = tiled_attention(q, k, v, threads=2)
+    assert out.shape == (1, 2, T, 4) and not out.numpy().any()
+    out.sum().backward()
+    assert k.grad.shape == (1, 2, S, 4) and not k.grad.any() and not q.grad.any()
+
+
 def test_threads_split_the_query_tiles_deterministically():
     """Forward is bit-identical whatever the thread count (each query tile is computed
     the same way wherever it runs); gradients agree to rounding (each thread sums its

@@ -27,8 +27,22 @@ except ImportError:  # a declared dependency; without it the limits are left alo
     ThreadpoolController = None
 
 _controller = None
+_lock = threading.Lock()  # guards everything below
 _pool = None  # worker threads, kept between calls (starting them costs ~0.5 ms a call)
-_pool_lock = threading.Lock()
+_active = 0  # run_parts calls in flight, in any thread
+_limiter = None  # the BLAS limit of 1 they share, set by the first, lifted by the last
+_outside = 1  # the BLAS thread count from before that limit
+_local = threading.local()  # .in_part: this thread is running a part
+
+
+def _after_fork_in_child():
+    """A forked child has none of the parent's pool threads: start afresh."""
+    global _lock, _pool, _active, _limiter
+    _lock, _pool, _active, _limiter = threading.Lock(), None, 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _blas():
@@ -53,8 +67,18 @@ def cores() -> int:
 
 def cpu_threads() -> int:
     """How many threads an op that splits its own work should use: the BLAS library's
-    current thread limit (so ``OPENBLAS_NUM_THREADS=1`` or ``blas_threads(1)`` keeps
-    everything on one core), at most the cores this process may use."""
+    thread limit (so ``OPENBLAS_NUM_THREADS=1`` or ``blas_threads(1)`` keeps everything
+    on one core), at most the cores this process may use; 1 inside a part of
+    ``run_parts`` (no nested splitting)."""
+    if getattr(_local, "in_part", False):
+        return 1
+    with _lock:
+        if _active:  # another thread's parts hold BLAS at 1: the count from before
+            return _outside
+    return _blas_limit()
+
+
+def _blas_limit() -> int:
     blas = _blas()
     if blas is None or not blas.lib_controllers:
         return cores()
@@ -65,7 +89,7 @@ def cpu_threads() -> int:
 @contextlib.contextmanager
 def blas_threads(n: int | None):
     """Limit the BLAS library to ``n`` threads inside the block (None or 0: leave it
-    as it is)."""
+    as it is). The limit is process-wide: use it from one thread at a time."""
     blas = _blas()
     if not n or blas is None:
         yield
@@ -77,31 +101,74 @@ def blas_threads(n: int | None):
 def run_parts(fn, parts: list) -> list:
     """``[fn(part) for part in parts]``, one thread per part, each part's BLAS calls
     single-threaded; results come back in the order of ``parts``, and an exception in
-    any part is re-raised here once every part has stopped.
+    any part is re-raised here once the parts have stopped (Ctrl-C cancels the parts
+    not yet started).
 
     Every part runs on a pool thread while the calling thread waits: measured, a part
     run on the main thread took 1.4x as long as the same part on a pool thread. Raising
     glibc's malloc trim/mmap thresholds evens them out, so the likely cause is the
     main thread's heap returning freed memory to the OS: its large temporaries
-    page-fault afresh each time, where a pool thread's arena keeps them."""
-    if len(parts) <= 1:
+    page-fault afresh each time, where a pool thread's arena keeps them.
+
+    Safe to call from several threads at once: the calls share one BLAS limit, lifted
+    when the last one ends. Called from inside a part, it runs the parts in turn."""
+    if len(parts) <= 1 or getattr(_local, "in_part", False):
         return [fn(part) for part in parts]
-    with blas_threads(1):
-        futures = [_workers(len(parts)).submit(fn, part) for part in parts]
-        wait(futures)
+
+    def run(part):
+        _local.in_part = True
+        try:
+            return fn(part)
+        finally:
+            _local.in_part = False
+
+    _enter()
+    try:
+        with _lock:  # submitted under the lock: the pool cannot be swapped meanwhile
+            pool = _workers(len(parts))
+            futures = [pool.submit(run, part) for part in parts]
+        try:
+            wait(futures)
+        except BaseException:  # Ctrl-C: drop what has not started, let the rest end
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise
         return [f.result() for f in futures]
+    finally:
+        _leave()
+
+
+def _enter():
+    """Hold BLAS at one thread (the first call in flight sets the limit)."""
+    global _active, _limiter, _outside
+    with _lock:
+        if _active == 0:
+            _outside = _blas_limit()
+            blas = _blas()
+            _limiter = blas.limit(limits=1) if blas is not None else None
+        _active += 1
+
+
+def _leave():
+    """The last call in flight lifts the limit."""
+    global _active, _limiter
+    with _lock:
+        _active -= 1
+        if _active == 0 and _limiter is not None:
+            _limiter.restore_original_limits()
+            _limiter = None
 
 
 def _workers(n: int) -> ThreadPoolExecutor:
-    """The shared pool, with at least ``n`` threads."""
+    """The shared pool, with at least ``n`` threads (call with ``_lock`` held)."""
     global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < n:
-            old, _pool = _pool, ThreadPoolExecutor(max(n, cores() - 1),
-                                                  thread_name_prefix="tinylm")
-            if old is not None:
-                old.shutdown(wait=False)
-        return _pool
+    if _pool is None or _pool._max_workers < n:
+        old, _pool = _pool, ThreadPoolExecutor(max(n, cores() - 1),
+                                              thread_name_prefix="tinylm")
+        if old is not None:
+            old.shutdown(wait=False)  # its queued work still runs
+    return _pool
 
 
 def balance(costs: list, n: int) -> list:

@@ -41,8 +41,9 @@ values measured on a CPU with 1 MB of L2 per core (see BLOCK_Q); any sizes work.
 Threads: query tiles are independent, so on NumPy the op splits them over
 ``tinylm.threads.cpu_threads()`` Python threads (the BLAS library's thread limit, e.g.
 ``OPENBLAS_NUM_THREADS``), each calling single-threaded BLAS; backward gives each thread
-its own dK and dV and sums them at the end. The split is fixed by the shapes, so
-results do not depend on thread timing. (Letting a multi-threaded BLAS split each
+its own dK and dV (over the keys its tiles see) and sums them at the end. The split is
+fixed by the shapes and the thread count, so results do not depend on thread timing;
+dK and dV round differently for another thread count (the forward and dQ do not). (Letting a multi-threaded BLAS split each
 tile-sized GEMM instead synchronises its threads thousands of times per op, which cost
 up to 10x on a machine with busy cores.) Per core the op keeps up with torch's fused
 CPU kernel (bench/attention.py, bench/RESULTS.md).
@@ -295,18 +296,24 @@ def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5, threads: 
         dq_t *= p.scale
         dq5[:, :, :, i0:i1] = dq_t.reshape(B, Hkv, rep, br, d)
 
-    def work(tiles):
-        dk = xp.zeros((B, Hkv, S, d), dtype=acc)
-        dv = xp.zeros((B, Hkv, S, d), dtype=acc)
+    def work(tiles):  # dK, dV over the keys these tiles see (all S without causal)
+        seen = max(p.key_end(i1) for _, i1 in tiles)
+        dk = xp.zeros((B, Hkv, seen, d), dtype=acc)
+        dv = xp.zeros((B, Hkv, seen, d), dtype=acc)
         for i0, i1 in tiles:
             tile(i0, i1, dk, dv)
         return dk, dv
 
     parts = run_parts(work, query_tiles(p, threads))
-    dk, dv = parts[0]
-    for dk_w, dv_w in parts[1:]:
-        dk += dk_w
-        dv += dv_w
+    if parts and parts[0][0].shape[2] == S:  # the usual case: part 0 saw every key
+        (dk, dv), parts = parts[0], parts[1:]
+    else:
+        dk = xp.zeros((B, Hkv, S, d), dtype=acc)
+        dv = xp.zeros((B, Hkv, S, d), dtype=acc)
+    for dk_w, dv_w in parts:  # in a fixed order
+        seen = dk_w.shape[2]
+        dk[:, :, :seen] += dk_w
+        dv[:, :, :seen] += dv_w
     return dq5, dk, dv
 
 
@@ -338,7 +345,7 @@ class TiledAttention(Function):
         q5 = q5.reshape(B, plan.Hkv, plan.rep, T, d)  # (B, Hkv, rep, T, hs), a view
         k = xp.ascontiguousarray(k, dtype=plan.acc)
         v = xp.ascontiguousarray(v, dtype=plan.acc)
-        threads = self.threads or (cpu_threads() if xp is np else 1)
+        threads = (self.threads or cpu_threads()) if xp is np else 1  # CuPy: one stream
         o5, lse5 = tiled_attention_forward(xp, plan, q5, k, v, threads)
         if self.needs_grad:
             self.saved = (plan, q5, k, v, o5, lse5, threads)
