@@ -38,6 +38,7 @@ from pathlib import Path
 from _common import cpu_model, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tinylm from this checkout (imported lazily: fresh processes)
 B, H, HS = 1, 4, 64
 IMPLS = ("naive", "tiled", "torch")
 NAIVE_SCORE_ARRAYS = 3.3  # float32 (B, H, T, T) arrays alive at the naive path's peak
@@ -65,7 +66,6 @@ def parse_args(argv=None):
 
 
 def numpy_threads() -> int:
-    sys.path.insert(0, str(ROOT))
     from tinylm.threads import cpu_threads
 
     return cpu_threads()
@@ -103,7 +103,6 @@ def child(impl: str, T: int, block) -> dict:
             o.backward(cot)
             return t1 - t0, time.perf_counter() - t0
     else:
-        sys.path.insert(0, str(ROOT))
         import tinylm.ops as F
         from tinylm.tensor import Tensor
 

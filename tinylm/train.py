@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinylm import amp, backend, checkpoint, plugins
-from tinylm.threads import blas_threads
 from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key
@@ -67,6 +66,7 @@ from tinylm.optim import (
     AdamW, clip_grad_norm_, cosine_with_warmup, flatten_state_dict,
     param_groups_for_weight_decay, set_lr, unflatten_state_dict,
 )
+from tinylm.threads import blas_threads
 
 # --family takes these short names as well as any registered architecture
 FAMILIES = {"gpt": "gpt2", "gpt2": "gpt2", "llama": "llama", "bert": "bert", "t5": "t5"}

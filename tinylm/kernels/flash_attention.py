@@ -73,6 +73,7 @@ import numpy as np
 from tinylm import backend
 from tinylm.errors import DeviceError, ShapeError, TinyLMError
 from tinylm.function import Function
+from tinylm.kernels import runtime
 
 SOURCE_PATH = Path(__file__).with_name("flash_attention.cu")
 HEAD_DIMS = (32, 64, 128)
@@ -82,8 +83,6 @@ VARIANTS = ("auto", "v1", "v2")
 LOG2E = 1.4426950408889634
 
 _DTYPE_IDS = {"float32": 0, "float16": 1, "bfloat16": 2}
-_NAN_BITS = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
-
 # Tile sizes per head dim, passed to the compiler as -D flags (the .cu has no table of
 # its own). SIMT kernels: (BR query rows, BC key rows), 256 threads. Tensor-core
 # kernels, 128 threads: fwd and dq own 64 query rows and step over BC keys; dk/dv owns
@@ -131,10 +130,6 @@ PRE_ROWS_PER_BLOCK = 8  # fa_bwd_pre: one warp per row, 256 threads
 
 
 # --------------------------------------------------------------------------- compiling
-
-
-def source() -> str:
-    return SOURCE_PATH.read_text()
 
 
 def ldmatrix_enabled() -> bool:
@@ -266,25 +261,15 @@ def launch_shape(name: str, head_dim: int) -> tuple:
     raise KeyError(name)
 
 
-_modules: dict = {}
-_kernels: dict = {}
-
-
 def _kernel(dtype: str, head_dim: int, name: str, device_id: int, family: int):
-    options = compile_options(dtype, head_dim, kernels=family)
-    key = (options, name, device_id)
-    kern = _kernels.get(key)
-    if kern is None:
-        mod = _modules.get(options)
-        if mod is None:
-            mod = backend.raw_module(source(), options)
-            _modules[options] = mod
-        kern = mod.get_function(name)
-        smem = launch_shape(name, head_dim)[2]
+    smem = launch_shape(name, head_dim)[2]
+
+    def setup(kern):
         if smem > 48 * 1024:  # above the default, a kernel must opt in
             kern.max_dynamic_shared_size_bytes = smem
-        _kernels[key] = kern
-    return kern
+
+    return runtime.kernel(SOURCE_PATH, compile_options(dtype, head_dim, kernels=family), name,
+                          device_id, setup)
 
 
 def precompile(dtype: str, head_dim: int, family: int, ldmatrix=None, device_id: int = 0):
@@ -419,18 +404,6 @@ def _resolve(impl, dtype, scale, D):
     return impl, scale
 
 
-def _poison_on(poison) -> bool:
-    return os.environ.get("TINYLM_POISON", "") == "1" if poison is None else bool(poison)
-
-
-def _empty(xp, shape, array_dtype, dtype_name, poison):
-    out = xp.empty(shape, dtype=array_dtype)
-    if poison:  # NaN everywhere, written through an integer view (any float dtype)
-        view = out.view(xp.uint32 if out.dtype.itemsize == 4 else xp.uint16)
-        view.fill(_NAN_BITS[dtype_name])
-    return out
-
-
 # --------------------------------------------------------------------------- kernels
 
 
@@ -443,10 +416,10 @@ def flash_attention_forward(q, k, v, causal: bool = False, scale=None, *, impl: 
     xp, device = _check_device_arrays({"q": q, "k": k, "v": v})
     B, H, Hkv, Tq, Tk, D, dtype = _check_qkv(q, k, v, bf16_bits)
     impl, scale = _resolve(impl, dtype, scale, D)
-    poison = _poison_on(poison)
+    poison = runtime.poison_on(poison)
     with q.device:
-        o = _empty(xp, q.shape, q.dtype, dtype, poison)
-        lse = _empty(xp, (B, H, Tq), np.float32, "float32", poison)
+        o = runtime.empty(xp, q.shape, q.dtype, poison, dtype)
+        lse = runtime.empty(xp, (B, H, Tq), np.float32, poison)
         name = kernel_plan(impl, dtype, D, scale, variant)["fwd"]
         rows = launch_shape(name, D)[0]
         grid = ((Tq + rows - 1) // rows, B * H, 1)
@@ -474,20 +447,20 @@ def flash_attention_backward(q, k, v, o, lse, do, causal: bool = False, scale=No
             f"flash attention backward: lse must be {(B, H, Tq)} float32 (from the forward), "
             f"got {tuple(lse.shape)} {lse.dtype}"
         )
-    poison = _poison_on(poison)
+    poison = runtime.poison_on(poison)
     plan = kernel_plan(impl, dtype, D, scale, variant)
     with q.device:
-        delta = _empty(xp, (B, H, Tq), np.float32, "float32", poison)
-        dq = _empty(xp, q.shape, q.dtype, dtype, poison)
-        dk = _empty(xp, k.shape, k.dtype, dtype, poison)
-        dv = _empty(xp, v.shape, v.dtype, dtype, poison)
+        delta = runtime.empty(xp, (B, H, Tq), np.float32, poison)
+        dq = runtime.empty(xp, q.shape, q.dtype, poison, dtype)
+        dk = runtime.empty(xp, k.shape, k.dtype, poison, dtype)
+        dv = runtime.empty(xp, v.shape, v.dtype, poison, dtype)
         ints = (np.int32(H), np.int32(Hkv), np.int32(Tq), np.int32(Tk))
         floats = (np.float32(scale), np.float32(scale * LOG2E), np.int32(bool(causal)))
 
         nrows = B * H * Tq
         grid = ((nrows + PRE_ROWS_PER_BLOCK - 1) // PRE_ROWS_PER_BLOCK, 1, 1)
         if plan["pre"] == "fa_bwd_pre2":  # delta and lse2 = lse * log2(e) (+inf for -inf)
-            lse_arg = _empty(xp, (B, H, Tq), np.float32, "float32", poison)
+            lse_arg = runtime.empty(xp, (B, H, Tq), np.float32, poison)
             args = (o, do, lse, delta, lse_arg, np.int32(nrows))
         else:
             lse_arg = lse

@@ -45,6 +45,7 @@ import numpy as np
 
 from tinylm import backend
 from tinylm.errors import DeviceError, ShapeError
+from tinylm.kernels import runtime
 
 SOURCE_PATH = Path(__file__).with_name("fused.cu")
 DTYPES = ("float32",)
@@ -76,17 +77,11 @@ def usable(*arrays) -> bool:
     if not enabled():
         return False
     arrays = [a for a in arrays if a is not None]
-    if not arrays or backend.get_array_module(*arrays) is np:
-        return False
-    return all(backend.get_array_module(a) is not np and a.dtype == np.float32
-               and a.flags.c_contiguous for a in arrays)
+    return bool(arrays) and all(backend.get_array_module(a) is not np and a.dtype == np.float32
+                                and a.flags.c_contiguous for a in arrays)
 
 
 # --------------------------------------------------------------------------- compiling
-
-
-def source() -> str:
-    return SOURCE_PATH.read_text()
 
 
 def compile_options(dtype: str = "float32", threads: int = THREADS) -> tuple:
@@ -106,38 +101,14 @@ def adamw_blocks(n: int) -> int:
     return max(1, min(-(-n // THREADS), ADAMW_MAX_BLOCKS))
 
 
-_modules: dict = {}
-_kernels: dict = {}
-
-
-def _kernel(dtype: str, name: str, device_id: int):
-    key = (dtype, name, device_id)
-    kern = _kernels.get(key)
-    if kern is None:
-        options = compile_options(dtype)
-        mod = _modules.get((options, device_id))
-        if mod is None:
-            mod = backend.raw_module(source(), options)
-            _modules[(options, device_id)] = mod
-        kern = _kernels[key] = mod.get_function(name)
-    return kern
-
-
 def _launch(name, like, grid, args, threads=THREADS):
     with like.device:
-        _kernel("float32", name, like.device.id)(grid, (threads, 1, 1), args,
-                                                 shared_mem=SMEM_BYTES)
-
-
-def _poison_on() -> bool:
-    return os.environ.get("TINYLM_POISON", "") == "1"
+        kern = runtime.kernel(SOURCE_PATH, compile_options("float32"), name, like.device.id)
+        kern(grid, (threads, 1, 1), args, shared_mem=SMEM_BYTES)
 
 
 def _empty(xp, shape):
-    out = xp.empty(shape, dtype=np.float32)
-    if _poison_on():
-        out.view(xp.uint32).fill(0x7FC00000)  # NaN: every element must be written
-    return out
+    return runtime.empty(xp, shape, np.float32, runtime.poison_on())
 
 
 # --------------------------------------------------------------------------- norms
