@@ -22,6 +22,18 @@ step() {
     echo "=== [$name] exit $rc"
 }
 
+# sanitize NAME TOOL TIMEOUT_SECONDS LOGFILE CMD...: step NAME running CMD under
+# compute-sanitizer --tool TOOL (exit 9 on an error it finds), or skip it without one.
+sanitize() {
+    local name=$1 tool=$2 limit=$3 log=$4
+    shift 4
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+        step "$name" "$limit" "$log" compute-sanitizer --tool "$tool" --error-exitcode 9 "$@"
+    else
+        skip "$name" "compute-sanitizer not on PATH"
+    fi
+}
+
 skip() {  # skip NAME WHY
     echo
     echo "=== [$1] skipped: $2"

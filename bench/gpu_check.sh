@@ -38,22 +38,12 @@ step pytest_gpu 90 "$OUT/pytest_gpu.log" \
     python3 -m pytest -m gpu -q -x "${PER_TEST[@]}" -p no:cacheprovider \
     --ignore=tests/test_flash_attention_kernel.py --ignore=tests/test_fused_kernels.py tests
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    step memcheck 60 "$OUT/sanitizer.log" \
-        compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/flash_attention_small.py
-else
-    skip memcheck "compute-sanitizer not on PATH"
-fi
+sanitize memcheck memcheck 60 "$OUT/sanitizer.log" python3 bench/flash_attention_small.py
 
 step attention_bench 80 "$OUT/attention_gpu.log" \
     python3 bench/attention_gpu.py --budget 60 --out "$OUT/attention_gpu.json"
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    step racecheck 60 "$OUT/sanitizer.log" \
-        compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/flash_attention_small.py
-else
-    skip racecheck "compute-sanitizer not on PATH"
-fi
+sanitize racecheck racecheck 60 "$OUT/sanitizer.log" python3 bench/flash_attention_small.py
 
 # The fused training-step kernels (tinylm/kernels/fused.cu, off by default until these
 # pass): their GPU tests without -x, then fused vs unfused timings.
@@ -62,14 +52,9 @@ step pytest_fused 60 "$OUT/pytest_fused.log" \
     tests/test_fused_kernels.py
 step fused_bench 50 "$OUT/fused_gpu.log" \
     python3 bench/fused_gpu.py --budget 35 --out "$OUT/fused_gpu.json"
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck racecheck synccheck; do
-        step "fused_$tool" 40 "$OUT/sanitizer_fused.log" \
-            compute-sanitizer --tool "$tool" --error-exitcode 9 python3 bench/fused_small.py
-    done
-else
-    skip fused_sanitizer "compute-sanitizer not on PATH"
-fi
+for tool in memcheck racecheck synccheck; do
+    sanitize "fused_$tool" "$tool" 40 "$OUT/sanitizer_fused.log" python3 bench/fused_small.py
+done
 
 # more checks below
 #   step NAME LIMIT "$OUT/NAME.log" CMD ARGS...
