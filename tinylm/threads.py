@@ -36,8 +36,11 @@ _local = threading.local()  # .in_part: this thread is running a part
 
 
 def _after_fork_in_child():
-    """A forked child has none of the parent's pool threads: start afresh."""
+    """A forked child has none of the parent's pool threads (nor its calls in flight):
+    start afresh, with the BLAS limit from before any of them."""
     global _lock, _pool, _active, _limiter
+    if _limiter is not None:
+        _limiter.restore_original_limits()
     _lock, _pool, _active, _limiter = threading.Lock(), None, 0, None
 
 
