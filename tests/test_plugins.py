@@ -9,7 +9,7 @@ from tinylm import hookimpl, plugins
 from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import PluginError, TinyLMError
 
-CORE = "tinylm.default_plugins.core"
+CORE = "tinylm.default_plugins.positional"  # the first built-in
 BUILTINS = list(DEFAULT_PLUGINS)  # core first, then the other built-in plugin modules
 
 

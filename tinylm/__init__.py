@@ -7,10 +7,10 @@
     [2.0, 4.0, 6.0]
 """
 
-__version__ = "0.1.0"
+from tinylm.version import __version__
 
 from tinylm.errors import (
-    CheckpointError, DeviceError, GraphError, PluginError, ShapeError, TinyLMError,
+    CheckpointError, ConfigError, DeviceError, GraphError, PluginError, ShapeError, TinyLMError,
 )
 from tinylm.backend import cuda_available, seed
 from tinylm.autograd import enable_grad, is_grad_enabled, no_grad
@@ -21,7 +21,7 @@ from tinylm.models.hf import load_pretrained, save_pretrained
 
 __all__ = [
     "__version__", "TinyLMError", "ShapeError", "DeviceError", "GraphError",
-    "CheckpointError", "PluginError", "Tensor", "tensor", "zeros", "ones", "full", "arange",
+    "CheckpointError", "ConfigError", "PluginError", "Tensor", "tensor", "zeros", "ones", "full", "arange",
     "randn", "rand", "no_grad", "enable_grad", "is_grad_enabled", "seed", "cuda_available",
     "hookimpl", "ops", "nn", "optim", "checkpoint", "load_pretrained", "save_pretrained",
 ]

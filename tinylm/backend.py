@@ -164,13 +164,6 @@ _ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.
 _exact_erf = np.frompyfunc(math.erf, 1, 1)
 
 
-def raw_kernel(source: str, name: str, options: tuple = ()):
-    """Compile a CUDA kernel with CuPy (cached by CuPy on disk)."""
-    if _cupy is None:
-        raise DeviceError("CUDA kernels need CuPy; install the `cuda` extra")
-    return _cupy.RawKernel(source, name, options=options)
-
-
 def raw_module(source: str, options: tuple = ()):
     """Compile a CUDA source holding several kernels; ``.get_function(name)`` gives one."""
     if _cupy is None:

@@ -38,11 +38,11 @@ import math
 import os
 import struct
 import sys
-import tempfile
 
 import numpy as np
 
 from tinylm import backend
+from tinylm.atomic import atomic_open
 from tinylm.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors package refuses larger headers too
@@ -170,29 +170,10 @@ def save_file(tensors: dict, path, metadata: dict | None = None, dtypes: dict | 
     """
     path = os.fspath(path)
     head, arrays = _encode(tensors, metadata, dtypes, path)
-    tmp = None
-    try:
-        directory = os.path.dirname(os.path.abspath(path))
-        prefix = f".{os.path.basename(path)}."
-        with tempfile.NamedTemporaryFile(
-            dir=directory, prefix=prefix, suffix=".tmp", delete=False
-        ) as f:
-            tmp = f.name
-            f.write(head)
-            for array in arrays:
-                f.write(_raw(array))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # the temp file is 0600; give it the usual 0666 & ~umask
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
-        raise
+    with atomic_open(path, "wb", error=CheckpointError) as f:
+        f.write(head)
+        for array in arrays:
+            f.write(_raw(array))
 
 
 # --------------------------------------------------------------------------- reading

@@ -22,7 +22,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("tinylm")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
-        from tinylm import __version__
+        from tinylm.version import __version__
 
         return __version__
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tinylm.errors import ConfigError
+
 
 def toml_module(advice: str = ""):
     """``tomllib`` (or ``tomli`` on Python 3.10); ``advice`` ends the error if neither is there."""
@@ -14,8 +16,6 @@ def toml_module(advice: str = ""):
         try:
             import tomli as tomllib
         except ModuleNotFoundError as e:
-            from tinylm.models.config import ConfigError
-
             raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`"
                               + advice) from e
     return tomllib

@@ -29,13 +29,14 @@ seed and resumable exactly (``state_dict`` / ``load_state_dict``):
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from tinylm.atomic import atomic_open, write_atomic
 from tinylm.errors import TinyLMError
 
 FORMAT = "tinylm-tokens"
@@ -212,25 +213,18 @@ class TokenData:
             return cls(_memmap(bin_path, dtype, manifest["n_tokens"]), manifest, bin_path, True)
 
         n_tokens = n_docs = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".tokens-{key}.", suffix=".tmp", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for i, path in enumerate(files):
-                    for doc in read_documents(path, text_field):
-                        ids = tokenizer.encode(doc, disallowed_special=())
-                        if n_docs and eot_id is not None:
-                            f.write(np.array([eot_id], dtype=dtype).tobytes())
-                            n_tokens += 1
-                        f.write(np.asarray(ids, dtype=dtype).tobytes())
-                        n_tokens += len(ids)
-                        n_docs += 1
-                    if progress is not None:
-                        progress(i + 1, len(files))
-            os.replace(tmp, bin_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_open(bin_path, "wb", error=DataError) as f:
+            for i, path in enumerate(files):
+                for doc in read_documents(path, text_field):
+                    ids = tokenizer.encode(doc, disallowed_special=())
+                    if n_docs and eot_id is not None:
+                        f.write(np.array([eot_id], dtype=dtype).tobytes())
+                        n_tokens += 1
+                    f.write(np.asarray(ids, dtype=dtype).tobytes())
+                    n_tokens += len(ids)
+                    n_docs += 1
+                if progress is not None:
+                    progress(i + 1, len(files))
         if n_tokens == 0:
             raise DataError(f"the data ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})"
                             f" holds no text")
@@ -270,17 +264,7 @@ def _read_manifest(path) -> dict | None:
 
 
 def _write_json_atomic(path, obj) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, json.dumps(obj, indent=1) + "\n", error=DataError)
 
 
 # --------------------------------------------------------------------------- batches

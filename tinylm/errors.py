@@ -27,3 +27,7 @@ class CheckpointError(TinyLMError, OSError):
 
 class PluginError(TinyLMError):
     """A plugin that failed to load or register, or a name registered twice."""
+
+
+class ConfigError(TinyLMError, ValueError):
+    """A config (model, training, sampling) with a missing, unknown or invalid field."""

@@ -401,9 +401,3 @@ BUILTIN = {cls.name: cls for cls in (CausalLM, PrefixLM, MaskedLM, SpanCorruptio
 DEFAULT_FOR_KIND = {"decoder": "causal-lm", "encoder": "masked-lm",
                     "encoder-decoder": "span-corruption"}
 
-
-def get_objective_class(name: str):
-    """The objective class registered under ``name`` (built-in or a plugin's)."""
-    from tinylm import plugins
-
-    return plugins.get_objective(name)

@@ -71,7 +71,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
     """The process's plugin manager: built-ins, then allowed entry-point plugins."""
     global _pm
     if _pm is None:
-        from tinylm import __version__
+        from tinylm.version import __version__
 
         pm = pluggy.PluginManager(GROUP)
         pm.add_hookspecs(hookspecs)

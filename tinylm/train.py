@@ -54,13 +54,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinylm import amp, backend, checkpoint, plugins
+from tinylm.atomic import write_atomic
 from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
-from tinylm.errors import CheckpointError, TinyLMError
+from tinylm.errors import CheckpointError, ConfigError, TinyLMError
 from tinylm.models import build_model, config_from_dict
-from tinylm.models.config import ConfigError
 from tinylm.objectives import DEFAULT_FOR_KIND, EOT, model_kind
 from tinylm.optim import (
     AdamW, clip_grad_norm_, cosine_with_warmup, flatten_state_dict,
@@ -403,11 +403,8 @@ def save_checkpoint(out_dir, model, optimizer, tokenizer, state: dict) -> None:
             path = os.path.join(tmp, name)
             files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
         state = {**state, "optimizer": meta, "files": files, "version": STATE_VERSION}
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + "\n",
+                     error=CheckpointError)
         new = os.path.join(out_dir, "ckpt.new")
         os.replace(tmp, new)  # the set is complete from here on
     except BaseException:
@@ -514,10 +511,7 @@ class MetricsLog:
             return
         keep = [line for line in read_metrics(self.path, raw=True) if line[0]["step"] <= step]
         checkpoint_text = "".join(text for _, text in keep)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(checkpoint_text)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, checkpoint_text, error=CheckpointError)
 
 
 def read_metrics(path, raw: bool = False) -> list:

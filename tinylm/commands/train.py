@@ -25,12 +25,10 @@ _MODEL_OPTIONS = {"n_layer": "n_layer", "n_head": "n_head", "d_model": "d_model"
 
 def _parse_value(text: str):
     """A --set value: TOML syntax (1e-3, true, "x", [1, 2]) or else a bare string."""
+    from tinylm.config_files import toml_module
+
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return toml_module().loads(f"v = {text}")["v"]
     except Exception:
         return text
 

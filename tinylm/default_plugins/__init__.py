@@ -3,7 +3,6 @@
 points). Add a module here to make it a built-in."""
 
 DEFAULT_PLUGINS = (
-    "tinylm.default_plugins.core",
     "tinylm.default_plugins.positional",
     "tinylm.default_plugins.architectures",
     "tinylm.default_plugins.tokenizers",

@@ -35,11 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
 from tinylm.config_files import field_type_problems, toml_module
-from tinylm.errors import TinyLMError
-
-
-class ConfigError(TinyLMError, ValueError):
-    """A model config with a missing, unknown or invalid field."""
+from tinylm.atomic import write_atomic
+from tinylm.errors import ConfigError, TinyLMError
 
 
 class Architecture(NamedTuple):
@@ -317,18 +314,8 @@ def load_config(path) -> ModelConfig:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (``tinylm.atomic``)."""
+    write_atomic(path, text, error=ConfigError)
 
 
 def _toml_value(v) -> str:

@@ -750,6 +750,6 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
 
 
 def _version() -> str:
-    from tinylm import __version__
+    from tinylm.version import __version__
 
     return __version__

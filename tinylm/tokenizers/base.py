@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from tinylm.atomic import write_atomic
 from tinylm.errors import TinyLMError
 
 
@@ -253,29 +253,15 @@ def bad_ids_error(ids: list, vocab_size: int, known=None) -> TokenizerError:
 # ---------------------------------------------------------------------- files
 
 
-def atomic_write(path, data, *, binary: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so an
-    interrupted save leaves the previous file intact."""
+def atomic_write(path, data) -> None:
+    """Write ``data`` (str or bytes) to ``path`` atomically (``tinylm.atomic``); a
+    missing folder is a ``TokenizerFileError``."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise TokenizerFileError(f"cannot save to {str(path)!r}: the directory "
                                  f"{str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        if binary:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data, error=TokenizerFileError)
 
 
 def special_token_rows(items):
