@@ -62,14 +62,30 @@ class Tokenizer(ABC):
         tokens whose presence raises ``TokenizerError``; any other is plain text."""
 
     @abstractmethod
-    def decode_bytes(self, ids) -> bytes:
-        """The exact bytes ``ids`` stand for (special tokens as their UTF-8 text)."""
+    def decode_bytes(self, ids, *, skip_special_tokens: bool = False) -> bytes:
+        """The exact bytes ``ids`` stand for (special tokens as their UTF-8 text, or
+        left out with ``skip_special_tokens=True``)."""
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
         """The text of ``ids``; bytes that are not valid UTF-8 (a multi-byte character
-        cut between ids) become U+FFFD, as tiktoken and ``tokenizers`` do. Never raises
-        for an id list in range."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        cut between ids) become U+FFFD, as tiktoken and ``tokenizers`` do. With
+        ``skip_special_tokens=True`` the ids in ``special_ids`` are left out (ids out
+        of range are still an error). Never raises for an id list in range."""
+        return self.decode_bytes(ids, skip_special_tokens=skip_special_tokens).decode(
+            "utf-8", errors="replace")
+
+    @property
+    def special_ids(self) -> frozenset:
+        """The ids of the special tokens (what ``skip_special_tokens`` leaves out)."""
+        return frozenset(self.special_tokens.values())
+
+    def without_special_ids(self, ids) -> list:
+        """``ids`` (any 1-D sequence) as a list of ints without the special ids."""
+        ids = as_id_list(ids)
+        special = self.special_ids
+        if not special:
+            return ids
+        return [i for i in ids if i not in special]
 
     def encode_batch(self, texts, **kwargs) -> list:
         """``[encode(t) for t in texts]`` (single-threaded)."""
@@ -78,8 +94,8 @@ class Tokenizer(ABC):
                                  "use encode")
         return [self.encode(text, **kwargs) for text in texts]
 
-    def decode_batch(self, batch) -> list:
-        return [self.decode(ids) for ids in batch]
+    def decode_batch(self, batch, *, skip_special_tokens: bool = False) -> list:
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
 
     # ------------------------------------------------------------------ vocabulary
 

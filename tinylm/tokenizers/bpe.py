@@ -96,8 +96,10 @@ class BPETokenizer(Tokenizer):
             self._tokens[i] = None  # a special id is never an ordinary token
         self.special_tokens = special_tokens
         self._decoder = list(self._tokens)
+        self._decoder_plain = list(self._tokens)  # for skip_special_tokens: specials as b""
         for text, i in special_tokens.items():
             self._decoder[i] = text.encode("utf-8", "surrogatepass")
+            self._decoder_plain[i] = b""
         self._encoder = {t: i for i, t in enumerate(self._tokens) if t is not None}
         missing = [b for b in range(256) if bytes([b]) not in self._encoder]
         if missing:
@@ -464,12 +466,13 @@ class BPETokenizer(Tokenizer):
 
     # ------------------------------------------------------------------ decode
 
-    def decode_bytes(self, ids) -> bytes:
+    def decode_bytes(self, ids, *, skip_special_tokens: bool = False) -> bytes:
         ids = as_id_list(ids)
+        table = self._decoder_plain if skip_special_tokens else self._decoder
         try:
             if ids and min(ids) < 0:
                 raise IndexError
-            return b"".join(map(self._decoder.__getitem__, ids))
+            return b"".join(map(table.__getitem__, ids))
         except (IndexError, TypeError):
             raise bad_ids_error(ids, self.vocab_size,
                                 known=lambda i: self._decoder[i] is not None) from None

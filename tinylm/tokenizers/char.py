@@ -61,8 +61,10 @@ class CharTokenizer(Tokenizer):
         self.unk_token = unk_token
         size = max([len(chars) - 1, *self.special_tokens.values()]) + 1
         self._itos = chars + [None] * (size - len(chars))
+        self._itos_plain = list(self._itos)  # for skip_special_tokens: specials as ""
         for t, i in self.special_tokens.items():
             self._itos[i] = t
+            self._itos_plain[i] = ""
 
     @classmethod
     def train(cls, texts, vocab_size: int | None = None, *, special_tokens=(),
@@ -153,18 +155,19 @@ class CharTokenizer(Tokenizer):
         return self._encode_with_specials(text, allowed_special, disallowed_special,
                                           self._encode_text)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
         ids = as_id_list(ids)
+        table = self._itos_plain if skip_special_tokens else self._itos
         try:
             if ids and min(ids) < 0:
                 raise IndexError
-            return "".join(map(self._itos.__getitem__, ids))
+            return "".join(map(table.__getitem__, ids))
         except (IndexError, TypeError):
             raise bad_ids_error(ids, self.vocab_size,
                                 known=lambda i: self._itos[i] is not None) from None
 
-    def decode_bytes(self, ids) -> bytes:
-        return self.decode(ids).encode("utf-8")
+    def decode_bytes(self, ids, *, skip_special_tokens: bool = False) -> bytes:
+        return self.decode(ids, skip_special_tokens=skip_special_tokens).encode("utf-8")
 
     # ------------------------------------------------------------------ files
 

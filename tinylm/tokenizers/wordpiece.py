@@ -297,8 +297,8 @@ class WordPieceTokenizer(Tokenizer):
             raise bad_ids_error(ids, self.vocab_size,
                                 known=lambda i: table[i] is not None) from None
         if skip_special_tokens:
-            specials = set(self.special_tokens)
-            tokens = [t for t in tokens if t not in specials]
+            special = self.special_ids
+            tokens = [t for i, t in zip(ids, tokens) if i not in special]
         prefix = self.continuing_prefix
         out = []
         for i, token in enumerate(tokens):
@@ -307,8 +307,8 @@ class WordPieceTokenizer(Tokenizer):
             out.append(_cleanup(token))
         return "".join(out)
 
-    def decode_bytes(self, ids) -> bytes:
-        return self.decode(ids).encode("utf-8")
+    def decode_bytes(self, ids, *, skip_special_tokens: bool = False) -> bytes:
+        return self.decode(ids, skip_special_tokens=skip_special_tokens).encode("utf-8")
 
     # ------------------------------------------------------------------ files
 
