@@ -1,4 +1,4 @@
-"""tinylm/ops/flash.py: the O(T)-memory attention (online softmax forward,
+"""tinylm/ops/tiled.py: the O(T)-memory attention (online softmax forward,
 recomputing backward) against the naive path, which materialises the scores.
 
 Tiles are drawn tiny (1 to 9 rows/keys) so that every case spans several tiles, with
@@ -17,7 +17,7 @@ import tinylm.ops as F
 from tinylm import testing
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.ops import attention as attention_mod
-from tinylm.ops.flash import TiledAttention, alibi_bias, tiled_attention
+from tinylm.ops.tiled import TiledAttention, alibi_bias, tiled_attention
 from tinylm.tensor import Tensor
 
 sdpa = F.scaled_dot_product_attention

@@ -12,7 +12,7 @@ from tinylm.models.config import (  # noqa: F401
     Architecture, BertConfig, ConfigError, GPT2Config, LlamaConfig, ModelConfig, T5Config,
     config_from_dict, load_config,
 )
-from tinylm.models.base import Model, ModelOutput, Stack  # noqa: F401
+from tinylm.models.base import BlockStack, Model, ModelOutput  # noqa: F401
 from tinylm.models.decoder import Decoder  # noqa: F401
 from tinylm.models.encoder import Encoder  # noqa: F401
 from tinylm.models.encoder_decoder import EncoderDecoder  # noqa: F401

@@ -1,12 +1,13 @@
-"""What every model family shares: the ``Stack`` of blocks, the output record, init.
+"""What every model family shares: the ``BlockStack`` of blocks, the output record, init.
 
-A family is an embedding, one or two ``Stack``s and a head:
+A family is an embedding, one or two ``BlockStack``s and a head:
 
-    Decoder (GPT-2, Llama)   tok_emb -> Stack(causal)                     -> lm_head
-    Encoder (BERT)           tok_emb + type_emb -> Stack(bidirectional)   -> MLM / classifier
-    EncoderDecoder (T5)      shared -> Stack(bidirectional) ... Stack(causal, cross) -> lm_head
+    Decoder (GPT-2, Llama)  tok_emb -> BlockStack(causal)                    -> lm_head
+    Encoder (BERT)          tok_emb + type_emb -> BlockStack(bidirectional)  -> MLM / classifier
+    EncoderDecoder (T5)     shared -> BlockStack(bidirectional) ... BlockStack(causal, cross)
+                                                                              -> lm_head
 
-A ``Stack`` owns the positional scheme, the blocks and the final norm; it turns a
+A ``BlockStack`` owns the positional scheme, the blocks and the final norm; it turns a
 padding mask, causality and the scheme's bias into one additive attention bias per
 forward, and its rotation (RoPE) into one table, and hands both to every block.
 """
@@ -58,7 +59,7 @@ def positional_from_config(c: ModelConfig, bidirectional: bool):
     return build_positional(c.positional, dims, c.positional_options)
 
 
-class Stack(nn.Module):
+class BlockStack(nn.Module):
     """Positional scheme, ``n_layer`` blocks, final norm (pre-norm models only)."""
 
     def __init__(self, c: ModelConfig, n_layer: int, causal: bool, cross: bool = False,
@@ -149,7 +150,7 @@ class Model(nn.Module):
         the projections that write into the residual stream (attention ``out``, MLP
         ``down``) get init_std / sqrt(2 n_layers) so the stream's variance stays put."""
         std = self.config.init_std
-        n_layers = sum(len(m.blocks) for m in self.modules() if isinstance(m, Stack))
+        n_layers = sum(len(m.blocks) for m in self.modules() if isinstance(m, BlockStack))
         gen = backend.rng(np)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from tinylm import nn
-from tinylm.models.base import Model, Stack
+from tinylm.models.base import BlockStack, Model
 from tinylm.models.config import ModelConfig
 
 
@@ -20,7 +20,7 @@ class Decoder(Model):
         super().__init__(config)
         c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.transformer = Stack(c, c.n_layer, causal=True)
+        self.transformer = BlockStack(c, c.n_layer, causal=True)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -13,7 +13,7 @@ Classification: logits (B, num_labels) from the pooled [CLS] vector), "none"
 from __future__ import annotations
 
 from tinylm import nn, ops
-from tinylm.models.base import Model, Stack
+from tinylm.models.base import BlockStack, Model
 from tinylm.models.config import BertConfig
 from tinylm.nn.block import make_norm
 from tinylm.nn.mlp import get_activation
@@ -43,7 +43,7 @@ class Encoder(Model):
         c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.type_emb = nn.Embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
-        self.encoder = Stack(c, c.n_layer, causal=False, embed_norm=c.embed_norm)
+        self.encoder = BlockStack(c, c.n_layer, causal=False, embed_norm=c.embed_norm)
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler and c.head != "mlm" else None
         if c.head == "mlm":
             self.head = MaskedLMHead(c, self.tok_emb)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tinylm import backend, nn
 from tinylm.errors import TinyLMError
-from tinylm.models.base import Model, Stack
+from tinylm.models.base import BlockStack, Model
 from tinylm.models.config import T5Config
 from tinylm.tensor import Tensor
 
@@ -39,8 +39,8 @@ class EncoderDecoder(Model):
         super().__init__(config)
         c = config
         self.shared = nn.Embedding(c.vocab_size, c.d_model)
-        self.encoder = Stack(c, c.n_layer, causal=False, final_dropout=True)
-        self.decoder = Stack(c, c.decoder_layers, causal=True, cross=True, final_dropout=True)
+        self.encoder = BlockStack(c, c.n_layer, causal=False, final_dropout=True)
+        self.decoder = BlockStack(c, c.decoder_layers, causal=True, cross=True, final_dropout=True)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.shared.weight

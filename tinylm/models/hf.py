@@ -502,14 +502,14 @@ class T5(Family):
         return tuple(skip)
 
 
-FAMILIES = {f.model_type: f for f in (GPT2(), Llama(), Bert(), T5())}
+HF_FAMILIES = {f.model_type: f for f in (GPT2(), Llama(), Bert(), T5())}
 
 
 def _family(model_type, where) -> Family:
-    if model_type not in FAMILIES:
+    if model_type not in HF_FAMILIES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; tinylm "
-                              f"reads and writes {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+                              f"reads and writes {', '.join(sorted(HF_FAMILIES))}")
+    return HF_FAMILIES[model_type]
 
 
 # --------------------------------------------------------------------------- the directory

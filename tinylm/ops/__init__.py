@@ -22,4 +22,4 @@ from tinylm.ops.nn import (  # noqa: F401
 )
 from tinylm.ops.attention import scaled_dot_product_attention  # noqa: F401
 from tinylm.ops.rotary import rotary  # noqa: F401
-from tinylm.ops.flash import tiled_attention  # noqa: F401
+from tinylm.ops.tiled import tiled_attention  # noqa: F401

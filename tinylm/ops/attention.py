@@ -8,7 +8,7 @@ when the mask is a constant; composed from matmul, masked_fill and the fused sof
 is on. Grouped-query attention: when Hkv divides H, each k/v head serves H / Hkv query
 heads (Hkv = 1 is multi-query attention).
 
-Long sequences go to ``flash.tiled_attention`` (same result, O(T) memory) unless
+Long sequences go to ``tiled.tiled_attention`` (same result, O(T) memory) unless
 ``impl="naive"`` is asked for: see ``scaled_dot_product_attention``.
 """
 
@@ -26,7 +26,7 @@ from tinylm.ops.matmul import matmul
 from tinylm.ops.movement import broadcast_to, reshape, swapaxes
 from tinylm.ops.nn import dropout, softmax
 from tinylm.ops.reduce import last_axis_sum
-from tinylm.ops.flash import alibi_bias, tiled_attention
+from tinylm.ops.tiled import alibi_bias, tiled_attention
 from tinylm.kernels import flash_attention as cuda_flash
 from tinylm.tensor import Tensor
 
@@ -116,10 +116,10 @@ def scaled_dot_product_attention(
 ):
     """``mask``: boolean (True = keep, as torch) or additive float, broadcastable to
     (B, H, T, S). ``alibi_slopes`` (H,): add ALiBi's ``-slope_h * |pos_q - pos_k|``
-    (query i at position i + S - T), see ``flash.alibi_bias``.
+    (query i at position i + S - T), see ``tiled.alibi_bias``.
 
     ``impl``: ``"naive"`` materialises the (B, H, T, S) scores (this file, the
-    reference); ``"tiled"`` never does (``tinylm.ops.flash``: online softmax,
+    reference); ``"tiled"`` never does (``tinylm.ops.tiled``: online softmax,
     O(T) memory); ``"auto"`` takes the tiled op when T * S >= TILED_MIN_SCORES and
     the mask is constant and dropout is off (the tiled op has no dropout). On a GPU,
     ``"auto"`` (and ``"cuda"``) runs the FlashAttention RawKernels
