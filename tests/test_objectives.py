@@ -9,8 +9,8 @@ from tinylm import plugins
 from tinylm.models import BertConfig, GPT2Config, LlamaConfig, T5Config, build_model
 from tinylm.nn import mask_bias
 from tinylm.objectives import (
-    EOT, IGNORE, CausalLM, MaskedLM, ObjectiveError, PrefixLM, SpanCorruption, prefix_lm_mask,
-    random_spans_noise_mask, span_counts,
+    EOT, IGNORE, CausalLM, MaskedLM, ObjectiveError, PrefixLM, SpanCorruption, model_kind,
+    prefix_lm_mask, random_spans_noise_mask, span_counts,
 )
 from tinylm.tokenizers import CharTokenizer
 
@@ -206,6 +206,29 @@ def test_family_and_objective_must_fit(objective, config, message):
     model = build_model(config(**small))
     with pytest.raises(ObjectiveError, match=message):
         objective(tokenizer_for(objective)).check_model(model)
+
+
+def test_model_kind_is_each_familys_class_attribute():
+    from tinylm.models import Decoder, Encoder, EncoderDecoder, Model
+
+    assert (Decoder.kind, Encoder.kind, EncoderDecoder.kind) == (
+        "decoder", "encoder", "encoder-decoder")
+    small = build_model(GPT2Config(vocab_size=10, d_model=16, n_layer=1, n_head=2))
+    assert model_kind(small) == model_kind(Decoder) == "decoder"  # instance or class
+
+    class Retrieval(Encoder):  # a plugin family inherits or overrides its kind
+        pass
+
+    class Seq2Seq(Model):
+        kind = "encoder-decoder"
+
+    def builder(config):  # a registered builder function may carry a kind
+        return Seq2Seq(config)
+
+    builder.kind = "encoder-decoder"
+    assert model_kind(Retrieval) == "encoder"
+    assert model_kind(Seq2Seq) == model_kind(builder) == "encoder-decoder"
+    assert model_kind(Model) is None and model_kind(lambda c: c) is None
 
 
 def test_masked_lm_needs_the_mlm_head():

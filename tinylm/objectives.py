@@ -48,14 +48,8 @@ class ObjectiveError(TinyLMError, ValueError):
 
 def model_kind(model) -> str | None:
     """"decoder", "encoder" or "encoder-decoder" for a model, a model class or a
-    registered architecture's builder (a plugin family may set ``kind`` itself)."""
-    from tinylm.models import Decoder, Encoder, EncoderDecoder
-
-    cls = model if isinstance(model, type) else type(model)
-    for base, kind in ((EncoderDecoder, "encoder-decoder"), (Encoder, "encoder"),
-                       (Decoder, "decoder")):
-        if isinstance(cls, type) and issubclass(cls, base):
-            return kind
+    registered architecture's builder: its ``kind`` attribute (each family class sets
+    it, ``tinylm.models.Model.kind``; a plugin's builder function may too), else None."""
     return getattr(model, "kind", None)
 
 

@@ -137,9 +137,13 @@ def _padding(mask, xp):
 
 class Model(nn.Module):
     """Base of the model families: a ``config``, weight init, the output record, and
-    ``save_pretrained`` (Hugging Face format, see ``tinylm.models.hf``)."""
+    ``save_pretrained`` (Hugging Face format, see ``tinylm.models.hf``).
+
+    ``kind`` says which objectives and decoding a family supports: "decoder",
+    "encoder" or "encoder-decoder" (``tinylm.objectives.model_kind`` reads it)."""
 
     config_class: ClassVar[type] = ModelConfig
+    kind: ClassVar[str | None] = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tinylm import nn
 from tinylm.models.base import BlockStack, Model
 from tinylm.models.config import ModelConfig
 
 
 class Decoder(Model):
+    kind: ClassVar[str] = "decoder"
+
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         c = config

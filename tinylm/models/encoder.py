@@ -12,6 +12,8 @@ Classification: logits (B, num_labels) from the pooled [CLS] vector), "none"
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tinylm import nn, ops
 from tinylm.models.base import BlockStack, Model
 from tinylm.models.config import BertConfig
@@ -36,6 +38,7 @@ class MaskedLMHead(nn.Module):
 
 
 class Encoder(Model):
+    kind: ClassVar[str] = "encoder"
     config_class = BertConfig
 
     def __init__(self, config: BertConfig):

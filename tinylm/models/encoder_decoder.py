@@ -14,6 +14,8 @@ decoder output is scaled by d_model**-0.5 before the LM head (T5 folds the missi
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from tinylm import backend, nn
 from tinylm.errors import TinyLMError
 from tinylm.models.base import BlockStack, Model
@@ -33,6 +35,7 @@ def shift_right(targets, start_id: int, pad_id: int):
 
 
 class EncoderDecoder(Model):
+    kind: ClassVar[str] = "encoder-decoder"
     config_class = T5Config
 
     def __init__(self, config: T5Config):
