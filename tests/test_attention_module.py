@@ -166,16 +166,56 @@ def test_kv_cache_passes_gradients_to_the_new_positions():
 
 
 def test_post_norm_block_is_norm_of_the_residual_sum():
-    from tinylm.nn import TransformerBlock
+    from tinylm.nn import BlockConfig, TransformerBlock
 
     tinylm.seed(0)
-    block = TransformerBlock(16, 2, 32, norm_position="post", norm_eps=1e-12,
-                             activation="gelu").to(dtype="float64")
+    config = BlockConfig(d_model=16, n_head=2, d_ff=32, norm_position="post", norm_eps=1e-12,
+                         activation="gelu")
+    block = TransformerBlock(config).to(dtype="float64")
     x = tinylm.tensor(np.random.default_rng(0).standard_normal((2, 3, 16)))
     y, aux = block(x)
     h = block.norm1(x + block.attn(x))
     testing.assert_close(y, block.norm2(h + block.mlp(h)))
     assert aux is None
+
+
+def test_block_config_is_frozen_checked_and_built_once_from_the_model_config():
+    import dataclasses
+
+    from tinylm.models import BertConfig, LlamaConfig, build_model
+    from tinylm.models.base import block_config
+    from tinylm.nn import ACTIVATIONS, NORMS, BlockConfig, MoE, MoEConfig, TransformerBlock
+
+    c = LlamaConfig(vocab_size=40, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=48,
+                    n_experts=3, moe_top_k=1, moe_renormalize=False, norm_eps=1e-5)
+    bc = block_config(c)
+    assert (bc.d_model, bc.n_head, bc.n_kv_head, bc.head_dim, bc.d_ff) == (32, 4, 2, 8, 48)
+    assert (bc.activation, bc.gated, bc.bias, bc.norm, bc.norm_eps) == (
+        "silu", True, False, "rmsnorm", 1e-5)
+    assert bc.moe == MoEConfig(d_model=32, d_ff=48, n_experts=3, top_k=1, activation="silu",
+                               gated=True, bias=False, renormalize=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bc.d_ff = 64
+    model = build_model(c)
+    blocks = list(model.transformer.blocks)
+    assert all(b.config is blocks[0].config for b in blocks)  # one config per stack
+    assert isinstance(blocks[0].mlp, MoE) and blocks[0].mlp.config == bc.moe
+    dense = TransformerBlock(dataclasses.replace(bc, n_experts=0, cross=True))
+    assert dense.config.moe is None and hasattr(dense, "cross_attn")
+    assert block_config(BertConfig()).norm_position == "post"
+    # one list of names in nn: block configs, model configs and the layers all use it
+    for name in ACTIVATIONS:
+        assert BlockConfig(d_model=8, n_head=2, d_ff=8, activation=name).activation == name
+        LlamaConfig(activation=name)
+    for name in NORMS:
+        LlamaConfig(norm=name)
+        BlockConfig(d_model=8, n_head=2, d_ff=8, norm=name)
+    for bad in (dict(activation="swish"), dict(norm="batchnorm"), dict(norm_position="mid"),
+                dict(n_experts=2, moe_top_k=3)):
+        with pytest.raises(TinyLMError, match="invalid BlockConfig"):
+            BlockConfig(d_model=8, n_head=2, d_ff=8, **bad)
+    with pytest.raises(TinyLMError, match=r"activation must be one of \('gelu', 'gelu_tanh'"):
+        LlamaConfig(activation="swish")
 
 
 def test_dropout_is_active_in_training_only():

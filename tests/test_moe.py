@@ -10,7 +10,7 @@ import tinylm
 from tinylm import testing
 from tinylm.errors import TinyLMError
 from tinylm.models import LlamaConfig, build_model
-from tinylm.nn import MoE, load_balancing_loss
+from tinylm.nn import MoE, MoEConfig, load_balancing_loss
 from tinylm.tensor import Tensor
 
 P4 = np.array([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
@@ -61,8 +61,10 @@ def test_load_balancing_loss_matches_transformers(masked):
 
 def make_moe(top_k=2, renormalize=True, gated=True):
     tinylm.seed(3)
-    return MoE(4, 6, n_experts=3, top_k=top_k, activation="silu" if gated else "gelu",
-               gated=gated, bias=not gated, renormalize=renormalize).to(dtype="float64")
+    config = MoEConfig(d_model=4, d_ff=6, n_experts=3, top_k=top_k,
+                       activation="silu" if gated else "gelu", gated=gated, bias=not gated,
+                       renormalize=renormalize)
+    return MoE(config).to(dtype="float64")
 
 
 @pytest.mark.parametrize("top_k, renormalize, gated", [(2, True, True), (1, False, False),
@@ -134,7 +136,9 @@ def test_unused_experts_and_padding_mask():
     assert np.isfinite(y.numpy()).all()
     assert aux.item() == pytest.approx(3.0, rel=1e-3)  # all on one expert: E * 1 * ~1
     with pytest.raises(TinyLMError, match="top_k"):
-        MoE(4, 6, n_experts=2, top_k=3)
+        MoEConfig(d_model=4, d_ff=6, n_experts=2, top_k=3)
+    with pytest.raises(TinyLMError, match="activation"):
+        MoEConfig(d_model=4, d_ff=6, n_experts=2, activation="swish")
 
 
 def test_moe_model_adds_the_weighted_aux_loss():

@@ -23,7 +23,7 @@ import numpy as np
 from tinylm import backend, nn, ops
 from tinylm.models.config import ModelConfig
 from tinylm.nn.attention import mask_bias
-from tinylm.nn.block import TransformerBlock, make_norm
+from tinylm.nn.block import BlockConfig, TransformerBlock, make_norm
 from tinylm.errors import TinyLMError
 from tinylm.positional import PositionalDims, PositionalEncoding, build_positional
 from tinylm.tensor import Tensor
@@ -43,14 +43,15 @@ class ModelOutput:
     encoder_hidden_states: Tensor | None = None  # (B, S, d): T5's encoder output
 
 
-def block_from_config(c: ModelConfig, cross: bool = False) -> TransformerBlock:
-    return TransformerBlock(
-        c.d_model, c.n_head, c.ff_size, n_kv_head=c.kv_heads, head_dim=c.head_size,
-        activation=c.activation, gated=c.gated_mlp, bias=c.bias, norm=c.norm,
-        norm_eps=c.norm_eps, norm_position=c.norm_position, dropout=c.dropout,
-        attn_dropout=c.attn_dropout, attn_scale=c.attn_scale, cross=cross,
-        n_experts=c.n_experts, top_k=c.moe_top_k, renormalize=c.moe_renormalize,
-        mlp_dropout=c.mlp_dropout,
+def block_config(c: ModelConfig, cross: bool = False) -> BlockConfig:
+    """The BlockConfig every block of a stack is built from."""
+    return BlockConfig(
+        d_model=c.d_model, n_head=c.n_head, d_ff=c.ff_size, n_kv_head=c.kv_heads,
+        head_dim=c.head_size, activation=c.activation, gated=c.gated_mlp, bias=c.bias,
+        norm=c.norm, norm_eps=c.norm_eps, norm_position=c.norm_position, dropout=c.dropout,
+        attn_dropout=c.attn_dropout, mlp_dropout=c.mlp_dropout, attn_scale=c.attn_scale,
+        cross=cross, n_experts=c.n_experts, moe_top_k=c.moe_top_k,
+        moe_renormalize=c.moe_renormalize,
     )
 
 
@@ -69,7 +70,8 @@ class BlockStack(nn.Module):
         self.pos = positional_from_config(c, bidirectional=not causal)
         self.embed_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if embed_norm else None
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(block_from_config(c, cross) for _ in range(n_layer))
+        block = block_config(c, cross)
+        self.blocks = nn.ModuleList(TransformerBlock(block) for _ in range(n_layer))
         pre = c.norm_position == "pre"
         self.norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if pre else None
 

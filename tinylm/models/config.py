@@ -37,6 +37,8 @@ from typing import Callable, ClassVar, NamedTuple
 from tinylm.config_files import field_type_problems, toml_module
 from tinylm.atomic import write_atomic
 from tinylm.errors import ConfigError, TinyLMError
+from tinylm.nn.block import NORMS as _NORMS
+from tinylm.nn.mlp import ACTIVATIONS as _ACTIVATIONS
 
 
 class Architecture(NamedTuple):
@@ -47,8 +49,6 @@ class Architecture(NamedTuple):
     model: Callable
 
 
-_NORMS = ("layernorm", "rmsnorm")
-_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
 
 

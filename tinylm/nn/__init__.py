@@ -10,6 +10,8 @@ from tinylm.nn.layers import (  # noqa: F401
 )
 from tinylm.nn.module import LoadResult, Module, Parameter  # noqa: F401
 from tinylm.nn.attention import KVCache, MultiHeadAttention, mask_bias  # noqa: F401
-from tinylm.nn.mlp import MLP  # noqa: F401
-from tinylm.nn.moe import MoE, load_balancing_loss  # noqa: F401
-from tinylm.nn.block import TransformerBlock, make_norm  # noqa: F401
+from tinylm.nn.mlp import ACTIVATIONS, MLP  # noqa: F401
+from tinylm.nn.moe import MoE, MoEConfig, load_balancing_loss  # noqa: F401
+from tinylm.nn.block import (  # noqa: F401
+    NORM_POSITIONS, NORMS, BlockConfig, TransformerBlock, make_norm,
+)

@@ -14,19 +14,21 @@ from tinylm.errors import TinyLMError
 from tinylm.nn.layers import Dropout, Linear
 from tinylm.nn.module import Module
 
-ACTIVATIONS = {
+_FUNCTIONS = {
     "gelu": lambda x: ops.gelu(x),
     "gelu_tanh": lambda x: ops.gelu(x, approximate="tanh"),
     "relu": ops.relu,
     "silu": ops.silu,
 }
+# The one list of activation names: model configs and block configs check against it.
+ACTIVATIONS = tuple(_FUNCTIONS)
 
 
 def get_activation(name: str):
     """The activation function called ``name``."""
-    if name not in ACTIVATIONS:
-        raise TinyLMError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    if name not in _FUNCTIONS:
+        raise TinyLMError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    return _FUNCTIONS[name]
 
 
 class MLP(Module):

@@ -1,6 +1,6 @@
 """Mixture-of-Experts feed-forward: a router sends each token to its top-k experts.
 
-    moe = MoE(d_model=64, d_ff=128, n_experts=8, top_k=2, activation="silu", gated=True)
+    moe = MoE(MoEConfig(d_model=64, d_ff=128, n_experts=8, top_k=2))   # SwiGLU experts
     y, aux = moe(x)                      # x, y: (B, T, d); aux: the load-balancing loss
 
 Routing (Mixtral; Switch Transformer when k = 1): p = softmax(router(x)) over the E
@@ -28,12 +28,14 @@ favours some experts. A padding mask leaves padded tokens out of both averages.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from tinylm import ops
 from tinylm.errors import TinyLMError
 from tinylm.nn.layers import Linear, ModuleList
-from tinylm.nn.mlp import MLP
+from tinylm.nn.mlp import ACTIVATIONS, MLP
 from tinylm.nn.module import Module
 from tinylm.tensor import Tensor
 
@@ -62,20 +64,43 @@ def load_balancing_loss(probs, selected, n_experts: int, mask=None):
     return (P * f.astype(probs.dtype)).sum() * n_experts
 
 
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """A mixture of ``n_experts`` MLPs (d_model -> d_ff -> d_model), ``top_k`` per token.
+    ``dropout`` acts inside each expert (as ``MLP``'s); ``renormalize``: the chosen
+    experts' gate weights sum to 1 (Mixtral), else they are the raw router probabilities
+    (Switch)."""
+
+    d_model: int
+    d_ff: int
+    n_experts: int
+    top_k: int = 2
+    activation: str = "silu"
+    gated: bool = True
+    bias: bool = False
+    renormalize: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.n_experts:
+            raise TinyLMError(f"MoE: top_k={self.top_k} must be between 1 and "
+                              f"n_experts={self.n_experts}")
+        if self.activation not in ACTIVATIONS:
+            raise TinyLMError(f"MoE: unknown activation {self.activation!r}; expected one "
+                              f"of {ACTIVATIONS}")
+
+
 class MoE(Module):
     """A router (d -> E, no bias) and E expert MLPs; forward returns (y, aux_loss)."""
 
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int = 2,
-                 activation: str = "silu", gated: bool = True, bias: bool = False,
-                 renormalize: bool = True, dropout: float = 0.0):
+    def __init__(self, config: MoEConfig):
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise TinyLMError(f"MoE: top_k={top_k} must be between 1 and n_experts={n_experts}")
-        self.n_experts, self.top_k, self.renormalize = n_experts, top_k, renormalize
-        self.router = Linear(d_model, n_experts, bias=False)
+        c = self.config = config
+        self.n_experts, self.top_k, self.renormalize = c.n_experts, c.top_k, c.renormalize
+        self.router = Linear(c.d_model, c.n_experts, bias=False)
         self.experts = ModuleList(
-            MLP(d_model, d_ff, activation, gated=gated, bias=bias, dropout=dropout)
-            for _ in range(n_experts)
+            MLP(c.d_model, c.d_ff, c.activation, gated=c.gated, bias=c.bias, dropout=c.dropout)
+            for _ in range(c.n_experts)
         )
 
     def forward(self, x, mask=None):
