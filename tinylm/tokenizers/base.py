@@ -37,7 +37,27 @@ from tinylm.errors import TinyLMError
 
 
 class TokenizerError(TinyLMError, ValueError):
-    """Bad input to a tokenizer: unencodable text, unknown ids, wrong arguments."""
+    """Bad input to a tokenizer: unencodable text, unknown ids, wrong arguments.
+
+    ``option``: the keyword argument whose use would fix it ("allowed_special",
+    "unk_token"), or None; ``problem``: the message without its advice. A command
+    line, whose users pass flags and not keywords, swaps the advice for its own:
+
+        >>> e = TokenizerError("the text contains '<s>'; pass allowed_special=...",
+        ...                    option="allowed_special", problem="the text contains '<s>'")
+        >>> str(e.with_advice("pass --allow-special"))
+        "the text contains '<s>'; pass --allow-special"
+    """
+
+    def __init__(self, message: str = "", *, option: str | None = None,
+                 problem: str | None = None):
+        super().__init__(message)
+        self.option = option
+        self.problem = message if problem is None else problem
+
+    def with_advice(self, advice: str) -> "TokenizerError":
+        """The same error (class, option, problem) with ``advice`` after the problem."""
+        return type(self)(f"{self.problem}; {advice}", option=self.option, problem=self.problem)
 
 
 class TokenizerFileError(TokenizerError):
@@ -146,11 +166,12 @@ class Tokenizer(ABC):
             match = _alternation(disallowed).search(text)
             if match:
                 token = match.group()
+                problem = (f"the text contains the special token {token!r} (at character "
+                           f"{match.start()})")
                 raise TokenizerError(
-                    f"the text contains the special token {token!r} (at character "
-                    f"{match.start()}); pass allowed_special={{{token!r}}} (or \"all\") to "
-                    f"encode it as a special token, or disallowed_special=() to encode it as "
-                    f"plain text")
+                    f"{problem}; pass allowed_special={{{token!r}}} (or \"all\") to encode it "
+                    f"as a special token, or disallowed_special=() to encode it as plain text",
+                    option="allowed_special", problem=problem)
         if not allowed:
             return [text]
         segments, end = [], 0
@@ -255,6 +276,20 @@ def as_id_list(ids) -> list:
     return list(ids)
 
 
+MAX_ID = (1 << 24) - 1  # the largest token id tinylm accepts (16.7M: Gemma has 256k)
+
+
+def is_token_id(i) -> bool:
+    """Whether ``i`` can be a token id: an int (not a bool) from 0 to ``MAX_ID``."""
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_ID
+
+
+def token_id_problem(what: str, i) -> str:
+    """The message for ``what`` (e.g. "token 'ab'") having the id ``i``, not a valid one."""
+    shown = repr(i) if len(repr(i)) <= 40 else f"{repr(i)[:37]}..."
+    return f"{what} has the id {shown}; token ids are integers from 0 to {MAX_ID}"
+
+
 def bad_ids_error(ids: list, vocab_size: int, known=None) -> TokenizerError:
     """The error for an id list with a non-integer or out-of-vocabulary element."""
     for i, x in enumerate(ids):
@@ -293,9 +328,13 @@ def read_special_tokens(reader) -> dict:
     for k, row in enumerate(reader.section("special_tokens")):
         i, _, text = row.partition(" ")
         try:
-            specials[json.loads(text)] = int(i)
+            token = json.loads(text)
+            if not i.isdigit() or not isinstance(token, str):
+                raise ValueError
         except ValueError:
             reader.row_error(k, f"expected 'ID \"TEXT\"', got {row[:60]!r}")
+        reader.check_id(k, f"special token {token!r}", int(i))
+        specials[token] = int(i)
     return specials
 
 
@@ -303,11 +342,17 @@ def hf_added_tokens(obj: dict, fail) -> dict:
     """``{content: id}`` of a Hugging Face ``tokenizer.json``'s ``added_tokens``;
     ``fail(message)`` makes the error for a malformed entry."""
     specials = {}
-    for added in obj.get("added_tokens") or []:
-        try:
-            specials[added["content"]] = int(added["id"])
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"added token {added!r} lacks an id or content") from None
+    added_tokens = obj.get("added_tokens") or []
+    if not isinstance(added_tokens, list):
+        raise fail("added_tokens must be a list")
+    for k, added in enumerate(added_tokens):
+        if not isinstance(added, dict) or not isinstance(added.get("content"), str) \
+                or "id" not in added:
+            raise fail(f"added_tokens[{k}] = {str(added)[:60]} lacks an id or content")
+        if not is_token_id(added["id"]):
+            raise fail(token_id_problem(f"added_tokens[{k}] ({added['content'][:40]!r})",
+                                        added["id"]))
+        specials[added["content"]] = added["id"]
     return specials
 
 

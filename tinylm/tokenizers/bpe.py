@@ -39,7 +39,8 @@ from operator import iconcat
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
     Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, check_text,
-    hf_added_tokens, read_special_tokens, special_token_rows, surrogate_error,
+    hf_added_tokens, is_token_id, read_special_tokens, special_token_rows, surrogate_error,
+    token_id_problem,
 )
 from tinylm.tokenizers.formats import from_bytelevel, to_bytelevel
 from tinylm.tokenizers.pretokenize import PreTokenizer, hf_pattern, pattern_name, resolve_pattern
@@ -75,6 +76,9 @@ class BPETokenizer(Tokenizer):
     def __init__(self, tokens, merges=None, special_tokens=None, *, pattern: str = "gpt2",
                  ignore_merges: bool | None = None, add_prefix_space: bool = False):
         if isinstance(tokens, dict):
+            bad = next((i for i in tokens if not is_token_id(i)), None)
+            if bad is not None:
+                raise TokenizerError(token_id_problem(f"token {tokens[bad]!r}", bad))
             size = max(tokens, default=-1) + 1
             table = [None] * size
             for i, t in tokens.items():
@@ -84,8 +88,8 @@ class BPETokenizer(Tokenizer):
         for text, i in special_tokens.items():
             if not isinstance(text, str) or not text:
                 raise TokenizerError(f"special tokens are non-empty strings, not {text!r}")
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                raise TokenizerError(f"special token {text!r} has id {i!r}; ids are ints >= 0")
+            if not is_token_id(i):
+                raise TokenizerError(token_id_problem(f"special token {text!r}", i))
         for i, t in enumerate(tokens):
             if t is not None and not (isinstance(t, bytes) and t):
                 raise TokenizerError(f"token {i} is {t!r}; tokens are non-empty bytes (or None "
@@ -598,6 +602,7 @@ class BPETokenizer(Tokenizer):
             data = from_bytelevel(spelling)
             if not i.isdigit() or data is None or not data:
                 r.row_error(k, f"expected 'ID TOKEN' (a byte-level spelling), got {row[:60]!r}")
+            r.check_id(k, f"token {spelling[:40]!r}", int(i))
             tokens[int(i)] = data
         encoder = {t: i for i, t in tokens.items()}
         merges = []
@@ -672,10 +677,9 @@ class BPETokenizer(Tokenizer):
         if not isinstance(vocab, dict):
             raise fail("model.vocab must be an object mapping tokens to ids")
         specials = hf_added_tokens(obj, fail)
+        formats.check_vocab_ids(vocab, path, "model.vocab token")
         tokens = {}
         for spelling, i in vocab.items():
-            if not isinstance(i, int) or i < 0:
-                raise fail(f"model.vocab[{spelling!r}] = {i!r} is not an id")
             data = from_bytelevel(spelling)
             if data is None:
                 if spelling in specials:

@@ -37,7 +37,7 @@ import heapq
 from collections import Counter, defaultdict
 
 from tinylm.tokenizers.base import TokenizerError, _alternation, check_text, surrogate_error
-from tinylm.tokenizers.formats import BYTE_ORDER, read_bytes
+from tinylm.tokenizers.formats import BYTE_ORDER, TEXT_FILE_HINT, decode_text, read_bytes
 
 
 def count_words(texts, pretokenizer, special_tokens=()) -> Counter:
@@ -67,13 +67,8 @@ def count_file_words(paths, pretokenizer, special_tokens=(), progress=None) -> C
     cut = _alternation(special_tokens).split if special_tokens else None
     split = pretokenizer.split
     for path in paths:
-        data = read_bytes(path)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise TokenizerError(f"{str(path)!r}: line {line} is not valid UTF-8 (byte "
-                                 f"{e.start}); training reads UTF-8 text files") from None
+        data = read_bytes(path, "text file")
+        text = decode_text(data, path, TEXT_FILE_HINT)  # a leading byte order mark dropped
         lines = text.split("\n")
         last = lines.pop()
         pieces = []

@@ -22,7 +22,7 @@ from collections import Counter
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
     Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, check_text,
-    read_special_tokens, special_token_rows, surrogate_error,
+    is_token_id, read_special_tokens, special_token_rows, surrogate_error, token_id_problem,
 )
 
 
@@ -52,7 +52,9 @@ class CharTokenizer(Tokenizer):
             unique = dict.fromkeys(special_tokens)
             special_tokens = {t: len(chars) + k for k, t in enumerate(unique)}
         for t, i in special_tokens.items():
-            if not isinstance(t, str) or not t or not isinstance(i, int) or i < len(chars):
+            if not is_token_id(i):
+                raise TokenizerError(token_id_problem(f"special token {t!r}", i))
+            if not isinstance(t, str) or not t or i < len(chars):
                 raise TokenizerError(f"special token {t!r} -> {i!r}: special tokens are non-empty "
                                      f"strings with ids after the {len(chars)} characters")
         self.special_tokens = dict(special_tokens)
@@ -90,26 +92,25 @@ class CharTokenizer(Tokenizer):
                                      f"tokens ({len(special_tokens)}), not {vocab_size!r}")
             if room < len(chars):
                 if unk_token is None:
-                    raise TokenizerError(f"the text has {len(chars)} distinct characters but "
-                                         f"vocab_size leaves room for {room}; pass unk_token= "
-                                         f"to map the rarest to it, or raise vocab_size")
+                    problem = (f"the text has {len(chars)} distinct characters but vocab_size "
+                               f"leaves room for {room}")
+                    raise TokenizerError(f"{problem}; pass unk_token= to map the rarest to it, "
+                                         f"or raise vocab_size", option="unk_token",
+                                         problem=problem)
                 kept = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:room]
                 chars = sorted(c for c, _ in kept)
         return cls(chars, special_tokens, unk_token=unk_token)
 
     @classmethod
-    def train_from_files(cls, paths, vocab_size: int | None = None, **options):
-        """``train`` on UTF-8 text files."""
+    def train_from_files(cls, paths, vocab_size: int | None = None, *, special_tokens=(),
+                         unk_token: str | None = None,
+                         progress: bool = False) -> "CharTokenizer":
+        """``train`` on UTF-8 text files (a leading byte order mark is not text)."""
         if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__"):
             paths = [paths]
-        texts = []
-        for path in paths:
-            data = formats.read_bytes(path)
-            try:
-                texts.append(data.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise TokenizerError(f"{str(path)!r} is not valid UTF-8 (byte {e.start})") from None
-        return cls.train(texts, vocab_size, **options)
+        texts = [formats.read_text_file(path) for path in paths]
+        return cls.train(texts, vocab_size, special_tokens=special_tokens, unk_token=unk_token,
+                         progress=progress)
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -146,9 +147,10 @@ class CharTokenizer(Tokenizer):
             if c not in self._stoi:
                 if "\ud800" <= c <= "\udfff":
                     raise surrogate_error(text)
-                raise TokenizerError(f"the character {c!r} (at {i}) is not in the vocabulary of "
-                                     f"{len(self.chars)} characters; train the tokenizer on text "
-                                     f"that has it, or give it an unk_token")
+                problem = (f"the character {c!r} (at {i}) is not in the vocabulary of "
+                           f"{len(self.chars)} characters")
+                raise TokenizerError(f"{problem}; train the tokenizer on text that has it, or "
+                                     f"give it an unk_token", option="unk_token", problem=problem)
         raise AssertionError("unreachable")
 
     def encode(self, text: str, *, allowed_special=(), disallowed_special="all") -> list:

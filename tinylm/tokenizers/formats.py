@@ -42,7 +42,7 @@ import binascii
 import json
 from pathlib import Path
 
-from tinylm.tokenizers.base import TokenizerFileError
+from tinylm.tokenizers.base import TokenizerFileError, is_token_id, token_id_problem
 
 # ---------------------------------------------------------------------- byte-level alphabet
 
@@ -87,25 +87,47 @@ def file_error(path, message: str) -> TokenizerFileError:
     return TokenizerFileError(f"{str(path)!r}: {message}")
 
 
-def read_bytes(path) -> bytes:
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put first
+
+
+def read_bytes(path, what: str = "tokenizer file") -> bytes:
+    """The bytes of ``path``; a missing file, a directory or an unreadable file is a
+    ``TokenizerFileError`` (``what``: the file's role, for the message)."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise TokenizerFileError(f"tokenizer file {str(path)!r} does not exist") from None
+        raise TokenizerFileError(f"{what} {str(path)!r} does not exist") from None
     except IsADirectoryError:
-        raise TokenizerFileError(f"{str(path)!r} is a directory, not a tokenizer file") from None
+        raise TokenizerFileError(f"{str(path)!r} is a directory, not a {what}") from None
     except OSError as e:
-        raise TokenizerFileError(f"cannot read tokenizer file {str(path)!r}: {e}") from e
+        raise TokenizerFileError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+
+
+def decode_text(data: bytes, path, hint: str) -> str:
+    """UTF-8 ``data`` (of the file ``path``) as text without a leading byte order mark,
+    as Python's "utf-8-sig" reads it; bytes that are not UTF-8 are a
+    ``TokenizerFileError`` naming the line and byte, followed by ``hint``."""
+    start = len(BOM) if data.startswith(BOM) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line = data[:at].count(b"\n") + 1
+        raise file_error(path, f"line {line} is not valid UTF-8 (byte {at}); {hint}") from None
 
 
 def read_text(path) -> str:
-    data = read_bytes(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise file_error(path, f"line {line} is not valid UTF-8 (byte {e.start}); the file is "
-                               f"corrupted or is not a tokenizer file") from None
+    """A tokenizer file's text (UTF-8, a leading byte order mark dropped)."""
+    return decode_text(read_bytes(path), path, "the file is corrupted or is not a tokenizer "
+                                               "file")
+
+
+TEXT_FILE_HINT = "tinylm reads UTF-8 text files (is it a binary file?)"
+
+
+def read_text_file(path) -> str:
+    """A text file to train on or encode (UTF-8, a leading byte order mark dropped)."""
+    return decode_text(read_bytes(path, "text file"), path, TEXT_FILE_HINT)
 
 
 def read_json(path, text: str | None = None):
@@ -124,6 +146,8 @@ def sniff(path) -> tuple:
     "vocab-txt"; ``parsed`` is the JSON object for the JSON kinds (read once), else
     None."""
     data = read_bytes(path)
+    if data.startswith(BOM):
+        data = data[len(BOM):]
     if not data.strip():
         raise file_error(path, "the file is empty")
     if data.startswith(b"tinylm-tokenizer "):
@@ -169,12 +193,20 @@ def read_gpt2_vocab(path, parsed=None) -> dict:
     """``{token spelling: id}`` from a GPT-2 ``vocab.json`` (``parsed``: its JSON, if
     already read)."""
     vocab = read_json(path) if parsed is None else parsed
-    if not isinstance(vocab, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in vocab.items()):
+    if not isinstance(vocab, dict):
         raise file_error(path, "a vocab.json must be one JSON object mapping token strings to "
-                               "non-negative integer ids")
+                               "integer ids")
+    check_vocab_ids(vocab, path, "token")
     return vocab
+
+
+def check_vocab_ids(vocab: dict, path, what: str) -> None:
+    """Raise a ``TokenizerFileError`` naming ``path`` and the first entry of ``{token:
+    id}`` whose id is not a token id (``what``: how an entry is named, e.g. "token")."""
+    for token, i in vocab.items():
+        if not is_token_id(i):
+            raise file_error(path, f"{token_id_problem(f'{what} {token[:40]!r}', i)}; the "
+                                   f"file is corrupted")
 
 
 def read_merges_txt(path) -> list:
@@ -227,6 +259,8 @@ def read_tiktoken(path) -> dict:
                                    f"{line[:60]!r}; the file is corrupted") from None
         if token in ranks:
             raise file_error(path, f"line {number}: token {token!r} appears twice")
+        if not is_token_id(rank):
+            raise file_error(path, f"line {number}: {token_id_problem(f'token {token!r}', rank)}")
         ranks[token] = rank
     if not ranks:
         raise file_error(path, "no ranks in the file")
@@ -347,6 +381,11 @@ class PlainReader:
         if any(line.strip() for line in self.lines[self.i:]):
             self.i += 1
             self.fail("unexpected text after 'end'")
+
+    def check_id(self, offset: int, what: str, i) -> None:
+        """Fail on row ``offset`` of the section read last unless ``i`` is a token id."""
+        if not is_token_id(i):
+            self.row_error(offset, token_id_problem(what, i))
 
     def row_error(self, offset: int, message: str):
         """Fail on row ``offset`` of the section read last."""

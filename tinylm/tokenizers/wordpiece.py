@@ -32,7 +32,7 @@ import regex
 from tinylm.tokenizers import formats
 from tinylm.tokenizers.base import (
     Tokenizer, TokenizerError, as_id_list, atomic_write, bad_ids_error, hf_added_tokens,
-    special_token_rows, surrogate_error,
+    is_token_id, special_token_rows, surrogate_error, token_id_problem,
 )
 
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
@@ -91,9 +91,12 @@ class WordPieceTokenizer(Tokenizer):
             self.vocab = {}
             for i, token in enumerate(vocab):
                 self.vocab[token] = i  # a token listed twice keeps its last line, as tokenizers
-        if not all(isinstance(t, str) and isinstance(i, int) and i >= 0
-                   for t, i in self.vocab.items()):
-            raise TokenizerError("a WordPiece vocabulary maps token strings to ids >= 0")
+        for t, i in self.vocab.items():
+            if not isinstance(t, str):
+                raise TokenizerError(f"a WordPiece vocabulary maps token strings to ids, not "
+                                     f"{t!r}")
+            if not is_token_id(i):
+                raise TokenizerError(token_id_problem(f"token {t!r}", i))
         if unk_token not in self.vocab:
             raise TokenizerError(f"the unknown token {unk_token!r} is not in the vocabulary; "
                                  f"pass unk_token= with the vocabulary's own")
@@ -116,6 +119,9 @@ class WordPieceTokenizer(Tokenizer):
             if missing:
                 raise TokenizerError(f"special tokens {missing} are not in the vocabulary")
             special_tokens = {t: self.vocab[t] for t in special_tokens}
+        for t, i in special_tokens.items():
+            if not is_token_id(i):
+                raise TokenizerError(token_id_problem(f"special token {t!r}", i))
         self.special_tokens = dict(special_tokens)
         size = max([*self.vocab.values(), *self.special_tokens.values()], default=-1) + 1
         self._id_to_token = [None] * size
@@ -364,6 +370,7 @@ class WordPieceTokenizer(Tokenizer):
                         raise ValueError
                 except ValueError:
                     r.row_error(k, f"expected 'ID \"TOKEN\"', got {row[:60]!r}")
+                r.check_id(k, f"token {token[:40]!r}", int(i))
                 out[token] = int(i)
             return out
 
@@ -443,6 +450,7 @@ class WordPieceTokenizer(Tokenizer):
         vocab = model.get("vocab")
         if not isinstance(vocab, dict):
             raise fail("model.vocab must be an object mapping tokens to ids")
+        formats.check_vocab_ids(vocab, path, "model.vocab token")
         specials = hf_added_tokens(obj, fail)
         try:
             return cls(vocab, unk_token=model.get("unk_token", "[UNK]"),
