@@ -8,7 +8,7 @@ import pytest
 import tinylm
 from tinylm import testing
 from tinylm.errors import ShapeError, TinyLMError
-from tinylm.nn import KVCache, MultiHeadAttention, mask_bias
+from tinylm.nn import AttentionSetup, KVCache, MultiHeadAttention, additive_mask
 from tinylm.positional import RoPE
 
 
@@ -50,8 +50,8 @@ def test_self_attention_matches_reference(n_kv_head, causal, padded):
     attn = MultiHeadAttention(32, 4, n_kv_head=n_kv_head).to(dtype="float64")
     x = np.random.default_rng(0).standard_normal((2, 6, 32))
     keep = np.array([[1] * 6, [1] * 4 + [0] * 2]) if padded else None
-    bias = mask_bias(keep, 6, 6, causal, np.float64) if padded else None
-    y = attn(tinylm.tensor(x), bias=bias, is_causal=causal and not padded)
+    mask = additive_mask(keep, 6, 6, causal, np.float64) if padded else None
+    y = attn(tinylm.tensor(x), AttentionSetup(mask=mask, is_causal=causal and not padded))
     want = reference(attn, x, keep=keep, causal=causal)
     rows = np.ones((2, 6), bool) if keep is None else keep.astype(bool)
     testing.assert_close(y.numpy()[rows], want[rows], rtol=1e-9, atol=1e-9)
@@ -70,10 +70,12 @@ def test_cross_attention_matches_reference_with_memory_padding():
     rng = np.random.default_rng(1)
     x, memory = rng.standard_normal((2, 3, 16)), rng.standard_normal((2, 5, 24))
     keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    y = attn(tinylm.tensor(x), memory=tinylm.tensor(memory),
-             bias=mask_bias(keep, 3, 5, False, np.float64))
+    setup = AttentionSetup(memory=tinylm.tensor(memory),
+                           memory_mask=additive_mask(keep, 3, 5, False, np.float64),
+                           mask=np.full((1, 1, 3, 3), np.nan), is_causal=True)  # not read
+    y = attn(tinylm.tensor(x), setup)
     testing.assert_close(y, reference(attn, x, memory, keep=keep), rtol=1e-9, atol=1e-9)
-    with pytest.raises(TinyLMError, match="memory="):
+    with pytest.raises(TinyLMError, match=r"memory=\.\.\."):
         attn(tinylm.tensor(x))
 
 
@@ -82,27 +84,27 @@ def test_attention_gradcheck_gqa_with_rope_and_mask():
     attn = MultiHeadAttention(8, 4, n_kv_head=2).to(dtype="float64")
     rope = RoPE(2).rotation(np.arange(3))
     keep = np.array([[1, 1, 0], [1, 1, 1]])
-    bias = mask_bias(keep, 3, 3, True, np.float64)
+    setup = AttentionSetup(mask=additive_mask(keep, 3, 3, True, np.float64), rotate=rope)
     x = np.random.default_rng(2).standard_normal((2, 3, 8))
-    testing.gradcheck(lambda t: attn(t, bias=bias, rotate=rope), x)
+    testing.gradcheck(lambda t: attn(t, setup), x)
 
 
-def test_mask_bias_semantics():
+def test_additive_mask_semantics():
     keep = np.array([[1, 1, 0]])
-    b = mask_bias(keep, 2, 3, causal=True, dtype=np.float32)  # queries at positions 1, 2
+    b = additive_mask(keep, 2, 3, causal=True, dtype=np.float32)  # queries at positions 1, 2
     lo = np.finfo(np.float32).min
     np.testing.assert_array_equal(b[0, 0], [[0, 0, lo], [0, 0, lo]])
-    assert mask_bias(None, 2, 2, True, np.float16).dtype == np.float32  # scores are >= f32
+    assert additive_mask(None, 2, 2, True, np.float16).dtype == np.float32  # scores are >= f32
     with pytest.raises(ShapeError, match="attention_mask must be"):
-        mask_bias(np.ones((1, 4)), 2, 3, True, np.float32)
+        additive_mask(np.ones((1, 4)), 2, 3, True, np.float32)
 
 
 def test_a_fully_masked_query_gives_finite_outputs():
     """A padding query of a left-padded causal batch sees nothing: no NaN may leak."""
     attn = MultiHeadAttention(16, 2)
     x = tinylm.randn(1, 4, 16, requires_grad=True)
-    bias = mask_bias(np.array([[0, 0, 1, 1]]), 4, 4, True, np.float32)
-    y = attn(x, bias=bias)
+    mask = additive_mask(np.array([[0, 0, 1, 1]]), 4, 4, True, np.float32)
+    y = attn(x, AttentionSetup(mask=mask))
     y.sum().backward()
     assert np.isfinite(y.numpy()).all() and np.isfinite(x.grad).all()
 
@@ -117,13 +119,15 @@ def test_kv_cache_matches_full_recompute_and_grows(n_kv_head):
     rope = RoPE(8)
     x = tinylm.randn(2, 40, 32)  # past the slot's first capacity (16)
     with tinylm.no_grad():
-        full = attn(x, is_causal=True, rotate=rope.rotation(np.arange(40))).numpy()
+        full = attn(x, AttentionSetup(is_causal=True, rotate=rope.rotation(np.arange(40))))
+        full = full.numpy()
         cache, steps = KVCache(), []
         for start, stop in [(0, 7), *[(t, t + 1) for t in range(7, 30)], (30, 40)]:
             pos = cache.advance(np.arange(start, stop))
             assert cache.length == stop and pos.shape == (stop,)
-            steps.append(attn(x[:, start:stop], is_causal=True, cache=cache,
-                              rotate=rope.rotation(np.arange(start, stop))).numpy())
+            setup = AttentionSetup(is_causal=True, cache=cache,
+                                   rotate=rope.rotation(np.arange(start, stop)))
+            steps.append(attn(x[:, start:stop], setup).numpy())
     testing.assert_close(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6)
 
 
@@ -142,7 +146,7 @@ def test_kv_cache_static_cross_entries_and_reorder():
     self_attn = MultiHeadAttention(16, 2)
     cache.advance(np.arange(2))
     with tinylm.no_grad():
-        self_attn(tinylm.randn(3, 2, 16), cache=cache)
+        self_attn(tinylm.randn(3, 2, 16), AttentionSetup(cache=cache))
     slot_k = cache._slots[id(self_attn)].k.copy()
     cache.reorder(np.array([2, 0]))
     np.testing.assert_array_equal(cache._slots[id(self_attn)].k, slot_k[[2, 0]])
@@ -154,10 +158,10 @@ def test_kv_cache_passes_gradients_to_the_new_positions():
     cache = KVCache()
     with tinylm.no_grad():
         cache.advance(np.arange(3))
-        attn(tinylm.randn(1, 3, 16), is_causal=True, cache=cache)
+        attn(tinylm.randn(1, 3, 16), AttentionSetup(is_causal=True, cache=cache))
     x = tinylm.randn(1, 1, 16, requires_grad=True)
     cache.advance(np.arange(3, 4))
-    attn(x, is_causal=True, cache=cache).sum().backward()
+    attn(x, AttentionSetup(is_causal=True, cache=cache)).sum().backward()
     assert x.grad is not None and np.abs(x.grad).sum() > 0
     assert attn.qkv.weight.grad is not None
 
@@ -216,6 +220,42 @@ def test_block_config_is_frozen_checked_and_built_once_from_the_model_config():
             BlockConfig(d_model=8, n_head=2, d_ff=8, **bad)
     with pytest.raises(TinyLMError, match=r"activation must be one of \('gelu', 'gelu_tanh'"):
         LlamaConfig(activation="swish")
+
+
+def test_one_attention_setup_per_forward_reaches_every_layer(monkeypatch):
+    """The BlockStack builds the setup once; every block hands it on unchanged."""
+    from tinylm.models import T5Config, build_model
+
+    seen = []
+    forward = MultiHeadAttention.forward
+
+    def spy(self, x, setup):
+        seen.append((self.cross, setup))
+        return forward(self, x, setup)
+
+    monkeypatch.setattr(MultiHeadAttention, "forward", spy)
+    model = build_model(T5Config(vocab_size=40, d_model=16, n_layer=2, n_head=2, head_dim=8,
+                                 d_ff=32))
+    ids = np.random.default_rng(0).integers(1, 40, (2, 5))
+    keep = np.array([[1] * 5, [1] * 3 + [0] * 2])
+    model(ids, decoder_ids=ids[:, :3], attention_mask=keep)
+    assert [cross for cross, _ in seen] == [False, False] + [False, True] * 2
+    encoder, decoder = {id(s) for _, s in seen[:2]}, {id(s) for _, s in seen[2:]}
+    assert len(encoder) == len(decoder) == 1 and encoder != decoder
+    enc, dec = seen[0][1], seen[2][1]
+    assert enc.mask.shape == (2, 2, 5, 5) and not enc.is_causal  # padding + T5's bias
+    assert enc.token_mask.tolist() == keep.tolist() and enc.memory is None
+    assert dec.is_causal and dec.mask.shape == (1, 2, 3, 3)  # T5's bias; causal unmasked
+    assert dec.memory.shape == (2, 5, 16) and dec.memory_mask.shape == (2, 1, 3, 5)
+
+
+def test_positional_schemes_name_their_hook_position_bias():
+    from tinylm.positional import PositionalEncoding
+
+    with pytest.raises(TinyLMError, match="position_bias"):
+        class OldStyle(PositionalEncoding):  # noqa: F841
+            def bias(self, q_pos, k_pos):
+                return None
 
 
 def test_dropout_is_active_in_training_only():

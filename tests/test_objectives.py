@@ -7,7 +7,7 @@ import pytest
 import tinylm
 from tinylm import plugins
 from tinylm.models import BertConfig, GPT2Config, LlamaConfig, T5Config, build_model
-from tinylm.nn import mask_bias
+from tinylm.nn import additive_mask
 from tinylm.objectives import (
     EOT, IGNORE, CausalLM, MaskedLM, ObjectiveError, PrefixLM, SpanCorruption, model_kind,
     prefix_lm_mask, random_spans_noise_mask, span_counts,
@@ -157,7 +157,7 @@ def test_span_corruption_needs_its_special_tokens():
 def test_prefix_lm_mask_and_targets():
     assert prefix_lm_mask([2], 5)[0].astype(int).tolist() == [
         [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
-    bias = mask_bias(None, 5, 5, True, np.float32, prefix_length=np.array([2, 4]))
+    bias = additive_mask(None, 5, 5, True, np.float32, prefix_length=np.array([2, 4]))
     assert bias.shape == (2, 1, 5, 5)
     assert np.array_equal(bias[:, 0] == 0, prefix_lm_mask([2, 4], 5))
     obj = PrefixLM(tokenizer_for(PrefixLM))

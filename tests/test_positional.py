@@ -220,7 +220,7 @@ def test_alibi_slopes_follow_the_paper():
 def test_alibi_bias_is_linear_in_distance(n_head, T, past, bidirectional):
     alibi = ALiBi(n_head, bidirectional=bidirectional)
     q, k = np.arange(past, past + T), np.arange(past + T)
-    bias = alibi.bias(q, k)[0]  # (H, T, S)
+    bias = alibi.position_bias(q, k)[0]  # (H, T, S)
     distance = np.abs(q[:, None] - k[None, :])
     want = -alibi.slopes[:, None, None] * distance
     np.testing.assert_allclose(bias, want, rtol=1e-6, atol=1e-6)
@@ -252,7 +252,7 @@ def test_t5_bias_depends_only_on_the_offset_and_learns():
     t5 = T5RelativeBias(4, num_buckets=8, max_distance=16, bidirectional=False)
     t5.to(dtype="float64")
     q, k = np.arange(3, 9), np.arange(9)
-    bias = t5.bias(q, k).numpy()[0]  # (H, T, S)
+    bias = t5.position_bias(q, k).numpy()[0]  # (H, T, S)
     for h in range(4):
         for i, qi in enumerate(q):
             for j, kj in enumerate(k):
@@ -260,7 +260,7 @@ def test_t5_bias_depends_only_on_the_offset_and_learns():
                 assert bias[h, i, j] == t5.weight.numpy()[b, h]
     # the gradient of each table entry sums the scores of the offsets in its bucket
     c = np.random.default_rng(0).standard_normal(bias.shape)
-    (t5.bias(q, k) * c[None]).sum().backward()
+    (t5.position_bias(q, k) * c[None]).sum().backward()
     buckets = relative_position_bucket(k[None, :] - q[:, None], False, 8, 16)  # (T, S)
     want = np.zeros((8, 4))
     np.add.at(want, buckets, c.transpose(1, 2, 0))

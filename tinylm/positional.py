@@ -5,7 +5,8 @@ A scheme acts at one (or more) of three places, and is a no-op at the others:
     embed(x, positions)      absolute schemes add a vector per position to the token
                              embeddings x (B, T, d): learned (GPT-2, BERT), sinusoidal
     rotation(positions)      rotary schemes turn queries and keys: RoPE (Llama, NeoX)
-    bias(q_pos, k_pos)       relative schemes add to the attention scores (.., H, T, S):
+    position_bias(q_pos, k_pos)
+                             relative schemes add to the attention scores (.., H, T, S):
                              ALiBi, T5's bucketed relative bias
     alibi_slopes()           ALiBi only: per-head slopes that attention turns into its
                              bias itself, tile by tile, so long sequences never hold
@@ -53,6 +54,12 @@ class PositionalEncoding(Module):
     override it to take what the scheme needs from ``dims``.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if callable(cls.__dict__.get("bias")):  # the hook's old name: it would go unused
+            raise TinyLMError(f"{cls.__name__}.bias: the positional hook is called "
+                              f"position_bias(q_pos, k_pos); rename the method")
+
     @classmethod
     def from_dims(cls, dims: PositionalDims, **options) -> "PositionalEncoding":
         return cls(**options)
@@ -65,13 +72,14 @@ class PositionalEncoding(Module):
         """A callable that rotates queries or keys (B, H, T, hs) at ``positions``, or None."""
         return None
 
-    def bias(self, q_pos, k_pos):
-        """An additive attention bias (1 or B, H, T, S), or None."""
+    def position_bias(self, q_pos, k_pos):
+        """What the scheme adds to the attention scores (1 or B, H, T, S), or None."""
         return None
 
     def alibi_slopes(self):
-        """Per-head slopes m_h (H,) when ``bias`` is -m_h * |q - k|: attention then adds
-        that bias itself (see ``ops.scaled_dot_product_attention``). None otherwise."""
+        """Per-head slopes m_h (H,) when ``position_bias`` is -m_h * |q - k|: attention
+        then adds that bias itself (see ``ops.scaled_dot_product_attention``). None
+        otherwise."""
         return None
 
 
@@ -312,7 +320,7 @@ class ALiBi(PositionalEncoding):
     def from_dims(cls, dims, **options):
         return cls(dims.n_head, **{"bidirectional": dims.bidirectional, **options})
 
-    def bias(self, q_pos, k_pos):
+    def position_bias(self, q_pos, k_pos):
         xp = backend.get_array_module(q_pos)
         distance = -xp.abs(_relative(q_pos, k_pos)).astype(np.float32)  # (.., T, S), <= 0
         slopes = xp.asarray(self.slopes, dtype=np.float32)
@@ -376,7 +384,7 @@ class T5RelativeBias(PositionalEncoding):
     def from_dims(cls, dims, **options):
         return cls(dims.n_head, **{"bidirectional": dims.bidirectional, **options})
 
-    def bias(self, q_pos, k_pos):
+    def position_bias(self, q_pos, k_pos):
         buckets = relative_position_bucket(_relative(q_pos, k_pos), self.bidirectional,
                                            self.num_buckets, self.max_distance)  # (.., T, S)
         return _per_head(ops.embedding(buckets, self.weight))  # (1 or B, H, T, S)

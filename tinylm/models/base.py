@@ -7,9 +7,10 @@ A family is an embedding, one or two ``BlockStack``s and a head:
     EncoderDecoder (T5)     shared -> BlockStack(bidirectional) ... BlockStack(causal, cross)
                                                                               -> lm_head
 
-A ``BlockStack`` owns the positional scheme, the blocks and the final norm; it turns a
-padding mask, causality and the scheme's bias into one additive attention bias per
-forward, and its rotation (RoPE) into one table, and hands both to every block.
+A ``BlockStack`` owns the positional scheme, the blocks and the final norm; once per
+forward it turns a padding mask, causality and the scheme's position bias into one
+additive attention mask, and its rotation (RoPE) into one table, and hands both (with
+the cache, the encoder output, ...) to every block as one ``nn.AttentionSetup``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from tinylm import backend, nn, ops
 from tinylm.models.config import ModelConfig
-from tinylm.nn.attention import mask_bias
+from tinylm.nn.attention import additive_mask
 from tinylm.nn.block import BlockConfig, TransformerBlock, make_norm
 from tinylm.errors import TinyLMError
 from tinylm.positional import PositionalDims, PositionalEncoding, build_positional
@@ -81,34 +82,28 @@ class BlockStack(nn.Module):
 
         ``attention_mask`` (B, S): 1 = token, 0 = padding, over every key position (the
         cached ones too); ``positions`` (T,) or (B, T): defaults to past .. past+T-1;
-        ``memory`` (B, S', d) and ``memory_mask`` (B, S'): what cross-attention reads."""
-        T = x.shape[1]
-        xp = x.xp
+        ``memory`` (B, S', d) and ``memory_mask`` (B, S'): what cross-attention reads;
+        ``prefix_length`` (B,): a prefix LM's bidirectional prefix (see ``additive_mask``)."""
+        T, xp = x.shape[1], x.xp
         past = cache.length if cache is not None else 0
         q_pos = xp.arange(past, past + T) if positions is None else _array(positions, xp)
         k_pos = cache.advance(q_pos) if cache is not None else q_pos  # (S,) or (B, S)
-        keep = _padding(attention_mask, xp)
         x = self.pos.embed(x, q_pos)  # (B, T, d)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
-        slopes = self._alibi_slopes(k_pos, xp)
-        bias = None if slopes is not None else self.pos.bias(q_pos, k_pos)  # (1|B, H, T, S)
-        is_causal = self.causal
-        if keep is not None or prefix_length is not None:  # (prefix LM: see mask_bias)
-            pad = mask_bias(keep, T, k_pos.shape[-1], self.causal, x.dtype, xp,
-                            prefix_length=prefix_length)  # (B, 1, T, S)
-            bias, is_causal = (pad if bias is None else bias + pad), False
+        keep = _padding(attention_mask, xp)
         memory_keep = _padding(memory_mask, xp)
-        memory_bias = None if memory_keep is None else mask_bias(
-            memory_keep, T, memory.shape[1], False, x.dtype, xp)  # (B, 1, T, S')
-        rotate = self.pos.rotation(q_pos)
-        token_mask = None if keep is None else keep[:, -T:]  # (B, T)
+        setup = nn.AttentionSetup(
+            **self._self_attention(q_pos, k_pos, keep, prefix_length, x.dtype),
+            rotate=self.pos.rotation(q_pos), cache=cache, memory=memory,
+            memory_mask=None if memory_keep is None else additive_mask(
+                memory_keep, T, memory.shape[1], False, x.dtype, xp),  # (B, 1, T, S')
+            token_mask=None if keep is None else keep[:, -T:],  # (B, T)
+        )
         aux = None
         for block in self.blocks:
-            x, a = block(x, bias=bias, is_causal=is_causal, rotate=rotate, cache=cache,
-                         memory=memory, memory_bias=memory_bias, token_mask=token_mask,
-                         alibi_slopes=slopes)
+            x, a = block(x, setup)
             aux = a if aux is None else (aux if a is None else aux + a)
         if self.norm is not None:
             x = self.norm(x)
@@ -116,13 +111,24 @@ class BlockStack(nn.Module):
             x = self.drop(x)
         return x, aux
 
-    def _alibi_slopes(self, k_pos, xp):
-        """The scheme's ALiBi slopes when keys sit at the default positions 0..S-1 (the
-        attention op assumes them), else None: then ``bias`` spells the bias out."""
+    def _self_attention(self, q_pos, k_pos, keep, prefix_length, dtype) -> dict:
+        """The self-attention part of the setup: ``mask`` (the padding / prefix-LM mask
+        plus the scheme's position bias), ``is_causal`` and ``alibi_slopes``. ALiBi
+        goes as slopes when keys sit at the default positions 0..S-1 (the attention op
+        assumes them), else as a position bias spelled out."""
+        xp = backend.get_array_module(k_pos)
         slopes = self.pos.alibi_slopes()
-        if slopes is None or k_pos.ndim != 1 or not bool((k_pos == xp.arange(len(k_pos))).all()):
-            return None
-        return slopes
+        if slopes is not None and (k_pos.ndim != 1 or
+                                   not bool((k_pos == xp.arange(len(k_pos))).all())):
+            slopes = None
+        # (1|B, H, T, S): ALiBi's or T5's bias, or None
+        mask = None if slopes is not None else self.pos.position_bias(q_pos, k_pos)
+        is_causal = self.causal
+        if keep is not None or prefix_length is not None:  # the mask folds causality in
+            pad = additive_mask(keep, q_pos.shape[-1], k_pos.shape[-1], self.causal, dtype, xp,
+                                prefix_length=prefix_length)  # (B, 1, T, S)
+            mask, is_causal = (pad if mask is None else mask + pad), False
+        return dict(mask=mask, is_causal=is_causal, alibi_slopes=slopes)
 
 
 def _array(a, xp):

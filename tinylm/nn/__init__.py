@@ -9,7 +9,9 @@ from tinylm.nn.layers import (  # noqa: F401
     Dropout, Embedding, LayerNorm, Linear, ModuleList, RMSNorm, Sequential,
 )
 from tinylm.nn.module import LoadResult, Module, Parameter  # noqa: F401
-from tinylm.nn.attention import KVCache, MultiHeadAttention, mask_bias  # noqa: F401
+from tinylm.nn.attention import (  # noqa: F401
+    AttentionSetup, KVCache, MultiHeadAttention, additive_mask,
+)
 from tinylm.nn.mlp import ACTIVATIONS, MLP  # noqa: F401
 from tinylm.nn.moe import MoE, MoEConfig, load_balancing_loss  # noqa: F401
 from tinylm.nn.block import (  # noqa: F401

@@ -1,21 +1,30 @@
 """Multi-head attention (MHA, MQA, GQA; self or cross), its masks, and the KV cache.
 
     attn = MultiHeadAttention(d_model=64, n_head=8, n_kv_head=2)      # GQA: 4 q per kv
-    y = attn(x, bias=mask_bias(keep, T, S, causal=True, dtype=x.dtype))
+    y = attn(x, AttentionSetup(mask=additive_mask(keep, T, S, causal=True, dtype=x.dtype)))
 
 Heads: ``n_kv_head`` = ``n_head`` is classic multi-head attention, 1 is multi-query
 attention, anything dividing ``n_head`` is grouped-query attention; the key/value
 projections (and the cache) shrink by ``n_head / n_kv_head``.
 
-Masks are additive biases broadcastable to (B, H, T, S): 0 where a query may look, a
-very negative number where it may not. ``mask_bias`` builds one from a padding mask
-(B, S) of 1 (token) / 0 (padding) and causality; positional schemes (ALiBi, T5) add
-their own bias on top. Masked scores use the dtype's most negative finite number,
-not -inf, so a row with nothing to see (a padding query) gets uniform weights
-instead of NaNs that would leak into every later layer.
+The attention setup: what every layer of one forward shares (the mask, causality,
+RoPE's rotation, the KV cache, ALiBi's slopes, the encoder output for cross-attention,
+the padding mask a MoE needs) travels as one ``AttentionSetup``, built once per
+forward by the model's ``BlockStack`` and handed down block -> attention -> op.
+
+Masks are additive, broadcastable to (B, H, T, S): 0 where a query may look, a very
+negative number where it may not. ``additive_mask`` builds one from a padding mask
+(B, S) of 1 (token) / 0 (padding) and causality; a positional scheme's position bias
+(ALiBi, T5) is added on top. ("bias" alone means a Linear layer's bias.) Masked
+scores use the dtype's most negative finite number, not -inf, so a row with nothing
+to see (a padding query) gets uniform weights instead of NaNs that would leak into
+every later layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,7 +43,7 @@ def score_dtype(dtype):
     return np.promote_types(dtype, np.float32)
 
 
-def mask_bias(keep, T: int, S: int, causal: bool, dtype, xp=np, prefix_length=None):
+def additive_mask(keep, T: int, S: int, causal: bool, dtype, xp=np, prefix_length=None):
     """An additive mask (B, 1, T, S) from ``keep`` (B, S), 1 = attend, 0 = padding, or
     None: then only causality, (1, 1, T, S). Queries are the last T of the S positions
     (with a KV cache, the first S - T are in the cache). ``prefix_length`` (B,): a
@@ -58,6 +67,33 @@ def mask_bias(keep, T: int, S: int, causal: bool, dtype, xp=np, prefix_length=No
         allowed = allowed & causal_ok  # (B, 1, T, S)
     dtype = score_dtype(dtype)
     return xp.where(allowed, dtype.type(0), np.finfo(dtype).min).astype(dtype)
+
+
+@dataclass(frozen=True)
+class AttentionSetup:
+    """What every attention layer of one forward shares, built once (by the model's
+    ``BlockStack``) and passed unchanged through the blocks to the attention op.
+
+    ``mask``: additive (B|1, H|1, T, S) scores offset (``additive_mask``, plus any
+    position bias), or None. ``is_causal``: hide the keys after each query (cheaper
+    than a mask when there is no padding). ``rotate``: RoPE's rotation of q and k.
+    ``cache``: a ``KVCache``. ``alibi_slopes`` (H,): ALiBi, added by the op itself.
+    ``memory`` (B, S', d) and ``memory_mask`` (additive, (B, 1, T|1, S')): what
+    cross-attention reads. ``token_mask`` (B, T) 1 = token, 0 = padding: left out of a
+    MoE's load-balancing loss.
+    """
+
+    mask: Any = None
+    is_causal: bool = False
+    rotate: Callable | None = None
+    cache: "KVCache | None" = None
+    alibi_slopes: Any = None
+    memory: Any = None
+    memory_mask: Any = None
+    token_mask: Any = None
+
+
+NO_SETUP = AttentionSetup()
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -199,17 +235,18 @@ class MultiHeadAttention(Module):
         B, T = x.shape[:2]
         return x.reshape(B, T, n, self.head_dim).transpose(0, 2, 1, 3)  # (B, n, T, hs)
 
-    def forward(self, x, memory=None, bias=None, is_causal: bool = False, rotate=None,
-                cache: KVCache | None = None, alibi_slopes=None):
-        """x (B, T, d) -> (B, T, d). ``bias``: additive mask (B|1, H|1, T, S);
-        ``is_causal``: mask keys after each query (cheaper than a bias when there is no
-        padding); ``rotate``: RoPE's rotation of q and k; ``cache``: a ``KVCache``;
-        ``alibi_slopes`` (H,): ALiBi, added by the attention op itself."""
+    def forward(self, x, setup: AttentionSetup = NO_SETUP):
+        """x (B, T, d) -> (B, T, d). Self-attention reads ``setup.mask``, ``is_causal``,
+        ``rotate``, ``alibi_slopes`` and ``cache``; cross-attention ``setup.memory``,
+        ``memory_mask`` and ``cache`` (its keys and values are computed once)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        cache = setup.cache
         if self.cross:
+            memory = setup.memory
             if memory is None:
-                raise TinyLMError("cross-attention needs memory= (the encoder's output)")
+                raise TinyLMError("cross-attention needs AttentionSetup(memory=...) (the "
+                                  "encoder's output)")
             q = self._heads(self.q(x), nh)  # (B, nh, T, hs)
 
             def project():
@@ -217,16 +254,18 @@ class MultiHeadAttention(Module):
                 return self._heads(k, nkv), self._heads(v, nkv)  # 2 x (B, nkv, S, hs)
 
             k, v = project() if cache is None else cache.static(self, project)
+            mask, is_causal, slopes = setup.memory_mask, False, None
         else:
             q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], axis=-1)
             q, k, v = self._heads(q, nh), self._heads(k, nkv), self._heads(v, nkv)  # (B, n, T, hs)
-            if rotate is not None:
-                q, k = rotate(q), rotate(k)
+            if setup.rotate is not None:
+                q, k = setup.rotate(q), setup.rotate(k)
             if cache is not None:
                 k, v = cache.update(self, k, v)  # (B, nkv, S, hs)
+            mask, is_causal, slopes = setup.mask, setup.is_causal, setup.alibi_slopes
         y = ops.scaled_dot_product_attention(
-            q, k, v, mask=bias, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.dropout, training=self.training, alibi_slopes=alibi_slopes,
+            q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
+            dropout_p=self.dropout, training=self.training, alibi_slopes=slopes,
         )  # (B, nh, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.out(y)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tinylm.errors import TinyLMError
-from tinylm.nn.attention import MultiHeadAttention
+from tinylm.nn.attention import NO_SETUP, AttentionSetup, MultiHeadAttention
 from tinylm.nn.layers import Dropout, LayerNorm, RMSNorm
 from tinylm.nn.mlp import ACTIVATIONS, MLP
 from tinylm.nn.moe import MoE, MoEConfig
@@ -122,23 +122,18 @@ class TransformerBlock(Module):
             return x + self.drop(fn(norm(x)))
         return norm(x + self.drop(fn(x)))
 
-    def forward(self, x, bias=None, is_causal: bool = False, rotate=None, cache=None,
-                memory=None, memory_bias=None, token_mask=None, alibi_slopes=None):
-        """x (B, T, d) -> (x (B, T, d), aux or None). ``bias``/``is_causal``/``rotate``/
-        ``cache``/``alibi_slopes`` go to self-attention; ``memory`` (B, S, d) and
-        ``memory_bias`` to cross-attention; ``token_mask`` (B, T) to a MoE's
+    def forward(self, x, setup: AttentionSetup = NO_SETUP):
+        """x (B, T, d) -> (x (B, T, d), aux or None). ``setup`` (one per forward, shared
+        by every block): the attention setup, and ``setup.token_mask`` for a MoE's
         load-balancing loss."""
-        x = self._residual(x, self.norm1, lambda h: self.attn(
-            h, bias=bias, is_causal=is_causal, rotate=rotate, cache=cache,
-            alibi_slopes=alibi_slopes))
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, setup))
         if self.cross:
-            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
-                h, memory=memory, bias=memory_bias, cache=cache))
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, setup))
         aux = None
         if isinstance(self.mlp, MoE):
             def moe(h):
                 nonlocal aux
-                y, aux = self.mlp(h, mask=token_mask)
+                y, aux = self.mlp(h, mask=setup.token_mask)
                 return y
             x = self._residual(x, self.norm2, moe)
         else:

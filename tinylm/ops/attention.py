@@ -125,25 +125,17 @@ def scaled_dot_product_attention(
     ``"auto"`` (and ``"cuda"``) runs the FlashAttention RawKernels
     (``tinylm.kernels.flash_attention``) whenever they apply: no mask other than
     causal, no ALiBi, no dropout, head dim 32/64/128, float32 or float16."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ShapeError(f"attention expects (B, H, T, hs) tensors, got {q.shape}, {k.shape}, {v.shape}")
-    H, Hkv = q.shape[1], k.shape[1]
-    if H % Hkv:
-        raise ShapeError(f"{H} query heads cannot share {Hkv} key/value heads evenly")
-    if impl not in IMPLS:
-        raise TinyLMError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    _check_inputs(q, k, v, impl)
     learned_mask = isinstance(mask, Tensor) and mask.requires_grad
-    if impl == "tiled" and (learned_mask or (dropout_p and training)):
+    dropping = bool(dropout_p and training)
+    if impl == "tiled" and (learned_mask or dropping):
         raise TinyLMError(
             "impl='tiled' takes a constant mask and no dropout; use impl='naive' (or "
             "'auto') for a mask that learns or for attention dropout"
         )
-    if impl in ("auto", "cuda") and q.device == "cuda":
+    if q.device == "cuda" and impl in ("auto", "cuda"):
         q16, k16, v16 = amp.cast_for_matmul(q, k, v)
-        fits = (mask is None and alibi_slopes is None and not (dropout_p and training)
-                and q.shape[-1] in cuda_flash.HEAD_DIMS
-                and q16.dtype in (np.float32, np.float16))
-        if fits:
+        if mask is None and alibi_slopes is None and not dropping and _cuda_fits(q16):
             return cuda_flash.flash_attention(q16, k16, v16, causal=is_causal, scale=scale)
         if impl == "cuda":
             raise TinyLMError(
@@ -152,40 +144,72 @@ def scaled_dot_product_attention(
             )
     elif impl == "cuda":
         raise TinyLMError("impl='cuda' needs tensors on the GPU; use impl='auto' on the CPU")
-    if impl == "tiled" or (
-        impl == "auto" and not learned_mask and not (dropout_p and training)
-        and q.shape[2] * k.shape[2] >= TILED_MIN_SCORES
-    ):
+    T, S = q.shape[2], k.shape[2]
+    if impl == "tiled" or (impl == "auto" and not learned_mask and not dropping
+                           and T * S >= TILED_MIN_SCORES):
         q, k, v = amp.cast_for_matmul(q, k, v)  # as the naive path does
         return tiled_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
                                alibi_slopes=alibi_slopes)  # (B, H, T, hs)
-    k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
-    T, S = q.shape[2], k.shape[2]
+    H = q.shape[1]
+    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    xp = q.xp
-    alibi = None
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.data if isinstance(alibi_slopes, Tensor) else alibi_slopes
-        slopes = xp.asarray(slopes)
-        if slopes.shape != (H,):
-            raise ShapeError(
-                f"alibi_slopes must have shape ({H},), one per head; got {slopes.shape}"
-            )
-        alibi = alibi_bias(xp, slopes, T, S, _score_dtype(q.dtype))  # (H, T, S)
-    if not learned_mask and not (dropout_p and training):
-        bias = causal_bias(xp, T, S, _score_dtype(q.dtype)) if is_causal else None
-        if alibi is not None:
-            bias = alibi if bias is None else bias + alibi
-        keep = None
-        if mask is not None:
-            m = mask.data if isinstance(mask, Tensor) else xp.asarray(mask)
-            if m.dtype == bool:
-                keep = m
-            else:
-                m = m.astype(_score_dtype(q.dtype), copy=False)
-                bias = m if bias is None else bias + m
-        q, k, v = amp.cast_for_matmul(q, k, v)  # as the composed path's matmuls do
-        return Attention.apply(q, k, v, scale=scale, bias=bias, keep=keep)  # (B, H, T, hs)
+    alibi = _alibi(q.xp, alibi_slopes, H, T, S, _score_dtype(q.dtype))  # (H, T, S) or None
+    if learned_mask or dropping:
+        return _composed_attention(q, k, v, mask, is_causal, scale, alibi,
+                                   dropout_p if dropping else 0.0)
+    return _fused_attention(q, k, v, mask, is_causal, scale, alibi)
+
+
+def _check_inputs(q, k, v, impl):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"attention expects (B, H, T, hs) tensors, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    H, Hkv = q.shape[1], k.shape[1]
+    if H % Hkv:
+        raise ShapeError(f"{H} query heads cannot share {Hkv} key/value heads evenly")
+    if impl not in IMPLS:
+        raise TinyLMError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _cuda_fits(q16) -> bool:
+    """Whether the FlashAttention kernels take q (after amp's cast) at all."""
+    return q16.shape[-1] in cuda_flash.HEAD_DIMS and q16.dtype in (np.float32, np.float16)
+
+
+def _alibi(xp, alibi_slopes, H: int, T: int, S: int, dtype):
+    """ALiBi's (H, T, S) bias from the slopes (H,), or None without slopes."""
+    if alibi_slopes is None:
+        return None
+    slopes = alibi_slopes.data if isinstance(alibi_slopes, Tensor) else alibi_slopes
+    slopes = xp.asarray(slopes)
+    if slopes.shape != (H,):
+        raise ShapeError(f"alibi_slopes must have shape ({H},), one per head; got {slopes.shape}")
+    return alibi_bias(xp, slopes, T, S, dtype)  # (H, T, S)
+
+
+def _fused_attention(q, k, v, mask, is_causal, scale, alibi):
+    """One ``Attention`` node: every mask part is a constant, folded into one bias and
+    one keep mask. k, v already have H heads."""
+    xp, T, S, dtype = q.xp, q.shape[2], k.shape[2], _score_dtype(q.dtype)
+    bias = causal_bias(xp, T, S, dtype) if is_causal else None
+    if alibi is not None:
+        bias = alibi if bias is None else bias + alibi
+    keep = None
+    if mask is not None:
+        m = mask.data if isinstance(mask, Tensor) else xp.asarray(mask)
+        if m.dtype == bool:
+            keep = m
+        else:
+            m = m.astype(dtype, copy=False)
+            bias = m if bias is None else bias + m
+    q, k, v = amp.cast_for_matmul(q, k, v)  # as the composed path's matmuls do
+    return Attention.apply(q, k, v, scale=scale, bias=bias, keep=keep)  # (B, H, T, hs)
+
+
+def _composed_attention(q, k, v, mask, is_causal, scale, alibi, dropout_p):
+    """matmul, masked_fill, the fused softmax and dropout: for a mask that learns (its
+    gradient comes from the composition) or attention dropout."""
+    xp, T, S = q.xp, q.shape[2], k.shape[2]
     att = matmul(mul(q, scale), swapaxes(k, -1, -2))  # (B, H, T, S)
     if alibi is not None:
         att = add(att, Tensor(alibi))
@@ -199,5 +223,5 @@ def scaled_dot_product_attention(
             att = add(att, mask)
     att = softmax(att, axis=-1)
     if dropout_p:
-        att = dropout(att, dropout_p, training)
+        att = dropout(att, dropout_p, True)
     return matmul(att, v)  # (B, H, T, hs)
