@@ -1,117 +1,17 @@
 """Generation: KV-cache decoding equals transformers' greedy output and tinylm's own
-full recompute; left-padded batches equal one prompt at a time; the samplers keep
-exactly the tokens their definitions keep; penalties; stop strings; seeds."""
+full recompute; left-padded batches equal one prompt at a time; penalties; stop
+strings; seeds; eos from the model by default; text prompts. The samplers themselves:
+test_sampling.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 import tinylm
 from tinylm import generate as G
-from tinylm.errors import TinyLMError
+from tinylm.errors import ConfigError, TinyLMError
 from tinylm.models import Decoder, GPT2Config, LlamaConfig
-
-# --------------------------------------------------------------------------- samplers
-
-logit_rows = hnp.arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(2, 12)),
-                        elements=st.floats(-8, 8, allow_nan=False))
-
-
-@settings(max_examples=60, deadline=None)
-@given(logit_rows, st.integers(1, 14))
-def test_top_k_keeps_the_k_largest(logits, k):
-    out = G.top_k_filter(logits, k)
-    for row, new in zip(logits, out):
-        kept = np.isfinite(new)
-        # token kept <=> fewer than k tokens are strictly larger
-        expect = np.array([(row > x).sum() < k for x in row])
-        assert (kept == expect).all()
-        assert (new[kept] == row[kept]).all()
-
-
-def _probs(row):
-    p = np.exp(row - row.max())
-    return p / p.sum()
-
-
-@settings(max_examples=80, deadline=None)
-@given(logit_rows, st.floats(0.01, 0.99))
-def test_top_p_keeps_the_nucleus(logits, p):
-    out = G.top_p_filter(logits, p)
-    for row, new in zip(logits, out):
-        probs = _probs(row)
-        above = np.array([probs[probs > x].sum() for x in probs])
-        assume(np.all(np.abs(above - p) > 1e-9))
-        assert (np.isfinite(new) == (above < p)).all()
-        assert np.isfinite(new).any()
-
-
-@settings(max_examples=60, deadline=None)
-@given(logit_rows, st.floats(0.0, 1.0))
-def test_min_p_keeps_tokens_above_the_scaled_max(logits, min_p):
-    out = G.min_p_filter(logits, min_p)
-    for row, new in zip(logits, out):
-        probs = _probs(row)
-        threshold = min_p * probs.max()
-        assume(np.all(np.abs(probs - threshold) > 1e-12))
-        assert (np.isfinite(new) == (probs >= threshold)).all()
-
-
-def test_top_p_worked_example():
-    logits = np.log(np.array([[0.5, 0.3, 0.2]]))
-    assert np.isfinite(G.top_p_filter(logits, 0.6)).tolist() == [[True, True, False]]
-    assert np.isfinite(G.top_p_filter(logits, 0.5)).tolist() == [[True, False, False]]
-
-
-def test_repetition_penalty_matches_transformers():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    logits = np.array([[2.0, -1.0, 0.5, -3.0, 1.0], [0.0, 4.0, -2.0, 1.0, -0.5]])
-    ids = [[0, 1, 1], [3, 4, 2]]
-    seen = np.zeros_like(logits, dtype=bool)
-    for i, r in enumerate(ids):
-        seen[i, r] = True
-    proc = transformers.RepetitionPenaltyLogitsProcessor(1.3)
-    theirs = proc(torch.tensor(ids), torch.tensor(logits)).numpy()
-    np.testing.assert_allclose(G.repetition_penalty(logits, seen, 1.3), theirs)
-
-
-def test_frequency_and_presence_penalty_by_hand():
-    logits = np.array([[1.0, 2.0, 3.0]])
-    counts = np.array([[0, 2, 1]])
-    out = G.frequency_penalty(logits, counts, frequency=0.5, presence=0.25)
-    np.testing.assert_allclose(out, [[1.0, 2.0 - 1.0 - 0.25, 3.0 - 0.5 - 0.25]])
-
-
-def test_temperature_and_top_k_match_transformers_warpers():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 20))
-    cfg = G.SamplingConfig(temperature=0.7, top_k=6, top_p=0.8, min_p=0.05)
-    ours = G.process_logits(logits, cfg)
-    t = torch.tensor(logits)
-    ids = torch.zeros((3, 1), dtype=torch.long)
-    for proc in (transformers.TemperatureLogitsWarper(0.7), transformers.TopKLogitsWarper(6),
-                 transformers.TopPLogitsWarper(0.8), transformers.MinPLogitsWarper(0.05)):
-        t = proc(ids, t)
-    theirs = t.numpy()
-    assert (np.isfinite(ours) == np.isfinite(theirs)).all()
-    np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)])
-
-
-def test_pick_draws_from_the_distribution():
-    rng = np.random.default_rng(0)
-    logits = np.log(np.tile([[0.1, 0.6, 0.3]], (20000, 1)))
-    draws = G.pick(logits, 1.0, rng)
-    freq = np.bincount(draws, minlength=3) / len(draws)
-    np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.02)
-    assert (G.pick(np.array([[-np.inf, 0.0, -np.inf]]), 1.0, rng) == 1).all()
-
 
 # --------------------------------------------------------------------------- decoding
 
@@ -209,6 +109,9 @@ class _Letters:
     def decode(self, ids):
         return self.decode_bytes(ids).decode()
 
+    def token_to_id(self, text):
+        return None
+
 
 def test_stop_strings():
     model = tiny()
@@ -238,6 +141,94 @@ def test_bad_arguments_are_tinylm_errors():
             G.generate(model, [[1]], 2, **kw)
     with pytest.raises(TinyLMError):
         G.generate(model, [[1], []], 2)
+    for kw in (dict(temperature=float("nan")), dict(top_p=float("nan")),
+               dict(min_p=float("nan")), dict(repetition_penalty=float("inf")),
+               dict(frequency_penalty=float("nan")), dict(presence_penalty=float("-inf"))):
+        with pytest.raises(ConfigError, match="finite"):  # was: empty output
+            G.generate(model, [[1]], 2, **kw)
+    for stop in ("", [""], ["ok", ""], [3]):
+        with pytest.raises(TinyLMError, match="stop string"):
+            G.generate(model, [[1]], 2, stop=stop, tokenizer=_Letters())
+    with pytest.raises(TinyLMError, match="max_new_tokens"):
+        G.generate(model, [[1]], -1)
+
+
+# --------------------------------------------------------------------------- eos, prompts
+
+
+def test_generation_stops_at_the_config_eos_by_default():
+    model = tiny()
+    greedy = G.sample(model, [3, 4], 10, temperature=0)
+    eos = greedy[3]
+    model.config.eos_token_id = eos
+    try:
+        out = G.generate(model, [[3, 4]], 10, temperature=0)
+        assert out.tokens[0] == greedy[:greedy.index(eos) + 1] and out.finish_reasons == ["eos"]
+        assert G.sample(model, [3, 4], 10, temperature=0, eos_id=()) == greedy  # none
+        assert G.default_eos_ids(model) == {eos}
+        model.config.eos_token_id = [eos, 49]  # a list, as Llama 3's config has
+        assert G.default_eos_ids(model) == {eos, 49}
+    finally:
+        model.config.eos_token_id = None
+
+
+def test_the_tokenizers_end_of_text_is_the_eos_when_the_config_has_none():
+    class Ends(_Letters):
+        def token_to_id(self, text):
+            return 7 if text == "</s>" else None
+
+    model = tiny()
+    assert G.default_eos_ids(model) == frozenset()
+    assert G.default_eos_ids(model, Ends()) == {7}
+    assert G.resolve_eos(model, (), Ends()) == frozenset()
+    with pytest.raises(TinyLMError, match="eos_id"):
+        G.resolve_eos(model, "x")
+
+
+def test_beam_search_and_speculative_stop_at_the_config_eos():
+    model = tiny()
+    greedy = G.sample(model, [3, 4], 10, temperature=0)
+    eos = greedy[2]
+    model.config.eos_token_id = eos
+    try:
+        assert G.speculative_greedy(model, _clone(model), [3, 4], 10, k=3).tokens[-1] == eos
+        found = G.beam_search(model, [[3, 4]], 10, num_beams=1).tokens[0]
+        assert found == greedy[:greedy.index(eos) + 1]
+        assert G.beam_search(model, [[3, 4]], 10, num_beams=1, eos_id=()).tokens[0] == greedy
+    finally:
+        model.config.eos_token_id = None
+
+
+def test_text_prompts_need_the_tokenizer():
+    model = tiny()
+    tok = _Letters()
+    tok.encode = lambda text: [ord(c) - 97 for c in text]
+    ids = G.generate(model, [[2, 0, 19]], 5, temperature=0).tokens
+    assert G.generate(model, "cat", 5, temperature=0, tokenizer=tok).tokens == ids
+    assert G.generate(model, ["cat", "b"], 5, temperature=0, tokenizer=tok).tokens[0] == ids[0]
+    assert G.sample(model, "cat", 5, temperature=0, tokenizer=tok) == ids[0]
+    assert G.beam_search(model, "cat", 5, num_beams=2, tokenizer=tok).tokens[0] == \
+        G.beam_search(model, [2, 0, 19], 5, num_beams=2).tokens[0]
+    for call in (lambda: G.generate(model, "cat", 5),  # was: ValueError: invalid literal
+                 lambda: G.sample(model, "cat", 5),
+                 lambda: G.beam_search(model, ["cat"], 5),
+                 lambda: G.speculative_greedy(model, _clone(model), "cat", 5)):
+        with pytest.raises(TinyLMError, match="tokenizer="):
+            call()
+    for bad in ([1.5, 2], [[1, "x"]], b"cat", 7):
+        with pytest.raises(TinyLMError, match="prompt"):
+            G.generate(model, bad, 2)
+
+
+def test_sample_keeps_its_keywords():
+    """tinylm.train calls sample(model, ids, n, temperature=..., top_k=..., rng=...)."""
+    model = tiny()
+    a = G.sample(model, [1, 2], 8, temperature=0.9, top_k=20, rng=np.random.default_rng(3))
+    b = G.sample(model, [1, 2], 8, sampling=G.SamplingConfig(temperature=0.9, top_k=20),
+                 seed=np.random.default_rng(3))
+    assert a == b and len(a) == 8
+    with pytest.raises(TinyLMError, match="not both"):
+        G.sample(model, [1], 2, seed=1, rng=np.random.default_rng(1))
 
 
 # --------------------------------------------------------------------------- vs transformers
@@ -455,6 +446,19 @@ def test_speculative_sample_is_seeded_and_exact_with_itself():
         G.speculative_sample(target, draft, prompt, 4, temperature=-1.0)
 
 
+def test_speculative_sample_applies_the_filters_and_refuses_penalties():
+    target = tiny("llama")
+    prompt = [3, 14, 15]
+    greedy = G.sample(target, prompt, 10, temperature=0, eos_id=())
+    draft = Decoder(GPT2Config(vocab_size=50, d_model=16, n_layer=1, n_head=2,
+                               max_positions=64)).eval()
+    top1 = G.speculative_sample(target, draft, prompt, 10, k=3, seed=2, eos_id=(),
+                                sampling=G.SamplingConfig(temperature=1.0, top_k=1))
+    assert top1.tokens == greedy  # top-k 1 leaves the target one token to draw
+    with pytest.raises(ConfigError, match="penalties"):
+        G.speculative_sample(target, draft, prompt, 4, repetition_penalty=1.2)
+
+
 def test_greedy_with_repetition_penalty_equals_transformers(hf_gpt2_pair):
     import torch
 
@@ -481,6 +485,15 @@ def test_t5_beam_search_equals_transformers(hf_t5_pair):
                                   do_sample=False, eos_token_id=eos)
             theirs = seq[0, 1:].tolist()  # drop the decoder-start token
             assert theirs[:len(ours)] == ours
+
+
+@pytest.mark.parametrize("kw, match", [(dict(length_penalty=float("nan")), "length_penalty"),
+                                       (dict(length_penalty=float("inf")), "length_penalty"),
+                                       (dict(num_beams=0), "num_beams"),
+                                       (dict(early_stopping="sometimes"), "early_stopping")])
+def test_beam_search_refuses_bad_options(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        G.beam_search(tiny(), [[1, 2]], 4, **kw)
 
 
 def test_speculative_refuses_a_draft_with_another_vocabulary():

@@ -1,186 +1,169 @@
-"""Text generation: KV-cache decoding and the samplers.
+"""Text generation: KV-cache decoding, beam search, speculative decoding, streaming.
 
     ids = tokenizer.encode("ROMEO:")
     new = sample(model, ids, max_new_tokens=200, temperature=0.8, top_k=200, seed=1)
-    print(tokenizer.decode(ids + new))
+    print(tokenizer.decode(ids + new, skip_special_tokens=True))
 
-    out = generate(model, [ids_a, ids_b], max_new_tokens=50, top_p=0.9, seed=1,
-                   stop=["\\n\\n"], tokenizer=tokenizer)
+    out = generate(model, ["ROMEO:", "JULIET:"], 50, tokenizer=tokenizer, seed=1,
+                   sampling=SamplingConfig(top_p=0.9), stop=["\\n\\n"])
     out.tokens[0], out.logprobs[0]          # per prompt: new ids, their log-probs
+
+A prompt is a list of token ids, or text when ``tokenizer=`` is given to encode it.
+How the next token is picked is one ``SamplingConfig`` (``tinylm.sampling``), given as
+``sampling=`` or as its fields' keywords (``temperature=0.8, top_k=200``). A row ends
+at ``max_new_tokens``, at a stop string, or at an end-of-sequence id: by default the
+model config's ``eos_token_id``, else the tokenizer's end-of-text token
+(``default_eos_ids``); ``eos_id=`` chooses others and ``eos_id=()`` none.
 
 A decoder runs the (left-padded) prompts once, filling a ``KVCache``, then feeds one
 new token per row per step. Left padding keeps every row's last token in the last
 column; the attention mask hides the padding and each row's positions count its own
 tokens only (0, 1, ... from its first real token), so a padded row decodes exactly as
 it would alone. When a row's context would pass the model's ``max_positions``, the
-cache is dropped and the last ``max_positions`` tokens are run again (the sliding
-window of the old full-recompute sampler). An encoder-decoder encodes the prompts
-once and decodes from its decoder-start token with a cache. An encoder (BERT) does
-not generate text.
-
-Each step's logits (B, vocab) go through pure, vectorised functions, in the order
-transformers applies them: repetition penalty, frequency/presence penalties,
-temperature, top-k, top-p, min-p; then argmax (temperature 0) or a draw from the
-softmax with a ``numpy.random.Generator`` (one ``seed`` gives the same tokens).
+cache is dropped and the last ``max_positions`` tokens are run again (a sliding
+window). An encoder-decoder encodes the prompts once and decodes from its
+decoder-start token with a cache. An encoder (BERT) does not generate text.
 
 Also here: ``beam_search`` (transformers' algorithm, length penalty and early
-stopping), ``speculative_greedy`` (a draft model proposes, the target verifies; the
-output is the target's greedy output) and ``TextStream`` (bytes of tokens -> text that
-is safe to print: split UTF-8 characters and possible stop strings wait).
+stopping), ``speculative_sample`` / ``speculative_greedy`` (a draft model proposes,
+the target verifies; the output is distributed as the target's own) and
+``TextStream`` (bytes of tokens -> text that is safe to print: split UTF-8 characters
+and possible stop strings wait).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tinylm import backend
 from tinylm.autograd import no_grad
-from tinylm.errors import TinyLMError
+from tinylm.errors import ConfigError, TinyLMError
+from tinylm.ops.nn import log_softmax_array, softmax_array
+from tinylm.sampling import SamplingConfig, TokenHistory, pick, process_logits
 
-# --------------------------------------------------------------------------- samplers
-# Every function takes logits (B, V) float and returns new logits (B, V); a removed
-# token gets -inf. None of them loops over the batch or the vocabulary.
+# the texts of end-of-text tokens, looked up in the tokenizer when the config has no eos
+END_OF_TEXT = ("<|endoftext|>", "</s>")
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(B, V) -> log-probabilities (B, V); -inf stays -inf."""
-    m = logits.max(axis=-1, keepdims=True)
-    shifted = logits - m
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+# --------------------------------------------------------------------------- inputs
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax(logits))
+def as_prompt_rows(prompts, tokenizer=None) -> list:
+    """``prompts`` as a list of rows of int ids. A prompt is a sequence of token ids,
+    or text (a str) that ``tokenizer`` encodes; ``prompts`` is one prompt or a list of
+    them. Every row must have a token."""
+    if not isinstance(prompts, (str, bytes, bytearray)) and not hasattr(prompts, "__len__"):
+        raise TinyLMError(f"a prompt is text or a list of token ids, not "
+                          f"{type(prompts).__name__}")
+    one = _is_one_prompt(prompts)
+    rows = [_prompt_ids(p, tokenizer) for p in ([prompts] if one else prompts)]
+    if not rows or any(not r for r in rows):
+        raise TinyLMError("give at least one prompt token to continue from, in every prompt")
+    return rows
 
 
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """logits / temperature (temperature > 0)."""
-    return logits / temperature
+def _is_one_prompt(prompts) -> bool:
+    if isinstance(prompts, (str, bytes, bytearray)):
+        return True
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    first = prompts[0] if len(prompts) else None
+    return (first is not None and not isinstance(first, (str, bytes, bytearray))
+            and np.ndim(first) == 0)
 
 
-def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
-    """Keep each row's ``k`` largest logits (and any tied with the k-th)."""
-    V = logits.shape[-1]
-    if k >= V:
-        return logits
-    kth = np.partition(logits, V - k, axis=-1)[:, V - k: V - k + 1]  # (B, 1)
-    return np.where(logits < kth, -np.inf, logits)
+def _prompt_ids(prompt, tokenizer) -> list:
+    if isinstance(prompt, (bytes, bytearray)):
+        raise TinyLMError("a prompt is text (str) or token ids, not bytes; decode the bytes")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise TinyLMError("the prompt is text: pass tokenizer= to encode it, or give "
+                              "its token ids (tokenizer.encode(text))")
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, np.ndarray) and prompt.dtype.kind in "iu":
+        return prompt.reshape(-1).tolist()
+    try:
+        return [operator.index(i) for i in prompt]
+    except TypeError:
+        bad = next((i for i in prompt if not hasattr(i, "__index__")), prompt)
+        raise TinyLMError(f"a prompt is text or a list of integer token ids; it holds "
+                          f"{bad!r}") from None
 
 
-def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
-    """Nucleus sampling: keep the most probable tokens whose probabilities add up to at
-    least ``p`` — token i stays when the mass of the tokens strictly more probable than
-    it is below ``p`` (so the top token always stays, and ties stay together).
-
-    Example: probs (0.5, 0.3, 0.2), p=0.6 keeps the first two (0.5 < 0.6 before the
-    second; 0.8 >= 0.6 before the third)."""
-    if p >= 1.0:
-        return logits
-    probs = softmax(logits)  # (B, V)
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    sorted_p = np.take_along_axis(probs, order, axis=-1)  # (B, V) descending
-    before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass ahead of each, (B, V)
-    n_keep = (before < p).sum(axis=-1, keepdims=True).clip(min=1)  # (B, 1)
-    cutoff = np.take_along_axis(sorted_p, n_keep - 1, axis=-1)  # (B, 1) smallest kept
-    return np.where(probs < cutoff, -np.inf, logits)
+def _id_set(ids) -> frozenset:
+    try:
+        return frozenset([operator.index(ids)] if np.ndim(ids) == 0
+                         else [operator.index(i) for i in ids])
+    except TypeError:
+        raise TinyLMError(f"eos_id takes a token id or a collection of them, not "
+                          f"{ids!r}") from None
 
 
-def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
-    """Keep tokens whose probability is at least ``min_p`` x the top token's."""
-    if min_p <= 0:
-        return logits
-    probs = softmax(logits)
-    return np.where(probs < min_p * probs.max(axis=-1, keepdims=True), -np.inf, logits)
+def default_eos_ids(model, tokenizer=None) -> frozenset:
+    """The ids that end a generation unless told otherwise: the model config's
+    ``eos_token_id`` (an id or a list, as Llama 3's), else the tokenizer's end-of-text
+    token (``<|endoftext|>`` or ``</s>``), else none."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if eos is not None:
+        return _id_set(eos)
+    for text in END_OF_TEXT if tokenizer is not None else ():
+        i = tokenizer.token_to_id(text)
+        if i is not None:
+            return frozenset([i])
+    return frozenset()
 
 
-def repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """transformers' RepetitionPenaltyLogitsProcessor (CTRL): for every token already in
-    the context (``seen`` (B, V) bool), a positive logit is divided by ``penalty`` and
-    a negative one multiplied by it."""
-    if penalty == 1.0:
-        return logits
-    penalised = np.where(logits > 0, logits / penalty, logits * penalty)
-    return np.where(seen, penalised, logits)
+def resolve_eos(model, eos_id=None, tokenizer=None) -> frozenset:
+    """``eos_id`` as a set (``()``: none), or the model's default when it is None."""
+    return default_eos_ids(model, tokenizer) if eos_id is None else _id_set(eos_id)
 
 
-def frequency_penalty(logits: np.ndarray, counts: np.ndarray, frequency: float = 0.0,
-                      presence: float = 0.0) -> np.ndarray:
-    """OpenAI's penalties: logit - frequency * count - presence * (count > 0), where
-    ``counts`` (B, V) counts each token among the generated ones."""
-    if not frequency and not presence:
-        return logits
-    return logits - frequency * counts - presence * (counts > 0)
+def stop_strings(stop) -> list:
+    """``stop`` (a string or a collection of them) as a list; an empty or non-string
+    stop is an error (an empty one would end every row at once)."""
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise TinyLMError(f"a stop string must be non-empty text, got {s!r}")
+    return stop
 
 
-@dataclass
-class SamplingConfig:
-    """How to pick the next token; temperature 0 is greedy (argmax)."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-    def check(self) -> None:
-        if self.temperature < 0:
-            raise TinyLMError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise TinyLMError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise TinyLMError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise TinyLMError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise TinyLMError(f"repetition_penalty must be > 0 (1 = none), "
-                              f"got {self.repetition_penalty}")
+def _check_count(name: str, value, least: int = 0) -> None:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value < least:
+        raise TinyLMError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
-def process_logits(logits: np.ndarray, cfg: SamplingConfig, seen=None, counts=None):
-    """The pipeline, in transformers' order: penalties, temperature, top-k, top-p, min-p."""
-    if seen is not None:
-        logits = repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if counts is not None:
-        logits = frequency_penalty(logits, counts, cfg.frequency_penalty, cfg.presence_penalty)
-    if cfg.temperature == 0:
-        return logits
-    logits = apply_temperature(logits, cfg.temperature)
-    if cfg.top_k is not None:
-        logits = top_k_filter(logits, cfg.top_k)
-    if cfg.top_p is not None:
-        logits = top_p_filter(logits, cfg.top_p)
-    if cfg.min_p is not None:
-        logits = min_p_filter(logits, cfg.min_p)
-    return logits
+def _generating_kind(model) -> str:
+    from tinylm.objectives import model_kind
+
+    kind = model_kind(model)
+    if kind not in ("decoder", "encoder-decoder"):
+        raise TinyLMError(f"{type(model).__name__} is an {kind or 'unknown kind of'} model and "
+                          f"does not generate text; sample from a decoder (gpt2, llama) or "
+                          f"an encoder-decoder (t5)")
+    return kind
 
 
-def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
-    """(B, V) processed logits -> (B,) token ids: argmax when temperature is 0, else one
-    draw per row by inverse CDF with one uniform per row (vectorised)."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    probs = softmax(logits)  # (B, V)
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random((logits.shape[0], 1)) * cdf[:, -1:]  # (B, 1)
-    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
+@contextlib.contextmanager
+def inference(*models):
+    """Eval mode and no autograd inside the block; each model's mode is restored after."""
+    states = [(m, m.training) for m in models]
+    for m, _ in states:
+        m.eval()
+    try:
+        with no_grad():
+            yield
+    finally:
+        for m, was in states:
+            m.train(was)
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-@dataclass
-class Generation:
-    """What ``generate`` returns, one entry per prompt: the new token ids, their
-    log-probabilities under the model (before any sampling transform), and why the row
-    stopped ("eos", "stop", "length")."""
-
-    tokens: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    finish_reasons: list = field(default_factory=list)
+# --------------------------------------------------------------------------- steppers
 
 
 def left_pad(rows, pad_id: int = 0):
@@ -207,12 +190,13 @@ class _DecoderStepper:
     def __init__(self, model, rows):
         self.model = model
         self.limit = model.config.max_positions
+        self.rows = [list(r) for r in rows]  # the whole context of each row
         self.cache = self.mask = self.next_pos = None
 
-    def prefill(self, rows):
+    def prefill(self):
         from tinylm.nn import KVCache
 
-        rows = [r[-self.limit:] if self.limit else r for r in rows]
+        rows = [r[-self.limit:] if self.limit else r for r in self.rows]
         ids, mask, positions = left_pad(rows)
         self.cache, self.mask = KVCache(), mask
         self.padded = not mask.all()  # no padding: default positions, no mask (faster)
@@ -222,9 +206,11 @@ class _DecoderStepper:
                          positions=positions if self.padded else None)
         return _last_logits(out)
 
-    def step(self, rows, tokens):
+    def step(self, tokens):
+        for row, token in zip(self.rows, tokens):
+            row.append(int(token))
         if self.limit and int(self.lengths.max()) + 1 > self.limit:
-            return self.prefill(rows)  # window slides: recompute the last `limit` tokens
+            return self.prefill()  # window slides: recompute the last `limit` tokens
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
         pos = self.next_pos[:, None] if self.padded else None  # (B, 1)
         out = self.model(np.asarray(tokens)[:, None],
@@ -237,6 +223,7 @@ class _DecoderStepper:
     def reorder(self, index):
         """Keep rows ``index`` (beam search's surviving beams)."""
         self.cache.reorder(index)
+        self.rows = [list(self.rows[i]) for i in index]
         self.mask, self.next_pos, self.lengths = (
             self.mask[index], self.next_pos[index], self.lengths[index])
 
@@ -251,13 +238,13 @@ class _EncoderDecoderStepper:
         limit = model.config.max_positions
         ids, self.enc_mask, _ = left_pad([r[-limit:] if limit else r for r in rows])
         self.memory, _ = model.encode(ids, self.enc_mask)  # (B, S, d)
-        self.cache = KVCache()
+        self.cache, self.batch = KVCache(), len(rows)
 
-    def prefill(self, rows):
+    def prefill(self):
         start = self.model.config.decoder_start_token_id
-        return self._run(np.full((len(rows), 1), start, dtype=np.int64))
+        return self._run(np.full((self.batch, 1), start, dtype=np.int64))
 
-    def step(self, rows, tokens):
+    def step(self, tokens):
         return self._run(np.asarray(tokens)[:, None])
 
     def reorder(self, index):
@@ -271,92 +258,107 @@ class _EncoderDecoderStepper:
         return _last_logits(out)
 
 
-def _as_rows(prompts) -> list:
-    if len(prompts) and np.ndim(prompts[0]) == 0:
-        prompts = [prompts]  # one prompt of ids
-    return [[int(i) for i in p] for p in prompts]
+def _stepper(model, kind: str, rows):
+    return (_DecoderStepper if kind == "decoder" else _EncoderDecoderStepper)(model, rows)
 
 
-def generate(model, prompts, max_new_tokens: int = 200, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-             presence_penalty: float = 0.0, eos_id=None, stop=(), tokenizer=None,
-             seed: int | None = None, rng: np.random.Generator | None = None,
-             on_token=None) -> Generation:
-    """Continue each prompt (a list of ids, or a list of such lists) by up to
-    ``max_new_tokens`` tokens.
+# --------------------------------------------------------------------------- sampling
 
-    A row stops at ``eos_id`` (an int or a set of ints; the eos token is kept) or when
-    its decoded new text contains one of the ``stop`` strings (needs ``tokenizer``;
-    the token that completed it is kept: cut the text at the string). ``on_token(row,
-    token_id, logprob)`` is called as each token is chosen (streaming)."""
-    from tinylm.objectives import model_kind
 
-    kind = model_kind(model)
-    if kind not in ("decoder", "encoder-decoder"):
-        raise TinyLMError(f"{type(model).__name__} is an {kind or 'unknown kind of'} model and "
-                          f"does not generate text; sample from a decoder (gpt2, llama) or "
-                          f"an encoder-decoder (t5)")
-    cfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty,
-                         frequency_penalty, presence_penalty)
-    cfg.check()
-    stop = [stop] if isinstance(stop, str) else list(stop or ())
+@dataclass
+class Generation:
+    """What ``generate`` returns, one entry per prompt: the new token ids, their
+    log-probabilities under the model (before any sampling transform), and why the row
+    stopped ("eos", "stop", "length")."""
+
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reasons: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What ends a row before ``max_new_tokens``: one of the ``eos`` ids (the token is
+    kept), or one of the ``stop`` strings in the text of its new tokens (decoded with
+    ``tokenizer``; the token that completed it is kept: cut the text at the string)."""
+
+    eos: frozenset = frozenset()
+    stop: tuple = ()
+    tokenizer: object = None
+
+    def reason(self, tokens: list) -> str | None:
+        """"eos", "stop" or None for a row whose new tokens are ``tokens``."""
+        if tokens[-1] in self.eos:
+            return "eos"
+        if self.stop and _hits_stop(self.tokenizer, tokens, self.stop):
+            return "stop"
+        return None
+
+
+def _ending(model, eos_id, stop, tokenizer) -> Ending:
+    stop = stop_strings(stop)
     if stop and tokenizer is None:
         raise TinyLMError("stop strings need the tokenizer= to decode with")
-    rows = _as_rows(prompts)
-    if not rows or any(not r for r in rows):
-        raise TinyLMError("give at least one prompt token to continue from, in every prompt")
-    eos = set() if eos_id is None else ({int(eos_id)} if np.ndim(eos_id) == 0
-                                        else {int(e) for e in eos_id})
-    rng = rng if rng is not None else np.random.default_rng(seed)
-    B, V = len(rows), model.config.vocab_size
-    result = Generation([[] for _ in rows], [[] for _ in rows], ["length"] * B)
-    need_seen = cfg.repetition_penalty != 1.0
-    need_counts = bool(cfg.frequency_penalty or cfg.presence_penalty)
-    seen = np.zeros((B, V), dtype=bool) if need_seen else None
-    counts = np.zeros((B, V), dtype=np.int64) if need_counts else None
-    if need_seen:  # transformers penalises the decoder's input ids
-        if kind == "decoder":
-            for i, r in enumerate(rows):
-                seen[i, r] = True
-        else:
-            seen[:, model.config.decoder_start_token_id] = True
-    done = np.zeros(B, dtype=bool)
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            stepper = (_DecoderStepper if kind == "decoder" else _EncoderDecoderStepper)(
-                model, rows)
-            context = [list(r) for r in rows] if kind == "decoder" else [[] for _ in rows]
-            logits = stepper.prefill(context) if max_new_tokens > 0 else None
-            for t in range(max_new_tokens):
-                logits = logits[:, :V]
-                raw_logp = log_softmax(logits)  # (B, V)
-                tokens = pick(process_logits(logits, cfg, seen, counts), cfg.temperature, rng)
-                chosen_logp = raw_logp[np.arange(B), tokens]
-                for i in np.flatnonzero(~done):
-                    tok = int(tokens[i])
-                    result.tokens[i].append(tok)
-                    result.logprobs[i].append(float(chosen_logp[i]))
-                    if on_token is not None:
-                        on_token(int(i), tok, float(chosen_logp[i]))
-                    if tok in eos:
-                        done[i], result.finish_reasons[i] = True, "eos"
-                    elif stop and _hits_stop(tokenizer, result.tokens[i], stop):
-                        done[i], result.finish_reasons[i] = True, "stop"
-                if need_seen:
-                    seen[np.arange(B), tokens] = True
-                if need_counts:
-                    counts[np.arange(B), tokens] += 1
-                if done.all() or t == max_new_tokens - 1:
-                    break
-                for i, tok in enumerate(tokens):
-                    context[i].append(int(tok))
-                logits = stepper.step(context, tokens)
-    finally:
-        model.train(was_training)
+    return Ending(resolve_eos(model, eos_id, tokenizer), tuple(stop), tokenizer)
+
+
+def _prompt_history(cfg, model, kind: str, rows) -> TokenHistory:
+    """The penalties' history, primed as transformers does: with the decoder's input
+    ids (the prompt for a decoder, the decoder-start token for an encoder-decoder)."""
+    history = TokenHistory(cfg, len(rows), model.config.vocab_size)
+    for i, r in enumerate(rows):
+        history.see(i, r if kind == "decoder" else [model.config.decoder_start_token_id])
+    return history
+
+
+def generate(model, prompts, max_new_tokens: int = 200, *, sampling: SamplingConfig = None,
+             eos_id=None, stop=(), tokenizer=None, seed=None, on_token=None,
+             **sampling_options) -> Generation:
+    """Continue each prompt (a list of ids or, with ``tokenizer``, text; or a list of
+    such prompts) by up to ``max_new_tokens`` tokens, picked as ``sampling`` (a
+    ``SamplingConfig``) or the ``sampling_options`` keywords say.
+
+    A row stops at an ``eos_id`` (an int or a set of ints; None: ``default_eos_ids``,
+    the model config's; ``()``: none; the eos token is kept) or when its decoded new
+    text contains one of the ``stop`` strings (needs ``tokenizer``). ``seed``: an int,
+    None, or a ``numpy.random.Generator`` to draw from. ``on_token(row, token_id,
+    logprob)`` is called as each token is chosen (streaming)."""
+    kind = _generating_kind(model)
+    cfg = SamplingConfig.build(sampling, **sampling_options)
+    _check_count("max_new_tokens", max_new_tokens)
+    rows = as_prompt_rows(prompts, tokenizer)
+    ending = _ending(model, eos_id, stop, tokenizer)
+    rng = np.random.default_rng(seed)
+    result = Generation([[] for _ in rows], [[] for _ in rows], ["length"] * len(rows))
+    history = _prompt_history(cfg, model, kind, rows)
+    done = np.zeros(len(rows), dtype=bool)
+    V = model.config.vocab_size
+    with inference(model):
+        stepper = _stepper(model, kind, rows)
+        logits = stepper.prefill() if max_new_tokens > 0 else None
+        for t in range(max_new_tokens):
+            logits = logits[:, :V]
+            tokens = pick(history.process(logits, cfg), cfg.temperature, rng)
+            logp = log_softmax_array(logits)[np.arange(len(rows)), tokens]  # (B,)
+            _record(result, done, tokens, logp, ending, on_token)
+            history.add(tokens)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            logits = stepper.step(tokens)
     return result
+
+
+def _record(result: Generation, done, tokens, logp, ending: Ending, on_token) -> None:
+    """Append each running row's new token; mark the rows that end with it."""
+    for i in np.flatnonzero(~done):
+        tok, lp = int(tokens[i]), float(logp[i])
+        result.tokens[i].append(tok)
+        result.logprobs[i].append(lp)
+        if on_token is not None:
+            on_token(int(i), tok, lp)
+        reason = ending.reason(result.tokens[i])
+        if reason:
+            done[i], result.finish_reasons[i] = True, reason
 
 
 def _hits_stop(tokenizer, tokens, stop) -> bool:
@@ -371,18 +373,24 @@ def _hits_stop(tokenizer, tokens, stop) -> bool:
 def cut_at_stop(text: str, stop) -> str:
     """``text`` up to (not including) the first stop string in it."""
     stop = [stop] if isinstance(stop, str) else list(stop or ())
-    hits = [text.find(s) for s in stop if s in text]
+    hits = [text.find(s) for s in stop if s and s in text]
     return text[:min(hits)] if hits else text
 
 
-def sample(model, ids, max_new_tokens: int = 200, temperature: float = 1.0,
-           top_k: int | None = None, seed: int | None = None, eos_id: int | None = None,
+def sample(model, ids, max_new_tokens: int = 200, *, seed=None,
            rng: np.random.Generator | None = None, **options) -> list:
-    """The ids of ``max_new_tokens`` sampled tokens after ``ids`` (one prompt), fewer if
-    ``eos_id`` comes. ``options``: any other keyword of ``generate``."""
-    out = generate(model, [list(ids)], max_new_tokens, temperature=temperature, top_k=top_k,
-                   seed=seed, eos_id=eos_id, rng=rng, **options)
-    return out.tokens[0]
+    """The ids of up to ``max_new_tokens`` tokens sampled after ``ids`` (one prompt:
+    ids, or text with ``tokenizer=``); it stops at the model's eos as ``generate``
+    does. ``options``: any other keyword of ``generate`` (``sampling=``,
+    ``temperature=``, ``top_k=``, ``eos_id=``, ``stop=``, ``tokenizer=`` ...);
+    ``rng``: a Generator to draw from (the same as passing it as ``seed``)."""
+    if rng is not None and seed is not None:
+        raise TinyLMError("give seed= or rng=, not both")
+    rows = as_prompt_rows(ids, options.get("tokenizer"))
+    if len(rows) != 1:
+        raise TinyLMError(f"sample continues one prompt, got {len(rows)}; use generate")
+    return generate(model, rows, max_new_tokens, seed=rng if rng is not None else seed,
+                    **options).tokens[0]
 
 
 # --------------------------------------------------------------------------- streaming
@@ -444,14 +452,106 @@ class BeamResult:
     scores: list = field(default_factory=list)
 
 
+def check_beam_options(num_beams, length_penalty, early_stopping) -> None:
+    """``ConfigError`` for beam-search options out of range (NaN included)."""
+    p = []
+    if isinstance(num_beams, bool) or not hasattr(num_beams, "__index__") or num_beams < 1:
+        p.append(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
+            or not math.isfinite(length_penalty):
+        p.append(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if early_stopping not in (True, False, "never"):
+        p.append(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if p:
+        raise ConfigError("invalid beam search: " + "; ".join(p))
+
+
+class _Beams:
+    """A beam search's state over B prompts with K beams each: the running beams and
+    their summed log-probs, and the best K finished hypotheses per prompt."""
+
+    def __init__(self, B, K, V, max_new_tokens, eos, length_penalty, early_stopping):
+        self.B, self.K, self.V, self.n = B, K, V, max_new_tokens
+        self.eos, self.length_penalty, self.early_stopping = eos, length_penalty, early_stopping
+        L = max(max_new_tokens, 1)
+        self.M = max(2, 1 + len(eos)) * K  # candidates looked at per prompt and step
+        self.run_seq = np.zeros((B, K, L), np.int64)
+        self.run_score = np.full((B, K), _NEG)
+        self.run_score[:, 0] = 0.0  # one live beam at first, so the K beams differ
+        self.fin_seq = np.zeros((B, K, L), np.int64)
+        self.fin_score = np.full((B, K), _NEG)
+        self.fin_len = np.zeros((B, K), np.int64)
+        self.fin_done = np.zeros((B, K), bool)
+        self.open = np.ones((B, 1), bool)  # an open beam could still beat the finished
+        self.b_idx = np.arange(B)[:, None]
+
+    def step(self, logits, cur: int):
+        """Advance by the (B*K, V) ``logits`` at step ``cur``; returns the rows the
+        surviving beams come from (to reorder the cache), or None when it is over."""
+        B, K, V = self.B, self.K, self.V
+        logp = log_softmax_array(logits).reshape(B, K, V) + self.run_score[:, :, None]
+        flat = logp.reshape(B, K * V)
+        idx = np.argsort(-flat, axis=-1, kind="stable")[:, :self.M]  # (B, M)
+        cand_lp = np.take_along_axis(flat, idx, axis=-1)  # (B, M) descending
+        beam, tok = idx // V, idx % V  # (B, M)
+        cand_seq = self.run_seq[self.b_idx, beam]  # (B, M, L)
+        cand_seq[:, :, cur] = tok
+        hits = np.isin(tok, self.eos) | (cur + 1 >= self.n)  # (B, M)
+        # the best K unfinished continuations keep running
+        keep_lp = cand_lp + hits * _NEG
+        sel = np.argsort(-keep_lp, axis=-1, kind="stable")[:, :K]  # (B, K)
+        self.run_seq = cand_seq[self.b_idx, sel]
+        self.run_score = np.take_along_axis(keep_lp, sel, axis=-1)
+        origin = (np.take_along_axis(beam, sel, axis=-1) + self.b_idx * K).reshape(-1)
+        self._finish(cand_seq, cand_lp, hits & (np.arange(self.M) < K)[None, :], cur)
+        self._close(cur)
+        all_full = self.fin_done.all() and self.early_stopping is True
+        return None if not self.open.any() or all_full or hits.all() else origin
+
+    def _finish(self, cand_seq, cand_lp, just, cur: int) -> None:
+        """The candidates that ended (``just``, among the first K) join the hypotheses."""
+        B, M = self.B, self.M
+        score = cand_lp / float(cur + 1) ** self.length_penalty
+        full = self.fin_done.all(axis=1, keepdims=True) & (self.early_stopping is True)
+        score = score + full * _NEG + (~self.open) * _NEG + (~just) * _NEG
+        m_seq = np.concatenate([self.fin_seq, cand_seq], axis=1)
+        m_score = np.concatenate([self.fin_score, score], axis=1)
+        m_len = np.concatenate([self.fin_len, np.full((B, M), cur + 1)], axis=1)
+        m_done = np.concatenate([self.fin_done, just], axis=1)
+        best = np.argsort(-m_score, axis=-1, kind="stable")[:, :self.K]
+        self.fin_seq = m_seq[self.b_idx, best]
+        self.fin_score = np.take_along_axis(m_score, best, -1)
+        self.fin_len = np.take_along_axis(m_len, best, -1)
+        self.fin_done = np.take_along_axis(m_done, best, -1)
+
+    def _close(self, cur: int) -> None:
+        """A prompt closes when its best running beam cannot beat its worst finished
+        one (at the current length; "never": at the longest, when the penalty > 0)."""
+        n_gen = cur + 1
+        if self.early_stopping == "never" and self.length_penalty > 0:
+            n_gen = self.n
+        best_running = self.run_score[:, :1] / float(n_gen) ** self.length_penalty
+        worst_fin = np.where(self.fin_done, self.fin_score.min(axis=1, keepdims=True), _NEG)
+        self.open &= (best_running > worst_fin).any(axis=1, keepdims=True)
+
+    def last_tokens(self, cur: int) -> np.ndarray:
+        return self.run_seq[:, :, cur].reshape(-1)  # (B*K,)
+
+    def result(self) -> BeamResult:
+        tokens = [self.fin_seq[b, 0, :self.fin_len[b, 0]].tolist() for b in range(self.B)]
+        return BeamResult(tokens, [float(s) for s in self.fin_score[:, 0]])
+
+
 def beam_search(model, prompts, max_new_tokens: int = 20, *, num_beams: int = 4,
-                length_penalty: float = 1.0, early_stopping=False, eos_id=None) -> BeamResult:
+                length_penalty: float = 1.0, early_stopping=False, eos_id=None,
+                tokenizer=None) -> BeamResult:
     """Deterministic beam search, step for step the algorithm of transformers'
-    ``generate(num_beams=..., do_sample=False)``.
+    ``generate(num_beams=..., do_sample=False)``; prompts as ``generate`` takes them,
+    and ``eos_id`` too (None: the model's default; ``()``: none).
 
     Every step, each prompt's ``num_beams`` running beams offer their ``2 num_beams``
     best continuations (log-probs summed along the beam). A continuation that ends in
-    ``eos_id`` or reaches ``max_new_tokens`` is a finished hypothesis, scored
+    an eos id or reaches ``max_new_tokens`` is a finished hypothesis, scored
     sum / length ** length_penalty, if it ranks among the first ``num_beams``; the best
     ``num_beams`` unfinished ones keep running (the KV cache is reordered to follow
     them). The search stops at ``max_new_tokens``, or when no running beam can beat
@@ -459,90 +559,30 @@ def beam_search(model, prompts, max_new_tokens: int = 20, *, num_beams: int = 4,
     finished; False: when the best running score, penalised at its current length, is
     below the worst finished one; "never": the same, at the longest length when
     ``length_penalty > 0``."""
-    from tinylm.objectives import model_kind
-
-    kind = model_kind(model)
-    if kind not in ("decoder", "encoder-decoder"):
-        raise TinyLMError(f"{type(model).__name__} is an {kind or 'unknown kind of'} model and "
-                          f"does not generate text")
-    if num_beams < 1:
-        raise TinyLMError(f"num_beams must be >= 1, got {num_beams}")
-    if early_stopping not in (True, False, "never"):
-        raise TinyLMError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    rows = _as_rows(prompts)
-    if not rows or any(not r for r in rows):
-        raise TinyLMError("give at least one prompt token to continue from, in every prompt")
+    kind = _generating_kind(model)
+    check_beam_options(num_beams, length_penalty, early_stopping)
+    _check_count("max_new_tokens", max_new_tokens)
+    rows = as_prompt_rows(prompts, tokenizer)
     limit = model.config.max_positions
     if kind == "decoder" and limit and max(map(len, rows)) + max_new_tokens > limit:
         raise TinyLMError(f"beam search keeps the whole context: prompt + max_new_tokens must "
                           f"fit the model's max_positions={limit}")
-    eos = np.array(sorted(set() if eos_id is None else ({int(eos_id)} if np.ndim(eos_id) == 0
-                                                        else {int(e) for e in eos_id})))
-    B, K, V, L = len(rows), num_beams, model.config.vocab_size, max(max_new_tokens, 1)
-    M = max(2, 1 + len(eos)) * K  # candidates looked at per prompt and step
-    top_mask = np.arange(M) < K
-    run_seq = np.zeros((B, K, L), np.int64)
-    run_score = np.full((B, K), _NEG)
-    run_score[:, 0] = 0.0  # one live beam at first, so the K beams do not start identical
-    fin_seq = np.zeros((B, K, L), np.int64)
-    fin_score = np.full((B, K), _NEG)
-    fin_len = np.zeros((B, K), np.int64)
-    fin_done = np.zeros((B, K), bool)
-    open_ = np.ones((B, 1), bool)  # an open beam could still improve the finished ones
-    b_idx = np.arange(B)[:, None]
-    if max_new_tokens <= 0:
-        return BeamResult([[] for _ in rows], [0.0] * B)
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            beams = [r for r in rows for _ in range(K)]  # (B*K) rows, beam-major per prompt
-            stepper = (_DecoderStepper if kind == "decoder" else _EncoderDecoderStepper)(
-                model, beams)
-            logits = stepper.prefill(beams if kind == "decoder" else [[]] * len(beams))
-            for cur in range(max_new_tokens):
-                logp = log_softmax(logits[:, :V]).reshape(B, K, V) + run_score[:, :, None]
-                flat = logp.reshape(B, K * V)
-                idx = np.argsort(-flat, axis=-1, kind="stable")[:, :M]  # (B, M)
-                cand_lp = np.take_along_axis(flat, idx, axis=-1)  # (B, M) descending
-                beam, tok = idx // V, idx % V  # (B, M)
-                cand_seq = run_seq[b_idx, beam]  # (B, M, L)
-                cand_seq[:, :, cur] = tok
-                hits = np.isin(tok, eos) | (cur + 1 >= max_new_tokens)  # (B, M)
-                # the best K unfinished continuations keep running
-                keep_lp = cand_lp + hits * _NEG
-                sel = np.argsort(-keep_lp, axis=-1, kind="stable")[:, :K]  # (B, K)
-                run_seq = cand_seq[b_idx, sel]
-                run_score = np.take_along_axis(keep_lp, sel, axis=-1)
-                origin = (np.take_along_axis(beam, sel, axis=-1) + b_idx * K).reshape(-1)
-                # the finished ones among the first K candidates join the hypotheses
-                just = hits & top_mask[None, :]
-                score = cand_lp / float(cur + 1) ** length_penalty
-                full = fin_done.all(axis=1, keepdims=True) & (early_stopping is True)
-                score = score + full * _NEG + (~open_) * _NEG + (~just) * _NEG
-                m_seq = np.concatenate([fin_seq, cand_seq], axis=1)
-                m_score = np.concatenate([fin_score, score], axis=1)
-                m_len = np.concatenate([fin_len, np.full((B, M), cur + 1)], axis=1)
-                m_done = np.concatenate([fin_done, just], axis=1)
-                best = np.argsort(-m_score, axis=-1, kind="stable")[:, :K]
-                fin_seq, fin_score = m_seq[b_idx, best], np.take_along_axis(m_score, best, -1)
-                fin_len, fin_done = (np.take_along_axis(m_len, best, -1),
-                                     np.take_along_axis(m_done, best, -1))
-                n_gen = cur + 1
-                if early_stopping == "never" and length_penalty > 0:
-                    n_gen = max_new_tokens
-                best_running = run_score[:, :1] / float(n_gen) ** length_penalty
-                worst_fin = np.where(fin_done, fin_score.min(axis=1, keepdims=True), _NEG)
-                open_ &= (best_running > worst_fin).any(axis=1, keepdims=True)
-                all_full = fin_done.all() and early_stopping is True
-                if not open_.any() or all_full or hits.all():
-                    break
-                stepper.reorder(origin)
-                logits = stepper.step(None, run_seq[:, :, cur].reshape(-1))
-    finally:
-        model.train(was_training)
-    tokens = [fin_seq[b, 0, :fin_len[b, 0]].tolist() for b in range(B)]
-    return BeamResult(tokens, [float(s) for s in fin_score[:, 0]])
+    if max_new_tokens == 0:
+        return BeamResult([[] for _ in rows], [0.0] * len(rows))
+    eos = np.array(sorted(resolve_eos(model, eos_id, tokenizer)), dtype=np.int64)
+    V = model.config.vocab_size
+    beams = _Beams(len(rows), num_beams, V, max_new_tokens, eos, length_penalty,
+                   early_stopping)
+    with inference(model):
+        stepper = _stepper(model, kind, [r for r in rows for _ in range(num_beams)])
+        logits = stepper.prefill()
+        for cur in range(max_new_tokens):
+            origin = beams.step(logits[:, :V], cur)
+            if origin is None:
+                break
+            stepper.reorder(origin)
+            logits = stepper.step(beams.last_tokens(cur))
+    return beams.result()
 
 
 # --------------------------------------------------------------------------- speculative
@@ -558,14 +598,14 @@ class SpeculativeResult:
 
 
 def speculative_greedy(target, draft, prompt, max_new_tokens: int = 200, *, k: int = 4,
-                       eos_id=None) -> SpeculativeResult:
+                       eos_id=None, tokenizer=None) -> SpeculativeResult:
     """Greedy decoding of ``target`` sped up by a small ``draft`` model (same vocabulary):
     the draft proposes ``k`` tokens one at a time, the target scores all of them in one
     forward, and the longest prefix on which the draft agrees with the target's argmax
     is kept, plus the target's own next token. The output is the target's greedy output.
     ``speculative_sample`` is the sampling form."""
-    return speculative_sample(target, draft, prompt, max_new_tokens, k=k, temperature=0.0,
-                              eos_id=eos_id)
+    return speculative_sample(target, draft, prompt, max_new_tokens, k=k, eos_id=eos_id,
+                              tokenizer=tokenizer, sampling=SamplingConfig(temperature=0.0))
 
 
 def speculative_accept(p, q, proposal, rng) -> tuple:
@@ -594,90 +634,105 @@ def speculative_accept(p, q, proposal, rng) -> tuple:
     return list(proposal) + [int(rng.choice(p.shape[1], p=p[n]))], n
 
 
-def _probs(logits, temperature: float):
-    """softmax(logits / temperature) in float64 over the last axis."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
+class _Speculation:
+    """Both models' KV caches over one growing context. Each cache holds the context
+    minus the tokens it has not been fed yet (fed at its next call); rejected
+    positions are cropped from it."""
+
+    def __init__(self, target, draft, ctx, cfg: SamplingConfig, rng):
+        from tinylm.nn import KVCache
+
+        self.target, self.draft, self.cfg, self.rng = target, draft, cfg, rng
+        self.V = target.config.vocab_size
+        self.t_cache, self.d_cache = KVCache(), KVCache()
+        self.ctx = list(ctx)
+        self.result = SpeculativeResult()
+
+    def _probs(self, logits) -> np.ndarray:
+        """(n, V) logits -> the probabilities sampling draws from (temperature, filters)."""
+        return softmax_array(process_logits(np.asarray(logits, np.float64), self.cfg))
+
+    def propose(self, n: int):
+        """The draft's ``n`` tokens, one at a time, and the (n, V) probabilities each
+        was drawn from (empty when greedy)."""
+        proposal, q = [], []
+        for _ in range(n):
+            fresh = (self.ctx + proposal)[self.d_cache.length:]
+            logits = self.draft(np.array([fresh]), cache=self.d_cache).logits
+            row = backend.to_numpy(logits.data[0, -1:, :self.V])  # (1, V)
+            if self.cfg.greedy:
+                proposal.append(int(row.argmax()))
+            else:
+                q.append(self._probs(row)[0])
+                proposal.append(int(self.rng.choice(self.V, p=q[-1])))
+        return proposal, np.array(q)
+
+    def round(self, n: int) -> list:
+        """Propose ``n`` tokens, verify them with one forward of the target; returns the
+        tokens to append (the accepted drafts and one of the target's own)."""
+        proposal, q = self.propose(n)
+        fresh = (self.ctx + proposal)[self.t_cache.length:]
+        logits = backend.to_numpy(self.target(np.array([fresh]), cache=self.t_cache).logits.data[0])
+        rows = logits[-(n + 1):, :self.V]  # (n+1, V) the target at each proposed position
+        if self.cfg.greedy:
+            choice = rows.argmax(axis=-1)  # (n+1,) target's picks
+            agree = int(np.cumprod(choice[:n] == np.array(proposal)).sum())
+            new = proposal[:agree] + [int(choice[agree])]
+        else:
+            new, agree = speculative_accept(self._probs(rows), q, proposal, self.rng)
+        self.result.proposed += n
+        self.result.accepted += int(agree)
+        self.t_cache.crop(len(self.ctx) + agree)  # keep context + accepted drafts
+        self.d_cache.crop(len(self.ctx) + agree)
+        return new
 
 
-def speculative_sample(target, draft, prompt, max_new_tokens: int = 200, *, k: int = 4,
-                       temperature: float = 1.0, seed=None, rng=None,
-                       eos_id=None) -> SpeculativeResult:
-    """Sample from ``target`` at ``temperature`` with a ``draft`` model proposing ``k``
-    tokens at a time; the tokens are distributed exactly as sampling the target alone
-    would give (``speculative_accept``). temperature 0 is greedy (``speculative_greedy``).
-
-    Both models keep a KV cache; rejected positions are cropped from it. Each cache
-    holds the context minus the tokens it has not been fed yet (fed at its next call)."""
-    from tinylm.nn import KVCache
+def _check_speculative(target, draft, n_prompt: int, max_new_tokens, k) -> None:
     from tinylm.objectives import model_kind
 
     for m in (target, draft):
         if model_kind(m) != "decoder":
             raise TinyLMError("speculative decoding needs two decoder-only models")
-    if k < 1:
-        raise TinyLMError(f"k (draft tokens per step) must be >= 1, got {k}")
-    if temperature < 0:
-        raise TinyLMError(f"temperature must be >= 0, got {temperature}")
-    greedy = temperature == 0
-    rng = rng if rng is not None else np.random.default_rng(seed)
+    _check_count("k (draft tokens per step)", k, least=1)
+    _check_count("max_new_tokens", max_new_tokens)
     if draft.config.vocab_size != target.config.vocab_size:
         raise TinyLMError(f"the draft model's vocab_size ({draft.config.vocab_size}) differs "
                           f"from the target's ({target.config.vocab_size}); the draft must "
                           f"share the target's tokenizer")
-    ctx = [int(i) for i in prompt]
-    if not ctx:
-        raise TinyLMError("give at least one prompt token to continue from")
     for m in (target, draft):
         limit = m.config.max_positions
-        if limit and len(ctx) + max_new_tokens + k > limit:
+        if limit and n_prompt + max_new_tokens + k > limit:
             raise TinyLMError(f"prompt + max_new_tokens + k must fit max_positions={limit} of "
                               f"both models")
-    eos = set() if eos_id is None else ({int(eos_id)} if np.ndim(eos_id) == 0
-                                        else {int(e) for e in eos_id})
-    V = target.config.vocab_size
-    t_cache, d_cache = KVCache(), KVCache()
-    result = SpeculativeResult()
-    n0 = len(ctx)
-    states = [(m, m.training) for m in (target, draft)]
-    for m, _ in states:
-        m.eval()
-    try:
-        with no_grad():
-            while len(ctx) - n0 < max_new_tokens:
-                n = min(k, max_new_tokens - (len(ctx) - n0))
-                proposal, q = [], []
-                for _ in range(n):  # the draft: feed what it has not seen, pick a token
-                    fresh = (ctx + proposal)[d_cache.length:]
-                    logits = draft(np.array([fresh]), cache=d_cache).logits
-                    row = backend.to_numpy(logits.data[0, -1, :V])
-                    if greedy:
-                        proposal.append(int(row.argmax()))
-                    else:
-                        q.append(_probs(row, temperature))
-                        proposal.append(int(rng.choice(V, p=q[-1])))
-                fresh = (ctx + proposal)[t_cache.length:]
-                logits = backend.to_numpy(target(np.array([fresh]), cache=t_cache).logits.data[0])
-                rows = logits[-(n + 1):, :V]  # (n+1, V) the target at each proposed position
-                if greedy:
-                    choice = rows.argmax(axis=-1)  # (n+1,) target's picks
-                    agree = int(np.cumprod(choice[:n] == np.array(proposal)).sum())
-                    new = proposal[:agree] + [int(choice[agree])]
-                else:
-                    new, agree = speculative_accept(_probs(rows, temperature), np.array(q),
-                                                    proposal, rng)
-                result.proposed += n
-                result.accepted += int(agree)
-                t_cache.crop(len(ctx) + agree)  # keep context + accepted drafts
-                d_cache.crop(len(ctx) + agree)
-                for tok in new:
-                    ctx.append(tok)
-                    if tok in eos or len(ctx) - n0 >= max_new_tokens:
-                        result.tokens = ctx[n0:]
-                        return result
-    finally:
-        for m, was in states:
-            m.train(was)
-    result.tokens = ctx[n0:]
-    return result
+
+
+def speculative_sample(target, draft, prompt, max_new_tokens: int = 200, *, k: int = 4,
+                       sampling: SamplingConfig = None, seed=None, eos_id=None,
+                       tokenizer=None, **sampling_options) -> SpeculativeResult:
+    """Sample from ``target`` with a ``draft`` model proposing ``k`` tokens at a time;
+    the tokens are distributed exactly as sampling the target alone with the same
+    temperature, top-k, top-p and min-p would give (``speculative_accept``; the
+    penalties, which depend on every token so far, are not supported). ``sampling`` /
+    ``sampling_options``, ``seed``, ``eos_id`` and ``tokenizer`` as in ``generate``;
+    temperature 0 is greedy (``speculative_greedy``)."""
+    cfg = SamplingConfig.build(sampling, **sampling_options)
+    if cfg.penalised:
+        raise ConfigError("speculative sampling takes temperature, top_k, top_p and min_p; "
+                          "leave out the repetition, frequency and presence penalties")
+    rows = as_prompt_rows(prompt, tokenizer)
+    if len(rows) != 1:
+        raise TinyLMError(f"speculative decoding continues one prompt, got {len(rows)}")
+    _check_speculative(target, draft, len(rows[0]), max_new_tokens, k)
+    eos = resolve_eos(target, eos_id, tokenizer)
+    run = _Speculation(target, draft, rows[0], cfg, np.random.default_rng(seed))
+    n0, ctx = len(rows[0]), run.ctx
+    done = max_new_tokens == 0
+    with inference(target, draft):
+        while not done:
+            for tok in run.round(min(k, max_new_tokens - (len(ctx) - n0))):
+                ctx.append(tok)
+                done = tok in eos or len(ctx) - n0 >= max_new_tokens
+                if done:
+                    break
+    run.result.tokens = ctx[n0:]
+    return run.result

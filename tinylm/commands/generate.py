@@ -245,7 +245,7 @@ def chat_loop(model, tokenizer, template, system=None, *, max_new_tokens=200, st
 
         with blas_threads(auto_threads(model, device)):
             out = generate(model, [ids], max_new_tokens, stop=stops, tokenizer=tokenizer,
-                           eos_id=eot, rng=rng, on_token=on_token, **sampling)
+                           eos_id=eot, seed=rng, on_token=on_token, **sampling)
         sys.stdout.write(stream.finish() + "\n")
         sys.stdout.flush()
         reply = [t for t in out.tokens[0] if t != eot]

@@ -1,6 +1,8 @@
 """Fused neural-network ops: embedding, softmax, log_softmax, cross-entropy, layer and
 RMS norm, dropout. Each is one node with a hand-written backward: fewer temporaries
-and fewer graph nodes than composing them from primitives.
+and fewer graph nodes than composing them from primitives. ``softmax_array`` and
+``log_softmax_array`` are the same maths on plain arrays, for code outside autograd
+(the samplers of ``tinylm.sampling``, beam search, speculative decoding).
 
 Cross-entropy and the norms run the CUDA kernels of ``tinylm.kernels.fused`` (one or
 three launches instead of ten or more) when ``fused.usable`` says so: float32 CuPy
@@ -48,22 +50,29 @@ def embedding(ids, weight):
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax(xp, x, axis):
+def softmax_array(x, axis: int = -1):
+    """softmax of a NumPy or CuPy array (no autograd): exp(x - max) / sum, in x's
+    dtype; a removed entry (-inf) gets probability 0. The one array-level softmax:
+    the ``Softmax`` op, the samplers and speculative decoding all use it."""
+    xp = backend.get_array_module(x)
     e = xp.asarray(x - x.max(axis=axis, keepdims=True))  # fresh: exp in place
     xp.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
 
 
-def _log_softmax(xp, x, axis):
-    shifted = x - x.max(axis=axis, keepdims=True)
+def log_softmax_array(x, axis: int = -1):
+    """log-softmax of a NumPy or CuPy array (no autograd): x - max - log(sum(exp)),
+    stable for large logits; -inf stays -inf."""
+    xp = backend.get_array_module(x)
+    shifted = xp.asarray(x - x.max(axis=axis, keepdims=True))
     shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
     return shifted
 
 
 class Softmax(Function):
     def forward(self, xp, x):
-        self.y = _softmax(xp, x, self.axis)
+        self.y = softmax_array(x, self.axis)
         return self.y
 
     def backward(self, xp, grad):
@@ -77,7 +86,7 @@ class Softmax(Function):
 
 class LogSoftmax(Function):
     def forward(self, xp, x):
-        self.y = _log_softmax(xp, x, self.axis)
+        self.y = log_softmax_array(x, self.axis)
         return self.y
 
     def backward(self, xp, grad):
@@ -126,7 +135,7 @@ class CrossEntropy(Function):
 
     def _forward_composed(self, xp, logits, targets):
         V = logits.shape[-1]
-        logp = _log_softmax(xp, logits.reshape(-1, V), axis=-1)  # (N, V)
+        logp = log_softmax_array(logits.reshape(-1, V), axis=-1)  # (N, V)
         t = targets.reshape(-1)
         valid = t != self.ignore_index
         safe_t = xp.where(valid, t, 0)
