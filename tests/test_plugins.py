@@ -8,17 +8,30 @@ import pytest
 from tinylm import hookimpl, plugins
 from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import PluginError, TinyLMError
+from tinylm.tokenizers import CharTokenizer
 
 CORE = "tinylm.default_plugins.positional"  # the first built-in
 BUILTINS = list(DEFAULT_PLUGINS)  # core first, then the other built-in plugin modules
+
+
+class AlphaBPE(CharTokenizer):
+    name = "alpha-bpe"
+
+
+class AlphaShared(CharTokenizer):
+    name = "shared"
+
+
+class BetaShared(CharTokenizer):
+    name = "shared"
 
 
 class Alpha:
     @staticmethod
     @hookimpl
     def register_tokenizers(register):
-        register("alpha-bpe", "AlphaBPE")
-        register("shared", "alpha's")
+        register("alpha-bpe", AlphaBPE)
+        register("shared", AlphaShared)
 
     @staticmethod
     @hookimpl
@@ -30,7 +43,7 @@ class Beta:
     @staticmethod
     @hookimpl
     def register_tokenizers(register):
-        register("shared", "beta's")
+        register("shared", BetaShared)
 
 
 class Raising:
@@ -66,9 +79,9 @@ def test_manager_is_cached_until_reset():
 def test_registered_names_are_looked_up_and_attributed():
     assert plugins.register_plugin(Alpha) == "Alpha"
     found, owners = plugins.registry("tokenizers"), plugins.registered_by("tokenizers")
-    assert {"alpha-bpe": "AlphaBPE", "shared": "alpha's"}.items() <= found.items()
+    assert {"alpha-bpe": AlphaBPE, "shared": AlphaShared}.items() <= found.items()
     assert {name for name, owner in owners.items() if owner == "Alpha"} == {"alpha-bpe", "shared"}
-    assert plugins.get_tokenizer_class("alpha-bpe") == "AlphaBPE"
+    assert plugins.get_tokenizer_class("alpha-bpe") is AlphaBPE
     assert plugins.get_objective("alpha-lm") == "AlphaLM"
     listed = {name: registers for name, _, registers in plugins.list_plugins()}
     assert listed["Alpha"] == {"tokenizers": ["alpha-bpe", "shared"], "objectives": ["alpha-lm"]}
@@ -205,10 +218,14 @@ def test_new_plugin_refreshes_cached_registries():
 
 GOOD_PLUGIN = """
     from tinylm import hookimpl
+    from tinylm.tokenizers import CharTokenizer
+
+    class FakeTokenizer(CharTokenizer):
+        name = "fake-tok"
 
     @hookimpl
     def register_tokenizers(register):
-        register("fake-tok", "FakeTokenizer")
+        register("fake-tok", FakeTokenizer)
 """
 
 
@@ -242,7 +259,7 @@ def test_entry_point_plugins_load_when_allow_list_is_unset(installed, monkeypatc
     installed("tinylm-fake", "fake", "tinylm_fake_mod")
     monkeypatch.delenv(plugins.ALLOW_ENV)
     assert ("fake", "1.2.3", {"tokenizers": ["fake-tok"]}) in plugins.list_plugins()
-    assert plugins.get_tokenizer_class("fake-tok") == "FakeTokenizer"
+    assert plugins.get_tokenizer_class("fake-tok").__name__ == "FakeTokenizer"
 
 
 def test_empty_allow_list_loads_no_third_party_plugin(installed):
@@ -288,7 +305,7 @@ def test_entry_point_plugin_clash_names_both(installed, monkeypatch):
         @staticmethod
         @hookimpl
         def register_tokenizers(register):
-            register("fake-tok", "Other")
+            register("fake-tok", AlphaBPE)
 
     plugins.register_plugin(Core, name="other")
     with pytest.raises(PluginError, match="'fake-tok' is registered by two plugins, 'fake' and 'other'"):
@@ -301,3 +318,144 @@ def test_two_distributions_declaring_one_plugin_name(installed, monkeypatch):
     monkeypatch.delenv(plugins.ALLOW_ENV)
     with pytest.raises(PluginError, match="'same' is declared by two distributions"):
         plugins.get_plugin_manager()
+
+
+# --------------------------------------------------------------------------- the tokenizer interface
+
+
+def _guide_plugin(tmp_path, monkeypatch):
+    """The plugin module docs/plugins.md shows (its `tinylm_shout.py` block)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text("utf-8")
+    after = guide.split("`tinylm_shout.py`:", 1)[1]
+    source = re.search(r"```python\n(.*?)```", after, re.S).group(1)
+    (tmp_path / "tinylm_shout.py").write_text(source, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("tinylm_shout", None)
+    return importlib.import_module("tinylm_shout")
+
+
+def test_the_plugin_guides_tokenizer_works(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+    from tinylm.tokenizers import TokenizerError, from_file
+
+    shout = _guide_plugin(tmp_path, monkeypatch)
+    try:
+        plugins.register_plugin(shout, name="shout")
+        cls = plugins.get_tokenizer_class("shout")
+        tok = cls()
+        assert tok.encode("hi!") == [72, 73, 33] and tok.decode([72, 73]) == "HI"
+        assert tok.decode(tok.encode("héllo")) == "HÉLLO"
+        with pytest.raises(TokenizerError, match="not in the vocabulary"):
+            tok.decode([300])
+        tok.save(tmp_path / "shout.tok")
+        assert isinstance(from_file(tmp_path / "shout.tok"), cls)
+        runner = CliRunner()
+        assert runner.invoke(cli, ["shout", "hello"]).output == "HELLO\n"
+        listed = runner.invoke(cli, ["plugins"])
+        assert listed.exit_code == 0 and "tokenizers: shout" in listed.output
+        train = runner.invoke(cli, ["tokenize", "train", "--type", "shout", "-o",
+                                    str(tmp_path / "t.tok")])
+        assert train.exit_code == 2 and "Traceback" not in train.output
+        assert train.stderr.startswith("Error: 'shout' tokenizers are not trained by tinylm")
+        assert "ShoutTokenizer" in train.stderr and train.stderr.count("\n") == 1
+    finally:
+        sys.modules.pop("tinylm_shout", None)
+
+
+class Shout:
+    """The old plugin guide's tokenizer: encode and decode, nothing else."""
+
+    def encode(self, text):
+        return list(text.upper().encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_a_tokenizer_lacking_required_methods_is_refused_at_registration():
+    class OldGuide:
+        @staticmethod
+        @hookimpl
+        def register_tokenizers(register):
+            register("shout", Shout)
+
+    plugins.register_plugin(OldGuide, name="shout-plugin")
+    with pytest.raises(PluginError) as info:
+        plugins.registry("tokenizers")
+    message = str(info.value)
+    assert "'shout-plugin'" in message and "'shout'" in message and "Shout" in message
+    for method in ("decode_bytes", "vocab_size", "token_to_id", "id_to_token", "save", "load"):
+        assert method in message.split("lacks", 1)[1].split(";")[0], method
+    assert "encode," not in message.split("lacks", 1)[1].split(";")[0]  # it has encode
+
+
+def test_an_abstract_method_counts_as_missing():
+    from tinylm.tokenizers import Tokenizer
+
+    class Half(Tokenizer):
+        name = "half"
+
+        def encode(self, text, **kwargs):
+            return []
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_tokenizers(register):
+            register("half", Half)
+
+    plugins.register_plugin(Plugin)
+    with pytest.raises(PluginError, match=r"Half\), which lacks decode_bytes, vocab_size, "
+                                          r"token_to_id, id_to_token, save and load;"):
+        plugins.get_tokenizer_class("half")
+
+
+class NoTrain(Shout):
+    """The whole interface but ``train``."""
+
+    vocab_size = 256
+
+    def decode_bytes(self, ids, *, skip_special_tokens=False):
+        return bytes(ids)
+
+    def token_to_id(self, token):
+        return None
+
+    def id_to_token(self, id):
+        return None
+
+    def save(self, path, format=None):
+        pass
+
+    @classmethod
+    def load(cls, path):
+        return cls()
+
+
+def test_an_optional_method_is_checked_where_it_is_needed(tmp_path):
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_tokenizers(register):
+            register("no-train", NoTrain)
+
+    plugins.register_plugin(Plugin, name="no-train-plugin")
+    assert plugins.get_tokenizer_class("no-train") is NoTrain  # the interface is complete
+    with pytest.raises(PluginError, match=r"tokenizer 'no-train' \(.*NoTrain, from plugin "
+                                          r"'no-train-plugin'\) has no train method, which "
+                                          r"my command needs"):
+        plugins.get_tokenizer_class("no-train", needs=("train",), purpose="my command")
+    result = CliRunner().invoke(cli, ["tokenize", "train", "--type", "no-train", "-o",
+                                      str(tmp_path / "x.tok")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "has no train method, which `tinylm tokenize train` needs" in result.stderr

@@ -111,3 +111,96 @@ def test_usage_errors():
     result = run("tokenize", "train")
     assert result.exit_code == 2 and "--output" in result.stderr
     assert "train" in run("tokenize", "--help").output
+
+
+# ---------------------------------------------------------------------- every --type
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("with_corpus", [True, False])
+def test_train_every_type(tmp_path, corpus, kind, with_corpus):
+    out = tmp_path / f"{kind}.tok"
+    args = ["tokenize", "train", "--type", kind, "-o", str(out), "--no-progress", "-n", "300"]
+    result = run(*args, *([str(corpus)] if with_corpus else []))
+    assert result.exit_code == 0, result.output
+    tok = from_file(out)
+    assert type(tok).name == kind and tok.decode(tok.encode("the fox")) == "the fox"
+    if with_corpus and kind == "char":
+        assert tok.chars == sorted(set(TEXT))
+
+
+def test_train_wordpiece_is_a_clear_error(tmp_path, corpus):
+    result = run("tokenize", "train", "--type", "wordpiece", str(corpus), "-o",
+                 str(tmp_path / "wp.txt"))
+    assert result.exit_code == 2 and "not trained by tinylm" in result.stderr
+
+
+def test_train_a_plugin_type_without_train_from_files(tmp_path, corpus):
+    """A plugin tokenizer with only ``train`` (no ``train_from_files``, fewer options)
+    gets the files' text and only the options its train takes."""
+    from tinylm import hookimpl, plugins
+
+    seen = {}
+
+    class Words(CharTokenizer):
+        name = "words"
+
+        @classmethod
+        def train(cls, texts, vocab_size, *, special_tokens=()):
+            seen.update(texts=list(texts), vocab_size=vocab_size, specials=special_tokens)
+            return CharTokenizer.train(seen["texts"], special_tokens=special_tokens)
+
+        train_from_files = None
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_tokenizers(register):
+            register("words", Words)
+
+    plugins.register_plugin(Plugin)
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + TEXT.encode())
+    result = run("tokenize", "train", "--type", "words", str(marked), "-s", "<s>", "-o",
+                 str(tmp_path / "w.tok"))
+    assert result.exit_code == 0, result.output
+    assert seen == {"texts": [TEXT], "vocab_size": 4096, "specials": ["<s>"]}
+    refused = run("tokenize", "train", "--type", "words", str(corpus), "--min-frequency", "3",
+                  "-o", str(tmp_path / "w.tok"))
+    assert refused.exit_code == 2 and "--min-frequency does not apply" in refused.stderr
+
+
+def test_char_vocab_size_and_unk_token(tmp_path, corpus):
+    out = tmp_path / "c.tok"
+    result = run("tokenize", "train", "--type", "char", str(corpus), "-n", "10", "--unk-token",
+                 "<unk>", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    tok = from_file(out)
+    assert tok.vocab_size == 10 and tok.unk_token == "<unk>"
+    encoded = run("tokenize", "encode", "-t", str(out), "\u2603")
+    assert encoded.stdout.split() == [str(tok.special_tokens["<unk>"])]
+
+
+# ---------------------------------------------------------------------- BOMs, --skip-special
+
+
+def test_encode_drops_a_byte_order_mark(tmp_path, corpus):
+    out = tmp_path / "c.tok"
+    run("tokenize", "train", "--type", "char", str(corpus), "-o", str(out))
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(b"\xef\xbb\xbfthe fox")
+    expected = from_file(out).encode("the fox")
+    from_file_ = run("tokenize", "encode", "-t", str(out), "-f", str(marked))
+    assert from_file_.exit_code == 0, from_file_.output
+    assert [int(i) for i in from_file_.stdout.split()] == expected
+    stdin = run("tokenize", "encode", "-t", str(out), input=marked.read_bytes())
+    assert [int(i) for i in stdin.stdout.split()] == expected
+
+
+def test_decode_skip_special(tmp_path, corpus):
+    out = tmp_path / "tok.json"
+    run("tokenize", "train", str(corpus), "-n", "300", "-o", str(out), "-s", "<s>")
+    ids = from_file(out).encode("fox<s>", allowed_special="all")
+    kept = run("tokenize", "decode", "-t", str(out), *map(str, ids))
+    skipped = run("tokenize", "decode", "-t", str(out), "--skip-special", *map(str, ids))
+    assert kept.stdout == "fox<s>" and skipped.stdout == "fox"

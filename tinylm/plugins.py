@@ -56,6 +56,12 @@ _LABELS = {  # kind -> what one thing of that kind is called in messages
     "commands": "command",
 }
 
+# What tinylm calls on every registered tokenizer class (docs/plugins.md, "The
+# tokenizer interface"); checked when the registry is filled. ``train`` is optional:
+# only the commands that train a tokenizer need it (``get_tokenizer_class(needs=)``).
+TOKENIZER_INTERFACE = ("encode", "decode", "decode_bytes", "vocab_size", "token_to_id",
+                       "id_to_token", "save", "load")
+
 _SKIP_HINT = f"to run without it, list the plugins you want in {ALLOW_ENV} (empty for none)"
 
 _pm: pluggy.PluginManager | None = None
@@ -236,6 +242,14 @@ def _collect(kind: str) -> tuple:
                        f"uninstall one of them or leave one out of {ALLOW_ENV}")
                 raise PluginError(f"{what} {name!r} is registered by two plugins, "
                                   f"{first!r} and {plugin!r}; {fix}")
+            if kind == "tokenizers":
+                missing = _missing(obj, TOKENIZER_INTERFACE)
+                if missing:
+                    raise PluginError(
+                        f"plugin {plugin!r} registers tokenizer {name!r} ({_describe(obj)}), "
+                        f"which lacks {_listed(missing)}; a tokenizer class needs "
+                        f"{', '.join(TOKENIZER_INTERFACE)} (subclass tinylm.tokenizers."
+                        f"Tokenizer for decode and the helpers; see docs/plugins.md)")
             found[name] = obj
             owners[name] = plugin
 
@@ -290,8 +304,37 @@ def _lookup(kind: str, name: str):
                       f"Plugins can add more: see `tinylm plugins`.")
 
 
-def get_tokenizer_class(name: str):
-    return _lookup("tokenizers", name)
+def get_tokenizer_class(name: str, *, needs=(), purpose: str | None = None):
+    """The tokenizer class registered as ``name``. ``needs``: methods beyond the
+    interface every tokenizer has (``TOKENIZER_INTERFACE``) that the caller will use,
+    e.g. ``("train",)``; a class without one is a ``PluginError`` naming the class, its
+    plugin and ``purpose`` (what needs the method)."""
+    cls = _lookup("tokenizers", name)
+    missing = _missing(cls, needs)
+    if missing:
+        owner = registered_by("tokenizers").get(name)
+        raise PluginError(
+            f"tokenizer {name!r} ({_describe(cls)}, from plugin {owner!r}) has no "
+            f"{_listed(missing)} method, which {purpose or 'this'} needs; use a tokenizer "
+            f"that has it, or add it to the plugin (see docs/plugins.md)")
+    return cls
+
+
+def _missing(obj, names) -> list:
+    """The attributes of ``names`` that ``obj`` lacks or leaves abstract."""
+    abstract = getattr(obj, "__abstractmethods__", ())
+    return [n for n in names if n in abstract or getattr(obj, n, None) is None]
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return repr(obj)
+
+
+def _listed(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def get_positional(name: str):

@@ -27,10 +27,10 @@ name in the tokenizer registry, so plugin tokenizers load the same way.
 from __future__ import annotations
 
 import json
-import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
+from types import MappingProxyType
 
 from tinylm.atomic import write_atomic
 from tinylm.errors import TinyLMError
@@ -65,12 +65,14 @@ class TokenizerFileError(TokenizerError):
 
 
 class Tokenizer(ABC):
-    """Text <-> ids. Subclasses set ``name`` (their registry name) and implement
-    ``encode``, ``decode_bytes``, ``vocab_size``, ``token_to_id``, ``id_to_token``,
-    ``save`` and ``load``."""
+    """Text <-> ids. Subclasses set ``name`` (their registry name) and
+    ``special_tokens`` (``{text: id}``, default none), implement ``encode``,
+    ``decode_bytes``, ``vocab_size``, ``token_to_id``, ``id_to_token``, ``save`` and
+    ``load``, and may implement ``train`` (and ``train_from_files``); docs/plugins.md
+    says which of tinylm's callers use what."""
 
     name = "tokenizer"
-    special_tokens: dict  # special token text -> id
+    special_tokens: dict = MappingProxyType({})  # special token text -> id (none by default)
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -148,8 +150,12 @@ class Tokenizer(ABC):
 
     @classmethod
     def train(cls, texts, vocab_size: int, **options) -> "Tokenizer":
-        raise TokenizerError(f"{cls.name!r} tokenizers are not trained by tinylm; load a "
-                             f"vocabulary with from_file")
+        """A tokenizer learned from ``texts`` (an iterable of str, maybe a generator that
+        streams a corpus) with at most ``vocab_size`` ids; options such as
+        ``special_tokens=[...]``. Optional: this default says the class has none."""
+        raise TokenizerError(f"{cls.name!r} tokenizers are not trained by tinylm "
+                             f"({cls.__module__}.{cls.__qualname__} has no train method of its "
+                             f"own); load a vocabulary with from_file")
 
     # ------------------------------------------------------------------ helpers
 

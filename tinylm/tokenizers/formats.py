@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from pathlib import Path
 
 from tinylm.tokenizers.base import TokenizerFileError, is_token_id, token_id_problem
@@ -95,12 +96,18 @@ def read_bytes(path, what: str = "tokenizer file") -> bytes:
     ``TokenizerFileError`` (``what``: the file's role, for the message)."""
     try:
         return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TokenizerFileError(f"{what} {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise TokenizerFileError(f"{str(path)!r} is a directory, not a {what}") from None
     except OSError as e:
+        check_file(path, what)
         raise TokenizerFileError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+
+
+def check_file(path, what: str = "tokenizer file") -> None:
+    """Raise a ``TokenizerFileError`` if ``path`` is missing or a directory (before a
+    long job, so that it fails at once)."""
+    if not os.path.exists(path):
+        raise TokenizerFileError(f"{what} {str(path)!r} does not exist")
+    if os.path.isdir(path):
+        raise TokenizerFileError(f"{str(path)!r} is a directory, not a {what}")
 
 
 def decode_text(data: bytes, path, hint: str) -> str:
