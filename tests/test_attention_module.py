@@ -92,21 +92,26 @@ def test_attention_gradcheck_gqa_with_rope_and_mask():
 def test_additive_mask_semantics():
     keep = np.array([[1, 1, 0]])
     b = additive_mask(keep, 2, 3, causal=True, dtype=np.float32)  # queries at positions 1, 2
-    lo = np.finfo(np.float32).min
+    lo = -np.inf  # a hidden key: a row with none visible follows the empty-row rule
     np.testing.assert_array_equal(b[0, 0], [[0, 0, lo], [0, 0, lo]])
     assert additive_mask(None, 2, 2, True, np.float16).dtype == np.float32  # scores are >= f32
     with pytest.raises(ShapeError, match="attention_mask must be"):
         additive_mask(np.ones((1, 4)), 2, 3, True, np.float32)
 
 
-def test_a_fully_masked_query_gives_finite_outputs():
-    """A padding query of a left-padded causal batch sees nothing: no NaN may leak."""
+def test_a_fully_masked_query_gives_zero_attention_and_no_gradient():
+    """A padding query of a left-padded causal batch sees nothing: its attention output
+    is 0 (the layer returns out's bias there), no NaN leaks, and its input gets no
+    gradient through attention."""
     attn = MultiHeadAttention(16, 2)
+    attn.out.bias.data[...] = np.arange(16)
     x = tinylm.randn(1, 4, 16, requires_grad=True)
     mask = additive_mask(np.array([[0, 0, 1, 1]]), 4, 4, True, np.float32)
     y = attn(x, AttentionSetup(mask=mask))
-    y.sum().backward()
+    (y * y).sum().backward()
     assert np.isfinite(y.numpy()).all() and np.isfinite(x.grad).all()
+    np.testing.assert_array_equal(y.numpy()[0, :2], np.broadcast_to(np.arange(16), (2, 16)))
+    assert (x.grad[0, :2] == 0).all() and (np.abs(x.grad[0, 2:]).sum(-1) > 0).all()
 
 
 # --------------------------------------------------------------------------- KV cache

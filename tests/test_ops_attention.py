@@ -242,3 +242,70 @@ def test_auto_on_gpu_runs_the_cuda_kernel_and_matches_cpu(causal, kv_heads):
     for a, b in zip(results["cuda"], results["cpu"]):
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
     assert cupy is not None
+
+
+# --------------------------------------------------------------------------- empty rows
+
+
+def _empty_row_cases():
+    """(name, q, k, v, mask, is_causal, empty): ``empty`` (B, H, T) marks the query rows
+    that see no key; the mask hides them by False, by -inf, or causality does (T > S)."""
+    rng = np.random.default_rng(7)
+    B, H, Hkv, T, S, hs = 2, 4, 2, 4, 5, 3
+    q, k, v = (rng.standard_normal(s) for s in [(B, H, T, hs), (B, Hkv, S, hs), (B, Hkv, S, hs)])
+    keep = rng.random((B, 1, T, S)) > 0.3
+    keep[..., 0] = True
+    keep[0, 0, 1] = keep[1, 0, 3] = False  # two rows hidden from every key
+    empty = np.broadcast_to(~keep.any(-1), (B, H, T))
+    additive = np.where(keep, 0.0, -np.inf)
+    qc = rng.standard_normal((B, H, 6, hs))  # 6 queries over 5 keys: the first sees none
+    causal_empty = np.zeros((B, H, 6), bool)
+    causal_empty[:, :, 0] = True
+    return [("bool", q, k, v, keep, False, empty), ("additive", q, k, v, additive, False, empty),
+            ("causal", qc, k, v, None, True, causal_empty)]
+
+
+def _run_path(path, q, k, v, mask, is_causal, grad):
+    """Output and gradients of one attention path (fused node, composed, composed with
+    dropout, tiled) with upstream gradient ``grad``."""
+    import tinylm.ops.attention as attention_mod
+    from tinylm.ops.tiled import TiledAttention
+
+    Q, K, V = (Tensor(a, requires_grad=True) for a in (q, k, v))
+    kw = dict(is_causal=is_causal, impl="tiled" if path == "tiled" else "naive")
+    m = mask
+    if path == "composed":  # a mask that learns takes the composed path
+        add = np.zeros((q.shape[2], k.shape[2])) if mask is None else (
+            np.where(mask, 0.0, -np.inf) if mask.dtype == bool else mask)
+        m = Tensor(add, requires_grad=True)
+    if path == "dropout":
+        kw.update(dropout_p=0.5, training=True)
+        backend.seed(3)
+    y = sdpa(Q, K, V, mask=m, **kw)
+    kinds = {"fused": attention_mod.Attention, "tiled": TiledAttention}
+    assert (type(y.creator) is kinds[path]) if path in kinds else (
+        type(y.creator) not in kinds.values())
+    y.backward(grad)
+    mask_grad = m.grad if isinstance(m, Tensor) else None
+    return y.numpy(), Q.grad, K.grad, V.grad, mask_grad
+
+
+@pytest.mark.parametrize("path", ["fused", "composed", "dropout", "tiled"])
+@pytest.mark.parametrize("case", range(3), ids=["bool", "additive", "causal"])
+def test_a_row_that_sees_no_key_gives_zero_and_no_gradient(path, case):
+    """EMPTY ROWS in ops/attention.py: one rule on every CPU path."""
+    _, q, k, v, mask, is_causal, empty = _empty_row_cases()[case]
+    grad = np.random.default_rng(8).standard_normal(q.shape)
+    y, dq, dk, dv, dm = _run_path(path, q, k, v, mask, is_causal, grad)
+    assert np.isfinite(y).all() and all(np.isfinite(g).all() for g in (dq, dk, dv))
+    assert (y[empty] == 0).all() and (dq[empty] == 0).all()
+    quiet = np.where(empty[..., None], 0.0, grad)  # the same without the empty rows' gradient
+    _, dq0, dk0, dv0, _ = _run_path(path, q, k, v, mask, is_causal, quiet)
+    testing.assert_close(dk, dk0, rtol=1e-12, atol=1e-14)  # they add nothing to dK, dV
+    testing.assert_close(dv, dv0, rtol=1e-12, atol=1e-14)
+    if dm is not None:
+        assert (np.broadcast_to(dm, empty.shape + dm.shape[-1:])[empty] == 0).all()
+    if path != "dropout":  # the rows that see a key: the reference softmax
+        with np.errstate(invalid="ignore"):  # the reference's empty rows are NaN
+            want = ref_attention(q, k, v, mask, is_causal)
+        testing.assert_close(y[~empty], want[~empty], rtol=1e-10, atol=1e-12)

@@ -12,13 +12,15 @@ RoPE's rotation, the KV cache, ALiBi's slopes, the encoder output for cross-atte
 the padding mask a MoE needs) travels as one ``AttentionSetup``, built once per
 forward by the model's ``BlockStack`` and handed down block -> attention -> op.
 
-Masks are additive, broadcastable to (B, H, T, S): 0 where a query may look, a very
-negative number where it may not. ``additive_mask`` builds one from a padding mask
-(B, S) of 1 (token) / 0 (padding) and causality; a positional scheme's position bias
-(ALiBi, T5) is added on top. ("bias" alone means a Linear layer's bias.) Masked
-scores use the dtype's most negative finite number, not -inf, so a row with nothing
-to see (a padding query) gets uniform weights instead of NaNs that would leak into
-every later layer.
+Masks are additive, broadcastable to (B, H, T, S): 0 where a query may look, -inf
+where it may not. ``additive_mask`` builds one from a padding mask (B, S) of
+1 (token) / 0 (padding) and causality; a positional scheme's position bias (ALiBi,
+T5) is added on top. ("bias" alone means a Linear layer's bias.)
+
+A query that sees no key at all (a padding query of a left-padded causal batch) gets
+attention output 0 and passes no gradient, on every path (the naive and composed ops,
+the tiled op, the CUDA kernels; ``tinylm.ops.attention``, EMPTY ROWS): no NaN, and
+nothing that depends on the padding's values.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def additive_mask(keep, T: int, S: int, causal: bool, dtype, xp=np, prefix_lengt
             causal_ok = causal_ok | (xp.arange(S) < prefix)  # (B, 1, T, S)
         allowed = allowed & causal_ok  # (B, 1, T, S)
     dtype = score_dtype(dtype)
-    return xp.where(allowed, dtype.type(0), np.finfo(dtype).min).astype(dtype)
+    return xp.where(allowed, dtype.type(0), dtype.type(-np.inf)).astype(dtype)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,14 @@ heads (Hkv = 1 is multi-query attention).
 
 Long sequences go to ``tiled.tiled_attention`` (same result, O(T) memory) unless
 ``impl="naive"`` is asked for: see ``scaled_dot_product_attention``.
+
+EMPTY ROWS, one rule for every path (this file's fused node and composed path, the
+tiled op, the CUDA FlashAttention kernels): a query row that sees no key at all gets
+output 0 and contributes no gradient (to q, k, v or a learned mask), as FlashAttention
+does. A key is hidden by causality, by False in a boolean mask or by -inf in an
+additive one; a finite mask value, however negative, is an ordinary score. (A left-
+padded causal batch has such rows: its padding queries. ``nn.additive_mask`` writes
+-inf, so they follow the rule instead of averaging the values uniformly.)
 """
 
 from __future__ import annotations
@@ -65,7 +73,8 @@ class Attention(Function):
 
     Backward, with P the probabilities and dY the output gradient:
     dV = P^T dY, dP = dY V^T, dS = P * (dP - rowsum(dP * P)) * scale, dQ = dS K,
-    dK = dS^T Q. Masked entries have P = 0, so they get no gradient.
+    dK = dS^T Q. Masked entries have P = 0, so they get no gradient; a row with every
+    key masked has P = 0 throughout (see EMPTY ROWS above).
     """
 
     def forward(self, xp, q, k, v):
@@ -76,9 +85,11 @@ class Attention(Function):
             att += self.bias
         if self.keep is not None:
             xp.copyto(att, -xp.inf, where=~self.keep)
-        att -= att.max(axis=-1, keepdims=True)
+        top = att.max(axis=-1, keepdims=True)  # (B, H, T, 1)
+        att -= xp.where(top == -xp.inf, 0, top)  # a row that sees no key stays -inf ...
         xp.exp(att, out=att)
-        att /= last_axis_sum(xp, att)
+        total = last_axis_sum(xp, att)
+        att /= xp.where(total == 0, 1, total)  # ... and gets p = 0: output 0, no gradient
         self.q, self.k, self.v, self.p = q, k, v, att
         return att.astype(v.dtype, copy=False) @ v  # (B, H, T, hs), in v's dtype
 
@@ -221,7 +232,15 @@ def _composed_attention(q, k, v, mask, is_causal, scale, alibi, dropout_p):
             att = masked_fill(att, ~m, -float("inf"))
         else:
             att = add(att, mask)
-    att = softmax(att, axis=-1)
+    empty = None
+    if mask is not None or (is_causal and T > S):  # else every row sees some key
+        empty = (att.data == -xp.inf).all(axis=-1, keepdims=True)  # (B, H, T, 1)
+        empty = empty if bool(empty.any()) else None
+    if empty is None:
+        att = softmax(att, axis=-1)
+    else:  # a row that sees no key: finite scores for the softmax, then p = 0, so the
+        att = masked_fill(softmax(masked_fill(att, empty, 0.0), axis=-1), empty, 0.0)
+        # output is 0 and no gradient flows through the row
     if dropout_p:
         att = dropout(att, dropout_p, True)
     return matmul(att, v)  # (B, H, T, hs)

@@ -31,8 +31,8 @@ Conventions are those of ``scaled_dot_product_attention`` and the CUDA kernel
 (``tinylm.kernels.flash_attention``): the causal mask is bottom-right aligned (query i
 sits at absolute position i + S - T, for a KV cache), ``mask`` is boolean (True = keep)
 or additive and broadcastable to (B, H, T, S), ALiBi adds ``-slope_h * |pos_i - j|``.
-A query row that sees no key at all gets o = 0 and lse = -inf (the naive path gives
-NaN there), and no gradient.
+A query row that sees no key at all gets o = 0 and lse = -inf, and no gradient (the
+rule every attention path follows: ``tinylm.ops.attention``, EMPTY ROWS).
 
 Accumulation is float32 (float64 for float64 inputs, as gradcheck needs); float16
 inputs are upcast once, O(T * hs). Tile sizes (``block_q``, ``block_k``) default to
