@@ -8,7 +8,6 @@ import functools
 import json
 import re
 import unicodedata
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,9 +21,8 @@ from tinylm.tokenizers import (
 from tinylm.tokenizers.formats import to_bytelevel
 from tinylm.tokenizers.pretokenize import GPT2_PATTERN, GPT4_PATTERN, hf_pattern
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(),
-                                       reason=f"benchmark corpus {SHAKESPEARE} not present")
+from corpora import BPE_VOCAB, SHAKESPEARE  # the full tinyshakespeare, or its slice in tests/data
+
 
 MULTILINGUAL = (
     "Héllo wörld! Ça va? naïve café — ÆØÅ æøå. Ελληνικά ΟΔΟΣ. Русский текст, ёж. "
@@ -100,25 +98,24 @@ def multi_tok(request, corpus) -> BPETokenizer:
 
 @pytest.fixture(scope="module")
 def shakespeare_text() -> str:
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"benchmark corpus {SHAKESPEARE} not present")
     return SHAKESPEARE.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "gpt4"])
 def shakespeare_tok(request, shakespeare_text) -> BPETokenizer:
-    return BPETokenizer.train_from_files([SHAKESPEARE], 4096, pattern=request.param)
+    return BPETokenizer.train_from_files([SHAKESPEARE], BPE_VOCAB, pattern=request.param)
 
 
 # --------------------------------------------------------------------------- training
 
 
-@needs_shakespeare
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
 def test_merges_on_tinyshakespeare_equal_huggingface_trainer(pattern):
-    ours = BPETokenizer.train_from_files([SHAKESPEARE], 4096, min_frequency=2, pattern=pattern)
-    theirs = json.loads(hf_trained(4096, files=[SHAKESPEARE], pattern=pattern).to_str())["model"]
-    assert len(ours.merges) == 4096 - 256
+    ours = BPETokenizer.train_from_files([SHAKESPEARE], BPE_VOCAB, min_frequency=2,
+                                         pattern=pattern)
+    theirs = json.loads(hf_trained(BPE_VOCAB, files=[SHAKESPEARE],
+                                   pattern=pattern).to_str())["model"]
+    assert len(ours.merges) == BPE_VOCAB - 256
     assert ours.to_hf_dict()["model"]["merges"] == theirs["merges"]
     assert ours.get_vocab() == theirs["vocab"]
 
@@ -191,7 +188,6 @@ def test_training_input_errors(tmp_path):
 # --------------------------------------------------------------------------- parity
 
 
-@needs_shakespeare
 def test_whole_tinyshakespeare_ids_equal_tiktoken_and_huggingface(shakespeare_tok,
                                                                   shakespeare_text):
     ids = shakespeare_tok.encode(shakespeare_text)
@@ -201,7 +197,6 @@ def test_whole_tinyshakespeare_ids_equal_tiktoken_and_huggingface(shakespeare_to
     assert len(ids) < len(shakespeare_text) / 3  # it does compress
 
 
-@needs_shakespeare
 def test_huggingface_trained_tokenizer_json_encodes_as_huggingface(tmp_path, shakespeare_text):
     hf = hf_trained(2000, files=[SHAKESPEARE])
     hf.save(str(tmp_path / "tokenizer.json"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -16,7 +15,8 @@ from tinylm import plugins
 from tinylm.commands.tokenize import default_corpus
 from tinylm.tokenizers import TokenizerError, TokenizerFileError, WordPieceTokenizer, from_file
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+from corpora import SHAKESPEARE  # the full tinyshakespeare, or its slice in tests/data
+
 
 MULTILINGUAL = (
     "Héllo wörld! Ça va? naïve café — ÆØÅ æøå. Ελληνικά ΟΔΟΣ. Русский текст, ёж. "
@@ -55,8 +55,6 @@ def test_multilingual_ids_equal_bert_wordpiece(pair):
 
 
 def test_whole_tinyshakespeare_ids_equal_bert_wordpiece(pair):
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"benchmark corpus {SHAKESPEARE} not present")
     ours, theirs = pair
     text = SHAKESPEARE.read_text(encoding="utf-8")
     assert ours.encode(text) == theirs.encode(text).ids
