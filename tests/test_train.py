@@ -13,10 +13,9 @@ import pytest
 from tinylm import checkpoint
 from tinylm.errors import CheckpointError
 from tinylm.models.config import ConfigError
-from tinylm.train import (
-    MODEL_FILE, STATE_FILE, TrainConfig, Trainer, TrainingDiverged, load_model_dir,
-    read_checkpoint_state, read_metrics,
-)
+from tinylm.rundir import MODEL_FILE, STATE_FILE, load_model_dir, read_checkpoint_state
+from tinylm.rundir import read_metrics
+from tinylm.train import TrainConfig, Trainer, TrainingDiverged
 from train_helpers import tiny_config, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,20 +62,97 @@ def test_loss_falls_and_the_run_is_saved(tmp_path, corpus):
     ("t5", "span-corruption"),
 ])
 def test_every_family_trains_with_its_objective(tmp_path, corpus, family, objective):
-    cfg = tiny_config(tmp_path, corpus, family=family, objective=objective, max_steps=3,
-                      eval_every=3, sample_tokens=5)
-    result = Trainer(cfg).fit()
-    assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_loss"])
+    messages = []
+    cfg = tiny_config(tmp_path, corpus, family=family, objective=objective, max_steps=30,
+                      eval_every=30, sample_tokens=5, lr=1e-2)
+    result = Trainer(cfg, log=messages.append).fit()
+    curve = losses(cfg.out_dir)
+    assert np.mean([curve[s] for s in range(1, 4)]) - np.mean(
+        [curve[s] for s in range(28, 31)]) > 0.3  # it learns
+    assert result["val_loss"] < curve[1]
+    state = read_checkpoint_state(cfg.out_dir)
+    assert state["objective"] == objective and state["step"] == 30
     model, _ = load_model_dir(cfg.out_dir)
     assert model.config.architecture == {"gpt": "gpt2"}.get(family, family)
+    samples = [m for m in messages if " sample " in m]
+    assert len(samples) == (1 if family in ("llama", "gpt") else 0)  # decoders only
 
 
 def test_packed_sampling_and_bpe_tokenizer(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, sampling="packed", tokenizer="bpe", vocab_size=300,
                       max_steps=3)
-    Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
     _, tok = load_model_dir(cfg.out_dir)
     assert type(tok).__name__ == "BPETokenizer" and tok.vocab_size <= 300
+    assert tok.encode("the cat sat") != list(range(len("the cat sat")))  # merges, not bytes
+    position = read_checkpoint_state(cfg.out_dir)["data"]["position"]
+    assert position["mode"] == "packed"
+    n_windows = trainer.batcher.n_windows  # 3 steps x 4 back-to-back windows, each once
+    assert position["epoch"] * n_windows + position["index"] == 3 * cfg.batch_size
+    windows = trainer.train_tokens[:n_windows * trainer.window].reshape(n_windows, -1)
+    first = Trainer(tiny_config(tmp_path / "again", corpus, sampling="packed", tokenizer="bpe",
+                                vocab_size=300, max_steps=3)).setup().batcher.next()
+    assert all(any(np.array_equal(row, w) for w in windows) for row in first)
+
+
+# --------------------------------------------------------------------------- caller-built parts
+
+
+def test_a_caller_built_model_with_frozen_parameters_trains_and_resumes(tmp_path, corpus):
+    """What fine-tuning does: a model loaded from a Hugging Face folder, part frozen,
+    handed to the Trainer with its tokenizer and the caller's own token ids."""
+    import tinylm
+    from tinylm.models import Decoder, GPT2Config
+    from tinylm.objectives import EOT
+    from tinylm.tokenizers.char import CharTokenizer
+
+    tok = CharTokenizer.train(corpus.read_text(), special_tokens=[EOT])
+    tinylm.seed(0)
+    Decoder(GPT2Config(vocab_size=tok.vocab_size, d_model=16, n_layer=1, n_head=2,
+                       max_positions=16)).save_pretrained(tmp_path / "hf")
+    ids = np.asarray(tok.encode(corpus.read_text()), dtype=np.int64)
+
+    def parts():
+        model = tinylm.load_pretrained(tmp_path / "hf")
+        model.tok_emb.weight.requires_grad = False
+        return {"model": model, "tokenizer": tok, "data": ids}
+
+    cfg = dict(max_steps=12, eval_every=6, family="llama")  # the family is the model's
+    first = Trainer(tiny_config(tmp_path, corpus, **cfg), **parts())
+    step = first.train_step
+
+    def stop_at_6(batches):
+        out = step(batches)
+        if first.step == 5:
+            first.request_stop()
+        return out
+
+    first.train_step = stop_at_6
+    assert first.fit()["step"] == 6
+    frozen = first.model.tok_emb.weight.data.copy()
+    resumed = Trainer(tiny_config(tmp_path, corpus, **cfg), **parts())
+    ran = []
+    resumed.train_step = lambda batches, step=resumed.train_step: ran.append(1) or step(batches)
+    result = resumed.fit()
+    assert result["step"] == 12 and len(ran) == 6
+    assert resumed.objective_name == "causal-lm"
+    state = {n: p.data for n, p in resumed.model.named_parameters()}
+    original = tinylm.load_pretrained(tmp_path / "hf")
+    assert np.array_equal(state["tok_emb.weight"], frozen)  # frozen all along
+    assert np.array_equal(frozen, original.tok_emb.weight.data)
+    assert not np.array_equal(state["transformer.norm.weight"],
+                              original.transformer.norm.weight.data)  # the rest trained
+    saved, _ = load_model_dir(tmp_path / "run")
+    assert saved.config.architecture == "gpt2"  # the caller's model, not the config's family
+    assert losses(tmp_path / "run")[12] < losses(tmp_path / "run")[1]
+
+
+def test_trainer_from_config_is_the_plain_constructor(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, max_steps=2)
+    trainer = Trainer.from_config(cfg, resume=False).setup()
+    assert trainer.model.config.vocab_size == trainer.tokenizer.vocab_size
+    assert trainer.objective_name == "causal-lm"
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -168,8 +244,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus, family):
     result = trainer.fit()
     assert result["interrupted"] and result["step"] == 13
     assert read_checkpoint_state(broken.out_dir)["step"] == 13
-    result = Trainer(tiny_config(tmp_path / "broken", corpus, **settings)).fit()
+    resumed = Trainer(tiny_config(tmp_path / "broken", corpus, **settings))
+    ran = []
+    resumed.train_step = lambda batches, step=resumed.train_step: ran.append(1) or step(batches)
+    result = resumed.fit()
     assert result["step"] == 24 and not result["interrupted"]
+    assert len(ran) == 24 - 13  # it went on from step 13, not from 0
 
     assert losses(broken.out_dir) == losses(straight.out_dir)  # every step, bit for bit
     a, b = weights(straight.out_dir), weights(broken.out_dir)
@@ -189,7 +269,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_weights(tmp_path, corpus):
               "16", "--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--d-model", "16",
               "--lr-decay-steps", "300", "--eval-every", "10", "--eval-iters", "1",
               "--checkpoint-every", "10", "--sample-tokens", "0", "--seed", "3",
-              "--no-progress"]
+              "--log-every", "1", "--no-progress"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
 
     # a run told to go on for ever, SIGKILLed once it has checkpointed twice (the
@@ -223,6 +303,9 @@ def test_sigkill_mid_run_then_resume_gives_the_same_weights(tmp_path, corpus):
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"resuming from step {saved}" in out.stderr
+    steps = [int(line.split()[1].split("/")[0]) for line in out.stderr.splitlines()
+             if line.startswith("step ") and ": loss " in line]
+    assert steps == list(range(saved + 1, saved + 61))  # exactly the steps after the kill
     a, b = weights(straight), weights(killed)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     with open(os.path.join(straight, MODEL_FILE), "rb") as f1, \
@@ -341,7 +424,9 @@ def test_example_config_is_the_nanogpt_recipe():
     assert cfg.data[0].endswith("tinyshakespeare.txt")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, signum, code):
     out = str(tmp_path / "run")
     args, env = _cli(["train", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
                       "--block-size", "16", "--batch-size", "4", "--n-layer", "1",
@@ -355,14 +440,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
         while not os.path.exists(os.path.join(out, STATE_FILE)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     step = read_checkpoint_state(out)["step"]
-    assert f"interrupted at step {step}: checkpoint saved in {out}" in err
+    name = signal.Signals(signum).name
+    assert f"interrupted ({name}) at step {step}: checkpoint saved in {out}" in err
 
 
 def test_trains_and_samples_on_each_device(tmp_path, corpus, device):

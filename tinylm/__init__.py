@@ -17,7 +17,8 @@ from tinylm.autograd import enable_grad, is_grad_enabled, no_grad
 from tinylm.tensor import Tensor, arange, full, ones, rand, randn, tensor, zeros
 from tinylm.hookspecs import hookimpl
 from tinylm import checkpoint, nn, ops, optim
-from tinylm.models.hf import load_pretrained, save_pretrained
+from tinylm.models.hf import save_pretrained
+from tinylm.loading import load_pretrained  # a run folder or a Hugging Face folder
 
 __all__ = [
     "__version__", "TinyLMError", "ShapeError", "DeviceError", "GraphError",

@@ -1,9 +1,11 @@
 """Shared by the model config (``tinylm.models.config``) and the training config
-(``tinylm.train``): the TOML reader, and the type check of a dataclass's fields."""
+(``tinylm.train``): the TOML reader, and the type and finiteness checks of a
+dataclass's fields."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tinylm.errors import ConfigError
 
@@ -38,4 +40,25 @@ def field_type_problems(obj, types: dict) -> list:
             problems.append(f"{f.name} must be {f.type}, got {value!r}")
         elif "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(obj, f.name, float(value))
+    return problems
+
+
+def non_finite_problems(obj) -> list:
+    """The fields of the dataclass ``obj`` holding NaN or an infinity, also inside dict
+    and list fields (``positional_options``, a training config's ``[model]`` table):
+    no setting that takes a float means anything at those values."""
+    problems = []
+
+    def visit(name, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{name} must be a finite number, got {value}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(name, item)
+
+    for f in dataclasses.fields(obj):
+        visit(f.name, getattr(obj, f.name))
     return problems

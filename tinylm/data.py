@@ -6,7 +6,8 @@
     batches = Batcher(train, window=65, batch_size=12, seed=1337)
     x = batches.next()                                       # (12, 65) int64
 
-Sources are plain text files (one document each), JSONL files (one document per line,
+Sources are UTF-8 plain text files (one document each; a leading byte-order mark is
+dropped, as ``utf-8-sig`` reads it), JSONL files (one document per line,
 its text under ``text_field``), folders of such files (every file below, in sorted
 order, hidden ones skipped), or nothing: the text of Python's bundled ``pydoc_data``
 topics, one document per topic, so a fresh install has something to learn from.
@@ -29,9 +30,10 @@ seed and resumable exactly (``state_dict`` / ``load_state_dict``):
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import json
 import os
+import stat
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,7 @@ from tinylm.errors import TinyLMError
 
 FORMAT = "tinylm-tokens"
 FORMAT_VERSION = 1
+READER_VERSION = 2  # in the sources' fingerprint: 2 strips a UTF-8 byte-order mark
 DEFAULT_CORPUS = "<pydoc_data topics>"  # what resolve_sources([]) stands for
 MODES = ("random", "packed")
 
@@ -52,28 +55,62 @@ class DataError(TinyLMError, ValueError):
 # --------------------------------------------------------------------------- sources
 
 
-def resolve_sources(paths) -> list:
-    """The files to read, in order: folders expanded (sorted, hidden entries skipped),
-    ``[]`` -> ``[DEFAULT_CORPUS]``."""
+def resolve_sources(paths, exclude=()) -> list:
+    """The files to read, in order: folders expanded (sorted, hidden entries and the
+    folders in ``exclude`` skipped: a run folder inside a data folder is not data),
+    ``[]`` -> ``[DEFAULT_CORPUS]``. Anything but a regular file (a broken link, a FIFO,
+    a device) is a DataError naming it."""
     paths = [os.fspath(p) for p in (paths or [])]
     if not paths:
         return [DEFAULT_CORPUS]
+    skip = {os.path.realpath(p) for p in exclude}
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = []
             for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                                 and os.path.realpath(os.path.join(root, d)) not in skip)
                 found += [os.path.join(root, n) for n in names if not n.startswith(".")]
             if not found:
                 raise DataError(f"the folder {path!r} has no files to train on")
+            for file in found:
+                check_regular_file(file, f"in the data folder {path!r}")
             files += sorted(found)
-        elif os.path.isfile(path):
-            files.append(path)
         else:
-            raise DataError(f"data source {path!r} does not exist; give a text file, a "
-                            f"JSONL file or a folder of them")
+            check_regular_file(path)
+            files.append(path)
     return files
+
+
+def check_regular_file(path: str, where: str = "") -> None:
+    """A DataError unless ``path`` is (a link to) a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(f"{path!r} {where + ' ' if where else ''}is a broken symbolic link "
+                            f"(to {os.readlink(path)!r}); fix or remove it") from None
+        raise DataError(f"data source {path!r} does not exist; give a text file, a "
+                        f"JSONL file or a folder of them") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else "not a regular file")
+        raise DataError(f"data source {path!r} {where + ' ' if where else ''}is {kind}, not a "
+                        f"regular file; give a text file, a JSONL file or a folder of them")
+
+
+def make_dirs(path: str, what: str = "folder", error=None) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with a TinyLMError (``error``) naming
+    ``what`` when ``path`` or a folder above it is a file or may not be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise (error or DataError)(f"cannot create the {what} {path}: {e.strerror or e}; "
+                                   f"pick a folder you may write to") from None
 
 
 def default_corpus_documents() -> list:
@@ -100,7 +137,7 @@ def read_documents(path: str, text_field: str = "text"):
     except OSError as e:
         raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise DataError(f"{path!r} is not UTF-8 text (byte {e.start}); tinylm trains on "
                         f"UTF-8 text and JSONL files") from None
@@ -140,7 +177,7 @@ def source_fingerprint(files, text_field: str = "text") -> list:
         st = os.stat(real)
         out.append({"path": path if path == DEFAULT_CORPUS else os.path.abspath(path),
                     "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return [{"text_field": text_field}] + out
+    return [{"text_field": text_field, "reader": READER_VERSION}] + out
 
 
 def fingerprint_key(*parts) -> str:
@@ -201,7 +238,7 @@ class TokenData:
                 raise DataError(f"the tokenizer has no {eot!r} token to separate documents "
                                 f"with; add it as a special token")
         key = fingerprint_key(sources, tok_hash, eot_id)
-        os.makedirs(cache_dir, exist_ok=True)
+        make_dirs(cache_dir, "cache folder")
         bin_path = os.path.join(cache_dir, f"tokens-{key}.bin")
         manifest_path = os.path.join(cache_dir, f"tokens-{key}.json")
         manifest = _read_manifest(manifest_path)
@@ -235,6 +272,18 @@ class TokenData:
         }
         _write_json_atomic(manifest_path, manifest)
         return cls(_memmap(bin_path, dtype, n_tokens), manifest, bin_path, False)
+
+    @classmethod
+    def from_ids(cls, ids, n_documents: int = 1) -> "TokenData":
+        """Token ids already in hand (a 1-D sequence), for a caller that tokenized its
+        own data (``Trainer(config, data=...)``)."""
+        tokens = np.asarray(ids)
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+            raise DataError(f"token data must be a 1-D sequence of integer ids, got shape "
+                            f"{tokens.shape} of {tokens.dtype}")
+        manifest = {"format": FORMAT, "n_tokens": int(tokens.size),
+                    "n_documents": n_documents, "eot_id": None}
+        return cls(tokens, manifest)
 
     def split(self, val_fraction: float) -> tuple:
         """(train, val): the first 1 - val_fraction of the tokens, and the rest."""

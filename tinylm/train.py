@@ -1,7 +1,8 @@
-"""Training: a run's config, the Trainer loop, and checkpoints that resume exactly.
+"""Training: a run's config and the Trainer loop, with checkpoints that resume exactly.
 
     config = TrainConfig(out_dir="runs/demo", data=["input.txt"], max_steps=2000)
     result = Trainer(config).fit()          # resumes if runs/demo holds a checkpoint
+    Trainer(config, model=pretrained, tokenizer=tok).fit()   # a model built elsewhere
 
 One optimizer step: ``grad_accum`` micro-batches of ``batch_size`` windows, each turned
 into a batch and a loss by the objective (``tinylm.objectives``); the losses are
@@ -10,43 +11,25 @@ weighted by how many tokens each predicts (so accumulating 2 x 4 equals one batc
 nanoGPT's warmup + cosine learning rate. Every ``eval_every`` steps (and at the end)
 the validation loss and perplexity are measured on ``eval_iters`` fixed batches, and
 a decoder writes a sample. A NaN or infinite loss stops the run with a message; the
-last checkpoint, written before it, stays as it was.
+last checkpoint, written before it, stays as it was. Every setting is checked when
+the TrainConfig is made, and the model's memory before it is allocated.
 
-A run directory holds::
-
-    config.json             the model config          (tinylm generate --model DIR
-    tokenizer.txt           the tokenizer               loads these two and the weights)
-    model.safetensors       the weights
-    optimizer.safetensors   AdamW's moment estimates
-    trainer_state.json      step, RNG states, data position, optimizer hyper-parameters,
-                            the run's TrainConfig, and each file's size and SHA-256
-    metrics.jsonl           one JSON record per log line / evaluation (appended)
-
-A checkpoint is written as a set: into ``DIR/ckpt.tmp-XXXX/`` first, then renamed to
-``DIR/ckpt.new/`` (one atomic rename: the set is now complete), then each file moved
-over its old copy, ``trainer_state.json`` last, and ``ckpt.new`` removed. A crash
-before the rename leaves the previous checkpoint untouched; a crash after it is
-rolled forward the next time the directory is opened. Loading checks every file's
-size and SHA-256 against ``trainer_state.json``, so a truncated or damaged file is a
-``CheckpointError`` naming it, never silently wrong weights.
-
+The run folder (its files, the checkpoint set, the lock) is ``tinylm.rundir``'s.
 Resuming restores the weights, AdamW's state, the step, the data sampler's position,
 the objective's and the backend's random generators and the loss scaler: a run
 interrupted (even by SIGKILL) and resumed from its last checkpoint continues with
-bit-identical losses and ends with bit-identical weights.
+bit-identical losses and ends with bit-identical weights. Ctrl-C or SIGTERM finishes
+the step, saves a checkpoint and stops; a second one stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,32 +37,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinylm import amp, backend, checkpoint, plugins
-from tinylm.atomic import write_atomic
 from tinylm.autograd import no_grad
-from tinylm.config_files import field_type_problems, toml_module
-from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key
+from tinylm.config_files import field_type_problems, non_finite_problems, toml_module
+from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key, make_dirs
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
 from tinylm.errors import CheckpointError, ConfigError, TinyLMError
 from tinylm.models import build_model, config_from_dict
 from tinylm.objectives import DEFAULT_FOR_KIND, EOT, model_kind
 from tinylm.optim import (
-    AdamW, clip_grad_norm_, cosine_with_warmup, flatten_state_dict,
-    param_groups_for_weight_decay, set_lr, unflatten_state_dict,
+    AdamW, clip_grad_norm_, cosine_with_warmup, param_groups_for_weight_decay, set_lr,
+    unflatten_state_dict,
+)
+from tinylm.rundir import (  # noqa: F401  (the run folder's names, re-exported)
+    CHECKPOINT_FILES, CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
+    TOKENIZER_FILE, MetricsLog, Run, RunLock, has_checkpoint, load_model_dir, open_run,
+    read_checkpoint_state, read_metrics, save_checkpoint,
 )
 from tinylm.threads import blas_threads
 
 # --family takes these short names as well as any registered architecture
-FAMILIES = {"gpt": "gpt2", "gpt2": "gpt2", "llama": "llama", "bert": "bert", "t5": "t5"}
+FAMILY_ALIASES = {"gpt": "gpt2", "gpt2": "gpt2", "llama": "llama", "bert": "bert", "t5": "t5"}
 # The model a run gets unless it says otherwise: small enough for a laptop CPU. The
 # families' own defaults are the published sizes (GPT-2 small, Llama-2 7B ...).
 SMALL_MODEL = {"n_layer": 4, "n_head": 4, "d_model": 128, "d_ff": None, "head_dim": None,
                "n_kv_head": None, "dropout": 0.0}
-
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", \
-    "trainer_state.json"
-CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE = "config.json", "tokenizer.txt", "metrics.jsonl"
-CHECKPOINT_FILES = (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE, OPTIMIZER_FILE)  # + STATE_FILE
-STATE_VERSION = 1
 
 
 class TrainingDiverged(TinyLMError, RuntimeError):
@@ -154,33 +135,76 @@ class TrainConfig:
         self.data = [os.fspath(p) for p in self.data]
 
     def _check(self) -> list:
-        p = []
+        """Every field, so that a bad value fails now, not at the first evaluation."""
+        p = non_finite_problems(self)
+        if p:
+            return p
         for name in ("block_size", "batch_size", "grad_accum", "eval_every", "eval_iters",
-                     "log_every"):
+                     "log_every", "vocab_size"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "sample_tokens"):
+        for name in ("max_steps", "warmup_steps", "sample_tokens", "seed"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 0:
-            p.append(f"threads must be >= 0, got {self.threads}")
+        for name in ("threads", "lr_decay_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             p.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.lr_decay_steps is not None and self.warmup_steps > self.lr_decay_steps:
+            p.append(f"warmup_steps = {self.warmup_steps} is more than lr_decay_steps = "
+                     f"{self.lr_decay_steps}; the decay starts after the warmup")
+        return p + self._check_optimizer() + self._check_names()
+
+    def _check_optimizer(self) -> list:
+        p = []
         if not self.lr > 0:
             p.append(f"lr must be > 0, got {self.lr}")
+        elif self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            p.append(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                p.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            p.append(f"eps must be > 0, got {self.eps}")
+        for name in ("grad_clip", "weight_decay", "temperature"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             p.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        return p
+
+    def _check_names(self) -> list:
+        p = []
+        for name in ("out_dir", "text_field", "tokenizer", "family"):
+            if not getattr(self, name).strip():
+                p.append(f"{name} must not be empty")
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            p.append("cache_dir must not be empty (leave it unset for the default)")
+        if self.objective is not None and not self.objective.strip():
+            p.append("objective must not be empty (leave it unset for the family's)")
+        bad = [d for d in self.data if not isinstance(d, (str, os.PathLike)) or not str(d)]
+        if bad:
+            p.append(f"data must be a list of paths, got {bad[0]!r}")
         if self.sampling not in ("random", "packed"):
             p.append(f"sampling must be 'random' or 'packed', got {self.sampling!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            p.append("grad_clip and weight_decay must be >= 0")
+        if not all(isinstance(k, str) for k in (*self.model, *self.objective_options)):
+            p.append("the [model] and [objective_options] keys must be strings")
+        try:
+            device = backend.normalize_device(self.device)
+        except TinyLMError as e:
+            return p + [str(e)]
+        if self.half and device == "cpu":
+            p.append("half = true needs device = 'cuda': on the CPU NumPy's float16 matrix "
+                     "products have no BLAS and run many times slower than float32; drop "
+                     "--half, or train with --device cuda")
         return p
 
     # ------------------------------------------------------------------ derived
 
     @property
     def architecture(self) -> str:
-        return self.model.get("architecture") or FAMILIES.get(self.family, self.family)
+        return self.model.get("architecture") or FAMILY_ALIASES.get(self.family, self.family)
 
     @property
     def decay_steps(self) -> int:
@@ -269,6 +293,19 @@ def data_cache_dir(config: TrainConfig, files) -> str:
     return os.path.join(root, fingerprint_key(source_fingerprint(files, config.text_field)))
 
 
+def data_files(config: TrainConfig) -> list:
+    """The run's source files (``resolve_sources``), refusing data inside the run
+    folder (its own checkpoints) and leaving out a run folder inside a data folder."""
+    out = os.path.realpath(config.out_dir)
+    for path in config.data:
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"the data {path} is inside the run folder {config.out_dir}, "
+                              f"where tinylm writes its checkpoints; put the data elsewhere "
+                              f"or pick another --out")
+    return resolve_sources(config.data, exclude=[config.out_dir])
+
+
 def build_tokenizer(config: TrainConfig, files, special_tokens: list, log=None,
                     objective: str = "the objective"):
     """The run's tokenizer: loaded from a file, or trained on the data (and cached
@@ -294,6 +331,7 @@ def build_tokenizer(config: TrainConfig, files, special_tokens: list, log=None,
             return from_file(path)
         except TinyLMError:
             pass  # a damaged cache entry: train again
+    make_dirs(cache, "cache folder")
     if log:
         log(f"training a {spec} tokenizer on the data"
             + (f" (vocab_size {vocab})" if vocab else ""))
@@ -302,7 +340,6 @@ def build_tokenizer(config: TrainConfig, files, special_tokens: list, log=None,
         tok = cls.train(docs, special_tokens=special_tokens)
     else:
         tok = cls.train(docs, vocab, special_tokens=special_tokens)
-    os.makedirs(cache, exist_ok=True)
     tok.save(path)
     return tok
 
@@ -332,151 +369,72 @@ def build_model_config(config: TrainConfig, tokenizer, objective):
     return model_config
 
 
-def resolve_objective(config: TrainConfig):
-    """(objective class, its name), checked against the family before anything is built."""
-    arch = plugins.get_architecture(config.architecture)
-    kind = model_kind(arch.model)
+def resolve_objective(config: TrainConfig, model=None):
+    """(objective class, its name), checked against the family (or the caller's
+    ``model``) before anything is built."""
+    arch = config.architecture
+    kind = model_kind(plugins.get_architecture(arch).model if model is None else model)
+    if model is not None:
+        arch = getattr(model.config, "architecture", "this model")
     name = config.objective or DEFAULT_FOR_KIND.get(kind)
     if name is None:
-        raise ConfigError(f"family {config.architecture!r} has no default objective; "
-                          f"pass --objective")
+        raise ConfigError(f"family {arch!r} has no default objective; pass --objective")
     cls = plugins.get_objective(name)
-    cls.check_kind(kind, config.architecture)
+    cls.check_kind(kind, arch)
     return cls, name
 
 
-# --------------------------------------------------------------------------- checkpoints
+def tokenizer_and_objective(config: TrainConfig, files, *, tokenizer=None, objective=None,
+                            model=None, log=None) -> tuple:
+    """(tokenizer, objective, objective name) of a run: those handed in kept, the
+    others built from the config (the tokenizer trained on ``files`` if need be)."""
+    if objective is not None:
+        cls, name = type(objective), objective.name or type(objective).__name__
+        options = {k: getattr(objective, k) for k in objective.options}
+    else:
+        cls, name = resolve_objective(config, model)
+        options = config.objective_options
+    if tokenizer is None:
+        special = cls.special_tokens(config.block_size, **options)
+        tokenizer = build_tokenizer(config, files, special, log, name)
+    if objective is None:
+        objective = cls(tokenizer, **options)
+    return tokenizer, objective, name
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def model_config_for(config: TrainConfig, log=None):
+    """The model config ``tinylm train`` builds for a fresh run of ``config`` (with the
+    tokenizer it would build: a char tokenizer's vocabulary comes from the data).
+    ``tinylm info RUN.toml`` reports this."""
+    tokenizer, objective, _ = tokenizer_and_objective(config, data_files(config), log=log)
+    return build_model_config(config, tokenizer, objective)
 
 
-def has_checkpoint(out_dir) -> bool:
-    recover_checkpoint(out_dir)
-    return os.path.exists(os.path.join(out_dir, STATE_FILE))
+def preflight(config: TrainConfig, data: bool = True) -> list | None:
+    """The checks to make before the run folder is created: the device is there, and
+    (``data``) the sources exist outside the run folder; returns the source files."""
+    backend.xp_for(config.device)
+    return data_files(config) if data else None
 
 
-def recover_checkpoint(out_dir) -> None:
-    """Finish a checkpoint whose commit was interrupted (roll ``ckpt.new`` forward) and
-    remove temporary folders of saves that never completed."""
-    if not os.path.isdir(out_dir):
-        return
-    new = os.path.join(out_dir, "ckpt.new")
-    if os.path.isdir(new):
-        if os.path.exists(os.path.join(new, STATE_FILE)):
-            _commit(new, out_dir)
-        else:  # cannot happen with our saves; never trust a set without its state
-            shutil.rmtree(new, ignore_errors=True)
-    for name in os.listdir(out_dir):
-        if name.startswith("ckpt.tmp-"):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+def check_memory(model_config, config: TrainConfig) -> None:
+    """A ConfigError, before anything is allocated, when training ``model_config``
+    needs more memory than the machine has available."""
+    from tinylm.models.info import available_memory, human_size, parameter_counts
+    from tinylm.models.info import training_bytes
 
-
-def _commit(new: str, out_dir: str) -> None:
-    for name in sorted(os.listdir(new), key=lambda n: n == STATE_FILE):  # state last
-        os.replace(os.path.join(new, name), os.path.join(out_dir, name))
-    os.rmdir(new)
-
-
-def save_checkpoint(out_dir, model, optimizer, tokenizer, state: dict) -> None:
-    """Write a checkpoint set atomically (see the module docstring); ``state`` is the
-    JSON-ready trainer state, completed here with the optimizer's hyper-parameters and
-    every file's size and SHA-256."""
-    os.makedirs(out_dir, exist_ok=True)
-    recover_checkpoint(out_dir)
-    tmp = tempfile.mkdtemp(prefix="ckpt.tmp-", dir=out_dir)
-    try:
-        model.config.save(os.path.join(tmp, CONFIG_FILE))
-        tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
-        weights = {k: np.ascontiguousarray(backend.to_numpy(v))
-                   for k, v in model.state_dict().items()}
-        checkpoint.save_file(weights, os.path.join(tmp, MODEL_FILE), metadata={"format": "np"})
-        arrays, meta = flatten_state_dict(optimizer.state_dict())
-        checkpoint.save_file(arrays, os.path.join(tmp, OPTIMIZER_FILE))
-        files = {}
-        for name in CHECKPOINT_FILES:
-            path = os.path.join(tmp, name)
-            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-        state = {**state, "optimizer": meta, "files": files, "version": STATE_VERSION}
-        write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + "\n",
-                     error=CheckpointError)
-        new = os.path.join(out_dir, "ckpt.new")
-        os.replace(tmp, new)  # the set is complete from here on
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _commit(new, out_dir)
-
-
-def read_checkpoint_state(out_dir, verify: bool = True) -> dict:
-    """The trainer state of ``out_dir``'s checkpoint, after checking that every file
-    it lists is there with its recorded size and SHA-256."""
-    recover_checkpoint(out_dir)
-    path = os.path.join(out_dir, STATE_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{out_dir} has no checkpoint ({STATE_FILE} is missing)") from None
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint file {path} is damaged or truncated ({e}); "
-                              f"restore it, or start over with --overwrite") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path} is not a tinylm trainer state (version "
-                              f"{STATE_VERSION})")
-    if verify:
-        for name, want in state.get("files", {}).items():
-            verify_file(os.path.join(out_dir, name), want)
-    return state
-
-
-def verify_file(path, want: dict) -> None:
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint file {path} is missing; restore it, or start "
-                              f"over with --overwrite")
-    size = os.path.getsize(path)
-    if size != want["bytes"]:
-        what = "truncated" if size < want["bytes"] else "longer than it was saved"
-        raise CheckpointError(f"checkpoint file {path} is {what}: {size} bytes, the "
-                              f"checkpoint recorded {want['bytes']}; the save was interrupted "
-                              f"or the file damaged: restore it, or start over with --overwrite")
-    if _sha256(path) != want["sha256"]:
-        raise CheckpointError(f"checkpoint file {path} is damaged: its SHA-256 differs from "
-                              f"the one recorded when it was saved; restore it, or start over "
-                              f"with --overwrite")
-
-
-def load_model_dir(path, device: str = "cpu"):
-    """(model, tokenizer) of a run directory (or any folder with config.json,
-    tokenizer.txt and model.safetensors), checked against its trainer state if any."""
-    from tinylm.tokenizers import from_file
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a directory; pass the --out folder of a "
-                              f"`tinylm train` run")
-    recover_checkpoint(path)
-    if os.path.exists(os.path.join(path, STATE_FILE)):
-        state = read_checkpoint_state(path, verify=False)
-        for name in (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE):
-            if name in state.get("files", {}):
-                verify_file(os.path.join(path, name), state["files"][name])
-    for name in (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE):
-        if not os.path.exists(os.path.join(path, name)):
-            raise CheckpointError(f"{path} has no {name}; is it the --out folder of a "
-                                  f"`tinylm train` run?")
-    from tinylm.models.config import read_config_file
-
-    config = config_from_dict(read_config_file(os.path.join(path, CONFIG_FILE)))
-    model = build_model(config)
-    model.load_state_dict(checkpoint.load_file(os.path.join(path, MODEL_FILE)))
-    tokenizer = from_file(os.path.join(path, TOKENIZER_FILE))
-    return model.to(device), tokenizer
+    n = parameter_counts(model_config)["total"]
+    if backend.normalize_device(config.device) == "cpu":
+        need = training_bytes(model_config, config.batch_size, config.block_size)
+        what = "to train (weights, gradients, AdamW's state and the activations)"
+    else:
+        need, what = 4 * n, "for its weights in RAM, where it is built before the GPU"
+    have = available_memory()
+    if have is not None and need > have:
+        raise ConfigError(
+            f"the model has {n:,} parameters and needs about {human_size(need)} {what}, but "
+            f"this machine has {human_size(have)} available; make it smaller (--n-layer, "
+            f"--d-model, --batch-size, --block-size)")
 
 
 # --------------------------------------------------------------------------- CPU threads
@@ -492,42 +450,6 @@ def auto_threads(model, device: str = "cpu") -> int | None:
     return 1 if small and backend.normalize_device(device) == "cpu" else None
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended as training goes."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (a resumed run writes them again)."""
-        if not os.path.exists(self.path):
-            return
-        keep = [line for line in read_metrics(self.path, raw=True) if line[0]["step"] <= step]
-        checkpoint_text = "".join(text for _, text in keep)
-        write_atomic(self.path, checkpoint_text, error=CheckpointError)
-
-
-def read_metrics(path, raw: bool = False) -> list:
-    """The records of a metrics.jsonl (a torn last line, from a kill, is skipped)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                out.append((record, line) if raw else record)
-    return out
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -536,13 +458,20 @@ class Trainer:
     ``out_dir``'s checkpoint when there is one and ``resume`` allows), evaluating,
     sampling, logging and checkpointing on the way; returns a summary dict.
 
-    ``log``: where messages go (default: nowhere); ``progress``: show a tqdm bar on
-    stderr. ``resume``: "auto" (resume if there is a checkpoint), True (there must
-    be one) or False (there must be none: pass ``overwrite=True`` to start over)."""
+    The parts are built from the config unless the caller hands them in (fine-tuning
+    hands in a pretrained or PEFT-wrapped model): ``model`` (frozen parameters stay
+    frozen; a resumed run loads the checkpoint's weights into it), ``tokenizer``,
+    ``data`` (a ``TokenData`` or a 1-D array of token ids) and ``objective`` (an
+    ``Objective``). ``log``: where messages go (default: nowhere); ``progress``: a
+    tqdm bar on stderr. ``resume``: "auto" (resume if there is a checkpoint), True
+    (there must be one) or False (there must be none); ``overwrite``: start over,
+    removing the files a run writes (``tinylm.rundir``)."""
 
-    def __init__(self, config: TrainConfig, *, log=None, progress: bool = False,
-                 resume="auto", overwrite: bool = False):
+    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, data=None,
+                 objective=None, log=None, progress: bool = False, resume="auto",
+                 overwrite: bool = False):
         self.config = config
+        self.model, self.tokenizer, self.data, self.objective = model, tokenizer, data, objective
         self.log = log or (lambda msg: None)
         self.progress = progress
         self.resume, self.overwrite = resume, overwrite
@@ -550,93 +479,114 @@ class Trainer:
         self.best_val = None
         self.last_saved_step = None
         self.last_eval_step = None
-        self._stop_requested = False
-        self._ready = False
+        self._stop_requested, self._stop_signal = False, None
+        self._ready, self._files = False, None
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, **options) -> "Trainer":
+        """A Trainer that builds every part from ``config`` (``options``: log,
+        progress, resume, overwrite)."""
+        return cls(config, **options)
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self) -> "Trainer":
-        if self._ready:
-            return self
-        cfg, out = self.config, self.config.out_dir
-        backend.xp_for(cfg.device)  # no GPU: say so before tokenizing anything
-        os.makedirs(out, exist_ok=True)
-        self.metrics = MetricsLog(os.path.join(out, METRICS_FILE))
-        state = None
-        if self.overwrite:
-            self._clear(out)
-        elif has_checkpoint(out):
-            if self.resume is False:
-                raise CheckpointError(f"{out} already holds a checkpoint; resume it, pick "
-                                      f"another --out, or pass --overwrite to start over")
-            state = read_checkpoint_state(out)
-            saved = TrainConfig.from_dict(state["config"])
-            mine = {**cfg.to_dict(), "data": [os.path.abspath(p) for p in cfg.data]}
-            differs = [n for n, v in saved.to_dict().items()
-                       if n not in TrainConfig.RESUMABLE and v != mine[n]]
-            if differs:
-                raise ConfigError(f"{out} holds a run with other settings "
-                                  f"({', '.join(differs)}); resume with the same ones, or "
-                                  f"pass --overwrite")
-        elif self.resume is True:
-            raise CheckpointError(f"{out} has no checkpoint to resume")
+    def setup(self, run: Run | None = None) -> "Trainer":
+        """Build everything (and restore the checkpoint) without training. ``run``: the
+        run folder, opened (locked, its checkpoint verified) by the caller; None: it is
+        opened here, for the time of the setup."""
+        if not self._ready:
+            with self._hold(run) as run:
+                self._setup(run)
+        return self
 
-        objective_cls, self.objective_name = resolve_objective(cfg)
-        files = resolve_sources(cfg.data)
-        special = objective_cls.special_tokens(cfg.block_size, **cfg.objective_options)
-        if state is not None:
-            from tinylm.tokenizers import from_file
-
-            self.tokenizer = from_file(os.path.join(out, TOKENIZER_FILE))
+    @contextlib.contextmanager
+    def _hold(self, run: Run | None):
+        """The run folder, locked for the ``with`` block."""
+        if run is not None:
+            yield run  # the caller holds it
+        elif self._ready:
+            with RunLock(self.config.out_dir):
+                yield None
         else:
-            self.tokenizer = build_tokenizer(cfg, files, special, self.log, self.objective_name)
-        self.objective = objective_cls(self.tokenizer, **cfg.objective_options)
-        self.data = TokenData.prepare(files, self.tokenizer, data_cache_dir(cfg, files),
-                                      cfg.text_field, eot=EOT)
-        self.log(f"data: {len(self.data):,} tokens in {self.data.manifest['n_documents']:,} "
-                 f"document(s) from {_describe(files)}"
-                 f"{' (cached)' if self.data.reused else ''}")
+            self._files = preflight(self.config, self.data is None or self.tokenizer is None)
+            with open_run(self.config.out_dir, overwrite=self.overwrite,
+                          resume=self.resume) as run:
+                yield run
+
+    def _setup(self, run: Run) -> None:
+        cfg, state = self.config, run.state
+        if state is not None:
+            self._check_resumable(state)
+        self.metrics = MetricsLog(os.path.join(run.path, METRICS_FILE))
+        model_config = self._build_parts(run)
         self.train_tokens, self.val_tokens = self.data.split(cfg.val_fraction)
         self.window = self.objective.window_length(cfg.block_size)
-        seed = cfg.seed
         self.batcher = Batcher(self.train_tokens, self.window, cfg.batch_size, cfg.sampling,
-                               seed=[seed, 1], split="train")
+                               seed=[cfg.seed, 1], split="train")
         if cfg.val_fraction > 0:  # fail now, not at the first evaluation
-            Batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling, seed=[seed, 3],
-                    split="validation")
-        self.objective_rng = np.random.default_rng([seed, 2])
-
-        backend.seed(seed)
-        if state is not None:
-            from tinylm.models.config import read_config_file
-
-            model_config = config_from_dict(read_config_file(os.path.join(out, CONFIG_FILE)))
-        else:
-            model_config = build_model_config(cfg, self.tokenizer, self.objective)
-        self.model = build_model(model_config).to(cfg.device)
+            Batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling,
+                    seed=[cfg.seed, 3], split="validation")
+        self.objective_rng = np.random.default_rng([cfg.seed, 2])
+        backend.seed(cfg.seed)
+        if self.model is None:
+            self.model = build_model(model_config)
+        self.model.to(cfg.device)
         self.objective.check_model(self.model)
         self.optimizer = AdamW(param_groups_for_weight_decay(self.model, cfg.weight_decay),
                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                weight_decay=cfg.weight_decay)
         self.scaler = amp.LossScaler(enabled=cfg.half)
         if state is not None:
-            self._restore(state)
-            self.log(f"resuming from step {self.step} of {out}")
+            self._restore(run)
+            self.log(f"resuming from step {self.step} of {run.path}")
         else:
             self.metrics.truncate_after(-1)
-        n = self.model.num_parameters()
-        self.log(f"model: {model_config.architecture}, {n / 1e6:.2f}M parameters, "
-                 f"{model_config.n_layer} layers x {model_config.d_model}, vocab "
-                 f"{model_config.vocab_size}; objective {self.objective_name}; device {cfg.device}")
+        c, n = self.model.config, self.model.num_parameters()
+        self.log(f"model: {c.architecture}, {n / 1e6:.2f}M parameters, {c.n_layer} layers x "
+                 f"{c.d_model}, vocab {c.vocab_size}; objective {self.objective_name}; "
+                 f"device {cfg.device}")
         self._ready = True
-        return self
 
-    def _clear(self, out) -> None:
-        recover_checkpoint(out)
-        for name in (*CHECKPOINT_FILES, STATE_FILE, METRICS_FILE):
-            path = os.path.join(out, name)
-            if os.path.exists(path):
-                os.remove(path)
+    def _build_parts(self, run: Run):
+        """Tokenizer, objective and data (each unless handed in), and the model config
+        when the model is to be built (checked to fit in memory first)."""
+        from tinylm.models.config import read_config_file
+        from tinylm.tokenizers import from_file
+
+        cfg, state = self.config, run.state
+        if self.tokenizer is None and state is not None:
+            self.tokenizer = from_file(os.path.join(run.path, TOKENIZER_FILE))
+        files = self._files
+        if files is None and (self.tokenizer is None or self.data is None):
+            files = data_files(cfg)
+        self.tokenizer, self.objective, self.objective_name = tokenizer_and_objective(
+            cfg, files, tokenizer=self.tokenizer, objective=self.objective, model=self.model,
+            log=self.log)
+        model_config = None
+        if self.model is None:
+            model_config = (config_from_dict(read_config_file(os.path.join(run.path, CONFIG_FILE)))
+                            if state is not None
+                            else build_model_config(cfg, self.tokenizer, self.objective))
+            check_memory(model_config, cfg)
+        if self.data is None:
+            self.data = TokenData.prepare(files, self.tokenizer, data_cache_dir(cfg, files),
+                                          cfg.text_field, eot=EOT)
+            self.log(f"data: {len(self.data):,} tokens in "
+                     f"{self.data.manifest['n_documents']:,} document(s) from "
+                     f"{_describe(files)}{' (cached)' if self.data.reused else ''}")
+        elif not isinstance(self.data, TokenData):
+            self.data = TokenData.from_ids(self.data)
+        return model_config
+
+    def _check_resumable(self, state: dict) -> None:
+        saved = TrainConfig.from_dict(state["config"])
+        mine = {**self.config.to_dict(), "data": [os.path.abspath(p) for p in self.config.data]}
+        differs = [n for n, v in saved.to_dict().items()
+                   if n not in TrainConfig.RESUMABLE and v != mine[n]]
+        if differs:
+            raise ConfigError(f"{self.config.out_dir} holds a run with other settings "
+                              f"({', '.join(differs)}); resume with the same ones, or "
+                              f"pass --overwrite")
 
     def _state(self) -> dict:
         return {
@@ -653,10 +603,11 @@ class Trainer:
             "last_eval_step": self.last_eval_step,
         }
 
-    def _restore(self, state: dict) -> None:
-        out = self.config.out_dir
-        self.model.load_state_dict(checkpoint.load_file(os.path.join(out, MODEL_FILE)))
-        arrays = checkpoint.load_file(os.path.join(out, OPTIMIZER_FILE))
+    def _restore(self, run: Run) -> None:
+        """Load the checkpoint ``run`` verified: weights, optimizer, positions, RNGs."""
+        state = run.state
+        self.model.load_state_dict(checkpoint.load_file(os.path.join(run.path, MODEL_FILE)))
+        arrays = checkpoint.load_file(os.path.join(run.path, OPTIMIZER_FILE))
         self.optimizer.load_state_dict(unflatten_state_dict(arrays, state["optimizer"]))
         self.step = int(state["step"])
         if state["data"].get("tokens_key") != os.path.basename(self.data.path):
@@ -747,18 +698,19 @@ class Trainer:
         return total / max(weight, 1)
 
     def sample_text(self, n_tokens: int | None = None) -> str | None:
-        """A sample from a decoder, from the start of a document (None otherwise)."""
+        """A sample from a decoder, from the start of a document, up to the end of the
+        text (None for other models). Special tokens are not shown."""
         from tinylm.generate import sample
 
         n = self.config.sample_tokens if n_tokens is None else n_tokens
         if n <= 0 or model_kind(self.model) != "decoder":
             return None
         eot = self.tokenizer.token_to_id(EOT)
-        prompt = [eot] if self.data.manifest["n_documents"] > 1 else [int(self.train_tokens[0])]
+        documents = self.data.manifest.get("n_documents", 1)
+        prompt = [eot] if eot is not None and documents > 1 else [int(self.train_tokens[0])]
         ids = sample(self.model, prompt, n, temperature=self.config.temperature, top_k=200,
-                     rng=np.random.default_rng([self.config.seed, 5]))
-        ids = prompt[1:] + ids if prompt == [eot] else prompt + ids
-        return self.tokenizer.decode(ids)
+                     eos_id=eot, rng=np.random.default_rng([self.config.seed, 5]))
+        return self.tokenizer.decode(prompt + list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -774,14 +726,16 @@ class Trainer:
         n = self.config.threads
         return auto_threads(self.model, self.config.device) if n is None else (n or None)
 
-    def fit(self) -> dict:
-        self.setup()
-        with blas_threads(self.threads()):
-            return self._fit()
+    def fit(self, run: Run | None = None) -> dict:
+        """Train to ``max_steps``; ``run``: as for ``setup``, held for the whole run."""
+        with self._hold(run) as run:
+            if not self._ready:
+                self._setup(run)
+            with blas_threads(self.threads()):
+                return self._fit()
 
     def _fit(self) -> dict:
         cfg = self.config
-        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -789,27 +743,19 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                        file=sys.stderr, desc="train", smoothing=0.1)
         say = (lambda msg: bar.write(msg, file=sys.stderr)) if bar is not None else self.log
-        previous = self._install_sigint()
-        start = time.perf_counter()
-        busy, steps_log = 0.0, 0  # time spent in training steps since the last log line
+        previous = self._install_signals()
+        self._clock = {"start": time.perf_counter(), "busy": 0.0, "steps": 0}
         last_loss, interrupted, val = None, False, None
         try:
             while self.step < cfg.max_steps and not self._stop_requested:
                 t0 = time.perf_counter()
                 loss, norm = self.train_step(self.next_batches())
-                busy += time.perf_counter() - t0
+                self._clock["busy"] += time.perf_counter() - t0
+                self._clock["steps"] += 1
                 self.step += 1
-                steps_log += 1
                 last_loss = loss
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    rate = steps_log * tokens_per_step / max(busy, 1e-9)
-                    busy, steps_log = 0.0, 0
-                    self.metrics.append({"step": self.step, "loss": loss,
-                                         "lr": cfg.lr_at(self.step - 1), "grad_norm": norm,
-                                         "tokens_per_s": round(rate, 1),
-                                         "elapsed_s": round(time.perf_counter() - start, 3)})
-                    if bar is not None:
-                        bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tok/s", refresh=False)
+                    self._log_step(loss, norm, bar)
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
@@ -820,12 +766,12 @@ class Trainer:
                 interrupted = True
                 if self.last_saved_step != self.step:
                     self.save()
-                say(f"interrupted at step {self.step}: checkpoint saved in {cfg.out_dir}; "
-                    f"run the same command again to resume")
+                say(f"interrupted{self._signal_name()} at step {self.step}: checkpoint saved "
+                    f"in {cfg.out_dir}; run the same command again to resume")
         finally:
             if bar is not None:
                 bar.close()
-            self._restore_sigint(previous)
+            self._restore_signals(previous)
         if not interrupted and self.step >= cfg.max_steps:
             if self.last_eval_step != self.step and cfg.val_fraction > 0:
                 val = self._evaluate_and_report(self.log)
@@ -833,7 +779,24 @@ class Trainer:
                 self.save()
         return {"step": self.step, "train_loss": last_loss, "val_loss": val,
                 "best_val_loss": self.best_val, "interrupted": interrupted,
-                "out_dir": cfg.out_dir, "elapsed_s": time.perf_counter() - start}
+                "signal": self._stop_signal if interrupted else None, "out_dir": cfg.out_dir,
+                "elapsed_s": time.perf_counter() - self._clock["start"]}
+
+    def _log_step(self, loss: float, norm: float, bar) -> None:
+        """A metrics record (and a line, without a progress bar) for this step."""
+        cfg, clock = self.config, self._clock
+        tokens = clock["steps"] * cfg.batch_size * cfg.block_size * cfg.grad_accum
+        rate = tokens / max(clock["busy"], 1e-9)
+        clock["busy"], clock["steps"] = 0.0, 0
+        lr = cfg.lr_at(self.step - 1)
+        self.metrics.append({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                             "tokens_per_s": round(rate, 1),
+                             "elapsed_s": round(time.perf_counter() - clock["start"], 3)})
+        if bar is not None:
+            bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tok/s", refresh=False)
+        else:
+            self.log(f"step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.3g}, "
+                     f"grad norm {norm:.3g}, {rate:,.0f} tokens/s")
 
     def _evaluate_and_report(self, say) -> float | None:
         if self.config.val_fraction <= 0:
@@ -850,26 +813,40 @@ class Trainer:
             say("-" * 20 + " sample " + "-" * 20 + "\n" + text.strip("\n") + "\n" + "-" * 48)
         return val
 
-    # ------------------------------------------------------------------ Ctrl-C
+    # ------------------------------------------------------------------ Ctrl-C, SIGTERM
 
-    def _install_sigint(self):
-        """First Ctrl-C: finish the step, save, stop. A second one: stop at once."""
+    STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+    def _install_signals(self) -> dict:
+        """First Ctrl-C or SIGTERM: finish the step, save, stop. A second one: stop at
+        once. Returns the handlers replaced."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
             if self._stop_requested:
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested, self._stop_signal = True, signum
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:
-            return None
+        previous = {}
+        for name in self.STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is None:
+                continue
+            try:
+                previous[number] = signal.signal(number, handler)
+            except (ValueError, OSError):
+                pass
+        return previous
 
-    def _restore_sigint(self, previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    def _restore_signals(self, previous: dict) -> None:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+    def _signal_name(self) -> str:
+        if self._stop_signal is None:
+            return ""
+        return f" ({signal.Signals(self._stop_signal).name})"
 
     def request_stop(self) -> None:
         """Stop after the current step, saving a checkpoint (what Ctrl-C does)."""

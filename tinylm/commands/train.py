@@ -93,12 +93,34 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, **o
     --model OUT` loads), the optimizer and trainer state, and OUT/metrics.jsonl.
     Run it again to resume; Ctrl-C saves a checkpoint and stops.
     """
-    from tinylm.train import TrainConfig, Trainer, has_checkpoint, read_checkpoint_state
+    from tinylm.rundir import open_run
+    from tinylm.train import TrainConfig, Trainer, preflight
 
-    given = {}  # the settings this command line (and --config) sets explicitly
+    given = _given_settings(config_path, data, out_dir, settings, options)
+    if "out_dir" not in given:
+        raise click.UsageError("say where the run goes: --out DIR (or out_dir in --config)")
+    config = TrainConfig.from_dict(given)
+    preflight(config)
+    with open_run(config.out_dir, overwrite=overwrite) as run:  # locked until the run ends
+        if run.state is not None:  # resuming: the checkpoint's settings, with what may change
+            config = config.for_resume(TrainConfig.from_dict(run.state["config"]), set(given))
+        trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress)
+        result = trainer.fit(run)
+    if result["interrupted"]:
+        sys.exit(128 + (result["signal"] or 2))  # 130 for Ctrl-C, 143 for SIGTERM
+    summary = f"done: {result['step']} steps"
+    if result["val_loss"] is not None:
+        summary += f", val loss {result['val_loss']:.4f}"
+    click.echo(f"{summary}; model in {config.out_dir} "
+               f"(tinylm generate --model {config.out_dir} --prompt ...)", err=True)
+
+
+def _given_settings(config_path, data, out_dir, settings, options) -> dict:
+    """The settings this command line (and --config) sets explicitly."""
+    from tinylm.train import TrainConfig, read_toml
+
+    given = {}
     if config_path:
-        from tinylm.train import read_toml
-
         given.update(TrainConfig.from_toml(config_path).to_dict())
         given = {k: v for k, v in given.items() if k in read_toml(config_path)}
     model = dict(given.get("model", {}))
@@ -126,19 +148,4 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, **o
             given[key] = value
     if model:
         given["model"] = model
-    if "out_dir" not in given:
-        raise click.UsageError("say where the run goes: --out DIR (or out_dir in --config)")
-    config = TrainConfig.from_dict(given)
-    if not overwrite and has_checkpoint(config.out_dir):
-        saved = TrainConfig.from_dict(read_checkpoint_state(config.out_dir)["config"])
-        config = config.for_resume(saved, set(given))
-    trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress,
-                      overwrite=overwrite)
-    result = trainer.fit()
-    if result["interrupted"]:
-        sys.exit(130)
-    summary = f"done: {result['step']} steps"
-    if result["val_loss"] is not None:
-        summary += f", val loss {result['val_loss']:.4f}"
-    click.echo(f"{summary}; model in {config.out_dir} "
-               f"(tinylm generate --model {config.out_dir} --prompt ...)", err=True)
+    return given

@@ -34,7 +34,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
-from tinylm.config_files import field_type_problems, toml_module
+from tinylm.config_files import field_type_problems, non_finite_problems, toml_module
 from tinylm.atomic import write_atomic
 from tinylm.errors import ConfigError, TinyLMError
 from tinylm.nn.block import NORMS as _NORMS
@@ -106,7 +106,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ checks
 
     def __post_init__(self):
-        problems = field_type_problems(self, _TYPES)
+        problems = field_type_problems(self, _TYPES) or non_finite_problems(self)
         if not problems:
             problems = self._check()
         if problems:
@@ -117,8 +117,21 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_positions"):
             if getattr(self, name) <= 0:
                 p.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_kv_head", "head_dim", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                p.append(f"{name} must be positive (or unset), got {getattr(self, name)}")
         if p:
             return p
+        if not self.norm_eps > 0:
+            p.append(f"norm_eps must be > 0 (it keeps the norm's division finite), got "
+                     f"{self.norm_eps}")
+        if self.init_std < 0:
+            p.append(f"init_std must be >= 0, got {self.init_std}")
+        if self.attn_scale is not None and not self.attn_scale > 0:
+            p.append(f"attn_scale must be > 0 (or unset: 1/sqrt(head_dim)), got "
+                     f"{self.attn_scale}")
+        if self.moe_aux_coef < 0:
+            p.append(f"moe_aux_coef must be >= 0, got {self.moe_aux_coef}")
         if self.head_dim is None and self.d_model % self.n_head:
             p.append(f"d_model={self.d_model} is not divisible by n_head={self.n_head} "
                      f"(or set head_dim)")
@@ -236,6 +249,8 @@ class BertConfig(ModelConfig):
             p.append(f"head must be 'mlm', 'classification' or 'none', got {self.head!r}")
         if self.head == "classification" and (not self.pooler or self.num_labels < 1):
             p.append("a classification head needs pooler = true and num_labels >= 1")
+        if self.type_vocab_size < 0:
+            p.append(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
         return p
 
 
@@ -264,6 +279,14 @@ class T5Config(ModelConfig):
     n_decoder_layer: int | None = None  # None: n_layer
     decoder_start_token_id: int = 0
     scale_decoder_output: bool = True
+
+    def _check(self) -> list:
+        p = super()._check()
+        if self.n_decoder_layer is not None and self.n_decoder_layer <= 0:
+            p.append(f"n_decoder_layer must be positive (or unset), got {self.n_decoder_layer}")
+        if self.decoder_start_token_id < 0:
+            p.append(f"decoder_start_token_id must be >= 0, got {self.decoder_start_token_id}")
+        return p
 
     @property
     def decoder_layers(self) -> int:

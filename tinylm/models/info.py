@@ -25,6 +25,9 @@ batches). The tests hold it within a few percent of what the graph really retain
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import numpy as np
 
 from tinylm.models.config import BertConfig, ModelConfig, T5Config
@@ -118,8 +121,22 @@ class _Tally:
         self.parts[part] = self.parts.get(part, 0) + int(elements) * (itemsize or self.itemsize)
 
 
-def _attention(t: _Tally, c, part, B, T, S, rotary, composed, causal, bias, cross=False):
+class _Attn(NamedTuple):
+    """The shape of one attention sub-layer: B queries rows of T attending over S keys."""
+
+    B: int
+    T: int
+    S: int
+    rotary: bool = False  # RoPE rotates q and k
+    composed: bool = False  # the composed op (T5 bias, attention dropout), not the fused one
+    causal: bool = False
+    bias: bool = False  # a learned score bias is added
+    cross: bool = False  # cross-attention over an encoder's memory
+
+
+def _attention(t: _Tally, c, part, a: _Attn):
     """One attention sub-layer (norm, projections, scores, output, residual)."""
+    B, T, S, rotary, composed, causal, bias, cross = a
     N, d, nh, nkv, hs = B * T, c.d_model, c.n_head, c.kv_heads, c.head_size
     t.add(part, 2 * N * d + N)  # norm: normalised input + output (+ 1/rms per row)
     if cross:
@@ -210,10 +227,10 @@ def activation_memory(c: ModelConfig, batch_size: int = 1, seq_len: int | None =
         if learned_bias:
             t.add("attention", T_ * T_ * c.n_head)  # the bias table, once per stack
         for _ in range(n_layer):
-            _attention(t, c, "attention", B_, T_, T_, rotary, composed, causal, learned_bias)
+            _attention(t, c, "attention", _Attn(B_, T_, T_, rotary, composed, causal,
+                                                learned_bias))
             if memory is not None:
-                _attention(t, c, "attention", B_, T_, memory, False, False, False, False,
-                           cross=True)
+                _attention(t, c, "attention", _Attn(B_, T_, memory, cross=True))
             _feed_forward(t, c, "feed_forward", N)
         if c.norm_position == "pre":
             t.add("head", 2 * N * d + N)
@@ -253,6 +270,39 @@ def activation_memory(c: ModelConfig, batch_size: int = 1, seq_len: int | None =
     parts = dict(t.parts)
     parts["total"] = sum(t.parts.values())
     return parts
+
+
+# --------------------------------------------------------------------------- fitting in memory
+
+
+def training_bytes(c: ModelConfig, batch_size: int, seq_len: int, dtype="float32") -> int:
+    """Estimated bytes training ``c`` takes: weights, gradients and AdamW's two moment
+    estimates (4 copies of the parameters) plus the activations of one micro-batch."""
+    itemsize = np.dtype(dtype).itemsize
+    params = parameter_counts(c)["total"]
+    return 4 * params * itemsize + activation_memory(c, batch_size, seq_len, dtype)["total"]
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM this process could still use (psutil's "available" if psutil is
+    installed, else MemAvailable of /proc/meminfo, else the physical size), or None."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -299,7 +349,7 @@ def retained_bytes(output) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def _human(n: float, unit: str = "B") -> str:
+def human_size(n: float, unit: str = "B") -> str:
     """1234567 -> "1.2 MB"; with unit "" counts read 1.2M, 6.7B (billions)."""
     prefixes = ("", "K", "M", "G", "T") if unit else ("", "K", "M", "B", "T")
     for prefix in prefixes:
@@ -329,7 +379,7 @@ def describe(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
         extras.append(f"experts={c.n_experts} top_k={c.moe_top_k}")
     lines.append("options       " + " ".join(extras))
     lines.append("")
-    lines.append(f"parameters    {counts['total']:,} ({_human(counts['total'], '')})")
+    lines.append(f"parameters    {counts['total']:,} ({human_size(counts['total'], '')})")
     for key in ("embeddings", "positional", "attention", "feed_forward", "norms", "heads"):
         if counts[key]:
             share = 100 * counts[key] / counts["total"]
@@ -340,12 +390,12 @@ def describe(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
     lines.append("")
     lines.append(f"memory        batch={batch_size} seq_len={T} dtype={dtype} "
                  f"(training, estimated)")
-    lines.append(f"  weights     {_human(p_bytes):>12}")
-    lines.append(f"  gradients   {_human(p_bytes):>12}")
-    lines.append(f"  AdamW state {_human(2 * p_bytes):>12}")
-    lines.append(f"  activations {_human(mem['total']):>12}")
+    lines.append(f"  weights     {human_size(p_bytes):>12}")
+    lines.append(f"  gradients   {human_size(p_bytes):>12}")
+    lines.append(f"  AdamW state {human_size(2 * p_bytes):>12}")
+    lines.append(f"  activations {human_size(mem['total']):>12}")
     for key, value in mem.items():
         if key != "total":
-            lines.append(f"    {key:<22}{_human(value):>12}")
-    lines.append(f"  total       {_human(4 * p_bytes + mem['total']):>12}")
+            lines.append(f"    {key:<22}{human_size(value):>12}")
+    lines.append(f"  total       {human_size(4 * p_bytes + mem['total']):>12}")
     return "\n".join(lines)

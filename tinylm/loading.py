@@ -1,0 +1,98 @@
+"""One model loader for every source: ``load_model(path, device) -> (model, tokenizer)``.
+
+    model, tokenizer = load_model("runs/demo")            # a `tinylm train` run folder
+    model, tokenizer = load_model("hf/gpt2", "cuda")      # a Hugging Face folder
+    model = tinylm.load_pretrained("runs/demo")           # the model alone, either kind
+
+A folder is recognised by its ``config.json``: tinylm's own (it names an
+``architecture``; the run folder also holds ``tokenizer.txt`` and
+``model.safetensors``, checked against ``trainer_state.json``: see
+``tinylm.rundir``) or a Hugging Face one (it names a ``model_type``; the weights are
+read by ``tinylm.models.hf.load_pretrained`` and the tokenizer from
+``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or ``vocab.txt``). GGUF files are
+not read yet. Every way a path can be wrong is a ``CheckpointError`` saying what was
+expected. The model comes back in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tinylm.errors import CheckpointError
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+_EXPECTED = ("a `tinylm train` run folder (config.json, tokenizer.txt, model.safetensors) or a "
+             "Hugging Face folder (config.json, model.safetensors, tokenizer.json)")
+
+
+def load_model(path, device: str = "cpu"):
+    """(model, tokenizer) from a run folder or a Hugging Face folder, on ``device``."""
+    path = os.fspath(path)
+    kind = source_kind(path)
+    if kind == "run":
+        from tinylm.rundir import load_model_dir
+
+        model, tokenizer = load_model_dir(path, device)
+    else:
+        model, tokenizer = _load_hf(path), hf_tokenizer(path)
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_pretrained(path, strict: bool = True):
+    """The model alone (on the CPU) of a run folder or a Hugging Face folder.
+    ``strict``: a Hugging Face checkpoint with tensors the model does not use is an
+    error (a run folder always fits exactly)."""
+    path = os.fspath(path)
+    if source_kind(path) == "run":
+        return load_model(path)[0]
+    return _load_hf(path, strict)
+
+
+def source_kind(path) -> str:
+    """"run" (tinylm's config.json) or "hf" (a Hugging Face config.json); anything else
+    is a CheckpointError saying what was expected."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is not a directory (it does not exist); pass {_EXPECTED}")
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        raise CheckpointError(f"{path} is a GGUF file, which tinylm does not load yet; "
+                              f"pass {_EXPECTED}")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory; pass {_EXPECTED}")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        if os.path.exists(os.path.join(path, "trainer_state.json")):
+            return "run"  # a damaged run: load_model_dir names what is missing
+        raise CheckpointError(f"{path} has no config.json; pass {_EXPECTED}")
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {config}: {e}") from None
+    if isinstance(data, dict) and "architecture" in data:
+        return "run"
+    if isinstance(data, dict) and "model_type" in data:
+        return "hf"
+    raise CheckpointError(f"{config} names neither an 'architecture' (tinylm) nor a "
+                          f"'model_type' (Hugging Face); pass {_EXPECTED}")
+
+
+def hf_tokenizer(path):
+    """The tokenizer of a Hugging Face folder (tokenizer.json, vocab.json + merges.txt
+    or vocab.txt)."""
+    from tinylm.tokenizers import from_file
+
+    for name in HF_TOKENIZER_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            return from_file(os.path.join(path, name))
+    raise CheckpointError(f"{path} has a config.json but no tokenizer "
+                          f"({', '.join(HF_TOKENIZER_FILES)}); add one")
+
+
+def _load_hf(path, strict: bool = True):
+    from tinylm.models import hf
+
+    return hf.load_pretrained(path, strict=strict)
