@@ -151,8 +151,10 @@ def test_shapes_respect_bounds(shape):
 
 @given(testing.broadcastable_shapes(3))
 def test_broadcastable_shapes_broadcast(shapes):
-    assert len(shapes) == 3
-    np.broadcast_shapes(*shapes)
+    assert len(shapes) == 3 and all(isinstance(s, tuple) and len(s) <= 3 for s in shapes)
+    out = np.broadcast_shapes(*shapes)  # raises if they do not broadcast
+    assert len(out) == max(map(len, shapes))
+    assert np.broadcast(*[np.zeros(s) for s in shapes]).shape == out
 
 
 @given(testing.arrays(testing.shapes(), min_value=-2, max_value=2, min_abs=0.5))
@@ -169,7 +171,31 @@ def test_positive_arrays(x):
 @given(st.integers(0, 4).flatmap(lambda n: st.tuples(st.just(n), testing.axes(n))))
 def test_axes_are_valid_for_numpy(case):
     ndim, axis = case
-    np.zeros((2,) * ndim).sum(axis=axis)  # raises on an invalid or repeated axis
+    if axis is None:
+        reduced = set(range(ndim))
+    else:
+        spelled = axis if isinstance(axis, tuple) else (axis,)
+        assert all(isinstance(a, int) and -ndim <= a < ndim for a in spelled), axis
+        reduced = {a % ndim for a in spelled}
+        assert len(reduced) == len(spelled), f"repeated axis in {axis}"
+    shape = tuple(range(2, 2 + ndim))  # a different size per axis
+    out = np.zeros(shape).sum(axis=axis)  # NumPy agrees: no error, the same axes gone
+    assert out.shape == tuple(n for k, n in enumerate(shape) if k not in reduced)
+
+
+@given(st.sampled_from([1, 3]).flatmap(lambda n: st.tuples(st.just(n), testing.axes(
+    n, allow_none=False, allow_tuple=False, allow_negative=False))))
+def test_axes_without_none_tuples_or_negatives(case):
+    ndim, axis = case
+    assert isinstance(axis, int) and 0 <= axis < ndim
+
+
+def test_axes_draw_tuples_and_negative_spellings():
+    from hypothesis import find
+
+    assert len(find(testing.axes(3), lambda a: isinstance(a, tuple) and len(a) > 1)) > 1
+    assert find(testing.axes(3), lambda a: isinstance(a, int) and a < 0) < 0
+    assert find(testing.axes(0, allow_none=False), lambda a: True) == ()
 
 
 @given(testing.reduction_case(unique=True))
