@@ -107,3 +107,64 @@ def test_round_trip_through_transformers(pair, tmp_path):
     if head != "none":
         assert_logits_match(ours.logits.numpy(), theirs.logits.numpy(),
                             valid if head == "mlm" else None)
+
+
+# --------------------------------------------------------------------------- no pooler
+
+
+def small_config():
+    return transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+
+
+def test_a_bert_saved_without_its_pooler_loads_without_one(tmp_path):
+    """BertModel(add_pooling_layer=False): no pooler tensors in the file, so none in
+    the model (pooled is None); the hidden states match, and the export round-trips."""
+    config = small_config()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = load_in_tinylm(hf, tmp_path)
+    assert model.config.head == "none" and not model.config.pooler and model.pooler is None
+    assert model.num_parameters() == hf.num_parameters()
+    assert tinylm.models.hf.read_hf_config(tmp_path / "hf").pooler is False  # tinylm info too
+    ids, mask, types = inputs()
+    with torch.no_grad():
+        theirs = run_hf(hf, ids, mask, types)
+    with tinylm.no_grad():
+        ours = model(ids, attention_mask=mask, token_type_ids=types)
+    assert ours.pooled is None
+    valid = mask.astype(bool)
+    assert_logits_match(ours.hidden_states.numpy(), theirs.last_hidden_state.numpy(), valid)
+    model.save_pretrained(tmp_path / "out")
+    again = tinylm.load_pretrained(tmp_path / "out")
+    assert again.pooler is None
+    back = transformers.BertModel.from_pretrained(tmp_path / "out", add_pooling_layer=False,
+                                                  attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = run_hf(back, ids, mask, types)
+    assert_logits_match(ours.hidden_states.numpy(), theirs.last_hidden_state.numpy(), valid)
+
+
+def test_an_mlm_checkpoint_without_architectures_loads_its_head(tmp_path):
+    """transformers' BertForMaskedLM (no pooler) saved with save_pretrained, its
+    config.json without "architectures" (as many fine-tuned checkpoints): the head
+    comes from the tensors; logits match."""
+    import json
+
+    hf = build_hf(transformers.BertForMaskedLM, small_config())
+    path = tmp_path / "hf"
+    hf.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    del config["architectures"]
+    (path / "config.json").write_text(json.dumps(config))
+    model = tinylm.load_pretrained(path)
+    assert model.config.head == "mlm" and model.pooler is None
+    ids, mask, types = inputs(seed=4)
+    with torch.no_grad():
+        theirs = run_hf(hf, ids, mask, types)
+    with tinylm.no_grad():
+        ours = model(ids, attention_mask=mask, token_type_ids=types)
+    assert_logits_match(ours.logits.numpy(), theirs.logits.numpy(), mask.astype(bool))

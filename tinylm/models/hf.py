@@ -122,6 +122,11 @@ class Family:
         """Regexes of HF tensor names that may be in a file but carry nothing we load."""
         return ()
 
+    def fit_to_tensors(self, c: ModelConfig, hf: dict, names) -> ModelConfig:
+        """``c`` with what config.json cannot say but the file's tensor ``names`` do
+        (e.g. an optional module that is absent)."""
+        return c
+
 
 def _qkv(c: ModelConfig):
     q, kv = c.n_head * c.head_size, c.kv_heads * c.head_size
@@ -343,8 +348,6 @@ class Bert(Family):
             p.append("bias=false, embed_norm=false, mlp_dropout or a custom attn_scale")
         if c.kv_heads != c.n_head or c.head_size * c.n_head != c.d_model:
             p.append("grouped-query heads or a head_dim other than d_model / n_head")
-        if c.head != "mlm" and not c.pooler:
-            p.append("pooler=false")
         if c.type_vocab_size < 1:
             p.append("type_vocab_size=0")
         return p
@@ -398,6 +401,21 @@ class Bert(Family):
             if not c.tie_embeddings:
                 r.append(_copy("head.decoder.weight", "cls.predictions.decoder.weight"))
         return r
+
+    def fit_to_tensors(self, c, hf, names):
+        """A config.json without ``architectures`` (a BertModel by default) takes its
+        head from the weights; a bare encoder saved without its pooler
+        (``BertModel(add_pooling_layer=False)``) loads without one (pooled is None)."""
+        names = set(names)
+        if not hf.get("architectures"):
+            if any(n.startswith("cls.predictions.") for n in names):
+                c = c.replace(head="mlm")
+            elif "classifier.weight" in names:
+                c = c.replace(head="classification")
+        if c.head == "none" and c.pooler and not names & {"pooler.dense.weight",
+                                                         "bert.pooler.dense.weight"}:
+            c = c.replace(pooler=False)
+        return c
 
     def ignored(self, c):
         skip = [r"embeddings\.position_ids$", r"^cls\.predictions\.decoder\.bias$",
@@ -526,17 +544,23 @@ def _read_json(path, what):
 
 
 def read_hf_config(path) -> ModelConfig:
-    """The tinylm config of a Hugging Face directory (or its config.json)."""
-    return _read_hf_config(path)[1]
+    """The tinylm config of a Hugging Face directory (or its config.json); with the
+    weights beside it, fitted to the tensors they hold (``Family.fit_to_tensors``)."""
+    path = os.fspath(path)
+    family, config, hf = _read_hf_config(path)
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in (INDEX, SINGLE)):
+        config = family.fit_to_tensors(config, hf, _weight_files(path))
+    return config
 
 
 def _read_hf_config(path) -> tuple:
+    """(family, config, the config.json dict)."""
     path = os.fspath(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     hf = _read_json(file, "Hugging Face config")
     family = _family(hf.get("model_type"), file)
     try:
-        return family, family.from_hf(hf)
+        return family, family.from_hf(hf), hf
     except KeyError as e:
         raise CheckpointError(f"{file}: a {family.model_type} config needs the key {e}") from e
 
@@ -622,9 +646,10 @@ def load_pretrained(path, strict: bool = True):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory (expected config.json + "
                               f"{SINGLE} or {INDEX})")
-    family, config = _read_hf_config(path)
+    family, config, hf = _read_hf_config(path)
     files = _weight_files(path)
     shapes = _shapes(files)
+    config = family.fit_to_tensors(config, hf, shapes)
     if config.tie_embeddings and family.lm_head in shapes:
         emb = family.rules(config)[0]  # every family's first rule is the word embedding
         tied_pair = _resolve({emb.theirs[0]: 0}, shapes, family.prefix)
