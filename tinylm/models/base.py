@@ -131,6 +131,17 @@ class BlockStack(nn.Module):
         return dict(mask=mask, is_causal=is_causal, alibi_slopes=slopes)
 
 
+def one_of(value, alias, name: str, alias_name: str):
+    """``value`` or its Hugging Face spelling ``alias`` (``ids`` / ``input_ids``), the one
+    that is given; both given is an error."""
+    if alias is None:
+        return value
+    if value is not None:
+        raise TinyLMError(f"give {name} or {alias_name}, not both: they are the same argument "
+                          f"({alias_name} is the Hugging Face name)")
+    return alias
+
+
 def _array(a, xp):
     return xp.asarray(a.data if isinstance(a, Tensor) else a)
 

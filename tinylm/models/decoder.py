@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from tinylm import nn
-from tinylm.models.base import BlockStack, Model
+from tinylm.errors import TinyLMError
+from tinylm.models.base import BlockStack, Model, one_of
 from tinylm.models.config import ModelConfig
 
 
@@ -30,9 +31,10 @@ class Decoder(Model):
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
-    def forward(self, ids, targets=None, attention_mask=None, cache=None, positions=None,
-                prefix_length=None):
-        """ids (B, T) -> ModelOutput with logits (B, T, vocab).
+    def forward(self, ids=None, targets=None, attention_mask=None, cache=None, positions=None,
+                prefix_length=None, *, input_ids=None):
+        """ids (B, T) (or ``input_ids=``, its Hugging Face name) -> ModelOutput with
+        logits (B, T, vocab).
 
         ``targets`` (B, T) are the next tokens, already shifted (targets[:, t] follows
         ids[:, t]); -100 is ignored. ``attention_mask`` (B, S): 1 = token, 0 = padding,
@@ -40,6 +42,9 @@ class Decoder(Model):
         (feed only the new tokens). ``positions``: (T,) or (B, T) position ids, e.g.
         for left-padded batches; default past .. past+T-1. ``prefix_length`` (B,): a
         prefix LM, whose first prefix_length positions attend bidirectionally."""
+        ids = one_of(ids, input_ids, "ids", "input_ids")
+        if ids is None:
+            raise TinyLMError("Decoder needs the token ids (ids= or input_ids=)")
         ids = self.as_ids(ids)
         x = self.tok_emb(ids)  # (B, T, d)
         h, aux = self.transformer(x, attention_mask, cache=cache, positions=positions,

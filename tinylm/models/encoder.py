@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from tinylm import nn, ops
-from tinylm.models.base import BlockStack, Model
+from tinylm.errors import TinyLMError
+from tinylm.models.base import BlockStack, Model, one_of
 from tinylm.models.config import BertConfig
 from tinylm.nn.block import make_norm
 from tinylm.nn.mlp import get_activation
@@ -54,10 +55,15 @@ class Encoder(Model):
             self.head = nn.Sequential(nn.Dropout(c.dropout), nn.Linear(c.d_model, c.num_labels))
         self.init_weights()
 
-    def forward(self, ids, targets=None, attention_mask=None, token_type_ids=None):
-        """ids (B, T) -> ModelOutput. ``targets``: (B, T) token ids to predict (-100
-        elsewhere) for "mlm"; (B,) labels for "classification" (float scores and a
-        squared-error loss when num_labels = 1, as Hugging Face does)."""
+    def forward(self, ids=None, targets=None, attention_mask=None, token_type_ids=None, *,
+                input_ids=None):
+        """ids (B, T) (or ``input_ids=``, its Hugging Face name) -> ModelOutput.
+        ``targets``: (B, T) token ids to predict (-100 elsewhere) for "mlm"; (B,) labels
+        for "classification" (float scores and a squared-error loss when num_labels = 1,
+        as Hugging Face does)."""
+        ids = one_of(ids, input_ids, "ids", "input_ids")
+        if ids is None:
+            raise TinyLMError("Encoder needs the token ids (ids= or input_ids=)")
         ids = self.as_ids(ids)
         x = self.tok_emb(ids)  # (B, T, d)
         if self.type_emb is not None:

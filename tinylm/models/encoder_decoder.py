@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from tinylm import backend, nn
 from tinylm.errors import TinyLMError
-from tinylm.models.base import BlockStack, Model
+from tinylm.models.base import BlockStack, Model, one_of
 from tinylm.models.config import T5Config
 from tinylm.tensor import Tensor
 
@@ -49,17 +49,25 @@ class EncoderDecoder(Model):
             self.lm_head.weight = self.shared.weight
         self.init_weights()
 
-    def encode(self, ids, attention_mask=None):
-        """ids (B, S) -> (hidden (B, S, d), MoE aux or None)."""
+    def encode(self, ids=None, attention_mask=None, *, input_ids=None):
+        """ids (B, S) (or ``input_ids=``) -> (hidden (B, S, d), MoE aux or None)."""
+        ids = one_of(ids, input_ids, "ids", "input_ids")
+        if ids is None:
+            raise TinyLMError("encode needs the token ids (ids= or input_ids=)")
         return self.encoder(self.shared(self.as_ids(ids)), attention_mask)  # (B, S, d)
 
     def forward(self, ids=None, decoder_ids=None, targets=None, attention_mask=None,
-                decoder_attention_mask=None, cache=None, memory=None):
+                decoder_attention_mask=None, cache=None, memory=None, *, input_ids=None,
+                decoder_input_ids=None):
         """ModelOutput with logits (B, T, vocab) for the decoder positions.
 
         ``ids`` (B, S) and ``attention_mask`` (B, S): the encoder input (or give its
         output as ``memory``, keeping the mask). ``decoder_ids`` (B, T): default
-        ``targets`` shifted right. ``cache``: a KVCache for step-by-step decoding."""
+        ``targets`` shifted right. ``cache``: a KVCache for step-by-step decoding.
+        ``input_ids`` / ``decoder_input_ids``: the Hugging Face names of ``ids`` /
+        ``decoder_ids``."""
+        ids = one_of(ids, input_ids, "ids", "input_ids")
+        decoder_ids = one_of(decoder_ids, decoder_input_ids, "decoder_ids", "decoder_input_ids")
         aux = None
         if memory is None:
             if ids is None:
