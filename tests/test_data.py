@@ -38,6 +38,53 @@ def test_resolve_sources_expands_folders_sorted_skipping_hidden(tmp_path):
         resolve_sources([tmp_path / "empty"])
 
 
+def test_sources_that_are_not_regular_files_are_named(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    os.symlink(tmp_path / "gone.txt", folder / "b.txt")
+    with pytest.raises(DataError, match=r"'.*b.txt' in the data folder .* is a broken symbolic "
+                                        r"link \(to '.*gone.txt'\)"):
+        resolve_sources([folder])
+    with pytest.raises(DataError, match="is a character device, not a regular file"):
+        resolve_sources([os.devnull])
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe")
+        with pytest.raises(DataError, match="'.*pipe' is a FIFO, not a regular file"):
+            resolve_sources([tmp_path / "pipe"])
+    os.symlink(tmp_path / "d" / "a.txt", tmp_path / "link.txt")  # a good link is a file
+    assert resolve_sources([tmp_path / "link.txt"]) == [str(tmp_path / "link.txt")]
+
+
+def test_excluded_folders_are_left_out_of_a_walk(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"\0")
+    assert resolve_sources([tmp_path], exclude=[tmp_path / "run"]) == [str(tmp_path / "a.txt")]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffhello\n".encode("utf-8"))
+    assert list(read_documents(str(f))) == ["hello\n"]
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes('\ufeff{"text": "hi"}\n'.encode("utf-8"))
+    assert list(read_documents(str(j))) == ["hi"]
+    data = TokenData.prepare([str(f)], char_tok("hello\n"), tmp_path / "cache")
+    assert len(data) == len("hello\n")
+
+
+def test_token_ids_in_hand_become_token_data():
+    data = TokenData.from_ids([3, 1, 2, 5])
+    assert data.tokens.tolist() == [3, 1, 2, 5] and data.manifest["n_documents"] == 1
+    train, val = data.split(0.25)
+    assert train.tolist() == [3, 1, 2] and val.tolist() == [5]
+    with pytest.raises(DataError, match="1-D sequence of integer ids"):
+        TokenData.from_ids([[1, 2]])
+    with pytest.raises(DataError, match="1-D sequence of integer ids"):
+        TokenData.from_ids([0.5])
+
+
 def test_default_corpus_is_pydoc_topics():
     docs = default_corpus_documents()
     assert len(docs) > 50 and sum(map(len, docs)) > 300_000

@@ -81,6 +81,28 @@ def test_plot_writes_a_png(trained, tmp_path):
     assert result.exit_code == 0 and (tmp_path / "both.png").exists()
 
 
+def test_plot_into_a_folder_names_the_file_it_wrote(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = trained
+    (tmp_path / "charts").mkdir()
+    result = run("plot", out, "-o", tmp_path / "charts")
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "charts" / "loss.png"
+    assert result.output.strip() == f"wrote {png}"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_output_errors_are_one_line(trained, tmp_path):
+    out, _ = trained
+    result = run("plot", out, "-o", tmp_path / "missing" / "x.png")
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: cannot write {tmp_path / 'missing' / 'x.png'}: "
+                                    f"the folder {tmp_path / 'missing'} does not exist")
+    result = run("plot", out, "-o", tmp_path / "x.txt")
+    assert result.exit_code == 2 and "-o must end in .png" in result.output
+    assert not (tmp_path / "x.txt").exists()
+
+
 def test_train_from_a_toml_config(tmp_path, corpus):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'out_dir = "{tmp_path / "toml-run"}"\ndata = ["corpus.txt"]\n'

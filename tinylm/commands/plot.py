@@ -2,6 +2,7 @@
 
     tinylm plot runs/demo                  # writes runs/demo/loss.png
     tinylm plot runs/a runs/b -o cmp.png   # several runs on one chart
+    tinylm plot runs/demo -o charts/       # a folder: writes charts/loss.png
 
 Needs matplotlib: ``pip install 'tinylm[plot]'``.
 """
@@ -12,12 +13,16 @@ import os
 
 import click
 
+from tinylm.atomic import atomic_open
 from tinylm.errors import TinyLMError
+
+DEFAULT_NAME = "loss.png"
+FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
 def plot_runs(run_dirs, output, title=None) -> str:
     """Draw the training loss (thin) and validation loss (markers) of each run."""
-    from tinylm.train import METRICS_FILE, read_metrics
+    from tinylm.rundir import METRICS_FILE, read_metrics
 
     for run in run_dirs:  # bad input first: it is an error with or without matplotlib
         if not os.path.exists(os.path.join(run, METRICS_FILE)):
@@ -53,17 +58,43 @@ def plot_runs(run_dirs, output, title=None) -> str:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_open(output, "wb") as f:
+            fig.savefig(f, dpi=120, format=_image_format(output))
+    finally:
+        plt.close(fig)
     return output
+
+
+def output_path(output, run_dir) -> str:
+    """Where the chart goes: ``output`` (a folder: loss.png inside it), default
+    RUN_DIR/loss.png; a missing folder or an unknown extension is a TinyLMError."""
+    output = os.fspath(output) if output else os.path.join(run_dir, DEFAULT_NAME)
+    if os.path.isdir(output):
+        output = os.path.join(output, DEFAULT_NAME)
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise TinyLMError(f"cannot write {output}: the folder {os.path.dirname(output) or '.'} "
+                          f"does not exist; create it, or pick another -o")
+    _image_format(output)
+    return output
+
+
+def _image_format(output: str) -> str:
+    ext = os.path.splitext(output)[1].lower().lstrip(".")
+    if ext not in FORMATS:
+        raise TinyLMError(f"cannot write {output}: -o must end in "
+                          f"{', '.join('.' + f for f in FORMATS)} (or name a folder)")
+    return ext
 
 
 @click.command(name="plot")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("-o", "--output", help="The PNG to write [default: RUN_DIR/loss.png].")
+@click.option("-o", "--output", help="The image to write (.png, .pdf, .svg, .jpg), or a folder "
+                                     "to write loss.png into [default: RUN_DIR/loss.png].")
 @click.option("--title", help="The chart's title.")
 def plot_command(run_dirs, output, title):
     """Draw the loss curves of RUN_DIRS (their metrics.jsonl) to a PNG."""
-    output = output or os.path.join(run_dirs[0], "loss.png")
+    output = output_path(output, run_dirs[0])
     plot_runs(list(run_dirs), output, title)
     click.echo(f"wrote {output}", err=True)
