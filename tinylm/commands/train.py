@@ -8,8 +8,10 @@
 
 Settings come from the defaults (``tinylm.train.TrainConfig``), then ``--config``,
 then the options given here. Running the same command again on the same --out
-resumes from its last checkpoint (Ctrl-C saves one and stops); --overwrite starts
-over. Metrics go to OUT/metrics.jsonl (``tinylm plot OUT`` draws them).
+resumes from its last checkpoint (Ctrl-C or SIGTERM saves one and stops; the exit
+code is 130 or 143); --overwrite starts over. OUT is opened by ``tinylm.rundir``: a
+folder that is neither empty nor a run is refused, and OUT is locked while the run
+trains. Metrics go to OUT/metrics.jsonl (``tinylm plot OUT`` draws them).
 """
 
 from __future__ import annotations
@@ -75,23 +77,27 @@ def _parse_value(text: str):
 @click.option("--cache-dir", help="Where tokenized data is cached [default: ~/.cache/tinylm].")
 @click.option("--seed", type=click.IntRange(min=0))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
-@click.option("--half/--no-half", default=None, help="float16 matmuls + loss scaling.")
+@click.option("--half/--no-half", default=None,
+              help="float16 matmuls + loss scaling (needs --device cuda).")
 @click.option("--threads", type=click.IntRange(min=0),
               help="BLAS threads on the CPU (0: as configured) [default: 1 for models "
                    "under 20M parameters].")
 @click.option("-s", "--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other setting, e.g. -s temperature=1.0 -s model.norm=rmsnorm.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT has a checkpoint.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over even if OUT has a checkpoint (removes only a run's files).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show the progress bar (on stderr).")
+              help="Show the progress bar (on stderr); without it, print the log lines.")
 def train_command(config_path, data, out_dir, settings, overwrite, progress, **options):
     """Train a language model on text files (default: Python's pydoc topics).
 
-    Prints a progress bar with the loss, tokens/s and the time left, and at each
-    evaluation the validation loss and perplexity and, for decoders, a sample.
-    Writes OUT/model.safetensors, config.json, tokenizer.txt (what `tinylm generate
-    --model OUT` loads), the optimizer and trainer state, and OUT/metrics.jsonl.
-    Run it again to resume; Ctrl-C saves a checkpoint and stops.
+    Prints a progress bar with the loss, tokens/s and the time left (with
+    --no-progress: a line every --log-every steps), and at each evaluation the
+    validation loss and perplexity and, for decoders, a sample. Writes
+    OUT/model.safetensors, config.json, tokenizer.txt (what `tinylm generate --model
+    OUT` loads), the optimizer and trainer state, and OUT/metrics.jsonl. Run it again
+    to resume; Ctrl-C or SIGTERM saves a checkpoint and stops. OUT must be new, empty
+    or a run to resume (--overwrite removes only the files a run writes).
     """
     from tinylm.rundir import open_run
     from tinylm.train import TrainConfig, Trainer, preflight
