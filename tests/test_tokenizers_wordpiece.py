@@ -252,3 +252,20 @@ def test_corrupted_files_are_clear_errors(tiny, tmp_path):
     (tmp_path / "no_unk.txt").write_text("a\nb\n", encoding="utf-8")
     with pytest.raises(TokenizerFileError, match="no_unk.txt.*unrecognised"):
         from_file(tmp_path / "no_unk.txt")
+
+
+def test_a_config_object_or_its_fields_as_keywords():
+    from tinylm.tokenizers import WordPieceConfig
+
+    vocab = [*BERT_SPECIALS, "Hello", "hello", "##s"]
+    config = WordPieceConfig(lowercase=False, max_chars_per_word=7)
+    by_config = WordPieceTokenizer(vocab, config)
+    by_keywords = WordPieceTokenizer(vocab, lowercase=False, max_chars_per_word=7)
+    assert by_config.config == by_keywords.config == config
+    assert by_config.encode("Hellos") == by_keywords.encode("Hellos") == [2, 5, 7, 3]
+    assert by_config.lowercase is False and by_config.max_chars_per_word == 7
+    assert WordPieceTokenizer(vocab, config, lowercase=True).encode("Hellos") == [2, 6, 7, 3]
+    with pytest.raises(TokenizerError, match="unknown WordPiece option.*lower_case"):
+        WordPieceTokenizer(vocab, lower_case=True)
+    with pytest.raises(TokenizerError, match="max_chars_per_word"):
+        WordPieceConfig(max_chars_per_word=0)

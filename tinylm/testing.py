@@ -151,6 +151,23 @@ def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 
         >>> gradcheck(lambda x: x * x, np.array([1.0, -2.0]))
         True
     """
+    arrays, wrt = _differentiable_inputs(inputs)
+    analytic, cots = _analytic_gradients(fn, arrays, wrt, seed)
+
+    def loss(args) -> float:
+        with no_grad():
+            o = _flat_outputs(fn(*_as_tensors(args, wrt, False)))
+        return float(sum(float((oi.data.astype(np.float64) * c).sum()) for oi, c in zip(o, cots)))
+
+    for i in wrt:
+        numeric = _numeric_gradient(loss, arrays, i, eps)
+        _compare_gradients(i, analytic[i], numeric, eps=eps, atol=atol, rtol=rtol)
+    return True
+
+
+def _differentiable_inputs(inputs) -> tuple:
+    """``(arrays, wrt)``: the inputs as arrays (the float ones copied, so perturbing
+    them leaves the caller's alone) and the indices of the float ones."""
     arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
     wrt = [i for i, a in enumerate(arrays) if _is_float(a)]
     if not wrt:
@@ -162,21 +179,28 @@ def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 
                 "inputs (x.astype(np.float64))"
             )
     xp = backend.get_array_module(*[arrays[i] for i in wrt])
-    arrays = [xp.array(a, copy=True) if i in wrt else a for i, a in enumerate(arrays)]
+    return [xp.array(a, copy=True) if i in wrt else a for i, a in enumerate(arrays)], wrt
 
-    def make(args, requires_grad):
-        out = []
-        for i, a in enumerate(args):
-            if i in wrt:
-                out.append(Tensor(a, requires_grad=requires_grad))
-            elif hasattr(a, "dtype") and hasattr(a, "shape"):
-                out.append(Tensor(a))
-            else:
-                out.append(a)
-        return out
 
-    # Analytic: one backward with a random cotangent per output.
-    tensors = make(arrays, True)
+def _as_tensors(args, wrt, requires_grad: bool) -> list:
+    """What ``fn`` is called with: Tensors for arrays (differentiated ones with
+    ``requires_grad``), anything else as it is."""
+    out = []
+    for i, a in enumerate(args):
+        if i in wrt:
+            out.append(Tensor(a, requires_grad=requires_grad))
+        elif hasattr(a, "dtype") and hasattr(a, "shape"):
+            out.append(Tensor(a))
+        else:
+            out.append(a)
+    return out
+
+
+def _analytic_gradients(fn, arrays, wrt, seed: int) -> tuple:
+    """``({input index: dL/dx as float64 NumPy}, cotangents)`` from one backward of
+    ``L = sum(out * c)`` with a seeded random cotangent ``c`` per output."""
+    xp = backend.get_array_module(*[arrays[i] for i in wrt])
+    tensors = _as_tensors(arrays, wrt, True)
     outs = _flat_outputs(fn(*tensors))
     rng = np.random.default_rng(seed)
     cots = [xp.asarray(rng.standard_normal(o.shape)).astype(o.dtype) for o in outs]
@@ -205,39 +229,41 @@ def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 
                 f"gradcheck: input {i}: gradient dtype {g.dtype} != input dtype {arrays[i].dtype}"
             )
         analytic[i] = backend.to_numpy(g).astype(np.float64)
+    return analytic, cots
 
-    def loss(args) -> float:
-        with no_grad():
-            o = _flat_outputs(fn(*make(args, False)))
-        return float(sum(float((oi.data.astype(np.float64) * c).sum()) for oi, c in zip(o, cots)))
 
-    # Numeric: central differences, one element at a time (test inputs are small).
-    for i in wrt:
-        x = arrays[i]
-        numeric = np.zeros(x.shape, dtype=np.float64)
-        flat = x.reshape(-1)  # a view: perturb in place, restore after
-        for j in range(flat.size):
-            old = flat[j].item()
-            flat[j] = old + eps
-            plus = loss(arrays)
-            flat[j] = old - eps
-            minus = loss(arrays)
-            flat[j] = old
-            numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
-        got = analytic[i]
-        err = np.abs(got - numeric)
-        bad = ~(err <= atol + rtol * np.abs(numeric))  # NaN counts as bad
-        if bad.any():
-            err = np.where(np.isnan(err), np.inf, err)
-            idx = _index(int(np.argmax(np.where(bad, err, -1.0))), x.shape)
-            raise AssertionError(
-                f"gradcheck failed for input {i} (shape {x.shape}): {int(bad.sum())} of "
-                f"{x.size} gradient elements wrong; max abs error {err.max():.3e}, max rel "
-                f"error {_max_rel(err, numeric, bad):.3e}; worst at index {idx}: "
-                f"analytic {float(got[idx])!r}, numeric {float(numeric[idx])!r} "
-                f"(eps={eps:g}, atol={atol:g}, rtol={rtol:g})"
-            )
-    return True
+def _numeric_gradient(loss, arrays, i: int, eps: float) -> np.ndarray:
+    """dL/d(arrays[i]) by central differences, one element at a time (test inputs are
+    small); ``arrays[i]`` is perturbed in place and restored."""
+    x = arrays[i]
+    numeric = np.zeros(x.shape, dtype=np.float64)
+    flat = x.reshape(-1)  # a view: perturb in place, restore after
+    for j in range(flat.size):
+        old = flat[j].item()
+        flat[j] = old + eps
+        plus = loss(arrays)
+        flat[j] = old - eps
+        minus = loss(arrays)
+        flat[j] = old
+        numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
+    return numeric
+
+
+def _compare_gradients(i: int, got, numeric, *, eps: float, atol: float, rtol: float) -> None:
+    """Raise the AssertionError that names input ``i``'s worst element, if any is off."""
+    err = np.abs(got - numeric)
+    bad = ~(err <= atol + rtol * np.abs(numeric))  # NaN counts as bad
+    if not bad.any():
+        return
+    err = np.where(np.isnan(err), np.inf, err)
+    idx = _index(int(np.argmax(np.where(bad, err, -1.0))), numeric.shape)
+    raise AssertionError(
+        f"gradcheck failed for input {i} (shape {numeric.shape}): {int(bad.sum())} of "
+        f"{numeric.size} gradient elements wrong; max abs error {err.max():.3e}, max rel "
+        f"error {_max_rel(err, numeric, bad):.3e}; worst at index {idx}: "
+        f"analytic {float(got[idx])!r}, numeric {float(numeric[idx])!r} "
+        f"(eps={eps:g}, atol={atol:g}, rtol={rtol:g})"
+    )
 
 
 # --------------------------------------------------------------------------- strategies

@@ -102,8 +102,7 @@ def tokenize_group():
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress bars (on stderr).")
 @click.pass_context
-def train_command(ctx, corpus, output, vocab_size, kind, pattern, min_frequency, special_tokens,
-                  unk_token, fmt, progress):
+def train_command(ctx, corpus, output, kind, fmt, **values):
     """Train a tokenizer on CORPUS files (UTF-8 text; default: Python's pydoc topics)."""
     from tinylm.tokenizers.formats import check_file
 
@@ -113,9 +112,7 @@ def train_command(ctx, corpus, output, vocab_size, kind, pattern, min_frequency,
     for path in corpus:
         check_file(path, "text file")
     train = getattr(cls, "train_from_files", None) if corpus else None
-    values = {"vocab_size": vocab_size, "min_frequency": min_frequency,
-              "special_tokens": list(special_tokens), "pattern": pattern,
-              "unk_token": unk_token, "progress": progress}
+    values["special_tokens"] = list(values["special_tokens"])  # train's keywords (TRAIN_FLAGS)
     options = _train_options(ctx, kind, train or cls.train, cls.train, values)
     size = options.pop("vocab_size", None)
     size_args = () if size is None else (size,)

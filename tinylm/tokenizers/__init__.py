@@ -14,9 +14,9 @@ from tinylm.tokenizers.base import Tokenizer, TokenizerError, TokenizerFileError
 from tinylm.tokenizers.bpe import BPETokenizer
 from tinylm.tokenizers.char import CharTokenizer
 from tinylm.tokenizers.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PreTokenizer
-from tinylm.tokenizers.wordpiece import WordPieceTokenizer
+from tinylm.tokenizers.wordpiece import WordPieceConfig, WordPieceTokenizer
 
 __all__ = [
     "Tokenizer", "TokenizerError", "TokenizerFileError", "from_file", "BPETokenizer",
-    "WordPieceTokenizer", "CharTokenizer", "PreTokenizer", "GPT2_PATTERN", "GPT4_PATTERN",
+    "WordPieceTokenizer", "WordPieceConfig", "CharTokenizer", "PreTokenizer", "GPT2_PATTERN", "GPT4_PATTERN",
 ]

@@ -98,6 +98,42 @@ def learn_merges(word_counts, vocab_size: int, *, min_frequency: int = 0,
     right id)`` pairs in order, ``specials`` ``{text: id}``. ``vocab_size`` counts
     special tokens, the 256 bytes and the merged tokens.
     """
+    specials, tokens, byte_id = _initial_vocabulary(special_tokens, vocab_size)
+    token_id = {t: i for i, t in enumerate(tokens) if t is not None}
+    words, freqs = _symbol_words(word_counts, byte_id)
+    pairs = _PairCounts(words, freqs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=vocab_size - len(tokens), desc="merges", unit="merge",
+                   leave=False, mininterval=0.2)
+    merges = []
+    n_tokens = len(tokens)
+    while n_tokens < vocab_size:
+        pair, count = pairs.pop_best()
+        if pair is None or count < 1 or count < min_frequency:
+            break
+        merged = tokens[pair[0]] + tokens[pair[1]]
+        new = token_id.get(merged)
+        if new is None:  # else an existing token, made again: reuse its id
+            new = len(tokens)
+            tokens.append(merged)
+            token_id[merged] = new
+            n_tokens += 1
+            if bar is not None:
+                bar.update()
+        merges.append(pair)
+        pairs.merge(pair, new)
+    if bar is not None:
+        bar.close()
+    return tokens, merges, specials
+
+
+def _initial_vocabulary(special_tokens, vocab_size: int) -> tuple:
+    """``(specials, tokens, byte_id)``: the special tokens' ids (first), the token table
+    (None at special ids, then the 256 bytes in GPT-2's character order) and each
+    byte's id."""
     specials = {}
     for token in special_tokens:
         specials.setdefault(token, len(specials))
@@ -106,12 +142,15 @@ def learn_merges(word_counts, vocab_size: int, *, min_frequency: int = 0,
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE has "
                              f"256 byte tokens plus {len(specials)} special token(s), so at "
                              f"least {len(tokens)}")
-    token_id = {t: i for i, t in enumerate(tokens) if t is not None}
     byte_id = [0] * 256
     for i, b in enumerate(BYTE_ORDER):
         byte_id[b] = len(specials) + i
+    return specials, tokens, byte_id
 
-    # The distinct words as lists of symbol ids; one-symbol words have no pairs.
+
+def _symbol_words(word_counts, byte_id: list) -> tuple:
+    """``(words, freqs)``: the distinct words as lists of byte ids, and their counts;
+    one-byte words, which have no pairs, are left out."""
     words, freqs = [], []
     for word, count in word_counts.items():
         try:
@@ -121,49 +160,47 @@ def learn_merges(word_counts, vocab_size: int, *, min_frequency: int = 0,
         if len(data) > 1:
             words.append([byte_id[b] for b in data])
             freqs.append(count)
+    return words, freqs
 
-    pair_counts = defaultdict(int)
-    where = defaultdict(set)  # pair -> indices of the words it occurs in
-    for wi, word in enumerate(words):
-        f = freqs[wi]
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += f
-            where[pair].add(wi)
-    # Max-heap on count, then min-heap on the pair: (-count, pair).
-    heap = [(-c, pair) for pair, c in pair_counts.items() if c > 0]
-    heapq.heapify(heap)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+class _PairCounts:
+    """The adjacent-pair counts of the words, kept current as merges are applied:
+    ``counts[pair]`` (times the words' frequencies), ``where[pair]`` (the indices of
+    the words it occurs in) and a heap of ``(-count, pair)`` whose stale entries are
+    fixed when they surface."""
 
-        bar = tqdm(total=vocab_size - len(tokens), desc="merges", unit="merge",
-                   leave=False, mininterval=0.2)
-    merges = []
-    n_tokens = len(tokens)
-    heappush, heappop = heapq.heappush, heapq.heappop
-    while n_tokens < vocab_size and heap:
-        negative, pair = heappop(heap)
-        count = pair_counts[pair]
-        if -negative != count:  # stale: its count went down since it was pushed
-            heappush(heap, (-count, pair))
-            continue
-        if count < 1 or count < min_frequency:
-            break
+    def __init__(self, words: list, freqs: list):
+        self.words, self.freqs = words, freqs
+        self.counts = defaultdict(int)
+        self.where = defaultdict(set)
+        for wi, word in enumerate(words):
+            f = freqs[wi]
+            for pair in zip(word, word[1:]):
+                self.counts[pair] += f
+                self.where[pair].add(wi)
+        # Max-heap on count, then min-heap on the pair: (-count, pair).
+        self.heap = [(-c, pair) for pair, c in self.counts.items() if c > 0]
+        heapq.heapify(self.heap)
+
+    def pop_best(self) -> tuple:
+        """``(pair, count)`` of the most frequent pair (the smallest pair on a tie), or
+        ``(None, 0)`` when no pair is left."""
+        heap, counts = self.heap, self.counts
+        while heap:
+            negative, pair = heapq.heappop(heap)
+            count = counts[pair]
+            if -negative == count:
+                return pair, count
+            heapq.heappush(heap, (-count, pair))  # stale: its count went down since
+        return None, 0
+
+    def merge(self, pair: tuple, new: int) -> None:
+        """Replace ``pair`` by the token ``new`` in every word that has it, updating the
+        counts of the neighbouring pairs, and push the pairs it formed."""
         a, b = pair
-        merged = tokens[a] + tokens[b]
-        new = token_id.get(merged)
-        if new is None:
-            new = len(tokens)
-            tokens.append(merged)
-            token_id[merged] = new
-            n_tokens += 1
-            if bar is not None:
-                bar.update()
-        merges.append(pair)
-
+        counts, words, freqs = self.counts, self.words, self.freqs
         created = defaultdict(set)  # pairs this merge formed -> words they formed in
-        for wi in where.pop(pair, ()):
+        for wi in self.where.pop(pair, ()):
             word = words[wi]
             f = freqs[wi]
             i = 0
@@ -173,28 +210,25 @@ def learn_merges(word_counts, vocab_size: int, *, min_frequency: int = 0,
                     if i + 1 < len(word) and word[i + 1] == b:
                         if i:
                             left = word[i - 1]
-                            pair_counts[left, a] -= f
-                            pair_counts[left, new] += f
+                            counts[left, a] -= f
+                            counts[left, new] += f
                             created[left, new].add(wi)
                         word[i] = new
                         del word[i + 1]
                         if i + 1 < len(word):
                             right = word[i + 1]
-                            pair_counts[b, right] -= f
-                            pair_counts[new, right] += f
+                            counts[b, right] -= f
+                            counts[new, right] += f
                             created[new, right].add(wi)
                     i += 1
             except ValueError:  # no more `a` in this word
                 pass
         for new_pair, in_words in created.items():
-            c = pair_counts[new_pair]
+            c = counts[new_pair]
             if c > 0:
-                heappush(heap, (-c, new_pair))
-            known = where.get(new_pair)
+                heapq.heappush(self.heap, (-c, new_pair))
+            known = self.where.get(new_pair)
             if known is None:
-                where[new_pair] = in_words
+                self.where[new_pair] = in_words
             else:
                 known |= in_words
-    if bar is not None:
-        bar.close()
-    return tokens, merges, specials

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from dataclasses import asdict, dataclass, fields, replace
 
 import regex
 
@@ -50,6 +51,23 @@ def _is_cjk(code: int) -> bool:
     return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
 
 
+def _vocab_dict(vocab) -> dict:
+    """``{token: id}`` from a list in id order (a token listed twice keeps its last
+    line, as tokenizers does) or a dict, with every id checked."""
+    if isinstance(vocab, dict):
+        out = dict(vocab)
+    else:
+        out = {}
+        for i, token in enumerate(vocab):
+            out[token] = i
+    for t, i in out.items():
+        if not isinstance(t, str):
+            raise TokenizerError(f"a WordPiece vocabulary maps token strings to ids, not {t!r}")
+        if not is_token_id(i):
+            raise TokenizerError(token_id_problem(f"token {t!r}", i))
+    return out
+
+
 class _LazyTable(dict):
     """A ``str.translate`` table that computes each character's entry on first use."""
 
@@ -64,8 +82,46 @@ class _LazyTable(dict):
         return value
 
 
+@dataclass(frozen=True)
+class WordPieceConfig:
+    """The options of BERT's pipeline (the defaults are bert-base-uncased's): how text
+    is normalized (``lowercase``, ``strip_accents``: None follows ``lowercase``,
+    ``clean_text``, ``handle_chinese_chars``) and how words become pieces
+    (``unk_token``, ``continuing_prefix``, ``max_chars_per_word``, and the ``cls_token``
+    and ``sep_token`` that ``encode`` adds)."""
+
+    lowercase: bool = True
+    strip_accents: bool | None = None
+    clean_text: bool = True
+    handle_chinese_chars: bool = True
+    unk_token: str = "[UNK]"
+    continuing_prefix: str = "##"
+    max_chars_per_word: int = 100
+    cls_token: str = "[CLS]"
+    sep_token: str = "[SEP]"
+
+    def __post_init__(self):
+        for key in ("lowercase", "clean_text", "handle_chinese_chars"):
+            object.__setattr__(self, key, bool(getattr(self, key)))
+        m = self.max_chars_per_word
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise TokenizerError(f"max_chars_per_word must be a positive int, not {m!r}")
+
+    @classmethod
+    def build(cls, config: "WordPieceConfig | None" = None, **options) -> "WordPieceConfig":
+        """``config`` (default: the defaults) with ``options`` (its fields) replaced."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TokenizerError(f"unknown WordPiece option(s) {', '.join(unknown)}; the options "
+                                 f"are {', '.join(f.name for f in fields(cls))}")
+        return replace(config or cls(), **options)
+
+
 class WordPieceTokenizer(Tokenizer):
-    """BERT's WordPiece. ``vocab``: the tokens in id order (a list) or ``{token: id}``.
+    """BERT's WordPiece. ``vocab``: the tokens in id order (a list) or ``{token: id}``;
+    ``config``: a ``WordPieceConfig``, or its fields as keywords (``lowercase=False``
+    ...); ``special_tokens``: texts of the vocabulary or ``{text: id}`` (default: those
+    of [PAD] [UNK] [CLS] [SEP] [MASK] it has).
 
         >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "!"]
         >>> tok = WordPieceTokenizer(vocab, lowercase=True)
@@ -80,40 +136,39 @@ class WordPieceTokenizer(Tokenizer):
     name = "wordpiece"
     FORMAT_VERSION = 1
 
-    def __init__(self, vocab, *, lowercase: bool = True, strip_accents: bool | None = None,
-                 clean_text: bool = True, handle_chinese_chars: bool = True,
-                 unk_token: str = "[UNK]", continuing_prefix: str = "##",
-                 max_chars_per_word: int = 100, cls_token: str = "[CLS]",
-                 sep_token: str = "[SEP]", special_tokens=None):
-        if isinstance(vocab, dict):
-            self.vocab = dict(vocab)
-        else:
-            self.vocab = {}
-            for i, token in enumerate(vocab):
-                self.vocab[token] = i  # a token listed twice keeps its last line, as tokenizers
-        for t, i in self.vocab.items():
-            if not isinstance(t, str):
-                raise TokenizerError(f"a WordPiece vocabulary maps token strings to ids, not "
-                                     f"{t!r}")
-            if not is_token_id(i):
-                raise TokenizerError(token_id_problem(f"token {t!r}", i))
-        if unk_token not in self.vocab:
-            raise TokenizerError(f"the unknown token {unk_token!r} is not in the vocabulary; "
-                                 f"pass unk_token= with the vocabulary's own")
-        if not isinstance(max_chars_per_word, int) or max_chars_per_word < 1:
-            raise TokenizerError(f"max_chars_per_word must be a positive int, not "
-                                 f"{max_chars_per_word!r}")
-        self.lowercase = bool(lowercase)
-        self.strip_accents = strip_accents
-        self.clean_text = bool(clean_text)
-        self.handle_chinese_chars = bool(handle_chinese_chars)
-        self.unk_token = unk_token
-        self.continuing_prefix = continuing_prefix
-        self.max_chars_per_word = max_chars_per_word
-        self.cls_token, self.sep_token = cls_token, sep_token
+    def __init__(self, vocab, config: WordPieceConfig | None = None, *, special_tokens=None,
+                 **options):
+        config = self.config = WordPieceConfig.build(config, **options)
+        for f in fields(config):  # tok.lowercase, tok.unk_token ... as attributes
+            setattr(self, f.name, getattr(config, f.name))
+        self.vocab = _vocab_dict(vocab)
+        if config.unk_token not in self.vocab:
+            raise TokenizerError(f"the unknown token {config.unk_token!r} is not in the "
+                                 f"vocabulary; pass unk_token= with the vocabulary's own")
+        self.special_tokens = self._special_dict(special_tokens)
+        size = max([*self.vocab.values(), *self.special_tokens.values()], default=-1) + 1
+        self._id_to_token = [None] * size
+        for token, i in self.vocab.items():
+            if self._id_to_token[i] is None:
+                self._id_to_token[i] = token
+        for token, i in self.special_tokens.items():
+            self._id_to_token[i] = token
+        self._unk_id = self.vocab[config.unk_token]
+        self._strip = config.lowercase if config.strip_accents is None else bool(
+            config.strip_accents)
+        self._clean_table = _LazyTable(self._clean_char)
+        self._case_table = _LazyTable(self._case_char)
+        # clean_text on ASCII: \t \n \r become spaces, the other controls go.
+        self._ascii_clean = {c: None for c in [*range(32), 127]}
+        self._ascii_clean.update({9: " ", 10: " ", 13: " "})
+        self._words: dict = {}
+
+    def _special_dict(self, special_tokens) -> dict:
+        """``{text: id}`` of the special tokens (see the class docstring)."""
+        c = self.config
         if special_tokens is None:  # as BertWordPieceTokenizer: the BERT five it has
-            special_tokens = [t for t in ("[PAD]", unk_token, cls_token, sep_token, "[MASK]")
-                              if t in self.vocab]
+            special_tokens = [t for t in ("[PAD]", c.unk_token, c.cls_token, c.sep_token,
+                                          "[MASK]") if t in self.vocab]
         if not isinstance(special_tokens, dict):
             missing = [t for t in special_tokens if t not in self.vocab]
             if missing:
@@ -122,22 +177,7 @@ class WordPieceTokenizer(Tokenizer):
         for t, i in special_tokens.items():
             if not is_token_id(i):
                 raise TokenizerError(token_id_problem(f"special token {t!r}", i))
-        self.special_tokens = dict(special_tokens)
-        size = max([*self.vocab.values(), *self.special_tokens.values()], default=-1) + 1
-        self._id_to_token = [None] * size
-        for token, i in self.vocab.items():
-            if self._id_to_token[i] is None:
-                self._id_to_token[i] = token
-        for token, i in self.special_tokens.items():
-            self._id_to_token[i] = token
-        self._unk_id = self.vocab[unk_token]
-        self._strip = self.lowercase if strip_accents is None else bool(strip_accents)
-        self._clean_table = _LazyTable(self._clean_char)
-        self._case_table = _LazyTable(self._case_char)
-        # clean_text on ASCII: \t \n \r become spaces, the other controls go.
-        self._ascii_clean = {c: None for c in [*range(32), 127]}
-        self._ascii_clean.update({9: " ", 10: " ", 13: " "})
-        self._words: dict = {}
+        return dict(special_tokens)
 
     # ------------------------------------------------------------------ properties
 
@@ -319,11 +359,7 @@ class WordPieceTokenizer(Tokenizer):
     # ------------------------------------------------------------------ files
 
     def _options(self) -> dict:
-        return {"lowercase": self.lowercase, "strip_accents": self.strip_accents,
-                "clean_text": self.clean_text, "handle_chinese_chars": self.handle_chinese_chars,
-                "unk_token": self.unk_token, "continuing_prefix": self.continuing_prefix,
-                "max_chars_per_word": self.max_chars_per_word, "cls_token": self.cls_token,
-                "sep_token": self.sep_token}
+        return asdict(self.config)
 
     def save(self, path, format: str | None = None) -> None:
         """Save as "tinylm" (default), "hf" (tokenizer.json; the default for a
@@ -356,9 +392,7 @@ class WordPieceTokenizer(Tokenizer):
     @classmethod
     def load(cls, path) -> "WordPieceTokenizer":
         r = formats.PlainReader(path, cls.name)
-        options = {key: r.field(key) for key in (
-            "lowercase", "strip_accents", "clean_text", "handle_chinese_chars", "unk_token",
-            "continuing_prefix", "max_chars_per_word", "cls_token", "sep_token")}
+        options = {f.name: r.field(f.name) for f in fields(WordPieceConfig)}
 
         def rows(section):
             out = {}
