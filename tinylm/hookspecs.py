@@ -22,7 +22,9 @@ hookimpl = HookimplMarker("tinylm")
 
 @hookspec
 def register_tokenizers(register):
-    """Register tokenizer classes: ``register("bpe", BPETokenizer)``."""
+    """Register tokenizer classes: ``register("bpe", BPETokenizer)``. A class needs
+    the methods in ``plugins.TOKENIZER_INTERFACE`` (checked as the registry fills;
+    docs/plugins.md, "The tokenizer interface", says who calls what)."""
 
 
 @hookspec

@@ -123,7 +123,7 @@ def train_command(ctx, corpus, output, kind, fmt, **values):
         else:
             from tinylm.tokenizers.formats import read_text_file
 
-            texts = [read_text_file(p) for p in corpus] if corpus else default_corpus()
+            texts = [read_text_file(p) for p in corpus] if corpus else [default_corpus()]
             tok = cls.train(texts, *size_args, **options)
     seconds = time.perf_counter() - start
     if corpus:
