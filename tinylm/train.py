@@ -41,18 +41,18 @@ from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, non_finite_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key, make_dirs
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
-from tinylm.errors import CheckpointError, ConfigError, TinyLMError
+from tinylm.errors import ConfigError, TinyLMError
 from tinylm.models import build_model, config_from_dict
 from tinylm.objectives import DEFAULT_FOR_KIND, EOT, model_kind
 from tinylm.optim import (
     AdamW, clip_grad_norm_, cosine_with_warmup, param_groups_for_weight_decay, set_lr,
     unflatten_state_dict,
 )
-from tinylm.rundir import (  # noqa: F401  (the run folder's names, re-exported)
-    CHECKPOINT_FILES, CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
-    TOKENIZER_FILE, MetricsLog, Run, RunLock, has_checkpoint, load_model_dir, open_run,
-    read_checkpoint_state, read_metrics, save_checkpoint,
+from tinylm.rundir import (
+    CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, MetricsLog, Run,
+    RunLock, open_run, save_checkpoint,
 )
+from tinylm.rundir import load_model_dir, read_metrics  # noqa: F401  (old imports of them)
 from tinylm.threads import blas_threads
 
 # --family takes these short names as well as any registered architecture
