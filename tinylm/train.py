@@ -186,6 +186,8 @@ class TrainConfig:
         bad = [d for d in self.data if not isinstance(d, (str, os.PathLike)) or not str(d)]
         if bad:
             p.append(f"data must be a list of paths, got {bad[0]!r}")
+        elif self.out_dir.strip():
+            p += self._check_data_outside_run()
         if self.sampling not in ("random", "packed"):
             p.append(f"sampling must be 'random' or 'packed', got {self.sampling!r}")
         if not all(isinstance(k, str) for k in (*self.model, *self.objective_options)):
@@ -199,6 +201,17 @@ class TrainConfig:
                      "products have no BLAS and run many times slower than float32; drop "
                      "--half, or train with --device cuda")
         return p
+
+    def _check_data_outside_run(self) -> list:
+        """Data inside the run folder would be the run's own checkpoints."""
+        out = os.path.realpath(self.out_dir)
+        for path in self.data:
+            real = os.path.realpath(path)
+            if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+                return [f"the data {os.fspath(path)} is inside the run folder {self.out_dir}, "
+                        f"where tinylm writes its checkpoints; put the data elsewhere or pick "
+                        f"another --out"]
+        return []
 
     # ------------------------------------------------------------------ derived
 
@@ -294,15 +307,8 @@ def data_cache_dir(config: TrainConfig, files) -> str:
 
 
 def data_files(config: TrainConfig) -> list:
-    """The run's source files (``resolve_sources``), refusing data inside the run
-    folder (its own checkpoints) and leaving out a run folder inside a data folder."""
-    out = os.path.realpath(config.out_dir)
-    for path in config.data:
-        real = os.path.realpath(path)
-        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
-            raise ConfigError(f"the data {path} is inside the run folder {config.out_dir}, "
-                              f"where tinylm writes its checkpoints; put the data elsewhere "
-                              f"or pick another --out")
+    """The run's source files (``resolve_sources``), a run folder inside a data folder
+    left out (data inside the run folder is refused by the config)."""
     return resolve_sources(config.data, exclude=[config.out_dir])
 
 
@@ -410,13 +416,6 @@ def model_config_for(config: TrainConfig, log=None):
     return build_model_config(config, tokenizer, objective)
 
 
-def preflight(config: TrainConfig, data: bool = True) -> list | None:
-    """The checks to make before the run folder is created: the device is there, and
-    (``data``) the sources exist outside the run folder; returns the source files."""
-    backend.xp_for(config.device)
-    return data_files(config) if data else None
-
-
 def check_memory(model_config, config: TrainConfig) -> None:
     """A ConfigError, before anything is allocated, when training ``model_config``
     needs more memory than the machine has available."""
@@ -480,7 +479,7 @@ class Trainer:
         self.last_saved_step = None
         self.last_eval_step = None
         self._stop_requested, self._stop_signal = False, None
-        self._ready, self._files = False, None
+        self._ready = False
 
     @classmethod
     def from_config(cls, config: TrainConfig, **options) -> "Trainer":
@@ -501,14 +500,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _hold(self, run: Run | None):
-        """The run folder, locked for the ``with`` block."""
+        """The run folder, locked for the ``with`` block (``run``: the caller holds it)."""
+        if self._ready:
+            with contextlib.nullcontext() if run is not None else RunLock(self.config.out_dir):
+                yield run
+            return
+        backend.xp_for(self.config.device)  # no GPU: say so before tokenizing anything
         if run is not None:
-            yield run  # the caller holds it
-        elif self._ready:
-            with RunLock(self.config.out_dir):
-                yield None
+            yield run
         else:
-            self._files = preflight(self.config, self.data is None or self.tokenizer is None)
             with open_run(self.config.out_dir, overwrite=self.overwrite,
                           resume=self.resume) as run:
                 yield run
@@ -556,9 +556,7 @@ class Trainer:
         cfg, state = self.config, run.state
         if self.tokenizer is None and state is not None:
             self.tokenizer = from_file(os.path.join(run.path, TOKENIZER_FILE))
-        files = self._files
-        if files is None and (self.tokenizer is None or self.data is None):
-            files = data_files(cfg)
+        files = data_files(cfg) if self.tokenizer is None or self.data is None else None
         self.tokenizer, self.objective, self.objective_name = tokenizer_and_objective(
             cfg, files, tokenizer=self.tokenizer, objective=self.objective, model=self.model,
             log=self.log)

@@ -100,13 +100,12 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, **o
     or a run to resume (--overwrite removes only the files a run writes).
     """
     from tinylm.rundir import open_run
-    from tinylm.train import TrainConfig, Trainer, preflight
+    from tinylm.train import TrainConfig, Trainer
 
     given = _given_settings(config_path, data, out_dir, settings, options)
     if "out_dir" not in given:
         raise click.UsageError("say where the run goes: --out DIR (or out_dir in --config)")
     config = TrainConfig.from_dict(given)
-    preflight(config)
     with open_run(config.out_dir, overwrite=overwrite) as run:  # locked until the run ends
         if run.state is not None:  # resuming: the checkpoint's settings, with what may change
             config = config.for_resume(TrainConfig.from_dict(run.state["config"]), set(given))
