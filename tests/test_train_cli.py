@@ -152,6 +152,8 @@ def test_usage_errors(tmp_path, corpus):
     (tmp_path / "empty").mkdir()
     result = run("plot", tmp_path / "empty")
     assert result.exit_code == 2 and "has no metrics.jsonl" in result.output
+    result = run("plot", tmp_path / "nowhere", "-o", tmp_path / "nowhere" / "x.png")
+    assert result.exit_code == 2 and "nowhere has no metrics.jsonl" in result.output
 
 
 def test_generate_refuses_an_encoder(tmp_path, corpus):

@@ -24,10 +24,7 @@ def plot_runs(run_dirs, output, title=None) -> str:
     """Draw the training loss (thin) and validation loss (markers) of each run."""
     from tinylm.rundir import METRICS_FILE, read_metrics
 
-    for run in run_dirs:  # bad input first: it is an error with or without matplotlib
-        if not os.path.exists(os.path.join(run, METRICS_FILE)):
-            raise TinyLMError(f"{run} has no {METRICS_FILE}; is it the --out folder of a "
-                              f"`tinylm train` run?")
+    check_runs(run_dirs)  # bad input first: it is an error with or without matplotlib
     try:
         import matplotlib
 
@@ -66,6 +63,16 @@ def plot_runs(run_dirs, output, title=None) -> str:
     return output
 
 
+def check_runs(run_dirs) -> None:
+    """A TinyLMError naming the first of ``run_dirs`` without a metrics.jsonl."""
+    from tinylm.rundir import METRICS_FILE
+
+    for run in run_dirs:
+        if not os.path.exists(os.path.join(run, METRICS_FILE)):
+            raise TinyLMError(f"{run} has no {METRICS_FILE}; is it the --out folder of a "
+                              f"`tinylm train` run?")
+
+
 def output_path(output, run_dir) -> str:
     """Where the chart goes: ``output`` (a folder: loss.png inside it), default
     RUN_DIR/loss.png; a missing folder or an unknown extension is a TinyLMError."""
@@ -95,6 +102,7 @@ def _image_format(output: str) -> str:
 @click.option("--title", help="The chart's title.")
 def plot_command(run_dirs, output, title):
     """Draw the loss curves of RUN_DIRS (their metrics.jsonl) to a PNG."""
+    check_runs(run_dirs)
     output = output_path(output, run_dirs[0])
     plot_runs(list(run_dirs), output, title)
     click.echo(f"wrote {output}", err=True)
