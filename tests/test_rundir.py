@@ -8,31 +8,20 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
-
-from tinylm.cli import cli
 from tinylm.errors import CheckpointError
 from tinylm.rundir import (
     LOCK_FILE, NEW_DIR, RUN_FILES, STATE_FILE, RunInUse, RunLock, open_run, read_checkpoint_state,
     settle,
 )
 from tinylm.train import Trainer
-from train_helpers import tiny_config, write_corpus
+from train_helpers import tiny_config, train_cli as train, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--block-size", "16", "--batch-size", "4", "--n-layer", "1", "--n-head", "2",
-        "--d-model", "16", "--eval-iters", "1", "--sample-tokens", "0", "--no-progress"]
 
 
 @pytest.fixture
 def corpus(tmp_path):
     return write_corpus(tmp_path / "corpus.txt")
-
-
-def train(tmp_path, corpus, out, *args):
-    return CliRunner().invoke(cli, [str(a) for a in (
-        "train", "--data", corpus, "--out", out, "--cache-dir", tmp_path / "cache",
-        "--max-steps", 2, "--eval-every", 2, *TINY, *args)], prog_name="tinylm")
 
 
 def hf_folder(path):

@@ -5,25 +5,17 @@ prints, and the handlers fit() installs and restores."""
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from tinylm.cli import cli
 from tinylm.errors import ConfigError
 from tinylm.models import GPT2Config
 from tinylm.objectives import EOT
 from tinylm.train import TrainConfig, Trainer, check_memory
-from train_helpers import tiny_config, write_corpus
-
-TINY = ["--block-size", "16", "--batch-size", "4", "--n-layer", "1", "--n-head", "2",
-        "--d-model", "16", "--eval-iters", "1", "--sample-tokens", "0", "--no-progress"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="tinylm")
+from train_helpers import TINY_CLI as TINY, run_cli as run, tiny_config, train_cli
+from train_helpers import write_corpus
 
 
 @pytest.fixture
@@ -32,8 +24,7 @@ def corpus(tmp_path):
 
 
 def train(tmp_path, corpus, *args, out="run"):
-    return run("train", "--data", corpus, "--out", tmp_path / out, "--cache-dir",
-               tmp_path / "cache", "--max-steps", 2, "--eval-every", 2, *TINY, *args)
+    return train_cli(tmp_path, corpus, tmp_path / out, *args)
 
 
 def one_line_error(result, *parts):
@@ -75,14 +66,8 @@ def one_line_error(result, *parts):
     ({"data": [3]}, "data must be a list of paths"),
 ], ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(map(str, v)))
 def test_every_setting_is_checked_when_the_config_is_made(setting, message):
-    with pytest.raises(ConfigError, match="invalid training config: .*" + _re(message)):
+    with pytest.raises(ConfigError, match="invalid training config: .*" + re.escape(message)):
         TrainConfig(**setting)
-
-
-def _re(text):
-    import re
-
-    return re.escape(text)
 
 
 @pytest.mark.parametrize("setting, message", [

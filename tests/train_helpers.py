@@ -33,3 +33,23 @@ def tiny_config(tmp_path, corpus, **overrides) -> TrainConfig:
     )
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+# options of a `tinylm train` command line for a model as small as tiny_config's
+TINY_CLI = ["--block-size", "16", "--batch-size", "4", "--n-layer", "1", "--n-head", "2",
+            "--d-model", "16", "--eval-iters", "1", "--sample-tokens", "0", "--no-progress"]
+
+
+def run_cli(*args):
+    """``tinylm ARGS`` through Click's test runner (paths may be Path objects)."""
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="tinylm")
+
+
+def train_cli(tmp_path, corpus, out, *args):
+    """A 2-step ``tinylm train`` of ``corpus`` into ``out`` (cache under tmp_path)."""
+    return run_cli("train", "--data", corpus, "--out", out, "--cache-dir", tmp_path / "cache",
+                   "--max-steps", 2, "--eval-every", 2, *TINY_CLI, *args)
