@@ -172,6 +172,24 @@ def test_generation_stops_at_the_config_eos_by_default():
         model.config.eos_token_id = None
 
 
+def test_t5_stops_at_its_config_eos_by_default():
+    """T5's config has eos_token_id 1 (</s>): generation used to run on past it."""
+    from tinylm.models import T5Config, build_model
+
+    tinylm.seed(3)
+    model = build_model(T5Config(vocab_size=40, d_model=16, n_layer=1, n_head=2, head_dim=8,
+                                 d_ff=32)).eval()
+    for p in model.parameters():
+        p.data[...] = p.data * 8
+    free = G.generate(model, [[5, 6, 7]], 12, temperature=0, eos_id=()).tokens[0]
+    eos = free[2]
+    model.config.eos_token_id = eos
+    out = G.generate(model, [[5, 6, 7]], 12, temperature=0)
+    assert out.tokens[0] == free[:free.index(eos) + 1] and out.finish_reasons == ["eos"]
+    beams = G.beam_search(model, [[5, 6, 7]], 12, num_beams=1).tokens[0]
+    assert beams == free[:free.index(eos) + 1]
+
+
 def test_the_tokenizers_end_of_text_is_the_eos_when_the_config_has_none():
     class Ends(_Letters):
         def token_to_id(self, text):

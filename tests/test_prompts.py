@@ -12,13 +12,14 @@ from click.testing import CliRunner
 
 import tinylm
 from tinylm.cli import cli
-from tinylm.commands.generate import chat_loop
+from tinylm.commands.generate import Stopping, chat_loop
 from tinylm.errors import TinyLMError
 from tinylm.generate import cut_at_stop, generate
 from tinylm.models import Decoder, GPT2Config
 from tinylm.prompts import (
     CHAT_TEMPLATE_FILE, ChatTemplate, chain_of_thought, few_shot, load_examples, zero_shot,
 )
+from tinylm.sampling import SamplingConfig
 from tinylm.tokenizers.bpe import BPETokenizer
 
 TEXT = "User: the cat sat on the mat.\nAssistant: the dog ran to see what it was.\n" * 20
@@ -83,8 +84,19 @@ def test_load_examples_errors_name_the_file_and_line(tmp_path, lines, match):
     with pytest.raises(TinyLMError, match=match) as info:
         load_examples(path)
     assert str(path) in str(info.value)
-    with pytest.raises(TinyLMError, match="cannot read"):
+    with pytest.raises(TinyLMError, match="does not exist"):
         load_examples(tmp_path / "missing.jsonl")
+
+
+def test_a_binary_examples_file_is_one_error(tmp_path):
+    path = tmp_path / "photo.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")  # was: UnicodeDecodeError
+    with pytest.raises(TinyLMError, match="line 1 is not valid UTF-8"):
+        load_examples(path)
+    result = run("generate", "-m", tmp_path, "--few-shot", path, "-p", "q")
+    assert result.exit_code == 2 and "not valid UTF-8" in result.output
+    assert "Traceback" not in result.output and result.exception is None or \
+        isinstance(result.exception, SystemExit)
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -187,8 +199,9 @@ def test_chat_prints_the_reply_and_exits(model_dir):
 def test_chat_keeps_the_history_and_uses_the_stored_template(model_dir, tmp_path):
     path, model, tok = model_dir
     chatml = ChatTemplate.builtin("chatml")
-    messages = chat_loop(model, tok, chatml, "Be brief.", max_new_tokens=8, temperature=0,
-                         top_k=200, stdin=io.StringIO("the cat\n\nthe dog\n/exit\n"))
+    messages = chat_loop(model, tok, chatml, "Be brief.", stopping=Stopping(max_new_tokens=8),
+                         sampling=SamplingConfig(temperature=0, top_k=200),
+                         stdin=io.StringIO("the cat\n\nthe dog\n/exit\n"))
     first = expected_reply(model, tok, chatml, messages[:2], 8)
     second = expected_reply(model, tok, chatml, messages[:4], 8)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user",

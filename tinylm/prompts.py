@@ -84,15 +84,14 @@ def few_shot(instruction: str, examples, query: str, k: int | None = None,
 
 def load_examples(jsonl_path, input_key: str = "input", output_key: str = "output") -> list:
     """The (input, output) pairs of a JSONL file: one JSON object per line, blank lines
-    skipped. A bad line is a ``TinyLMError`` naming the file and the line number."""
+    skipped. A bad line is a ``TinyLMError`` naming the file and the line number; so is
+    a file that is not UTF-8 text."""
+    from tinylm.tokenizers.formats import TEXT_FILE_HINT, decode_text, read_bytes
+
     path = os.fspath(jsonl_path)
     pairs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(f)
-    except OSError as e:
-        raise TinyLMError(f"cannot read few-shot examples {path}: {e.strerror or e}") from None
-    for n, line in enumerate(lines, 1):
+    text = decode_text(read_bytes(path, "few-shot examples file"), path, TEXT_FILE_HINT)
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -155,6 +154,17 @@ class ChatTemplate:
         if add_generation_prompt:
             parts.append(self.generation_prompt)
         return "".join(parts)
+
+    def markup(self) -> list:
+        """The template's own strings: every prefix and suffix."""
+        return [getattr(self, f"{role}_{part}") for role in ROLES
+                for part in ("prefix", "suffix")] + [self.generation_prompt]
+
+    def special_tokens(self, tokenizer) -> set:
+        """The special tokens of ``tokenizer`` that the markup spells (ChatML's
+        ``<|im_start|>`` ...): a rendering encodes them as special tokens."""
+        markup = self.markup()
+        return {t for t in tokenizer.special_tokens if any(t in m for m in markup)}
 
     # ---- storage
 
