@@ -5,6 +5,8 @@ test_sampling.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -156,20 +158,27 @@ def test_bad_arguments_are_tinylm_errors():
 # --------------------------------------------------------------------------- eos, prompts
 
 
+@contextlib.contextmanager
+def config_eos(model, eos):
+    """``model``'s config with ``eos_token_id = eos`` inside the block."""
+    before, model.config.eos_token_id = model.config.eos_token_id, eos
+    try:
+        yield
+    finally:
+        model.config.eos_token_id = before
+
+
 def test_generation_stops_at_the_config_eos_by_default():
     model = tiny()
     greedy = G.sample(model, [3, 4], 10, temperature=0)
     eos = greedy[3]
-    model.config.eos_token_id = eos
-    try:
+    with config_eos(model, eos):
         out = G.generate(model, [[3, 4]], 10, temperature=0)
         assert out.tokens[0] == greedy[:greedy.index(eos) + 1] and out.finish_reasons == ["eos"]
         assert G.sample(model, [3, 4], 10, temperature=0, eos_id=()) == greedy  # none
         assert G.default_eos_ids(model) == {eos}
-        model.config.eos_token_id = [eos, 49]  # a list, as Llama 3's config has
+    with config_eos(model, [eos, 49]):  # a list, as Llama 3's config has
         assert G.default_eos_ids(model) == {eos, 49}
-    finally:
-        model.config.eos_token_id = None
 
 
 def test_t5_stops_at_its_config_eos_by_default():
@@ -182,12 +191,13 @@ def test_t5_stops_at_its_config_eos_by_default():
     for p in model.parameters():
         p.data[...] = p.data * 8
     free = G.generate(model, [[5, 6, 7]], 12, temperature=0, eos_id=()).tokens[0]
+    assert model.config.eos_token_id == 1 and G.default_eos_ids(model) == {1}
     eos = free[2]
-    model.config.eos_token_id = eos
-    out = G.generate(model, [[5, 6, 7]], 12, temperature=0)
-    assert out.tokens[0] == free[:free.index(eos) + 1] and out.finish_reasons == ["eos"]
-    beams = G.beam_search(model, [[5, 6, 7]], 12, num_beams=1).tokens[0]
-    assert beams == free[:free.index(eos) + 1]
+    with config_eos(model, eos):
+        out = G.generate(model, [[5, 6, 7]], 12, temperature=0)
+        assert out.tokens[0] == free[:free.index(eos) + 1] and out.finish_reasons == ["eos"]
+        beams = G.beam_search(model, [[5, 6, 7]], 12, num_beams=1).tokens[0]
+        assert beams == free[:free.index(eos) + 1]
 
 
 def test_the_tokenizers_end_of_text_is_the_eos_when_the_config_has_none():
@@ -207,14 +217,11 @@ def test_beam_search_and_speculative_stop_at_the_config_eos():
     model = tiny()
     greedy = G.sample(model, [3, 4], 10, temperature=0)
     eos = greedy[2]
-    model.config.eos_token_id = eos
-    try:
+    with config_eos(model, eos):
         assert G.speculative_greedy(model, _clone(model), [3, 4], 10, k=3).tokens[-1] == eos
         found = G.beam_search(model, [[3, 4]], 10, num_beams=1).tokens[0]
         assert found == greedy[:greedy.index(eos) + 1]
         assert G.beam_search(model, [[3, 4]], 10, num_beams=1, eos_id=()).tokens[0] == greedy
-    finally:
-        model.config.eos_token_id = None
 
 
 def test_text_prompts_need_the_tokenizer():

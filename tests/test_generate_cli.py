@@ -10,32 +10,21 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from generate_helpers import tiny_hf_gpt
+from train_helpers import run_cli as run
 
 import tinylm
-from tinylm.cli import cli
-from tinylm.generate import TextStream, generate
 from tinylm.commands.options import option_group
+from tinylm.generate import TextStream, generate
 from tinylm.models import Decoder, GPT2Config
 from tinylm.sampling import SamplingConfig
-from tinylm.tokenizers.bpe import BPETokenizer
 
 TEXT = "the cat sat on the mat. the dog ran to see what it was. café ☕ naïve\n" * 20
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="tinylm")
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf")
-    tok = BPETokenizer.train([TEXT], 300, special_tokens=["<|endoftext|>"])
-    tinylm.seed(0)
-    model = Decoder(GPT2Config(vocab_size=len(tok), d_model=32, n_layer=2, n_head=4,
-                               max_positions=64))
-    model.save_pretrained(path)
-    tok.save(path / "tokenizer.json")
-    return path, model, tok
+    return tiny_hf_gpt(tmp_path_factory.mktemp("hf"), TEXT)
 
 
 def test_text_stream_holds_back_split_characters():
@@ -265,14 +254,10 @@ def model_of(fixture):
 
 
 def test_a_damaged_run_is_reported_without_a_flag_generate_lacks(tmp_path):
-    from train_helpers import write_corpus
+    from train_helpers import train_cli, write_corpus
 
-    corpus = write_corpus(tmp_path / "corpus.txt", 400)
     out = tmp_path / "run"
-    trained = run("train", "--data", corpus, "--out", out, "--cache-dir", tmp_path / "cache",
-                  "--max-steps", 1, "--eval-every", 1, "--eval-iters", 1, "--sample-tokens", 0,
-                  "--block-size", 8, "--batch-size", 2, "--n-layer", 1, "--n-head", 2,
-                  "--d-model", 8, "--no-progress")
+    trained = train_cli(tmp_path, write_corpus(tmp_path / "corpus.txt", 400), out)
     assert trained.exit_code == 0, trained.output
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])

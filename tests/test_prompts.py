@@ -9,18 +9,16 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from generate_helpers import tiny_hf_gpt
 
-import tinylm
 from tinylm.cli import cli
 from tinylm.commands.generate import Stopping, chat_loop
 from tinylm.errors import TinyLMError
 from tinylm.generate import cut_at_stop, generate
-from tinylm.models import Decoder, GPT2Config
 from tinylm.prompts import (
     CHAT_TEMPLATE_FILE, ChatTemplate, chain_of_thought, few_shot, load_examples, zero_shot,
 )
 from tinylm.sampling import SamplingConfig
-from tinylm.tokenizers.bpe import BPETokenizer
 
 TEXT = "User: the cat sat on the mat.\nAssistant: the dog ran to see what it was.\n" * 20
 
@@ -165,14 +163,7 @@ def test_template_save_load_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chatmodel")
-    tok = BPETokenizer.train([TEXT], 300, special_tokens=["<|endoftext|>"])
-    tinylm.seed(0)
-    model = Decoder(GPT2Config(vocab_size=len(tok), d_model=32, n_layer=2, n_head=4,
-                               max_positions=128))
-    model.save_pretrained(path)
-    tok.save(path / "tokenizer.json")
-    return path, model, tok
+    return tiny_hf_gpt(tmp_path_factory.mktemp("chatmodel"), TEXT, max_positions=128)
 
 
 def expected_reply(model, tok, template, messages, n):

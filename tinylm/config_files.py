@@ -1,6 +1,6 @@
-"""Shared by the model config (``tinylm.models.config``) and the training config
-(``tinylm.train``): the TOML reader, and the type and finiteness checks of a
-dataclass's fields."""
+"""Shared by the config dataclasses (``tinylm.models.config``, ``tinylm.train``,
+``tinylm.sampling``): the TOML reader, the type and finiteness checks of a
+dataclass's fields, and the check for unknown field names."""
 
 from __future__ import annotations
 
@@ -62,3 +62,14 @@ def non_finite_problems(obj) -> list:
     for f in dataclasses.fields(obj):
         visit(f.name, getattr(obj, f.name))
     return problems
+
+
+def check_known_fields(cls, data, noun: str, advice: str = "") -> None:
+    """Raise ``ConfigError`` if ``data`` (a mapping, or keyword arguments) names a
+    field that the dataclass ``cls`` lacks; the message lists its fields, calling
+    them ``noun``s ("sampling option"), then ``advice``."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {noun}(s) {', '.join(unknown)}; the {noun}s are "
+                          f"{', '.join(names)}{advice}")

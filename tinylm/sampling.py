@@ -18,23 +18,15 @@ a ``ConfigError`` when it is built, never empty output later.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from tinylm.config_files import field_type_problems
+from tinylm.config_files import check_known_fields, field_type_problems, non_finite_problems
 from tinylm.errors import ConfigError
 from tinylm.ops.nn import softmax_array
 
-_TYPES = {"int": (int, np.integer), "float": (int, float, np.integer, np.floating)}
-
-
-def finite_problem(name: str, value) -> str | None:
-    """The problem with a float option that is NaN or infinite (None when finite)."""
-    if isinstance(value, (int, float, np.number)) and not math.isfinite(value):
-        return f"{name} must be a finite number, got {value}"
-    return None
+_TYPES = {"int": (int,), "float": (int, float)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +43,10 @@ class SamplingConfig:
     presence_penalty: float = 0.0
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NumPy scalars as Python numbers
+            value = getattr(self, f.name)
+            if isinstance(value, (np.integer, np.floating)):
+                object.__setattr__(self, f.name, value.item())
         self.check()
 
     def check(self) -> None:
@@ -58,8 +54,7 @@ class SamplingConfig:
         a wrong type, a value out of range)."""
         problems = field_type_problems(self, _TYPES)
         if not problems:
-            problems = [p for f in dataclasses.fields(self)
-                        if (p := finite_problem(f.name, getattr(self, f.name)))]
+            problems = non_finite_problems(self)
         if not problems:
             problems = self._range_problems()
         if problems:
@@ -102,11 +97,7 @@ class SamplingConfig:
                 raise ConfigError(f"sampling= takes a SamplingConfig, not "
                                   f"{type(sampling).__name__}")
             return sampling
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown sampling option(s) {', '.join(unknown)}; the options "
-                              f"are {', '.join(names)}")
+        check_known_fields(cls, options, "sampling option")
         return cls(**options)
 
 
