@@ -4,6 +4,13 @@ configs (random weights, nothing downloaded), padded batches, and the comparison
 "Relative error" is max |ours - theirs| / max |theirs| over the compared array (one
 parameter's gradient, the logits of the real tokens): elementwise relative error is
 meaningless where a value is ~0.
+
+The parity tests run where a mix-up shows: weights drawn wide (initializer_range 0.2
+instead of 0.02, so the activations' inputs are O(1), where GELU and its tanh
+approximation differ by ~1e-3), norm epsilons far from every family's default, both
+sides in float64 (``load_in_float64``), and TOL = 1e-6 relative: what is left is
+float32 RoPE angles (both compute them so) and float64 rounding. An exact GELU for
+GPT-2's gelu_new, or a norm eps read from the wrong key, fails by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -14,7 +21,13 @@ import pytest
 import tinylm
 from tinylm.models.hf import hf_state_dict
 
-TOL = 1e-4  # the issue's bar: 1e-4 relative in float32
+TOL = 1e-6  # relative, both sides in float64
+# transformers' Llama and T5 take their RMSNorm statistics in float32 even in a float64
+# model (and Llama's eager attention its softmax): they agree to a few 1e-7, not 1e-15
+FLOAT32_INSIDE = {"llama": 3e-6, "t5": 3e-6}
+SELF_TOL = 1e-10  # tinylm against itself (a KV cache against a full recompute), float64
+WIDE_INIT = 0.2  # initializer_range for the parity models (transformers' default: 0.02)
+EPS = 1e-3  # the parity models' norm epsilon: no family's default
 
 
 def rel_err(a, b) -> float:
@@ -35,12 +48,17 @@ def randomize(hf_model, seed: int = 0):
     return hf_model.eval()
 
 
-def build_hf(model_class, config):
+def build_hf(model_class, config, attn_implementation="eager"):
     """A randomly initialised ``transformers`` model with eager attention (the reference)."""
     import torch
 
     torch.manual_seed(0)
-    return randomize(model_class._from_config(config, attn_implementation="eager"))
+    return randomize(model_class._from_config(config, attn_implementation=attn_implementation))
+
+
+def tol_for(hf_model) -> float:
+    """TOL, or what transformers' own float32 steps leave (FLOAT32_INSIDE)."""
+    return FLOAT32_INSIDE.get(getattr(hf_model.config, "model_type", ""), TOL)
 
 
 def padded_batch(vocab: int, B: int = 3, T: int = 9, seed: int = 0):
@@ -60,6 +78,14 @@ def load_in_tinylm(hf_model, tmp_path, **save_kwargs):
     return tinylm.load_pretrained(path)
 
 
+def load_in_float64(hf_model, tmp_path, **save_kwargs):
+    """The float32 checkpoint loaded by tinylm, then both models made float64 (exact:
+    the same weights on both sides) so the comparisons can be tight."""
+    model = load_in_tinylm(hf_model, tmp_path, **save_kwargs)
+    hf_model.double()
+    return model.to(dtype="float64")
+
+
 def assert_logits_match(ours, theirs, valid=None, tol=TOL):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     if valid is not None:
@@ -69,8 +95,9 @@ def assert_logits_match(ours, theirs, valid=None, tol=TOL):
     return err
 
 
-def assert_grads_match(model, hf_model, tol=TOL):
+def assert_grads_match(model, hf_model, tol=None):
     """Every parameter's gradient, mapped to Hugging Face names, against torch's."""
+    tol = tol_for(hf_model) if tol is None else tol
     ours = hf_state_dict(model, grads=True)
     theirs = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
     assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
@@ -113,7 +140,8 @@ def assert_matches_hf(model, hf_model, vocab: int, seed: int = 0):
                           attention_mask=torch.from_numpy(mask)).logits
     with tinylm.no_grad():
         ours = model(ids, attention_mask=mask).logits
-    return assert_logits_match(ours.numpy(), theirs.numpy(), mask.astype(bool))
+    return assert_logits_match(ours.numpy(), theirs.numpy(), mask.astype(bool),
+                               tol=tol_for(hf_model))
 
 
 def assert_loss_and_grads_match(model, hf_model, vocab: int, seed: int = 1):
@@ -129,13 +157,23 @@ def assert_loss_and_grads_match(model, hf_model, vocab: int, seed: int = 1):
     tl.backward()
     out = model(ids, attention_mask=mask, targets=targets)
     out.loss.backward()
-    assert out.loss.item() == pytest.approx(tl.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(tl.item(), rel=tol_for(hf_model))
     return assert_grads_match(model, hf_model)
 
 
-def assert_kv_cache_matches_full(model, vocab: int, seed: int = 3):
-    """Prefix-then-one-token-at-a-time through a KV cache equals a full recompute."""
+def assert_kv_cache_matches_full(model, vocab: int, seed: int = 3, hf_model=None):
+    """Prefix-then-one-token-at-a-time through a KV cache equals a full recompute (and,
+    given ``hf_model``, transformers' full forward)."""
+    import torch
+
     ids, mask = padded_batch(vocab, T=12, seed=seed)
     with tinylm.no_grad():
         full = model(ids, attention_mask=mask).logits.numpy()
-    return assert_logits_match(kv_steps(model, ids, mask), full, mask.astype(bool), tol=1e-5)
+    steps = kv_steps(model, ids, mask)
+    valid = mask.astype(bool)
+    if hf_model is not None:
+        with torch.no_grad():
+            theirs = hf_model(input_ids=torch.from_numpy(ids),
+                              attention_mask=torch.from_numpy(mask)).logits.numpy()
+        assert_logits_match(steps, theirs, valid, tol=tol_for(hf_model))
+    return assert_logits_match(steps, full, valid, tol=SELF_TOL)

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import tinylm  # noqa: E402
 from model_helpers import (  # noqa: E402
-    assert_grads_match, assert_logits_match, build_hf, load_in_tinylm, padded_batch, torch_loss,
+    EPS, TOL, WIDE_INIT, assert_grads_match, assert_logits_match, build_hf, load_in_float64,
+    padded_batch, torch_loss,
 )
 from tinylm.models import BertConfig, Encoder  # noqa: E402
 
@@ -37,16 +38,17 @@ def pair(request, tmp_path_factory):
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=40, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=WIDE_INIT, layer_norm_eps=EPS)
     hf = build_hf(getattr(transformers, HEADS[request.param]), config)
-    return request.param, hf, load_in_tinylm(hf, tmp_path_factory.mktemp("bert"))
+    return request.param, hf, load_in_float64(hf, tmp_path_factory.mktemp("bert"))
 
 
 def test_config_is_translated(pair):
     head, hf, model = pair
     assert isinstance(model, Encoder) and isinstance(model.config, BertConfig)
     c = model.config
-    assert (c.head, c.norm_position, c.activation, c.norm_eps) == (head, "post", "gelu", 1e-12)
+    assert (c.head, c.norm_position, c.activation, c.norm_eps) == (head, "post", "gelu", EPS)
     assert model.num_parameters() == hf.num_parameters()
 
 
@@ -83,30 +85,31 @@ def test_gradients_match(pair):
         tl = torch_loss(out_hf.logits, targets)
         loss = model(ids, attention_mask=mask, token_type_ids=types, targets=targets).loss
     else:  # a loss on the hidden states and the pooled vector
-        c = np.random.default_rng(2).standard_normal((3, 9, 32)).astype(np.float32)
+        c = np.random.default_rng(2).standard_normal((3, 9, 32))
         tl = (out_hf.last_hidden_state * torch.from_numpy(c)).sum() + out_hf.pooler_output.sum()
         out = model(ids, attention_mask=mask, token_type_ids=types)
         loss = (out.hidden_states * c).sum() + out.pooled.sum()
     tl.backward()
     loss.backward()
-    assert loss.item() == pytest.approx(tl.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(tl.item(), rel=TOL)
     assert_grads_match(model, hf)
 
 
 def test_round_trip_through_transformers(pair, tmp_path):
-    head, _, model = pair
+    head, hf, model = pair
     model.save_pretrained(tmp_path)
     back = getattr(transformers, HEADS[head]).from_pretrained(tmp_path, attn_implementation="eager")
     ids, mask, types = inputs(seed=3)
-    with torch.no_grad():
-        theirs = run_hf(back.eval(), ids, mask, types)
     with tinylm.no_grad():
         ours = model(ids, attention_mask=mask, token_type_ids=types)
     valid = mask.astype(bool)
-    assert_logits_match(ours.hidden_states.numpy(), theirs.hidden_states[-1].numpy(), valid)
-    if head != "none":
-        assert_logits_match(ours.logits.numpy(), theirs.logits.numpy(),
-                            valid if head == "mlm" else None)
+    for reference in (back.double().eval(), hf):  # so back is the model we started from
+        with torch.no_grad():
+            theirs = run_hf(reference, ids, mask, types)
+        assert_logits_match(ours.hidden_states.numpy(), theirs.hidden_states[-1].numpy(), valid)
+        if head != "none":
+            assert_logits_match(ours.logits.numpy(), theirs.logits.numpy(),
+                                valid if head == "mlm" else None)
 
 
 # --------------------------------------------------------------------------- no pooler
@@ -116,7 +119,7 @@ def small_config():
     return transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
+        attention_probs_dropout_prob=0.0, initializer_range=WIDE_INIT, layer_norm_eps=EPS)
 
 
 def test_a_bert_saved_without_its_pooler_loads_without_one(tmp_path):
@@ -126,7 +129,7 @@ def test_a_bert_saved_without_its_pooler_loads_without_one(tmp_path):
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     hf = transformers.BertModel(config, add_pooling_layer=False).eval()
-    model = load_in_tinylm(hf, tmp_path)
+    model = load_in_float64(hf, tmp_path)
     assert model.config.head == "none" and not model.config.pooler and model.pooler is None
     assert model.num_parameters() == hf.num_parameters()
     assert tinylm.models.hf.read_hf_config(tmp_path / "hf").pooler is False  # tinylm info too
@@ -142,7 +145,7 @@ def test_a_bert_saved_without_its_pooler_loads_without_one(tmp_path):
     again = tinylm.load_pretrained(tmp_path / "out")
     assert again.pooler is None
     back = transformers.BertModel.from_pretrained(tmp_path / "out", add_pooling_layer=False,
-                                                  attn_implementation="eager").eval()
+                                                  attn_implementation="eager").double().eval()
     with torch.no_grad():
         theirs = run_hf(back, ids, mask, types)
     assert_logits_match(ours.hidden_states.numpy(), theirs.last_hidden_state.numpy(), valid)
@@ -160,7 +163,8 @@ def test_an_mlm_checkpoint_without_architectures_loads_its_head(tmp_path):
     config = json.loads((path / "config.json").read_text())
     del config["architectures"]
     (path / "config.json").write_text(json.dumps(config))
-    model = tinylm.load_pretrained(path)
+    model = tinylm.load_pretrained(path).to(dtype="float64")
+    hf.double()
     assert model.config.head == "mlm" and model.pooler is None
     ids, mask, types = inputs(seed=4)
     with torch.no_grad():
