@@ -177,6 +177,12 @@ def test_one_array_softmax_serves_the_samplers_and_the_op():
     assert ops_nn.log_softmax_array(x)[0, 2] == -np.inf
     t = tinylm.tensor(x[1:].astype(np.float32))
     np.testing.assert_allclose(t.softmax().numpy(), ops_nn.softmax_array(x[1:]), rtol=1e-6)
+    empty = np.full((2, 3), -np.inf)  # every entry removed: 0 throughout, not NaN
+    assert (ops_nn.softmax_array(empty) == 0).all()
+    assert (ops_nn.log_softmax_array(empty) == -np.inf).all()
+    y = np.array([[1.0, 2.0], [3.0, 3.0]])
+    expect = ops_nn.softmax_array(y.T, axis=0).T
+    assert ops_nn.softmax_array(y, out=y) is y and np.allclose(y, expect)
     for module in (S, G):  # no private copies left beside it
         assert not hasattr(module, "softmax") and not hasattr(module, "log_softmax")
         assert not hasattr(module, "_probs")

@@ -50,24 +50,40 @@ def embedding(ids, weight):
 # --------------------------------------------------------------------------- softmax
 
 
-def softmax_array(x, axis: int = -1):
-    """softmax of a NumPy or CuPy array (no autograd): exp(x - max) / sum, in x's
-    dtype; a removed entry (-inf) gets probability 0. The one array-level softmax:
-    the ``Softmax`` op, the samplers and speculative decoding all use it."""
+def softmax_array(x, axis: int = -1, *, out=None):
+    """softmax of a NumPy or CuPy array (no autograd), in x's dtype: exp(x - max) / sum.
+    A removed entry (-inf) gets probability 0, and a row with every entry removed gets
+    0 throughout, not NaN (attention's empty-row rule). ``out=x`` works in place. The
+    one array-level softmax: the ``Softmax`` op, the samplers, beam search and
+    speculative decoding use it."""
     xp = backend.get_array_module(x)
-    e = xp.asarray(x - x.max(axis=axis, keepdims=True))  # fresh: exp in place
+    e = xp.subtract(x, _row_max(xp, x, axis), out=out)  # fresh unless out: exp in place
     xp.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
+    total = _row_sum(xp, e, axis)
+    e /= xp.where(total == 0, 1, total)
     return e
 
 
 def log_softmax_array(x, axis: int = -1):
     """log-softmax of a NumPy or CuPy array (no autograd): x - max - log(sum(exp)),
-    stable for large logits; -inf stays -inf."""
+    stable for large logits; -inf stays -inf (a row of them too, not NaN)."""
     xp = backend.get_array_module(x)
-    shifted = xp.asarray(x - x.max(axis=axis, keepdims=True))
-    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    shifted = xp.subtract(x, _row_max(xp, x, axis))
+    total = _row_sum(xp, xp.exp(shifted), axis)
+    shifted -= xp.log(xp.where(total == 0, 1, total))
     return shifted
+
+
+def _row_max(xp, x, axis):
+    """The max along ``axis`` (kept), 0 for a row that is all -inf (so it stays -inf)."""
+    top = x.max(axis=axis, keepdims=True)
+    return xp.where(top == -xp.inf, 0, top)
+
+
+def _row_sum(xp, x, axis):
+    if axis == -1 or axis == x.ndim - 1:
+        return last_axis_sum(xp, x)
+    return x.sum(axis=axis, keepdims=True)
 
 
 class Softmax(Function):
