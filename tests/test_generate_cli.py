@@ -284,3 +284,8 @@ def test_option_group_hands_the_command_one_object():
     result = CliRunner().invoke(command, ["--top-k", "5", "--seed", "2"])
     assert result.output == "1.0 5 2\n"
     assert [p.name for p in command.params] == ["temperature", "top_k", "seed"]
+
+
+def test_help_shows_no_range_for_an_unbounded_float():
+    help = run("generate", "--help").output
+    assert "--frequency-penalty FLOAT       [default: 0.0]" in help and "None" not in help

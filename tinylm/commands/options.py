@@ -32,6 +32,11 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:
+            return ""  # --help shows no range for an unbounded one
+        return super()._describe_range()
+
 
 def finite_float(min=None, max=None, *, min_open: bool = False,
                  max_open: bool = False) -> FiniteFloat:
