@@ -196,22 +196,46 @@ def test_noncontiguous_and_float16_inputs():
     testing.assert_close(half.numpy().astype(np.float32), want, rtol=1e-2, atol=1e-2)
 
 
-def test_never_materialises_the_scores():
-    B, H, T, d = 1, 2, 2048, 16
+def _peak_bytes(T: int, kind: str, B=1, H=2, d=128) -> int:
+    """tracemalloc's peak (NumPy reports its buffers to it) over a causal forward and
+    backward at length T, with the default tiles and two threads (fixed, so the
+    per-thread tile buffers are the same on every machine)."""
     rng = np.random.default_rng(4)
     q, k, v = (Tensor(a, requires_grad=True)
                for a in rng.standard_normal((3, B, H, T, d)).astype(np.float32))
-    scores = B * H * T * T * 4  # one float32 (B, H, T, T) array: 32 MB
-    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    kw = {}
+    if kind == "bool mask":  # padding: O(T) to store, broadcast over the queries
+        keep = np.ones((B, 1, 1, T), bool)
+        keep[..., : T // 8] = False
+        kw["mask"] = keep
+    elif kind == "additive mask":
+        kw["mask"] = np.where(np.arange(T) % 7 == 3, -np.inf, 0.0).astype(np.float32)
+    elif kind == "alibi":
+        kw["alibi_slopes"] = 2.0 ** -np.arange(1, H + 1)
+    grad = np.ones((B, H, T, d), np.float32)
+    tracemalloc.start()
     try:
-        # 128 x 128 x 16 tile GEMMs stay single-threaded in OpenBLAS: quick on a busy CPU
-        out = tiled_attention(q, k, v, is_causal=True, block_q=128, block_k=128)
-        out.backward(np.ones(out.shape, np.float32))
+        out = tiled_attention(q, k, v, is_causal=True, threads=2, **kw)
+        out.backward(grad)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert isinstance(q.grad, np.ndarray)
-    assert peak < scores / 8, f"peak {peak / 2**20:.1f} MB vs {scores / 2**20:.0f} MB of scores"
+    return peak
+
+
+@pytest.mark.parametrize("kind", ["causal", "bool mask", "additive mask", "alibi"])
+def test_memory_grows_linearly_with_the_sequence(kind):
+    """Doubling T doubles the peak (the (B, H, T, S) scores would quadruple it), with
+    the default tiles, masks and ALiBi: about 2 MB of tile buffers per thread stay
+    fixed, so at T = 4096 the ratio is ~1.8, and each doubling adds twice what the
+    one before it did."""
+    p1, p2, p4 = (_peak_bytes(T, kind) for T in (1024, 2048, 4096))
+    scores = 2 * 4096 * 4096 * 4  # one float32 (B, H, T, T) array at T = 4096: 128 MB
+    detail = (f"{kind}: peaks {p1 / 2**20:.1f}, {p2 / 2**20:.1f}, {p4 / 2**20:.1f} MB at "
+              f"T = 1024, 2048, 4096 ({scores / 2**20:.0f} MB of scores at 4096)")
+    assert 1.7 < p4 / p2 < 2.2, detail
+    assert 1.8 < (p4 - p2) / (p2 - p1) < 2.2, detail
 
 
 # --------------------------------------------------------------------------- dispatch
