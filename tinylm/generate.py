@@ -311,9 +311,9 @@ def _prompt_history(cfg, model, kind: str, rows) -> TokenHistory:
     return history
 
 
-def generate(model, prompts, max_new_tokens: int = 200, *, sampling: SamplingConfig = None,
-             eos_id=None, stop=(), tokenizer=None, seed=None, on_token=None,
-             **sampling_options) -> Generation:
+def generate(model, prompts, max_new_tokens: int = 200, *,
+             sampling: SamplingConfig | None = None, eos_id=None, stop=(), tokenizer=None,
+             seed=None, on_token=None, **sampling_options) -> Generation:
     """Continue each prompt (a list of ids or, with ``tokenizer``, text; or a list of
     such prompts) by up to ``max_new_tokens`` tokens, picked as ``sampling`` (a
     ``SamplingConfig``) or the ``sampling_options`` keywords say.
@@ -672,8 +672,9 @@ class _Speculation:
         tokens to append (the accepted drafts and one of the target's own)."""
         proposal, q = self.propose(n)
         fresh = (self.ctx + proposal)[self.t_cache.length:]
-        logits = backend.to_numpy(self.target(np.array([fresh]), cache=self.t_cache).logits.data[0])
-        rows = logits[-(n + 1):, :self.V]  # (n+1, V) the target at each proposed position
+        out = self.target(np.array([fresh]), cache=self.t_cache)
+        rows = backend.to_numpy(out.logits.data[0])[-(n + 1):, :self.V]  # (n+1, V) the
+        # target at each proposed position and one past them
         if self.cfg.greedy:
             choice = rows.argmax(axis=-1)  # (n+1,) target's picks
             agree = int(np.cumprod(choice[:n] == np.array(proposal)).sum())
@@ -707,7 +708,7 @@ def _check_speculative(target, draft, n_prompt: int, max_new_tokens, k) -> None:
 
 
 def speculative_sample(target, draft, prompt, max_new_tokens: int = 200, *, k: int = 4,
-                       sampling: SamplingConfig = None, seed=None, eos_id=None,
+                       sampling: SamplingConfig | None = None, seed=None, eos_id=None,
                        tokenizer=None, **sampling_options) -> SpeculativeResult:
     """Sample from ``target`` with a ``draft`` model proposing ``k`` tokens at a time;
     the tokens are distributed exactly as sampling the target alone with the same
