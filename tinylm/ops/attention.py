@@ -32,7 +32,7 @@ from tinylm.function import Function
 from tinylm.ops.elementwise import add, masked_fill, mul
 from tinylm.ops.matmul import matmul
 from tinylm.ops.movement import broadcast_to, reshape, swapaxes
-from tinylm.ops.nn import dropout, softmax
+from tinylm.ops.nn import dropout, softmax, softmax_array
 from tinylm.ops.reduce import last_axis_sum
 from tinylm.ops.tiled import alibi_bias, tiled_attention
 from tinylm.kernels import flash_attention as cuda_flash
@@ -85,11 +85,7 @@ class Attention(Function):
             att += self.bias
         if self.keep is not None:
             xp.copyto(att, -xp.inf, where=~self.keep)
-        top = att.max(axis=-1, keepdims=True)  # (B, H, T, 1)
-        att -= xp.where(top == -xp.inf, 0, top)  # a row that sees no key stays -inf ...
-        xp.exp(att, out=att)
-        total = last_axis_sum(xp, att)
-        att /= xp.where(total == 0, 1, total)  # ... and gets p = 0: output 0, no gradient
+        softmax_array(att, out=att)  # in place; a row that sees no key gets p = 0
         self.q, self.k, self.v, self.p = q, k, v, att
         return att.astype(v.dtype, copy=False) @ v  # (B, H, T, hs), in v's dtype
 
@@ -232,15 +228,7 @@ def _composed_attention(q, k, v, mask, is_causal, scale, alibi, dropout_p):
             att = masked_fill(att, ~m, -float("inf"))
         else:
             att = add(att, mask)
-    empty = None
-    if mask is not None or (is_causal and T > S):  # else every row sees some key
-        empty = (att.data == -xp.inf).all(axis=-1, keepdims=True)  # (B, H, T, 1)
-        empty = empty if bool(empty.any()) else None
-    if empty is None:
-        att = softmax(att, axis=-1)
-    else:  # a row that sees no key: finite scores for the softmax, then p = 0, so the
-        att = masked_fill(softmax(masked_fill(att, empty, 0.0), axis=-1), empty, 0.0)
-        # output is 0 and no gradient flows through the row
+    att = softmax(att, axis=-1)  # a row that sees no key: p = 0, and no gradient
     if dropout_p:
         att = dropout(att, dropout_p, True)
     return matmul(att, v)  # (B, H, T, hs)
