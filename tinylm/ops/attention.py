@@ -17,7 +17,9 @@ output 0 and contributes no gradient (to q, k, v or a learned mask), as FlashAtt
 does. A key is hidden by causality, by False in a boolean mask or by -inf in an
 additive one; a finite mask value, however negative, is an ordinary score. (A left-
 padded causal batch has such rows: its padding queries. ``nn.additive_mask`` writes
--inf, so they follow the rule instead of averaging the values uniformly.)
+-inf, so they follow the rule instead of averaging the values uniformly.) Here the
+rule comes from ops.nn's one softmax, which gives a row of -inf p = 0 (and so no
+gradient); the tiled op and the CUDA kernels keep lse = -inf for such a row.
 """
 
 from __future__ import annotations
