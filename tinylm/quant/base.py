@@ -105,8 +105,9 @@ class BlockFormat(QuantFormat):
         blocks = as_blocks(raw, self.nbytes(shape), self.block_bytes, self.name)
         out = np.empty((blocks.shape[0], self.block_size), np.float32)
         step = max(1, CHUNK_WEIGHTS // self.block_size)
-        for start in range(0, blocks.shape[0], step):
-            out[start:start + step] = self.dequantize_blocks(blocks[start:start + step])
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0: NaN, by the rules
+            for start in range(0, blocks.shape[0], step):
+                out[start:start + step] = self.dequantize_blocks(blocks[start:start + step])
         return out.reshape(shape)
 
 
