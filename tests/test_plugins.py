@@ -364,6 +364,15 @@ def test_the_plugin_guides_tokenizer_works(tmp_path, monkeypatch):
         assert train.exit_code == 2 and "Traceback" not in train.output
         assert train.stderr.startswith("Error: 'shout' tokenizers are not trained by tinylm")
         assert "ShoutTokenizer" in train.stderr and train.stderr.count("\n") == 1
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("hello world\n" * 50, encoding="utf-8")
+        model = runner.invoke(cli, ["train", "--tokenizer", "shout", "--data", str(corpus),
+                                    "--out", str(tmp_path / "run"), "--no-progress"])
+        assert model.exit_code == 2 and "Traceback" not in model.output
+        error = model.stderr.splitlines()[-1]
+        assert error.startswith("Error: 'shout' tokenizers are not trained"), model.stderr
+        assert "no train method" in error and model.stderr.count("Error:") == 1
+        assert not (tmp_path / "run").exists()
     finally:
         sys.modules.pop("tinylm_shout", None)
 

@@ -396,7 +396,7 @@ def read_checkpoint_state(out_dir, verify: bool = True) -> dict:
         raise CheckpointError(f"{out_dir} has no checkpoint ({STATE_FILE} is missing)") from None
     except ValueError as e:
         raise CheckpointError(f"checkpoint file {path} is damaged or truncated ({e}); "
-                              f"restore it, or start over with --overwrite") from None
+                              f"restore it, or retrain (tinylm train --overwrite)") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path} is not a tinylm trainer state (version "
                               f"{STATE_VERSION})")
@@ -408,18 +408,19 @@ def read_checkpoint_state(out_dir, verify: bool = True) -> dict:
 
 def verify_file(path, want: dict) -> None:
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint file {path} is missing; restore it, or start "
-                              f"over with --overwrite")
+        raise CheckpointError(f"checkpoint file {path} is missing; restore it, or retrain "
+                              f"(tinylm train --overwrite)")
     size = os.path.getsize(path)
     if size != want["bytes"]:
         what = "truncated" if size < want["bytes"] else "longer than it was saved"
         raise CheckpointError(f"checkpoint file {path} is {what}: {size} bytes, the "
                               f"checkpoint recorded {want['bytes']}; the save was interrupted "
-                              f"or the file damaged: restore it, or start over with --overwrite")
+                              f"or the file damaged: restore it, or retrain "
+                              f"(tinylm train --overwrite)")
     if sha256_file(path) != want["sha256"]:
         raise CheckpointError(f"checkpoint file {path} is damaged: its SHA-256 differs from "
-                              f"the one recorded when it was saved; restore it, or start over "
-                              f"with --overwrite")
+                              f"the one recorded when it was saved; restore it, or retrain "
+                              f"(tinylm train --overwrite)")
 
 
 def load_model_dir(path, device: str = "cpu"):

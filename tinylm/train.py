@@ -328,7 +328,8 @@ def build_tokenizer(config: TrainConfig, files, special_tokens: list, log=None,
                               f"one with them, or let "
                               f"tinylm train one (--tokenizer char or bpe)")
         return tok
-    cls = plugins.get_tokenizer_class(spec)
+    cls = plugins.get_tokenizer_class(spec, needs=("train",),
+                                      purpose="tinylm train --tokenizer NAME")
     vocab = None if spec == "char" else config.vocab_size
     cache = data_cache_dir(config, files)
     path = os.path.join(cache, f"tokenizer-{fingerprint_key(spec, vocab, special_tokens)}.txt")

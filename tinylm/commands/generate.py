@@ -42,7 +42,9 @@ class ModelSource:
 
     def load(self, path=None):
         """(model, tokenizer) of ``path`` (default: --model) on the device."""
-        return load_for_generation(self.path if path is None else path, self.device)
+        from tinylm.loading import load_model
+
+        return load_model(self.path if path is None else path, self.device)
 
     def precision(self):
         """The context the model runs in: float16 matrix products with --half."""
@@ -239,28 +241,6 @@ chat_options = option_group(
                  help="--chat: a system message that opens the conversation."))
 
 # --------------------------------------------------------------------------- loading
-
-
-def load_for_generation(path, device: str = "cpu"):
-    """(model, tokenizer) of a run folder or a Hugging Face folder
-    (``tinylm.loading.load_model``); a damaged run's advice says what a ``generate``
-    user can do."""
-    from tinylm.errors import CheckpointError
-    from tinylm.loading import load_model
-
-    try:
-        return load_model(path, device)
-    except CheckpointError as e:
-        if "--overwrite" not in str(e):
-            raise
-        raise CheckpointError(for_generate(str(e))) from None
-
-
-def for_generate(message: str) -> str:
-    """A loading error's advice as ``generate``'s user can follow it: ``--overwrite``
-    is a ``tinylm train`` flag (it trains the model again from scratch)."""
-    return message.replace("or start over with --overwrite",
-                           "or train the model again (`tinylm train --out ... --overwrite`)")
 
 
 # --------------------------------------------------------------------------- the command
