@@ -26,9 +26,10 @@ Double quantization (``nf4-dq``, bitsandbytes' ``compress_statistics=True``):
 
 Packed bytes, back to back (n weights, b = n/64 blocks)::
 
-    nf4:     | codes: n/2 bytes | absmax: float32 x b |                            4.5 bits/weight
-    nf4-dq:  | codes: n/2 bytes | q: uint8 x b | absmax2: float32 x ceil(b/256) | offset: float32 |
-                                                                                about 4.127 bits/weight
+    nf4 (4.5 bits per weight):
+        | codes: n/2 bytes | absmax: float32 x b |
+    nf4-dq (about 4.127 bits per weight):
+        | codes: n/2 bytes | q: uint8 x b | absmax2: float32 x ceil(b/256) | offset: float32 |
 
 The last axis must be a multiple of 64 (blocks never straddle rows). Non-finite
 weights are refused (a ``QuantError``).
