@@ -9,6 +9,8 @@
     blockwise8.py  bitsandbytes' 8-bit dynamic blockwise code (NF4's double quantization)
     nf4.py         NF4 (QLoRA): blocks of 64, float32 or double-quantized absmax
     registry.py    name -> format; GGML type -> format
+    kernels.py     packed weights (``Packed``) and the blockwise dequantize-and-multiply
+    layers.py      QuantLinear, QuantEmbedding, QuantTiedHead: layers that compute from them
 
     >>> import numpy as np
     >>> from tinylm import quant
@@ -24,6 +26,8 @@ from tinylm.quant.base import BlockFormat, QuantError, QuantFormat
 from tinylm.quant.registry import (
     FORMATS, dequantize, format_for_ggml_type, get_format, quantize,
 )
+from tinylm.quant.layers import QuantEmbedding, QuantLinear, QuantTiedHead
 
 __all__ = ["QuantFormat", "BlockFormat", "QuantError", "FORMATS", "get_format",
-           "format_for_ggml_type", "quantize", "dequantize"]
+           "format_for_ggml_type", "quantize", "dequantize",
+           "QuantLinear", "QuantEmbedding", "QuantTiedHead"]

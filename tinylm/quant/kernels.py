@@ -1,0 +1,318 @@
+"""Blockwise dequantize-and-multiply: ``y = x @ W.T`` and ``dx = dy @ W`` from packed weights.
+
+A packed weight (``Packed``) is a format and its arrays, never a float32 copy:
+
+    q8_0 q4_0 q4_1 q4_k q6_k f16 bf16 f32   raw   uint8 (out, row_bytes), the GGUF bytes
+    int8                                    codes int8 (out, in), scale float32 (out,)
+    nf4                                     codes uint8 (out, in/2), absmax float32 (out, in/64)
+    nf4-dq                                  codes, qabsmax uint8 (out, in/64),
+                                            absmax2 float32 (ceil(blocks/256),), offset (1,)
+
+``matmul(x2, packed)`` walks the output rows a tile at a time: ``decode`` writes the
+tile's float32 weights into one reusable buffer (``tile_rows`` rows, about
+``TILE_BYTES``: it stays in the L2 cache between being written and being read by the
+GEMM), BLAS multiplies, the next tile overwrites the buffer. Nothing is allocated per
+tile but a few (rows, blocks) scale arrays.
+
+Which regime is bandwidth-bound: decoding one token multiplies a single row of x by
+every weight, so each token re-reads (and re-decodes) the whole model; the GEMV does
+one multiply-add per decoded weight and the time is the decoding (memory traffic
+through the tile plus NumPy's per-element passes), not arithmetic. Prefill with T
+tokens decodes each tile once and multiplies T rows with it: the decode cost is
+amortised over T tokens and the GEMM, compute-bound, dominates from T ~ 32 on.
+
+Fast decoding, per format:
+
+- Q4_0 / Q4_1: one gather through a 256-entry table that maps a byte to its two
+  nibbles as a pair of float32 (read as one float64), so a tile of bytes becomes a tile
+  of floats in one ``np.take``. The pair order (low, high) interleaves weight j with
+  weight j + 16 in each block, so the matmul reads x in that same order
+  (``columns``, a fixed permutation of x's features, applied once per call); scales
+  (and Q4_1's minimum) are applied in place.
+- Q8_0 / int8: an int8 -> float32 cast straight into the buffer, scales in place.
+- NF4: the same byte-pair table (NF4 puts the first weight in the high nibble, so
+  the pairs come out in natural order), then the absmax in place.
+- F16 / BF16: a cast (BF16: a 16-bit shift) into the buffer.
+- Q4_K / Q6_K: the reference block dequantizer, per tile (read-only formats).
+
+The result equals ``x @ fmt.dequantize(raw).T`` to float32 rounding: every decoded
+weight is bit-identical to the reference (same float32 products and sums); only the
+GEMM's summation order can differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinylm.quant.base import QuantError
+from tinylm.quant.blockwise8 import DOUBLE_QUANT_BLOCK, DYNAMIC_CODE
+from tinylm.quant.nf4 import NF4_BLOCK, NF4_CODE
+from tinylm.quant.registry import get_format
+
+TILE_BYTES = 1 << 18  # float32 bytes of one decoded tile: 256 KB, inside a core's L2
+MIN_TILE_ROWS = 8
+RAW_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
+LAYOUTS = {  # the arrays each format keeps, in order
+    **{name: ("raw",) for name in RAW_FORMATS},
+    "int8": ("codes", "scale"),
+    "nf4": ("codes", "absmax"),
+    "nf4-dq": ("codes", "qabsmax", "absmax2", "offset"),
+}
+
+
+def _pair_table(first, second) -> np.ndarray:
+    """(256,) float64 whose bytes are the float32 pair (first[b], second[b]) of byte b."""
+    pairs = np.stack([np.float32(first), np.float32(second)], axis=1)   # (256, 2)
+    return np.ascontiguousarray(pairs).view(np.float64).reshape(256)
+
+
+_BYTES = np.arange(256)
+_Q4_0_PAIRS = _pair_table((_BYTES & 15) - 8, (_BYTES >> 4) - 8)      # GGML: low nibble first
+_Q4_1_PAIRS = _pair_table(_BYTES & 15, _BYTES >> 4)
+_NF4_PAIRS = _pair_table(NF4_CODE[_BYTES >> 4], NF4_CODE[_BYTES & 15])  # bnb: high first
+
+
+@dataclass
+class Packed:
+    """A weight ``shape`` = (out, in) in format ``fmt`` (a name of ``LAYOUTS``) held as
+    ``arrays`` (name -> array, see the module docstring)."""
+
+    fmt: str
+    shape: tuple
+    arrays: dict
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether ``decode`` returns each 32-weight block as pairs (j, j + 16)."""
+        return self.fmt in ("q4_0", "q4_1")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(fmt_name: str, raw, shape) -> Packed:
+    """The ``Packed`` of ``raw``, the bytes ``get_format(fmt_name).quantize(w)`` gives (or a
+    GGUF file holds) for a weight of ``shape`` (out, in); views of ``raw``, no copy for
+    the raw formats (a memory-mapped GGUF tensor stays on disk)."""
+    fmt = get_format(fmt_name)
+    shape = fmt.check_shape(shape)
+    if len(shape) != 2:
+        raise QuantError(f"a quantized layer's weight is (out, in), not {shape}")
+    out, n_in = shape
+    if fmt.name in RAW_FORMATS:
+        if fmt.name in ("f32", "f16", "bf16") and not (
+                isinstance(raw, np.ndarray) and raw.dtype == np.uint8):
+            raw = np.ascontiguousarray(np.asarray(raw, fmt.dtype)).reshape(-1).view(np.uint8)
+        raw = _as_uint8(raw, fmt.nbytes(shape), fmt.name)
+        return Packed(fmt.name, shape, {"raw": raw.reshape(out, -1)})
+    if fmt.name == "int8":
+        codes, scale = fmt.split(raw, shape)
+        return Packed("int8", shape, {"codes": codes, "scale": scale.astype(np.float32)})
+    parts = fmt.split(raw, shape)
+    arrays = {"codes": parts.codes.reshape(out, n_in // 2)}
+    if fmt.name == "nf4":
+        arrays["absmax"] = parts.absmax.reshape(out, n_in // NF4_BLOCK)
+    else:
+        arrays.update(qabsmax=parts.qabsmax.reshape(out, n_in // NF4_BLOCK),
+                      absmax2=parts.absmax2, offset=np.float32([parts.offset]))
+    return Packed(fmt.name, shape, arrays)
+
+
+def _as_uint8(raw, nbytes: int, name: str) -> np.ndarray:
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = np.frombuffer(raw, np.uint8)
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.size != nbytes:
+        raise QuantError(f"{name}: packed data must be {nbytes} uint8 bytes for this shape, "
+                         f"got {raw.size} {raw.dtype}; the data and the shape do not belong "
+                         f"together")
+    return raw if raw.flags.c_contiguous else np.ascontiguousarray(raw)
+
+
+def to_raw(packed: Packed) -> np.ndarray:
+    """The packed bytes in the format's own layout (what ``fmt.quantize`` returns)."""
+    a = packed.arrays
+    if packed.fmt in RAW_FORMATS:
+        return a["raw"]
+    if packed.fmt == "int8":
+        return np.concatenate([a["codes"].reshape(-1).view(np.uint8),
+                               a["scale"].astype("<f4").view(np.uint8)])
+    tail = ([a["absmax"].astype("<f4").reshape(-1).view(np.uint8)] if packed.fmt == "nf4" else
+            [a["qabsmax"].reshape(-1), a["absmax2"].astype("<f4").view(np.uint8),
+             a["offset"].astype("<f4").view(np.uint8)])
+    return np.concatenate([a["codes"].reshape(-1), *tail])
+
+
+def select_rows(packed: Packed, ids) -> Packed:
+    """The rows ``ids`` (1-D ints) of ``packed`` as a ``Packed`` of their own (a copy of
+    those rows' bytes; nf4-dq's absmax dequantized for them)."""
+    a, n = packed.arrays, len(ids)
+    shape = (n, packed.shape[1])
+    if packed.fmt == "nf4-dq":
+        return Packed("nf4", shape, {"codes": a["codes"][ids],
+                                     "absmax": _dq_absmax(packed, ids)})
+    if packed.fmt == "int8":
+        return Packed("int8", shape, {"codes": a["codes"][ids], "scale": a["scale"][ids]})
+    name = "raw" if packed.fmt in RAW_FORMATS else "codes"
+    rows = {name: a[name][ids]}
+    if packed.fmt == "nf4":
+        rows["absmax"] = a["absmax"][ids]
+    return Packed(packed.fmt, shape, rows)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _halves(b) -> np.ndarray:
+    """(..., 2) uint8 little-endian halves -> (..., 1) float32."""
+    return np.ascontiguousarray(b).view("<f2").astype(np.float32)
+
+
+def _dq_absmax(packed: Packed, rows) -> np.ndarray:
+    """nf4-dq: the float32 absmax (n, in/64) of ``rows`` (a slice or ints)."""
+    a = packed.arrays
+    per_row = packed.shape[1] // NF4_BLOCK
+    row_ids = np.arange(packed.shape[0])[rows]                            # (n,)
+    block = row_ids[:, None] * per_row + np.arange(per_row)               # (n, in/64)
+    scale = a["absmax2"][block // DOUBLE_QUANT_BLOCK]
+    return DYNAMIC_CODE[a["qabsmax"][rows]] * scale + a["offset"][0]
+
+
+def decode(packed: Packed, rows: slice, out: np.ndarray) -> np.ndarray:
+    """Write the float32 weights of ``rows`` into ``out`` (n, in), C-contiguous; q4_0/q4_1
+    in the interleaved column order (``columns``). Returns ``out``."""
+    fmt, a = packed.fmt, packed.arrays
+    n, n_in = out.shape
+    if fmt in ("q4_0", "q4_1", "q8_0"):
+        blk = a["raw"][rows].reshape(n, n_in // 32, -1)                   # (n, nb, bytes)
+        out3 = out.reshape(n, n_in // 32, 32)
+        if fmt == "q8_0":
+            np.copyto(out3, blk[:, :, 2:].view(np.int8), casting="unsafe")
+        else:
+            head = 2 if fmt == "q4_0" else 4
+            table = _Q4_0_PAIRS if fmt == "q4_0" else _Q4_1_PAIRS
+            np.take(table, blk[:, :, head:], out=out3.view(np.float64), mode="clip")
+        with np.errstate(invalid="ignore", over="ignore"):   # inf * 0: NaN, by the rules
+            out3 *= _halves(blk[:, :, 0:2])
+            if fmt == "q4_1":
+                out3 += _halves(blk[:, :, 2:4])
+    elif fmt in ("nf4", "nf4-dq"):
+        np.take(_NF4_PAIRS, a["codes"][rows], out=out.view(np.float64), mode="clip")
+        absmax = a["absmax"][rows] if fmt == "nf4" else _dq_absmax(packed, rows)
+        out.reshape(n, -1, NF4_BLOCK)[...] *= absmax[:, :, None]
+    elif fmt == "int8":
+        np.copyto(out, a["codes"][rows], casting="unsafe")
+        out *= a["scale"][rows][:, None]
+    else:
+        _decode_float_or_k(fmt, a["raw"][rows], out)
+    return out
+
+
+def _decode_float_or_k(fmt: str, raw: np.ndarray, out: np.ndarray) -> None:
+    if fmt == "f32":
+        out[...] = raw.view("<f4")
+    elif fmt == "f16":
+        np.copyto(out, raw.view("<f2"), casting="unsafe")
+    elif fmt == "bf16":
+        np.left_shift(raw.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:  # q4_k, q6_k: the reference block maps (read-only formats, rarely in a hot path)
+        fmt_obj = get_format(fmt)
+        with np.errstate(invalid="ignore", over="ignore"):
+            blocks = fmt_obj.dequantize_blocks(raw.reshape(-1, fmt_obj.block_bytes))
+        out[...] = blocks.reshape(out.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def columns(n_in: int) -> np.ndarray:
+    """The interleaved column order of q4_0/q4_1 tiles: x[..., columns(n)] matches them.
+
+    Block b's decoded pairs are (w[32b + j], w[32b + 16 + j]) for j = 0..15."""
+    j = np.arange(16)
+    block = np.stack([j, j + 16], axis=1).reshape(32)                      # (32,)
+    return (np.arange(0, n_in, 32)[:, None] + block).reshape(n_in)
+
+
+def dequantize(packed: Packed) -> np.ndarray:
+    """The whole float32 weight (out, in), natural column order."""
+    out = np.empty(packed.shape, np.float32)
+    tile_loop(packed, lambda r0, r1, t: out.__setitem__(slice(r0, r1), _natural(packed, t)))
+    return out
+
+
+def _natural(packed: Packed, tile: np.ndarray) -> np.ndarray:
+    if not packed.interleaved:
+        return tile
+    natural = np.empty_like(tile)
+    natural[:, columns(tile.shape[1])] = tile
+    return natural
+
+
+# --------------------------------------------------------------------------- the products
+
+
+def tile_rows(n_in: int, n_out: int) -> int:
+    """Rows per tile: about TILE_BYTES of float32, a multiple of 8, at least 8."""
+    rows = max(MIN_TILE_ROWS, TILE_BYTES // (4 * max(n_in, 1)) // 8 * 8)
+    return min(rows, max(n_out, 1))
+
+
+def tile_loop(packed: Packed, visit, buffer=None) -> None:
+    """``visit(r0, r1, tile)`` for each tile of output rows, the tile decoded into one
+    reusable float32 buffer (overwritten by the next tile: use it before returning)."""
+    n_out, n_in = packed.shape
+    rows = tile_rows(n_in, n_out)
+    buf = np.empty((rows, n_in), np.float32) if buffer is None else buffer
+    for r0 in range(0, n_out, rows):
+        r1 = min(r0 + rows, n_out)
+        visit(r0, r1, decode(packed, slice(r0, r1), buf[:r1 - r0]))
+
+
+def matmul(x2: np.ndarray, packed: Packed) -> np.ndarray:
+    """``x2 (N, in) @ W.T`` -> (N, out), in x2's dtype (float32; float64 for gradchecks)."""
+    n_out, n_in = packed.shape
+    if x2.shape[-1] != n_in:
+        raise QuantError(f"quantized linear: input has {x2.shape[-1]} features but the "
+                         f"weight expects {n_in}")
+    xk = x2[:, columns(n_in)] if packed.interleaved else x2
+    y = np.empty((x2.shape[0], n_out), x2.dtype)
+
+    def visit(r0, r1, tile):
+        t = tile if x2.dtype == np.float32 else tile.astype(x2.dtype)
+        np.matmul(xk, t.T, out=y[:, r0:r1])
+
+    if x2.shape[0]:
+        tile_loop(packed, visit)
+    else:
+        y[...] = 0
+    return y
+
+
+def matmul_t(g2: np.ndarray, packed: Packed) -> np.ndarray:
+    """``g2 (N, out) @ W`` -> (N, in): the input gradient of ``matmul``, tile by tile."""
+    n_out, n_in = packed.shape
+    gx = np.zeros((g2.shape[0], n_in), g2.dtype)
+
+    def visit(r0, r1, tile):
+        t = tile if g2.dtype == np.float32 else tile.astype(g2.dtype)
+        gx.__iadd__(g2[:, r0:r1] @ t)
+
+    if g2.shape[0]:
+        tile_loop(packed, visit)
+    if packed.interleaved:
+        natural = np.empty_like(gx)
+        natural[:, columns(n_in)] = gx
+        return natural
+    return gx
+
+
+def packed_nbytes(fmt_name: str, shape) -> int:
+    """Bytes a ``Packed`` of this format and shape holds (int8: codes + scales)."""
+    return get_format(fmt_name).nbytes(shape) if math.prod(shape) else 0
