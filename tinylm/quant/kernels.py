@@ -126,6 +126,37 @@ def pack(fmt_name: str, raw, shape) -> Packed:
     return Packed(fmt.name, shape, arrays)
 
 
+def expected_arrays(fmt_name: str, shape) -> dict:
+    """{array name: (shape, dtype)} that a ``Packed`` of this format and shape holds."""
+    fmt = get_format(fmt_name)
+    out, n_in = fmt.check_shape(shape)
+    if fmt.name in RAW_FORMATS:
+        return {"raw": ((out, fmt.nbytes(shape) // max(out, 1)), np.uint8)}
+    if fmt.name == "int8":
+        return {"codes": ((out, n_in), np.int8), "scale": ((out,), np.float32)}
+    blocks = (out, n_in // NF4_BLOCK)
+    arrays = {"codes": ((out, n_in // 2), np.uint8)}
+    if fmt.name == "nf4":
+        return {**arrays, "absmax": (blocks, np.float32)}
+    return {**arrays, "qabsmax": (blocks, np.uint8),
+            "absmax2": ((-(-out * blocks[1] // DOUBLE_QUANT_BLOCK),), np.float32),
+            "offset": ((1,), np.float32)}
+
+
+def check_packed(packed: Packed) -> Packed:
+    """``packed`` if each array has the shape and dtype its format and shape need, else a
+    QuantError naming the first that does not."""
+    if len(packed.shape) != 2:
+        raise QuantError(f"a quantized layer's weight is (out, in), not {packed.shape}")
+    for name, (shape, dtype) in expected_arrays(packed.fmt, packed.shape).items():
+        a = packed.arrays.get(name)
+        if a is None or tuple(a.shape) != shape or a.dtype != dtype:
+            got = "nothing" if a is None else f"{a.dtype} {tuple(a.shape)}"
+            raise QuantError(f"{packed.fmt} weight {packed.shape}: array {name!r} should be "
+                             f"{np.dtype(dtype)} {shape}, got {got}")
+    return packed
+
+
 def _as_uint8(raw, nbytes: int, name: str) -> np.ndarray:
     if isinstance(raw, (bytes, bytearray, memoryview)):
         raw = np.frombuffer(raw, np.uint8)
