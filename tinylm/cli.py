@@ -123,3 +123,5 @@ from tinylm.commands.plot import plot_command  # noqa: E402
 cli.add_command(train_command)
 cli.add_command(generate_command)
 cli.add_command(plot_command)
+from tinylm.commands.quantize import quantize_command  # noqa: E402
+cli.add_command(quantize_command)

@@ -1,0 +1,110 @@
+"""``tinylm quantize MODEL --to SCHEME -o OUT``: a weight-quantized copy of a model.
+
+    tinylm quantize runs/demo --to q8_0 -o runs/demo-q8          # a quantized folder
+    tinylm quantize hf/gpt2 --to q4_1 --skip lm_head -o gpt2-q4  # keep the head float
+    tinylm quantize runs/demo --to q4_0 -o demo-q4_0.gguf        # a GGUF file (llama.cpp)
+
+MODEL is anything ``tinylm.loading.load_model`` reads (a run folder, a Hugging Face
+folder, a GGUF file). OUT is a folder (``tinylm.quant.model.save_quantized``: config.json
+with a "quantization" section, model.safetensors, tokenizer.txt) or, ending in
+``.gguf``, a GGUF file written by ``tinylm.formats.gguf_model.export_gguf``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from tinylm.errors import TinyLMError
+
+CLI_SCHEMES = ("q8_0", "q4_0", "q4_1", "int8", "nf4")
+GGUF_SCHEMES = ("q8_0", "q4_0", "q4_1")  # int8 and nf4 are tinylm's own: no GGUF type
+
+
+def check_output(out: str, scheme: str, overwrite: bool) -> None:
+    """A TinyLMError for an OUT that cannot be written, before anything is loaded."""
+    if out.lower().endswith(".gguf"):
+        if scheme not in GGUF_SCHEMES:
+            raise TinyLMError(f"GGUF has no {scheme} tensor type; for a .gguf output choose "
+                              f"--to {' or '.join(GGUF_SCHEMES)}, or write a folder")
+        if os.path.isdir(out):
+            raise TinyLMError(f"{out} is a folder; give a file name ending in .gguf")
+        if os.path.exists(out) and not overwrite:
+            raise TinyLMError(f"{out} already exists; pass --overwrite to replace it")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise TinyLMError(f"the folder {parent} of {out} does not exist; create it first")
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TinyLMError(f"{out} exists and is not a folder; give a folder (or a .gguf "
+                          f"file name)")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise TinyLMError(f"{out} already exists and is not empty; pass --overwrite to "
+                          f"replace it")
+
+
+def export_to_gguf(model, tokenizer, out: str, scheme: str) -> None:
+    """The model to a GGUF file through the GGUF exporter, if this tinylm has it."""
+    from tinylm.models.decoder import Decoder
+
+    if not isinstance(model, Decoder):
+        raise TinyLMError(f"GGUF export writes decoder-only models (GPT-2, Llama); this "
+                          f"model is a {type(model).__name__}: write a folder instead")
+    try:
+        from tinylm.formats.gguf_model import export_gguf
+    except ImportError:
+        raise TinyLMError("GGUF export is not available in this tinylm (no "
+                          "tinylm.formats.gguf_model.export_gguf); write a folder "
+                          "instead") from None
+    export_gguf(model, tokenizer, out, dtype=scheme)
+
+
+def quantize_model_to(model_path: str, scheme: str, skip, out: str, overwrite: bool,
+                      log=print) -> dict:
+    """Load ``model_path``, quantize it to ``scheme`` and write ``out``; returns the
+    model's quantization record."""
+    from tinylm.loading import load_model
+    from tinylm.quant.model import quantize, save_quantized
+
+    check_output(out, scheme, overwrite)
+    if out.lower().endswith(".gguf") and skip:
+        raise TinyLMError("--skip applies to folder outputs; the GGUF exporter picks each "
+                          "tensor's type itself (drop --skip or write a folder)")
+    model, tokenizer = load_model(model_path)
+    if out.lower().endswith(".gguf"):
+        export_to_gguf(model, tokenizer, out, scheme)  # the exporter quantizes itself
+        return {"scheme": scheme, "tensors": {}, "skipped": {}}
+    quantize(model, scheme, skip=list(skip), progress=True)
+    record = model.quantization
+    if not record["tensors"]:
+        raise TinyLMError(f"no layer of {model_path} was quantized (every Linear matched "
+                          f"--skip or was off the block size); nothing to write")
+    save_quantized(model, tokenizer, out, overwrite=overwrite)
+    for name, reason in record["skipped"].items():
+        log(f"left float32: {name} ({reason})")
+    return record
+
+
+@click.command(name="quantize")
+@click.argument("model")
+@click.option("--to", "scheme", required=True, type=click.Choice(CLI_SCHEMES,
+              case_sensitive=False), help="The weight format.")
+@click.option("--skip", multiple=True, metavar="PATTERN",
+              help="Leave the layers whose module names match this fnmatch pattern "
+                   "float (e.g. lm_head, '*.attn.*'); repeatable.")
+@click.option("-o", "--out", required=True, help="A folder, or a file name ending in .gguf.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def quantize_command(model, scheme, skip, out, overwrite):
+    """Quantize MODEL's weights to SCHEME and write OUT.
+
+    MODEL is a run folder, a Hugging Face folder or a GGUF file. q8_0, q4_0 and
+    q4_1 also quantize the token embedding (a tied LM head follows it); int8 and
+    nf4 quantize the Linear layers only. OUT ending in .gguf is a GGUF file
+    (q8_0, q4_0, q4_1 only) that llama.cpp reads; anything else is a folder that
+    `tinylm generate --model OUT` loads.
+    """
+    scheme = scheme.lower()
+    record = quantize_model_to(model, scheme, skip, out, overwrite, log=click.echo)
+    n = len(record["tensors"])
+    click.echo(f"wrote {out}" + (f" ({n} layers in {scheme})" if n else f" ({scheme})"))
