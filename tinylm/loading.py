@@ -2,16 +2,20 @@
 
     model, tokenizer = load_model("runs/demo")            # a `tinylm train` run folder
     model, tokenizer = load_model("hf/gpt2", "cuda")      # a Hugging Face folder
-    model = tinylm.load_pretrained("runs/demo")           # the model alone, either kind
+    model, tokenizer = load_model("smollm2.Q4_1.gguf")    # a GGUF file (llama, gpt2)
+    model = tinylm.load_pretrained("runs/demo")           # the model alone, any kind
 
 A folder is recognised by its ``config.json``: tinylm's own (it names an
 ``architecture``; the run folder also holds ``tokenizer.txt`` and
 ``model.safetensors``, checked against ``trainer_state.json``: see
 ``tinylm.rundir``) or a Hugging Face one (it names a ``model_type``; the weights are
 read by ``tinylm.models.hf.load_pretrained`` and the tokenizer from
-``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or ``vocab.txt``). GGUF files are
-not read yet. Every way a path can be wrong is a ``CheckpointError`` saying what was
-expected. The model comes back in eval mode.
+``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or ``vocab.txt``). A ``.gguf`` file
+(or any file starting with the GGUF magic) is read by ``tinylm.formats.gguf_model``:
+the model with float32 weights and the tokenizer its metadata describes. Every way a
+path can be wrong is a ``CheckpointError`` saying what was expected (for a GGUF file:
+"PATH is a GGUF file tinylm cannot load: what is wrong or unsupported"). The model
+comes back in eval mode.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ import os
 from tinylm.errors import CheckpointError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
-_EXPECTED = ("a `tinylm train` run folder (config.json, tokenizer.txt, model.safetensors) or a "
-             "Hugging Face folder (config.json, model.safetensors, tokenizer.json)")
+_EXPECTED = ("a `tinylm train` run folder (config.json, tokenizer.txt, model.safetensors), a "
+             "Hugging Face folder (config.json, model.safetensors, tokenizer.json) or a "
+             ".gguf file")
 
 
 def load_model(path, device: str = "cpu"):
-    """(model, tokenizer) from a run folder or a Hugging Face folder, on ``device``."""
+    """(model, tokenizer) from a run folder, a Hugging Face folder or a GGUF file, on
+    ``device``."""
     path = os.fspath(path)
     kind = source_kind(path)
-    if kind == "run":
+    if kind == "gguf":
+        model, tokenizer = _load_gguf(path)
+        model = model.to(device)
+    elif kind == "run":
         from tinylm.rundir import load_model_dir
 
         model, tokenizer = load_model_dir(path, device)
@@ -42,24 +51,27 @@ def load_model(path, device: str = "cpu"):
 
 
 def load_pretrained(path, strict: bool = True):
-    """The model alone (on the CPU) of a run folder or a Hugging Face folder.
-    ``strict``: a Hugging Face checkpoint with tensors the model does not use is an
-    error (a run folder always fits exactly)."""
+    """The model alone (on the CPU) of a run folder, a Hugging Face folder or a GGUF
+    file. ``strict``: a Hugging Face checkpoint with tensors the model does not use is
+    an error (a run folder and a GGUF file always fit exactly)."""
     path = os.fspath(path)
-    if source_kind(path) == "run":
+    kind = source_kind(path)
+    if kind == "gguf":
+        return _load_gguf(path)[0]
+    if kind == "run":
         return load_model(path)[0]
     return _load_hf(path, strict)
 
 
 def source_kind(path) -> str:
-    """"run" (tinylm's config.json) or "hf" (a Hugging Face config.json); anything else
-    is a CheckpointError saying what was expected."""
+    """"run" (tinylm's config.json), "hf" (a Hugging Face config.json) or "gguf" (a
+    .gguf file, or a file that starts with the GGUF magic); anything else is a
+    CheckpointError saying what was expected."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is not a directory (it does not exist); pass {_EXPECTED}")
-    if os.path.isfile(path) and path.lower().endswith(".gguf"):
-        raise CheckpointError(f"{path} is a GGUF file, which tinylm does not load yet; "
-                              f"pass {_EXPECTED}")
+    if os.path.isfile(path) and (path.lower().endswith(".gguf") or _gguf_magic(path)):
+        return "gguf"
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory; pass {_EXPECTED}")
     config = os.path.join(path, "config.json")
@@ -78,6 +90,29 @@ def source_kind(path) -> str:
         return "hf"
     raise CheckpointError(f"{config} names neither an 'architecture' (tinylm) nor a "
                           f"'model_type' (Hugging Face); pass {_EXPECTED}")
+
+
+def _load_gguf(path):
+    """(model, tokenizer) of a GGUF file; its GGUFError as a CheckpointError."""
+    from tinylm.formats.gguf import GGUFError
+    from tinylm.formats.gguf_model import load_gguf
+
+    try:
+        return load_gguf(path, progress=True)
+    except GGUFError as e:
+        problem = str(e)
+        problem = problem[len(path) + 2:] if problem.startswith(f"{path}: ") else problem
+        raise CheckpointError(f"{path} is a GGUF file tinylm cannot load: {problem}") from None
+
+
+def _gguf_magic(path) -> bool:
+    from tinylm.formats.gguf import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def hf_tokenizer(path):

@@ -9,6 +9,20 @@ Two patterns are built in, exactly as their peers spell them:
 - ``"gpt4"`` (alias ``"cl100k"``): tiktoken's cl100k_base pattern: case-insensitive
   contractions, numbers in groups of at most three digits, newlines kept apart.
 
+and the pre-tokenizers GGUF files name in ``tokenizer.ggml.pre``, as llama.cpp spells
+them (``llm_tokenizer_bpe`` in its src/llama-vocab.cpp):
+
+- ``"smollm"`` (also StarCoder, Refact, Command-R, CodeShell): every digit a piece of
+  its own, then GPT-2's pattern inside the text between digits. llama.cpp (and Hugging
+  Face's ``Digits(individual_digits=True)`` + ``ByteLevel``) run the two regexes one
+  after the other; ``SMOLLM_PATTERN`` is one regex that cuts the same pieces: a digit
+  first, and GPT-2's ``\s+(?!\S)`` becomes ``\s+(?![^\s\p{N}])`` because the end of
+  a piece between digits is, for the lookahead, the end of the text;
+- ``"llama-bpe"`` (Llama 3): llama.cpp's spelling of the first cl100k pattern (the
+  contractions as ``'[sS]|...`` rather than ``(?i:...)``, ``\s*[\r\n]+``, no
+  ``\s++$``);
+- ``"qwen2"``: the same with single digits (``\p{N}``, not ``\p{N}{1,3}``).
+
 Any other string is compiled as a user pattern (``regex`` module syntax, so ``\\p{L}``
 works). Text a pattern does not match is kept as pieces of its own, as Hugging Face's
 ``Split(behavior="isolated")`` does, so no character is ever lost:
@@ -44,7 +58,18 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "cl100k": GPT4_PATTERN}
+SMOLLM_PATTERN = (r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|"""
+                  r"""\s+(?![^\s\p{N}])|\s+""")
+
+_CONTRACTIONS = r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"""
+LLAMA3_PATTERN = (_CONTRACTIONS + r"""|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "cl100k": GPT4_PATTERN,
+            "smollm": SMOLLM_PATTERN, "llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+_NAMES = {GPT2_PATTERN: "gpt2", GPT4_PATTERN: "gpt4", SMOLLM_PATTERN: "smollm",
+          LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
 
 # The same patterns for ASCII-only text, in stdlib `re` syntax (used with re.ASCII,
 # where \s is [ \t\n\r\f\v], exactly the ASCII part of Unicode White_Space).
@@ -57,6 +82,8 @@ _ASCII_TWINS = {
                    r"""\s+(?!\S)|\s+"""),
     GPT4_PATTERN: (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}|"""
                    r""" ?[^\sA-Za-z0-9]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s"""),
+    SMOLLM_PATTERN: (r"""[0-9]|'(?:[std]|re|ve|m|ll)| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|"""
+                     r"""\s+(?![^\s0-9])|\s+"""),
 }
 
 
@@ -76,7 +103,7 @@ def hf_pattern(pattern: str, reverse: bool = False) -> str:
 
 
 def resolve_pattern(pattern: str) -> str:
-    """The regex source for a pattern name ("gpt2", "gpt4", "cl100k") or a regex."""
+    """The regex source for a pattern name (a key of ``PATTERNS``) or a regex."""
     if not isinstance(pattern, str) or not pattern:
         raise TokenizerError(f"pattern must be 'gpt2', 'gpt4' or a regular expression, "
                              f"not {pattern!r}")
@@ -84,9 +111,8 @@ def resolve_pattern(pattern: str) -> str:
 
 
 def pattern_name(pattern: str) -> str | None:
-    """"gpt2" or "gpt4" when ``pattern`` is one of the built-ins, else None."""
-    source = resolve_pattern(pattern)
-    return {GPT2_PATTERN: "gpt2", GPT4_PATTERN: "gpt4"}.get(source)
+    """The name of a built-in pattern ("gpt2", "gpt4", "smollm", ...), else None."""
+    return _NAMES.get(resolve_pattern(pattern))
 
 
 class PreTokenizer:
