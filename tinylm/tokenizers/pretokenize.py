@@ -16,12 +16,12 @@ them (``llm_tokenizer_bpe`` in its src/llama-vocab.cpp):
   its own, then GPT-2's pattern inside the text between digits. llama.cpp (and Hugging
   Face's ``Digits(individual_digits=True)`` + ``ByteLevel``) run the two regexes one
   after the other; ``SMOLLM_PATTERN`` is one regex that cuts the same pieces: a digit
-  first, and GPT-2's ``\s+(?!\S)`` becomes ``\s+(?![^\s\p{N}])`` because the end of
+  first, and GPT-2's ``\\s+(?!\\S)`` becomes ``\\s+(?![^\\s\\p{N}])`` because the end of
   a piece between digits is, for the lookahead, the end of the text;
 - ``"llama-bpe"`` (Llama 3): llama.cpp's spelling of the first cl100k pattern (the
-  contractions as ``'[sS]|...`` rather than ``(?i:...)``, ``\s*[\r\n]+``, no
-  ``\s++$``);
-- ``"qwen2"``: the same with single digits (``\p{N}``, not ``\p{N}{1,3}``).
+  contractions as ``'[sS]|...`` rather than ``(?i:...)``, ``\\s*[\\r\\n]+``, no
+  ``\\s++$``);
+- ``"qwen2"``: the same with single digits (``\\p{N}``, not ``\\p{N}{1,3}``).
 
 Any other string is compiled as a user pattern (``regex`` module syntax, so ``\\p{L}``
 works). Text a pattern does not match is kept as pieces of its own, as Hugging Face's
