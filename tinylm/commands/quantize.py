@@ -13,6 +13,7 @@ with a "quantization" section, model.safetensors, tokenizer.txt) or, ending in
 from __future__ import annotations
 
 import os
+import warnings
 
 import click
 
@@ -75,7 +76,9 @@ def quantize_model_to(model_path: str, scheme: str, skip, out: str, overwrite: b
     if out.lower().endswith(".gguf"):
         export_to_gguf(model, tokenizer, out, scheme)  # the exporter quantizes itself
         return {"scheme": scheme, "tensors": {}, "skipped": {}}
-    quantize(model, scheme, skip=list(skip), progress=True)
+    with warnings.catch_warnings():  # the layers left float are logged below instead
+        warnings.simplefilter("ignore", UserWarning)
+        quantize(model, scheme, skip=list(skip), progress=True)
     record = model.quantization
     if not record["tensors"]:
         raise TinyLMError(f"no layer of {model_path} was quantized (every Linear matched "
