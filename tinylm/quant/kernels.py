@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -287,6 +288,23 @@ def _natural(packed: Packed, tile: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the products
 
+_local = threading.local()  # .buffers: name -> the largest scratch array made so far
+
+
+def scratch(name: str, shape, dtype) -> np.ndarray:
+    """A C-contiguous array of ``shape`` reused from call to call (per thread, per name):
+    the tile buffers. Fresh large allocations cost a page fault per 4 KB on first
+    touch, which for 1 MB tiles was a third of a decode step."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    size = math.prod(shape)
+    have = buffers.get(name)
+    if have is None or have.dtype != np.dtype(dtype) or have.size < size:
+        have = buffers[name] = np.empty(size, dtype)
+    return have[:size].reshape(shape)
+
+
 
 def tile_rows(n_in: int, n_out: int) -> int:
     """Rows per tile: about TILE_BYTES of float32, a multiple of 8, at least 8."""
@@ -299,7 +317,7 @@ def tile_loop(packed: Packed, visit, buffer=None) -> None:
     reusable float32 buffer (overwritten by the next tile: use it before returning)."""
     n_out, n_in = packed.shape
     rows = tile_rows(n_in, n_out)
-    buf = np.empty((rows, n_in), np.float32) if buffer is None else buffer
+    buf = scratch("tile", (rows, n_in), np.float32) if buffer is None else buffer
     with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 -> NaN, by the rules
         for r0 in range(0, n_out, rows):
             r1 = min(r0 + rows, n_out)
@@ -372,8 +390,8 @@ def _small_matmul(x2: np.ndarray, packed: Packed, y: np.ndarray) -> None:
     xb = np.ascontiguousarray(xpad.reshape(n, planes, nb, bb).transpose(1, 2, 3, 0))
     xs = x2.reshape(n, nb, 32).sum(axis=2)                               # (N, nb)
     rows = tile_rows(planes * rb, n_out)
-    f = np.empty((rows, planes, rb), np.float32)
-    u = np.empty((rows, planes, rb), np.uint8) if planes == 2 else None
+    f = scratch("planes", (rows, planes, rb), np.float32)
+    u = scratch("nibbles", (rows, planes, rb), np.uint8) if planes == 2 else None
     for r0 in range(0, n_out, rows):
         r1 = min(r0 + rows, n_out)
         t, r = raw[r0:r1], r1 - r0                                       # (R, rb) bytes
