@@ -143,3 +143,19 @@ def test_a_damaged_folder_is_one_checkpoint_error(tmp_path):
         load_quantized_folder(tmp_path)
     with pytest.raises(QuantError, match="no quantized layers"):
         save_quantized(tiny("gpt2"), tok, tmp_path / "plain")
+
+
+def test_a_model_of_packed_layers_without_a_record_saves_too(tmp_path):
+    """A model built from packed GGUF tensors (no quantize() record) describes itself."""
+    tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ,.!?"], vocab_size=40)
+    model = tiny("llama", vocab=tok.vocab_size)
+    block = model.transformer.blocks[0]
+    block.mlp.up = QuantLinear.from_linear(block.mlp.up, "q4_1")
+    model.tok_emb = QuantEmbedding.from_embedding(model.tok_emb, "q8_0")
+    save_quantized(model, tok, tmp_path / "q")
+    loaded, _ = load_quantized_folder(tmp_path / "q")
+    assert loaded.quantization["tensors"] == {
+        "transformer.blocks.0.mlp.up": {"format": "q4_1", "shape": [128, 64], "layer": "linear"},
+        "tok_emb": {"format": "q8_0", "shape": [tok.vocab_size, 64], "layer": "embedding"}}
+    ids = IDS % tok.vocab_size
+    np.testing.assert_array_equal(logits(loaded, ids), logits(model, ids))

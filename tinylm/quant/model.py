@@ -158,13 +158,35 @@ def dequantize_model(model):
 # --------------------------------------------------------------------------- the folder
 
 
+def describe(model) -> dict:
+    """The quantization record of ``model`` as its layers are now: ``tensors`` {layer:
+    {"format", "shape", "layer"}} and ``tied`` {head: embedding}, with ``scheme``,
+    ``skip`` and ``skipped`` from ``model.quantization`` when ``quantize`` made it (a
+    model built from packed GGUF tensors has none: its commonest format is the scheme)."""
+    named = list(model.named_modules())
+    names = {id(m): n for n, m in named}
+    tensors, tied = {}, {}
+    for name, m in named:
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            kind = "linear" if isinstance(m, QuantLinear) else "embedding"
+            tensors[name] = {"format": m.fmt, "shape": list(m.weight_shape), "layer": kind}
+        elif isinstance(m, QuantTiedHead):
+            tied[name] = names[id(m.embedding)]
+    record = dict(getattr(model, "quantization", None) or {})
+    formats = [t["format"] for t in tensors.values()]
+    scheme = record.get("scheme") or (max(set(formats), key=formats.count) if formats else None)
+    return {"version": QUANT_VERSION, "scheme": scheme, "skip": record.get("skip", []),
+            "tensors": tensors, "tied": tied, "skipped": record.get("skipped", {})}
+
+
 def save_quantized(model, tokenizer, folder, overwrite: bool = False) -> None:
     """Write ``folder``/config.json, model.safetensors and tokenizer.txt (see the module
-    docstring) for a model that ``quantize`` (or a GGUF import) made; each file atomic.
-    A folder that exists and is not empty is refused unless ``overwrite``."""
+    docstring) for a model with quantized layers (``quantize``'s, or packed GGUF
+    tensors'); each file atomic. A folder that exists and is not empty is refused
+    unless ``overwrite``."""
     folder = os.fspath(folder)
-    record = getattr(model, "quantization", None)
-    if not record or not record.get("tensors"):
+    record = describe(model)
+    if not record["tensors"]:
         raise QuantError("save_quantized: the model has no quantized layers; quantize it "
                          "first (tinylm.quant.quantize) or save it as a run folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -177,13 +199,8 @@ def save_quantized(model, tokenizer, folder, overwrite: bool = False) -> None:
     checkpoint.save_file(state, os.path.join(folder, MODEL_FILE),
                          metadata={"format": "np", "tinylm_quantization": record["scheme"]})
     tokenizer.save(os.path.join(folder, TOKENIZER_FILE))
-    config = {**model.config.to_dict(), "quantization": _plain(record)}
+    config = {**model.config.to_dict(), "quantization": record}
     write_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
-
-
-def _plain(record: dict) -> dict:
-    keys = ("version", "scheme", "skip", "tensors", "tied", "skipped")
-    return {k: record[k] for k in keys if k in record}
 
 
 def is_quantized_folder(path) -> bool:
