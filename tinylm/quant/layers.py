@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinylm import nn
+from tinylm import backend, nn
 from tinylm.errors import TinyLMError
 from tinylm.function import Function
 from tinylm.nn.module import Parameter
@@ -38,13 +38,16 @@ from tinylm.tensor import Tensor
 _BUFFER = {"raw": "qweight", "codes": "qweight"}  # the array -> its buffer name
 
 
+_CPU_ONLY = ("quantized layers compute on the CPU (NumPy); move the model with .to('cpu') "
+             "or dequantize it (tinylm.quant.model.dequantize_model)")
+
+
 class QuantMatmul(Function):
     """y = x @ W.T (+ bias) with W packed (``self.packed``); backward: dx = dy @ W."""
 
     def forward(self, xp, x, *bias):
-        if xp is not np:
-            raise TinyLMError("quantized layers compute on the CPU (NumPy); move the model "
-                              "with .to('cpu') or dequantize it (dequantize_model)")
+        if backend.get_array_module(x, *self.packed.arrays.values()) is not np:
+            raise TinyLMError(_CPU_ONLY)
         self.in_shape = x.shape
         x2 = x.reshape(-1, x.shape[-1])                                      # (N, in)
         y = kernels.matmul(np.ascontiguousarray(x2), self.packed)           # (N, out)
@@ -165,7 +168,10 @@ class QuantEmbedding(_Packed):
         return cls.from_packed(fmt_name, raw, *w.shape)
 
     def forward(self, ids):
-        ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
+        ids = ids.data if isinstance(ids, Tensor) else ids
+        if backend.get_array_module(self.qweight, ids) is not np:
+            raise TinyLMError(_CPU_ONLY)
+        ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":
             raise TinyLMError(f"embedding ids must be integers, got {ids.dtype}")
         flat = ids.reshape(-1)
