@@ -227,29 +227,98 @@ def _rope_options(f, a, head_dim: int) -> dict:
 def load_gguf(path, dequantize: bool = True, progress: bool = False):
     """(model, tokenizer) of a ``llama`` or ``gpt2`` GGUF file, in eval mode on the CPU.
 
-    ``dequantize=True``: every weight as float32 (dequantized from its GGML type)."""
+    ``dequantize=True``: every weight as float32 (dequantized from its GGML type).
+    ``dequantize=False``: the quantized weights stay packed, in ``tinylm.quant``'s
+    ``QuantLinear`` / ``QuantEmbedding`` (a tied head: ``QuantTiedHead``) over the file's
+    bytes (q and k rows un-permuted, q/k/v concatenated: copies of packed rows only);
+    F32/F16 weights, norms and biases are float32 as before. The float32 model exists
+    only while it is built, before its layers are swapped."""
     from tinylm.models import build_model
 
     path = os.fspath(path)
     f = read_gguf(path)
     config = config_from_gguf(f)
     tokenizer = tokenizer_from_gguf(f)
-    if not dequantize:
-        raise GGUFError(f"{path}: dequantize=False (packed weights) needs tinylm's quantized "
-                        f"layers, which this version does not have; load with dequantize=True")
     rules = tensor_rules(config)
     _check_tensors(f, rules)
     model = build_model(config)
+    packed = [] if dequantize else [r for r in rules if _packable(f, r)]
     params = dict(model.named_parameters())
-    for rule in _bar(rules, progress, f"loading {os.path.basename(path)}"):
-        target = params[rule.ours].data
-        value = np.concatenate([_float_part(f, p) for p in rule.parts], axis=0)
-        if value.shape != target.shape:
-            raise GGUFError(f"{path}: {'+'.join(p.name for p in rule.parts)} has shape "
-                            f"{value.shape}; the config needs {tuple(target.shape)}")
-        target[...] = value
+    for rule in _bar([r for r in rules if r not in packed], progress,
+                     f"loading {os.path.basename(path)}"):
+        _copy_rule(f, rule, params[rule.ours].data)
+    if packed:
+        _swap_packed(f, model, packed)
     model.eval()
     return model, tokenizer
+
+
+def _copy_rule(f, rule: Rule, target) -> None:
+    value = np.concatenate([_float_part(f, p) for p in rule.parts], axis=0)
+    if value.shape != target.shape:
+        raise GGUFError(f"{f.path}: {'+'.join(p.name for p in rule.parts)} has shape "
+                        f"{value.shape}; the config needs {tuple(target.shape)}")
+    target[...] = value
+
+
+# ----------------------------------------------------------------------------- packed
+
+
+def _packable(f, rule: Rule) -> bool:
+    """A Linear or embedding weight whose parts share one quantized type."""
+    types = {f.tensors[p.name].type for p in rule.parts}
+    return rule.ours.endswith(".weight") and len(types) == 1 and \
+        types.pop() not in ("F32", "F16", "F64") and ".norm" not in rule.ours and \
+        rule.ours != "transformer.pos.weight"
+
+
+def _packed_rows(f, rule: Rule) -> tuple:
+    """(format name, uint8 (rows, row_bytes)) of a rule's parts, rows un-permuted."""
+    from tinylm import quant
+
+    parts = []
+    for p in rule.parts:
+        raw = f.tensors[p.name].data
+        parts.append(unpermute(raw, p.heads) if p.heads else raw)
+    t = f.tensors[rule.parts[0].name]
+    try:
+        fmt = quant.format_for_ggml_type(t.type).name
+    except quant.QuantError as e:
+        raise GGUFError(f"{f.path}: tensor {t.name!r}: {e}") from None
+    return fmt, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _swap_packed(f, model, rules) -> None:
+    """Replace the Linear / Embedding of each rule by its packed twin."""
+    from tinylm import nn
+    from tinylm.quant.layers import QuantEmbedding, QuantLinear, QuantTiedHead
+
+    modules = dict(model.named_modules())
+    record = {"scheme": "gguf", "tensors": {}, "tied": {}, "skipped": {}}
+    for rule in rules:
+        name = rule.ours.rsplit(".", 1)[0]
+        old, (fmt, raw) = modules[name], _packed_rows(f, rule)
+        if isinstance(old, nn.Embedding):
+            new = QuantEmbedding.from_packed(fmt, raw, old.num_embeddings, old.embedding_dim)
+        else:
+            new = QuantLinear.from_packed(fmt, raw, old.in_features, old.out_features,
+                                          old.bias)
+        _set_module(model, name, new)
+        record["tensors"][name] = {"format": fmt, "shape": list(new.weight_shape),
+                                   "layer": "embedding" if isinstance(old, nn.Embedding)
+                                   else "linear"}
+    if model.config.tie_embeddings and isinstance(model.tok_emb, QuantEmbedding):
+        model.lm_head = QuantTiedHead(model.tok_emb)
+        record["tied"]["lm_head"] = "tok_emb"
+    object.__setattr__(model, "quantization", record)
+
+
+def _set_module(model, dotted: str, new) -> None:
+    parent, _, last = dotted.rpartition(".")
+    owner = model
+    for part in parent.split(".") if parent else ():
+        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+    setattr(owner, last, new)
 
 
 def _bar(items, progress: bool, desc: str):
