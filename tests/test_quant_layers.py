@@ -183,3 +183,24 @@ def test_tied_head_multiplies_by_the_embeddings_own_bytes():
     assert rel(head(Tensor(h)).numpy(), h.astype(np.float64) @ w.T) < 1e-5
     assert not head.state_dict() and head.embedding is emb
     assert np.array_equal(head.dequantize().weight.numpy(), w)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("bad", [np.inf, np.nan, -np.inf])
+def test_a_non_finite_scale_spoils_exactly_its_output_row(fmt, tokens, bad):
+    raw, _ = packed_weight(fmt, 12, 64)
+    raw = raw.copy()
+    raw[5, 0:2] = np.float16([bad]).view(np.uint8)                 # block 0 of row 5: d
+    with np.errstate(all="ignore"):                                # inf * 0: NaN, by the rules
+        w = gq.dequantize(raw, T[quant.get_format(fmt).ggml_type])
+    layer = QuantLinear.from_packed(fmt, raw, 64, 12)
+    x = np.random.default_rng(0).standard_normal((tokens, 64)).astype(np.float32)
+    with no_grad():
+        y = layer(Tensor(x)).numpy()
+    with np.errstate(all="ignore"):
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(ref))
+    assert not np.isfinite(y[:, 5]).any()
+    ok = np.isfinite(ref)
+    assert rel(y[ok], ref[ok]) < 1e-5

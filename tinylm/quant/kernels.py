@@ -397,6 +397,7 @@ def _small_matmul(x2: np.ndarray, packed: Packed, y: np.ndarray) -> None:
     rows = tile_rows(planes * rb, n_out)
     f = scratch("planes", (rows, planes, rb), np.float32)
     u = scratch("nibbles", (rows, planes, rb), np.uint8) if planes == 2 else None
+    dots = np.empty((nb, n_out, n), np.float32)                          # every block's x . q
     for r0 in range(0, n_out, rows):
         r1 = min(r0 + rows, n_out)
         t, r = raw[r0:r1], r1 - r0                                       # (R, rb) bytes
@@ -407,15 +408,37 @@ def _small_matmul(x2: np.ndarray, packed: Packed, y: np.ndarray) -> None:
             np.right_shift(t, 4, out=u[:r, 1])
             np.copyto(f[:r], u[:r], casting="unsafe")
         blocks = f[:r].reshape(r, planes, nb, bb).transpose(1, 2, 0, 3)  # (planes, nb, R, bb)
-        dots = np.matmul(blocks, xb)                                     # (planes, nb, R, N)
-        dots = dots[0] + dots[1] if planes == 2 else dots[0]             # (nb, R, N)
-        words = t.view("<u2")                                            # (R, rb/2)
-        d = _HALF[words[:, ::bb // 2]]                                   # (R, nb)
-        if fmt == "q4_0":
-            dots -= np.float32(8) * xs.T[:, None, :]
-        y[:, r0:r1] = np.einsum("brn,rb->nr", dots, d)
-        if fmt == "q4_1":
-            y[:, r0:r1] += xs @ _HALF[words[:, 1::bb // 2]].T           # + sum_b m x_b
+        part = np.matmul(blocks, xb)                                     # (planes, nb, R, N)
+        if planes == 2:
+            np.add(part[0], part[1], out=dots[:, r0:r1])
+        else:
+            dots[:, r0:r1] = part[0]
+    words = raw.view("<u2").reshape(n_out, nb, bb // 2)                  # (out, nb, bb/2)
+    d = half_values(words[:, :, 0].T)                                    # (nb, out) scales
+    if fmt == "q4_0":
+        dots -= np.float32(8) * xs.T[:, None, :]
+    dots *= d[:, :, None]
+    y[...] = dots.sum(axis=0).T                                          # (N, out)
+    if fmt == "q4_1":
+        y += xs @ half_values(words[:, :, 1].T)                          # + sum_b m x_b
+
+
+def half_values(h: np.ndarray) -> np.ndarray:
+    """IEEE halves (any uint16 array, strided is fine) -> float32, C-contiguous: the bits
+    moved into a float32 and rescaled by 2**112 (exact for normal and subnormal halves),
+    the sign put back; a table lookup if any is inf or NaN (which the shift would make
+    a finite 2**16 or more). Four times faster than a gather or ``astype`` here."""
+    v = h.astype(np.uint32)
+    a = v & np.uint32(0x7FFF)
+    a <<= np.uint32(13)
+    f = a.view(np.float32)
+    f *= np.float32(2.0 ** 112)
+    if f.size and f.max() >= np.float32(65536):
+        return _HALF[h]
+    v &= np.uint32(0x8000)
+    v <<= np.uint32(16)
+    a |= v
+    return f
 
 
 def matmul_t(g2: np.ndarray, packed: Packed) -> np.ndarray:
