@@ -17,7 +17,11 @@ A chat template wraps each message in its role's prefix and suffix; with
 ``add_generation_prompt`` the rendering ends with the assistant's generation prefix,
 and the model's reply is cut at the first of the template's stop strings.
 ``tinylm generate --chat`` uses the ``chat_template.json`` stored beside the model
-when there is one.
+when there is one, or a GGUF model's ``tokenizer.chat_template``. That one is Jinja,
+which tinylm does not run: ``from_jinja`` recognises ChatML (``<|im_start|>role\n
+content<|im_end|>\n``, SmolLM2's and Qwen's), with the default system message a
+template adds when the conversation has none; any other template falls back to
+"plain", and ``resolve`` says so through its ``log``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 from tinylm.errors import TinyLMError
@@ -131,6 +136,7 @@ class ChatTemplate:
     assistant_suffix: str = ""
     generation_prefix: str | None = None  # None: the assistant prefix
     stop: list = field(default_factory=list)
+    default_system: str | None = None  # the system message when a conversation has none
 
     @property
     def generation_prompt(self) -> str:
@@ -139,8 +145,12 @@ class ChatTemplate:
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         """The text of ``messages`` (dicts with ``role`` and ``content``, or
-        ``(role, content)`` pairs), ending with the generation prefix if asked."""
+        ``(role, content)`` pairs), ending with the generation prefix if asked; the
+        ``default_system`` message first when the first message is not a system one."""
         parts = []
+        messages = list(messages)
+        if self.default_system is not None and messages and _role(messages[0]) != "system":
+            messages.insert(0, ("system", self.default_system))
         for i, message in enumerate(messages):
             if isinstance(message, dict):
                 role, content = message.get("role"), message.get("content", "")
@@ -169,7 +179,10 @@ class ChatTemplate:
     # ---- storage
 
     def to_dict(self) -> dict:
-        return {"version": CHAT_TEMPLATE_VERSION, **dataclasses.asdict(self)}
+        data = {"version": CHAT_TEMPLATE_VERSION, **dataclasses.asdict(self)}
+        if data["default_system"] is None:
+            del data["default_system"]  # files stay readable by tinylm without the field
+        return data
 
     @classmethod
     def from_dict(cls, data, source: str = "chat template") -> "ChatTemplate":
@@ -220,14 +233,29 @@ class ChatTemplate:
                               f"{', '.join(BUILTIN_TEMPLATES)} or a JSON file") from None
 
     @classmethod
-    def resolve(cls, spec=None, model_dir=None) -> "ChatTemplate":
+    def from_jinja(cls, text: str):
+        """The template a Jinja chat template (a GGUF file's or a tokenizer_config's)
+        spells, when tinylm recognises it (ChatML), else None."""
+        if not isinstance(text, str) or not all(m in text for m in _CHATML_MARKS):
+            return None
+        template = dataclasses.replace(cls.builtin("chatml"), name="chatml")
+        system = _JINJA_SYSTEM.search(text)
+        if system and _NO_SYSTEM.search(text):
+            template.default_system = system.group(1).replace("\\n", "\n")
+        return template
+
+    @classmethod
+    def resolve(cls, spec=None, model_dir=None, log=None) -> "ChatTemplate":
         """``spec`` (a built-in name, a JSON file or a directory holding
-        ``chat_template.json``); without one, the template stored in ``model_dir``,
-        else "plain"."""
+        ``chat_template.json``); without one, the template stored in ``model_dir`` (a
+        folder's ``chat_template.json``, a GGUF file's ``tokenizer.chat_template``),
+        else "plain". ``log``: told when a GGUF template is not recognised."""
         if spec is None:
             if model_dir is not None and os.path.exists(
                     os.path.join(os.fspath(model_dir), CHAT_TEMPLATE_FILE)):
                 return cls.load(model_dir)
+            if model_dir is not None and os.path.isfile(model_dir):
+                return cls._from_gguf(os.fspath(model_dir), log)
             return cls.builtin("plain")
         if spec in BUILTIN_TEMPLATES:
             return cls.builtin(spec)
@@ -235,6 +263,36 @@ class ChatTemplate:
             return cls.load(spec)
         raise TinyLMError(f"chat template {spec!r} is neither a built-in "
                           f"({', '.join(BUILTIN_TEMPLATES)}) nor an existing file")
+
+
+    @classmethod
+    def _from_gguf(cls, path: str, log=None) -> "ChatTemplate":
+        from tinylm.formats.gguf import GGUFError, read_gguf
+
+        try:
+            text = read_gguf(path).metadata.get("tokenizer.chat_template")
+        except GGUFError:
+            text = None
+        template = cls.from_jinja(text)
+        if template is None:
+            if log is not None:
+                what = "no chat template" if text is None else \
+                    "a chat template tinylm does not recognise (it reads ChatML)"
+                log(f"{path} has {what}; chatting with the plain template "
+                    f"(pass --chat-template to choose one)")
+            return cls.builtin("plain")
+        return template
+
+
+def _role(message):
+    return message.get("role") if isinstance(message, dict) else message[0]
+
+
+_CHATML_MARKS = ("<|im_start|>", "<|im_end|>", "<|im_start|>assistant", "add_generation_prompt")
+# a literal system message inside a string of the template (no quote, no Jinja inside)
+_JINJA_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+# ... that it adds when the first message is not a system one
+_NO_SYSTEM = re.compile(r"""messages\[0\]\[['"]role['"]\]\s*!=\s*['"]system['"]""")
 
 
 BUILTIN_TEMPLATES = {

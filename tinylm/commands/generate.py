@@ -272,7 +272,8 @@ def generate_command(model: ModelSource, prompt: Prompt, stopping: Stopping,
         if chat is not None:
             from tinylm.prompts import ChatTemplate
 
-            template = ChatTemplate.resolve(chat.template, model.path)
+            template = ChatTemplate.resolve(chat.template, model.path,
+                                            log=lambda m: click.echo(m, err=True))
             chat_loop(lm, tokenizer, template, chat.system, stopping=stopping,
                       sampling=sampling, seed=seed, show_special=output.show_special,
                       allow_special=prompt.allow_special)
