@@ -204,3 +204,20 @@ def test_a_non_finite_scale_spoils_exactly_its_output_row(fmt, tokens, bad):
     assert not np.isfinite(y[:, 5]).any()
     ok = np.isfinite(ref)
     assert rel(y[ok], ref[ok]) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int8", "nf4", "nf4-dq", "q6_k"])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_rows_split_over_threads_give_the_one_thread_result(fmt, tokens):
+    from tinylm import threads
+
+    out, n_in = 1000, 512                                          # past PARALLEL_WEIGHTS
+    raw, w = packed_weight(fmt, out, n_in)
+    packed = kernels.pack(fmt, raw, (out, n_in))
+    x = np.random.default_rng(0).standard_normal((tokens, n_in)).astype(np.float32)
+    with threads.blas_threads(1):
+        one = kernels.matmul(x, packed)
+    with mock.patch.object(threads, "cpu_threads", lambda: 3):
+        three = kernels.matmul(x, packed)
+    np.testing.assert_allclose(three, one, rtol=1e-6, atol=1e-6 * np.abs(one).max())
+    assert rel(three, x.astype(np.float64) @ w.T) < 1e-5

@@ -330,7 +330,14 @@ def tile_loop(packed: Packed, visit, buffer=None) -> None:
 
 
 def matmul(x2: np.ndarray, packed: Packed) -> np.ndarray:
-    """``x2 (N, in) @ W.T`` -> (N, out), in x2's dtype (float32; float64 for gradchecks)."""
+    """``x2 (N, in) @ W.T`` -> (N, out), in x2's dtype (float32; float64 for gradchecks).
+
+    With more than one CPU thread allowed (``tinylm.threads.cpu_threads``: the BLAS
+    limit), a large weight's output rows are split into that many contiguous parts,
+    each computed on its own thread with single-threaded BLAS (NumPy releases the GIL
+    in its loops); ``OPENBLAS_NUM_THREADS=1`` keeps everything on one core."""
+    from tinylm import threads
+
     n_out, n_in = packed.shape
     if x2.shape[-1] != n_in:
         raise QuantError(f"quantized linear: input has {x2.shape[-1]} features but the "
@@ -338,18 +345,41 @@ def matmul(x2: np.ndarray, packed: Packed) -> np.ndarray:
     y = np.empty((x2.shape[0], n_out), x2.dtype)
     if not x2.shape[0]:
         return y
+    n = threads.cpu_threads() if n_out * n_in >= PARALLEL_WEIGHTS else 1
+    if n <= 1 or packed.fmt == "nf4-dq":
+        _matmul_rows(x2, packed, y)
+        return y
+    bounds = np.linspace(0, n_out, n + 1).astype(int) // 8 * 8
+    bounds[-1] = n_out
+    parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    threads.run_parts(lambda ab: _matmul_rows(x2, row_slice(packed, *ab), y[:, ab[0]:ab[1]]),
+                      parts)
+    return y
+
+
+PARALLEL_WEIGHTS = 1 << 18  # weights from which matmul splits rows over threads
+
+
+def row_slice(packed: Packed, r0: int, r1: int) -> Packed:
+    """Rows r0:r1 of ``packed`` as a ``Packed`` of views (not for nf4-dq, whose second-
+    level scales run across rows)."""
+    arrays = {name: a[r0:r1] for name, a in packed.arrays.items()}
+    return Packed(packed.fmt, (r1 - r0, packed.shape[1]), arrays)
+
+
+def _matmul_rows(x2: np.ndarray, packed: Packed, y: np.ndarray) -> None:
+    """y[...] = x2 @ W.T on the calling thread."""
     if x2.shape[0] <= SMALL_N and packed.fmt in _PLANES and x2.dtype == np.float32:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite scales: by the rules
             _small_matmul(x2, packed, y)
-        return y
-    xk = x2[:, columns(n_in)] if packed.interleaved else x2
+        return
+    xk = x2[:, columns(packed.shape[1])] if packed.interleaved else x2
 
     def visit(r0, r1, tile):
         t = tile if x2.dtype == np.float32 else tile.astype(x2.dtype)
         np.matmul(xk, t.T, out=y[:, r0:r1])
 
     tile_loop(packed, visit)
-    return y
 
 
 # --------------------------------------------------------------------------- decode: 1 token
