@@ -4,6 +4,7 @@
     tinylm info my-model.toml -b 8 -t 512  # a tinylm model config file
     tinylm info examples/shakespeare_char.toml   # a training config: the model train builds
     tinylm info runs/demo                  # a run folder, or a Hugging Face folder
+    tinylm info model.gguf                 # a GGUF file: types, bits per weight, size
 """
 
 from __future__ import annotations
@@ -76,8 +77,15 @@ def info_command(config_or_dir, batch_size, seq_len, dtype, as_json):
     it, its vocabulary from the tokenizer train would use, trained on the data if
     need be), a run folder or Hugging Face checkpoint directory (or its config.json),
     or an architecture name (gpt2, llama, bert, t5) for that family's default config.
-    No model is allocated: any size works.
+    No model is allocated: any size works. A .gguf file gets a report of its own:
+    architecture, tensor types with counts, bits per weight, size and parameters.
     """
+    if os.path.isfile(config_or_dir) and config_or_dir.lower().endswith(".gguf"):
+        from tinylm.models.info import describe_gguf, gguf_summary
+
+        click.echo(json.dumps(gguf_summary(config_or_dir), indent=2) if as_json
+                   else describe_gguf(config_or_dir))
+        return
     config, train = resolve_config(config_or_dir, log=lambda m: click.echo(m, err=True))
     if train is not None:
         batch_size = batch_size or train.batch_size

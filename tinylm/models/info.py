@@ -399,3 +399,61 @@ def describe(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
             lines.append(f"    {key:<22}{human_size(value):>12}")
     lines.append(f"  total       {human_size(4 * p_bytes + mem['total']):>12}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- GGUF files
+
+
+def gguf_summary(path) -> dict:
+    """What ``tinylm info model.gguf`` reports: architecture, tensor types (count,
+    weights, bytes each), parameters, size and bits per weight (tensor bytes * 8 /
+    weights, scales included), the tokenizer and the chat template it names."""
+    import math
+
+    from tinylm.formats.gguf import read_gguf
+    from tinylm.formats.gguf_model import config_from_gguf
+    from tinylm.prompts import ChatTemplate
+
+    f = read_gguf(path)
+    m = f.metadata
+    types: dict = {}
+    for t in f.tensors.values():
+        entry = types.setdefault(t.type, {"tensors": 0, "weights": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["weights"] += math.prod(t.shape)
+        entry["bytes"] += t.nbytes
+    weights = sum(e["weights"] for e in types.values())
+    data = sum(e["bytes"] for e in types.values())
+    template = ChatTemplate.from_jinja(m.get("tokenizer.chat_template"))
+    return {"path": os.fspath(path), "version": f.version,
+            "architecture": m.get("general.architecture"), "name": m.get("general.name"),
+            "file_bytes": os.path.getsize(path), "tensor_bytes": data, "parameters": weights,
+            "bits_per_weight": 8 * data / weights if weights else 0.0, "types": types,
+            "config": config_from_gguf(f).to_dict(),
+            "tokenizer": {"model": m.get("tokenizer.ggml.model"),
+                          "pre": m.get("tokenizer.ggml.pre"),
+                          "tokens": len(m.get("tokenizer.ggml.tokens") or ())},
+            "chat_template": None if "tokenizer.chat_template" not in m else
+            template.name if template else "not recognised (generate --chat uses plain)"}
+
+
+def describe_gguf(path) -> str:
+    """The report ``tinylm info model.gguf`` prints."""
+    s = gguf_summary(path)
+    c = s["config"]
+    lines = [f"file          {s['path']} (GGUF v{s['version']}, {human_size(s['file_bytes'])})",
+             f"architecture  {s['architecture']}" + (f" ({s['name']})" if s["name"] else ""),
+             f"shape         d_model={c['d_model']} n_layer={c['n_layer']} "
+             f"n_head={c['n_head']} n_kv_head={c['n_kv_head'] or c['n_head']} "
+             f"d_ff={c['d_ff'] or 4 * c['d_model']} vocab={c['vocab_size']} "
+             f"context={c['max_positions']} tied={c['tie_embeddings']}",
+             f"parameters    {s['parameters']:,} ({human_size(s['parameters'], '')})",
+             f"size          {human_size(s['tensor_bytes'])} of tensors, "
+             f"{s['bits_per_weight']:.2f} bits per weight", "tensor types"]
+    for name, e in sorted(s["types"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(f"  {name:<6}{e['tensors']:>5} tensors {e['weights']:>14,} weights "
+                     f"{human_size(e['bytes']):>10}  {8 * e['bytes'] / max(e['weights'], 1):5.2f} bpw")
+    tok = s["tokenizer"]
+    lines.append(f"tokenizer     {tok['model']} (pre {tok['pre']}), {tok['tokens']:,} tokens")
+    lines.append(f"chat template {s['chat_template'] or 'none'}")
+    return "\n".join(lines)
