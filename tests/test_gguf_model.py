@@ -280,3 +280,47 @@ def test_export_refuses_what_gguf_cannot_hold(tokenizer, tmp_path):
     with pytest.raises(GGUFError, match="dtype 'q5_0'"):
         export_gguf(model, tokenizer, tmp_path / "x.gguf", dtype="q5_0")
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_tinylm_info_reports_a_gguf_file(hf_llama, tokenizer, tmp_path):
+    from train_helpers import run_cli
+
+    export_gguf(in_tinylm(hf_llama, tmp_path), tokenizer, tmp_path / "m.gguf", dtype="q8_0")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    counts = {}
+    for t in r.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    out = run_cli("info", tmp_path / "m.gguf")
+    assert out.exit_code == 0, out.output
+    assert "architecture  llama" in out.output
+    for name, n in counts.items():
+        assert f"{name:<6}{n:>5} tensors" in out.output
+    weights = sum(int(np.prod(t.shape)) for t in r.tensors)
+    bits = 8 * sum(int(t.n_bytes) for t in r.tensors) / weights
+    assert f"parameters    {weights:,}" in out.output and f"{bits:.2f} bits per weight" in out.output
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00")
+    out = run_cli("info", bad)
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "Error:" in out.output
+
+
+def test_tinylm_generate_chat_on_a_gguf_file_uses_its_template(hf_llama, tmp_path):
+    from train_helpers import run_cli
+
+    tok = BPETokenizer.train(TEXT, vocab_size=VOCAB - 4,
+                             special_tokens=["<|im_start|>", "<|im_end|>"])
+    export_gguf(in_tinylm(hf_llama, tmp_path), tok, tmp_path / "m.gguf")
+    f = read_gguf(tmp_path / "m.gguf")
+    template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    write_gguf(tmp_path / "c.gguf", {**f.fields, "tokenizer.chat_template": template},
+               list(f.tensors.values()))
+    for name, said in (("c.gguf", ""), ("m.gguf", "plain template")):
+        out = run_cli("generate", "-m", tmp_path / name, "--chat", "--max-new-tokens", 3,
+                      "--temperature", 0)
+        assert out.exit_code == 0, out.output
+        assert said in out.output
