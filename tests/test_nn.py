@@ -400,3 +400,30 @@ def test_embedding_matches_torch():
     _copy_weights(ours, theirs)
     ids = np.array([[1, 2, 2, 10], [0, 1, 1, 1]])  # repeated ids accumulate
     _compare(ours, theirs, Tensor(ids), torch.from_numpy(ids))
+
+
+def test_skip_init_leaves_weights_unwritten_and_draws_nothing():
+    import resource
+
+    from tinylm import backend
+    from tinylm.models import Decoder, GPT2Config
+
+    config = GPT2Config(vocab_size=50, d_model=16, n_layer=1, n_head=2, max_positions=8)
+    backend.seed(3)
+    before = backend.rng(np).bit_generator.state
+    with nn.skip_init():
+        assert not nn.initialising()
+        Decoder(config)
+    assert nn.initialising()
+    assert backend.rng(np).bit_generator.state == before  # nothing drawn
+    # a big Linear built inside skip_init costs no resident memory until written
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with nn.skip_init():
+        big = nn.Linear(8192, 8192, bias=False)  # 256 MiB if its pages were touched
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
+    assert big.weight.shape == (8192, 8192) and grown_kib < 64 * 1024
+    backend.seed(3)
+    a = Decoder(config)  # outside: initialised as always, the same weights for one seed
+    backend.seed(3)
+    b = Decoder(config)
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.parameters(), b.parameters()))

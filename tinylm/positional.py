@@ -34,7 +34,13 @@ import numpy as np
 
 from tinylm import backend, ops
 from tinylm.errors import TinyLMError
+from tinylm.nn.layers import initial_weights
 from tinylm.nn.module import Module, Parameter
+
+
+def _normal(std: float):
+    """A draw of N(0, std) weights from the init RNG, for ``initial_weights``."""
+    return lambda shape: backend.rng(np).normal(0.0, std, shape)
 
 
 class PositionalDims(NamedTuple):
@@ -104,7 +110,7 @@ class LearnedPositional(PositionalEncoding):
     def __init__(self, max_positions: int, d_model: int):
         super().__init__()
         self.max_positions = max_positions
-        self.weight = Parameter(backend.rng(np).normal(0.0, 0.02, (max_positions, d_model))
+        self.weight = Parameter(initial_weights(_normal(0.02), (max_positions, d_model))
                                 .astype(np.float32))
 
     @classmethod
@@ -377,7 +383,7 @@ class T5RelativeBias(PositionalEncoding):
         super().__init__()
         self.n_head, self.num_buckets, self.max_distance = n_head, num_buckets, max_distance
         self.bidirectional = bool(bidirectional)
-        self.weight = Parameter(backend.rng(np).normal(0.0, 0.02, (num_buckets, n_head))
+        self.weight = Parameter(initial_weights(_normal(0.02), (num_buckets, n_head))
                                 .astype(np.float32))
 
     @classmethod

@@ -172,6 +172,8 @@ class Model(nn.Module):
         """GPT-2's init: Linear and embedding weights ~ N(0, init_std), biases 0, norms 1;
         the projections that write into the residual stream (attention ``out``, MLP
         ``down``) get init_std / sqrt(2 n_layers) so the stream's variance stays put."""
+        if not nn.initialising():  # inside nn.skip_init(): a loader fills every weight
+            return
         std = self.config.init_std
         n_layers = sum(len(m.blocks) for m in self.modules() if isinstance(m, BlockStack))
         gen = backend.rng(np)

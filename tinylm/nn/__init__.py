@@ -6,7 +6,8 @@
 """
 
 from tinylm.nn.layers import (  # noqa: F401
-    Dropout, Embedding, LayerNorm, Linear, ModuleList, RMSNorm, Sequential,
+    Dropout, Embedding, LayerNorm, Linear, ModuleList, RMSNorm, Sequential, initialising,
+    skip_init,
 )
 from tinylm.nn.module import LoadResult, Module, Parameter  # noqa: F401
 from tinylm.nn.attention import (  # noqa: F401

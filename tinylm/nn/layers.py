@@ -3,11 +3,19 @@
 Initial weights follow torch's defaults and are drawn on the CPU from the seeded
 ``backend.rng(np)`` stream, then moved to ``device``: one seed gives the same weights
 on every device. Parameters are float32 unless ``dtype=`` says otherwise.
+
+Inside ``with skip_init():`` (for loaders that overwrite every weight) Linear and
+Embedding weights are left uninitialised (``np.empty``: the operating system hands out
+their pages only when they are first written, so a weight that a loader replaces by a
+quantized layer never costs memory) and models skip ``init_weights``; nothing is drawn
+from the RNG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -15,6 +23,30 @@ from tinylm import backend, ops
 from tinylm.errors import TinyLMError
 from tinylm.nn.module import Module, Parameter
 from tinylm.tensor import as_dtype
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without initialising their weights (see the module docstring)."""
+    previous = initialising()
+    _STATE.skip = True
+    try:
+        yield
+    finally:
+        _STATE.skip = not previous
+
+
+def initialising() -> bool:
+    """False inside ``skip_init()``."""
+    return not getattr(_STATE, "skip", False)
+
+
+def initial_weights(draw, shape) -> np.ndarray:
+    """``draw(shape)`` from the init RNG, or uninitialised memory inside ``skip_init``."""
+    return draw(shape) if initialising() else np.empty(shape, dtype=np.float32)
 
 
 def _parameter(array: np.ndarray, dtype, device) -> Parameter:
@@ -38,12 +70,11 @@ class Linear(Module):
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
         gen = backend.rng(np)
-        self.weight = _parameter(gen.uniform(-bound, bound, (out_features, in_features)),
-                                 dtype, device)
-        self.bias = (
-            _parameter(gen.uniform(-bound, bound, (out_features,)), dtype, device)
-            if bias else None
-        )
+        uniform = lambda shape: gen.uniform(-bound, bound, shape)  # noqa: E731
+        self.weight = _parameter(initial_weights(uniform, (out_features, in_features)), dtype,
+                                 device)
+        self.bias = (_parameter(initial_weights(uniform, (out_features,)), dtype, device)
+                     if bias else None)
 
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
@@ -63,8 +94,8 @@ class Embedding(Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = _parameter(
-            backend.rng(np).standard_normal((num_embeddings, embedding_dim)), dtype, device
-        )
+            initial_weights(backend.rng(np).standard_normal, (num_embeddings, embedding_dim)),
+            dtype, device)
 
     def forward(self, ids):
         return ops.embedding(ids, self.weight)
