@@ -231,17 +231,16 @@ def load_gguf(path, dequantize: bool = True, progress: bool = False):
     ``dequantize=False``: the quantized weights stay packed, in ``tinylm.quant``'s
     ``QuantLinear`` / ``QuantEmbedding`` (a tied head: ``QuantTiedHead``) over the file's
     bytes (q and k rows un-permuted, q/k/v concatenated: copies of packed rows only);
-    F32/F16 weights, norms and biases are float32 as before. The float32 model exists
-    only while it is built, before its layers are swapped."""
-    from tinylm.models import build_model
-
+    F32/F16 weights, norms and biases are float32 as before. The model is built
+    without initialising its weights (``nn.skip_init``), so the float32 weights that
+    are swapped out never take memory."""
     path = os.fspath(path)
     f = read_gguf(path)
     config = config_from_gguf(f)
     tokenizer = tokenizer_from_gguf(f)
     rules = tensor_rules(config)
     _check_tensors(f, rules)
-    model = build_model(config)
+    model = _build_uninitialised(config, rules)
     packed = [] if dequantize else [r for r in rules if _packable(f, r)]
     params = dict(model.named_parameters())
     for rule in _bar([r for r in rules if r not in packed], progress,
@@ -251,6 +250,24 @@ def load_gguf(path, dequantize: bool = True, progress: bool = False):
         _swap_packed(f, model, packed)
     model.eval()
     return model, tokenizer
+
+
+def _build_uninitialised(config, rules):
+    """The model, its weights left uninitialised when ``nn.skip_init`` exists (the
+    rules fill every parameter; untouched pages of a swapped-out float weight then
+    never take memory)."""
+    from tinylm import nn
+    from tinylm.models import build_model
+
+    skip = getattr(nn, "skip_init", None)
+    if skip is None:
+        return build_model(config)
+    with skip():
+        model = build_model(config)
+    unfilled = set(dict(model.named_parameters())) - {r.ours for r in rules}
+    if unfilled:  # a bug, not a bad file: every parameter must have a rule
+        raise TinyLMError(f"GGUF import: no tensor for {sorted(unfilled)}")
+    return model
 
 
 def _copy_rule(f, rule: Rule, target) -> None:
