@@ -324,3 +324,18 @@ def test_tinylm_generate_chat_on_a_gguf_file_uses_its_template(hf_llama, tmp_pat
                       "--temperature", 0)
         assert out.exit_code == 0, out.output
         assert said in out.output
+
+
+def test_the_one_loader_takes_a_quantized_folder_of_a_gguf_model(hf_llama, tokenizer,
+                                                                  tmp_path):
+    from tinylm.quant.model import save_quantized
+
+    export_gguf(in_tinylm(hf_llama, tmp_path), tokenizer, tmp_path / "m.gguf", dtype="q4_1")
+    packed, tok = load_gguf(tmp_path / "m.gguf", dequantize=False)
+    assert packed.quantization["tensors"]["transformer.blocks.0.attn.qkv"]["format"] == "q4_1"
+    save_quantized(packed, tok, tmp_path / "folder")
+    model, tok2 = load_model(tmp_path / "folder")
+    np.testing.assert_array_equal(model(IDS).logits.data, packed(IDS).logits.data)
+    floats = tinylm.load_pretrained(tmp_path / "m.gguf")           # dequantized float32
+    assert rel(packed(IDS).logits.data, floats(IDS).logits.data) < 1e-5
+    assert tok2.encode(TEXT[:50]) == tokenizer.encode(TEXT[:50])

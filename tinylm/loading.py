@@ -3,12 +3,14 @@
     model, tokenizer = load_model("runs/demo")            # a `tinylm train` run folder
     model, tokenizer = load_model("hf/gpt2", "cuda")      # a Hugging Face folder
     model, tokenizer = load_model("smollm2.Q4_1.gguf")    # a GGUF file (llama, gpt2)
+    model, tokenizer = load_model("demo-q4_1/")           # a `tinylm quantize` folder
     model = tinylm.load_pretrained("runs/demo")           # the model alone, any kind
 
 A folder is recognised by its ``config.json``: tinylm's own (it names an
 ``architecture``; the run folder also holds ``tokenizer.txt`` and
 ``model.safetensors``, checked against ``trainer_state.json``: see
-``tinylm.rundir``) or a Hugging Face one (it names a ``model_type``; the weights are
+``tinylm.rundir``; with a ``quantization`` section it is a folder ``tinylm quantize``
+wrote, read by ``tinylm.quant.model.load_quantized_folder``) or a Hugging Face one (it names a ``model_type``; the weights are
 read by ``tinylm.models.hf.load_pretrained`` and the tokenizer from
 ``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or ``vocab.txt``). A ``.gguf`` file
 (or any file starting with the GGUF magic) is read by ``tinylm.formats.gguf_model``:
@@ -39,6 +41,10 @@ def load_model(path, device: str = "cpu"):
     if kind == "gguf":
         model, tokenizer = _load_gguf(path)
         model = model.to(device)
+    elif kind == "quantized":
+        from tinylm.quant.model import load_quantized_folder
+
+        model, tokenizer = load_quantized_folder(path, device)
     elif kind == "run":
         from tinylm.rundir import load_model_dir
 
@@ -58,15 +64,16 @@ def load_pretrained(path, strict: bool = True):
     kind = source_kind(path)
     if kind == "gguf":
         return _load_gguf(path)[0]
-    if kind == "run":
+    if kind in ("run", "quantized"):
         return load_model(path)[0]
     return _load_hf(path, strict)
 
 
 def source_kind(path) -> str:
-    """"run" (tinylm's config.json), "hf" (a Hugging Face config.json) or "gguf" (a
-    .gguf file, or a file that starts with the GGUF magic); anything else is a
-    CheckpointError saying what was expected."""
+    """"run" (tinylm's config.json), "quantized" (tinylm's config.json with a
+    "quantization" section: a folder ``tinylm quantize`` wrote), "hf" (a Hugging Face
+    config.json) or "gguf" (a .gguf file, or a file that starts with the GGUF magic);
+    anything else is a CheckpointError saying what was expected."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is not a directory (it does not exist); pass {_EXPECTED}")
@@ -85,7 +92,7 @@ def source_kind(path) -> str:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {config}: {e}") from None
     if isinstance(data, dict) and "architecture" in data:
-        return "run"
+        return "quantized" if "quantization" in data else "run"
     if isinstance(data, dict) and "model_type" in data:
         return "hf"
     raise CheckpointError(f"{config} names neither an 'architecture' (tinylm) nor a "
