@@ -172,3 +172,29 @@ def test_loading_packed_weights_peaks_near_the_file_size(smollm2_path):  # noqa:
     # about 120 MB here (the float32 model would be 540 MB more); the bound is
     # twice llama.cpp's 175 MB peak on this file
     assert peak < 350e6 and peak < 2 * os.path.getsize(smollm2_path), peak
+
+
+def test_tinylm_generate_chat_answers_with_the_models_chatml_template(smollm2_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+
+    out = CliRunner().invoke(cli, ["generate", "-m", smollm2_path, "--chat", "--temperature",
+                                   "0", "--max-new-tokens", "24"],
+                             input="What is the capital of France?\n")
+    assert out.exit_code == 0, out.output
+    assert "Paris" in out.output and "plain template" not in out.output
+    assert "<|im_end|>" not in out.output          # the reply stops at the template's end
+
+
+def test_tinylm_info_reports_the_file(smollm2_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+
+    out = CliRunner().invoke(cli, ["info", smollm2_path])
+    assert out.exit_code == 0, out.output
+    for line in ("architecture  llama", "Q4_1    210 tensors", "Q8_0      1 tensors",
+                 "F32      61 tensors", "parameters    134,515,008", "chat template chatml",
+                 "(pre smollm), 49,152 tokens"):
+        assert line in out.output, line
