@@ -243,7 +243,7 @@ def rewrite(path, out, meta=None, drop=(), **changes):
 
 @pytest.mark.parametrize("meta, drop, message", [
     ({"general.architecture": "mamba"}, (), "architecture 'mamba' is not supported"),
-    ({"tokenizer.ggml.model": "llama"}, (), "tokenizer model 'llama'"),
+    ({"tokenizer.ggml.model": "rwkv"}, (), "tokenizer model 'rwkv'"),
     ({"tokenizer.ggml.pre": "falcon"}, (), "pre-tokenizer 'falcon'"),
     (None, ("blk.1.ffn_up.weight",), "missing tensors: blk.1.ffn_up.weight"),
     (None, ("llama.block_count",), "no 'llama.block_count'"),

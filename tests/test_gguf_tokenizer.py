@@ -126,7 +126,8 @@ def test_tinylm_tokenizer_metadata_reads_back_through_gguf_reader(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama'.*SentencePiece"),
+    ({"tokenizer.ggml.model": "t5"}, "tokenizer model 't5'.*'gpt2'.*'llama'"),
+    ({"tokenizer.ggml.model": "llama"}, "tokenizer.ggml.scores must hold one float per token"),
     ({"tokenizer.ggml.pre": "default"}, "pre-tokenizer 'default'"),
     ({"tokenizer.ggml.merges": ["Ġ nosuchtoken"]}, "merge 0 .* not in tokenizer.ggml.tokens"),
     ({"tokenizer.ggml.tokens": "one string"}, "tokenizer.ggml.tokens is missing"),
@@ -190,3 +191,72 @@ def test_a_template_tinylm_does_not_know_falls_back_to_plain_and_says_so(hf_bpe,
         assert template.name == name
     assert said["chatml"] == [] and len(said["plain"]) == 1
     assert "not recognise" in said["plain"][0] and "plain template" in said["plain"][0]
+
+
+# ----------------------------------------------------------------------------- SentencePiece
+
+SP = "\u2581"
+SPM_CORPUS = ("The quick brown fox jumps over the lazy dog. " * 5
+              + "Les élèves où vont-ils? Größe 日本語 " * 3 + "hello  world 12345\n\ttabs ")
+SPM_TEXTS = [SPM_CORPUS, "Hello world", " leading space", "日本語 and x", "a<s>b", "  two",
+             "\n\n", "über straße 42", "x", "ab</s>", "5€ ok"]
+
+
+def write_spm(path):
+    """A 'llama' (SentencePiece) vocabulary: <unk> <s> </s>, the 256 byte tokens, the
+    corpus' characters but three (left to the byte fallback) and its frequent n-grams,
+    scored by frequency rank; with the llama hyper-parameters llama.cpp wants."""
+    import collections
+
+    text = (" " + SPM_CORPUS).replace(" ", SP)
+    counts = collections.Counter(text[i:i + n] for n in range(2, 7)
+                                 for i in range(len(text) - n + 1))
+    chars = sorted(set(text) - set("日本語"))
+    pieces = [p for p, c in counts.most_common(300) if c > 1]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars + pieces
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in [("context_length", 64), ("embedding_length", 32), ("block_count", 1),
+                       ("feed_forward_length", 64), ("head_count", 4)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-100.0 - i for i in range(len(chars))]
+                       + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(chars) + len(pieces)))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+def test_a_sentencepiece_vocabulary_encodes_as_llama_cpp_does(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    write_spm(tmp_path / "spm.gguf")
+    tok = tokenizer_from_gguf(read_gguf(tmp_path / "spm.gguf"))
+    llm = llama_cpp.Llama(str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
+    for text in SPM_TEXTS:
+        ours = tok.encode(text, disallowed_special=())
+        assert ours == llm.tokenize(text.encode(), add_bos=False, special=False), text
+        assert tok.encode(text, allowed_special="all") == \
+            llm.tokenize(text.encode(), add_bos=False, special=True), text
+        assert tok.decode(ours) == text
+
+
+def test_a_sentencepiece_tokenizer_round_trips_and_saves(tmp_path):
+    from tinylm.tokenizers import from_file
+
+    write_spm(tmp_path / "spm.gguf")
+    tok = tokenizer_from_gguf(read_gguf(tmp_path / "spm.gguf"))
+    assert tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    ids = tok.encode(SPM_CORPUS)
+    assert tok.decode_bytes(ids) == SPM_CORPUS.encode()
+    euro = tok.encode("5€")                              # no token has €: its bytes
+    assert [tok.id_to_token(i) for i in euro[-3:]] == ["<0xE2>", "<0x82>", "<0xAC>"]
+    assert tok.decode(euro) == "5€"
+    assert [tok.id_to_token(i) for i in tok.encode("the lazy")][0].startswith(SP)
+    tok.save(tmp_path / "tok.txt")
+    back = from_file(tmp_path / "tok.txt")
+    assert type(back) is type(tok) and back.encode(SPM_CORPUS) == ids

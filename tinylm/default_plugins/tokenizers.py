@@ -11,8 +11,10 @@ from tinylm.hookspecs import hookimpl
 def register_tokenizers(register):
     from tinylm.tokenizers.bpe import BPETokenizer
     from tinylm.tokenizers.char import CharTokenizer
+    from tinylm.tokenizers.spm import SentencePieceBPE
     from tinylm.tokenizers.wordpiece import WordPieceTokenizer
 
     register("bpe", BPETokenizer)
     register("wordpiece", WordPieceTokenizer)
     register("char", CharTokenizer)
+    register("spm", SentencePieceBPE)  # GGUF's "llama" vocabularies (tokenizers/spm.py)

@@ -15,9 +15,11 @@ vocabulary may lack some single bytes (SmolLM2's has no token for 21 of them, 0x
 0xff among them): such a byte is dropped from the ids, as llama.cpp drops a byte it has
 no token for, after merging (``MissingBytesBPE``).
 ``pre`` names one of llama.cpp's pre-tokenizers; the ones tinylm has the regex of are
-``PRE_TOKENIZERS`` (``tinylm.tokenizers.pretokenize`` cuts the same pieces). SentencePiece
-vocabularies (``model = "llama"``, scores instead of merges) are not read yet: that, a
-pre-tokenizer tinylm lacks, or a broken vocabulary is one ``GGUFError`` naming the file.
+``PRE_TOKENIZERS`` (``tinylm.tokenizers.pretokenize`` cuts the same pieces).
+``model = "llama"`` is a SentencePiece vocabulary (scores instead of merges, ``▁`` for
+spaces, ``<0xXX>`` byte tokens): a ``tinylm.tokenizers.spm.SentencePieceBPE``. Another
+model, a pre-tokenizer tinylm lacks, or a broken vocabulary is one ``GGUFError``
+naming the file.
 
     >>> tok = tokenizer_from_gguf(read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf"))  # doctest: +SKIP
     >>> tok.special_tokens["<|im_start|>"]
@@ -85,10 +87,12 @@ def tokenizer_from_gguf(f):
     """The ``BPETokenizer`` of a read GGUF file (``tinylm.formats.gguf.read_gguf``)."""
     m = f.metadata
     model = m.get("tokenizer.ggml.model")
+    if model == "llama":
+        return _sentencepiece(f)
     if model != "gpt2":
         what = "no tokenizer.ggml.model" if model is None else f"tokenizer model {model!r}"
         _fail(f, f"{what}: tinylm builds GGUF tokenizers of model 'gpt2' (byte-level BPE) "
-                 f"only; SentencePiece ('llama') and others are not supported")
+                 f"and 'llama' (SentencePiece scores) only")
     tokens, types = _token_list(f)
     pre = m.get("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZERS:
@@ -105,6 +109,29 @@ def tokenizer_from_gguf(f):
         if not missing:
             return BPETokenizer(table, merges, specials, **options)
         return MissingBytesBPE(table + missing, merges, specials, n_vocab=len(table), **options)
+    except TokenizerError as e:
+        _fail(f, f"its tokenizer cannot be built: {e}")
+
+
+def _sentencepiece(f):
+    """A ``SentencePieceBPE`` from the tokens, their scores and types (llama.cpp's
+    defaults: the unknown token 0, a space prefix)."""
+    from tinylm.tokenizers.spm import SentencePieceBPE
+
+    m = f.metadata
+    tokens, types = _token_list(f)
+    scores = m.get("tokenizer.ggml.scores")
+    if not isinstance(scores, np.ndarray) or scores.shape != (len(tokens),):
+        _fail(f, f"tokenizer.ggml.scores must hold one float per token ({len(tokens)}) for a "
+                 f"'llama' (SentencePiece) tokenizer")
+    if m.get("tokenizer.ggml.remove_extra_whitespaces"):
+        _fail(f, "tokenizer.ggml.remove_extra_whitespaces = true is not supported")
+    unk = int(m.get("tokenizer.ggml.unknown_token_id", 0))
+    try:
+        return SentencePieceBPE(tokens, scores.tolist(), types,
+                                unk_id=unk if 0 <= unk < len(tokens) else None,
+                                add_space_prefix=bool(m.get("tokenizer.ggml.add_space_prefix",
+                                                            True)))
     except TokenizerError as e:
         _fail(f, f"its tokenizer cannot be built: {e}")
 
