@@ -260,3 +260,16 @@ def test_a_sentencepiece_tokenizer_round_trips_and_saves(tmp_path):
     tok.save(tmp_path / "tok.txt")
     back = from_file(tmp_path / "tok.txt")
     assert type(back) is type(tok) and back.encode(SPM_CORPUS) == ids
+
+
+def test_a_sentencepiece_tokenizer_exports_and_reads_back(tmp_path):
+    write_spm(tmp_path / "spm.gguf")
+    tok = tokenizer_from_gguf(read_gguf(tmp_path / "spm.gguf"))
+    write_gguf(tmp_path / "out.gguf", {"general.architecture": "llama",
+                                       **tokenizer_metadata(tok, tok.vocab_size)}, {})
+    r = gguf.GGUFReader(tmp_path / "out.gguf")
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert r.fields["tokenizer.ggml.tokens"].contents() == tok.tokens
+    assert r.fields["tokenizer.ggml.scores"].contents() == pytest.approx(tok.scores)
+    back = tokenizer_from_gguf(read_gguf(tmp_path / "out.gguf"))
+    assert back.encode(SPM_CORPUS) == tok.encode(SPM_CORPUS)

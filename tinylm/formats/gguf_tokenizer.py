@@ -187,9 +187,13 @@ def tokenizer_metadata(tokenizer, vocab_size: int, config=None) -> dict:
     """The ``tokenizer.ggml.*`` metadata of a byte-level ``BPETokenizer``, its list padded
     with unused ``[PADi]`` tokens to ``vocab_size`` (the model's embedding rows), the
     bos / eos / padding ids from ``config`` (a model config) when it names them."""
+    from tinylm.tokenizers.spm import SentencePieceBPE
+
+    if isinstance(tokenizer, SentencePieceBPE):
+        return _sentencepiece_metadata(tokenizer, vocab_size, config)
     if not isinstance(tokenizer, BPETokenizer):
-        raise GGUFError(f"a GGUF file holds a byte-level BPE tokenizer; this model's is a "
-                        f"{type(tokenizer).__name__}")
+        raise GGUFError(f"a GGUF file holds a byte-level BPE or SentencePiece tokenizer; "
+                        f"this model's is a {type(tokenizer).__name__}")
     pre = _PRE_NAMES.get(_pattern_name(tokenizer))
     if pre is None:
         raise GGUFError(f"the tokenizer's pre-tokenization pattern {tokenizer.pattern!r} has "
@@ -205,12 +209,30 @@ def tokenizer_metadata(tokenizer, vocab_size: int, config=None) -> dict:
                                                    ValueType.INT32),
             "tokenizer.ggml.merges": [f"{tokenizer.id_to_token(a)} {tokenizer.id_to_token(b)}"
                                       for a, b in tokenizer.merges]}
+    return {**meta, **_special_metadata(config)}
+
+
+def _special_metadata(config, unk=None) -> dict:
+    meta = {}
     for name, key in SPECIAL_KEYS.items():
-        i = getattr(config, f"{name}_token_id", None) if name != "unk" else None
+        i = getattr(config, f"{name}_token_id", None) if name != "unk" else unk
         if isinstance(i, int):
             meta[key] = GGUFValue(ValueType.UINT32, i)
     meta["tokenizer.ggml.add_bos_token"] = False  # tinylm's encode adds no bos
     return meta
+
+
+def _sentencepiece_metadata(tok, vocab_size: int, config) -> dict:
+    if tok.vocab_size != vocab_size:
+        raise GGUFError(f"the SentencePiece tokenizer has {tok.vocab_size} tokens, the model "
+                        f"{vocab_size} embedding rows; they must agree")
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": list(tok.tokens),
+            "tokenizer.ggml.scores": GGUFValue(ValueType.ARRAY, np.asarray(tok.scores, np.float32),
+                                               ValueType.FLOAT32),
+            "tokenizer.ggml.token_type": GGUFValue(ValueType.ARRAY, np.asarray(tok.types, np.int32),
+                                                   ValueType.INT32),
+            "tokenizer.ggml.add_space_prefix": tok.add_space_prefix,
+            **_special_metadata(config, tok.unk_id)}
 
 
 def _pattern_name(tokenizer):
