@@ -104,6 +104,11 @@ def test_a_byte_the_vocabulary_lacks_is_dropped_as_llama_cpp_drops_it(hf_bpe, tm
     ours = [tok.id_to_token(i) for i in tok.encode("hello world")]  # ids moved by one
     assert ours == hf_bpe.encode("hello world").tokens
     assert max(tok.encode(MULTILINGUAL + "\x04")) < len(ids)  # never an id past the vocab
+    from tinylm.tokenizers import from_file
+
+    tok.save(tmp_path / "tok.txt")                            # and so once saved and read
+    back = from_file(tmp_path / "tok.txt")
+    assert back.encode("a\x04b") == [ids["a"], ids["b"]] and back.n_vocab == len(ids)
 
 
 def test_tinylm_tokenizer_metadata_reads_back_through_gguf_reader(tmp_path):

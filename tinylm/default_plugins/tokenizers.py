@@ -12,9 +12,11 @@ def register_tokenizers(register):
     from tinylm.tokenizers.bpe import BPETokenizer
     from tinylm.tokenizers.char import CharTokenizer
     from tinylm.tokenizers.spm import SentencePieceBPE
+    from tinylm.formats.gguf_tokenizer import MissingBytesBPE
     from tinylm.tokenizers.wordpiece import WordPieceTokenizer
 
     register("bpe", BPETokenizer)
     register("wordpiece", WordPieceTokenizer)
     register("char", CharTokenizer)
     register("spm", SentencePieceBPE)  # GGUF's "llama" vocabularies (tokenizers/spm.py)
+    register("bpe-gguf", MissingBytesBPE)  # a GGUF BPE lacking some byte tokens

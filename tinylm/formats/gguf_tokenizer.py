@@ -65,9 +65,19 @@ def special_ids(f) -> dict:
 class MissingBytesBPE(BPETokenizer):
     """A byte-level BPE whose vocabulary (``n_vocab`` ids) lacks some single bytes: each
     missing byte has a stand-in id from ``n_vocab`` on while merging (no merge names it,
-    so it stays a piece of its own), and ``encode`` leaves the stand-ins out."""
+    so it stays a piece of its own), and ``encode`` leaves the stand-ins out. Saved in
+    tinylm's format as "bpe-gguf" (the stand-ins are the trailing single-byte tokens)."""
 
-    def __init__(self, tokens, merges, special_tokens, *, n_vocab: int, **options):
+    name = "bpe-gguf"
+
+    def __init__(self, tokens, merges, special_tokens, *, n_vocab: int | None = None,
+                 **options):
+        if n_vocab is None:  # loaded from a file: the stand-ins are the last ids
+            table = list(tokens.get(i) for i in range(max(tokens) + 1)) \
+                if isinstance(tokens, dict) else list(tokens)
+            n_vocab = len(table)
+            while n_vocab and table[n_vocab - 1] is not None and len(table[n_vocab - 1]) == 1:
+                n_vocab -= 1
         self.n_vocab = n_vocab
         super().__init__(tokens, merges, special_tokens, **options)
 
