@@ -223,7 +223,7 @@ def test_a_gguf_writer_file_loads_with_transformers_logits(hf_llama, tokenizer, 
 
 def test_a_q4_1_file_dequantizes_as_gguf_quants(hf_llama, tokenizer, tmp_path):
     write_with_gguf_writer(hf_llama, tokenizer, tmp_path / "q.gguf", Q.Q4_1)
-    model = tinylm.load_pretrained(tmp_path / "q.gguf")
+    model = tinylm.load_pretrained(tmp_path / "q.gguf", dequantize=True)
     r = gguf.GGUFReader(tmp_path / "q.gguf")
     t = next(t for t in r.tensors if t.name == "blk.0.attn_k.weight")
     k = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -336,6 +336,6 @@ def test_the_one_loader_takes_a_quantized_folder_of_a_gguf_model(hf_llama, token
     save_quantized(packed, tok, tmp_path / "folder")
     model, tok2 = load_model(tmp_path / "folder")
     np.testing.assert_array_equal(model(IDS).logits.data, packed(IDS).logits.data)
-    floats = tinylm.load_pretrained(tmp_path / "m.gguf")           # dequantized float32
+    floats = tinylm.load_pretrained(tmp_path / "m.gguf", dequantize=True)  # float32
     assert rel(packed(IDS).logits.data, floats(IDS).logits.data) < 1e-5
     assert tok2.encode(TEXT[:50]) == tokenizer.encode(TEXT[:50])

@@ -81,3 +81,29 @@ def test_a_run_folder_missing_its_weights(tmp_path, run_dir):
     assert "architecture" in json.loads((tmp_path / "config.json").read_text())
     with pytest.raises(CheckpointError, match="has no model.safetensors"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["gguf", "quantized folder"])
+def test_quantized_sources_load_packed_unless_dequantized(tmp_path, hf_dir, source):
+    from tinylm.formats.gguf_model import export_gguf
+    from tinylm.nn import Linear
+    from tinylm.quant.layers import QuantLinear
+    from tinylm.quant.model import quantize, save_quantized
+
+    model, tokenizer = load_model(hf_dir)
+    ids = np.array([[5, 9, 2, 7, 1, 3]])
+    if source == "gguf":
+        path = tmp_path / "m.gguf"
+        export_gguf(model, tokenizer, path, dtype="q8_0")
+    else:
+        path = tmp_path / "q8"
+        save_quantized(quantize(model, "q8_0"), tokenizer, path)
+    packed, _ = load_model(path)
+    floats, _ = load_model(path, dequantize=True)
+    kinds = lambda m: {type(x) for x in m.modules()}  # noqa: E731
+    assert QuantLinear in kinds(packed) and QuantLinear not in kinds(floats)
+    assert Linear in kinds(floats)
+    with tinylm.no_grad():
+        a, b = packed(ids).logits.data, floats(ids).logits.data
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    assert isinstance(load_pretrained(path), type(packed))

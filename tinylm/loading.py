@@ -14,7 +14,13 @@ wrote, read by ``tinylm.quant.model.load_quantized_folder``) or a Hugging Face o
 read by ``tinylm.models.hf.load_pretrained`` and the tokenizer from
 ``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or ``vocab.txt``). A ``.gguf`` file
 (or any file starting with the GGUF magic) is read by ``tinylm.formats.gguf_model``:
-the model with float32 weights and the tokenizer its metadata describes. Every way a
+the model and the tokenizer its metadata describes.
+
+Quantized sources (GGUF files, ``tinylm quantize`` folders) load with their weights
+packed (``tinylm.quant.layers``: a 98 MB Q4_1 file holds about 97 MB, no float32
+copy) on the CPU. ``dequantize=True`` gives float32 weights instead: four to eight
+times the memory, and faster (BLAS on float32 instead of a decode per tile); a device
+other than the CPU implies it (the quantized layers compute on the CPU only). Every way a
 path can be wrong is a ``CheckpointError`` saying what was expected (for a GGUF file:
 "PATH is a GGUF file tinylm cannot load: what is wrong or unsupported"). The model
 comes back in eval mode.
@@ -33,18 +39,24 @@ _EXPECTED = ("a `tinylm train` run folder (config.json, tokenizer.txt, model.saf
              ".gguf file")
 
 
-def load_model(path, device: str = "cpu"):
-    """(model, tokenizer) from a run folder, a Hugging Face folder or a GGUF file, on
-    ``device``."""
+def load_model(path, device: str = "cpu", *, dequantize: bool | None = None):
+    """(model, tokenizer) from a run folder, a Hugging Face folder, a GGUF file or a
+    quantized folder, on ``device``. ``dequantize``: float32 weights for a quantized
+    source (default: packed on the CPU, float32 elsewhere)."""
     path = os.fspath(path)
     kind = source_kind(path)
+    if dequantize is None:
+        dequantize = str(device) != "cpu"
     if kind == "gguf":
-        model, tokenizer = _load_gguf(path)
+        model, tokenizer = _load_gguf(path, dequantize)
         model = model.to(device)
     elif kind == "quantized":
-        from tinylm.quant.model import load_quantized_folder
+        from tinylm.quant.model import dequantize_model, load_quantized_folder
 
-        model, tokenizer = load_quantized_folder(path, device)
+        model, tokenizer = load_quantized_folder(path)
+        if dequantize:
+            model = dequantize_model(model)
+        model = model.to(device)
     elif kind == "run":
         from tinylm.rundir import load_model_dir
 
@@ -56,16 +68,15 @@ def load_model(path, device: str = "cpu"):
     return model, tokenizer
 
 
-def load_pretrained(path, strict: bool = True):
-    """The model alone (on the CPU) of a run folder, a Hugging Face folder or a GGUF
-    file. ``strict``: a Hugging Face checkpoint with tensors the model does not use is
-    an error (a run folder and a GGUF file always fit exactly)."""
+def load_pretrained(path, strict: bool = True, *, dequantize: bool | None = None):
+    """The model alone (on the CPU) of a run folder, a Hugging Face folder, a GGUF file
+    or a quantized folder (``dequantize`` as for ``load_model``). ``strict``: a Hugging
+    Face checkpoint with tensors the model does not use is an error (the other sources
+    always fit exactly)."""
     path = os.fspath(path)
     kind = source_kind(path)
-    if kind == "gguf":
-        return _load_gguf(path)[0]
-    if kind in ("run", "quantized"):
-        return load_model(path)[0]
+    if kind in ("gguf", "run", "quantized"):
+        return load_model(path, dequantize=dequantize)[0]
     return _load_hf(path, strict)
 
 
@@ -99,13 +110,13 @@ def source_kind(path) -> str:
                           f"'model_type' (Hugging Face); pass {_EXPECTED}")
 
 
-def _load_gguf(path):
+def _load_gguf(path, dequantize: bool):
     """(model, tokenizer) of a GGUF file; its GGUFError as a CheckpointError."""
     from tinylm.formats.gguf import GGUFError
     from tinylm.formats.gguf_model import load_gguf
 
     try:
-        return load_gguf(path, progress=True)
+        return load_gguf(path, dequantize=dequantize, progress=True)
     except GGUFError as e:
         problem = str(e)
         problem = problem[len(path) + 2:] if problem.startswith(f"{path}: ") else problem

@@ -34,17 +34,19 @@ from tinylm.sampling import SamplingConfig
 
 @dataclass(frozen=True)
 class ModelSource:
-    """--model, --device, --half: where the model is and how it runs."""
+    """--model, --device, --half, --dequantize: where the model is and how it runs."""
 
     path: str
     device: str = "cpu"
     half: bool = False
+    dequantize: bool | None = None
 
     def load(self, path=None):
         """(model, tokenizer) of ``path`` (default: --model) on the device."""
         from tinylm.loading import load_model
 
-        return load_model(self.path if path is None else path, self.device)
+        return load_model(self.path if path is None else path, self.device,
+                          dequantize=self.dequantize)
 
     def precision(self):
         """The context the model runs in: float16 matrix products with --half."""
@@ -53,11 +55,11 @@ class ModelSource:
         return amp.autocast("float16", enabled=self.half)
 
 
-def _model_source(model_dir, device, half) -> ModelSource:
+def _model_source(model_dir, device, half, dequantize) -> ModelSource:
     if half and device != "cuda":
         raise click.UsageError("--half needs --device cuda (float16 matrix products are "
                                "for the GPU; on the CPU they would only be slower)")
-    return ModelSource(model_dir, device, half)
+    return ModelSource(model_dir, device, half, dequantize or None)
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,17 @@ def _chat(chat, chat_template, system_text) -> Chat | None:
 model_options = option_group(
     "model", _model_source,
     click.option("-m", "--model", "model_dir", required=True,
-                 help="A run directory written by `tinylm train` (its --out), or a Hugging "
-                      "Face checkpoint directory with its tokenizer.json."),
+                 help="A run directory written by `tinylm train` (its --out), a Hugging "
+                      "Face checkpoint directory with its tokenizer.json, a .gguf file, or "
+                      "a folder written by `tinylm quantize`."),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
                  show_default=True),
     click.option("--half", is_flag=True,
-                 help="float16 matrix products (needs --device cuda)."))
+                 help="float16 matrix products (needs --device cuda)."),
+    click.option("--dequantize", is_flag=True,
+                 help="A quantized model (.gguf, tinylm quantize folder) with float32 "
+                      "weights: faster, 4-8x the memory [default: packed weights on the "
+                      "CPU]."))
 
 prompt_options = option_group(
     "prompt", _prompt,

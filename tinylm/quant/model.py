@@ -230,7 +230,11 @@ def load_quantized_folder(path, device: str = "cpu"):
     if not isinstance(record, dict) or not isinstance(record.get("tensors"), dict):
         raise CheckpointError(f"{path}/{CONFIG_FILE} has no valid \"quantization\" section "
                               f"(with \"tensors\"); it is not a quantized model folder")
-    model = build_model(config_from_dict(data))
+    if str(device) != "cpu":
+        raise TinyLMError("quantized layers compute on the CPU; load with device='cpu' (or "
+                          "dequantize_model(model).to(device) for float32 on the GPU)")
+    with nn.skip_init():  # every weight comes from the file: no float32 copy is drawn
+        model = build_model(config_from_dict(data))
     state = checkpoint.load_file(os.path.join(path, MODEL_FILE))
     quant_keys = _swap_in(model, record, state, os.path.join(path, MODEL_FILE))
     rest = {k: v for k, v in state.items() if k not in quant_keys}
@@ -240,9 +244,6 @@ def load_quantized_folder(path, device: str = "cpu"):
         raise CheckpointError(f"{path}/{MODEL_FILE} does not fit its config.json: missing "
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     object.__setattr__(model, "quantization", record)
-    if str(device) != "cpu":
-        raise TinyLMError("quantized layers compute on the CPU; load with device='cpu' (or "
-                          "dequantize_model(model).to(device) for float32 on the GPU)")
     tokenizer = from_file(os.path.join(path, TOKENIZER_FILE))
     return model.eval(), tokenizer
 
