@@ -9,6 +9,8 @@
   activations to 8 bits inside its 4-bit dot products, so (a) differs from it too).
   Reference (a) here is tinylm's dequantized model, which tests/test_gguf_model.py
   shows computes transformers' logits on the same weights;
+- SmolLM2 dequantized and exported by ``export_gguf`` in Q8_0, Q4_0 and Q4_1 has, tensor
+  for tensor, the bytes llama.cpp's own quantizer writes requantizing the same file;
 - GPT-2 and Llama models built in tinylm, exported by ``export_gguf`` in F32 and Q8_0
   with a BPE tokenizer trained here, load in llama.cpp with tinylm's logits (F32: llama.cpp
   keeps its KV cache in f16, so about 2e-4 relative; Q8_0: about 1e-2) and tokenize as
@@ -130,6 +132,44 @@ def test_smollm2_logits_no_farther_from_llamacpp_than_the_float_reference(smollm
     assert rel(packed, a) < 1e-4                  # packed computes the dequantized model
     assert err_packed <= err_a * 1.01 + 1e-6
     assert agree_packed >= agree_a
+
+
+LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3}                      # llama_ftype
+
+
+@pytest.fixture(scope="module")
+def smollm2_float(smollm2_path):
+    return load_gguf(smollm2_path)
+
+
+def llamacpp_quantize(src, dst, dtype: str) -> None:
+    """llama.cpp's own quantizer (llama-quantize --allow-requantize), one thread."""
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = LLAMA_FTYPES[dtype], True, 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                          ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("dtype", sorted(LLAMA_FTYPES))
+def test_smollm2_export_has_the_bytes_of_llamacpps_quantizer(smollm2_path, smollm2_float, dtype,
+                                                             tmp_path):
+    """SmolLM2 dequantized, exported by tinylm in ``dtype``, against llama.cpp requantizing
+    the same file: every tensor both write in the same type has the same bytes (llama.cpp
+    keeps the token embedding in Q8_0 for its 4-bit types: that one is left out)."""
+    ours, theirs = tmp_path / "tinylm.gguf", tmp_path / "llama.cpp.gguf"
+    export_gguf(*smollm2_float, ours, dtype=dtype)
+    llamacpp_quantize(smollm2_path, theirs, dtype)
+    a, b = read_gguf(ours).tensors, read_gguf(theirs).tensors
+    assert set(a) == set(b)
+    same_type = [n for n in a if a[n].type == b[n].type]
+    assert all(a[n].type == dtype.upper() for n in a if n.startswith("blk.") and
+               a[n].type != "F32")
+    assert len(same_type) >= len(a) - 1
+    differ = [n for n in same_type if not np.array_equal(np.asarray(a[n].data),
+                                                         np.asarray(b[n].data))]
+    assert not differ, f"{len(differ)} of {len(same_type)} tensors differ, e.g. {differ[:3]}"
 
 
 # --------------------------------------------------------------------------- exported
