@@ -30,10 +30,10 @@ Parts (``--skip`` any of them, comma-separated):
 Schemes: ``--schemes`` (float32 int8 q8_0 q4_0 q4_1 nf4 q4_0-linear), quantized by
 ``tinylm.quant.model.quantize`` with its defaults (the GGUF schemes also quantize the
 token embedding and the tied head; int8 and nf4 the Linear layers only; a ``-linear``
-suffix: the Linear layers only, for any scheme). The
-quantized models compute from their packed weights (``--fake-quant``: dequantize them
+suffix: the Linear layers only, for any scheme). The quantized models compute from their packed weights (``--fake-quant``: dequantize them
 first, the same weights in float32, faster). Results: a table per part on stdout and
-``--out`` (bench/results/quant.json).
+``--out`` (bench/results/quant.json). Time the speed part on a quiet machine: it runs
+one configuration at a time, but anything else running shares the cores.
 """
 
 from __future__ import annotations
@@ -82,16 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=str(CACHE / "bench" / "quant-shakespeare-bpe"),
                    help="where the Shakespeare model is trained (reused when it is there)")
     p.add_argument("--gguf", default=str(SMOLLM2), help="the SmolLM2 Q4_1 file")
-    p.add_argument("--smollm2-tokens", type=int, default=4096)
+    p.add_argument("--smollm2-tokens", type=int, default=4096,
+                   help="SmolLM2 perplexity: the first N tokens of the text")
     p.add_argument("--window", type=int, default=512, help="SmolLM2 perplexity window")
     p.add_argument("--stride", type=int, default=256, help="SmolLM2 perplexity stride")
     p.add_argument("--fake-quant", action="store_true",
                    help="perplexity with the quantized weights dequantized (faster)")
-    p.add_argument("--prefill", type=int, default=128)
-    p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=128, help="speed: prompt tokens")
+    p.add_argument("--decode", type=int, default=64, help="speed: greedy tokens decoded")
     p.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
     p.add_argument("--profile", action="store_true", help="cProfile tinylm's decode")
-    p.add_argument("--out", default=str(RESULTS / "quant.json"))
+    p.add_argument("--out", default=str(RESULTS / "quant.json"),
+                   help="JSON results (the parts run now replace theirs; others are kept)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one speed configuration (internal)
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
