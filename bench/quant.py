@@ -30,8 +30,9 @@ Parts (``--skip`` any of them, comma-separated):
 Schemes: ``--schemes`` (float32 int8 q8_0 q4_0 q4_1 nf4 q4_0-linear), quantized by
 ``tinylm.quant.model.quantize`` with its defaults (the GGUF schemes also quantize the
 token embedding and the tied head; int8 and nf4 the Linear layers only; a ``-linear``
-suffix: the Linear layers only, for any scheme). The quantized models compute from their packed weights (``--fake-quant``: dequantize them
-first, the same weights in float32, faster). Results: a table per part on stdout and
+suffix: the Linear layers only, for any scheme). The quantized models compute from
+their packed weights (``--fake-quant``: dequantize them first, the same weights in
+float32, faster). Results: a table per part on stdout and
 ``--out`` (bench/results/quant.json). Time the speed part on a quiet machine: it runs
 one configuration at a time, but anything else running shares the cores.
 """
@@ -329,7 +330,8 @@ def llamacpp_part(args) -> dict:
 
 def llamacpp_table(part: dict) -> str:
     lines = ["\nllama.cpp's own requantization of the Q4_1 file, same text and windows",
-             "| scheme | perplexity | vs float32 | file MB | tensor types |", "|---|---|---|---|---|"]
+             "| scheme | perplexity | vs float32 | file MB | tensor types |",
+             "|---|---|---|---|---|"]
     for r in part["rows"]:
         delta = "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%"
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["tensor_types"].items()))
