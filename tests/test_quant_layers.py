@@ -113,6 +113,23 @@ def test_from_linear_and_dequantize_round_trip(fmt):
     np.testing.assert_array_equal(back.bias.numpy(), linear.bias.numpy())
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_decoding_keeps_the_block_scales_until_the_buffers_change(fmt):
+    a, b = nn.Linear(64, 24, bias=False), nn.Linear(64, 24, bias=False)
+    layer = QuantLinear.from_linear(a, fmt)
+    x = Tensor(np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32))
+    f = quant.get_format(fmt)
+    ref = lambda lin: x.data @ f.dequantize(f.quantize(lin.weight.numpy()), (24, 64)).T  # noqa
+    with no_grad():
+        np.testing.assert_allclose(layer(x).data, ref(a), rtol=1e-5, atol=1e-5)
+        cached = layer.packed.cache["scales"]
+        assert layer.packed.cache["scales"] is cached  # computed once, kept
+        layer.load_state_dict(QuantLinear.from_linear(b, fmt).state_dict())
+        np.testing.assert_allclose(layer(x).data, ref(b), rtol=1e-5, atol=1e-5)
+    assert layer.packed.cache["scales"] is not cached
+    assert "scales" not in layer.state_dict() and len(layer.state_dict()) == 1
+
+
 def test_from_packed_keeps_a_gguf_array_without_a_copy():
     raw, _ = packed_weight("q4_1", 16, 64)
     layer = QuantLinear.from_packed("q4_1", raw, 64, 16)

@@ -309,7 +309,14 @@ class Module:
         for name, (get, put) in targets.items():
             if name in state:
                 put(state[name])
+        for module in self.modules():
+            module.state_loaded()
         return LoadResult(missing, unexpected)
+
+    def state_loaded(self) -> None:
+        """Called on every module after ``load_state_dict`` wrote new values in place: a
+        module that derives something from its arrays (a quantized layer's block
+        scales) drops it here. Nothing by default."""
 
     def _state_targets(self) -> dict:
         """{name: (get current array, copy a new value in)} for every state_dict entry."""

@@ -72,11 +72,23 @@ class _Packed(nn.Module):
         self.fmt = packed.fmt
         for name in LAYOUTS[packed.fmt]:
             self.register_buffer(_BUFFER.get(name, name), packed.arrays[name])
+        self._kernel_cache, self._cache_source = {}, ()
+
+    def state_loaded(self) -> None:
+        self._kernel_cache = {}  # load_state_dict wrote new bytes into the buffers
 
     @property
     def packed(self) -> Packed:
+        """The buffers as a ``Packed``, with the cache of what the kernels derive from
+        them once (``kernels.block_scales``); emptied when a buffer is replaced or
+        ``load_state_dict`` writes into it (a write by hand into a buffer is not seen:
+        call ``state_loaded()`` after one)."""
         arrays = {name: self._buffers[_BUFFER.get(name, name)] for name in LAYOUTS[self.fmt]}
-        return Packed(self.fmt, self.weight_shape, arrays)
+        source = tuple(arrays.values())
+        if len(source) != len(self._cache_source) or any(
+                a is not b for a, b in zip(source, self._cache_source)):
+            self._kernel_cache, self._cache_source = {}, source
+        return Packed(self.fmt, self.weight_shape, arrays, self._kernel_cache)
 
     @property
     def packed_nbytes(self) -> int:
