@@ -8,29 +8,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from click.testing import CliRunner
 
-from tinylm.cli import cli
+from cli_helpers import one_error_line, run
 from generate_helpers import tiny_hf_gpt
 from train_helpers import TINY_CLI, corpus_text
 
 BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff\xfe\xfd"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="tinylm")
-
-
-def one_error_line(result, *fragments) -> str:
-    """Exit code 2, exactly one `Error:` line (Click's usage errors put their `Usage:`
-    lines above it), containing every fragment; no traceback anywhere."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment.lower() in errors[0].lower(), errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tinylm.autograd import no_grad
-from tinylm.cli import cli
+from cli_helpers import one_error_line, run
 from tinylm.loading import load_model
 from tinylm.quant.model import load_quantized_folder, quantize
 from generate_helpers import tiny_hf_gpt
 from train_helpers import corpus_text
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="tinylm")
-
-
-def one_error_line(result, *fragments) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment.lower() in errors[0].lower(), errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,30 +5,13 @@ keyword argument in the library name the command's flag instead."""
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
 from tinylm import hookimpl, plugins
-from tinylm.cli import cli
+from cli_helpers import one_error_line, run
 from tinylm.tokenizers import BPETokenizer, CharTokenizer, WordPieceTokenizer
 
 TEXT = "hello world, the quick brown fox. " * 10
 BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff\xfe\xfd"
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input, prog_name="tinylm")
-
-
-def one_error_line(result, *fragments) -> str:
-    """Assert exit code 2, exactly one `Error:` line (Click's usage errors add their
-    `Usage:` lines above it; tinylm's own errors are that line alone), no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture

@@ -1,0 +1,25 @@
+"""Driving the `tinylm` command line in tests: run it, and check a failure is one line."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from tinylm.cli import cli
+
+
+def run(*args, input=None):
+    """``tinylm ARGS`` through Click's test runner (paths may be Path objects)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, prog_name="tinylm")
+
+
+def one_error_line(result, *fragments) -> str:
+    """Exit code 2, exactly one `Error:` line on stderr (Click's usage errors put their
+    `Usage:` lines above it; tinylm's own errors are that line alone) holding every
+    fragment (case-insensitive), and no traceback anywhere. Returns the line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in errors[0].lower(), errors[0]
+    return errors[0]
