@@ -144,6 +144,12 @@ def to_codes(q: np.ndarray, low: int, high: int, dtype) -> np.ndarray:
     return np.clip(q, low, high).astype(dtype)
 
 
+def reciprocal(d: np.ndarray) -> np.ndarray:
+    """1 / d, with 0 where d is 0 (GGML's ``id = d ? 1/d : 0`` for a block's scale)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+
+
 def f16_bytes(v: np.ndarray) -> np.ndarray:
     """``(n, 1)`` float32 -> ``(n, 2)`` uint8: little-endian IEEE half (round to nearest
     even; too large -> inf; NaN stays NaN)."""

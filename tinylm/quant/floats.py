@@ -31,6 +31,9 @@ class _Float(BlockFormat):
             raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
         return super().dequantize(raw, shape)
 
+    def dequantize_blocks(self, raw):  # F32, F16: the stored values, as float32
+        return np.ascontiguousarray(raw).view(self.dtype).astype(np.float32)
+
 
 class F32(_Float):
     name = "f32"
@@ -41,8 +44,6 @@ class F32(_Float):
     def quantize_blocks(self, blocks):
         return blocks.astype("<f4").view(np.uint8)
 
-    def dequantize_blocks(self, raw):
-        return np.ascontiguousarray(raw).view("<f4").astype(np.float32)
 
 
 class F16(_Float):
@@ -55,8 +56,6 @@ class F16(_Float):
         with np.errstate(over="ignore"):
             return blocks.astype("<f2").view(np.uint8)
 
-    def dequantize_blocks(self, raw):
-        return np.ascontiguousarray(raw).view("<f2").astype(np.float32)
 
 
 class BF16(_Float):

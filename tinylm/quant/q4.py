@@ -36,13 +36,8 @@ from __future__ import annotations
 import numpy as np
 
 from tinylm.quant.base import (
-    BlockFormat, f16_bytes, f16_values, join_nibbles, split_nibbles, to_codes,
+    BlockFormat, f16_bytes, f16_values, join_nibbles, reciprocal, split_nibbles, to_codes,
 )
-
-
-def _reciprocal(d):
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d)
 
 
 class Q4_0(BlockFormat):
@@ -55,7 +50,7 @@ class Q4_0(BlockFormat):
         first = np.argmax(np.abs(blocks), axis=1)[:, None]                   # (n, 1)
         d = np.take_along_axis(blocks, first, axis=1) / np.float32(-8)       # (n, 1)
         with np.errstate(invalid="ignore"):
-            q = np.trunc(blocks * _reciprocal(d) + np.float32(8.5))          # (n, 32)
+            q = np.trunc(blocks * reciprocal(d) + np.float32(8.5))          # (n, 32)
         return np.concatenate([f16_bytes(d), join_nibbles(to_codes(q, 0, 15, np.uint8))],
                               axis=1)
 
@@ -76,7 +71,7 @@ class Q4_1(BlockFormat):
         hi = blocks.max(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", over="ignore"):
             d = (hi - lo) / np.float32(15)
-            q = np.trunc((blocks - lo) * _reciprocal(d) + np.float32(0.5))   # (n, 32)
+            q = np.trunc((blocks - lo) * reciprocal(d) + np.float32(0.5))   # (n, 32)
         codes = join_nibbles(to_codes(q, 0, 15, np.uint8))
         return np.concatenate([f16_bytes(d), f16_bytes(lo), codes], axis=1)
 

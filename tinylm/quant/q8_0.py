@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinylm.quant.base import BlockFormat, f16_bytes, f16_values, round_half_away, to_codes
+from tinylm.quant.base import (
+    BlockFormat, f16_bytes, f16_values, reciprocal, round_half_away, to_codes,
+)
 
 
 class Q8_0(BlockFormat):
@@ -36,8 +38,7 @@ class Q8_0(BlockFormat):
 
     def quantize_blocks(self, blocks):
         d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)  # (n, 1)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        inv = reciprocal(d)
         with np.errstate(invalid="ignore"):
             q = round_half_away(blocks * inv)                                # (n, 32)
         codes = to_codes(q, -128, 127, np.int8).view(np.uint8)
