@@ -130,6 +130,28 @@ def test_linear_without_weight_gradient():
     testing.gradcheck(lambda t: F.linear(Tensor(x), Tensor(w), t), b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lead", [(), (1,), (1, 1)])
+def test_linear_one_row_on_one_thread(lead, dtype):
+    """The decode step's product (one row, one BLAS thread) goes through vecdot: same
+    values and gradients as the GEMM."""
+    from tinylm.ops.matmul import _flat_rows, _one_row_on_one_core
+    from tinylm.threads import blas_threads
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(lead + (7,)).astype(dtype)
+    w, b = rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal(5).astype(dtype)
+    with blas_threads(1):
+        if hasattr(np, "vecdot"):
+            assert _one_row_on_one_core(np, _flat_rows(x), w)
+        y = F.linear(Tensor(x), Tensor(w), Tensor(b))
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        testing.assert_close(y, np.einsum("...i,oi->...o", x, w) + b, rtol=tol, atol=tol)
+        assert y.dtype == dtype and y.shape == lead + (5,)
+        if dtype == np.float64:
+            testing.gradcheck(F.linear, x, w, b)
+
+
 def test_linear_shape_mismatch():
     with pytest.raises(ShapeError, match="features"):
         F.linear(Tensor(np.ones((2, 3))), Tensor(np.ones((4, 5))))
