@@ -107,11 +107,11 @@ def test_same_plugin_registering_a_name_twice_is_an_error():
         @staticmethod
         @hookimpl
         def register_peft_methods(register):
-            register("lora", 1)
-            register("lora", 2)
+            register("twice-method", 1)
+            register("twice-method", 2)
 
     plugins.register_plugin(Twice)
-    with pytest.raises(PluginError, match="'Twice' registers PEFT method 'lora' twice"):
+    with pytest.raises(PluginError, match="'Twice' registers PEFT method 'twice-method' twice"):
         plugins.registry("peft_methods")
 
 
