@@ -7,4 +7,5 @@ DEFAULT_PLUGINS = (
     "tinylm.default_plugins.architectures",
     "tinylm.default_plugins.tokenizers",
     "tinylm.default_plugins.objectives",
+    "tinylm.default_plugins.peft",
 )

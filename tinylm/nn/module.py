@@ -62,6 +62,10 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args, **kwargs):
+        # PEFT adapters (tinylm.peft) live in a child named "peft" and wrap forward.
+        adapters = self._modules.get("peft")
+        if adapters is not None and getattr(adapters, "is_adapter_set", False):
+            return adapters.run(self, args, kwargs)
         return self.forward(*args, **kwargs)
 
     # ------------------------------------------------------------------ registration
