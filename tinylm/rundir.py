@@ -352,10 +352,12 @@ def _commit(new: str, out_dir: str) -> None:
     os.rmdir(new)
 
 
-def save_checkpoint(out_dir, model, optimizer, tokenizer, state: dict) -> None:
+def save_checkpoint(out_dir, model, optimizer, tokenizer, state: dict,
+                    weights: dict | None = None) -> None:
     """Write a checkpoint set atomically (see the module docstring); ``state`` is the
     JSON-ready trainer state, completed here with the optimizer's hyper-parameters and
-    every file's size and SHA-256."""
+    every file's size and SHA-256. ``weights``: what the model file holds (default:
+    ``model.state_dict()``; a PEFT run saves only its adapters)."""
     from tinylm.optim import flatten_state_dict
 
     os.makedirs(out_dir, exist_ok=True)
@@ -365,7 +367,7 @@ def save_checkpoint(out_dir, model, optimizer, tokenizer, state: dict) -> None:
         model.config.save(os.path.join(tmp, CONFIG_FILE))
         tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
         weights = {k: np.ascontiguousarray(backend.to_numpy(v))
-                   for k, v in model.state_dict().items()}
+                   for k, v in (model.state_dict() if weights is None else weights).items()}
         checkpoint.save_file(weights, os.path.join(tmp, MODEL_FILE), metadata={"format": "np"})
         arrays, meta = flatten_state_dict(optimizer.state_dict())
         checkpoint.save_file(arrays, os.path.join(tmp, OPTIMIZER_FILE))
@@ -438,6 +440,10 @@ def load_model_dir(path, device: str = "cpu"):
     settle(path)
     if os.path.exists(os.path.join(path, STATE_FILE)):
         state = read_checkpoint_state(path, verify=False)
+        if state.get("weights") == "trainable":  # a PEFT run: its adapters alone
+            base = (state.get("extra") or {}).get("base", "its base model")
+            raise CheckpointError(f"{path} holds a fine-tuned adapter, not a whole model; "
+                                  f"load it on its base: --model {base} --adapter {path}")
         for name in (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE):
             if name in state.get("files", {}):
                 verify_file(os.path.join(path, name), state["files"][name])
