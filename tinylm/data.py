@@ -349,7 +349,7 @@ class Batcher:
                 f"give more text, or {', or '.join(fixes)}")
         self.rng = np.random.default_rng(seed)
         self.n_windows = n // window  # packed mode
-        self.epoch, self.index, self._order, self._epoch_state = 0, 0, None, None
+        self.order = EpochOrder(self.n_windows, self.rng)
         self._offsets = np.arange(window)
 
     def next(self) -> np.ndarray:
@@ -357,32 +357,58 @@ class Batcher:
             starts = self.rng.integers(0, len(self.tokens) - self.window + 1,
                                        size=self.batch_size)
         else:
-            picks = []
-            while len(picks) < self.batch_size:
-                if self._order is None or self.index >= self.n_windows:
-                    if self._order is not None:
-                        self.epoch += 1
-                    self._new_epoch()
-                take = min(self.batch_size - len(picks), self.n_windows - self.index)
-                picks.extend(self._order[self.index:self.index + take])
-                self.index += take
-            starts = np.asarray(picks) * self.window
+            starts = self.order.take(self.batch_size) * self.window
         idx = starts[:, None] + self._offsets  # (B, window)
         return np.asarray(self.tokens[idx], dtype=np.int64)
 
-    def _new_epoch(self) -> None:
-        self._epoch_state = self.rng.bit_generator.state
-        self._order = self.rng.permutation(self.n_windows)
-        self.index = 0
+    @property
+    def epoch(self) -> int:
+        """Packed mode: how many times every window has been handed out."""
+        return self.order.epoch
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "rng": self.rng.bit_generator.state, "epoch": self.epoch,
-                "index": self.index, "epoch_rng": self._epoch_state}
+        return {"mode": self.mode, **self.order.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode") != self.mode:
             raise DataError(f"the saved data position is for {state.get('mode')!r} sampling, "
                             f"this run samples {self.mode!r}")
+        self.order.load_state_dict(state)
+
+
+class EpochOrder:
+    """Indices 0..n-1 in a fresh random order each epoch, handed out ``take(k)`` at a
+    time (a batch may run into the next epoch). ``rng`` (a NumPy Generator, maybe
+    shared with its owner) draws the orders; ``state_dict()`` (JSON-ready: the
+    generator's state, the epoch, the index in it, and the generator's state the
+    epoch's order was drawn from) resumes the exact sequence."""
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        self.n, self.rng = n, rng
+        self.epoch, self.index, self._order, self._epoch_state = 0, 0, None, None
+
+    def take(self, k: int) -> np.ndarray:
+        picks = []
+        while len(picks) < k:
+            if self._order is None or self.index >= self.n:
+                if self._order is not None:
+                    self.epoch += 1
+                self._new_epoch()
+            step = min(k - len(picks), self.n - self.index)
+            picks.extend(self._order[self.index:self.index + step])
+            self.index += step
+        return np.asarray(picks, dtype=np.int64)
+
+    def _new_epoch(self) -> None:
+        self._epoch_state = self.rng.bit_generator.state
+        self._order = self.rng.permutation(self.n)
+        self.index = 0
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "epoch": self.epoch, "index": self.index,
+                "epoch_rng": self._epoch_state}
+
+    def load_state_dict(self, state: dict) -> None:
         self.epoch, self._order = int(state["epoch"]), None
         if state.get("epoch_rng") is not None:  # rebuild this epoch's order
             self.rng.bit_generator.state = state["epoch_rng"]
