@@ -6,6 +6,14 @@ from tinylm.hookspecs import hookimpl
 
 @hookimpl
 def register_peft_methods(register):
+    from tinylm.peft.bottleneck import Bottleneck
+    from tinylm.peft.ia3 import IA3
     from tinylm.peft.lora import LoRA
+    from tinylm.peft.prefix import PrefixTuning
+    from tinylm.peft.prompt import PromptTuning
 
     register("lora", LoRA)
+    register("ia3", IA3)
+    register("bottleneck", Bottleneck)
+    register("prompt_tuning", PromptTuning)
+    register("prefix_tuning", PrefixTuning)
