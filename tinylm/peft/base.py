@@ -175,7 +175,8 @@ class AdapterSet(Module):
 
 
 def install(host: Module, adapter: Adapter) -> None:
-    """Attach ``adapter`` to ``host`` (creating the host's ``peft`` child)."""
+    """Attach ``adapter`` to ``host`` (creating the host's ``peft`` child), in the host's
+    train / eval mode."""
     adapters = host._modules.get(PEFT_CHILD)
     if adapters is None:
         if PEFT_CHILD in host.__dict__ or PEFT_CHILD in host._parameters:
@@ -189,6 +190,7 @@ def install(host: Module, adapter: Adapter) -> None:
     if adapter.name in adapters._modules:
         raise TinyLMError(f"{type(host).__name__} has an adapter {adapter.name!r} already")
     adapters._modules[adapter.name] = adapter  # not setattr: any name is safe as a key
+    adapters.train(host.training)  # a model in eval mode gets adapters in eval mode
 
 
 def adapter_sets(model) -> list:
