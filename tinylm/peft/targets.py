@@ -182,7 +182,8 @@ def resolve(model, target_modules, *, kinds=("linear",), exclude_modules=None) -
                           f"({', '.join(t.hf_name for t in slices[both[0]].values())}); "
                           f"name it one way")
     if not whole and not slices:
-        raise TinyLMError(f"target_modules {target_modules!r} matches no "
+        shown = target_modules if isinstance(target_modules, str) else list(target_modules)
+        raise TinyLMError(f"target_modules {shown!r} matches no "
                           f"{'/'.join(kinds)} module; tinylm names: "
                           f"{_abbreviate(candidates)}; HF names: {_abbreviate(hf) or 'none'}")
     out = []
