@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
+
 from tinylm.autograd import is_grad_enabled
 from tinylm.backend import get_array_module
 from tinylm.errors import DeviceError
@@ -52,30 +54,39 @@ class Function:
         tensors = _as_tensors(inputs)
         arrays = [t.data for t in tensors]
         xp = get_array_module(*arrays)
-        if xp.__name__ != "numpy" and any(get_array_module(a) is not xp for a in arrays):
+        if xp is not np and any(get_array_module(a) is not xp for a in arrays):
             raise DeviceError(
                 f"{cls.__name__}: inputs live on different devices; move them with .to(device)"
             )
+        # grad mode first: under no_grad (decoding) the inputs are not even looked at
         record = (
             cls.differentiable and is_grad_enabled() and any(t.requires_grad for t in tensors)
         )
         fn.needs_grad = record
         outputs = fn.forward(xp, *arrays)
-        multiple = isinstance(outputs, tuple)
-        if not multiple:
-            outputs = (outputs,)
+        if not isinstance(outputs, tuple):
+            result = Tensor(outputs, requires_grad=record)
+            if record:
+                fn._connect(xp, tensors, (result,))
+            return result
         results = tuple(Tensor(o, requires_grad=record) for o in outputs)
         if record:
-            fn.xp = xp
-            fn.inputs = tensors
-            fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
-            fn.n_outputs = len(results)
-            fn.output_meta = tuple((o.shape, o.dtype) for o in outputs)
-            fn.output_refs = tuple(weakref.ref(r) for r in results)
-            for i, r in enumerate(results):
-                r.creator = fn
-                r.output_index = i
-        return results if multiple else results[0]
+            fn._connect(xp, tensors, results)
+        return results
+
+    def _connect(self, xp, tensors, results) -> None:
+        """Record this call in the graph: the inputs it read, what backward needs to
+        know about the outputs, and itself as the outputs' creator (the outputs hold
+        the Function; it holds only weak references back)."""
+        self.xp = xp
+        self.inputs = tensors
+        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        self.n_outputs = len(results)
+        self.output_meta = tuple((r.shape, r.dtype) for r in results)
+        self.output_refs = tuple(weakref.ref(r) for r in results)
+        for i, r in enumerate(results):
+            r.creator = self
+            r.output_index = i
 
     def release(self) -> None:
         """Drop inputs and saved arrays once backward has used them."""
@@ -86,7 +97,13 @@ class Function:
         return f"<{type(self).__name__}>"
 
 
-def _as_tensors(inputs) -> list:
+def _as_tensors(inputs):
+    """The inputs as Tensors (as they are when they all are: the common case)."""
+    for x in inputs:
+        if not isinstance(x, Tensor):
+            break
+    else:
+        return inputs
     ref = next((x for x in inputs if isinstance(x, Tensor)), None)
     out = []
     for x in inputs:

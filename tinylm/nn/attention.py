@@ -258,8 +258,9 @@ class MultiHeadAttention(Module):
             k, v = project() if cache is None else cache.static(self, project)
             mask, is_causal, slopes = setup.memory_mask, False, None
         else:
-            q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], axis=-1)
-            q, k, v = self._heads(q, nh), self._heads(k, nkv), self._heads(v, nkv)  # (B, n, T, hs)
+            # the fused projection's features are the q heads, then k's, then v's
+            heads = self._heads(self.qkv(x), nh + 2 * nkv)  # (B, nh + 2 nkv, T, hs)
+            q, k, v = heads.split([nh, nkv, nkv], axis=1)  # (B, n, T, hs)
             if setup.rotate is not None:
                 q, k = setup.rotate(q), setup.rotate(k)
             if cache is not None:

@@ -73,6 +73,12 @@ class Attention(Function):
     """softmax(q @ k^T * scale + mask) @ v as one node, for a constant mask: ``bias``
     (additive, broadcastable to (B, H, T, S)) and/or ``keep`` (boolean, True = keep).
 
+    Grouped-query attention without copying k and v: the ``rep = H / Hkv`` query heads
+    that share a kv head are stacked as the rows of one product, q as (B, Hkv, rep*T,
+    hs) @ k^T (B, Hkv, hs, S), and the masks are read as (B, Hkv|1, rep|1, T, S), as
+    the tiled op does. Backward's products then sum dK and dV over the group by
+    themselves.
+
     Backward, with P the probabilities and dY the output gradient:
     dV = P^T dY, dP = dY V^T, dS = P * (dP - rowsum(dP * P)) * scale, dQ = dS K,
     dK = dS^T Q. Masked entries have P = 0, so they get no gradient; a row with every
@@ -80,27 +86,44 @@ class Attention(Function):
     """
 
     def forward(self, xp, q, k, v):
-        att = q @ k.swapaxes(-1, -2)  # (B, H, T, S), fresh: the rest is in place
+        B, H, T, hs = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        self.q_shape = q.shape
+        q = q.reshape(B, Hkv, H // Hkv * T, hs)  # the heads of a group stacked as rows
+        att = q @ k.swapaxes(-1, -2)  # (B, Hkv, rep*T, S), fresh: the rest is in place
         att = att.astype(_score_dtype(att.dtype), copy=False)  # half -> float32 softmax
         att *= self.scale
+        grouped = att.reshape(att.shape[0], Hkv, H // Hkv, T, S)  # a view of att
         if self.bias is not None:
-            att += self.bias
+            grouped += _by_group(self.bias, H, Hkv)
         if self.keep is not None:
-            xp.copyto(att, -xp.inf, where=~self.keep)
+            xp.copyto(grouped, -xp.inf, where=~_by_group(self.keep, H, Hkv))
         softmax_array(att, out=att)  # in place; a row that sees no key gets p = 0
         self.q, self.k, self.v, self.p = q, k, v, att
-        return att.astype(v.dtype, copy=False) @ v  # (B, H, T, hs), in v's dtype
+        y = att.astype(v.dtype, copy=False) @ v  # (B, Hkv, rep*T, hs_v), in v's dtype
+        return y.reshape(y.shape[0], H, T, v.shape[-1])  # (B, H, T, hs of v)
 
     def backward(self, xp, grad):
         q, k, v, p = self.q, self.k, self.v, self.p
+        grad = grad.reshape(p.shape[:3] + grad.shape[-1:])  # (B, Hkv, rep*T, hs_v)
         gv = p.swapaxes(-1, -2) @ grad if self.needs_input_grad[2] else None
-        ds = (grad @ v.swapaxes(-1, -2)).astype(p.dtype, copy=False)  # dP (B, H, T, S)
+        ds = (grad @ v.swapaxes(-1, -2)).astype(p.dtype, copy=False)  # dP (B, Hkv, rep*T, S)
         ds -= last_axis_sum(xp, ds * p)
         ds *= p
         ds *= self.scale
-        gq = ds @ k if self.needs_input_grad[0] else None
+        gq = (ds @ k).reshape(ds.shape[0], *self.q_shape[1:]) if self.needs_input_grad[0] \
+            else None
         gk = ds.swapaxes(-1, -2) @ q if self.needs_input_grad[1] else None
         return gq, gk, gv
+
+
+def _by_group(m, H: int, Hkv: int):
+    """A mask broadcastable to (B, H, T, S) as one broadcastable to (B, Hkv, rep, T, S)
+    (a view): a per-head axis splits into (Hkv, rep), a shared one gets a second 1."""
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)  # (Bm, Hm, Tm, Sm)
+    if m.shape[1] == H:
+        return m.reshape(m.shape[0], Hkv, H // Hkv, *m.shape[2:])
+    return m[:, :, None]  # (Bm, 1, 1, Tm, Sm)
 
 
 def repeat_kv(x, n_rep: int):
@@ -160,10 +183,10 @@ def scaled_dot_product_attention(
         return tiled_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
                                alibi_slopes=alibi_slopes)  # (B, H, T, hs)
     H = q.shape[1]
-    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     alibi = _alibi(q.xp, alibi_slopes, H, T, S, _score_dtype(q.dtype))  # (H, T, S) or None
     if learned_mask or dropping:
+        k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
         return _composed_attention(q, k, v, mask, is_causal, scale, alibi,
                                    dropout_p if dropping else 0.0)
     return _fused_attention(q, k, v, mask, is_causal, scale, alibi)
@@ -198,7 +221,7 @@ def _alibi(xp, alibi_slopes, H: int, T: int, S: int, dtype):
 
 def _fused_attention(q, k, v, mask, is_causal, scale, alibi):
     """One ``Attention`` node: every mask part is a constant, folded into one bias and
-    one keep mask. k, v already have H heads."""
+    one keep mask. k, v have H or fewer (grouped) heads."""
     xp, T, S, dtype = q.xp, q.shape[2], k.shape[2], _score_dtype(q.dtype)
     bias = causal_bias(xp, T, S, dtype) if is_causal else None
     if alibi is not None:
