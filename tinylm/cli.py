@@ -125,3 +125,5 @@ cli.add_command(generate_command)
 cli.add_command(plot_command)
 from tinylm.commands.quantize import quantize_command  # noqa: E402
 cli.add_command(quantize_command)
+from tinylm.commands.finetune import finetune_command  # noqa: E402
+cli.add_command(finetune_command)

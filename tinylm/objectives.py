@@ -9,6 +9,8 @@
     span-corruption  encoder-decoder (T5)     15% of the tokens, in spans of mean length
                                               3, are replaced by sentinels in the input;
                                               the target spells out the dropped spans
+    sft              decoder                  whole examples (tinylm.instruct); only the
+                                              completion / assistant tokens are predicted
 
 An objective is registered through the ``register_objectives`` hook (these four by
 ``tinylm.default_plugins.objectives``), so a plugin adds one the same way. Every
@@ -70,6 +72,7 @@ class Objective:
     name = ""
     kinds: tuple = ("decoder",)  # the model kinds this objective trains
     options: dict = {}  # option name -> default
+    examples = False  # True: trains on whole examples (tinylm.instruct), not token windows
 
     def __init__(self, tokenizer=None, **options):
         unknown = sorted(set(options) - set(self.options))
@@ -390,7 +393,34 @@ def _spans_to_sentinels(windows, mask, sentinels):
     return tokens[keep].reshape(B, -1)  # row-major: each row's tokens in order
 
 
-BUILTIN = {cls.name: cls for cls in (CausalLM, PrefixLM, MaskedLM, SpanCorruption)}
+# --------------------------------------------------------------------------- SFT
+
+
+class SFT(Objective):
+    """Supervised fine-tuning on whole examples (``tinylm.instruct``, ``tinylm
+    finetune``): the batch arrives built by the example batcher, ``ids`` (B, T) and
+    ``targets`` (B, T) with IGNORE on the prompt tokens (TRL's completion-only and
+    assistant-only masks) and the padding, and ``positions`` (B, T) for packed rows
+    (each example's positions start at 0). The loss is the mean cross-entropy over
+    the trained targets, so a prompt token's logits get exactly zero gradient."""
+
+    name = "sft"
+    kinds = ("decoder",)
+    examples = True
+
+    def make_batch(self, rows, rng) -> dict:
+        if not isinstance(rows, dict) or "targets" not in rows:
+            raise ObjectiveError("objective 'sft' trains on instruction examples (prompt + "
+                                 "completion, chat messages): use `tinylm finetune --data "
+                                 "FILE.jsonl`, not a stream of text windows")
+        return rows
+
+    def loss(self, model, batch):
+        return model(batch["ids"], targets=batch["targets"],
+                     positions=batch.get("positions")).loss
+
+
+BUILTIN = {cls.name: cls for cls in (CausalLM, PrefixLM, MaskedLM, SpanCorruption, SFT)}
 
 DEFAULT_FOR_KIND = {"decoder": "causal-lm", "encoder": "masked-lm",
                     "encoder-decoder": "span-corruption"}

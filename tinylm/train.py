@@ -42,6 +42,7 @@ from tinylm.config_files import field_type_problems, non_finite_problems, toml_m
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key, make_dirs
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
 from tinylm.errors import ConfigError, TinyLMError
+from tinylm.instruct import ExampleBatcher, ExampleData, in_order
 from tinylm.models import build_model, config_from_dict
 from tinylm.objectives import DEFAULT_FOR_KIND, EOT, model_kind
 from tinylm.optim import (
@@ -461,17 +462,26 @@ class Trainer:
     The parts are built from the config unless the caller hands them in (fine-tuning
     hands in a pretrained or PEFT-wrapped model): ``model`` (frozen parameters stay
     frozen; a resumed run loads the checkpoint's weights into it), ``tokenizer``,
-    ``data`` (a ``TokenData`` or a 1-D array of token ids) and ``objective`` (an
+    ``data`` (a ``TokenData``, a 1-D array of token ids, or the examples of a
+    fine-tuning run: ``tinylm.instruct.ExampleData``, batched whole, padded or packed,
+    and evaluated in one pass over its validation examples) and ``objective`` (an
     ``Objective``). ``log``: where messages go (default: nowhere); ``progress``: a
     tqdm bar on stderr. ``resume``: "auto" (resume if there is a checkpoint), True
     (there must be one) or False (there must be none); ``overwrite``: start over,
-    removing the files a run writes (``tinylm.rundir``)."""
+    removing the files a run writes (``tinylm.rundir``). ``weights``: what a
+    checkpoint's model file holds: "all" of the state dict, or only the "trainable"
+    parameters (a PEFT run: the adapters; the caller rebuilds the frozen base before
+    resuming, from what it keeps in ``extra_state``, a JSON-ready dict saved with every
+    checkpoint's trainer state under "extra")."""
 
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, data=None,
                  objective=None, log=None, progress: bool = False, resume="auto",
-                 overwrite: bool = False):
+                 overwrite: bool = False, weights: str = "all", extra_state=None):
+        if weights not in ("all", "trainable"):
+            raise ConfigError(f"weights must be 'all' or 'trainable', got {weights!r}")
         self.config = config
         self.model, self.tokenizer, self.data, self.objective = model, tokenizer, data, objective
+        self.weights, self.extra_state = weights, extra_state
         self.log = log or (lambda msg: None)
         self.progress = progress
         self.resume, self.overwrite = resume, overwrite
@@ -520,13 +530,16 @@ class Trainer:
             self._check_resumable(state)
         self.metrics = MetricsLog(os.path.join(run.path, METRICS_FILE))
         model_config = self._build_parts(run)
+        if getattr(self.objective, "examples", False) != self.examples:
+            raise ConfigError(
+                f"objective {self.objective_name!r} trains on instruction examples: use "
+                f"`tinylm finetune --data FILE.jsonl`" if self.examples is False else
+                f"instruction examples train with objective 'sft', not {self.objective_name!r}")
         self.train_tokens, self.val_tokens = self.data.split(cfg.val_fraction)
         self.window = self.objective.window_length(cfg.block_size)
-        self.batcher = Batcher(self.train_tokens, self.window, cfg.batch_size, cfg.sampling,
-                               seed=[cfg.seed, 1], split="train")
-        if cfg.val_fraction > 0:  # fail now, not at the first evaluation
-            Batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling,
-                    seed=[cfg.seed, 3], split="validation")
+        self.batcher = self._batcher(self.train_tokens, [cfg.seed, 1], "train")
+        if self.has_validation:  # fail now, not at the first evaluation
+            self._batcher(self.val_tokens, [cfg.seed, 3], "validation")
         self.objective_rng = np.random.default_rng([cfg.seed, 2])
         backend.seed(cfg.seed)
         if self.model is None:
@@ -573,9 +586,27 @@ class Trainer:
             self.log(f"data: {len(self.data):,} tokens in "
                      f"{self.data.manifest['n_documents']:,} document(s) from "
                      f"{_describe(files)}{' (cached)' if self.data.reused else ''}")
-        elif not isinstance(self.data, TokenData):
+        elif not isinstance(self.data, (TokenData, ExampleData)):
             self.data = TokenData.from_ids(self.data)
         return model_config
+
+    @property
+    def examples(self) -> bool:
+        """Whether the run trains on whole examples (fine-tuning) or on token windows."""
+        return isinstance(self.data, ExampleData)
+
+    @property
+    def has_validation(self) -> bool:
+        if self.examples and self.data.validation is not None:
+            return True
+        return self.config.val_fraction > 0
+
+    def _batcher(self, part, seed, split: str):
+        """The sampler of ``part`` of the data: windows of a token stream, or examples."""
+        cfg = self.config
+        if self.examples:
+            return ExampleBatcher(part, cfg.batch_size, self.data.pad_id, seed=seed, split=split)
+        return Batcher(part, self.window, cfg.batch_size, cfg.sampling, seed=seed, split=split)
 
     def _check_resumable(self, state: dict) -> None:
         saved = TrainConfig.from_dict(state["config"])
@@ -600,12 +631,32 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "best_val_loss": self.best_val,
             "last_eval_step": self.last_eval_step,
+            "weights": self.weights,
+            **({"extra": self.extra_state} if self.extra_state is not None else {}),
         }
+
+    def _weights(self) -> dict:
+        """What the checkpoint's model file holds (``weights``)."""
+        if self.weights == "all":
+            return self.model.state_dict()
+        return {n: p.data for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _restore(self, run: Run) -> None:
         """Load the checkpoint ``run`` verified: weights, optimizer, positions, RNGs."""
         state = run.state
-        self.model.load_state_dict(checkpoint.load_file(os.path.join(run.path, MODEL_FILE)))
+        weights = checkpoint.load_file(os.path.join(run.path, MODEL_FILE))
+        if state.get("weights", "all") != self.weights:
+            raise ConfigError(f"{run.path} holds a checkpoint of {state.get('weights', 'all')} "
+                              f"the weights, this run saves {self.weights}; resume it the way "
+                              f"it was trained, or pass --overwrite")
+        if self.weights == "trainable":
+            want = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if set(weights) != want:
+                raise ConfigError(f"the checkpoint in {run.path} holds other trainable "
+                                  f"parameters than this model has (e.g. "
+                                  f"{sorted(set(weights) ^ want)[0]}); resume with the same "
+                                  f"model and adapter settings, or pass --overwrite")
+        self.model.load_state_dict(weights, strict=self.weights == "all")
         arrays = checkpoint.load_file(os.path.join(run.path, OPTIMIZER_FILE))
         self.optimizer.load_state_dict(unflatten_state_dict(arrays, state["optimizer"]))
         self.step = int(state["step"])
@@ -680,15 +731,19 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over ``eval_iters`` batches, the same ones every time."""
         cfg = self.config
-        batcher = Batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling,
-                          seed=[cfg.seed, 3], split="validation")
+        if self.examples:  # every validation example once
+            rows = in_order(self.val_tokens, cfg.batch_size, self.data.pad_id)
+        else:
+            batcher = Batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling,
+                              seed=[cfg.seed, 3], split="validation")
+            rows = (batcher.next() for _ in range(cfg.eval_iters))
         rng = np.random.default_rng([cfg.seed, 4])
         total = weight = 0.0
         self.model.eval()
         try:
             with no_grad(), amp.autocast("float16", enabled=cfg.half):
-                for _ in range(cfg.eval_iters):
-                    batch = self.objective.make_batch(batcher.next(), rng)
+                for row in rows:
+                    batch = self.objective.make_batch(row, rng)
                     n = self.objective.n_targets(batch)
                     total += float(self.objective.loss(self.model, batch).item()) * n
                     weight += n
@@ -704,9 +759,14 @@ class Trainer:
         n = self.config.sample_tokens if n_tokens is None else n_tokens
         if n <= 0 or model_kind(self.model) != "decoder":
             return None
-        eot = self.tokenizer.token_to_id(EOT)
-        documents = self.data.manifest.get("n_documents", 1)
-        prompt = [eot] if eot is not None and documents > 1 else [int(self.train_tokens[0])]
+        if self.examples:  # the first validation (else training) example's prompt
+            prompt = self.data.sample_prompt(self.val_tokens if len(self.val_tokens)
+                                             else self.train_tokens)
+            eot = self.data.formatting.eos_id
+        else:
+            eot = self.tokenizer.token_to_id(EOT)
+            documents = self.data.manifest.get("n_documents", 1)
+            prompt = [eot] if eot is not None and documents > 1 else [int(self.train_tokens[0])]
         ids = sample(self.model, prompt, n, temperature=self.config.temperature, top_k=200,
                      eos_id=eot, rng=np.random.default_rng([self.config.seed, 5]))
         return self.tokenizer.decode(prompt + list(ids), skip_special_tokens=True)
@@ -715,7 +775,7 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.config.out_dir, self.model, self.optimizer, self.tokenizer,
-                        self._state())
+                        self._state(), weights=self._weights())
         self.last_saved_step = self.step
 
     # ------------------------------------------------------------------ the loop
@@ -772,7 +832,7 @@ class Trainer:
                 bar.close()
             self._restore_signals(previous)
         if not interrupted and self.step >= cfg.max_steps:
-            if self.last_eval_step != self.step and cfg.val_fraction > 0:
+            if self.last_eval_step != self.step and self.has_validation:
                 val = self._evaluate_and_report(self.log)
             if self.last_saved_step != self.step:
                 self.save()
@@ -798,7 +858,7 @@ class Trainer:
                      f"grad norm {norm:.3g}, {rate:,.0f} tokens/s")
 
     def _evaluate_and_report(self, say) -> float | None:
-        if self.config.val_fraction <= 0:
+        if not self.has_validation:
             return None
         val = self.evaluate()
         self.last_eval_step = self.step

@@ -34,19 +34,27 @@ from tinylm.sampling import SamplingConfig
 
 @dataclass(frozen=True)
 class ModelSource:
-    """--model, --device, --half, --dequantize: where the model is and how it runs."""
+    """--model, --device, --half, --dequantize, --adapter: where the model is, how it
+    runs, and the fine-tuned adapter put on it."""
 
     path: str
     device: str = "cpu"
     half: bool = False
     dequantize: bool | None = None
+    adapter: str | None = None
 
     def load(self, path=None):
-        """(model, tokenizer) of ``path`` (default: --model) on the device."""
+        """(model, tokenizer) of ``path`` (default: --model, with --adapter on it) on
+        the device."""
         from tinylm.loading import load_model
 
-        return load_model(self.path if path is None else path, self.device,
-                          dequantize=self.dequantize)
+        model, tokenizer = load_model(self.path if path is None else path, self.device,
+                                      dequantize=self.dequantize)
+        if path is None and self.adapter is not None:
+            from tinylm.finetune import attach_adapter
+
+            model = attach_adapter(model, self.adapter).eval()
+        return model, tokenizer
 
     def precision(self):
         """The context the model runs in: float16 matrix products with --half."""
@@ -55,11 +63,11 @@ class ModelSource:
         return amp.autocast("float16", enabled=self.half)
 
 
-def _model_source(model_dir, device, half, dequantize) -> ModelSource:
+def _model_source(model_dir, device, half, dequantize, adapter_dir) -> ModelSource:
     if half and device != "cuda":
         raise click.UsageError("--half needs --device cuda (float16 matrix products are "
                                "for the GPU; on the CPU they would only be slower)")
-    return ModelSource(model_dir, device, half, dequantize or None)
+    return ModelSource(model_dir, device, half, dequantize or None, adapter_dir)
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,10 @@ model_options = option_group(
     click.option("--dequantize", is_flag=True,
                  help="A quantized model (.gguf, tinylm quantize folder) with float32 "
                       "weights: faster, 4-8x the memory [default: packed weights on the "
-                      "CPU]."))
+                      "CPU]."),
+    click.option("--adapter", "adapter_dir", default=None, metavar="DIR",
+                 help="A fine-tuned adapter to put on --model: the --out folder of `tinylm "
+                      "finetune --peft ...` or a PEFT adapter folder."))
 
 prompt_options = option_group(
     "prompt", _prompt,

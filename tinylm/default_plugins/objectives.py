@@ -6,9 +6,10 @@ from tinylm.hookspecs import hookimpl
 
 @hookimpl
 def register_objectives(register):
-    from tinylm.objectives import CausalLM, MaskedLM, PrefixLM, SpanCorruption
+    from tinylm.objectives import SFT, CausalLM, MaskedLM, PrefixLM, SpanCorruption
 
     register("causal-lm", CausalLM)
     register("prefix-lm", PrefixLM)
     register("masked-lm", MaskedLM)
     register("span-corruption", SpanCorruption)
+    register("sft", SFT)
