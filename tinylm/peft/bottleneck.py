@@ -27,8 +27,9 @@ import re
 import numpy as np
 
 from tinylm import nn, ops
-from tinylm.errors import TinyLMError
+from tinylm.errors import ConfigError, TinyLMError
 from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install
+from tinylm.peft.lora import _cast
 from tinylm.peft.targets import candidate_modules
 
 PLACEMENTS = ("attn", "mlp")
@@ -66,7 +67,7 @@ class BottleneckConfig(PeftConfig):
             object.__setattr__(self, "layers_to_transform", tuple(layers))
         problems = _problems(self)
         if problems:
-            raise TinyLMError("invalid BottleneckConfig: " + "; ".join(problems))
+            raise ConfigError("invalid BottleneckConfig: " + "; ".join(problems))
 
 
 def _is_int(v) -> bool:
@@ -95,12 +96,13 @@ def _problems(c: BottleneckConfig) -> list:
     return problems
 
 
-def float_like(host):
-    """(dtype, device) for an adapter of ``host``: its first floating parameter's (a
-    quantized layer's float bias or a norm), else float32 on the CPU."""
-    for p in host.parameters():
+def adapter_dtype(module):
+    """(dtype, device) for an adapter on (or in) ``module``: float64 when its first
+    floating parameter is, else float32 (as LoRA's weights: PEFT's
+    autocast_adapter_dtype), on that parameter's device (CPU when it has none)."""
+    for p in module.parameters():
         if p.dtype.kind == "f":
-            return p.dtype, p.device
+            return np.dtype(np.float64 if p.dtype == np.float64 else np.float32), p.device
     return np.dtype(np.float32), "cpu"
 
 
@@ -123,8 +125,9 @@ class BottleneckAdapter(Adapter):
 
     def adapt(self, h):
         """(B, T, d) -> (B, T, d)."""
-        delta = self.up(self.act(self.down(self.drop(h))))  # (B, T, d)
-        return h + (delta if self.scaling == 1.0 else delta * self.scaling)
+        x = _cast(h, self.down.weight.dtype)
+        delta = self.up(self.act(self.down(self.drop(x))))  # (B, T, d)
+        return h + _cast(delta if self.scaling == 1.0 else delta * self.scaling, h.dtype)
 
     def after(self, host, args, kwargs, y):
         if isinstance(y, tuple):  # a MoE's (y, aux)
@@ -156,7 +159,7 @@ class Bottleneck(PeftMethod):
             d_model = block.config.d_model
             for part in config.placement:
                 host = getattr(block, part)
-                dtype, device = float_like(host)
+                dtype, device = adapter_dtype(host)
                 install(host, BottleneckAdapter(adapter_name, d_model, config, dtype, device))
                 hosts.append(f"{block_name}.{part}")
         return hosts

@@ -33,10 +33,11 @@ import numpy as np
 
 from tinylm import backend, nn, ops
 from tinylm.autograd import no_grad
-from tinylm.errors import TinyLMError
+from tinylm.errors import ConfigError, TinyLMError
 from tinylm.nn.attention import KVCache
 from tinylm.nn.module import Parameter
 from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install
+from tinylm.peft.bottleneck import adapter_dtype
 from tinylm.peft.prompt import VIRTUAL, bind, cache_state, decoder_stack, shift_inputs
 
 INIT_WEIGHTS = (None, "zero")
@@ -69,7 +70,7 @@ class PrefixTuningConfig(PeftConfig):
         if self.init_weights not in INIT_WEIGHTS:
             problems.append(f"init_weights must be None or 'zero', got {self.init_weights!r}")
         if problems:
-            raise TinyLMError("invalid PrefixTuningConfig: " + "; ".join(problems))
+            raise ConfigError("invalid PrefixTuningConfig: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------- the cache
@@ -185,11 +186,7 @@ class PrefixTuning(PeftMethod):
     def attach(self, model, config: PrefixTuningConfig, adapter_name: str) -> list:
         stack = decoder_stack(model, "prefix tuning")
         attn = stack.blocks[0].attn
-        dtype, device = np.dtype(np.float32), "cpu"
-        for p in stack.parameters():
-            if p.dtype.kind == "f":
-                dtype, device = p.dtype, p.device
-                break
+        dtype, device = adapter_dtype(stack)
         install(stack, PrefixAdapter(adapter_name, config, len(stack.blocks), attn.n_kv_head,
                                      attn.head_dim, dtype, device))
         return ["transformer"]

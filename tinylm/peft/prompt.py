@@ -40,7 +40,7 @@ import inspect
 import numpy as np
 
 from tinylm import backend, ops
-from tinylm.errors import TinyLMError
+from tinylm.errors import ConfigError, TinyLMError
 from tinylm.nn.module import Parameter
 from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install
 from tinylm.tensor import Tensor
@@ -141,7 +141,7 @@ class PromptTuningConfig(PeftConfig):
             problems.append("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and "
                             "tokenizer_name_or_path")
         if problems:
-            raise TinyLMError("invalid PromptTuningConfig: " + "; ".join(problems))
+            raise ConfigError("invalid PromptTuningConfig: " + "; ".join(problems))
 
 
 def init_text_ids(text: str, tokenizer, P: int) -> list:
@@ -185,7 +185,7 @@ def initial_prompt(config: PromptTuningConfig, model):
                               f"{vocab} embeddings; use the model's own tokenizer")
     with no_grad():
         rows = model.tok_emb(model.as_ids(ids[None]))[0]  # (P | 1, d)
-    dtype = rows.dtype if rows.dtype.kind == "f" else np.dtype(np.float32)
+    dtype = np.dtype(np.float64 if rows.dtype == np.float64 else np.float32)  # as LoRA's
     if config.prompt_tuning_init == "RANDOM":  # torch's Embedding init, as PEFT
         return gen.standard_normal((P, rows.shape[-1])).astype(np.float32), dtype, rows.device
     return backend.to_numpy(rows.data).astype(np.float32), dtype, rows.device
