@@ -147,10 +147,11 @@ def test_sliced_pieces_are_the_formula_on_their_rows():
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("float64", 1e-12)])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_unmerge_restores_exactly_and_merged_logits_match(dtype, tol, use_dora):
+@pytest.mark.parametrize("where", ["all-linear", ("q_proj", "v_proj", "down_proj")])
+def test_merge_unmerge_restores_exactly_and_merged_logits_match(dtype, tol, use_dora, where):
     model, x = llama(dtype), ids()
-    peft.apply(model, "lora", target_modules="all-linear", init_lora_weights=False,
-               use_dora=use_dora)
+    peft.apply(model, "lora", target_modules=where, init_lora_weights=False,
+               use_dora=use_dora, rank_pattern={"v_proj": 3})
     if use_dora:  # magnitudes away from the norms, so that DoRA's rescaling shows
         rng = np.random.default_rng(7)
         for n, p in model.named_parameters():

@@ -35,8 +35,9 @@ def _pair(scheme, **options):
     q = quantize(llama(), scheme, skip=["lm_head"])
     f = dequantize_model(quantize(llama(), scheme, skip=["lm_head"]))
     for m in (q, f):
-        peft.apply(m, "lora", r=4, target_modules="all-linear", init_lora_weights=False,
-                   **options)
+        peft.apply(m, "lora", r=4, init_lora_weights=False, rank_pattern={"v_proj": 2},
+                   target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                   **options)  # row pieces of the fused qkv and whole hosts
     fp = dict(f.named_parameters())
     for n, p in q.named_parameters():
         if ".peft." in n:
@@ -50,7 +51,9 @@ def test_qlora_grads_on_lora_only_and_equal_to_the_dequantized_base(scheme, use_
     q, f = _pair(scheme, use_dora=use_dora)
     hosts = [m for _, m, _ in peft.adapter_sets(q)]
     assert hosts and all(isinstance(h, QuantLinear) for h in hosts)
-    assert all(a.lora_A.dtype == np.float32 or a.pieces for _, _, a in peft.iter_adapters(q))
+    pieces = [p for _, _, a in peft.iter_adapters(q) for p in a.pieces]
+    assert {p.holder.lora_A.dtype for p in pieces} == {np.dtype(np.float32)}
+    assert sum(p.rows is not None for p in pieces) == 4  # q and v of two layers
     x, targets = ids(), ids(seed=1)
     outs = []
     for m in (q, f):
