@@ -103,6 +103,25 @@ def test_only_adapter_parameters_get_gradients(method):
     assert report.trainable == sum(p.size for _, p in peft_params(model)) > 0
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_methods_on_a_quantized_base(method):
+    """A Q8_0 Llama (QuantLinear hosts): the adapters train, the packed base does not."""
+    from tinylm.quant.layers import QuantLinear
+    from tinylm.quant.model import quantize
+
+    model = quantize(llama("float32", d_model=32, d_ff=64), "q8_0")
+    assert isinstance(model.transformer.blocks[0].attn.qkv, QuantLinear)
+    name = "prefix_tuning" if method == "prefix_projection" else method
+    peft.apply(model, name, **METHODS[method])
+    x = ids()
+    model(x, targets=np.roll(x, -1, axis=1)).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {n for n, _ in peft_params(model)} != set()
+    if method == "ia3":
+        with pytest.raises(TinyLMError, match="quantized"):
+            peft.merge(model)
+
+
 # --------------------------------------------------------------------------- IA3
 
 
@@ -334,8 +353,8 @@ def test_generate_with_virtual_tokens_is_greedy_full_recompute(method):
 def test_prefix_cache_keeps_gradients_and_crops():
     model = applied("gpt2", "prefix_tuning", num_virtual_tokens=2)
     adapter = model.transformer.peft.default
-    cache = PrefixCache(adapter.layer_prefixes(model.transformer, 2), 2)
-    setattr(cache, "peft_virtual_tokens", ("default", 2))
+    cache = adapter.new_cache(model.transformer, 2)
+    assert isinstance(cache, PrefixCache)
     x = ids(T=4)
     out = model(x[:, :3], cache=cache)
     out.logits.sum().backward()

@@ -155,6 +155,14 @@ class PrefixAdapter(Adapter):
             out[id(block.attn)] = (k, v)
         return out
 
+    def new_cache(self, stack, batch: int) -> PrefixCache:
+        """A PrefixCache for ``batch`` rows that keeps what it is given: decoding step by
+        step with the prefixes in the graph (a plain KVCache holds them as constants)."""
+        cache = PrefixCache(self.layer_prefixes(stack, batch), self.num_virtual_tokens,
+                            self.embedding.xp)
+        setattr(cache, VIRTUAL, (self.name, self.num_virtual_tokens))
+        return cache
+
     def before(self, host, args, kwargs):
         a = bind(host, args, kwargs)
         x, P, cache = a["x"], self.num_virtual_tokens, a["cache"]
