@@ -266,7 +266,7 @@ class Examples:
         """The items at ``index`` as one right-padded batch: ``ids`` (B, T) = each
         item's tokens but its last, ``targets`` (B, T) = its labels but the first
         (IGNORE on the padding), T = the longest item - 1; ``positions`` (B, T) for
-        packed rows."""
+        packed rows; ``n_tokens``: how many of the ids are not padding."""
         index = np.asarray(index, dtype=np.int64)
         starts, lengths = self.offsets[index], self.lengths[index]  # (B,)
         T = max(int(lengths.max()) - 1, 1)
@@ -274,7 +274,8 @@ class Examples:
         real = j[None, :] < (lengths[:, None] - 1)  # (B, T)
         src = np.where(real, starts[:, None] + j, 0)  # (B, T)
         batch = {"ids": np.where(real, self.tokens[src], pad_id),
-                 "targets": np.where(real, self.labels[np.where(real, src + 1, 0)], IGNORE)}
+                 "targets": np.where(real, self.labels[np.where(real, src + 1, 0)], IGNORE),
+                 "n_tokens": int(real.sum())}
         if self.packed:
             batch["positions"] = np.where(real, self.positions[src], j)
         return batch

@@ -803,12 +803,15 @@ class Trainer:
                        file=sys.stderr, desc="train", smoothing=0.1)
         say = (lambda msg: bar.write(msg, file=sys.stderr)) if bar is not None else self.log
         previous = self._install_signals()
-        self._clock = {"start": time.perf_counter(), "busy": 0.0, "steps": 0}
+        self._clock = {"start": time.perf_counter(), "busy": 0.0, "steps": 0, "tokens": 0}
         last_loss, interrupted, val = None, False, None
         try:
             while self.step < cfg.max_steps and not self._stop_requested:
                 t0 = time.perf_counter()
-                loss, norm = self.train_step(self.next_batches())
+                batches = self.next_batches()
+                if self.examples:  # whole examples: count the tokens fed, padding left out
+                    self._clock["tokens"] += sum(b["n_tokens"] for b in batches)
+                loss, norm = self.train_step(batches)
                 self._clock["busy"] += time.perf_counter() - t0
                 self._clock["steps"] += 1
                 self.step += 1
@@ -844,9 +847,10 @@ class Trainer:
     def _log_step(self, loss: float, norm: float, bar) -> None:
         """A metrics record (and a line, without a progress bar) for this step."""
         cfg, clock = self.config, self._clock
-        tokens = clock["steps"] * cfg.batch_size * cfg.block_size * cfg.grad_accum
+        tokens = (clock["tokens"] if self.examples
+                  else clock["steps"] * cfg.batch_size * cfg.block_size * cfg.grad_accum)
         rate = tokens / max(clock["busy"], 1e-9)
-        clock["busy"], clock["steps"] = 0.0, 0
+        clock["busy"], clock["steps"], clock["tokens"] = 0.0, 0, 0
         lr = cfg.lr_at(self.step - 1)
         self.metrics.append({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                              "tokens_per_s": round(rate, 1),
