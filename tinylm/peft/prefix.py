@@ -22,7 +22,9 @@ so later steps find them there. The P prefix positions come first: the real toke
 sit at positions P.. (RoPE rotates them there; the prefix keys, stored as they are,
 are not rotated: PEFT's behaviour), an ``attention_mask`` over the real tokens gets P
 ones in front, given ``positions`` and ``prefix_length`` grow by P. Logits are the
-real tokens' only (B, T, V).
+real tokens' only (B, T, V). To decode with the prefixes in the graph, start from
+``adapter.new_cache(model.transformer, batch)``. As with prompt tuning, the prefix
+positions count against ``max_positions`` and speculative decoding does not take them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 from tinylm import backend, nn, ops
 from tinylm.autograd import no_grad
-from tinylm.errors import ConfigError, TinyLMError
+from tinylm.errors import ConfigError
 from tinylm.nn.attention import KVCache
 from tinylm.nn.module import Parameter
 from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install

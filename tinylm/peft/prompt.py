@@ -24,8 +24,11 @@ virtual tokens are never padding); ``prefix_length`` grows by P.
 
 KV cache: the virtual tokens go in on the first forward only, when the cache is empty;
 the cache is marked (``VIRTUAL``) so later steps, whose masks and positions count real
-tokens only, are shifted by P too. ``tinylm.generate`` works unchanged (its sliding
-window and speculative decoding count cached positions: the virtual ones count).
+tokens only, are shifted by P too; a cache filled without this adapter is refused.
+``tinylm.generate`` and beam search work unchanged. Limits: the P virtual positions
+count against ``max_positions`` (a learned-position model generates up to
+max_positions - P tokens of context), and speculative decoding, which reads the
+cache's length as its count of real tokens, does not take virtual tokens.
 
 Init (``prompt_tuning_init``, as PEFT's ``PromptTuningInit``): "RANDOM" N(0, 1) (torch's
 Embedding init, as PEFT), "SAMPLE_VOCAB" rows of the token embedding at random ids,
