@@ -109,6 +109,8 @@ def _shortest_names(chosen, universe, rule=matches) -> list:
     depth = max(n.count(".") + 1 for n in chosen)
     for k in range(1, depth + 1):
         names = sorted({".".join(n.split(".")[-k:]) for n in chosen})
+        if any(n.partition(".")[0].isdigit() for n in names):
+            continue  # "1.mlp.c_fc" would do, "h.1.mlp.c_fc" reads better
         if {u for u in universe if rule(names, u)} == set(chosen):
             return names
     return sorted(chosen)
@@ -197,7 +199,7 @@ def _export_lora(model, name, config):
                     tensors[key + ".lora_magnitude_vector"] = m if rows is None else m[rows]
                 ranks[hf], alphas[hf] = piece.r, piece.alpha
                 fan_in_fan_out |= bool(piece.fan_in_fan_out)
-    tensors.update(_export_biases(model, name, config))
+    tensors.update(_export_biases(model, name, config, set(ranks)))
     targets = list(ranks)
     fields = {
         "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
@@ -223,9 +225,10 @@ def _pattern_for(pattern: dict, values: dict, default) -> dict:
     return {re.escape(hf): v for hf, v in values.items() if v != default}
 
 
-def _export_biases(model, name, config) -> dict:
-    """The base biases LoRA's ``bias`` option trains, under their HF tensor names
-    (a fused qkv bias split into q/k/v)."""
+def _export_biases(model, name, config, adapted: set) -> dict:
+    """The base biases LoRA's ``bias`` option trains, under their HF tensor names (a
+    fused qkv bias split into q/k/v), as PEFT's state dict has them: an ``adapted``
+    module's under ``base_layer`` (the layer PEFT wraps)."""
     if getattr(config, "bias", "none") == "none":
         return {}
     by_ours: dict = {}
@@ -238,7 +241,9 @@ def _export_biases(model, name, config) -> dict:
         if n not in by_ours:
             raise _NoHF(f"the trained bias {n} has no Hugging Face tensor")
         for hf, rows in by_ours[n]:
-            out[PREFIX + hf] = _numpy(a if rows is None else a[rows])
+            module, _, param = hf.rpartition(".")
+            key = f"{module}.base_layer.{param}" if module in adapted else hf
+            out[PREFIX + key] = _numpy(a if rows is None else a[rows])
     return out
 
 
@@ -302,8 +307,6 @@ def load_adapter(model, path, name: str = "default"):
             raise TinyLMError(f"{path} is a Hugging Face PEFT adapter, but "
                               f"{type(model).__name__} is of no Hugging Face family (gpt2, "
                               f"llama, bert, t5): it has no HF module names to map")
-        tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v
-                   for k, v in tensors.items()}
         config, state = _IMPORTERS[peft_type](model, fields, tensors, name, path)
     _attach_and_fill(model, config, name, state, path)
     return model
@@ -342,18 +345,19 @@ def _attach_and_fill(model, config, name, state: dict, path) -> None:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     attrs = {a: model.__dict__[a] for a in ("peft_config", "active_adapter")
              if a in model.__dict__}
-    peft_base.apply(model, config, adapter_name=name)
+    try:
+        peft_base.apply(model, config, adapter_name=name)
+    except TinyLMError as e:  # apply undoes itself; say which folder it was
+        raise type(e)(f"{path}: {e}") from None
     try:
         want = peft_base.adapter_state_dict(model, name)
-        problems = [f"{k} {tuple(v.shape)} missing" for k, v in want.items() if k not in state]
-        problems += [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
-                     for k, v in want.items() if k in state and state[k].shape != v.shape]
-        problems += [f"{k} unexpected" for k in state if k not in want]
-        if problems:
-            more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
-            raise CheckpointError(f"{path} does not fit this model: "
-                                  f"{'; '.join(problems[:4])}{more}; is it an adapter for "
-                                  f"another base model?")
+        key = lambda k: _strip_adapter_name(k, name)  # noqa: E731  (the file's name)
+        problems = [f"tensor {key(k)} {tuple(v.shape)} is missing" for k, v in want.items()
+                    if k not in state]
+        problems += [_shape_problem(key(k), state[k].shape, v.shape) for k, v in want.items()
+                     if k in state and state[k].shape != v.shape]
+        problems += [f"tensor {key(k)} is not this model's" for k in state if k not in want]
+        _raise_problems(path, problems)
         model.load_state_dict(state, strict=False)
     except BaseException:
         peft_base.delete_adapter(model, name)
@@ -386,26 +390,43 @@ def _unsupported(fields, path, defaults: dict) -> None:
 
 
 def _module_of(key: str, suffixes) -> tuple:
+    """(HF module, which tensor) of a PEFT key (``base_model.model.`` optional)."""
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     for s in suffixes:
         if key.endswith("." + s):
             return key[: -len(s) - 1], s
     return None, None
 
 
-def _tensor_problem(path, key, have, want) -> str:
-    return (f"{path}: tensor {key} has shape {tuple(have)}, this model needs {tuple(want)}; "
-            f"is it an adapter for another base model?")
+def _shape_problem(key, have, want) -> str:
+    return f"tensor {key} has shape {tuple(have)}, this model needs {tuple(want)}"
+
+
+def _raise_problems(path, problems) -> None:
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path}: {'; '.join(problems[:3])}{more}; is it an adapter "
+                              f"for another base model?")
 
 
 def _host_of(model, modules, module, key, path):
+    """(tinylm host name, rows, in_features, out rows) of HF ``module`` (or an error
+    naming the tensor that asks for a module this model lacks)."""
     if module not in modules:
         raise CheckpointError(f"{path}: tensor {key} is for module {module}, which this "
                               f"{family_of(model)} model does not have; is it an adapter for "
                               f"another base model?")
     host_name, rows, _ = modules[module]
-    host = dict(model.named_modules())[host_name]
+    host = _submodule(model, host_name)
     out = host.out_features if rows is None else rows.stop - rows.start
     return host_name, rows, host.in_features, out
+
+
+def _submodule(model, name: str):
+    module = model
+    for part in name.split("."):
+        module = module._modules[part]
+    return module
 
 
 _LORA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight",
@@ -431,10 +452,12 @@ def _import_lora(model, fields, tensors, name, path):
     state = {}
     for key, a in tensors.items():
         module, kind = _module_of(key, _LORA_KEYS)
+        local = (key[len(PREFIX):] if key.startswith(PREFIX) else key).replace(
+            ".base_layer.", ".")  # a wrapped layer's own bias
         if module is not None:
             found.setdefault(module, {})[kind.split(".")[0]] = (key, a)
-        elif key in params:  # a base bias that bias="all" / "lora_only" trained
-            ours, rows = params[key]
+        elif local in params:  # a base bias that bias="all" / "lora_only" trained
+            ours, rows = params[local]
             state.setdefault(ours, {})[rows.start if rows else 0] = a
         else:
             raise CheckpointError(f"{path}: tensor {key} is not a LoRA weight tinylm knows "
@@ -442,7 +465,7 @@ def _import_lora(model, fields, tensors, name, path):
                                   f"or a bias of this model)")
     if not found:
         raise CheckpointError(f"{path}: {WEIGHTS} holds no LoRA weights")
-    ranks, alphas, lora = {}, {}, {}
+    ranks, alphas, lora, problems = {}, {}, {}, []
     for module, parts in found.items():
         host_name, rows, inp, out = _host_of(model, modules, module, next(iter(parts.values()))[0],
                                              path)
@@ -456,7 +479,7 @@ def _import_lora(model, fields, tensors, name, path):
                                       f"adapter_config.json asks for it)")
             key, a = parts[kind]
             if tuple(a.shape) != shape:
-                raise CheckpointError(_tensor_problem(path, key, a.shape, shape))
+                problems.append(_shape_problem(key, a.shape, shape))
         extra = set(parts) - set(need)
         if extra:
             raise CheckpointError(f"{path}: {parts[extra.pop()][0]} is there but "
@@ -469,6 +492,7 @@ def _import_lora(model, fields, tensors, name, path):
         lora[where + "lora_B"] = parts["lora_B"][1]
         if use_dora:
             lora[where + "lora_magnitude"] = parts["lora_magnitude_vector"][1]
+    _raise_problems(path, problems)
     state = {ours: np.concatenate([p[k] for k in sorted(p)]) for ours, p in state.items()}
     options = dict(
         r=r0, alpha=alpha0, dropout=fields.get("lora_dropout", 0.0) or 0.0,
@@ -486,5 +510,111 @@ def _config(path, method, options):
         raise TinyLMError(f"{path}: {e}") from None
 
 
-_EXPORTERS = {"lora": _export_lora}
-_IMPORTERS = {"LORA": _import_lora}
+# --------------------------------------------------------------------------- IA3
+
+
+def _ia3_feedforward_rule(names, module) -> bool:
+    """PEFT's ``_check_target_module_feedforward`` for a list: a plain ``endswith``."""
+    return any(module.endswith(n) for n in names)
+
+
+def _export_ia3(model, name, config):
+    """PEFT's IA3Config fields and ``ia3_l`` tensors (already in PEFT's shapes)."""
+    modules = hf_modules(model)
+    by_rows = {(host, rows.start if rows else None): hf for hf, (host, rows, _) in modules.items()}
+    by_host: dict = {}
+    for hf, (host, rows, _) in modules.items():
+        by_host.setdefault(host, []).append((hf, rows))
+    tensors, feedforward, fan_in_fan_out = {}, [], False
+    for host_name, _, adapter in peft_base.iter_adapters(model, name):
+        for rows, holder in adapter.pieces:
+            vec = _numpy(holder.ia3_l.data)  # (rows, 1) or (1, in)
+            if rows is not None:
+                parts = [(by_rows[(host_name, rows.start)], None)]
+            else:
+                parts = _lora_parts(_WholeHost, host_name, by_host)
+                if adapter.feedforward and len(parts) > 1:
+                    raise _NoHF(f"{host_name} scales its input but is several HF modules")
+            for hf, sub in parts:
+                tensors[f"{PREFIX}{hf}.ia3_l"] = vec if sub is None else vec[sub]
+                if adapter.feedforward:
+                    feedforward.append(hf)
+                fan_in_fan_out |= modules[hf][2]
+    targets = [k[len(PREFIX):-len(".ia3_l")] for k in tensors]
+    names = _shortest_names(targets, _universe(modules))
+    ff = [n for n in names if all(t in feedforward for t in targets if matches([n], t))]
+    if {t for t in targets if _ia3_feedforward_rule(ff, t)} != set(feedforward):
+        names, ff = sorted(targets), sorted(feedforward)  # exact names: always right
+    fields = {"peft_type": "IA3", "target_modules": names, "feedforward_modules": ff,
+              "fan_in_fan_out": fan_in_fan_out, "init_ia3_weights": True,
+              "modules_to_save": None, "exclude_modules": None}
+    return fields, tensors
+
+
+class _WholeHost:
+    """A stand-in piece for ``_lora_parts``: the whole host (no rows of its own)."""
+
+    rows = None
+
+
+def _import_ia3(model, fields, tensors, name, path):
+    """(IA3Config, {tinylm name: array}) of a PEFT IA3 folder."""
+    _unsupported(fields, path, {"modules_to_save": (None, [])})
+    modules = hf_modules(model)
+    ff_pattern = fields.get("feedforward_modules") or []
+    state, targets, feedforward, problems = {}, [], [], []
+    for key, a in tensors.items():
+        module, _ = _module_of(key, ("ia3_l",))
+        if module is None:
+            raise CheckpointError(f"{path}: tensor {key} is not an IA3 weight (<module>.ia3_l)")
+        host_name, rows, inp, out = _host_of(model, modules, module, key, path)
+        ff = (re.fullmatch(ff_pattern, module) is not None if isinstance(ff_pattern, str)
+              else _ia3_feedforward_rule(ff_pattern, module))
+        shape = (1, inp) if ff else (out, 1)
+        if tuple(a.shape) != shape:
+            problems.append(_shape_problem(key, a.shape, shape))
+        targets.append(module)
+        if ff:
+            feedforward.append(module)
+        piece = "" if rows is None else module.rpartition(".")[2] + "."
+        state[f"{host_name}.peft.{name}.{piece}ia3_l"] = a
+    if not state:
+        raise CheckpointError(f"{path}: {WEIGHTS} holds no IA3 weights")
+    _raise_problems(path, problems)
+    options = dict(target_modules=targets, feedforward_modules=feedforward)
+    return _config(path, "ia3", options), state
+
+
+# --------------------------------------------------------------------------- prompt tuning
+
+
+def _export_prompt(model, name, config):
+    """PEFT's PromptTuningConfig fields and ``prompt_embeddings`` (P, d)."""
+    (_, _, adapter), = peft_base.iter_adapters(model, name)
+    c = model.config
+    fields = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": config.num_virtual_tokens,
+              "token_dim": c.d_model, "num_transformer_submodules": 1,
+              "num_attention_heads": c.n_head, "num_layers": c.n_layer,
+              "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+              "tokenizer_name_or_path": None, "modules_to_save": None}
+    return fields, {"prompt_embeddings": _numpy(adapter.prompt_embeddings.data)}
+
+
+def _import_prompt(model, fields, tensors, name, path):
+    """(PromptTuningConfig, {tinylm name: array}) of a PEFT PROMPT_TUNING folder."""
+    _unsupported(fields, path, {"num_transformer_submodules": (1, None),
+                                "modules_to_save": (None, [])})
+    if set(tensors) != {"prompt_embeddings"}:
+        raise CheckpointError(f"{path}: a prompt-tuning {WEIGHTS} holds prompt_embeddings "
+                              f"only, found {', '.join(sorted(tensors))}")
+    a = tensors["prompt_embeddings"]
+    P = fields.get("num_virtual_tokens")
+    shape = (P, model.config.d_model)
+    if tuple(a.shape) != shape:
+        _raise_problems(path, [_shape_problem("prompt_embeddings", a.shape, shape)])
+    config = _config(path, "prompt_tuning", {"num_virtual_tokens": P})
+    return config, {f"transformer.peft.{name}.prompt_embeddings": a}
+
+
+_EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prompt_tuning": _export_prompt}
+_IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PROMPT_TUNING": _import_prompt}
