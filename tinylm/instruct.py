@@ -54,6 +54,7 @@ import numpy as np
 from tinylm.data import DataError, EpochOrder, check_regular_file, fingerprint_key
 from tinylm.data import source_fingerprint, tokenizer_sha256
 from tinylm.objectives import IGNORE
+from tinylm.tokenizers.base import TokenizerError
 
 KINDS = ("prompt-completion", "messages", "text")
 
@@ -410,7 +411,10 @@ def read_examples(files, fmt: Formatting) -> tuple:
                 kind = record_kind(record, fmt.text_field)
             except InstructError as e:
                 raise InstructError(f"{where}: {e}") from None
-            ids, labels = tokenize_record(record, fmt, where)
+            try:
+                ids, labels = tokenize_record(record, fmt, where)
+            except TokenizerError as e:
+                raise InstructError(f"{where}: {e}") from None
             ids, labels, was_cut = fit_length(ids, labels, fmt.max_length, where)
             pairs.append((ids, labels))
             cut += was_cut

@@ -97,6 +97,7 @@ def _peft_options(lora_r, lora_alpha, lora_dropout, target, options) -> dict:
               help="Peak learning rate [default: 2e-4; 2e-5 with --full].")
 @click.option("--min-lr", type=finite_float(min=0))
 @click.option("--warmup-steps", type=click.IntRange(min=0))
+@click.option("--lr-decay-steps", type=click.IntRange(min=0), help="[default: max-steps]")
 @click.option("--weight-decay", type=finite_float(min=0))
 @click.option("--grad-clip", type=finite_float(min=0), help="0 turns clipping off.")
 @click.option("--val-fraction", type=finite_float(0, 1, max_open=True),
