@@ -39,6 +39,21 @@ def as_dtype(dtype):
     return np.dtype(dtype)
 
 
+def _as_array(data, dtype, device):
+    """``data`` (a Tensor, an array of either backend, a scalar, nested lists) as an
+    array on ``device`` (default: where it is) of ``dtype`` (default: its own; Python
+    floats become float32, as in torch)."""
+    if isinstance(data, Tensor):
+        data = data.data
+    xp = backend.xp_for(device) if device is not None else backend.get_array_module(data)
+    if dtype is not None:
+        return xp.asarray(data, dtype=as_dtype(dtype))
+    if not hasattr(data, "dtype"):
+        data = xp.asarray(data)
+        return data.astype(np.float32) if data.dtype == np.float64 else data
+    return xp.asarray(data)
+
+
 class Tensor:
     __slots__ = (
         "data",
@@ -52,20 +67,9 @@ class Tensor:
     __array_priority__ = 1000  # numpy_array + tensor -> Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
-        if isinstance(data, Tensor):
-            data = data.data
-        if device is not None:
-            xp = backend.xp_for(device)
-        else:
-            xp = backend.get_array_module(data)
-        if dtype is not None:
-            data = xp.asarray(data, dtype=as_dtype(dtype))
-        elif not hasattr(data, "dtype"):
-            data = xp.asarray(data)
-            if data.dtype == np.float64:  # Python floats default to float32, as in torch
-                data = data.astype(np.float32)
-        else:
-            data = xp.asarray(data)
+        # A NumPy array is kept as it is (every op's output: the fast path)
+        if type(data) is not np.ndarray or dtype is not None or device is not None:
+            data = _as_array(data, dtype, device)
         self.data = data
         self.grad = None
         self.creator = None

@@ -223,7 +223,8 @@ def _fused_attention(q, k, v, mask, is_causal, scale, alibi):
     """One ``Attention`` node: every mask part is a constant, folded into one bias and
     one keep mask. k, v have H or fewer (grouped) heads."""
     xp, T, S, dtype = q.xp, q.shape[2], k.shape[2], _score_dtype(q.dtype)
-    bias = causal_bias(xp, T, S, dtype) if is_causal else None
+    # a single query (a decode step) sits at the last position: causality hides nothing
+    bias = causal_bias(xp, T, S, dtype) if is_causal and T > 1 else None
     if alibi is not None:
         bias = alibi if bias is None else bias + alibi
     keep = None

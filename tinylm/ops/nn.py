@@ -281,7 +281,10 @@ class RMSNorm(Function):
             y, self.mean, self.rstd = fused.norm_forward(
                 x.reshape(-1, x.shape[-1]), w, None, self.eps, center=False)
             return y.reshape(x.shape)
-        self.rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
+        mean_sq = last_axis_sum(xp, x * x)  # (..., 1), then in place: mean + eps, rstd
+        mean_sq *= 1.0 / max(x.shape[-1], 1)
+        mean_sq += self.eps
+        self.rstd = xp.reciprocal(xp.sqrt(mean_sq, out=mean_sq), out=mean_sq)
         self.xhat, self.w = x * self.rstd, w
         return self.xhat * w
 
