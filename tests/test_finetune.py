@@ -143,11 +143,12 @@ def test_full_finetune_writes_a_whole_model(base, data, tmp_path):
     assert run("generate", "-m", out, "-p", "the", "-n", "3").exit_code == 0
 
 
-def test_qlora_trains_on_packed_weights_and_merges_in_float(base, data, tmp_path):
+@pytest.mark.parametrize("name", ["q8", "q8.gguf"])  # a quantized folder, a GGUF file
+def test_qlora_trains_on_packed_weights_and_merges_in_float(base, data, tmp_path, name):
     from tinylm.finetune import attach_adapter, is_quantized
     from tinylm.loading import load_model
 
-    q8 = tmp_path / "q8"
+    q8 = tmp_path / name
     assert run("quantize", base, "--to", "q8_0", "--out", q8).exit_code == 0
     out = tmp_path / "qlora"
     finetune(q8, data, out, "--target", "c_attn", "--max-steps", "3", "--lr", "1e-2",

@@ -100,7 +100,7 @@ def check_resume(spec: FinetuneSpec, state: dict, out_dir: str) -> None:
     base with the same method, adapter options and data options."""
     saved = state.get("extra")
     if not isinstance(saved, dict) or saved.get("kind") != KIND:
-        raise ConfigError(f"{out_dir} holds a `tinylm train` run, not a fine-tune; pick "
+        raise ConfigError(f"{out_dir} holds a run that is not a fine-tune; pick "
                           f"another --out, or pass --overwrite to start over")
     mine = spec.record()
     names = ("base", "method", "peft_options", "dequantize", "chat_template", "packing",

@@ -467,8 +467,8 @@ class ExampleBatcher:
     def __init__(self, examples: Examples, batch_size: int, pad_id: int = 0, seed=0,
                  split: str = "train"):
         if len(examples) == 0:
-            raise InstructError(f"the {split} split has no examples; give more, or "
-                                f"{'raise --val-fraction' if split == 'validation' else 'lower --val-fraction'}")
+            fix = "raise --val-fraction" if split == "validation" else "lower --val-fraction"
+            raise InstructError(f"the {split} split has no examples; give more, or {fix}")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.order = EpochOrder(len(examples), np.random.default_rng(seed))
 
