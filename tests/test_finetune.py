@@ -228,3 +228,26 @@ def test_generate_takes_the_checkpoint_of_a_run_that_wrote_no_adapter_yet(base, 
     result = finetune(base, data, out, "--target", "c_attn", "--max-steps", "3", "--overwrite")
     assert "resuming" not in result.stderr and len(losses(out)) == 3
     assert (out / "adapter_config.json").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_writes_no_adapter_and_the_rerun_finishes(
+        base, data, tmp_path, monkeypatch):
+    from tinylm.train import Trainer
+
+    step = Trainer.train_step
+
+    def ctrl_c_after_two(self, batches):
+        out = step(self, batches)
+        if self.step == 1:  # about to become 2
+            self.request_stop()
+        return out
+
+    out = tmp_path / "lora"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_after_two)
+        result = run("finetune", "-m", base, "--data", data, "--out", out, *FAST,
+                     "--target", "c_attn", "--max-steps", "5")
+    assert result.exit_code == 130 and "interrupted at step 2" in result.stderr
+    assert not (out / "adapter_config.json").exists()
+    result = finetune(base, data, out, "--target", "c_attn", "--max-steps", "5")
+    assert "resuming from step 2" in result.stderr and (out / "adapter_config.json").exists()
