@@ -729,7 +729,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> float:
-        """Mean validation loss over ``eval_iters`` batches, the same ones every time."""
+        """Mean validation loss over ``eval_iters`` batches, the same ones every time
+        (fine-tuning examples: over every validation example, once)."""
         cfg = self.config
         if self.examples:  # every validation example once
             rows = in_order(self.val_tokens, cfg.batch_size, self.data.pad_id)
