@@ -127,3 +127,5 @@ from tinylm.commands.quantize import quantize_command  # noqa: E402
 cli.add_command(quantize_command)
 from tinylm.commands.finetune import finetune_command  # noqa: E402
 cli.add_command(finetune_command)
+from tinylm.commands.align import align_group  # noqa: E402
+cli.add_command(align_group)
