@@ -83,7 +83,10 @@ class Objective:
         for key, default in self.options.items():
             setattr(self, key, options.get(key, default))
         self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.vocab_size if tokenizer is not None else None
+        # the ids it can emit: a GGUF tokenizer's stand-ins for missing bytes (n_vocab on)
+        # never come out of encode
+        self.vocab_size = None if tokenizer is None else \
+            getattr(tokenizer, "n_vocab", tokenizer.vocab_size)
 
     # ------------------------------------------------------------------ fitting
 
