@@ -28,6 +28,8 @@ transformers = pytest.importorskip("transformers")
 import tinylm  # noqa: E402
 from tinylm import checkpoint, peft  # noqa: E402
 from tinylm.errors import TinyLMError  # noqa: E402
+from tinylm.models import LlamaConfig  # noqa: E402
+from tinylm.models.decoder import Decoder  # noqa: E402
 
 IDS = np.random.default_rng(0).integers(0, 50, (2, 7))
 TOL = 1e-5
@@ -65,8 +67,15 @@ def hf_model(folder):
         return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
+def peft_save(model, folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tied lm_head target: PEFT saves the embedding too
+        model.save_pretrained(folder)
+
+
 def hf_logits(model):
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prefix tuning: transformers' past_key_values notice
         return model(torch.tensor(IDS)).logits.numpy()
 
 
@@ -124,7 +133,8 @@ CASES = {
                             alpha_pattern={"k_proj": 3, "down_proj": 11})),
     "gpt2-patterns-bias": ("gpt2", dict(method="LORA", r=2, lora_alpha=4, bias="lora_only",
                                         target_modules=["c_attn", "c_fc"],
-                                        rank_pattern={"c_fc": 5}, alpha_pattern={"h.0.attn.c_attn": 7}),
+                                        rank_pattern={"c_fc": 5},
+                                        alpha_pattern={"h.0.attn.c_attn": 7}),
                            dict(method="lora", r=2, alpha=4, bias="lora_only",
                                 target_modules=["c_attn", "c_fc"],
                                 rank_pattern={"c_fc": 5}, alpha_pattern={"h.0.attn.c_attn": 7})),
@@ -138,6 +148,15 @@ CASES = {
                     dict(method="prompt_tuning", num_virtual_tokens=3)),
     "llama-prompt": ("llama", dict(method="PROMPT_TUNING", num_virtual_tokens=4),
                      dict(method="prompt_tuning", num_virtual_tokens=4)),
+    "gpt2-tied-lm_head": ("gpt2", dict(method="LORA", r=2, lora_alpha=3,
+                                       target_modules=["lm_head", "c_attn"]),
+                          dict(method="lora", r=2, alpha=3, target_modules=["lm_head", "c_attn"])),
+    "gpt2-prefix": ("gpt2", dict(method="PREFIX_TUNING", num_virtual_tokens=3),
+                    dict(method="prefix_tuning", num_virtual_tokens=3)),
+    "llama-prefix-mlp": ("llama", dict(method="PREFIX_TUNING", num_virtual_tokens=3,
+                                       prefix_projection=True, encoder_hidden_size=10),
+                         dict(method="prefix_tuning", num_virtual_tokens=3,
+                              prefix_projection=True, encoder_hidden_size=10)),
 }
 
 
@@ -148,6 +167,8 @@ def peft_config(options):
         return hf_peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **options)
     if method == "IA3":
         return hf_peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False, **options)
+    if method == "PREFIX_TUNING":
+        return hf_peft.PrefixTuningConfig(task_type="CAUSAL_LM", **options)
     return hf_peft.PromptTuningConfig(task_type="CAUSAL_LM", **options)
 
 
@@ -162,7 +183,7 @@ def peft_model(base, options):
 def compare(ours, theirs, options):
     """Prompt tuning: PEFT returns the P virtual positions too; tinylm does not."""
     P = options.get("num_virtual_tokens")
-    if P:
+    if options["method"] == "PROMPT_TUNING":
         assert theirs.shape[1] == ours.shape[1] + P
         theirs = theirs[:, P:]
     assert ours.shape == theirs.shape
@@ -173,7 +194,7 @@ def compare(ours, theirs, options):
 def test_peft_adapter_loads_into_tinylm(bases, tmp_path, case):
     family, theirs, _ = CASES[case]
     pm = peft_model(bases[family], theirs)
-    pm.save_pretrained(tmp_path)
+    peft_save(pm, tmp_path)
     want = hf_logits(pm)
     model = tinylm.load_pretrained(bases[family])
     base_logits = tinylm_logits(model)
@@ -249,13 +270,30 @@ def test_saved_config_is_peft_s(bases, tmp_path):
 # --------------------------------------------------------------------------- tinylm-only
 
 
-@pytest.mark.parametrize("family, method, options", [
+class MiniConfig(LlamaConfig):
+    """A decoder of no Hugging Face family: no HF module names at all."""
+
+    architecture = "mini-llama"
+
+
+def _mini(_bases):
+    tinylm.seed(0)
+    return Decoder(MiniConfig(vocab_size=50, d_model=24, n_layer=2, n_head=4, n_kv_head=2,
+                              d_ff=40)).eval()
+
+
+@pytest.mark.parametrize("build, method, options", [
     ("gpt2", "bottleneck", {}),
-    ("llama", "prefix_tuning", {"num_virtual_tokens": 3, "prefix_projection": True,
-                                "encoder_hidden_size": 10}),
-])
-def test_tinylm_only_adapter_round_trips(bases, tmp_path, family, method, options):
-    model = tinylm.load_pretrained(bases[family])
+    ("llama", "bottleneck", {"bottleneck_size": 5}),
+    (_mini, "prefix_tuning", {"num_virtual_tokens": 3, "prefix_projection": True,
+                              "encoder_hidden_size": 10}),
+    (_mini, "lora", {"r": 2, "target_modules": ["qkv", "mlp.down"], "use_dora": True}),
+], ids=["gpt2-bottleneck", "llama-bottleneck", "mini-prefix", "mini-dora"])
+def test_tinylm_only_adapter_round_trips(bases, tmp_path, build, method, options):
+    def make():
+        return tinylm.load_pretrained(bases[build]) if isinstance(build, str) else build(bases)
+
+    model = make()
     peft.apply(model, method, adapter_name="mine", **options)
     randomize_tinylm(model)
     assert peft.save_adapter(model, tmp_path) == "tinylm"
@@ -265,7 +303,7 @@ def test_tinylm_only_adapter_round_trips(bases, tmp_path, family, method, option
     assert keys and all(".mine." not in k for k in keys)
     with pytest.raises(Exception):  # Hugging Face PEFT has no such peft_type
         hf_peft.PeftConfig.from_pretrained(str(tmp_path))
-    again = tinylm.load_pretrained(bases[family])
+    again = make()
     peft.load_adapter(again, tmp_path, name="other")
     assert peft.adapter_names(again) == ["other"]
     np.testing.assert_array_equal(tinylm_logits(again), tinylm_logits(model))
@@ -290,7 +328,7 @@ def one_line_error(excinfo, *parts):
 
 def test_adapter_for_another_base_names_the_tensor_and_both_shapes(bases, tmp_path):
     pm = peft_model(bases["llama"], CASES["llama-lora"][1])
-    pm.save_pretrained(tmp_path)
+    peft_save(pm, tmp_path)
     other = tinylm.load_pretrained(_other_llama(tmp_path / "other"))
     before = tinylm_logits(other)
     with pytest.raises(TinyLMError) as e:
@@ -312,7 +350,7 @@ def _other_llama(folder):
 
 def test_adapter_for_another_architecture(bases, tmp_path):
     pm = peft_model(bases["gpt2"], CASES["gpt2-lora"][1])
-    pm.save_pretrained(tmp_path)
+    peft_save(pm, tmp_path)
     model = tinylm.load_pretrained(bases["llama"])
     before = tinylm_logits(model)
     with pytest.raises(TinyLMError) as e:
@@ -323,7 +361,7 @@ def test_adapter_for_another_architecture(bases, tmp_path):
 
 def test_prompt_for_another_width(bases, tmp_path):
     pm = peft_model(bases["llama"], CASES["llama-prompt"][1])
-    pm.save_pretrained(tmp_path)
+    peft_save(pm, tmp_path)
     other = tinylm.load_pretrained(_other_llama(tmp_path / "other"))
     with pytest.raises(TinyLMError) as e:
         peft.load_adapter(other, tmp_path)
@@ -359,7 +397,7 @@ def test_bad_folders(bases, tmp_path):
 def test_config_and_tensors_that_disagree(bases, tmp_path):
     """A rank the config does not say, an option tinylm lacks, DoRA without magnitudes."""
     pm = peft_model(bases["llama"], CASES["llama-lora"][1])
-    pm.save_pretrained(tmp_path)
+    peft_save(pm, tmp_path)
     model = tinylm.load_pretrained(bases["llama"])
     before = tinylm_logits(model)
     file = tmp_path / "adapter_config.json"
@@ -397,7 +435,7 @@ def test_second_adapter_beside_the_first(bases, tmp_path):
     """load_adapter with a new name adds beside an existing adapter (PEFT's
     load_adapter); a taken name is refused before anything is read."""
     pm = peft_model(bases["gpt2"], CASES["gpt2-ia3"][1])
-    pm.save_pretrained(tmp_path)
+    peft_save(pm, tmp_path)
     model = tinylm.load_pretrained(bases["gpt2"])
     peft.apply(model, "lora", r=2)
     peft.load_adapter(model, tmp_path, name="ia3")

@@ -1,7 +1,7 @@
 """Hugging Face PEFT adapter folders, both ways: ``save_adapter`` / ``load_adapter``.
 
     peft.save_adapter(model, "out/adapter", base="path/or/hub-id/of/the/base")
-    peft.load_adapter(model, "some/peft/adapter")          # LoRA, DoRA, IA3, prompt tuning
+    peft.load_adapter(model, "some/peft/adapter")    # LoRA, DoRA, IA3, prompt, prefix
 
 A folder holds ``adapter_config.json`` (PEFT's ``PeftConfig`` fields: ``peft_type``,
 ``r``, ``lora_alpha``, ``target_modules`` ...) and ``adapter_model.safetensors``, whose
@@ -12,7 +12,7 @@ with the adapter name dropped,
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight      (rows, r)
     base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   (rows,)  DoRA
     base_model.model.model.layers.0.mlp.down_proj.ia3_l                 (1, in) or (out, 1)
-    prompt_embeddings                                                   (P, d)
+    prompt_embeddings             (P, d) prompt tuning; (P, 2 L kv) prefix tuning
 
 so ``peft.PeftModel.from_pretrained(hf_model, folder)`` loads what tinylm saved and
 tinylm loads what PEFT saved. The module names come from the family's ``Rule`` table
@@ -23,8 +23,8 @@ share A and split B (and DoRA's magnitude) by rows: exactly the same update. GPT
 Conv1D keeps PEFT's LoRA shapes (A (r, in), B (out, r)); only ``fan_in_fan_out`` says
 that HF stores its weight transposed.
 
-An adapter that Hugging Face PEFT cannot express (bottleneck or prefix adapters, a
-model of no HF family, a host with no HF module) is saved in the same folder shape
+An adapter that Hugging Face PEFT cannot express (bottleneck adapters, a model of no
+HF family, a host with no HF module) is saved in the same folder shape
 with tinylm's names (``peft_type`` "TINYLM", the method and its options under
 ``tinylm_method`` / ``tinylm_config``, parameter names without the adapter name):
 tinylm loads it back, PEFT refuses it.
@@ -73,22 +73,34 @@ def hf_modules(model) -> dict:
 
 
 def _hf_params(model) -> dict:
-    """{HF tensor name: (tinylm parameter name, rows slice | None)} of the biases (what
-    LoRA's ``bias`` option trains): "copy" rules whole, "concat" rules by rows."""
+    """{HF tensor name: (tinylm parameter name, rows slice | None, transposed)} of every
+    base parameter: "concat" rules by rows, "transpose" (GPT-2's Conv1D) transposed; a
+    tied ``lm_head.weight`` is the embedding."""
     from tinylm.models.hf import HF_FAMILIES
 
     family = family_of(model)
     out = {}
     if family is None:
         return out
-    for rule in HF_FAMILIES[family].rules(model.config):
+    rules = HF_FAMILIES[family].rules(model.config)
+    for rule in rules:
         if rule.op == "concat":
             starts = np.cumsum((0,) + tuple(rule.sizes))
             for name, a, b in zip(rule.theirs, starts[:-1], starts[1:]):
-                out[name] = (rule.ours, slice(int(a), int(b)))
-        elif rule.op == "copy":
-            out[rule.theirs[0]] = (rule.ours, None)
+                out[name] = (rule.ours, slice(int(a), int(b)), False)
+        else:
+            out[rule.theirs[0]] = (rule.ours, None, rule.op == "transpose")
+    if "lm_head.weight" not in out and hasattr(model, "lm_head"):
+        out["lm_head.weight"] = ("lm_head.weight", None, False)
     return out
+
+
+def _base_value(model, entry) -> np.ndarray:
+    """The HF layout of one base parameter (``entry`` from ``_hf_params``)."""
+    ours, rows, transposed = entry
+    a = _numpy(model.state_dict()[ours])  # a tied weight under each of its names
+    a = a if rows is None else a[rows]
+    return a.T if transposed else a
 
 
 def _universe(modules: dict) -> set:
@@ -232,7 +244,7 @@ def _export_biases(model, name, config, adapted: set) -> dict:
     if getattr(config, "bias", "none") == "none":
         return {}
     by_ours: dict = {}
-    for hf, (ours, rows) in _hf_params(model).items():
+    for hf, (ours, rows, _) in _hf_params(model).items():
         by_ours.setdefault(ours, []).append((hf, rows))
     out = {}
     for n, a in peft_base.adapter_state_dict(model, name).items():
@@ -289,7 +301,8 @@ def load_adapter(model, path, name: str = "default"):
     """Attach the adapter of the PEFT folder ``path`` to ``model`` as adapter ``name``
     (the method and options from adapter_config.json, the weights from
     adapter_model.safetensors) and return the model. Reads LoRA (rsLoRA, DoRA,
-    rank_pattern / alpha_pattern, bias), IA3, prompt tuning and tinylm's own folders.
+    rank_pattern / alpha_pattern, bias), IA3, prompt and prefix tuning, and tinylm's
+    own folders.
     Everything is checked first; on any error the model is left as it was."""
     path = os.fspath(path)
     peft_base._check_new_name(model, name)
@@ -440,35 +453,49 @@ _LORA_OPTIONS = {  # PEFT options and the values tinylm computes the same for
 }
 
 
-def _import_lora(model, fields, tensors, name, path):
-    """(LoraConfig, {tinylm name: array}) of a PEFT LORA folder."""
-    from tinylm.peft.lora import pattern_value
-
-    _unsupported(fields, path, _LORA_OPTIONS)
-    modules, params = hf_modules(model), _hf_params(model)
-    r0, alpha0 = fields.get("r", 8), fields.get("lora_alpha", 8)
-    use_dora = bool(fields.get("use_dora", False))
-    found: dict = {}  # HF module -> {kind: array}
-    state = {}
+def _sort_lora_tensors(model, tensors, path) -> tuple:
+    """({HF module: {"lora_A" | "lora_B" | "lora_magnitude_vector": (key, array)}},
+    {tinylm bias: {first row: array}}) of a LORA file. Base weights PEFT saves beside
+    a tied or embedding target (``save_embedding_layers``) must be this model's own."""
+    params = _hf_params(model)
+    found, biases = {}, {}
     for key, a in tensors.items():
         module, kind = _module_of(key, _LORA_KEYS)
         local = (key[len(PREFIX):] if key.startswith(PREFIX) else key).replace(
-            ".base_layer.", ".")  # a wrapped layer's own bias
+            ".base_layer.", ".")  # the wrapped layer's own tensor
         if module is not None:
             found.setdefault(module, {})[kind.split(".")[0]] = (key, a)
-        elif local in params:  # a base bias that bias="all" / "lora_only" trained
-            ours, rows = params[local]
-            state.setdefault(ours, {})[rows.start if rows else 0] = a
+        elif local in params and local.endswith("bias"):  # bias="all" / "lora_only"
+            ours, rows, _ = params[local]
+            biases.setdefault(ours, {})[rows.start if rows else 0] = a
+        elif local in params:
+            base = _base_value(model, params[local])
+            if base.shape != a.shape or not np.allclose(a, base, rtol=1e-6, atol=0):
+                raise CheckpointError(f"{path}: tensor {key} holds base weights that differ "
+                                      f"from this model's (a trained or resized embedding?); "
+                                      f"put them into the base model first")
         else:
             raise CheckpointError(f"{path}: tensor {key} is not a LoRA weight tinylm knows "
                                   f"(lora_A/lora_B/lora_magnitude_vector of a linear module, "
                                   f"or a bias of this model)")
     if not found:
         raise CheckpointError(f"{path}: {WEIGHTS} holds no LoRA weights")
+    return found, biases
+
+
+def _import_lora(model, fields, tensors, name, path):
+    """(LoraConfig, {tinylm name: array}) of a PEFT LORA folder."""
+    from tinylm.peft.lora import pattern_value
+
+    _unsupported(fields, path, _LORA_OPTIONS)
+    modules = hf_modules(model)
+    r0, alpha0 = fields.get("r", 8), fields.get("lora_alpha", 8)
+    use_dora = bool(fields.get("use_dora", False))
+    found, state = _sort_lora_tensors(model, tensors, path)
     ranks, alphas, lora, problems = {}, {}, {}, []
     for module, parts in found.items():
-        host_name, rows, inp, out = _host_of(model, modules, module, next(iter(parts.values()))[0],
-                                             path)
+        first_key = next(iter(parts.values()))[0]
+        host_name, rows, inp, out = _host_of(model, modules, module, first_key, path)
         r = pattern_value(fields.get("rank_pattern") or {}, [module], r0)
         need = {"lora_A": (r, inp), "lora_B": (out, r)}
         if use_dora:
@@ -498,8 +525,8 @@ def _import_lora(model, fields, tensors, name, path):
         r=r0, alpha=alpha0, dropout=fields.get("lora_dropout", 0.0) or 0.0,
         target_modules=list(found), use_rslora=bool(fields.get("use_rslora", False)),
         use_dora=use_dora, bias=fields.get("bias", "none"),
-        rank_pattern={re.escape(m): r for m, r in ranks.items()},
-        alpha_pattern={re.escape(m): a for m, a in alphas.items()})
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha0})
     return _config(path, "lora", options), {**state, **lora}
 
 
@@ -616,5 +643,46 @@ def _import_prompt(model, fields, tensors, name, path):
     return config, {f"transformer.peft.{name}.prompt_embeddings": a}
 
 
-_EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prompt_tuning": _export_prompt}
-_IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PROMPT_TUNING": _import_prompt}
+# --------------------------------------------------------------------------- prefix tuning
+
+
+def _export_prefix(model, name, config):
+    """PEFT's PrefixTuningConfig fields and ``prompt_embeddings`` (P, 2 L kv): every
+    layer's key/value prefixes, the reparametrising MLP already applied (what PEFT
+    saves too). kv = n_kv_head x head_dim is PEFT's ``token_dim`` for GQA models."""
+    from tinylm.autograd import no_grad
+
+    (_, _, adapter), = peft_base.iter_adapters(model, name)
+    kv = adapter.n_kv_head * adapter.head_dim
+    with no_grad():
+        table = _numpy(adapter.virtual_kv().data)
+    fields = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": config.num_virtual_tokens,
+              "token_dim": kv, "num_attention_heads": adapter.n_kv_head,
+              "num_layers": adapter.n_layer, "num_transformer_submodules": 1,
+              "prefix_projection": config.prefix_projection,
+              "encoder_hidden_size": config.encoder_hidden_size or kv,
+              "modules_to_save": None}
+    return fields, {"prompt_embeddings": table}
+
+
+def _import_prefix(model, fields, tensors, name, path):
+    """(PrefixTuningConfig, {tinylm name: array}) of a PEFT PREFIX_TUNING folder. The
+    file holds the final (P, 2 L kv) table, so it loads without the MLP
+    (``prefix_projection`` False: the same keys and values)."""
+    _unsupported(fields, path, {"num_transformer_submodules": (1, None),
+                                "modules_to_save": (None, [])})
+    if set(tensors) != {"prompt_embeddings"}:
+        raise CheckpointError(f"{path}: a prefix-tuning {WEIGHTS} holds prompt_embeddings "
+                              f"only, found {', '.join(sorted(tensors))}")
+    c, a = model.config, tensors["prompt_embeddings"]
+    shape = (fields.get("num_virtual_tokens"), 2 * c.n_layer * c.kv_heads * c.head_size)
+    if tuple(a.shape) != shape:
+        _raise_problems(path, [_shape_problem("prompt_embeddings", a.shape, shape)])
+    config = _config(path, "prefix_tuning", {"num_virtual_tokens": shape[0]})
+    return config, {f"transformer.peft.{name}.embedding": a}
+
+
+_EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prompt_tuning": _export_prompt,
+              "prefix_tuning": _export_prefix}
+_IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PROMPT_TUNING": _import_prompt,
+              "PREFIX_TUNING": _import_prefix}
