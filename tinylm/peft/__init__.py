@@ -23,7 +23,4 @@ from tinylm.peft.targets import (  # noqa: F401
     Target, default_feedforward, default_targets, hf_module_names, resolve,
 )
 
-import importlib.util as _util
-
-if _util.find_spec("tinylm.peft.hf") is not None:  # the HF PEFT folder format (peft-hf)
-    from tinylm.peft.hf import load_adapter, save_adapter  # noqa: F401
+from tinylm.peft.hf import load_adapter, save_adapter  # noqa: F401  (HF PEFT folders)
