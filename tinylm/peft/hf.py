@@ -302,8 +302,8 @@ def load_adapter(model, path, name: str = "default"):
     (the method and options from adapter_config.json, the weights from
     adapter_model.safetensors) and return the model. Reads LoRA (rsLoRA, DoRA,
     rank_pattern / alpha_pattern, bias), IA3, prompt and prefix tuning, and tinylm's
-    own folders.
-    Everything is checked first; on any error the model is left as it was."""
+    own folders. Everything is checked first; on any error the model is left as it
+    was. Every non-adapter parameter is frozen (``peft.apply``), as PEFT does."""
     path = os.fspath(path)
     peft_base._check_new_name(model, name)
     fields = _read_config(path)
@@ -389,7 +389,7 @@ def _import_tinylm(model, fields, tensors, name, path):
     if not isinstance(method, str) or not isinstance(options, dict):
         raise CheckpointError(f"{path}: a TINYLM adapter_config.json needs 'tinylm_method' "
                               f"(a name) and 'tinylm_config' (an object)")
-    config = peft_base.config_for(method, **options)
+    config = _config(path, method, options)
     return config, {_put_adapter_name(k, name): v for k, v in tensors.items()}
 
 
