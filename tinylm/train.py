@@ -14,6 +14,12 @@ a decoder writes a sample. A NaN or infinite loss stops the run with a message; 
 last checkpoint, written before it, stays as it was. Every setting is checked when
 the TrainConfig is made, and the model's memory before it is allocated.
 
+The metrics hook: an objective's ``loss()`` may set ``self.metrics = {name: float}``
+(DPO's ``rewards/margins`` ...); the Trainer averages them over a step's micro-batches,
+weighted as the losses, into that step's metrics.jsonl record (and the progress bar:
+the names in the objective's ``progress_metrics``, else the first two), and over the
+validation batches into the evaluation's record, named with TRL's ``eval_`` prefix.
+
 The run folder (its files, the checkpoint set, the lock) is ``tinylm.rundir``'s.
 Resuming restores the weights, AdamW's state, the step, the data sampler's position,
 the objective's and the backend's random generators and the loss scaler: a run
@@ -451,6 +457,31 @@ def auto_threads(model, device: str = "cpu") -> int | None:
     return 1 if small and backend.normalize_device(device) == "cpu" else None
 
 
+# --------------------------------------------------------------------------- the metrics hook
+
+EVAL_PREFIX = "eval_"  # an objective's metric measured on the validation data (TRL's prefix)
+
+
+class MetricsMean:
+    """The weighted mean of the metrics an objective reports batch by batch (the
+    metrics hook: ``objective.metrics``, a dict {name: float} its ``loss()`` sets).
+    Each name is averaged over the batches that reported it, with the weights the
+    losses get (a step: each micro-batch's share of the predicted tokens; evaluation:
+    the tokens), so accumulating 2 x 4 reports what one batch of 8 would."""
+
+    def __init__(self):
+        self.sums, self.weights = {}, {}
+
+    def add(self, metrics, weight: float) -> None:
+        for name, value in (metrics or {}).items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def mean(self) -> dict:
+        return {n: self.sums[n] / self.weights[n] if self.weights[n] else self.sums[n]
+                for n in self.sums}
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -486,6 +517,7 @@ class Trainer:
         self.progress = progress
         self.resume, self.overwrite = resume, overwrite
         self.step = 0
+        self.step_metrics, self.eval_metrics = {}, {}  # the objective's (the metrics hook)
         self.best_val = None
         self.last_saved_step = None
         self.last_eval_step = None
@@ -688,18 +720,21 @@ class Trainer:
         counts = [max(self.objective.n_targets(b), 1) for b in batches]
         total_count = sum(counts)
         total = 0.0
+        metrics = MetricsMean()
         opt.zero_grad()
         for batch, count in zip(batches, counts):
             with amp.autocast("float16", enabled=cfg.half):
-                loss = self.objective.loss(model, batch)
+                loss = self._loss(model, batch)
             value = float(loss.item())
             if not math.isfinite(value):
                 raise self._diverged("loss", value)
             weight = count / total_count
+            metrics.add(self.objective.metrics, weight)
             if weight != 1.0:
                 loss = loss * weight
             self.scaler.scale(loss).backward()
             total += value * weight
+        self.step_metrics = metrics.mean()
         params = [p for p in model.parameters() if p.requires_grad]
         finite = self.scaler.unscale(params)
         norm = float("nan")
@@ -714,6 +749,13 @@ class Trainer:
         self.scaler.update(finite)  # (half: an overflowing step is skipped, scale halved)
         opt.zero_grad()
         return total, norm
+
+    def _loss(self, model, batch):
+        """The objective's loss on ``batch``; what it puts in ``self.metrics`` during
+        the call (the metrics hook) is read by the caller, never left from a previous
+        batch."""
+        self.objective.metrics = {}
+        return self.objective.loss(model, batch)
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         saved = (f"the last good checkpoint (step {self.last_saved_step}) is in "
@@ -740,16 +782,19 @@ class Trainer:
             rows = (batcher.next() for _ in range(cfg.eval_iters))
         rng = np.random.default_rng([cfg.seed, 4])
         total = weight = 0.0
+        metrics = MetricsMean()
         self.model.eval()
         try:
             with no_grad(), amp.autocast("float16", enabled=cfg.half):
                 for row in rows:
                     batch = self.objective.make_batch(row, rng)
                     n = self.objective.n_targets(batch)
-                    total += float(self.objective.loss(self.model, batch).item()) * n
+                    total += float(self._loss(self.model, batch).item()) * n
+                    metrics.add(self.objective.metrics, n)
                     weight += n
         finally:
             self.model.train()
+        self.eval_metrics = metrics.mean()
         return total / max(weight, 1)
 
     def sample_text(self, n_tokens: int | None = None) -> str | None:
@@ -854,13 +899,20 @@ class Trainer:
         clock["busy"], clock["steps"], clock["tokens"] = 0.0, 0, 0
         lr = cfg.lr_at(self.step - 1)
         self.metrics.append({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                             "tokens_per_s": round(rate, 1),
+                             **self.step_metrics, "tokens_per_s": round(rate, 1),
                              "elapsed_s": round(time.perf_counter() - clock["start"], 3)})
+        shown = self._shown_metrics(self.step_metrics)
         if bar is not None:
-            bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tok/s", refresh=False)
+            bar.set_postfix_str(f"loss {loss:.4f}{shown}, {rate:,.0f} tok/s", refresh=False)
         else:
-            self.log(f"step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.3g}, "
+            self.log(f"step {self.step}/{cfg.max_steps}: loss {loss:.4f}{shown}, lr {lr:.3g}, "
                      f"grad norm {norm:.3g}, {rate:,.0f} tokens/s")
+
+    def _shown_metrics(self, values: dict) -> str:
+        """", name value" for the objective's metrics worth a place on the progress bar:
+        those it lists in ``progress_metrics``, else the first two it reported."""
+        names = getattr(self.objective, "progress_metrics", None) or list(values)[:2]
+        return "".join(f", {n} {values[n]:.4g}" for n in names if n in values)
 
     def _evaluate_and_report(self, say) -> float | None:
         if not self.has_validation:
@@ -870,8 +922,10 @@ class Trainer:
         if self.best_val is None or val < self.best_val:
             self.best_val = val
         ppl = math.exp(min(val, 50.0))
-        self.metrics.append({"step": self.step, "val_loss": val, "val_ppl": ppl})
-        say(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+        self.metrics.append({"step": self.step, "val_loss": val, "val_ppl": ppl,
+                             **{EVAL_PREFIX + k: v for k, v in self.eval_metrics.items()}})
+        say(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}"
+            f"{self._shown_metrics(self.eval_metrics)}")
         text = self.sample_text()
         if text is not None:
             say("-" * 20 + " sample " + "-" * 20 + "\n" + text.strip("\n") + "\n" + "-" * 48)
