@@ -20,10 +20,11 @@ pointing at the base), OUT/merged with --merge, or with --full a whole model.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 import click
 
-from tinylm.commands.options import finite_float
+from tinylm.commands.options import finite_float, option_group
 
 
 def _parse_value(text: str):
@@ -53,101 +54,188 @@ def _peft_options(lora_r, lora_alpha, lora_dropout, target, options) -> dict:
     return out
 
 
-@click.command(name="finetune")
-@click.option("-m", "--model", "base", required=True,
-              help="The pretrained model: a `tinylm train` run folder, a Hugging Face "
-                   "folder, a .gguf file or a `tinylm quantize` folder.")
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
-              help="JSONL training records (repeat for several files).")
-@click.option("--eval-data", multiple=True, type=click.Path(exists=True),
-              help="JSONL validation records [default: --val-fraction of --data].")
-@click.option("-o", "--out", "out_dir", required=True,
-              help="Run folder: checkpoints, metrics, the adapter or model.")
-@click.option("--peft", "method", default=None, metavar="METHOD",
-              help="A PEFT method (lora, or a plugin's) [default: lora].")
-@click.option("--full", is_flag=True, help="Train every weight instead of an adapter.")
-@click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [default: 8].")
-@click.option("--lora-alpha", type=finite_float(), help="LoRA alpha [default: 8].")
-@click.option("--lora-dropout", type=finite_float(0, 1, max_open=True),
-              help="LoRA dropout [default: 0].")
-@click.option("--target", metavar="NAMES",
-              help="Modules to adapt, comma-separated, in tinylm's or Hugging Face's names "
-                   "(qkv, q_proj,v_proj, c_attn ...; all-linear) [default: PEFT's for the "
-                   "family].")
-@click.option("--peft-option", "peft_option", multiple=True, metavar="KEY=VALUE",
-              help="Any other option of the method, e.g. use_rslora=true, bias=all.")
-@click.option("--merge", is_flag=True,
-              help="Also write OUT/merged: the model with the adapter folded in.")
-@click.option("--dequantize", is_flag=True,
-              help="Load a quantized model with float32 weights [default: packed: QLoRA].")
-@click.option("--chat-template", default=None, metavar="NAME|FILE",
-              help="How 'messages' records are rendered: plain, chatml or a JSON file "
-                   "[default: the model's, else plain].")
-@click.option("--packing/--no-packing", default=False, show_default=True,
-              help="Pack several examples into each row of --block-size tokens.")
-@click.option("--block-size", type=click.IntRange(min=2),
-              help="Longest example in tokens (longer ones are cut) [default: 1024 or the "
-                   "model's context].")
-@click.option("--epochs", type=finite_float(min=0, min_open=True),
-              help="Passes over the training examples [default: 1].")
-@click.option("--max-steps", type=click.IntRange(min=0), help="Steps (instead of --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="[default: 4]")
-@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step.")
-@click.option("--lr", type=finite_float(min=0, min_open=True),
-              help="Peak learning rate [default: 2e-4; 2e-5 with --full].")
-@click.option("--min-lr", type=finite_float(min=0))
-@click.option("--warmup-steps", type=click.IntRange(min=0))
-@click.option("--lr-decay-steps", type=click.IntRange(min=0), help="[default: max-steps]")
-@click.option("--weight-decay", type=finite_float(min=0))
-@click.option("--grad-clip", type=finite_float(min=0), help="0 turns clipping off.")
-@click.option("--val-fraction", type=finite_float(0, 1, max_open=True),
-              help="Share of --data held out for validation [default: 0.1].")
-@click.option("--eval-every", type=click.IntRange(min=1), help="[default: 100]")
-@click.option("--log-every", type=click.IntRange(min=1))
-@click.option("--checkpoint-every", type=click.IntRange(min=1), help="[default: eval-every]")
-@click.option("--sample-tokens", type=click.IntRange(min=0),
-              help="At each evaluation, continue the first validation prompt this far.")
-@click.option("--text-field", help="The field of plain-text records [default: text].")
-@click.option("--seed", type=click.IntRange(min=0))
-@click.option("--device", type=click.Choice(["cpu", "cuda"]))
-@click.option("--half/--no-half", default=None, help="float16 matmuls (needs --device cuda).")
-@click.option("--threads", type=click.IntRange(min=0), help="BLAS threads on the CPU.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT has a checkpoint.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def finetune_command(base, data, eval_data, out_dir, method, full, lora_r, lora_alpha,
-                     lora_dropout, target, peft_option, merge, dequantize, chat_template,
-                     packing, epochs, overwrite, progress, **settings):
-    """Fine-tune --model on instruction data (JSONL) into OUT.
+# --------------------------------------------------------------------------- shared options
+# `tinylm finetune` and the `tinylm align` subcommands take the same model / PEFT options
+# (``model_options``: one ModelChoice) and training options (``run_options(...)``: one
+# RunOptions), so a new one touches this file only.
 
-    Prints the trainable and total parameters and an estimate of the peak memory
-    before training, then a progress bar (or, with --no-progress, log lines). Run it
-    again to resume; Ctrl-C or SIGTERM saves a checkpoint and stops.
-    """
-    from tinylm.finetune import FULL, FinetuneSpec, run
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the model options say: the base, the PEFT method ("full" with --full) and
+    its options, and how to load and write it."""
+
+    base: str
+    method: str
+    peft_options: dict = field(default_factory=dict)
+    merge: bool = False
+    dequantize: bool = False
+    chat_template: str | None = None
+
+    def spec(self, **data_options):
+        """The ``tinylm.finetune.FinetuneSpec`` (``data_options``: packing, eval_data)."""
+        from tinylm.finetune import FinetuneSpec
+
+        return FinetuneSpec(self.base, self.method, self.peft_options,
+                            dequantize=self.dequantize, chat_template=self.chat_template,
+                            **data_options)
+
+
+def _model_choice(base, method, full, lora_r, lora_alpha, lora_dropout, target, peft_option,
+                  merge, dequantize, chat_template) -> ModelChoice:
+    from tinylm.finetune import FULL
 
     if full and (method is not None or merge):
         raise click.UsageError("--full trains every weight: leave out --peft and --merge")
     options = _peft_options(lora_r, lora_alpha, lora_dropout, target, peft_option)
     if full and options:
         raise click.UsageError("--lora-*, --target and --peft-option go with --peft, not --full")
+    return ModelChoice(base, FULL if full else (method or "lora"), options, merge=merge,
+                       dequantize=dequantize, chat_template=chat_template)
+
+
+model_options = option_group(
+    "model", _model_choice,
+    click.option("-m", "--model", "base", required=True,
+                 help="The pretrained model: a `tinylm train` run folder, a Hugging Face "
+                      "folder, a .gguf file or a `tinylm quantize` folder."),
+    click.option("--peft", "method", default=None, metavar="METHOD",
+                 help="A PEFT method (lora, or a plugin's) [default: lora]."),
+    click.option("--full", is_flag=True, help="Train every weight instead of an adapter."),
+    click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [default: 8]."),
+    click.option("--lora-alpha", type=finite_float(), help="LoRA alpha [default: 8]."),
+    click.option("--lora-dropout", type=finite_float(0, 1, max_open=True),
+                 help="LoRA dropout [default: 0]."),
+    click.option("--target", metavar="NAMES",
+                 help="Modules to adapt, comma-separated, in tinylm's or Hugging Face's names "
+                      "(qkv, q_proj,v_proj, c_attn ...; all-linear) [default: PEFT's for the "
+                      "family]."),
+    click.option("--peft-option", "peft_option", multiple=True, metavar="KEY=VALUE",
+                 help="Any other option of the method, e.g. use_rslora=true, bias=all."),
+    click.option("--merge", is_flag=True,
+                 help="Also write OUT/merged: the model with the adapter folded in."),
+    click.option("--dequantize", is_flag=True,
+                 help="Load a quantized model with float32 weights [default: packed: QLoRA]."),
+    click.option("--chat-template", default=None, metavar="NAME|FILE",
+                 help="How 'messages' records are rendered: plain, chatml or a JSON file "
+                      "[default: the model's, else plain]."),
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the training options say: ``settings`` (the TrainConfig fields given, out_dir
+    among them), ``epochs`` (None: not given), ``overwrite`` and ``progress``."""
+
+    settings: dict
+    epochs: float | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _run_options(out_dir, epochs, overwrite, progress, **settings) -> RunOptions:
     if epochs is not None and settings.get("max_steps") is not None:
         raise click.UsageError("give --epochs or --max-steps, not both")
-    spec = FinetuneSpec(base, FULL if full else (method or "lora"), options,
-                        dequantize=dequantize, chat_template=chat_template, packing=packing,
-                        eval_data=tuple(eval_data))
     given = {k: v for k, v in settings.items() if v is not None}
-    given.update(out_dir=out_dir, data=list(data))
-    result = run(spec, given, epochs=epochs, overwrite=overwrite, merge=merge,
-                 log=lambda msg: click.echo(msg, err=True), progress=progress)
+    return RunOptions({**given, "out_dir": out_dir}, epochs, overwrite, progress)
+
+
+# the defaults --help states (tinylm.finetune.DEFAULTS); a command with others passes its own
+FINETUNE_DEFAULTS = {"lr": "2e-4; 2e-5 with --full", "batch_size": "4", "eval_every": "100",
+                     "val_fraction": "0.1"}
+
+
+def run_options(defaults: dict = FINETUNE_DEFAULTS):
+    """The training options (--out, --epochs/--max-steps, --batch-size, --lr ... --progress)
+    as one RunOptions argument ``run``; ``defaults``: the defaults --help states."""
+    d = {**FINETUNE_DEFAULTS, **defaults}
+    return option_group(
+        "run", _run_options,
+        click.option("-o", "--out", "out_dir", required=True,
+                     help="Run folder: checkpoints, metrics, the adapter or model."),
+        click.option("--block-size", type=click.IntRange(min=2),
+                     help="Longest example in tokens (longer ones are cut) [default: 1024 or "
+                          "the model's context]."),
+        click.option("--epochs", type=finite_float(min=0, min_open=True),
+                     help="Passes over the training examples [default: 1]."),
+        click.option("--max-steps", type=click.IntRange(min=0),
+                     help="Steps (instead of --epochs)."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help=f"[default: {d['batch_size']}]"),
+        click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step."),
+        click.option("--lr", type=finite_float(min=0, min_open=True),
+                     help=f"Peak learning rate [default: {d['lr']}]."),
+        click.option("--min-lr", type=finite_float(min=0)),
+        click.option("--warmup-steps", type=click.IntRange(min=0)),
+        click.option("--lr-decay-steps", type=click.IntRange(min=0),
+                     help="[default: max-steps]"),
+        click.option("--weight-decay", type=finite_float(min=0)),
+        click.option("--grad-clip", type=finite_float(min=0), help="0 turns clipping off."),
+        click.option("--val-fraction", type=finite_float(0, 1, max_open=True),
+                     help=f"Share of --data held out for validation [default: "
+                          f"{d['val_fraction']}]."),
+        click.option("--eval-every", type=click.IntRange(min=1),
+                     help=f"[default: {d['eval_every']}]"),
+        click.option("--log-every", type=click.IntRange(min=1)),
+        click.option("--checkpoint-every", type=click.IntRange(min=1),
+                     help="[default: eval-every]"),
+        click.option("--seed", type=click.IntRange(min=0)),
+        click.option("--device", type=click.Choice(["cpu", "cuda"])),
+        click.option("--half/--no-half", default=None,
+                     help="float16 matmuls (needs --device cuda)."),
+        click.option("--threads", type=click.IntRange(min=0), help="BLAS threads on the CPU."),
+        click.option("--overwrite", is_flag=True,
+                     help="Start over even if OUT has a checkpoint."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    )
+
+
+def exit_if_interrupted(result: dict) -> None:
+    """Exit 130 (Ctrl-C) or 143 (SIGTERM) after a run stopped by a signal."""
     if result["interrupted"]:
-        sys.exit(128 + (result["signal"] or 2))  # 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(128 + (result["signal"] or 2))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@click.command(name="finetune")
+@model_options
+@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+              help="JSONL training records (repeat for several files).")
+@click.option("--eval-data", multiple=True, type=click.Path(exists=True),
+              help="JSONL validation records [default: --val-fraction of --data].")
+@click.option("--packing/--no-packing", default=False, show_default=True,
+              help="Pack several examples into each row of --block-size tokens.")
+@click.option("--sample-tokens", type=click.IntRange(min=0),
+              help="At each evaluation, continue the first validation prompt this far.")
+@click.option("--text-field", help="The field of plain-text records [default: text].")
+@run_options()
+def finetune_command(model, data, eval_data, packing, sample_tokens, text_field, run):
+    """Fine-tune --model on instruction data (JSONL) into OUT.
+
+    Prints the trainable and total parameters and an estimate of the peak memory
+    before training, then a progress bar (or, with --no-progress, log lines). Run it
+    again to resume; Ctrl-C or SIGTERM saves a checkpoint and stops.
+    """
+    from tinylm.finetune import FULL, run as finetune
+
+    spec = model.spec(packing=packing, eval_data=tuple(eval_data))
+    given = dict(run.settings, data=list(data))
+    given.update({k: v for k, v in (("sample_tokens", sample_tokens),
+                                    ("text_field", text_field)) if v is not None})
+    result = finetune(spec, given, epochs=run.epochs, overwrite=run.overwrite,
+                      merge=model.merge, log=lambda msg: click.echo(msg, err=True),
+                      progress=run.progress)
+    exit_if_interrupted(result)
     summary = f"done: {result['step']} steps"
     if result["val_loss"] is not None:
         summary += f", val loss {result['val_loss']:.4f}"
+    out_dir = run.settings["out_dir"]
     if spec.method == FULL:
         use = f"tinylm generate --model {out_dir}"
     else:
-        use = f"tinylm generate --model {base} --adapter {out_dir}"
-        if merge:
+        use = f"tinylm generate --model {model.base} --adapter {out_dir}"
+        if model.merge:
             use += f", or --model {out_dir}/merged"
     click.echo(f"{summary}; {use}", err=True)
