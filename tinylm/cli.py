@@ -129,3 +129,5 @@ from tinylm.commands.finetune import finetune_command  # noqa: E402
 cli.add_command(finetune_command)
 from tinylm.commands.align import align_group  # noqa: E402
 cli.add_command(align_group)
+from tinylm.commands.eval import eval_group  # noqa: E402
+cli.add_command(eval_group)
