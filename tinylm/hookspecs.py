@@ -48,6 +48,14 @@ def register_architectures(register):
 
 
 @hookspec
+def register_reward_functions(register):
+    """Register reward functions for RL (``tinylm align grpo`` / ``rloo --reward
+    NAME``): ``register("exact-match", exact_match)``. A reward function has TRL's
+    signature, ``f(prompts, completions, completion_ids, **fields) -> list[float]``: one
+    finite number per completion (``tinylm.align.rewards``)."""
+
+
+@hookspec
 def register_commands(cli):
     """Add subcommands to the ``tinylm`` Click group: ``@cli.command()`` or
     ``cli.add_command(cmd)``."""

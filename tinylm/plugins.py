@@ -45,6 +45,7 @@ KINDS = {
     "objectives": "register_objectives",
     "peft_methods": "register_peft_methods",
     "architectures": "register_architectures",
+    "reward_functions": "register_reward_functions",
     "commands": "register_commands",
 }
 _LABELS = {  # kind -> what one thing of that kind is called in messages
@@ -53,6 +54,7 @@ _LABELS = {  # kind -> what one thing of that kind is called in messages
     "objectives": "objective",
     "peft_methods": "PEFT method",
     "architectures": "architecture",
+    "reward_functions": "reward function",
     "commands": "command",
 }
 
@@ -351,3 +353,15 @@ def get_peft_method(name: str):
 
 def get_architecture(name: str):
     return _lookup("architectures", name)
+
+
+def get_reward_function(name: str):
+    """The reward function registered as ``name`` (``register_reward_functions``); a
+    registered object that is not callable is a ``PluginError`` naming its plugin."""
+    fn = _lookup("reward_functions", name)
+    if not callable(fn):
+        owner = registered_by("reward_functions").get(name)
+        raise PluginError(f"plugin {owner!r} registers reward function {name!r} as "
+                          f"{_describe(fn)}, which is not callable; register a function "
+                          f"f(prompts, completions, **fields) -> list[float]")
+    return fn

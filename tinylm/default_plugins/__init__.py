@@ -8,4 +8,5 @@ DEFAULT_PLUGINS = (
     "tinylm.default_plugins.tokenizers",
     "tinylm.default_plugins.objectives",
     "tinylm.default_plugins.peft",
+    "tinylm.default_plugins.rewards",
 )
