@@ -131,3 +131,5 @@ from tinylm.commands.align import align_group  # noqa: E402
 cli.add_command(align_group)
 from tinylm.commands.eval import eval_group  # noqa: E402
 cli.add_command(eval_group)
+from tinylm.commands.audit import audit_group  # noqa: E402
+cli.add_command(audit_group)
