@@ -19,3 +19,5 @@ def align_group():
 
 
 # One line per subcommand module (each adds its commands when it lands):
+from tinylm.commands.align_reward import reward_command  # noqa: E402
+align_group.add_command(reward_command)
