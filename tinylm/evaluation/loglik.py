@@ -171,28 +171,27 @@ def _score_batch(model, batch):
     """The scores of a batch of groups, in the order of their members: one forward over
     the G contexts, one over every request's continuation (minus its last token)."""
     xp = next(iter(model.parameters())).xp
-    contexts = [list(ctx) for ctx, _ in batch]
-    n = np.array([len(c) for c in contexts])  # (G,)
-    G, N = len(contexts), int(n.max())
+    n = np.array([len(ctx) for ctx, _ in batch])  # (G,)
+    G, N = len(batch), int(n.max())
     ids = np.zeros((G, N), dtype=np.int64)
-    for g, ctx in enumerate(contexts):
+    for g, (ctx, _) in enumerate(batch):
         ids[g, : n[g]] = ctx
     cache = KVCache()
-    logits = model(xp.asarray(ids), cache=cache).logits.data  # (G, N, V)
-    last = logits[xp.arange(G), xp.asarray(n - 1)]  # (G, V): predicts each first token
+    last = _logits(model, xp.asarray(ids), cache, at=xp.asarray(n - 1))  # (G, V)
     row_group = np.array([g for g, (_, m) in enumerate(batch) for _ in m])  # (R,)
     conts = [cont for _, members in batch for _, cont in members]
-    R, M = len(conts), max(len(c) for c in conts)
-    targets = np.zeros((R, M), dtype=np.int64)
     lengths = np.array([len(c) for c in conts])  # (R,)
+    R, M = len(conts), int(lengths.max())
+    targets = np.zeros((R, M), dtype=np.int64)
     for r, cont in enumerate(conts):
         targets[r, : lengths[r]] = cont
-    rows = [last[xp.asarray(row_group)][:, None]]  # (R, 1, V)
+    lp, greedy = _pick(last[xp.asarray(row_group)][:, None], xp.asarray(targets[:, :1]))
     if M > 1:
-        rows.append(_continue(model, cache, row_group, n[row_group], targets[:, : M - 1],
-                              lengths))
-    scores = _logprobs(xp.concatenate(rows, axis=1), xp.asarray(targets))  # 2 x (R, M)
-    lp, greedy = (backend.to_numpy(a) for a in scores)
+        logits = _continue(model, cache, row_group, n[row_group], targets[:, : M - 1],
+                           lengths)  # (R, M-1, V)
+        rest = _pick(logits, xp.asarray(targets[:, 1:]))
+        lp, greedy = (xp.concatenate(pair, axis=1) for pair in zip((lp, greedy), rest))
+    lp, greedy = backend.to_numpy(lp), backend.to_numpy(greedy)  # (R, M)
     valid = np.arange(M)[None, :] < lengths[:, None]  # (R, M)
     return [(lp[r, : lengths[r]], bool(greedy[r][valid[r]].all())) for r in range(R)]
 
@@ -211,17 +210,43 @@ def _continue(model, cache, row_group, ctx_len, inputs, lengths):
     keep[:, N:] = np.arange(T)[None, :] < (lengths - 1)[:, None]  # (R, T) real inputs
     limit = _max_length(model, None)
     positions = np.minimum(ctx_len[:, None] + np.arange(T)[None, :], limit - 1)  # (R, T)
-    return model(xp.asarray(inputs), cache=cache, attention_mask=xp.asarray(keep),
-                 positions=xp.asarray(positions)).logits.data  # (R, T, V)
+    return _logits(model, xp.asarray(inputs), cache, attention_mask=xp.asarray(keep),
+                   positions=xp.asarray(positions))
 
 
-def _logprobs(logits, targets):
+def _logits(model, ids, cache, at=None, **kwargs):
+    """The model's logits (B, T, V) for ``ids`` (B, T), or only at column ``at[b]`` of
+    each row (B, V). A plain decoder (tok_emb -> transformer -> lm_head) skips the
+    vocabulary projection of the positions nobody reads: for a context of a hundred
+    tokens that is most of the lm_head's work."""
+    from tinylm.models.decoder import Decoder
+
+    plain = (isinstance(model, Decoder) and type(model).forward is Decoder.forward
+             and "forward" not in vars(model))
+    if not plain:
+        logits = model(ids, cache=cache, **kwargs).logits.data  # (B, T, V)
+        return logits if at is None else logits[_rows(logits), at]  # (B, V)
+    h, _ = model.transformer(model.tok_emb(model.as_ids(ids)), cache=cache, **kwargs)
+    if at is not None:
+        h = h[_rows(h.data), at][:, None]  # (B, 1, d)
+        return model.lm_head(h).data[:, 0]  # (B, V)
+    return model.lm_head(h).data  # (B, T, V)
+
+
+def _rows(array):
+    return backend.get_array_module(array).arange(array.shape[0])
+
+
+def _pick(logits, targets):
     """(log p(targets) (R, M) float64, targets are the argmax (R, M) bool) from
-    logits (R, M, V)."""
+    logits (R, M, V), which this overwrites: a log-softmax over the whole vocabulary
+    would be a second (R, M, V) array, and only M entries of each row are wanted. The
+    exponentials are summed in float64."""
     xp = backend.get_array_module(logits)
-    top = logits.max(axis=-1, keepdims=True)  # (R, M, 1)
-    shifted = (logits - top).astype(np.float64)  # (R, M, V)
-    lse = xp.log(xp.exp(shifted).sum(axis=-1))  # (R, M)
-    picked = xp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]  # (R, M)
-    greedy = logits.argmax(axis=-1) == targets
+    greedy = logits.argmax(axis=-1) == targets  # (R, M)
+    logits -= logits.max(axis=-1, keepdims=True)  # (R, M, V), max 0
+    picked = xp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (R, M)
+    picked = picked.astype(np.float64)
+    xp.exp(logits, out=logits)
+    lse = xp.log(logits.sum(axis=-1, dtype=np.float64))  # (R, M)
     return picked - lse, greedy
