@@ -116,15 +116,16 @@ def check_resume(spec: FinetuneSpec, state: dict, out_dir: str) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def load_base(spec: FinetuneSpec, device: str = "cpu"):
+def load_base(spec: FinetuneSpec, device: str = "cpu", objective=None):
     """(model, tokenizer) of the base, in training mode; quantized sources stay packed
-    unless ``spec.dequantize`` (or a GPU)."""
+    unless ``spec.dequantize`` (or a GPU). ``objective``: the objective class whose
+    model kinds the base must be of (default SFT's: decoders)."""
     from tinylm.loading import load_model
     from tinylm.objectives import SFT
 
     model, tokenizer = load_model(spec.base, device, dequantize=spec.dequantize or None)
-    SFT.check_kind(getattr(model, "kind", None),
-                   getattr(model.config, "architecture", "this model"))
+    (objective or SFT).check_kind(getattr(model, "kind", None),
+                                  getattr(model.config, "architecture", "this model"))
     return model.train(), tokenizer
 
 
@@ -391,14 +392,14 @@ def run(spec: FinetuneSpec, settings: dict, *, epochs: float | None = None,
         if folder.state is not None:
             check_resume(spec, folder.state, folder.path)
         model, tokenizer = load_base(spec, settings.get("device", "cpu"))
-        config = _config(spec, settings, model)
+        config = train_config(spec, settings, model)
         adapt(model, spec, seed=config.seed)
         fmt = formatting(model, tokenizer, spec, config.block_size, config.text_field, log)
         data = ExampleData.read(config.data, fmt, eval_files=spec.eval_data,
                                 packing=spec.packing, seed=config.seed)
         log(_describe_data(data, config))
         if "max_steps" not in settings:
-            config = _with_epochs(config, data, 1.0 if epochs is None else epochs)
+            config = with_epochs(config, data, 1.0 if epochs is None else epochs)
         if folder.state is not None:
             saved = TrainConfig.from_dict(folder.state["config"])
             config = config.for_resume(saved, set(settings) | {"max_steps"})
@@ -417,7 +418,7 @@ def run(spec: FinetuneSpec, settings: dict, *, epochs: float | None = None,
     return result
 
 
-def _config(spec: FinetuneSpec, settings: dict, model):
+def train_config(spec: FinetuneSpec, settings: dict, model):
     """The run's TrainConfig: DEFAULTS, the context (1024 tokens or the model's, if
     shorter), then ``settings``."""
     from tinylm.train import TrainConfig
@@ -429,7 +430,7 @@ def _config(spec: FinetuneSpec, settings: dict, model):
     return TrainConfig.from_dict(data)
 
 
-def _with_epochs(config, data, epochs: float):
+def with_epochs(config, data, epochs: float):
     """``config`` with max_steps = the steps ``epochs`` passes over the training items
     take (at least one)."""
     train = data.split(config.val_fraction)[0]
