@@ -443,6 +443,10 @@ def with_epochs(config, data, epochs: float):
     return type(config).from_dict(values)
 
 
+# the names the align runs (reward, RL) import them by
+_config, _with_epochs = train_config, with_epochs
+
+
 def _describe_data(data, config) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted((data.counts or {}).items()))
     line = f"data: {len(data)} examples ({kinds})"
