@@ -21,3 +21,6 @@ def align_group():
 # One line per subcommand module (each adds its commands when it lands):
 from tinylm.commands.align_reward import reward_command  # noqa: E402
 align_group.add_command(reward_command)
+from tinylm.commands.align_rl import grpo_command, rloo_command  # noqa: E402
+align_group.add_command(grpo_command)
+align_group.add_command(rloo_command)
