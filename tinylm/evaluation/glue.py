@@ -217,6 +217,34 @@ def read_tsv(path, task: GlueTask | str, label_names=None) -> GlueRows:
     return GlueRows(text_a, text_b, labels, names, ids, skipped)
 
 
+def read_files(paths, task: GlueTask, label_names=None) -> GlueRows:
+    """The labelled rows of several files, one after another. The classes of a "tsv"
+    task are ``label_names``, else the sorted labels found in all of them. A file
+    without labels (a test split) is a GlueError."""
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise GlueError("no data files given")
+    if label_names is None and task.labels is None and not task.regression:
+        found = set()
+        for path in paths:
+            found |= set(_labelled(read_tsv(path, task), path).label_names)
+        label_names = tuple(sorted(found))
+    parts = [_labelled(read_tsv(path, task, label_names), path) for path in paths]
+    if len(parts) == 1:
+        return parts[0]
+    return GlueRows([t for p in parts for t in p.text_a],
+                    None if not task.pair else [t for p in parts for t in p.text_b],
+                    np.concatenate([p.labels for p in parts]), parts[0].label_names,
+                    [i for p in parts for i in p.ids], sum(p.skipped for p in parts))
+
+
+def _labelled(rows: GlueRows, path: str) -> GlueRows:
+    if rows.labels is None:
+        raise GlueError(f"{path} has no label column (a test split?); train and validate "
+                        f"on labelled files (train.tsv, dev.tsv)")
+    return rows
+
+
 def _labels(path: str, task: GlueTask, raw: list, numbers: list, names) -> tuple:
     """(labels array, class names) of the label column's values ``raw``."""
     if task.regression:
@@ -423,3 +451,64 @@ def task_metrics(task: GlueTask, predictions, labels, n_classes: int | None = No
     if len(task.metrics) == 2 and task.name != "tsv":
         out["combined_score"] = float(np.mean(list(out.values())))
     return out
+
+
+# --------------------------------------------------------------------------- a classifier on a file
+
+
+def label_map(model_labels, task_labels) -> np.ndarray | None:
+    """(C,) the task's class index of each of the model's classes: by name when the
+    model's labels are the task's (in any order), else in order (a model whose labels
+    are LABEL_0, LABEL_1 ...); None when the counts differ."""
+    if model_labels is None or task_labels is None or len(model_labels) != len(task_labels):
+        return None
+    if set(model_labels) == set(task_labels):
+        return np.array([list(task_labels).index(n) for n in model_labels], dtype=np.int64)
+    return np.arange(len(task_labels), dtype=np.int64)
+
+
+def evaluate(model, tokenizer, info, task, path, *, batch_size: int = 32,
+             max_length: int | None = None, limit: int | None = None,
+             progress: bool = False) -> dict:
+    """Classify every row of ``path`` (a ``task`` TSV: a GlueTask or its name) with
+    ``model`` (a classifier and its ``tinylm.classify_run.ClassifierInfo``) and score
+    the predictions when the file has labels. Returns {"task", "data", "examples",
+    "metrics" ({} for a test split), "ids", "predictions" (class indices of the
+    task's labels, or scores), "label_names"}."""
+    from tinylm.classify import Encoding, predict
+
+    task = resolve_task(task if isinstance(task, str) else task.name, path)
+    if task.regression != (info.num_labels == 1):
+        raise GlueError(f"{task.name} is {'regression' if task.regression else 'classification'}"
+                        f" but the model has {info.num_labels} label(s); evaluate a "
+                        f"{'one-label' if task.regression else 'classes'} model on it")
+    rows = read_tsv(path, task, info.labels if task.name == "tsv" else None)
+    rows = rows.head(limit) if limit else rows
+    mapping = None if task.regression else label_map(info.labels or tuple(
+        str(i) for i in range(info.num_labels)), rows.label_names)
+    if not task.regression and mapping is None:
+        raise GlueError(f"the model has {info.num_labels} labels "
+                        f"({', '.join(map(str, info.labels or ()))}), {task.name} has "
+                        f"{len(rows.label_names)} ({', '.join(rows.label_names)}); evaluate "
+                        f"it on a task with its labels")
+    enc = Encoding.for_model(model, tokenizer, max_length or info.max_length)
+    logits = predict(model, enc.sentences(rows), enc.pad_id, batch_size, progress)  # (n, C)
+    predictions = logits[:, 0] if task.regression else mapping[logits.argmax(axis=1)]
+    metrics = {} if rows.labels is None else task_metrics(
+        task, predictions, rows.labels, None if task.regression else len(rows.label_names))
+    return {"task": task.name, "data": os.fspath(path), "examples": len(rows),
+            "metrics": metrics, "ids": rows.ids, "predictions": predictions,
+            "label_names": rows.label_names}
+
+
+def write_predictions(path, result: dict) -> None:
+    """GLUE's submission format: ``index\tprediction`` lines under that header, the
+    label names (scores with three decimals for regression), written atomically."""
+    from tinylm.atomic import write_atomic
+
+    names = result["label_names"]
+    values = [f"{v:.3f}" for v in result["predictions"]] if names is None else \
+        [names[int(i)] for i in result["predictions"]]
+    lines = ["index\tprediction"] + [f"{i}\t{v}" for i, v in zip(result["ids"], values)]
+    write_atomic(path, "\n".join(lines) + "\n", error=GlueError)
+
