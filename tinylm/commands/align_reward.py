@@ -16,9 +16,11 @@ a Hugging Face *ForSequenceClassification folder (gpt2, llama).
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from tinylm.commands.finetune import exit_if_interrupted, model_options, run_options
+from tinylm.commands.finetune import model_options, run_options
 from tinylm.commands.options import finite_float
 
 
@@ -52,7 +54,8 @@ def reward_command(model, data, eval_data, center, export, run):
     result = train_reward(spec, given, epochs=run.epochs, overwrite=run.overwrite,
                           center=center, export=export,
                           log=lambda msg: click.echo(msg, err=True), progress=run.progress)
-    exit_if_interrupted(result)
+    if result["interrupted"]:
+        sys.exit(128 + (result["signal"] or 2))  # 130 for Ctrl-C, 143 for SIGTERM
     summary = f"done: {result['step']} steps"
     if result["val_loss"] is not None:
         summary += f", val loss {result['val_loss']:.4f}"
