@@ -17,9 +17,11 @@ the adapter (or with --full the model).
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from tinylm.commands.finetune import exit_if_interrupted, model_options, run_options
+from tinylm.commands.finetune import model_options, run_options
 from tinylm.commands.options import finite_float
 
 RL_DEFAULTS = {"lr": "1e-6", "batch_size": "4 prompts", "eval_every": "100", "val_fraction": "0"}
@@ -92,7 +94,8 @@ def _run(method: str, model, run, data, rewards, reward_model, **rl_options):
                     reward_model=reward_model, epochs=run.epochs, overwrite=run.overwrite,
                     merge=model.merge, log=lambda msg: click.echo(msg, err=True),
                     progress=run.progress)
-    exit_if_interrupted(result)
+    if result["interrupted"]:
+        sys.exit(128 + (result["signal"] or 2))  # 130 for Ctrl-C, 143 for SIGTERM
     out_dir = run.settings["out_dir"]
     use = (f"tinylm generate --model {out_dir}" if spec.method == "full" else
            f"tinylm generate --model {model.base} --adapter {out_dir}")
