@@ -190,10 +190,23 @@ def run_options(defaults: dict = FINETUNE_DEFAULTS):
     )
 
 
-def exit_if_interrupted(result: dict) -> None:
-    """Exit 130 (Ctrl-C) or 143 (SIGTERM) after a run stopped by a signal."""
+def finish(result: dict, model: ModelChoice, out_dir: str) -> None:
+    """After a run: exit 130 (Ctrl-C) or 143 (SIGTERM) if a signal stopped it, else say
+    what it did and how to use what it wrote."""
+    from tinylm.finetune import FULL
+
     if result["interrupted"]:
         sys.exit(128 + (result["signal"] or 2))
+    summary = f"done: {result['step']} steps"
+    if result["val_loss"] is not None:
+        summary += f", val loss {result['val_loss']:.4f}"
+    if model.method == FULL:
+        use = f"tinylm generate --model {out_dir}"
+    else:
+        use = f"tinylm generate --model {model.base} --adapter {out_dir}"
+        if model.merge:
+            use += f", or --model {out_dir}/merged"
+    click.echo(f"{summary}; {use}", err=True)
 
 
 # --------------------------------------------------------------------------- the command
@@ -218,7 +231,7 @@ def finetune_command(model, data, eval_data, packing, sample_tokens, text_field,
     before training, then a progress bar (or, with --no-progress, log lines). Run it
     again to resume; Ctrl-C or SIGTERM saves a checkpoint and stops.
     """
-    from tinylm.finetune import FULL, run as finetune
+    from tinylm.finetune import run as finetune
 
     spec = model.spec(packing=packing, eval_data=tuple(eval_data))
     given = dict(run.settings, data=list(data))
@@ -227,15 +240,4 @@ def finetune_command(model, data, eval_data, packing, sample_tokens, text_field,
     result = finetune(spec, given, epochs=run.epochs, overwrite=run.overwrite,
                       merge=model.merge, log=lambda msg: click.echo(msg, err=True),
                       progress=run.progress)
-    exit_if_interrupted(result)
-    summary = f"done: {result['step']} steps"
-    if result["val_loss"] is not None:
-        summary += f", val loss {result['val_loss']:.4f}"
-    out_dir = run.settings["out_dir"]
-    if spec.method == FULL:
-        use = f"tinylm generate --model {out_dir}"
-    else:
-        use = f"tinylm generate --model {model.base} --adapter {out_dir}"
-        if model.merge:
-            use += f", or --model {out_dir}/merged"
-    click.echo(f"{summary}; {use}", err=True)
+    finish(result, model, run.settings["out_dir"])
