@@ -66,3 +66,17 @@ def test_an_objective_without_metrics_adds_none(tmp_path, corpus):
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
     assert not any(k.startswith("eval_") for r in records for k in r)
+
+
+class NoPerplexity(Reporting):
+    name = "no-perplexity"
+    perplexity = False
+
+
+def test_an_objective_without_perplexity_reports_none(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, max_steps=2, eval_every=2)
+    lines = []
+    Trainer(cfg, objective=NoPerplexity(), resume=False, log=lines.append).fit()
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert evals and all("val_ppl" not in r and "eval_rows" in r for r in evals)
+    assert not [line for line in lines if ", perplexity" in line]

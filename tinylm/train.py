@@ -19,6 +19,8 @@ The metrics hook: an objective's ``loss()`` may set ``self.metrics = {name: floa
 weighted as the losses, into that step's metrics.jsonl record (and the progress bar:
 the names in the objective's ``progress_metrics``, else the first two), and over the
 validation batches into the evaluation's record, named with TRL's ``eval_`` prefix.
+An objective whose loss is not a mean cross-entropy sets ``perplexity = False``: its
+evaluations report no perplexity (val_ppl).
 
 The run folder (its files, the checkpoint set, the lock) is ``tinylm.rundir``'s.
 Resuming restores the weights, AdamW's state, the step, the data sampler's position,
@@ -921,11 +923,13 @@ class Trainer:
         self.last_eval_step = self.step
         if self.best_val is None or val < self.best_val:
             self.best_val = val
-        ppl = math.exp(min(val, 50.0))
-        self.metrics.append({"step": self.step, "val_loss": val, "val_ppl": ppl,
+        record, line = {"step": self.step, "val_loss": val}, f"step {self.step}: val loss {val:.4f}"
+        if getattr(self.objective, "perplexity", True):  # (a DPO or reward loss has none)
+            record["val_ppl"] = ppl = math.exp(min(val, 50.0))
+            line += f", perplexity {ppl:.2f}"
+        self.metrics.append({**record,
                              **{EVAL_PREFIX + k: v for k, v in self.eval_metrics.items()}})
-        say(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}"
-            f"{self._shown_metrics(self.eval_metrics)}")
+        say(line + self._shown_metrics(self.eval_metrics))
         text = self.sample_text()
         if text is not None:
             say("-" * 20 + " sample " + "-" * 20 + "\n" + text.strip("\n") + "\n" + "-" * 48)
