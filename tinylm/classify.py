@@ -332,6 +332,7 @@ class Classify(Objective):
     name = "classify"
     kinds = KINDS
     examples = True
+    perplexity = False  # a loss over classes (or a squared error), not over tokens
     progress_metrics = ("accuracy",)
 
     def __init__(self, tokenizer=None, **options):

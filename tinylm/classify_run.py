@@ -97,7 +97,7 @@ def run(spec, settings: dict, *, task=None, epochs: float | None = None,
     ``settings["data"]`` (TrainConfig fields, out_dir among them), laid out as the GLUE
     ``task`` (a name; None: the one the first file's header says). Every row is read
     and checked before anything is written; a checkpoint in out_dir is resumed unless
-    ``overwrite``. Returns the Trainer's summary with "written"."""
+    ``overwrite``. Returns the Trainer's summary with "written" and "task"."""
     from tinylm import finetune, peft
     from tinylm.evaluation import glue
     from tinylm.rundir import open_run
@@ -105,14 +105,14 @@ def run(spec, settings: dict, *, task=None, epochs: float | None = None,
 
     log = log or (lambda msg: None)
     task = glue.resolve_task(task, settings["data"][0])
+    rows = glue.read_files(settings["data"], task)
+    eval_rows = glue.read_files(spec.eval_data, task, rows.label_names) \
+        if spec.eval_data else None
     with open_run(settings["out_dir"], overwrite=overwrite) as folder:
         if overwrite:
             remove_outputs(folder.path)
         base, tokenizer = finetune.load_base(spec, settings.get("device", "cpu"), Classify)
         config = finetune.train_config(spec, base_settings(settings), base)
-        rows = glue.read_files(config.data, task)
-        eval_rows = glue.read_files(spec.eval_data, task, rows.label_names) \
-            if spec.eval_data else None
         info = _info(spec, base, task, rows, config.block_size)
         if folder.state is not None:
             check_resume(spec, info, folder.state, folder.path)
@@ -140,6 +140,7 @@ def run(spec, settings: dict, *, task=None, epochs: float | None = None,
         result = trainer.fit(folder)
         result["written"] = [] if result["interrupted"] else \
             save_outputs(trainer.model, spec, folder.path)
+    result["task"] = task.name
     return result
 
 

@@ -19,6 +19,8 @@ def eval_group():
 
 
 # One line per subcommand module (each adds its commands when it lands):
+from tinylm.commands.eval_glue import glue_command  # noqa: E402
+eval_group.add_command(glue_command)
 from tinylm.commands.eval_harness import mc_command, perplexity_command  # noqa: E402
 eval_group.add_command(perplexity_command)
 eval_group.add_command(mc_command)
