@@ -38,17 +38,18 @@ from tinylm import backend, ops
 from tinylm.autograd import no_grad
 from tinylm.nn import Module, Parameter
 from tinylm.objectives import Objective, ObjectiveError
+from tinylm.tensor import Tensor
 
 KIND = "reward"  # the run record's kind (trainer_state.json "extra")
 METRICS = ("accuracy", "margin", "min_reward", "mean_reward", "max_reward")
 
 
-def last_tokens(ids: np.ndarray, pad_id: int) -> np.ndarray:
+def last_tokens(ids, pad_id: int):
     """(B,) index of each row's rightmost id that is not ``pad_id`` (0 for a row of
-    padding alone): Hugging Face's *ForSequenceClassification pooling."""
-    ids = np.asarray(ids)
-    j = np.arange(ids.shape[1])
-    return np.argmax(j[None, :] * (ids != pad_id), axis=1).astype(np.int64)
+    padding alone): Hugging Face's *ForSequenceClassification pooling. NumPy or CuPy."""
+    xp = backend.get_array_module(ids)
+    j = xp.arange(ids.shape[1])
+    return xp.argmax(j[None, :] * (ids != pad_id), axis=1).astype(xp.int64)
 
 
 # --------------------------------------------------------------------------- the model
@@ -102,8 +103,8 @@ class RewardModel(Module):
         """ids (B, T) -> rewards (B,): the score of row b's token ``last[b]`` (default:
         its last id that is not ``pad_id``). Right padding needs no attention mask: a
         causal decoder's real tokens never see the padding after them."""
-        ids = np.asarray(ids.data if hasattr(ids, "data") else ids)
-        last = last_tokens(ids, self.pad_id) if last is None else np.asarray(last)
+        ids = self.base.as_ids(ids.data if isinstance(ids, Tensor) else ids)  # on its device
+        last = last_tokens(ids, self.pad_id) if last is None else last
         h = self.hidden_states(ids, positions)  # (B, T, d)
         xp = h.xp
         picked = h[xp.arange(ids.shape[0]), xp.asarray(last)]  # (B, d)
