@@ -216,6 +216,11 @@ def test_training_learns_a_separable_preference(base, prefs, tmp_path):
     assert got[0] > got[1]
     texts = rm.rewards(["Hello there! the cat sat.", "Hello there! the dog sat."])
     assert texts.tolist() == pytest.approx(got, abs=1e-6)
+    called = rm(prompts=["Hello there!"] * 2, completions=[" the cat sat.", " the dog sat."],
+                completion_ids=[[1], [2]], answer=["x", "y"])  # as tinylm align grpo calls it
+    assert called == got
+    chat = rm([[{"role": "user", "content": "Hello there!"}]] * 2, ["the cat sat.", "the dog"])
+    assert chat[0] > chat[1]  # a conversation, rendered with the run's template
 
 
 def test_a_resumed_run_is_bit_identical_and_the_export_loads_in_transformers(base, prefs,
