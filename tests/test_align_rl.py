@@ -334,6 +334,17 @@ def timeless(recs):
             for r in recs]
 
 
+def plot_height(out) -> int:
+    """The pixel height of `tinylm plot OUT`'s PNG: 120 dpi x (5 + 2.5 per panel below
+    the loss)."""
+    import struct
+
+    pytest.importorskip("matplotlib")
+    result = run("plot", out)
+    assert result.exit_code == 0, result.output
+    return struct.unpack(">II", (out / "loss.png").read_bytes()[16:24])[1]
+
+
 def test_grpo_teaches_a_tiny_model_the_rewarded_token(char_base, prompts, tmp_path):
     out = tmp_path / "grpo"
     result = align("grpo", char_base, prompts, out, "--reward", "likes-a", "--max-steps", "30",
@@ -345,6 +356,7 @@ def test_grpo_teaches_a_tiny_model_the_rewarded_token(char_base, prompts, tmp_pa
     for name in ("rewards/likes-a/mean", "frac_reward_zero_std", "completions/mean_length",
                  "entropy", "clip_ratio/region_mean"):
         assert name in first
+    assert plot_height(out) == 120 * (5 + 2.5)  # loss, reward (no KL: beta is 0)
 
 
 def test_rloo_learns_too_with_the_kl_to_a_frozen_copy(char_base, prompts, tmp_path):
@@ -354,6 +366,7 @@ def test_rloo_learns_too_with_the_kl_to_a_frozen_copy(char_base, prompts, tmp_pa
     recs = records(out)
     assert np.mean([r["reward"] for r in recs[-3:]]) > 0.8
     assert recs[0]["kl"] == 0 and recs[-1]["kl"] > 0  # the frozen base falls behind
+    assert plot_height(out) == 120 * (5 + 2 * 2.5)  # loss, reward, KL
 
 
 @pytest.mark.parametrize("method, args, stop", [

@@ -4,6 +4,10 @@
     tinylm plot runs/a runs/b -o cmp.png   # several runs on one chart
     tinylm plot runs/demo -o charts/       # a folder: writes charts/loss.png
 
+An alignment run's chart has a panel per kind of metric it logged under the loss: the
+reward (RL's mean ``reward`` with its ``reward_std`` band, DPO's ``rewards/margins``, a
+reward model's ``mean_reward``) and the ``kl`` to the reference model.
+
 Needs matplotlib: ``pip install 'tinylm[plot]'``.
 """
 
@@ -18,10 +22,60 @@ from tinylm.errors import TinyLMError
 
 DEFAULT_NAME = "loss.png"
 FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+# the panels below the loss: (y label, the metrics.jsonl keys it draws)
+PANELS = (("reward", ("reward", "rewards/margins", "mean_reward")),
+          ("KL to the reference", ("kl",)))
+
+
+def series(records, key: str) -> list:
+    """(step, value) of every record of the training steps that has ``key``."""
+    return [(r["step"], r[key]) for r in records if key in r and "loss" in r]
+
+
+def _label(runs: dict, run: str, what: str) -> str:
+    """A curve's legend: what it is, after the run's name when there are several."""
+    return f"{os.path.basename(os.path.normpath(run))} {what}" if len(runs) > 1 else what
+
+
+def _draw_loss(ax, runs: dict) -> int:
+    """The training loss (thin) and validation loss (markers) of each run ({run:
+    records}); returns the points drawn."""
+    drawn = 0
+    for run, records in runs.items():
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), linewidth=1, alpha=0.7, label=_label(runs, run, "train"))
+        if val:
+            ax.plot(*zip(*val), marker="o", linewidth=2, label=_label(runs, run, "val"))
+        drawn += len(train) + len(val)
+    ax.set_ylabel("loss (nats/token)")
+    return drawn
+
+
+def _draw_panel(ax, runs: dict, keys) -> int:
+    """Draw ``keys`` of each run ({run: records}) on ``ax`` (the reward with its
+    reward_std band); returns the points drawn."""
+    drawn = 0
+    for run, records in runs.items():
+        for key in keys:
+            points = series(records, key)
+            if not points:
+                continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, linewidth=1.5, label=_label(runs, run, key))
+            spread = dict(series(records, "reward_std")) if key == "reward" else {}
+            if spread and len(spread) == len(points):
+                std = [spread[s] for s in steps]
+                ax.fill_between(steps, [v - d for v, d in zip(values, std)],
+                                [v + d for v, d in zip(values, std)], alpha=0.15)
+            drawn += len(points)
+    return drawn
 
 
 def plot_runs(run_dirs, output, title=None) -> str:
-    """Draw the training loss (thin) and validation loss (markers) of each run."""
+    """Draw the training loss (thin) and validation loss (markers) of each run, and the
+    reward and KL panels of the runs that logged them (``PANELS``)."""
     from tinylm.rundir import METRICS_FILE, read_metrics
 
     check_runs(run_dirs)  # bad input first: it is an error with or without matplotlib
@@ -33,29 +87,25 @@ def plot_runs(run_dirs, output, title=None) -> str:
     except ImportError:
         raise TinyLMError("tinylm plot needs matplotlib: pip install 'tinylm[plot]' "
                           "(or pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = 0
-    for run in run_dirs:
-        records = read_metrics(os.path.join(run, METRICS_FILE))
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        label = os.path.basename(os.path.normpath(run)) if len(run_dirs) > 1 else ""
-        if train:
-            ax.plot(*zip(*train), linewidth=1, alpha=0.7,
-                    label=f"{label} train".strip())
-        if val:
-            ax.plot(*zip(*val), marker="o", linewidth=2, label=f"{label} val".strip())
-        drawn += len(train) + len(val)
-    if not drawn:
-        raise TinyLMError(f"no loss values in {', '.join(run_dirs)} yet; train for at "
-                          f"least --log-every steps first")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title or "tinylm: " + ", ".join(os.path.normpath(r) for r in run_dirs))
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    runs = {run: read_metrics(os.path.join(run, METRICS_FILE)) for run in run_dirs}
+    panels = [(name, keys) for name, keys in PANELS
+              if any(series(records, k) for records in runs.values() for k in keys)]
+    fig, axes = plt.subplots(1 + len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(8, 5 + 2.5 * len(panels)))
     try:
+        if not _draw_loss(axes[0][0], runs):
+            raise TinyLMError(f"no loss values in {', '.join(run_dirs)} yet; train for at "
+                              f"least --log-every steps first")
+        axes[0][0].set_title(title or "tinylm: " + ", ".join(os.path.normpath(r)
+                                                             for r in run_dirs))
+        for (name, keys), (ax,) in zip(panels, axes[1:]):
+            _draw_panel(ax, runs, keys)
+            ax.set_ylabel(name)
+        for (ax,) in axes:
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        axes[-1][0].set_xlabel("step")
+        fig.tight_layout()
         with atomic_open(output, "wb") as f:
             fig.savefig(f, dpi=120, format=_image_format(output))
     finally:
