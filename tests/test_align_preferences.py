@@ -212,12 +212,14 @@ def test_the_batcher_resumes_and_evaluation_sees_every_pair_once(tok, tmp_path):
     assert data.sample_prompt(val) == val.prompt(0)
 
 
-def test_truncation_keeps_the_start_as_trls_dpo(tok):
+def test_truncation_keeps_the_start_as_trls_dpo(tok, tmp_path):
     record = {"prompt": "the cat", "chosen": " sat on a mat and the dog ran to see",
               "rejected": " ran"}
     full = tokenize_pair(record, fmt_for(tok))
     cut = tokenize_pair(record, fmt_for(tok, max_length=6), truncate=True)
     assert cut == (full[0][:6], full[1][:6], full[2])
+    path = write_jsonl(tmp_path / "p.jsonl", [record, OK])
+    assert read_preferences([path], fmt_for(tok, max_length=6), truncate=True).n_cut == 1
     with pytest.raises(PreferenceError, match="prompt takes"):
         tokenize_pair(record, fmt_for(tok, max_length=full[2]), truncate=True)
 

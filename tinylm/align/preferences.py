@@ -168,6 +168,11 @@ def tokenize_pair(record: dict, fmt: Formatting, where: str = "record", *,
                   truncate: bool = False) -> tuple:
     """(chosen ids, rejected ids, prompt length) of one record: the whole rows and how
     many leading ids of both are the prompt's; checked against ``fmt.max_length``."""
+    return _tokenize_pair(record, fmt, where, truncate)[:3]
+
+
+def _tokenize_pair(record: dict, fmt: Formatting, where: str, truncate: bool) -> tuple:
+    """tokenize_pair's result and whether a row was cut to max_length."""
     prompt, chosen, rejected, chat = split_record(record, where)
     try:
         if chat:
@@ -201,7 +206,7 @@ def tokenize_pair(record: dict, fmt: Formatting, where: str = "record", *,
 def _fit(rows, start: int, max_length: int, where: str, truncate: bool) -> tuple:
     longest = max(len(r) for r in rows)
     if longest <= max_length:
-        return rows[0], rows[1], start
+        return rows[0], rows[1], start, False
     if not truncate:
         raise PreferenceError(f"{where}: the pair takes {longest} tokens, more than the "
                               f"{max_length} of --block-size; shorten it, raise "
@@ -210,7 +215,7 @@ def _fit(rows, start: int, max_length: int, where: str, truncate: bool) -> tuple
         raise PreferenceError(f"{where}: the prompt takes {start} tokens, and the context "
                               f"is {max_length} (--block-size): no token of the replies "
                               f"would be left; shorten the prompt or raise --block-size")
-    return rows[0][:max_length], rows[1][:max_length], start
+    return rows[0][:max_length], rows[1][:max_length], start, True
 
 
 # --------------------------------------------------------------------------- many pairs
@@ -273,7 +278,7 @@ def read_pairs(files, fmt: Formatting, *, truncate: bool = False) -> tuple:
     for path in files:
         for n, record in _records(path):
             where = f"{path}:{n}"
-            c, r, start = tokenize_pair(record, fmt, where, truncate=truncate)
+            c, r, start, was_cut = _tokenize_pair(record, fmt, where, truncate)
             margin = record_margin(record, where)
             if first_margin is None:
                 first_margin = (margin is not None, where)
@@ -289,7 +294,7 @@ def read_pairs(files, fmt: Formatting, *, truncate: bool = False) -> tuple:
             kind = ("conversational" if is_conversational(record) else "text") + \
                 ("" if "prompt" in record else ", implicit prompt")
             counts[kind] = counts.get(kind, 0) + 1
-            cut += int(truncate and max(len(c), len(r)) == fmt.max_length)
+            cut += was_cut
     if not chosen:
         raise PreferenceError(f"no records in {', '.join(map(str, files))}; give a JSONL file "
                               f"with one {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}} "
