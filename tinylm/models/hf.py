@@ -634,12 +634,13 @@ def _load_arrays(files: dict, names) -> dict:
     return arrays
 
 
-def load_pretrained(path, strict: bool = True):
+def load_pretrained(path, strict: bool = True, overrides: dict | None = None):
     """A tinylm model with the weights of a Hugging Face checkpoint directory.
 
     Every tensor is checked before any is copied: what is missing, has the wrong shape
     or (with ``strict``) is not expected is reported in one ``CheckpointError`` with the
-    shapes tinylm expected."""
+    shapes tinylm expected. ``overrides``: config fields to set after reading it (a
+    *ForSequenceClassification folder has no lm_head: tie_embeddings=True)."""
     from tinylm.models import build_model
 
     path = os.fspath(path)
@@ -650,6 +651,8 @@ def load_pretrained(path, strict: bool = True):
     files = _weight_files(path)
     shapes = _shapes(files)
     config = family.fit_to_tensors(config, hf, shapes)
+    if overrides:
+        config = config.replace(**overrides)
     if config.tie_embeddings and family.lm_head in shapes:
         emb = family.rules(config)[0]  # every family's first rule is the word embedding
         tied_pair = _resolve({emb.theirs[0]: 0}, shapes, family.prefix)
