@@ -66,7 +66,7 @@ def hf_reward_model(family: str, vocab: int, pad: int, eos: int):
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=True, num_labels=1, pad_token_id=pad, eos_token_id=eos,
+        tie_word_embeddings=False, num_labels=1, pad_token_id=pad, eos_token_id=eos,
         bos_token_id=eos)
     return transformers.LlamaForSequenceClassification(config)
 

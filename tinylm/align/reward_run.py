@@ -278,15 +278,18 @@ def _add_score(model: RewardModel, folder: str, architecture: str) -> None:
 def load_hf_reward_model(path, device: str = "cpu") -> RewardModel:
     """A reward model from a Hugging Face *ForSequenceClassification folder with one
     label (``export_hf``'s, or TRL's): the decoder by ``tinylm.models.hf``, the score
-    weight from its files; the pad id from its config (else its eos). A family whose
-    lm_head is not tied needs it in the files (tinylm's decoder has one)."""
+    weight from its files; the pad id from its config (else its eos). Without an
+    lm_head in the files the decoder's is tied to the embedding (unused here)."""
     from tinylm.finetune import eos_id
     from tinylm.loading import hf_tokenizer
     from tinylm.models.hf import _weight_files, load_pretrained
 
     path = os.fspath(path)
-    base = load_pretrained(path, strict=False)
     files = _weight_files(path)
+    # a *ForSequenceClassification has no lm_head: tie it (a reward model never uses it)
+    untied_ok = any(name.endswith("lm_head.weight") for name in files)
+    base = load_pretrained(path, strict=False,
+                           overrides=None if untied_ok else {"tie_embeddings": True})
     if "score.weight" not in files:
         raise CheckpointError(f"{path} has no score.weight: it is not a sequence-"
                               f"classification (reward) model")
