@@ -5,7 +5,7 @@ Bradley-Terry loss, as TRL 1.16's ``RewardTrainer`` trains ``*ForSequenceClassif
     r = rm(batch["ids"], last=batch["last"])       # (2B,) rewards, differentiable
     obj = RewardObjective(tokenizer, center_rewards_coefficient=0.01)
     Trainer(config, model=rm, data=read_preferences(...), objective=obj, ...).fit()
-    rm = load_reward_model("runs/rm")              # a trained one, from its run folder
+    rm = reward_run.load_reward_model("runs/rm")   # a trained one, from its run folder
     rm.rewards(["prompt + reply", ...])            # (n,) float64 rewards (or rows of ids)
     rm(prompts, completions) -> list[float]        # TRL's reward-function signature
 
@@ -16,8 +16,9 @@ last token whose id is not the pad id (its rule; see ``tinylm.align.preferences`
 The RewardModel shares the decoder's sub-modules as its own (tok_emb, transformer,
 lm_head ...) beside ``score``, so its state dict is the decoder's names plus
 ``score.weight``: a GPT-2 reward model's checkpoint holds what
-``GPT2ForSequenceClassification``'s does, in tinylm's names, and ``export_hf`` writes
-that folder (transformers' names, ``architectures`` = *ForSequenceClassification).
+``GPT2ForSequenceClassification``'s does, in tinylm's names, and
+``reward_run.export_hf`` writes that folder (transformers' names, ``architectures`` =
+*ForSequenceClassification; ``load_hf_reward_model`` reads one back, TRL's too).
 
 The loss of B pairs with rewards r_c (chosen) and r_r (rejected), TRL's compute_loss:
 
