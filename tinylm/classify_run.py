@@ -330,13 +330,14 @@ def _hf_config(path: str) -> dict:
 
 def _load_hf_decoder(path: str, hf: dict) -> tuple:
     """A GPT2/LlamaForSequenceClassification folder: the decoder (its lm_head, absent
-    there, tied or left as drawn: it is never read) and score.weight."""
+    there, tied to the embedding: a classifier never reads it) and score.weight."""
     from tinylm import nn
     from tinylm.loading import hf_tokenizer
     from tinylm.models.hf import _weight_files, load_pretrained
 
-    model = load_pretrained(path, strict=False)
     files = _weight_files(path)
+    tie = {} if "lm_head.weight" in files else {"tie_embeddings": True}
+    model = load_pretrained(path, strict=False, overrides=tie)
     if "score.weight" not in files:
         raise CheckpointError(f"{path} names {hf['architectures'][0]} but has no score.weight")
     score = checkpoint.load_file(files["score.weight"], names=["score.weight"])["score.weight"]
