@@ -214,18 +214,27 @@ def finish(result: dict, model: ModelChoice, out_dir: str) -> None:
 
 @click.command(name="finetune")
 @model_options
+@click.option("--task", type=click.Choice(["sft", "classify"]), default="sft", show_default=True,
+              help="sft: instruction data (JSONL); classify: sequence classification of "
+                   "GLUE-style TSV rows (BERT by its [CLS], decoders by their last token).")
+@click.option("--glue-task", metavar="NAME",
+              help="With --task classify: the layout and labels of --data (cola, sst2, mrpc, "
+                   "qqp, stsb, mnli, qnli, rte, wnli or tsv) [default: from its header].")
 @click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
-              help="JSONL training records (repeat for several files).")
+              help="JSONL training records, or TSV rows with --task classify (repeat for "
+                   "several files).")
 @click.option("--eval-data", multiple=True, type=click.Path(exists=True),
-              help="JSONL validation records [default: --val-fraction of --data].")
+              help="Validation records or rows [default: --val-fraction of --data].")
 @click.option("--packing/--no-packing", default=False, show_default=True,
               help="Pack several examples into each row of --block-size tokens.")
 @click.option("--sample-tokens", type=click.IntRange(min=0),
               help="At each evaluation, continue the first validation prompt this far.")
 @click.option("--text-field", help="The field of plain-text records [default: text].")
 @run_options()
-def finetune_command(model, data, eval_data, packing, sample_tokens, text_field, run):
-    """Fine-tune --model on instruction data (JSONL) into OUT.
+def finetune_command(model, task, glue_task, data, eval_data, packing, sample_tokens,
+                     text_field, run):
+    """Fine-tune --model on instruction data (JSONL) into OUT, or with --task classify
+    a sequence classifier on GLUE-style TSV rows (then: tinylm eval glue).
 
     Prints the trainable and total parameters and an estimate of the peak memory
     before training, then a progress bar (or, with --no-progress, log lines). Run it
@@ -233,6 +242,15 @@ def finetune_command(model, data, eval_data, packing, sample_tokens, text_field,
     """
     from tinylm.finetune import run as finetune
 
+    if task == "classify":
+        from tinylm.commands.finetune_classify import finetune_classify
+
+        return finetune_classify(model, data, eval_data, glue_task, run, {
+            "--packing": packing, "--sample-tokens": sample_tokens is not None,
+            "--text-field": text_field is not None, "--merge": model.merge,
+            "--chat-template": model.chat_template is not None})
+    if glue_task is not None:
+        raise click.UsageError("--glue-task goes with --task classify")
     spec = model.spec(packing=packing, eval_data=tuple(eval_data))
     given = dict(run.settings, data=list(data))
     given.update({k: v for k, v in (("sample_tokens", sample_tokens),
