@@ -181,9 +181,12 @@ def detect_format(path: str) -> str:
         return "lm-eval"
     if lower.endswith(".csv"):
         return "mmlu"
-    records = read_jsonl(path, limit=1) if not lower.endswith(".json") else None
-    if records is None:
+    if lower.endswith(".json"):
         return "lm-eval"
+    if not lower.endswith(".jsonl"):
+        raise TaskError(f"{path}: cannot tell the task format from the file name (.jsonl, "
+                        f".csv, .yaml or .json); pass --format {' | '.join(FORMATS)}")
+    records = read_jsonl(path, limit=1)
     first = records[0] if records else {}
     if "endings" in first:
         return "hellaswag"
