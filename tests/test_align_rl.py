@@ -305,6 +305,14 @@ class Rewards:
         register("picky", picky)
         register("nan", lambda prompts, completions, **k: [float("nan")] * len(prompts))
 
+        def spy(prompts, completions, completion_ids, **fields):
+            Rewards.calls.append((prompts, completions, completion_ids, fields))
+            return [0.0] * len(prompts)
+
+        register("spy", spy)
+
+    calls: list = []
+
 
 @pytest.fixture
 def prompts(tmp_path):
@@ -367,6 +375,40 @@ def test_rloo_learns_too_with_the_kl_to_a_frozen_copy(char_base, prompts, tmp_pa
     assert np.mean([r["reward"] for r in recs[-3:]]) > 0.8
     assert recs[0]["kl"] == 0 and recs[-1]["kl"] > 0  # the frozen base falls behind
     assert plot_height(out) == 120 * (5 + 2 * 2.5)  # loss, reward, KL
+
+
+def test_conversational_prompts_and_their_fields_reach_the_reward_as_in_trl(
+        char_base, prompts, tmp_path, monkeypatch):
+    monkeypatch.setattr(Rewards, "calls", [])
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"version": 1, "name": "t", "user_prefix": "b ",
+                                    "user_suffix": " ",
+                                    "assistant_prefix": "d "}), encoding="utf-8")
+    data = tmp_path / "chat.jsonl"
+    chat = [{"role": "user", "content": "cb"}]
+    data.write_text(json.dumps({"prompt": chat, "answer": "a", "n": 7}) + "\n", encoding="utf-8")
+    align("grpo", char_base, data, tmp_path / "out", "--reward", "spy", "--chat-template",
+          template, "--num-generations", "3", "--max-steps", "1", "--batch-size", "1")
+    (given, completions, ids, fields), = Rewards.calls
+    assert given == [chat] * 3 and fields == {"answer": ["a"] * 3, "n": [7] * 3}
+    assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
+               for c in completions)
+    assert len(ids) == 3 and all(1 <= len(i) <= 4 for i in ids)
+
+
+def test_a_reward_model_scores_beside_a_reward_function(char_base, prompts, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": "aa", "rejected": "dd"}) + "\n"
+                             for p in ("b", "dc", "cb")), encoding="utf-8")
+    result = run("align", "reward", "-m", char_base, "--data", prefs, "--out", tmp_path / "rm",
+                 "--full", "--no-progress", "--max-steps", "1", "--val-fraction", "0")
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = tmp_path / "grpo"
+    align("grpo", char_base, prompts, out, "--reward", "likes-a", "--reward-model",
+          tmp_path / "rm", "--num-generations", "2", "--max-steps", "2")
+    for r in records(out):  # the reward is the sum of the two
+        both = r["rewards/likes-a/mean"] + r["rewards/reward-model/mean"]
+        assert r["rewards/reward-model/std"] > 0 and abs(r["reward"] - both) < 1e-9
 
 
 @pytest.mark.parametrize("method, args, stop", [

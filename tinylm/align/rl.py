@@ -189,18 +189,24 @@ def rloo_advantages(rewards, num_generations: int, normalize: bool = False) -> n
 # --------------------------------------------------------------------------- the losses
 
 
+def _on(array, like):
+    """``array`` (NumPy) on ``like``'s device, in its dtype (floats) or as it is (bools)."""
+    a = np.asarray(array)
+    return like.xp.asarray(a, dtype=None if a.dtype == bool else like.data.dtype)
+
+
 def _clipped_objective(ratio, advantages, low: float, high: float):
     """-min(ratio * A, clip(ratio, 1 - low, 1 + high) * A) elementwise (a Tensor), and
-    the ratio values (NumPy). The clipped term carries no gradient where the clip is
-    active, and equals the unclipped one where it is not, so choosing between the two
-    by value gives torch.min's gradient."""
+    the ratio values (NumPy); ``advantages`` an array on ratio's device. The clipped
+    term carries no gradient where the clip is active and equals the unclipped one
+    where it is not, so choosing between the two by value gives torch.min's gradient."""
     from tinylm import backend, ops
 
-    r = backend.to_numpy(ratio.data)
+    xp = ratio.xp
     unclipped = ratio * advantages
-    clipped = np.clip(r, 1 - low, 1 + high) * advantages
-    take = backend.to_numpy(unclipped.data) <= clipped
-    return -ops.where(take, unclipped, clipped.astype(r.dtype)), r
+    clipped = xp.clip(ratio.data, 1 - low, 1 + high) * advantages
+    return -ops.where(unclipped.data <= clipped, unclipped, clipped), \
+        backend.to_numpy(ratio.data)
 
 
 def _masked_mean(x, mask) -> float:
@@ -260,30 +266,32 @@ class GRPO(PolicyGradient):
     def loss(self, model, batch):
         from tinylm import backend
 
-        rl, mask = self.rl, batch["completion_mask"]  # (R, C)
+        rl, mask = self.rl, batch["completion_mask"]  # (R, C) NumPy
         logp, ent = self._logps(model, batch)
-        old = batch.get("old_logps")
-        old = backend.to_numpy(logp.data) if old is None else old.astype(logp.data.dtype)
-        adv = batch["advantages"][:, None].astype(logp.data.dtype)  # (R, 1)
+        old = batch.get("old_logps")  # None: on policy, the ratio is exactly 1
+        old = logp.data.copy() if old is None else _on(old, logp)
+        adv = _on(batch["advantages"][:, None], logp)  # (R, 1)
         ratio = (logp - old).exp()  # (R, C)
         per_token, r = _clipped_objective(ratio, adv, rl.epsilon, rl.epsilon_high)
         metrics = {}
         if rl.beta != 0:
-            d = -(logp - batch["ref_logps"].astype(logp.data.dtype))  # ref - logp
+            d = -(logp - _on(batch["ref_logps"], logp))  # ref - logp
             kl = d.exp() - d - 1
             if rl.use_bias_correction_kl:
                 kl = kl * ratio
             per_token = per_token + kl * rl.beta
             metrics["kl"] = _masked_mean(backend.to_numpy(kl.data), mask)
-        m = mask.astype(logp.data.dtype)
+        m = _on(mask, logp)
         if rl.loss_type == "grpo":
-            loss = ((per_token * m).sum(axis=-1) * (1.0 / np.maximum(m.sum(axis=-1), 1))).mean()
+            lengths = logp.xp.maximum(m.sum(axis=-1), 1)  # (R,)
+            loss = ((per_token * m).sum(axis=-1) * (1.0 / lengths)).mean()
         elif rl.loss_type == "dr_grpo":
             loss = (per_token * m).sum() * (1.0 / (m.shape[0] * rl.max_completion_length))
         else:  # "bnpo", and "dapo" whose micro-batches the Trainer weights by their tokens
-            loss = (per_token * m).sum() * (1.0 / max(float(m.sum()), 1.0))
+            loss = (per_token * m).sum() * (1.0 / max(float(mask.sum()), 1.0))
+        advantages = np.broadcast_to(batch["advantages"][:, None], r.shape)
         self.metrics = {**batch.get("stats", {}), **metrics, "entropy": _masked_mean(ent, mask),
-                        **self._clip_metrics(r, np.broadcast_to(adv, r.shape), mask)}
+                        **self._clip_metrics(r, advantages, mask)}
         return loss
 
 
@@ -293,17 +301,13 @@ class RLOO(PolicyGradient):
     name = "rloo"
 
     def loss(self, model, batch):
-        from tinylm import backend
-
-        rl, mask = self.rl, batch["completion_mask"]  # (R, C)
+        rl, mask = self.rl, batch["completion_mask"]  # (R, C) NumPy
         logp, ent = self._logps(model, batch)
-        seq = (logp * mask.astype(logp.data.dtype)).sum(axis=-1)  # (R,)
-        old = batch.get("old_logps")
-        old = backend.to_numpy(seq.data) if old is None else \
-            (old * mask).sum(axis=-1).astype(seq.data.dtype)
-        adv = batch["advantages"].astype(seq.data.dtype)  # (R,)
+        seq = (logp * _on(mask, logp)).sum(axis=-1)  # (R,)
+        old = batch.get("old_logps")  # None: on policy, the ratio is exactly 1
+        old = seq.data.copy() if old is None else _on((old * mask).sum(axis=-1), seq)
+        adv = _on(batch["advantages"], seq)  # (R,)
         per_seq, r = _clipped_objective((seq - old).exp(), adv, rl.epsilon, rl.epsilon_high)
-        ones = np.ones(len(adv))
         self.metrics = {**batch.get("stats", {}), "entropy": _masked_mean(ent, mask),
-                        **self._clip_metrics(r, adv, ones)}
+                        **self._clip_metrics(r, batch["advantages"], np.ones(len(r)))}
         return per_seq.mean()

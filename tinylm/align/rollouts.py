@@ -113,7 +113,7 @@ def token_logps(model, batch: dict, temperature: float = 1.0, logits=None):
 
     if logits is None:
         logits = completion_logits(model, batch, temperature)
-    return -cross_entropy(logits, batch["targets"], reduction="none")
+    return -cross_entropy(logits, logits.xp.asarray(batch["targets"]), reduction="none")
 
 
 def token_logps_array(model, batch: dict, temperature: float = 1.0) -> np.ndarray:
@@ -126,13 +126,25 @@ def token_logps_array(model, batch: dict, temperature: float = 1.0) -> np.ndarra
         return backend.to_numpy(token_logps(model, batch, temperature).data).astype(np.float64)
 
 
+ENTROPY_CHUNK = 1 << 22  # logits per piece of the entropy (16 MB of float32)
+
+
 def entropy(logits) -> np.ndarray:
-    """(R, C) entropy of softmax(logits) per position, from a logits Tensor's data."""
+    """(R, C) float64 entropy of softmax(logits) per position, from a logits Tensor's
+    data (for the metrics: no graph), on its device in its dtype, a few rows at a time
+    so that no second (R, C, V) array is made."""
     from tinylm import backend
     from tinylm.ops.nn import log_softmax_array
 
-    logp = log_softmax_array(backend.to_numpy(logits.data).astype(np.float64))
-    return -(np.exp(logp) * logp).sum(axis=-1)
+    x = logits.data  # (R, C, V)
+    xp = backend.get_array_module(x)
+    rows = max(1, ENTROPY_CHUNK // max(x.shape[1] * x.shape[2], 1))
+    out = np.zeros(x.shape[:2], dtype=np.float64)
+    for start in range(0, x.shape[0], rows):  # pieces of rows, not a loop over tokens
+        logp = log_softmax_array(x[start:start + rows])  # (r, C, V)
+        h = -(xp.exp(logp) * xp.where(xp.isinf(logp), 0, logp)).sum(axis=-1)
+        out[start:start + rows] = backend.to_numpy(h)
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoints
