@@ -24,8 +24,8 @@ def finetune_classify(model, data, eval_data, glue_task, run, refused: dict) -> 
 
     given = [name for name, value in refused.items() if value]
     if given:
-        raise click.UsageError(f"{', '.join(given)}: an option of instruction data; "
-                               f"--task classify reads TSV rows, leave it out")
+        raise click.UsageError(f"{', '.join(given)}: an option of instruction data (--task "
+                               f"sft); --task classify reads TSV rows, leave it out")
     spec = model.spec(eval_data=tuple(eval_data))
     result = train_classifier(spec, dict(run.settings, data=list(data)), task=glue_task,
                               epochs=run.epochs, overwrite=run.overwrite,
