@@ -36,8 +36,8 @@ aggregated over the completion mask m as ``loss_type`` says (``LOSS_TYPES``): "d
 (TRL's default: the sum over every completion token of the optimizer step's batch,
 divided by their number), "bnpo" (the same per micro-batch), "grpo" (each
 completion's mean, then the mean over completions: the paper's), "dr_grpo" (the sum
-divided by completions x max_completion_length). beta defaults to 0.0 (TRL's default
-since 0.19: no reference model is run).
+divided by completions x max_completion_length). beta defaults to 0.0 (TRL's default:
+no reference model is run).
 
 RLOO. The KL penalty goes into the reward, with the first-order estimate summed over
 the completion: r_i <- r_i - beta * sum_t (old_t - ref_t) (beta 0.05 by default, so the
@@ -54,8 +54,12 @@ reward_std, frac_reward_zero_std, rewards/NAME/mean and /std, completions/mean_l
 /region_mean. Where tinylm differs from TRL: ``--batch-size`` counts prompts (each
 gives G rows; TRL's per-device batch counts completions); one generation batch is one
 optimizer step's micro-batches (TRL's default ``steps_per_generation``), reused for
-``num_iterations`` steps and not shuffled (the step's gradient is the same);
-rewards must be finite numbers (TRL's None, "not scored", is refused).
+``num_iterations`` steps and not shuffled (the step's gradient is the same, but for
+"bnpo", whose micro-batches divide by their own token counts); the old
+and reference log-probabilities are computed in eval mode (TRL: in the model's mode,
+so with its dropout; the same without), and RLOO's old ones only when it needs them
+(num_iterations > 1, or its KL: otherwise the ratio is 1, as it is in TRL up to
+rounding); rewards must be finite numbers (TRL's None, "not scored", is refused).
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class RLConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon
     num_iterations: int = 1
-    max_completion_length: int = 256
+    max_completion_length: int = 256  # TRL: 512, long for a CPU
     temperature: float = 1.0
     loss_type: str = "dapo"
     scale_rewards: str = "group"

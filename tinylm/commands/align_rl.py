@@ -10,7 +10,8 @@ Prompt records are ``{"prompt": text or messages, ...}``; the other fields (an
 "answer") go to the reward functions (``tinylm.align.prompt_data``). The method is
 TRL 1.16's GRPOTrainer / RLOOTrainer (``tinylm.align.rl``: DeepSeekMath's GRPO,
 arXiv:2402.03300; RLOO, arXiv:2402.14740); its options keep TRL's names and
-defaults. The model and training options are `tinylm finetune`'s: OUT is a run
+defaults (but --max-completion-length 256, TRL's 512; --batch-size counts prompts,
+each sampled --num-generations times). The model and training options are `tinylm finetune`'s: OUT is a run
 folder that resumes bit for bit (run the same command again), and at the end holds
 the adapter (or with --full the model).
 """
