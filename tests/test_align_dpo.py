@@ -13,12 +13,11 @@ import os
 
 import numpy as np
 import pytest
-from cli_helpers import one_error_line, run
 
 import tinylm
 from tinylm import Tensor
 from tinylm.align.dpo import (
-    DPO, LOSS_TYPES, AdapterReference, ModelReference, PrecomputedReference, WithReference,
+    DPO, AdapterReference, ModelReference, PrecomputedReference, WithReference,
     check_options, completion_metrics, log_sigmoid, pair_losses, reference_logps,
     sequence_logps,
 )
@@ -189,7 +188,8 @@ def tinylm_batch(inputs) -> dict:
 
 @pytest.fixture(scope="module")
 def oracle(tok_file, tmp_path_factory):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
     pytest.importorskip("transformers")
     pytest.importorskip("datasets")
     pytest.importorskip("trl")
@@ -259,6 +259,32 @@ def test_cdpo_label_smoothing_equals_trls_aot_on_one_pair(oracle, tiny_models, e
                            beta=0.7, loss_type="aot", label_smoothing=e)
 
 
+@pytest.fixture(scope="module")
+def prefs(tok_file, tmp_path_factory):
+    """PAIRS read by tinylm.align.preferences with the oracle's tokenizer."""
+    from tinylm.align.preferences import read_preferences
+    from tinylm.instruct import Formatting
+    from tinylm.tokenizers import from_file
+
+    tok = from_file(tok_file)
+    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
+    return read_preferences([path], Formatting(tok, tok.token_to_id("<|endoftext|>"), 64))
+
+
+def test_pairs_read_from_records_are_trls_batch_and_give_its_loss(oracle, tiny_models, prefs):
+    """The same records through tinylm.align.preferences and through TRL's dataset
+    preparation and collator: the same rows, completion masks, padding, and loss."""
+    ours = prefs.examples.batch(np.arange(len(PAIRS)), prefs.pad_id)
+    inputs = oracle.collated()
+    theirs = tinylm_batch(inputs)
+    for key in ("ids", "targets", "attention_mask"):
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    policy, ref = tiny_models
+    objective = DPO(prefs.formatting.tokenizer, ModelReference(ref))
+    assert_dpo_matches_trl(policy, objective, ours, oracle, inputs)
+
+
 def test_sequence_logps_sum_the_completion_tokens_only(tiny_models, oracle):
     policy, _ = tiny_models
     batch = tinylm_batch(oracle.collated())
@@ -274,30 +300,87 @@ def test_sequence_logps_sum_the_completion_tokens_only(tiny_models, oracle):
     assert m["logits/chosen"] == pytest.approx(logits.data.mean(-1)[chosen].mean(), rel=1e-12)
 
 
-def test_precomputed_reference_equals_the_model_reference(tiny_models, oracle):
+def test_precomputed_reference_equals_the_model_reference(tiny_models, prefs):
     policy, ref = tiny_models
-    batch = tinylm_batch(oracle.collated())
-
-    class Rows:  # three pairs as the pairs interface has them
-        packed, margins = False, None
-
-        def __len__(self):
-            return len(PAIRS)
-
-        def take(self, index):
-            return self
-
-        def batch(self, index, pad_id):
-            index = np.asarray(index)
-            rows = np.concatenate([index, index + len(PAIRS)])
-            return {k: v[rows] for k, v in batch.items()}
-
-    table = reference_logps(ModelReference(ref), policy, Rows(), 2, 0)  # batches of 2, 1
-    assert policy.training
-    with_ref = WithReference(Rows(), table)
-    b = with_ref.batch(np.arange(3), 0)
-    direct = DPO(None, ModelReference(ref))
-    pre = DPO(None, PrecomputedReference())
-    a, c = direct.loss(policy, batch).item(), pre.loss(policy, b).item()
-    assert c == pytest.approx(a, rel=1e-12)
+    pairs = prefs.examples
+    table = reference_logps(ModelReference(ref), policy, pairs, 2, prefs.pad_id)  # 2 + 1
+    assert policy.training and table.shape == (len(PAIRS), 2)
+    with_ref = WithReference(pairs, table).take([2, 0])  # taken as the pairs are
+    batch = pairs.take([2, 0]).batch(np.arange(2), prefs.pad_id)
+    direct, pre = DPO(None, ModelReference(ref)), DPO(None, PrecomputedReference())
+    a = direct.loss(policy, batch).item()
+    b = pre.loss(policy, with_ref.batch(np.arange(2), prefs.pad_id)).item()
+    assert b == pytest.approx(a, rel=1e-12)
     assert pre.metrics == pytest.approx(direct.metrics, rel=1e-12)
+    with pytest.raises(ConfigError, match="2 reference log-probs for 3 pairs"):
+        WithReference(pairs, table[:2])
+
+
+# --------------------------------------------------------------------------- PEFT: TRL's path
+
+
+def adapter_grads(model, folder) -> dict:
+    """The adapter's gradients in PEFT's names and layout: save_adapter's mapping is
+    linear, so exporting the gradients in place of the weights maps them."""
+    from tinylm import checkpoint, peft
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.grad
+        peft.save_adapter(model, folder)
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+    return checkpoint.load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def test_peft_reference_is_the_base_with_adapters_disabled_as_in_trl(tok_file, tmp_path):
+    """A new LoRA adapter (drawn nonzero, so the policy differs from its base): TRL's
+    reference is the PeftModel with the adapter disabled (no ref_model), tinylm's
+    AdapterReference the same; loss, metrics and the adapter's gradients agree."""
+    pytest.importorskip("torch")
+    datasets = pytest.importorskip("datasets")
+    hf_peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    trl = pytest.importorskip("trl")
+    from model_helpers import load_in_float64
+
+    from tinylm import peft
+    from tinylm.align.dpo import disable_dropout
+
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok_file),
+                                                  eos_token="<|endoftext|>")
+    hf = random_gpt2(len(hf_tok), 3)
+    model = disable_dropout(load_in_float64(hf, tmp_path).train())  # hf is float64 now
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
+                         max_length=64, bf16=False, fp16=False, beta=0.5)
+    config = hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                init_lora_weights=False, fan_in_fan_out=True,
+                                task_type="CAUSAL_LM")
+    trainer = trl.DPOTrainer(model=hf, args=args, processing_class=hf_tok, peft_config=config,
+                             train_dataset=datasets.Dataset.from_list(PAIRS))
+    assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    peft.load_adapter(model, tmp_path / "adapter")
+    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    inputs = trainer.data_collator(rows)
+    trainer.model.train()
+    loss = trainer._compute_loss(trainer.model, inputs, False)
+    loss.backward()
+    theirs = {k: v[0] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+
+    objective = DPO(None, AdapterReference(), beta=0.5)
+    ours = objective.loss(model, tinylm_batch(inputs))
+    ours.backward()
+    assert ours.item() == pytest.approx(float(loss), rel=TOL)
+    assert_metrics_match(objective.metrics, theirs)
+    assert abs(theirs["rewards/margins"]) > 1e-3  # the adapter moved the policy
+    grads = adapter_grads(model, tmp_path / "grads")
+    torch_grads = {n.replace(".default", ""): p.grad.numpy()
+                   for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(torch_grads), sorted(set(grads) ^ set(torch_grads))
+    for name, g in torch_grads.items():
+        err = np.abs(grads[name] - g).max() / np.abs(g).max()
+        assert err < TOL, (name, err)

@@ -295,6 +295,7 @@ class DPO(Objective):
     examples = True
     options = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0}
     progress_metrics = ("rewards/accuracies", "rewards/margins")
+    perplexity = False  # the loss is no cross-entropy (the Trainer reports no val_ppl)
 
     def __init__(self, tokenizer=None, reference=None, **options):
         super().__init__(tokenizer, **options)
