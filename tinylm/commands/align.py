@@ -24,3 +24,5 @@ align_group.add_command(reward_command)
 from tinylm.commands.align_rl import grpo_command, rloo_command  # noqa: E402
 align_group.add_command(grpo_command)
 align_group.add_command(rloo_command)
+from tinylm.commands.align_dpo import dpo_command  # noqa: E402
+align_group.add_command(dpo_command)
