@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import click
+
+from tinylm.commands.options import option_group
 
 TASK_NAMES = "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or tsv"
 
@@ -40,6 +43,16 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Report:
+    """Where the results go: ``predictions`` (a TSV path), ``output`` (a JSON path),
+    ``as_json`` (stdout as JSON instead of a table)."""
+
+    predictions: str | None = None
+    output: str | None = None
+    as_json: bool = False
+
+
 @click.command(name="glue")
 @click.option("-m", "--model", "model_path", required=True,
               help="A classifier: the --out folder of `tinylm finetune --task classify`, or "
@@ -52,16 +65,18 @@ def results_table(result: dict) -> str:
               help="Tokens per example (longer ones are cut) [default: the classifier's "
                    "--block-size].")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
-@click.option("--predictions", type=click.Path(dir_okay=False),
-              help="Write each row's prediction here (GLUE's index<TAB>prediction TSV).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write the results here as JSON.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@option_group(
+    "report", Report,
+    click.option("--predictions", type=click.Path(dir_okay=False),
+                 help="Write each row's prediction here (GLUE's index<TAB>prediction TSV)."),
+    click.option("-o", "--output", type=click.Path(dir_okay=False),
+                 help="Write the results here as JSON."),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def glue_command(model_path, task, data, batch_size, max_length, limit, predictions, output,
-                 as_json, device, progress):
+def glue_command(model_path, task, data, batch_size, max_length, limit, report, device,
+                 progress):
     """Score a classifier on a GLUE-style TSV file (accuracy, F1, Matthews
     correlation, Pearson / Spearman, as the task is scored)."""
     from tinylm.atomic import write_atomic
@@ -69,16 +84,16 @@ def glue_command(model_path, task, data, batch_size, max_length, limit, predicti
     from tinylm.evaluation import glue
 
     task = glue.resolve_task(task, data)  # bad input fails before the model loads
-    if glue.read_tsv(data, task).labels is None and predictions is None:
+    if glue.read_tsv(data, task).labels is None and report.predictions is None:
         raise click.UsageError(f"{data} has no labels (a test split): nothing to score; "
                                f"pass --predictions FILE to write the predictions")
     model, tokenizer, info = load_classifier(model_path, device)
     result = glue.evaluate(model, tokenizer, info, task, data, batch_size=batch_size,
                            max_length=max_length, limit=limit, progress=progress)
-    if predictions is not None:
-        glue.write_predictions(predictions, result)
-        click.echo(f"predictions: {predictions}", err=True)
+    if report.predictions is not None:
+        glue.write_predictions(report.predictions, result)
+        click.echo(f"predictions: {report.predictions}", err=True)
     summary = results_json(result, model_path)
-    if output is not None:
-        write_atomic(output, json.dumps(summary, indent=1) + "\n")
-    click.echo(json.dumps(summary, indent=1) if as_json else results_table(result))
+    if report.output is not None:
+        write_atomic(report.output, json.dumps(summary, indent=1) + "\n")
+    click.echo(json.dumps(summary, indent=1) if report.as_json else results_table(result))
