@@ -396,6 +396,24 @@ def test_conversational_prompts_and_their_fields_reach_the_reward_as_in_trl(
     assert len(ids) == 3 and all(1 <= len(i) <= 4 for i in ids)
 
 
+def test_prompt_records_become_ids_with_the_generation_prompt(char_base, tmp_path):
+    from tinylm.align.prompt_data import PromptData
+    from tinylm.instruct import Formatting
+    from tinylm.prompts import ChatTemplate
+    from tinylm.tokenizers import from_file
+
+    tok = from_file(char_base / "tokenizer.txt")
+    template = ChatTemplate(user_prefix="b ", user_suffix=" ", assistant_prefix="d ")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "ab c", "k": 1}) + "\n" + json.dumps(
+        {"prompt": [{"role": "user", "content": "cb"}], "k": 2}) + "\n", encoding="utf-8")
+    data = PromptData.read([path], Formatting(tok, 0, 12, template))
+    batch = data.examples.batch([1, 0], data.pad_id)
+    assert batch["prompt_ids"] == [tok.encode("b cb d "), tok.encode("ab c")]
+    assert batch["fields"] == [{"k": 2}, {"k": 1}] and batch["n_tokens"] == 11
+    assert len(data.split(0.5)[1]) == 1  # split and batched as fine-tuning examples are
+
+
 def test_a_reward_model_scores_beside_a_reward_function(char_base, prompts, tmp_path):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": p, "chosen": "aa", "rejected": "dd"}) + "\n"
@@ -437,6 +455,15 @@ def test_a_run_stopped_mid_buffer_resumes_bit_for_bit(char_base, prompts, tmp_pa
     assert state["rollouts"] is None  # 6 steps: the last buffer was used up
     for name in ("model.safetensors", "adapter_model.safetensors"):
         assert (broken / name).read_bytes() == (straight / name).read_bytes()
+    result = run("generate", "-m", char_base, "--adapter", broken, "-p", "ab", "-n", "3")
+    assert result.exit_code == 0, result.output
+
+
+def test_epochs_count_prompts_and_iterations(char_base, prompts, tmp_path):
+    """4 prompts, 2 a step: an epoch is 2 generation batches, each trained on twice."""
+    result = align("grpo", char_base, prompts, tmp_path / "o", "--reward", "likes-a",
+                   "--num-generations", "2", "--epochs", "1", "--num-iterations", "2")
+    assert "done: 4 steps" in result.stderr and len(records(tmp_path / "o")) == 4
 
 
 # --------------------------------------------------------------------------- bad input

@@ -124,10 +124,10 @@ def read_prompts(files, fmt: Formatting) -> Prompts:
         raise PromptError(f"no records in {', '.join(map(str, files))}; give a JSONL file "
                           f"with one {{\"prompt\": ...}} object per line")
     names = set(fields[0])
-    for path_fields in fields:
-        if set(path_fields) != names:
+    for other in fields:
+        if set(other) != names:
             raise PromptError(f"the prompt records do not all have the same fields "
-                              f"({sorted(names)} and {sorted(path_fields)}); the reward "
+                              f"({sorted(names)} and {sorted(other)}); the reward "
                               f"functions get each field for every completion: give every "
                               f"record the same ones")
     return Prompts(Examples.from_lists(pairs), prompts, fields)
