@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinylm import backend, ops
+from tinylm.align.reward import last_tokens
 from tinylm.autograd import no_grad
 from tinylm.instruct import ExampleData
 from tinylm.objectives import EOT, Objective, ObjectiveError, model_kind
@@ -280,8 +281,6 @@ class Sentences:
         real = j[None, :] < lengths[:, None]  # (B, T)
         src = np.where(real, starts[:, None] + j, 0)  # (B, T)
         ids = np.where(real, self.tokens[src], pad_id)
-        from tinylm.align.reward import last_tokens
-
         batch = {"ids": ids, "attention_mask": real.astype(np.int64),
                  "token_type_ids": np.where(real, self.types[src], 0),
                  "last": last_tokens(ids, pad_id), "n_tokens": int(real.sum())}
