@@ -33,7 +33,6 @@ the failed rollout), so the same command resumes there once the function is fixe
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 
