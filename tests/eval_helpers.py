@@ -74,11 +74,23 @@ def offline_lm_eval(monkeypatch, cache_dir):
     return lm_eval
 
 
-def hflm(path, batch_size: int = 8):
-    """lm-eval's HFLM on a local folder, float32 on the CPU."""
+def hf_model(path):
+    """(transformers model, tokenizer) of a local folder, float32, in eval mode."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path)).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(os.fspath(path))
+
+
+def hflm(hf, batch_size: int = 8):
+    """lm-eval's HFLM (``--model hf``) around an already loaded (model, tokenizer) pair
+    of a local folder, float32 on the CPU (loading once per test module: from_pretrained
+    costs seconds)."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=os.fspath(path), dtype="float32", device="cpu",
+    model, tokenizer = hf
+    return HFLM(pretrained=model, tokenizer=tokenizer, dtype="float32", device="cpu",
                 batch_size=batch_size)
 
 

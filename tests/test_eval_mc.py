@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from cli_helpers import one_error_line, run
-from eval_helpers import WORDS, hflm, offline_lm_eval, tiny_gpt2, tiny_llama, write_jsonl
+from eval_helpers import (WORDS, hf_model, hflm, offline_lm_eval, tiny_gpt2, tiny_llama,
+                          write_jsonl)
 
 from tinylm.evaluation.encoding import TextEncoder
 from tinylm.evaluation.fewshot import FewshotSampler, build_prompt
@@ -34,6 +35,13 @@ DATA = __import__("pathlib").Path(__file__).parent / "data" / "eval"
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("mc_models")
     return {"gpt2": tiny_gpt2(root / "gpt2"), "llama": tiny_llama(root / "llama")}
+
+
+@pytest.fixture(scope="module")
+def lms(folders):
+    """lm-eval's HFLM per folder, built once (simple_evaluate takes an LM object)."""
+    pytest.importorskip("lm_eval")
+    return {name: hflm(hf_model(path)) for name, path in folders.items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +123,14 @@ def task_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("shots", [0, 2])
 @pytest.mark.parametrize("model_name, style", [("gpt2", "templates"), ("llama", "fields")])
-def test_same_loglikelihoods_and_accuracy_as_lm_eval(folders, loaded, task_dir, monkeypatch,
+def test_same_loglikelihoods_and_accuracy_as_lm_eval(lms, loaded, task_dir, monkeypatch,
                                                      tmp_path, model_name, style, shots):
     lm_eval = offline_lm_eval(monkeypatch, tmp_path / "hf_cache")
     from lm_eval.tasks import TaskManager
 
     name = f"tiny_{style}"
     out = lm_eval.simple_evaluate(
-        model=hflm(folders[model_name]), tasks=[name], num_fewshot=shots, log_samples=True,
+        model=lms[model_name], tasks=[name], num_fewshot=shots, log_samples=True,
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
     theirs = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     model, enc = loaded[model_name]
