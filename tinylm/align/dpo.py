@@ -89,8 +89,9 @@ def pair_losses(chosen_logratios, rejected_logratios, beta: float, loss_type: st
         return (delta - 1.0 / (2.0 * beta)) ** 2
     z = (chosen_logratios - rejected_logratios) * beta  # (B,) b d
     if loss_type == "sigmoid":
-        loss = -log_sigmoid(z) * (1.0 - e) if e else -log_sigmoid(z)
-        return loss - log_sigmoid(-z) * e if e else loss
+        if not e:
+            return -log_sigmoid(z)  # TRL 1.16's sigmoid, term for term
+        return -log_sigmoid(z) * (1.0 - e) - log_sigmoid(-z) * e
     if loss_type == "hinge":
         return (1.0 - z).relu()
     if loss_type == "robust":
