@@ -27,26 +27,81 @@ report (with every document's scores for mc) as JSON.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import click
 
 from tinylm.commands.generate import model_options
+from tinylm.commands.options import option_group
+
+# --------------------------------------------------------------------------- option groups
 
 
-def _encoder(source, model, tokenizer, add_bos, prefix_token):
-    from tinylm.evaluation.encoding import TextEncoder
+@dataclass(frozen=True)
+class Encoding:
+    """--add-bos, --prefix-token-id, --max-length: how texts become the model's tokens."""
 
-    return TextEncoder.for_model(source.path, model, tokenizer, add_bos=add_bos,
-                                 prefix_token=prefix_token)
+    add_bos: bool | None = None
+    prefix_token_id: int | None = None
+    max_length: int | None = None
+
+    def encoder(self, source, model, tokenizer):
+        from tinylm.evaluation.encoding import TextEncoder
+
+        return TextEncoder.for_model(source.path, model, tokenizer, add_bos=self.add_bos,
+                                     prefix_token=self.prefix_token_id)
 
 
-def _write(path, report) -> None:
-    from tinylm.atomic import write_atomic
+@dataclass(frozen=True)
+class Report:
+    """--json, -o/--output, --progress: where the results go."""
 
-    write_atomic(path, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    as_json: bool = False
+    output: str | None = None
+    progress: bool = True
+
+    def emit(self, report: dict, table: str, summary: dict | None = None) -> None:
+        """Write the full report to --output, print the table (or --json, the summary)."""
+        if self.output:
+            from tinylm.atomic import write_atomic
+
+            text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+            write_atomic(self.output, text.encode("utf-8"))
+        click.echo(json.dumps(report if summary is None else summary, indent=1)
+                   if self.as_json else table)
 
 
-_encoding_options = [
+@dataclass(frozen=True)
+class Documents:
+    """--shots, --seed, --limit: which documents are asked, with how many examples."""
+
+    shots: int | None = None
+    seed: int = 1234
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Asking:
+    """--generate and its options: ask for the answer instead of scoring the choices."""
+
+    generate: bool = False
+    chat_template: str | None = None
+    cot: bool = False
+    answer_regex: str | None = None
+    max_new_tokens: int | None = None
+
+
+def _asking(generate, chat_template, cot, answer_regex, max_new_tokens) -> Asking:
+    given = {"--chat-template": chat_template, "--cot": cot or None,
+             "--answer-regex": answer_regex, "--max-new-tokens": max_new_tokens}
+    given = [k for k, v in given.items() if v is not None]
+    if given and not generate:
+        raise click.UsageError(f"{', '.join(given)} go(es) with --generate")
+    return Asking(generate, chat_template, cot, answer_regex, max_new_tokens)
+
+
+encoding_options = option_group(
+    "encoding", Encoding,
     click.option("--add-bos/--no-add-bos", default=None,
                  help="Put the BOS token before every text [default: when the tokenizer's "
                       "post-processor (tokenizer.json, GGUF add_bos_token) adds one]."),
@@ -54,18 +109,27 @@ _encoding_options = [
                  help="The token a document's first token is predicted from [default: "
                       "BOS, else EOS]."),
     click.option("--max-length", type=click.IntRange(min=2), default=None,
-                 help="Tokens the model sees at once [default: its max_positions]."),
+                 help="Tokens the model sees at once [default: its max_positions]."))
+
+report_options = option_group(
+    "report", Report,
     click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                  help="Write the full report here as JSON."),
-    click.option("--progress/--no-progress", default=True, show_default=True),
-]
+    click.option("--progress/--no-progress", default=True, show_default=True))
 
-
-def encoding_options(command):
-    for option in reversed(_encoding_options):
-        command = option(command)
-    return command
+asking_options = option_group(
+    "asking", _asking,
+    click.option("--generate", is_flag=True,
+                 help="Ask and generate the answer instead of scoring the choices."),
+    click.option("--chat-template", default=None,
+                 help="--generate: wrap each prompt in this chat template (a built-in name "
+                      "or a JSON file)."),
+    click.option("--cot", is_flag=True, help="--generate: zero-shot chain of thought."),
+    click.option("--answer-regex", default=None,
+                 help=r"--generate: the answer in the reply [default: '\b([A-Z])\b']."),
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                 help="--generate: tokens per answer [default: the task's, else 256]."))
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -86,27 +150,25 @@ def encoding_options(command):
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Windows per forward.")
 @encoding_options
-def perplexity_command(model, data, text_key, method, stride, batch_size, add_bos,
-                       prefix_token_id, max_length, as_json, output, progress):
+@report_options
+def perplexity_command(model, data, text_key, method, stride, batch_size, encoding, report):
     """Perplexity of a model on a text: token, word and byte perplexity, bits per byte."""
     from tinylm.evaluation.perplexity import (read_documents, rolling_perplexity,
                                               strided_perplexity)
 
     docs = read_documents(data, text_key)
     net, tokenizer = model.load()
-    enc = _encoder(model, net, tokenizer, add_bos, prefix_token_id)
+    enc = encoding.encoder(model, net, tokenizer)
     method = ("strided" if stride is not None else "rolling") if method == "auto" else method
-    reports = []
+    results, L = [], encoding.max_length
     with model.precision():
         if method in ("rolling", "both"):
-            reports.append(rolling_perplexity(net, enc, docs, max_length, batch_size, progress))
+            results.append(rolling_perplexity(net, enc, docs, L, batch_size, report.progress))
         if method in ("strided", "both"):
-            reports.append(strided_perplexity(net, enc, docs, max_length, stride, batch_size,
-                                              progress))
-    report = {"model": model.path, "data": data, "results": [r.to_dict() for r in reports]}
-    if output:
-        _write(output, report)
-    click.echo(json.dumps(report, indent=1) if as_json else perplexity_table(report))
+            results.append(strided_perplexity(net, enc, docs, L, stride, batch_size,
+                                              report.progress))
+    out = {"model": model.path, "data": data, "results": [r.to_dict() for r in results]}
+    report.emit(out, perplexity_table(out))
 
 
 def perplexity_table(report) -> str:
@@ -136,52 +198,42 @@ def perplexity_table(report) -> str:
 @click.option("--fewshot", "fewshot_file", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Few-shot examples from this file (same format) [default: "
                                  "the task's rule, else the other documents].")
-@click.option("--shots", type=click.IntRange(min=0), default=None,
-              help="Few-shot examples per document [default: the task's num_fewshot, else 0].")
-@click.option("--seed", type=int, default=1234, show_default=True,
-              help="The few-shot sampler's seed (lm-eval's default).")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Only the first N documents.")
+@option_group(
+    "documents", Documents,
+    click.option("--shots", type=click.IntRange(min=0), default=None,
+                 help="Few-shot examples per document [default: the task's num_fewshot, "
+                      "else 0]."),
+    click.option("--seed", type=int, default=1234, show_default=True,
+                 help="The few-shot sampler's seed (lm-eval's default)."),
+    click.option("--limit", type=click.IntRange(min=1), default=None,
+                 help="Only the first N documents."))
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Requests (choices) per forward.")
-@click.option("--generate", "generate_mode", is_flag=True,
-              help="Ask and generate the answer instead of scoring the choices.")
-@click.option("--chat-template", default=None,
-              help="--generate: wrap each prompt in this chat template (a built-in name "
-                   "or a JSON file).")
-@click.option("--cot", is_flag=True, help="--generate: zero-shot chain of thought.")
-@click.option("--answer-regex", default=None,
-              help=r"--generate: the answer in the reply [default: '\b([A-Z])\b'].")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="--generate: tokens per answer [default: the task's, else 256].")
+              help="Requests (choices) per forward; --generate: prompts decoded together.")
+@asking_options
 @encoding_options
-def mc_command(model, task_file, fmt, fewshot_file, shots, seed, limit, batch_size,
-               generate_mode, chat_template, cot, answer_regex, max_new_tokens, add_bos,
-               prefix_token_id, max_length, as_json, output, progress):
+@report_options
+def mc_command(model, task_file, fmt, fewshot_file, documents, batch_size, asking, encoding,
+               report):
     """Multiple-choice accuracy (acc, acc_norm, acc_bytes) as lm-evaluation-harness scores it."""
     from tinylm.evaluation.harness import MCOptions, evaluate_mc, format_table
     from tinylm.evaluation.tasks import read_task
 
-    gen_only = {"--chat-template": chat_template, "--cot": cot or None,
-                "--answer-regex": answer_regex, "--max-new-tokens": max_new_tokens}
-    given = [k for k, v in gen_only.items() if v is not None]
-    if given and not generate_mode:
-        raise click.UsageError(f"{', '.join(given)} go(es) with --generate")
     task = read_task(task_file, fmt, fewshot_file)
     net, tokenizer = model.load()
-    enc = _encoder(model, net, tokenizer, add_bos, prefix_token_id)
+    enc = encoding.encoder(model, net, tokenizer)
     with model.precision():
-        if generate_mode or task.output_type == "generate_until":
+        if asking.generate or task.output_type == "generate_until":
             from tinylm.evaluation.generation import GenOptions, evaluate_generation
 
-            options = GenOptions(shots, seed, limit, cot, chat_template, model.path,
-                                 answer_regex, max_new_tokens, batch_size, progress)
-            report = evaluate_generation(net, enc, task, options)
+            d = documents
+            options = GenOptions(d.shots, d.seed, d.limit, asking.cot, asking.chat_template,
+                                 model.path, asking.answer_regex, asking.max_new_tokens,
+                                 batch_size, report.progress)
+            out = evaluate_generation(net, enc, task, options)
         else:
-            options = MCOptions(shots, seed, limit, batch_size, progress, max_length)
-            report = evaluate_mc(net, enc, task, options)
-    report = {"model": model.path, "task_file": task_file, **report}
-    if output:
-        _write(output, report)
-    summary = {k: v for k, v in report.items() if k != "samples"}
-    click.echo(json.dumps(summary, indent=1) if as_json else format_table(report))
+            d = documents
+            options = MCOptions(d.shots, d.seed, d.limit, batch_size, report.progress,
+                                encoding.max_length)
+            out = evaluate_mc(net, enc, task, options)
+    out = {"model": model.path, "task_file": task_file, **out}
+    report.emit(out, format_table(out), {k: v for k, v in out.items() if k != "samples"})

@@ -51,7 +51,7 @@ def token_logprobs(model, ids_list, prefix_token: int, batch_size: int = 32,
     from ``prefix_token`` (the tokenizer's BOS, else EOS), and a sequence longer than
     the model is cut into disjoint windows of ``max_length`` predicted tokens, each
     conditioned on the token before it (lm-eval's ``context_len=1``)."""
-    L = _max_length(model, max_length)
+    L = model_window(model, max_length)
     requests, owner = [], []
     for i, ids in enumerate(ids_list):
         for window in rolling_windows(list(ids), prefix_token, L):
@@ -90,7 +90,7 @@ def score_requests(model, requests, batch_size: int = 32, progress: bool = False
     """[(per-token log-probs (len(continuation),) float64, is_greedy)] for
     ``requests`` = [(context_ids, continuation_ids)], in order; contexts shared by
     several requests are computed once (see the module docstring)."""
-    L = _max_length(model, max_length)
+    L = model_window(model, max_length)
     groups = _groups([_truncate(ctx, cont, L) for ctx, cont in requests])
     results = [None] * len(requests)
     bar = _bar(len(requests), progress)
@@ -109,7 +109,8 @@ def score_requests(model, requests, batch_size: int = 32, progress: bool = False
 # --------------------------------------------------------------------------- grouping
 
 
-def _max_length(model, max_length):
+def model_window(model, max_length=None) -> int:
+    """``max_length``, else the model's ``max_positions`` (the window lm-eval uses)."""
     if max_length is not None:
         return int(max_length)
     return int(getattr(model.config, "max_positions", 2048))
@@ -208,7 +209,7 @@ def _continue(model, cache, row_group, ctx_len, inputs, lengths):
     keep = np.zeros((R, N + T), dtype=np.int64)
     keep[:, :N] = np.arange(N)[None, :] < ctx_len[:, None]  # (R, N) real context keys
     keep[:, N:] = np.arange(T)[None, :] < (lengths - 1)[:, None]  # (R, T) real inputs
-    limit = _max_length(model, None)
+    limit = model_window(model, None)
     positions = np.minimum(ctx_len[:, None] + np.arange(T)[None, :], limit - 1)  # (R, T)
     return _logits(model, xp.asarray(inputs), cache, attention_mask=xp.asarray(keep),
                    positions=xp.asarray(positions))

@@ -33,7 +33,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from tinylm.errors import TinyLMError
-from tinylm.evaluation.loglik import _max_length, score_requests, token_logprobs
+from tinylm.evaluation.loglik import model_window, score_requests, token_logprobs
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _metrics(ll: float, tokens: int, docs) -> dict:
 def rolling_perplexity(model, encoder, docs, max_length: int | None = None,
                        batch_size: int = 4, progress: bool = False) -> PerplexityReport:
     """lm-eval's rolling log-likelihood of each document, and its metrics (see above)."""
-    L = _max_length(model, max_length)
+    L = model_window(model, max_length)
     ids = [encoder.encode(d) for d in docs]
     per_token = token_logprobs(model, ids, encoder.prefix_token, batch_size=batch_size,
                                progress=progress, max_length=L)
@@ -151,7 +151,7 @@ def strided_perplexity(model, encoder, docs, max_length: int | None = None,
     """Hugging Face's strided sliding-window perplexity of the documents joined by a
     blank line (see the module docstring for its weighting); the other metrics are
     over the exact per-token sum of the scored tokens."""
-    L = _max_length(model, max_length)
+    L = model_window(model, max_length)
     stride = L if stride is None else int(stride)
     if not 1 <= stride <= L:
         raise TinyLMError(f"--stride must be between 1 and --max-length ({L}), got {stride}")
