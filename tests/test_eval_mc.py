@@ -363,3 +363,19 @@ def test_task_files_that_run_code_or_download_are_refused(folders, tmp_path):
                        "--cot"), "--generate")
     with pytest.raises(TaskError, match="--format"):
         read_task(DATA / "glue" / "sst2_dev.tsv")
+
+
+def test_templates_without_jinja_render_the_common_forms():
+    from tinylm.evaluation.template import TemplateError, _render_simple, render
+
+    doc = {"question": "  Why?  ", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+           "n": 3}
+    for template in ("{{question.strip()}}\nA. {{choices.text[0]}}", "{{ choices.text }}",
+                     "{{choices['label'][1]}}-{{n}}"):
+        assert _render_simple(template, doc) == render(template, doc)  # Jinja's answer
+    with pytest.raises(TemplateError, match="jinja2"):
+        _render_simple("{% if n %}x{% endif %}", doc)
+    with pytest.raises(TemplateError, match="jinja2"):
+        _render_simple("{{choices.label.index('A')}}", doc)
+    with pytest.raises(TemplateError, match="does not have"):
+        _render_simple("{{missing}}", doc)
