@@ -72,7 +72,7 @@ def _value(expr: str, doc: dict, template: str):
     if strip:
         expr = expr[: -len(".strip()")].rstrip()
     head = _NAME.match(expr)
-    if head is None:
+    if head is None or "(" in expr or "|" in expr:  # a call, a filter: Jinja's
         raise _unsupported(expr, template)
     if head.group(0) not in doc:
         raise TemplateError(f"template {template!r} names {head.group(0)!r}, which the "
