@@ -133,3 +133,5 @@ from tinylm.commands.eval import eval_group  # noqa: E402
 cli.add_command(eval_group)
 from tinylm.commands.audit import audit_group  # noqa: E402
 cli.add_command(audit_group)
+from tinylm.commands.serve import serve_command  # noqa: E402
+cli.add_command(serve_command)

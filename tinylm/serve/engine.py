@@ -1,0 +1,423 @@
+"""The batching scheduler: one thread that runs the model for every request at once.
+
+    engine = Engine(model, tokenizer, max_rows=16, max_length=1024)
+    engine.start()
+    engine.submit([Job(prompt_ids, 64, SamplingConfig(temperature=0), sink=print)])
+    engine.close()
+
+Continuous batching. Each request is a ``Job``: a prompt and its ``n`` choices, each
+choice a row of the ``SlotCache``. The thread loops:
+
+1. admit: while the job at the head of the queue fits in the free rows, prefill its
+   prompt (one forward of the whole prompt, batch of one, into its first row; the
+   other n - 1 rows copy it) and pick every choice's first token;
+2. step: ONE forward of the last token of every active row (B = active rows, T = 1,
+   each row at its own length: the cache's padding mask and per-row positions), then
+   pick each row's next token;
+3. every row that ended (eos, a stop string, max_tokens) or whose client went away
+   leaves; its row is freed and the survivors move down.
+
+So a request that arrives while others decode joins them between two steps, and one
+forward serves them all: the weights are read once per step for B tokens, which is
+where batching's speed comes from (``bench/serve.py``).
+
+Picking follows ``tinylm.generate.generate`` exactly, so a request decodes as it
+would there: each job's ``SamplingConfig`` through ``process_logits`` (rows that share
+a config are processed together), the penalties over each row's generated tokens,
+then argmax, or the inverse-CDF draw ``tinylm.sampling.pick`` makes, with the job's own
+generator drawing ``n`` uniforms per step (``pick`` draws from one generator for the
+whole batch, so the draw is ``pick_rows`` here). A seed therefore gives the same text
+whatever else is in the batch, and the same as ``generate(..., seed=seed)``.
+
+Exactness across batch sizes: a row's attention sees exactly its own keys, but BLAS
+computes a (B, d) @ (d, k) product with other kernels for other B, so logits agree
+with the row decoded alone to float rounding (about 1e-7), not bit for bit: greedy
+text is the same unless two tokens tie within that.
+
+The asyncio side talks to this thread through ``submit`` (a thread-safe queue) and
+each job's ``sink``, called from this thread with the job's events of a step (the
+server's sink hands them to the event loop with ``call_soon_threadsafe``); setting
+``job.cancelled`` drops the job at the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tinylm import backend
+from tinylm.generate import inference
+from tinylm.ops.nn import log_softmax_array, softmax_array
+from tinylm.sampling import SamplingConfig, process_logits
+from tinylm.serve.cache import SlotCache
+from tinylm.serve.text import ChoiceText
+
+log = logging.getLogger("tinylm.serve")
+
+_STOP = object()  # the queue's last item: the thread ends
+
+
+@dataclass
+class Job:
+    """One prompt to continue ``n`` times. ``eos``: ids that end a choice (kept out of
+    the text); ``stop``: strings that end it (cut from the text); ``logprobs``: None,
+    or how many of the most likely tokens to report beside each chosen one's
+    log-probability; ``seed``: None draws a fresh one. ``sink(events)`` gets each
+    step's events from the engine thread."""
+
+    prompt: list
+    max_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    n: int = 1
+    stop: tuple = ()
+    eos: frozenset = frozenset()
+    seed: int | None = None
+    logprobs: int | None = None
+    sink: Callable = print
+    cancelled: bool = False
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.seed)
+
+
+@dataclass
+class Delta:
+    """A choice's new token: the text it makes safe to send (maybe ""), its
+    log-probability and the ``top`` [(id, log-probability)] when asked for, and
+    ``finish`` ("stop", "length") when it is the last."""
+
+    choice: int
+    token: int
+    text: str
+    logprob: float | None = None
+    top: list | None = None
+    finish: str | None = None
+
+
+@dataclass
+class Failure:
+    """The job cannot go on: the model failed (the server's log has the traceback)
+    or the server is shutting down."""
+
+    message: str
+    status: int = 503
+
+
+class Busy(Exception):
+    """The queue of waiting jobs is full."""
+
+
+class _Row:
+    """One choice being decoded."""
+
+    __slots__ = ("job", "choice", "tokens", "text")
+
+    def __init__(self, job: Job, choice: int, tokenizer):
+        self.job, self.choice, self.tokens = job, choice, []
+        self.text = ChoiceText(tokenizer, job.prompt, job.stop)
+
+
+class Engine:
+    """The model, its ``SlotCache`` of ``max_rows`` rows of ``max_length`` positions,
+    and the scheduler thread. ``precision``: a context the model runs in (half
+    precision); ``threads``: the BLAS thread limit inside the thread (None: as set)."""
+
+    def __init__(self, model, tokenizer, max_rows: int = 16, max_length: int = 1024, *,
+                 precision=None, threads: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_rows, self.max_length = int(max_rows), int(max_length)
+        self.V = model.config.vocab_size
+        self.cache = SlotCache(self.max_rows, self.max_length)
+        self.rows: list = []  # _Row per active cache row, in row order
+        self.counts = None  # (max_rows, V) generated-token counts, for the penalties
+        self.precision, self.threads = precision, threads
+        self._inbox: queue.Queue = queue.Queue()
+        self._head = None  # the job waiting for rows to free
+        self._lock = threading.Lock()
+        self._waiting = 0  # jobs submitted, not yet admitted
+        self._thread = None
+        self.failed = None  # why the thread died, if it did
+        self.stats = Counter()  # prefills, prompt_tokens, tokens, jobs, cancelled, errors
+        self.batch_sizes = Counter()  # decode step batch size -> how many steps
+
+    # ---- the asyncio side
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="tinylm-serve-engine",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, jobs, max_waiting: int | None = None) -> None:
+        """Queue ``jobs`` (all or none): ``Busy`` when more than ``max_waiting`` jobs
+        would be waiting; a job with more choices than rows is refused."""
+        for job in jobs:
+            if job.n > self.max_rows:
+                raise ValueError(f"a job of {job.n} choices cannot fit {self.max_rows} rows")
+        with self._lock:
+            if max_waiting is not None and self._waiting + len(jobs) > max_waiting:
+                raise Busy(self._waiting)
+            self._waiting += len(jobs)
+        for job in jobs:
+            self._inbox.put(job)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def metrics(self) -> dict:
+        """Counters for /metrics: decode steps by batch size, tokens, jobs."""
+        with self._lock:
+            sizes, stats = dict(sorted(self.batch_sizes.items())), dict(self.stats)
+        return {"active_rows": len(self.rows), "waiting_jobs": self._waiting,
+                "decode_steps": sum(sizes.values()), "batch_size_steps": sizes,
+                "max_batch_size": max(sizes, default=0), **stats}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread; every job still waiting or decoding gets a ``Failure``."""
+        if self._thread is None:
+            return
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    # ---- the thread
+
+    def _run(self) -> None:
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(inference(self.model))
+                if self.precision is not None:
+                    stack.enter_context(self.precision)
+                if self.threads:
+                    from tinylm.threads import blas_threads
+
+                    stack.enter_context(blas_threads(self.threads))
+                while self._admit(block=not self.rows):
+                    if self.rows:
+                        self._guarded(self._step)
+        except BaseException as e:  # noqa: BLE001 - the thread must report why it ended
+            self.failed = f"{type(e).__name__}: {e}"
+            log.exception("the engine thread stopped")
+        finally:
+            self._fail_all("the server is shutting down")
+
+    def _admit(self, block: bool) -> bool:
+        """Prefill the waiting jobs that fit; False when told to stop."""
+        while True:
+            if self._head is None:
+                try:
+                    self._head = self._inbox.get(block=block)
+                except queue.Empty:
+                    return True
+            job = self._head
+            if job is _STOP:
+                return False
+            if not job.cancelled and len(self.rows) + job.n > self.max_rows:
+                return True  # it waits for rows to free
+            self._head = None
+            with self._lock:
+                self._waiting -= 1
+            if job.cancelled:
+                self._count("cancelled")
+                continue
+            self._guarded(self._prefill, job)
+            block = False
+
+    def _guarded(self, fn, *args) -> None:
+        """Run ``fn``; if the model fails, fail every job in flight (and ``args``')."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a failed forward must not kill the server
+            log.exception("decoding failed")
+            self._count("errors")
+            self._fail_all(f"decoding failed: {type(e).__name__}: {e}", 500, args)
+
+    def _count(self, name: str, k: int = 1) -> None:
+        with self._lock:
+            self.stats[name] += k
+
+    def _fail_all(self, message: str, status: int = 503, jobs=()) -> None:
+        """Every job decoding (and ``jobs``) gets a ``Failure``; the rows are freed."""
+        for job in dict.fromkeys([r.job for r in self.rows] + list(jobs)):
+            job.sink([Failure(message, status)])
+        self.rows = []
+        self.cache.clear()
+        if message.startswith("the server is shutting down"):
+            pending = [self._head] if self._head not in (None, _STOP) else []
+            while True:
+                try:
+                    pending.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for job in pending:
+                if job is not _STOP:
+                    job.sink([Failure(message, 503)])
+
+    def _prefill(self, job: Job) -> None:
+        """Run ``job``'s prompt into its rows and pick each choice's first token."""
+        r0 = len(self.rows)
+        self.cache.reset(r0)
+        out = self.model(np.asarray([job.prompt], dtype=np.int64), cache=self.cache.row(r0))
+        logits = backend.to_numpy(out.logits.data[:, -1]).astype(np.float64)  # (1, V)
+        for j in range(1, job.n):
+            self.cache.copy_row(r0, r0 + j)
+        self.rows += [_Row(job, j, self.tokenizer) for j in range(job.n)]
+        if job.sampling.frequency_penalty or job.sampling.presence_penalty:
+            if self.counts is None:
+                self.counts = np.zeros((self.max_rows, self.V), dtype=np.int32)
+        if self.counts is not None:
+            self.counts[r0:r0 + job.n] = 0
+        self._count("prefills")
+        self._count("prompt_tokens", len(job.prompt))
+        self._advance(np.arange(r0, r0 + job.n), np.repeat(logits, job.n, axis=0))
+
+    def _step(self) -> None:
+        """One forward of every active row's last token, then the next picks."""
+        self._drop([i for i, r in enumerate(self.rows) if not r.job.cancelled], "cancelled")
+        B = len(self.rows)
+        if not B:
+            return
+        tokens = np.array([r.tokens[-1] for r in self.rows], dtype=np.int64)[:, None]
+        mask, positions = self.cache.decode_inputs(B)
+        padded = not mask.all()  # all rows as long: no mask, default positions
+        out = self.model(tokens, attention_mask=mask if padded else None,
+                         positions=positions if padded else None, cache=self.cache.rows(B))
+        with self._lock:
+            self.batch_sizes[B] += 1
+        logits = backend.to_numpy(out.logits.data[:, -1]).astype(np.float64)  # (B, V)
+        self._advance(np.arange(B), logits)
+
+    def _advance(self, index, logits) -> None:
+        """Pick the next token of rows ``index`` from their ``logits`` (n, V), record it,
+        tell the jobs, and let the rows that ended go."""
+        rows = [self.rows[i] for i in index]
+        logits = logits[:, :self.V]
+        tokens = self._pick(rows, index, logits)
+        logp, top = self._logprobs(rows, logits, tokens)
+        if self.counts is not None:
+            self.counts[index, tokens] += 1
+        events: dict = {}
+        ended = set()
+        for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            delta = self._record(row, token)
+            if logp is not None and row.job.logprobs is not None:
+                delta.logprob = float(logp[k])
+                delta.top = top[k][:row.job.logprobs] if row.job.logprobs else []
+            events.setdefault(id(row.job), (row.job, []))[1].append(delta)
+            if delta.finish:
+                ended.add(int(index[k]))
+        for job, deltas in events.values():
+            job.sink(deltas)
+        self._count("tokens", len(rows))
+        if ended:
+            self._drop([i for i in range(len(self.rows)) if i not in ended], "jobs")
+
+    def _record(self, row: _Row, token: int) -> Delta:
+        row.tokens.append(token)
+        text = row.text.push(token)
+        finish = None
+        if token in row.job.eos or row.text.stopped:
+            finish = "stop"
+        elif len(row.tokens) >= row.job.max_tokens:
+            finish = "length"
+        if finish and not row.text.stopped:
+            text += row.text.finish()
+        return Delta(row.choice, token, text, finish=finish)
+
+    def _drop(self, keep: list, why: str) -> None:
+        """Keep rows ``keep`` (indices into ``self.rows``), moved to the front; the jobs
+        that lose their last row are counted under ``why`` ("jobs": done, "cancelled")."""
+        if len(keep) == len(self.rows):
+            return
+        gone = {id(r.job): r.job for i, r in enumerate(self.rows) if i not in set(keep)}
+        self.cache.keep(keep)
+        if self.counts is not None:
+            self.counts[:len(keep)] = self.counts[keep]
+        self.rows = [self.rows[i] for i in keep]
+        still = {id(r.job) for r in self.rows}
+        for key, job in gone.items():
+            if key not in still:
+                self._count(why)
+        if not self.rows:
+            self.cache.clear()
+
+    # ---- picking
+
+    def _pick(self, rows, index, logits) -> np.ndarray:
+        """(n,) next tokens: each row's config's processors, then argmax or a draw."""
+        uniforms = _uniforms(rows)
+        tokens = np.empty(len(rows), dtype=np.int64)
+        groups: dict = {}
+        for k, row in enumerate(rows):
+            groups.setdefault(row.job.sampling, []).append(k)
+        for cfg, ks in groups.items():
+            ks = np.asarray(ks)
+            counts = None
+            if cfg.frequency_penalty or cfg.presence_penalty:
+                counts = self.counts[np.asarray(index)[ks]]
+            processed = process_logits(logits[ks], cfg, None, counts)
+            tokens[ks] = (processed.argmax(axis=-1) if cfg.greedy
+                          else pick_rows(processed, uniforms[ks]))
+        return tokens
+
+    def _logprobs(self, rows, logits, tokens):
+        """(log-probabilities of ``tokens`` (n,), top [(id, lp)] per row) for the rows
+        that asked; (None, None) when none did. Under the model, before any
+        sampling transform (as ``generate`` reports them)."""
+        ks = [k for k, r in enumerate(rows) if r.job.logprobs is not None]
+        if not ks:
+            return None, None
+        logp = np.zeros(len(rows))
+        top = [[] for _ in rows]
+        lp = log_softmax_array(logits[ks])  # (m, V)
+        logp[ks] = lp[np.arange(len(ks)), tokens[ks]]
+        k_top = max(rows[k].job.logprobs for k in ks)
+        if k_top:
+            k_top = min(k_top, lp.shape[1])
+            part = np.argpartition(-lp, k_top - 1, axis=-1)[:, :k_top]  # (m, k)
+            vals = np.take_along_axis(lp, part, axis=-1)
+            order = np.argsort(-vals, axis=-1, kind="stable")
+            ids, vals = np.take_along_axis(part, order, -1), np.take_along_axis(vals, order, -1)
+            for j, k in enumerate(ks):
+                top[k] = list(zip(ids[j].tolist(), vals[j].tolist()))
+        return logp, top
+
+
+def _uniforms(rows) -> np.ndarray:
+    """One uniform per row for the sampled rows (NaN for greedy ones): each job's
+    generator draws (n, 1) per step, as ``generate`` draws for a batch of n."""
+    draws = {}
+    u = np.full(len(rows), np.nan)
+    for k, row in enumerate(rows):
+        job = row.job
+        if job.sampling.greedy:
+            continue
+        if id(job) not in draws:
+            draws[id(job)] = job.rng.random((job.n, 1))[:, 0]
+        u[k] = draws[id(job)][row.choice]
+    return u
+
+
+def pick_rows(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """``tinylm.sampling.pick``'s draw with the uniforms given, one per row (B,): the
+    inverse CDF of each row's softmax, as ``pick`` computes it (which draws them from
+    one generator for the whole batch)."""
+    probs = softmax_array(logits)  # (B, V)
+    cdf = np.cumsum(probs, axis=-1)
+    u = uniforms[:, None] * cdf[:, -1:]  # (B, 1)
+    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
+
+
