@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import click
 
-from tinylm.commands.eval_harness import encoding_options
+from tinylm.commands.eval_harness import encoding_options, report_options
 from tinylm.commands.generate import model_options
+from tinylm.commands.options import option_group
 
 
 @click.group(name="audit")
@@ -32,24 +34,34 @@ def audit_group():
     """Audit a model: canary exposure, training-data extraction, CrowS-Pairs bias."""
 
 
-def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=1, ensure_ascii=False))
+@dataclass(frozen=True)
+class AuditOutput:
+    """--json, --report, --progress: where a memorization audit's results go."""
+
+    as_json: bool = False
+    report_dir: str | None = None
+    progress: bool = True
+
+    def emit(self, name: str, data: dict, table: str, markdown, plot) -> None:
+        """Write the --report folder (``markdown(data)``, ``plot``: see
+        ``tinylm.evaluation.audit_report``), then print the table or the JSON."""
+        if self.report_dir:
+            from tinylm.evaluation.audit_report import write_report
+
+            paths, note = write_report(self.report_dir, name, data, markdown(data), plot)
+            click.echo(f"wrote {', '.join(paths)}", err=True)
+            if note:
+                click.echo(note, err=True)
+        click.echo(json.dumps(data, indent=1, ensure_ascii=False) if self.as_json else table)
 
 
-def _report(folder, name, data, markdown, plot) -> None:
-    from tinylm.evaluation.audit_report import write_report
-
-    paths, note = write_report(folder, name, data, markdown, plot)
-    click.echo(f"wrote {', '.join(paths)}", err=True)
-    if note:
-        click.echo(note, err=True)
-
-
-_progress = click.option("--progress/--no-progress", default=True, show_default=True)
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-_report_dir = click.option("--report", "report_dir", type=click.Path(file_okay=False),
-                           default=None, help="Write DIR/NAME.json, .md and .png (the plot "
-                                              "needs matplotlib) here.")
+audit_output_options = option_group(
+    "output", AuditOutput,
+    click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
+    click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+                 help="Write NAME.json, NAME.md and NAME.png (the plot needs matplotlib) "
+                      "into this folder."),
+    click.option("--progress/--no-progress", default=True, show_default=True))
 
 # --------------------------------------------------------------------------- canaries
 
@@ -124,11 +136,9 @@ def insert_command(template, repeats, data, out, manifest_path, seed, fraction):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Secrets per forward.")
-@_json
-@_report_dir
-@_progress
-def exposure_command(model, manifest_path, exact_limit, samples, seed, batch_size, as_json,
-                     report_dir, progress):
+@audit_output_options
+def exposure_command(model, manifest_path, exact_limit, samples, seed, batch_size,
+                     output: AuditOutput):
     """The exposure of each canary of a manifest in --model."""
     from tinylm.evaluation.memorization import canary_exposures, read_manifest
     from tinylm.tokenizers.formats import read_json
@@ -139,17 +149,13 @@ def exposure_command(model, manifest_path, exact_limit, samples, seed, batch_siz
         report = canary_exposures(net, tokenizer, fmt, [c.text for c in canaries],
                                   repeats=[c.repeats for c in canaries],
                                   exact_limit=exact_limit, samples=samples, seed=seed,
-                                  context=context, batch_size=batch_size, progress=progress)
+                                  context=context, batch_size=batch_size,
+                                  progress=output.progress)
     data = {"model": model.path, "manifest": manifest_path, **report.to_dict()}
-    if report_dir:
-        from tinylm.evaluation.audit_report import exposure_markdown, exposure_plot
+    from tinylm.evaluation.audit_report import exposure_markdown, exposure_plot
 
-        _report(report_dir, "exposure", data, exposure_markdown(data),
+    output.emit("exposure", data, exposure_table(data), exposure_markdown,
                 exposure_plot(data, report.scores))
-    if as_json:
-        _echo_json(data)
-    else:
-        click.echo(exposure_table(data))
 
 
 def exposure_table(data: dict) -> str:
@@ -184,11 +190,9 @@ def exposure_table(data: dict) -> str:
               help="Sequences of each text (non-overlapping, at random).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@_json
-@_report_dir
-@_progress
+@audit_output_options
 def extraction_command(model, train_file, heldout_file, prefix, suffix, samples, seed,
-                       batch_size, as_json, report_dir, progress):
+                       batch_size, output: AuditOutput):
     """How much of --train (against --heldout) greedy decoding reproduces verbatim."""
     from tinylm.evaluation.memorization import extraction_audit
     from tinylm.tokenizers.formats import read_text_file
@@ -198,18 +202,13 @@ def extraction_command(model, train_file, heldout_file, prefix, suffix, samples,
         results = extraction_audit(net, tokenizer, read_text_file(train_file),
                                    read_text_file(heldout_file), prefix=prefix,
                                    suffix=suffix, samples=samples, seed=seed,
-                                   batch_size=batch_size, progress=progress)
+                                   batch_size=batch_size, progress=output.progress)
     data = {"model": model.path, "train": train_file, "heldout": heldout_file,
             "results": {name: r.to_dict() for name, r in results.items()}}
-    if report_dir:
-        from tinylm.evaluation.audit_report import extraction_markdown, extraction_plot
+    from tinylm.evaluation.audit_report import extraction_markdown, extraction_plot
 
-        _report(report_dir, "extraction", data, extraction_markdown(data),
+    output.emit("extraction", data, extraction_table(data), extraction_markdown,
                 extraction_plot(data))
-    if as_json:
-        _echo_json(data)
-    else:
-        click.echo(extraction_table(data))
 
 
 def extraction_table(data: dict) -> str:
@@ -233,34 +232,23 @@ def extraction_table(data: dict) -> str:
               help="Only the first N pairs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @encoding_options
-def crows_pairs_command(model, data, limit, batch_size, add_bos, prefix_token_id, max_length,
-                        as_json, output, progress):
+@report_options
+def crows_pairs_command(model, data, limit, batch_size, encoding, report):
     """CrowS-Pairs: pct_stereotype and likelihood_diff, overall and per bias type."""
     from tinylm.evaluation.bias import evaluate_crows_pairs, read_crows_pairs
     from tinylm.objectives import model_kind
 
     pairs = read_crows_pairs(data)[:limit]
     net, tokenizer = model.load()
-    encoder = None
-    if model_kind(net) == "decoder":
-        from tinylm.evaluation.encoding import TextEncoder
-
-        encoder = TextEncoder.for_model(model.path, net, tokenizer, add_bos=add_bos,
-                                        prefix_token=prefix_token_id)
+    encoder = (encoding.encoder(model, net, tokenizer) if model_kind(net) == "decoder"
+               else None)
     with model.precision():
-        report = evaluate_crows_pairs(net, tokenizer, pairs, encoder=encoder,
-                                      batch_size=batch_size, progress=progress,
-                                      max_length=max_length)
-    report = {"model": model.path, "data": data, **report}
-    if output:
-        from tinylm.atomic import write_atomic
-
-        write_atomic(output, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    summary = {k: v for k, v in report.items() if k != "scores"}
-    if as_json:
-        _echo_json(summary)
-    else:
-        click.echo(crows_pairs_table(summary))
+        result = evaluate_crows_pairs(net, tokenizer, pairs, encoder=encoder,
+                                      batch_size=batch_size, progress=report.progress,
+                                      max_length=encoding.max_length)
+    full = {"model": model.path, "data": data, **result}
+    summary = {k: v for k, v in full.items() if k != "scores"}
+    report.emit(full, crows_pairs_table(summary), summary)
 
 
 def crows_pairs_table(report: dict) -> str:
