@@ -32,6 +32,21 @@ tinylm loads it back, PEFT refuses it.
 Loading checks everything (files, peft_type, options, every tensor's module and
 shape) before the adapter is attached, and a failure after attaching detaches it
 again, so a bad folder leaves the model as it was. Every error is one line.
+
+A PLUGIN method (``register_peft_methods``) gets PEFT's format the same way by giving
+its ``PeftMethod`` class three attributes (docs/peft.md, "PEFT's file format for a
+plugin method"); without them its adapters are saved as tinylm folders:
+
+    peft_type = "VERA"                              # PEFT's name for the method
+    def to_peft_state(self, model, adapter_name, config) -> (fields, tensors)
+        # adapter_config.json fields (peft_type, task_type, base_model_name_or_path,
+        # revision, inference_mode are filled in) and {PEFT tensor name: array};
+        # raise NoPeftForm("why") when this adapter has no PEFT form
+    def from_peft_state(self, model, fields, tensors, adapter_name, path) -> (config, state)
+        # the method's config and {tinylm name: array}: the adapter's parameters and,
+        # optionally, its persistent buffers (state_dict names, adapter name included)
+
+``PREFIX``, ``target_names`` and ``NoPeftForm`` are the helpers such a method uses.
 """
 
 from __future__ import annotations
@@ -55,8 +70,13 @@ PREFIX = "base_model.model."  # PeftModel -> its tuner (base_model) -> the HF mo
 TINYLM_TYPE = "TINYLM"  # peft_type of an adapter only tinylm reads
 
 
-class _NoHF(Exception):
-    """This adapter has no Hugging Face PEFT form (the reason is the message)."""
+class NoPeftForm(Exception):
+    """This adapter has no Hugging Face PEFT form (the reason is the message): a
+    method's ``to_peft_state`` raises it, and ``save_adapter`` then writes a tinylm
+    folder instead."""
+
+
+_NoHF = NoPeftForm
 
 
 # --------------------------------------------------------------------------- names
@@ -128,6 +148,14 @@ def _shortest_names(chosen, universe, rule=matches) -> list:
     return sorted(chosen)
 
 
+def target_names(model, hf_names) -> list:
+    """The ``target_modules`` list that PEFT's matcher (names equal to an entry or
+    ending with "." + entry) reads back as exactly the HF modules ``hf_names`` of
+    ``model``: the shortest suffixes that do (``["q_proj", "v_proj"]``), longer where
+    they would catch more. For a plugin's ``to_peft_state``."""
+    return _shortest_names(list(hf_names), _universe(hf_modules(model)))
+
+
 def _task_type(model):
     kind = getattr(model, "kind", None)
     return {"decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM"}.get(kind)
@@ -149,7 +177,7 @@ def save_adapter(model, path, name: str | None = None, base: str | None = None) 
     method or a host has no Hugging Face form: see the module docstring)."""
     name = peft_base._require(model, name)
     config = model.peft_config[name]
-    export = _EXPORTERS.get(config.method)
+    export = _exporter(config.method)
     try:
         if export is None:
             raise _NoHF(f"Hugging Face PEFT has no {config.method!r} method")
@@ -312,15 +340,16 @@ def load_adapter(model, path, name: str = "default"):
     if peft_type == TINYLM_TYPE:
         config, state = _import_tinylm(model, fields, tensors, name, path)
     else:
-        if peft_type not in _IMPORTERS:
-            known = ", ".join(sorted(_IMPORTERS) + [TINYLM_TYPE])
+        importers = _importers()
+        if peft_type not in importers:
+            known = ", ".join(sorted(importers) + [TINYLM_TYPE])
             raise TinyLMError(f"{path}: peft_type {peft_type!r} is not supported; tinylm "
                               f"loads {known}")
         if not hf_modules(model):
             raise TinyLMError(f"{path} is a Hugging Face PEFT adapter, but "
                               f"{type(model).__name__} is of no Hugging Face family (gpt2, "
                               f"llama, bert, t5): it has no HF module names to map")
-        config, state = _IMPORTERS[peft_type](model, fields, tensors, name, path)
+        config, state = importers[peft_type](model, fields, tensors, name, path)
     _attach_and_fill(model, config, name, state, path)
     return model
 
@@ -364,12 +393,17 @@ def _attach_and_fill(model, config, name, state: dict, path) -> None:
         raise type(e)(f"{path}: {e}") from None
     try:
         want = peft_base.adapter_state_dict(model, name)
+        buffers = {k: v for k, v in model.state_dict().items()  # optional: kept if absent
+                   if k not in want and peft_base._is_peft_param(k)
+                   and peft_base._adapter_of(k) == name}
         key = lambda k: _strip_adapter_name(k, name)  # noqa: E731  (the file's name)
         problems = [f"tensor {key(k)} {tuple(v.shape)} is missing" for k, v in want.items()
                     if k not in state]
-        problems += [_shape_problem(key(k), state[k].shape, v.shape) for k, v in want.items()
+        problems += [_shape_problem(key(k), state[k].shape, v.shape)
+                     for k, v in {**want, **buffers}.items()
                      if k in state and state[k].shape != v.shape]
-        problems += [f"tensor {key(k)} is not this model's" for k in state if k not in want]
+        problems += [f"tensor {key(k)} is not this model's" for k in state
+                     if k not in want and k not in buffers]
         _raise_problems(path, problems)
         model.load_state_dict(state, strict=False)
     except BaseException:
@@ -680,6 +714,37 @@ def _import_prefix(model, fields, tensors, name, path):
         _raise_problems(path, [_shape_problem("prompt_embeddings", a.shape, shape)])
     config = _config(path, "prefix_tuning", {"num_virtual_tokens": shape[0]})
     return config, {f"transformer.peft.{name}.embedding": a}
+
+
+# --------------------------------------------------------------------------- plugin methods
+
+
+def _exporter(method: str):
+    """The exporter of ``method``: a built-in one, its class's ``to_peft_state``, or None."""
+    if method in _EXPORTERS:
+        return _EXPORTERS[method]
+    cls = peft_base.method_class(method)
+    if getattr(cls, "to_peft_state", None) is None or not getattr(cls, "peft_type", None):
+        return None
+
+    def export(model, name, config):
+        fields, tensors = cls().to_peft_state(model, name, config)
+        return {**fields, "peft_type": cls.peft_type}, tensors
+    return export
+
+
+def _importers() -> dict:
+    """{peft_type: importer}: the built-ins, then each registered method class with a
+    ``peft_type`` and ``from_peft_state`` (a built-in type is never taken over)."""
+    from tinylm.plugins import registry
+
+    out = dict(_IMPORTERS)
+    for cls in registry("peft_methods").values():
+        peft_type = getattr(cls, "peft_type", None)
+        if peft_type and peft_type not in out and getattr(cls, "from_peft_state", None):
+            out[peft_type] = (lambda model, fields, tensors, name, path, cls=cls:
+                              cls().from_peft_state(model, fields, tensors, name, path))
+    return out
 
 
 _EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prompt_tuning": _export_prompt,
