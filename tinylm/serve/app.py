@@ -250,12 +250,13 @@ class Run:
         """The next step's [(choice index, Delta)]; ``Gone`` if the client left, an
         ``APIError`` if the engine failed."""
         while True:
+            if conn.closed:
+                raise Gone()
             try:
                 p, events = await asyncio.wait_for(self.queue.get(), POLL_S)
                 break
             except asyncio.TimeoutError:
-                if conn.closed:
-                    raise Gone() from None
+                continue
         out = []
         for e in events:
             if isinstance(e, Failure):

@@ -64,7 +64,7 @@ log = logging.getLogger("tinylm.serve")
 _STOP = object()  # the queue's last item: the thread ends
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: hashable, compared by identity
 class Job:
     """One prompt to continue ``n`` times. ``eos``: ids that end a choice (kept out of
     the text); ``stop``: strings that end it (cut from the text); ``logprobs``: None,
@@ -143,6 +143,7 @@ class Engine:
         self._head = None  # the job waiting for rows to free
         self._lock = threading.Lock()
         self._waiting = 0  # jobs submitted, not yet admitted
+        self._reserved = 0  # rows in use or being prefilled
         self._thread = None
         self.failed = None  # why the thread died, if it did
         self.stats = Counter()  # prefills, prompt_tokens, tokens, jobs, cancelled, errors
@@ -157,14 +158,15 @@ class Engine:
         return self
 
     def submit(self, jobs, max_waiting: int | None = None) -> None:
-        """Queue ``jobs`` (all or none): ``Busy`` when more than ``max_waiting`` jobs
-        would be waiting; a job with more choices than rows is refused."""
+        """Queue ``jobs`` (all or none). ``Busy`` when more than ``max_waiting`` jobs
+        would wait for rows: jobs the free rows can take at once do not count."""
         for job in jobs:
             if job.n > self.max_rows:
                 raise ValueError(f"a job of {job.n} choices cannot fit {self.max_rows} rows")
         with self._lock:
-            if max_waiting is not None and self._waiting + len(jobs) > max_waiting:
-                raise Busy(self._waiting)
+            free = max(0, self.max_rows - self._reserved)
+            if max_waiting is not None and self._waiting + len(jobs) > max_waiting + free:
+                raise Busy(max(0, self._waiting - free))
             self._waiting += len(jobs)
         for job in jobs:
             self._inbox.put(job)
@@ -212,7 +214,7 @@ class Engine:
             self.failed = f"{type(e).__name__}: {e}"
             log.exception("the engine thread stopped")
         finally:
-            self._fail_all("the server is shutting down")
+            self._fail_all("the server is shutting down", 503, queued=True)
 
     def _admit(self, block: bool) -> bool:
         """Prefill the waiting jobs that fit; False when told to stop."""
@@ -230,6 +232,7 @@ class Engine:
             self._head = None
             with self._lock:
                 self._waiting -= 1
+                self._reserved = len(self.rows) + (0 if job.cancelled else job.n)
             if job.cancelled:
                 self._count("cancelled")
                 continue
@@ -249,13 +252,14 @@ class Engine:
         with self._lock:
             self.stats[name] += k
 
-    def _fail_all(self, message: str, status: int = 503, jobs=()) -> None:
-        """Every job decoding (and ``jobs``) gets a ``Failure``; the rows are freed."""
+    def _fail_all(self, message: str, status: int = 503, jobs=(), queued=False) -> None:
+        """Every job decoding (and ``jobs``; and with ``queued`` those waiting) gets a
+        ``Failure``; the rows are freed."""
         for job in dict.fromkeys([r.job for r in self.rows] + list(jobs)):
             job.sink([Failure(message, status)])
-        self.rows = []
+        self.rows, self._reserved = [], 0
         self.cache.clear()
-        if message.startswith("the server is shutting down"):
+        if queued:
             pending = [self._head] if self._head not in (None, _STOP) else []
             while True:
                 try:
@@ -347,6 +351,7 @@ class Engine:
         if self.counts is not None:
             self.counts[:len(keep)] = self.counts[keep]
         self.rows = [self.rows[i] for i in keep]
+        self._reserved = len(self.rows)
         still = {id(r.job) for r in self.rows}
         for key, job in gone.items():
             if key not in still:

@@ -208,6 +208,24 @@ class EventStream:
 # --------------------------------------------------------------------------- the server
 
 
+async def _linger(reader, writer, seconds: float = 1.0, most: int = 1 << 24) -> None:
+    """Close after an error without losing the answer: end our side, then read and
+    drop what the client still sends (a refused body) for a while. Closing with unread
+    bytes would send a reset, which can destroy the response before it is read."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        end, seen = loop.time() + seconds, 0
+        while seen < most and loop.time() < end:
+            chunk = await asyncio.wait_for(reader.read(65536), end - loop.time())
+            if not chunk:
+                return
+            seen += len(chunk)
+    except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+        pass
+
+
 class HTTPServer:
     """Serves ``handler(request, conn)`` on every request of every connection.
     ``error_body(status, message, code) -> bytes`` (JSON) answers what cannot be
@@ -257,6 +275,7 @@ class HTTPServer:
             except ProtocolError as e:
                 conn.keep_alive = False
                 await conn.respond(e.status, self.error_body(e.status, e.message, e.code))
+                await _linger(reader, writer)
                 return
             if request is None:
                 return
