@@ -1,5 +1,6 @@
 """The plugin manager: built-ins, registries, entry points, the allow-list, errors."""
 
+import re
 import sys
 import textwrap
 
@@ -8,6 +9,7 @@ import pytest
 from tinylm import hookimpl, plugins
 from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import PluginError, TinyLMError
+from tinylm.plugins import PluginWarning
 from tinylm.tokenizers import CharTokenizer
 
 CORE = "tinylm.default_plugins.positional"  # the first built-in
@@ -111,17 +113,22 @@ def test_same_plugin_registering_a_name_twice_is_an_error():
             register("twice-method", 2)
 
     plugins.register_plugin(Twice)
-    with pytest.raises(PluginError, match="'Twice' registers PEFT method 'twice-method' twice"):
-        plugins.registry("peft_methods")
+    with pytest.warns(PluginWarning, match="'Twice' registers PEFT method 'twice-method' twice"):
+        assert "twice-method" not in plugins.registry("peft_methods")
+    assert "lora" in plugins.registry("peft_methods")  # the rest is there
+    with pytest.raises(PluginError, match="PEFT method 'twice-method' is unavailable: plugin "
+                                          "'Twice' registers PEFT method 'twice-method' twice"):
+        plugins.get_peft_method("twice-method")
 
 
-def test_plugin_that_raises_is_reported_by_name():
+def test_plugin_that_raises_is_reported_by_name_and_skipped():
     plugins.register_plugin(Raising, name="raising-plugin")
-    with pytest.raises(PluginError) as info:
-        plugins.get_architecture("gpt2")
-    message = str(info.value)
-    assert "'raising-plugin'" in message and "config file is missing" in message
-    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.warns(PluginWarning) as record:
+        assert plugins.get_architecture("gpt2")  # the rest of tinylm still works
+    message = str(record[0].message)
+    assert "'raising-plugin' failed in register_architectures" in message
+    assert "RuntimeError: config file is missing" in message and plugins.ALLOW_ENV in message
+    assert plugins.broken_plugins() == {"raising-plugin": [message[:-len(plugins.SKIPPED) - 2]]}
 
 
 def test_invalid_name_is_reported():
@@ -132,8 +139,8 @@ def test_invalid_name_is_reported():
             register("", object)
 
     plugins.register_plugin(Nameless)
-    with pytest.raises(PluginError, match="'Nameless'.*non-empty"):
-        plugins.registry("positional_encodings")
+    with pytest.warns(PluginWarning, match="'Nameless'.*non-empty"):
+        assert "rope" in plugins.registry("positional_encodings")
 
 
 @pytest.mark.parametrize("lookup, kind", [
@@ -289,12 +296,20 @@ def test_allow_list_picks_among_several(installed, monkeypatch):
 
 def test_plugin_that_fails_to_import_is_reported_by_name(installed, monkeypatch):
     installed("tinylm-broken", "broken", "tinylm_broken_mod", source="import no_such_module_xyz\n")
+    installed("tinylm-fake", "fake", "tinylm_fake_mod")
     monkeypatch.delenv(plugins.ALLOW_ENV)
-    with pytest.raises(PluginError) as info:
+    with pytest.warns(PluginWarning) as record:
         plugins.get_plugin_manager()
-    message = str(info.value)
-    assert "'broken'" in message and "tinylm-broken" in message and "no_such_module_xyz" in message
+    message = str(record[0].message)
+    assert "'broken'" in message and "tinylm-broken 1.2.3" in message
+    assert "ModuleNotFoundError: No module named 'no_such_module_xyz'" in message
     assert plugins.ALLOW_ENV in message  # says how to run without it
+    # the other plugin and the built-ins work; the broken one is listed, registering nothing
+    assert plugins.get_tokenizer_class("fake-tok").__name__ == "FakeTokenizer"
+    assert ("broken", "1.2.3", {}) in plugins.list_plugins()
+    assert plugins.broken_plugins() == {"broken": [message.replace("; " + plugins.SKIPPED, "")]}
+    with pytest.raises(TinyLMError, match="unknown tokenizer 'nope'.* Skipped as broken: 'broken'"):
+        plugins.get_tokenizer_class("nope")
 
 
 def test_entry_point_plugin_clash_names_both(installed, monkeypatch):
@@ -395,8 +410,10 @@ def test_a_tokenizer_lacking_required_methods_is_refused_at_registration():
             register("shout", Shout)
 
     plugins.register_plugin(OldGuide, name="shout-plugin")
-    with pytest.raises(PluginError) as info:
-        plugins.registry("tokenizers")
+    with pytest.warns(PluginWarning):
+        assert "shout" not in plugins.registry("tokenizers")
+    with pytest.raises(PluginError, match="tokenizer 'shout' is unavailable") as info:
+        plugins.get_tokenizer_class("shout")
     message = str(info.value)
     assert "'shout-plugin'" in message and "'shout'" in message and "Shout" in message
     for method in ("decode_bytes", "vocab_size", "token_to_id", "id_to_token", "save", "load"):
@@ -420,8 +437,9 @@ def test_an_abstract_method_counts_as_missing():
             register("half", Half)
 
     plugins.register_plugin(Plugin)
-    with pytest.raises(PluginError, match=r"Half\), which lacks decode_bytes, vocab_size, "
-                                          r"token_to_id, id_to_token, save and load;"):
+    with pytest.warns(PluginWarning), \
+            pytest.raises(PluginError, match=r"Half\), which lacks decode_bytes, vocab_size, "
+                                             r"token_to_id, id_to_token, save and load;"):
         plugins.get_tokenizer_class("half")
 
 
@@ -468,3 +486,113 @@ def test_an_optional_method_is_checked_where_it_is_needed(tmp_path):
                                       str(tmp_path / "x.tok")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "has no train method, which `tinylm tokenize train` needs" in result.stderr
+
+
+# --------------------------------------------------------------------------- broken plugins
+
+
+TYPO_PLUGIN = """
+    from tinylm import hookimpl
+
+    @hookimpl
+    def register_tokenizer(register):  # missing "s"
+        register("typo-tok", object)
+"""
+
+HALF_BROKEN_PLUGIN = GOOD_PLUGIN + """
+    @hookimpl
+    def register_objectives(register):
+        register("half-lm", object)
+        raise KeyError("objective table")
+"""
+
+
+def test_installed_plugin_with_a_misspelt_hook_is_skipped(installed, monkeypatch):
+    installed("tinylm-typo", "typo", "tinylm_typo_mod", source=TYPO_PLUGIN)
+    installed("tinylm-fake", "fake", "tinylm_fake_mod")
+    monkeypatch.delenv(plugins.ALLOW_ENV)
+    with pytest.warns(PluginWarning, match=r"plugin 'typo': unknown hook 'register_tokenizer'"):
+        pm = plugins.get_plugin_manager()
+    assert not pm.has_plugin("typo") and pm.has_plugin("fake")
+    assert "fake-tok" in plugins.registry("tokenizers")
+    assert list(plugins.broken_plugins()) == ["typo"]
+
+
+def test_a_hook_that_raises_costs_only_its_own_kind(installed, monkeypatch):
+    """The plugin's other hooks still register; what the failing hook registered before
+    raising is reported as unavailable, with the reason."""
+    installed("tinylm-half", "half", "tinylm_half_mod", source=HALF_BROKEN_PLUGIN)
+    monkeypatch.delenv(plugins.ALLOW_ENV)
+    assert plugins.get_tokenizer_class("fake-tok").__name__ == "FakeTokenizer"
+    with pytest.warns(PluginWarning, match="'half' failed in register_objectives: KeyError"):
+        assert "half-lm" not in plugins.registry("objectives")
+    with pytest.raises(PluginError, match="objective 'half-lm' is unavailable: plugin 'half' "
+                                          "failed in register_objectives"):
+        plugins.get_objective("half-lm")
+    assert plugins.get_objective("causal-lm")
+    assert ("half", "1.2.3", {"tokenizers": ["fake-tok"]}) in plugins.list_plugins()
+
+
+def test_each_problem_is_warned_about_once(installed, monkeypatch):
+    installed("tinylm-broken", "broken", "tinylm_broken_mod", source="raise ImportError('x')\n")
+    monkeypatch.delenv(plugins.ALLOW_ENV)
+    with pytest.warns(PluginWarning) as record:
+        plugins.registry("tokenizers")
+        plugins.register_plugin(Alpha)  # refills the registries: no second warning
+        plugins.registry("tokenizers")
+    assert len(record) == 1
+
+
+def test_a_broken_builtin_is_a_bug_and_raises(monkeypatch):
+    from tinylm.default_plugins import architectures
+
+    def raising(register):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(architectures.register_architectures, "__code__", raising.__code__)
+    with pytest.raises(PluginError, match="'tinylm.default_plugins.architectures' failed"):
+        plugins.registry("architectures")
+
+
+def test_clashes_stay_errors(installed, monkeypatch):
+    """Two plugins with one name are never resolved silently, broken or not."""
+    installed("tinylm-one", "same", "tinylm_one_mod", source="import no_such_module_xyz\n")
+    installed("tinylm-two", "same", "tinylm_two_mod")
+    monkeypatch.delenv(plugins.ALLOW_ENV)
+    with pytest.raises(PluginError, match="'same' is declared by two distributions"):
+        plugins.get_plugin_manager()
+
+
+def _cli(args, pythonpath, **env):
+    """tinylm's console-script path, in a fresh process with ``pythonpath`` first."""
+    import os
+    import subprocess
+
+    code = f"from tinylm.cli import main; main({args!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), *sys.path]), **env}
+    env.pop(plugins.ALLOW_ENV, None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_help_and_commands_work_beside_a_broken_plugin(installed, tmp_path):
+    """`tinylm --help` (and any command) runs, with one warning line naming the plugin;
+    `tinylm plugins` lists it as broken, says why on stderr and exits 2."""
+    installed("tinylm-broken", "broken", "tinylm_broken_mod", source="import no_such_module_xyz\n")
+    path = tmp_path / "tinylm-broken"
+    result = _cli(["--help"], path)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: tinylm" in result.stdout and "plugins" in result.stdout
+    warning, = result.stderr.splitlines()
+    assert warning.startswith("Warning: plugin 'broken' (from tinylm-broken 1.2.3) failed to "
+                              "import: ModuleNotFoundError: No module named 'no_such_module_xyz'")
+    result = _cli(["info", "llama"], path)  # a command that looks an architecture up
+    assert result.returncode == 0 and "parameters" in result.stdout.lower()
+    assert result.stderr.startswith("Warning: plugin 'broken'")
+    result = _cli(["plugins"], path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(r"^broken +1\.2\.3 +BROKEN: plugin 'broken' \(from", result.stdout, re.M)
+    error, = result.stderr.splitlines()
+    assert error == warning.replace("Warning:", "Error:").replace("; " + plugins.SKIPPED, "")
+    result = _cli(["plugins", "--json"], path)
+    record = [r for r in __import__("json").loads(result.stdout) if r["name"] == "broken"]
+    assert result.returncode == 2 and record[0]["broken"] == [error[len("Error: "):]]

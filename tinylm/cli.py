@@ -8,14 +8,14 @@ code 2; Click's own usage errors keep their messages and exit codes.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import sys
+import warnings
 
 import click
 
 from tinylm import plugins
-from tinylm.default_plugins import DEFAULT_PLUGINS
-from tinylm.errors import PluginError, TinyLMError
+from tinylm.commands.plugins import plugin_commands, plugins_group
+from tinylm.errors import TinyLMError
 
 
 def _version() -> str:
@@ -35,30 +35,36 @@ class TinyLMGroup(click.Group):
     """A Click group that also lists plugin commands and reports TinyLMError in one line."""
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(_plugin_commands(self)))
+        return sorted(set(super().list_commands(ctx)) | set(plugin_commands(self)))
 
     def get_command(self, ctx, name):
-        return super().get_command(ctx, name) or _plugin_commands(self).get(name)
+        return super().get_command(ctx, name) or plugin_commands(self).get(name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        except TinyLMError as e:
-            if not standalone_mode:
-                raise
-            click.echo(f"Error: {_one_line(e)}", err=True)
-            sys.exit(2)
+        with warnings.catch_warnings():
+            _warn_in_one_line()
+            try:
+                return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+            except TinyLMError as e:
+                if not standalone_mode:
+                    raise
+                click.echo(f"Error: {_one_line(e)}", err=True)
+                sys.exit(2)
 
 
-def _plugin_commands(group: click.Group) -> dict:
-    """The commands plugins registered; one named like a built-in command is an error."""
-    commands = plugins.registry("commands")
-    owners = plugins.registered_by("commands")
-    for name in commands:
-        if name in group.commands:
-            raise PluginError(f"plugin {owners[name]!r} adds a command {name!r}, but tinylm "
-                              f"has a built-in command of that name; rename the plugin's")
-    return commands
+def _warn_in_one_line() -> None:
+    """Inside ``warnings.catch_warnings()``: a skipped broken plugin (``PluginWarning``)
+    prints as ``Warning: <message>`` on stderr, every time; other warnings as usual."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, plugins.PluginWarning):
+            click.echo(f"Warning: {_one_line(message)}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("always", plugins.PluginWarning)
+    warnings.showwarning = show
 
 
 @click.group(cls=TinyLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,34 +81,6 @@ def cli():
     """
 
 
-@cli.command(name="plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plugins_command(as_json: bool) -> None:
-    """List the loaded plugins and what each registers.
-
-    Built-in plugins come first, then those installed through the "tinylm"
-    entry-point group (filtered by TINYLM_LOAD_PLUGINS).
-    """
-    _plugin_commands(cli)  # report a clash with a built-in command here too
-    rows = plugins.list_plugins()
-    if as_json:
-        records = [{"name": name, "version": version, "builtin": name in DEFAULT_PLUGINS,
-                    "registers": registers} for name, version, registers in rows]
-        click.echo(json.dumps(records, indent=2))
-    else:
-        click.echo(_table(rows))
-
-
-def _table(rows: list) -> str:
-    lines = [("PLUGIN", "VERSION", "REGISTERS")]
-    for name, version, registers in rows:
-        what = [f"{kind}: {', '.join(names)}" for kind, names in registers.items()] or ["-"]
-        lines.append((name, version or "-", what[0]))
-        lines.extend(("", "", more) for more in what[1:])
-    w0, w1 = (max(len(line[col]) for line in lines) for col in (0, 1))
-    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in lines)
-
-
 def main(argv: list | None = None) -> None:
     """The ``tinylm`` console script."""
     cli.main(args=argv, prog_name="tinylm")
@@ -110,6 +88,7 @@ def main(argv: list | None = None) -> None:
 
 from tinylm.commands.info import info_command  # noqa: E402  (the group is defined above)
 
+cli.add_command(plugins_group)
 cli.add_command(info_command)
 
 from tinylm.commands.tokenize import tokenize_group  # noqa: E402

@@ -17,8 +17,17 @@ plugin that was, so that a name registered twice is an error naming both plugins
     {'bpe': <class 'tinylm.tokenizers.bpe.BPETokenizer'>, ...}
     >>> get_tokenizer_class("bpe")      # doctest: +SKIP
 
-A plugin that fails to import, does not fit the hook specifications or raises while
-registering is reported as a ``PluginError`` that names it.
+A broken installed plugin does not stop tinylm: one that fails to import, implements a
+hook it does not fit (a misspelt hook name, an unknown argument), raises inside a hook or
+registers something unusable (a tokenizer class lacking the interface) is *skipped*
+with a ``PluginWarning`` that names it and says why; everything else keeps working.
+``broken_plugins()`` lists what was skipped (``tinylm plugins`` prints it and exits 2),
+and looking up a name a skipped plugin provided is a ``PluginError`` with the reason.
+Conflicts are errors, never resolved silently: a name registered by two plugins, or an
+entry-point name declared by two distributions. ``register_plugin`` (explicit, for
+tests and programmatic use) refuses a plugin that does not fit the hooks outright.
+Plugin authors who want failures loud in their tests turn the warning into an error:
+``-W error::tinylm.plugins.PluginWarning``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+import warnings
 
 import pluggy
 
@@ -64,12 +74,20 @@ _LABELS = {  # kind -> what one thing of that kind is called in messages
 TOKENIZER_INTERFACE = ("encode", "decode", "decode_bytes", "vocab_size", "token_to_id",
                        "id_to_token", "save", "load")
 
+SKIPPED = f"skipped: fix or uninstall it, or leave it out of {ALLOW_ENV}"  # warnings' tail
 _SKIP_HINT = f"to run without it, list the plugins you want in {ALLOW_ENV} (empty for none)"
+
+
+class PluginWarning(UserWarning):
+    """A plugin that is broken and skipped: the message names it and says why."""
+
 
 _pm: pluggy.PluginManager | None = None
 _versions: dict = {}  # plugin name -> version string, or None when unknown
 _registries: dict = {}  # kind -> {name: obj}
 _owners: dict = {}  # kind -> {name: plugin name}
+_broken: dict = {}  # plugin name -> [why it was (partly) skipped, one line each]
+_skipped: dict = {}  # kind -> {name a broken plugin tried to register: why it is not there}
 
 
 # --------------------------------------------------------------------------- manager
@@ -88,7 +106,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
             _register(pm, _import(module_name, "built-in plugin"), module_name)
             versions[module_name] = __version__
         _load_entry_points(pm, versions)
-        _check_pending(pm)
+        _drop_unfit(pm)
         _pm = pm
         _versions.update(versions)
     return _pm
@@ -108,8 +126,8 @@ def register_plugin(plugin, name: str | None = None) -> str:
         pm.unregister(name=name)
         raise
     _versions[name] = None
-    _registries.clear()
-    _owners.clear()
+    for table in (_registries, _owners, _skipped):
+        table.clear()
     return name
 
 
@@ -117,9 +135,28 @@ def reset() -> None:
     """Forget the manager and every registry (the next lookup loads plugins afresh)."""
     global _pm
     _pm = None
-    _versions.clear()
-    _registries.clear()
-    _owners.clear()
+    for table in (_versions, _registries, _owners, _broken, _skipped):
+        table.clear()
+
+
+def broken_plugins() -> dict:
+    """``{plugin name: [reasons]}``: the plugins skipped wholly or in part because they
+    are broken (see the module docstring). Fills every registry first, so that a hook
+    that raises is found; the rest of tinylm works without them."""
+    get_plugin_manager()
+    for kind in KINDS:
+        registry(kind)
+    return {name: list(reasons) for name, reasons in _broken.items()}
+
+
+def _quarantine(plugin: str, why: str, kind: str | None = None, names=()) -> None:
+    """Record that ``plugin`` is skipped (for ``kind``, or wholly) and warn once."""
+    for name in names:
+        _skipped.setdefault(kind, {})[name] = why
+    reasons = _broken.setdefault(plugin, [])
+    if why not in reasons:
+        reasons.append(why)
+        warnings.warn(f"{why}; {SKIPPED}", PluginWarning, stacklevel=3)
 
 
 def _import(module_name: str, what: str):
@@ -145,6 +182,25 @@ def _check_pending(pm: pluggy.PluginManager) -> None:
     except pluggy.PluginValidationError as e:
         name = pm.get_name(e.plugin) or repr(e.plugin)
         raise PluginError(f"plugin {name!r}: {e}; the hooks are in tinylm/hookspecs.py") from e
+
+
+def _drop_unfit(pm: pluggy.PluginManager) -> None:
+    """Unregister and skip each installed plugin with a hook name matching no hook; a
+    built-in one is a bug in tinylm and raises."""
+    while True:
+        try:
+            return _check_pending(pm)
+        except PluginError as e:
+            plugin = e.__cause__.plugin
+            name = pm.get_name(plugin)
+            if name in DEFAULT_PLUGINS:
+                raise
+            pm.unregister(plugin)
+            _quarantine(name, _one_line(e))
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
 
 
 # --------------------------------------------------------------------------- entry points
@@ -193,16 +249,18 @@ def _load_entry_points(pm: pluggy.PluginManager, versions: dict) -> None:
                 f"plugin {ep.name!r} from {dist_name!r} has the name of a built-in plugin; "
                 f"rename its entry point"
             )
+        sources[ep.name] = dist_name
+        versions[ep.name] = version
         try:
             plugin = ep.load()
         except Exception as e:
-            raise PluginError(
-                f"plugin {ep.name!r} (from {dist_name} {version}) failed to import: "
-                f"{type(e).__name__}: {e}; fix or uninstall it, or {_SKIP_HINT}"
-            ) from e
-        _register(pm, plugin, ep.name)
-        sources[ep.name] = dist_name
-        versions[ep.name] = version
+            _quarantine(ep.name, _one_line(f"plugin {ep.name!r} (from {dist_name} {version}) "
+                                           f"failed to import: {type(e).__name__}: {e}"))
+            continue
+        try:
+            _register(pm, plugin, ep.name)
+        except PluginError as e:
+            _quarantine(ep.name, _one_line(e))
 
 
 # --------------------------------------------------------------------------- registries
@@ -224,47 +282,67 @@ def registered_by(kind: str) -> dict:
 
 
 def _collect(kind: str) -> tuple:
-    """Call each plugin's hook for ``kind`` on its own, recording who registered what."""
-    hook_name = KINDS[kind]
+    """Call each plugin's hook for ``kind`` on its own, recording who registered what.
+
+    A plugin whose hook raises (or registers a bad name) is skipped for this kind, with
+    what it registered before failing; a tokenizer class lacking the interface is
+    skipped alone. A name that two plugins register is an error naming both."""
     what = _LABELS[kind]
     found, owners = {}, {}
-    for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():
+    for impl in getattr(get_plugin_manager().hook, KINDS[kind]).get_hookimpls():
         plugin = impl.plugin_name
-
-        def register(name, obj, plugin=plugin):
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {plugin!r} registered a {what} under {name!r}; "
-                                  f"names are non-empty strings")
+        mine, unusable = {}, {}
+        try:
+            _run_hook(impl, kind, mine, unusable)
+        except PluginError as e:
+            if plugin in DEFAULT_PLUGINS:
+                raise
+            _quarantine(plugin, _one_line(e), kind, list(mine) + list(unusable))
+            continue
+        for name, why in unusable.items():
+            _quarantine(plugin, why, kind, [name])
+        for name, obj in mine.items():
             if name in owners:
                 first = owners[name]
-                if first == plugin:
-                    raise PluginError(f"plugin {plugin!r} registers {what} {name!r} twice")
                 fix = (f"uninstall {plugin!r} or leave it out of {ALLOW_ENV}"
                        if first in DEFAULT_PLUGINS else
                        f"uninstall one of them or leave one out of {ALLOW_ENV}")
                 raise PluginError(f"{what} {name!r} is registered by two plugins, "
                                   f"{first!r} and {plugin!r}; {fix}")
-            if kind == "tokenizers":
-                missing = _missing(obj, TOKENIZER_INTERFACE)
-                if missing:
-                    raise PluginError(
-                        f"plugin {plugin!r} registers tokenizer {name!r} ({_describe(obj)}), "
-                        f"which lacks {_listed(missing)}; a tokenizer class needs "
-                        f"{', '.join(TOKENIZER_INTERFACE)} (subclass tinylm.tokenizers."
-                        f"Tokenizer for decode and the helpers; see docs/plugins.md)")
-            found[name] = obj
-            owners[name] = plugin
-
-        if kind == "commands":
-            import click
-
-            group = click.Group("tinylm")
-            _call(impl, hook_name, {"cli": group})
-            for name, command in group.commands.items():
-                register(name, command)
-        else:
-            _call(impl, hook_name, {"register": register})
+            found[name], owners[name] = obj, plugin
     return found, owners
+
+
+def _run_hook(impl, kind: str, mine: dict, unusable: dict) -> None:
+    """One plugin's hook for ``kind``: fills ``mine`` {name: obj} and ``unusable``
+    {name: why} (tokenizer classes lacking the interface)."""
+    plugin, what = impl.plugin_name, _LABELS[kind]
+
+    def register(name, obj):
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r} registered a {what} under {name!r}; "
+                              f"names are non-empty strings")
+        if name in mine or name in unusable:
+            raise PluginError(f"plugin {plugin!r} registers {what} {name!r} twice")
+        missing = _missing(obj, TOKENIZER_INTERFACE) if kind == "tokenizers" else ()
+        if missing:
+            unusable[name] = (
+                f"plugin {plugin!r} registers tokenizer {name!r} ({_describe(obj)}), "
+                f"which lacks {_listed(missing)}; a tokenizer class needs "
+                f"{', '.join(TOKENIZER_INTERFACE)} (subclass tinylm.tokenizers."
+                f"Tokenizer for decode and the helpers; see docs/plugins.md)")
+        else:
+            mine[name] = obj
+
+    if kind == "commands":
+        import click
+
+        group = click.Group("tinylm")
+        _call(impl, KINDS[kind], {"cli": group})
+        for name, command in group.commands.items():
+            register(name, command)
+    else:
+        _call(impl, KINDS[kind], {"register": register})
 
 
 def _call(impl, hook_name: str, kwargs: dict) -> None:
@@ -283,12 +361,16 @@ def _call(impl, hook_name: str, kwargs: dict) -> None:
 
 
 def list_plugins() -> list:
-    """``[(plugin name, version or None, {kind: [names]})]`` in loading order."""
+    """``[(plugin name, version or None, {kind: [names]})]`` in loading order; plugins
+    skipped wholly (one that failed to import, say) come last, registering nothing
+    (``broken_plugins()`` says why)."""
     pm = get_plugin_manager()
     registers = {name: {} for name, _ in pm.list_name_plugin()}
     for kind in KINDS:
         for name, plugin in sorted(registered_by(kind).items()):
             registers[plugin].setdefault(kind, []).append(name)
+    for name in _broken:
+        registers.setdefault(name, {})
     return [(name, _versions.get(name), registers[name]) for name in registers]
 
 
@@ -299,11 +381,14 @@ def _lookup(kind: str, name: str):
     found = registry(kind)
     if name in found:
         return found[name]
+    if name in _skipped.get(kind, {}):
+        raise PluginError(f"{_LABELS[kind]} {name!r} is unavailable: {_skipped[kind][name]}")
     close = difflib.get_close_matches(str(name), list(found), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     available = ", ".join(sorted(found)) or "none"
-    raise TinyLMError(f"unknown {_LABELS[kind]} {name!r}; available: {available}.{hint} "
-                      f"Plugins can add more: see `tinylm plugins`.")
+    broken = (f" Skipped as broken: {', '.join(map(repr, _broken))}." if _broken else "")
+    raise TinyLMError(f"unknown {_LABELS[kind]} {name!r}; available: {available}.{hint}"
+                      f"{broken} Plugins can add more: see `tinylm plugins`.")
 
 
 def get_tokenizer_class(name: str, *, needs=(), purpose: str | None = None):
