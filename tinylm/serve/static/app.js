@@ -96,6 +96,7 @@ async function loadModel() {
   try {
     const response = await fetch("v1/models", { headers: headers(false) });
     if (!response.ok) {
+      state.model = null;
       ui.model.textContent = "no model";
       showError(await errorText(response));
       return;
@@ -105,6 +106,7 @@ async function loadModel() {
     ui.model.textContent = state.model || "no model";
     showError("");
   } catch (error) {
+    state.model = null;
     ui.model.textContent = "offline";
     showError(networkText(error));
   }
@@ -205,6 +207,8 @@ async function send(text) {
   showError("");
   let reply = "";
   try {
+    if (!state.model) await loadModel();  // e.g. the API key was entered since
+    if (!state.model) throw new ServerError(ui.error.textContent || "The server serves no model.");
     const [answer, reason] = await streamAnswer(messages, content, controller.signal);
     reply = answer;
     finish(li, "done", reason === "length" ? "(cut at the max tokens limit)" : "");
