@@ -341,6 +341,22 @@ def test_keep_alive_and_expect_continue(server):
     status, _, out = _post(server.port, "/v1/completions", body, "Expect: 100-continue\r\n")
     assert status == 100  # the interim response comes first ...
     assert b"HTTP/1.1 200 OK" in out and b'"text_completion"' in out  # ... then the answer
+    # a stream to an HTTP/1.0 client: events as they are, ended by closing
+    body = json.dumps({"model": NAME, "prompt": "x", "max_tokens": 3, "stream": True}).encode()
+    status, headers, out = _response(raw(server.port, (
+        f"POST /v1/completions HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        + body))
+    assert status == 200 and "transfer-encoding" not in headers
+    assert headers["content-type"].startswith("text/event-stream")
+    events = [e for e in out.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+    assert json.loads(events[0][len("data: "):])["object"] == "text_completion"
+    # an HTTP/1.1 stream is chunked, and the connection stays open for the next request
+    request = (f"POST /v1/completions HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body + b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
+    out = raw(server.port, request)
+    assert b"Transfer-Encoding: chunked" in out and out.endswith(b"}") \
+        and b"data: [DONE]\n\n\r\n0\r\n\r\nHTTP/1.1 200 OK" in out
 
 
 def test_static_files_and_api_key(model, tok, tmp_path):
@@ -421,6 +437,23 @@ def test_a_failing_model_is_a_500_and_the_server_goes_on(tok):
             .usage.completion_tokens == 3
     # a closed server's engine has stopped; a request to a closed port is refused
     assert not s.engine.alive
+
+
+def test_adapters(tok):
+    """A LoRA model serves what generate() gives it; prompt tuning (virtual tokens in
+    the cache) is refused in one line."""
+    from tinylm import peft
+    from tinylm.errors import TinyLMError
+    from tinylm.serve import Server
+
+    model = peft.apply(tiny_model(tok, seed=4), "lora", r=4, init_lora_weights=False).eval()
+    with running(model, tok) as s:
+        r = client(s).completions.create(model=NAME, prompt="ROMEO:", max_tokens=8,
+                                         temperature=0)
+    assert r.choices[0].text == gen(model, tok, tok.encode("ROMEO:"), 8, temperature=0)[0][0]
+    prompted = peft.apply(tiny_model(tok), "prompt_tuning", num_virtual_tokens=2)
+    with pytest.raises(TinyLMError, match="not prompt or prefix tuning"):
+        Server(prompted, tok)
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -241,7 +241,10 @@ def _common(body: dict, served: ServedModel) -> dict:
         raise APIError(404, f"the model {model!r} does not exist; this server serves "
                             f"{served.name!r} (GET /v1/models)", "model", "model_not_found")
     stream, include = _stream(body)
-    n = get(body, "n", "integer", 1, 1, min(MAX_N, served.limits.max_n))
+    n = get(body, "n", "integer", 1, 1, MAX_N)
+    if n > served.limits.max_n:
+        raise bad("n", f"'n' is {n}, but this server decodes at most {served.limits.max_n} "
+                       f"sequences at once (tinylm serve --max-batch); ask for fewer")
     return dict(sampling=_sampling(body), n=n, stop=_stop(body),
                 seed=get(body, "seed", "integer"), stream=stream, include_usage=include)
 

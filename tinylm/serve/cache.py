@@ -170,6 +170,7 @@ class _StepView:
         self.cache, self.B = cache, B
         self.at = cache.lengths[:B].copy()  # (B,) the column each row writes
         self.S = int(self.at.max()) + 1
+        self._index = None  # (rows, cols) on the device, made at the first write
 
     @property
     def length(self) -> int:
@@ -190,8 +191,9 @@ class _StepView:
     def update(self, layer, k, v):
         """k, v (B, Hkv, 1, hs) -> keys and values of rows 0..B-1 (B, Hkv, S, hs)."""
         kb, vb = self.cache._buffers(layer, k, self.S)
-        xp = k.xp
-        rows, cols = xp.arange(self.B), xp.asarray(self.at)
+        if self._index is None:
+            self._index = (k.xp.arange(self.B), k.xp.asarray(self.at))
+        rows, cols = self._index
         kb[rows, :, cols] = k.data[:, :, 0]  # (B, Hkv, hs) scattered to each row's column
         vb[rows, :, cols] = v.data[:, :, 0]
         return Tensor(kb[:self.B, :, :self.S]), Tensor(vb[:self.B, :, :self.S])

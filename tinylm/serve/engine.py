@@ -137,6 +137,7 @@ class Engine:
         self.V = model.config.vocab_size
         self.cache = SlotCache(self.max_rows, self.max_length)
         self.rows: list = []  # _Row per active cache row, in row order
+        self.last = np.zeros(self.max_rows, dtype=np.int64)  # each row's last token
         self.counts = None  # (max_rows, V) generated-token counts, for the penalties
         self.precision, self.threads = precision, threads
         self._inbox: queue.Queue = queue.Queue()
@@ -294,7 +295,7 @@ class Engine:
         B = len(self.rows)
         if not B:
             return
-        tokens = np.array([r.tokens[-1] for r in self.rows], dtype=np.int64)[:, None]
+        tokens = self.last[:B, None].copy()  # (B, 1)
         mask, positions = self.cache.decode_inputs(B)
         padded = not mask.all()  # all rows as long: no mask, default positions
         out = self.model(tokens, attention_mask=mask if padded else None,
@@ -311,6 +312,7 @@ class Engine:
         logits = logits[:, :self.V]
         tokens = self._pick(rows, index, logits)
         logp, top = self._logprobs(rows, logits, tokens)
+        self.last[index] = tokens
         if self.counts is not None:
             self.counts[index, tokens] += 1
         events: dict = {}
@@ -320,10 +322,10 @@ class Engine:
             if logp is not None and row.job.logprobs is not None:
                 delta.logprob = float(logp[k])
                 delta.top = top[k][:row.job.logprobs] if row.job.logprobs else []
-            events.setdefault(id(row.job), (row.job, []))[1].append(delta)
+            events.setdefault(row.job, []).append(delta)
             if delta.finish:
                 ended.add(int(index[k]))
-        for job, deltas in events.values():
+        for job, deltas in events.items():
             job.sink(deltas)
         self._count("tokens", len(rows))
         if ended:
@@ -346,16 +348,15 @@ class Engine:
         that lose their last row are counted under ``why`` ("jobs": done, "cancelled")."""
         if len(keep) == len(self.rows):
             return
-        gone = {id(r.job): r.job for i, r in enumerate(self.rows) if i not in set(keep)}
+        kept = set(keep)
+        gone = {r.job for i, r in enumerate(self.rows) if i not in kept}
         self.cache.keep(keep)
+        self.last[:len(keep)] = self.last[keep]
         if self.counts is not None:
             self.counts[:len(keep)] = self.counts[keep]
         self.rows = [self.rows[i] for i in keep]
         self._reserved = len(self.rows)
-        still = {id(r.job) for r in self.rows}
-        for key, job in gone.items():
-            if key not in still:
-                self._count(why)
+        self._count(why, len(gone - {r.job for r in self.rows}))
         if not self.rows:
             self.cache.clear()
 
@@ -410,9 +411,9 @@ def _uniforms(rows) -> np.ndarray:
         job = row.job
         if job.sampling.greedy:
             continue
-        if id(job) not in draws:
-            draws[id(job)] = job.rng.random((job.n, 1))[:, 0]
-        u[k] = draws[id(job)][row.choice]
+        if job not in draws:
+            draws[job] = job.rng.random((job.n, 1))[:, 0]
+        u[k] = draws[job][row.choice]
     return u
 
 

@@ -156,6 +156,7 @@ class Connection:
 
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
+        self.chunked = True  # HTTP/1.1: a stream goes in chunks (1.0: until the close)
         self.keep_alive = True
         self.answered = False
         self.status = 0  # the status sent (0: none yet)
@@ -175,10 +176,14 @@ class Connection:
         await self.writer.drain()
 
     async def event_stream(self, headers=()) -> "EventStream":
-        """Start a 200 response of server-sent events (chunked)."""
+        """Start a 200 response of server-sent events: chunked, or for an HTTP/1.0
+        client written as they come and ended by closing the connection."""
         self.answered, self.status = True, 200
+        if not self.chunked:
+            self.keep_alive = False
+        framing = [("Transfer-Encoding", "chunked")] if self.chunked else []
         head = [("Content-Type", "text/event-stream; charset=utf-8"),
-                ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"),
+                ("Cache-Control", "no-cache"), *framing,
                 ("Connection", "keep-alive" if self.keep_alive else "close"), *headers]
         self.writer.write(response_head(200, head))
         await self.writer.drain()
@@ -195,13 +200,16 @@ class EventStream:
 
     async def send(self, data: str) -> None:
         event = f"data: {data}\n\n".encode("utf-8")
-        self.conn.writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if self.conn.chunked:
+            event = b"%x\r\n%s\r\n" % (len(event), event)
+        self.conn.writer.write(event)
         await self.conn.writer.drain()
 
     async def end(self, done: bool = True) -> None:
         if done:
             await self.send("[DONE]")
-        self.conn.writer.write(b"0\r\n\r\n")
+        if self.conn.chunked:
+            self.conn.writer.write(b"0\r\n\r\n")
         await self.conn.writer.drain()
 
 
@@ -280,6 +288,7 @@ class HTTPServer:
             if request is None:
                 return
             conn.keep_alive = request.keep_alive
+            conn.chunked = request.version == "HTTP/1.1"
             await self._answer(request, conn)
             if not conn.keep_alive or conn.closed:
                 return
