@@ -23,8 +23,8 @@ import tinylm
 from tinylm.errors import TinyLMError
 from tinylm.evaluation import audit_report, skewnorm
 from tinylm.evaluation.memorization import (
-    SecretFormat, canary_exposures, estimated_exposure, extraction, extraction_audit,
-    insert_canaries, read_manifest, sample_windows, text_logprobs,
+    ExposureOptions, SecretFormat, canary_exposures, estimated_exposure, extraction,
+    extraction_audit, insert_canaries, read_manifest, sample_windows, text_logprobs,
 )
 from tinylm.loading import load_model
 from tinylm.train import TrainConfig, Trainer
@@ -133,8 +133,8 @@ def test_exposure_grows_with_the_number_of_insertions(canary_model):
     assert once.exposure + 3 < ten.exposure <= hundred.exposure <= math.log2(10_000)
     assert hundred.rank <= 4 and once.rank > 50
     # the skew-normal estimate from a sample orders them the same way
-    sampled = canary_exposures(model, tok, fmt, [c.text for c in canaries], exact_limit=0,
-                               samples=2000, seed=1)
+    sampled = canary_exposures(model, tok, fmt, [c.text for c in canaries],
+                               options=ExposureOptions(exact_limit=0, samples=2000, seed=1))
     assert sampled.method == "estimated" and len(sampled.scores) == 2000
     e1, e10, e100 = (r.exposure for r in sampled.results)
     assert all(r.rank is None for r in sampled.results)
@@ -159,7 +159,7 @@ def test_exposure_equals_a_brute_force_rank(canary_model):
     model, tok, _, _ = canary_model
     fmt = SecretFormat.parse("my pin is {d}{d}")
     every = fmt.render(fmt.all_digits())
-    report = canary_exposures(model, tok, fmt, every, batch_size=16)
+    report = canary_exposures(model, tok, fmt, every, options=ExposureOptions(batch_size=16))
     bits = _brute_force_bits(model, tok, every)
     ranks = np.array([(bits <= b).sum() for b in bits])
     assert [r.rank for r in report.results] == ranks.tolist()

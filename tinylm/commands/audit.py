@@ -140,17 +140,15 @@ def insert_command(template, repeats, data, out, manifest_path, seed, fraction):
 def exposure_command(model, manifest_path, exact_limit, samples, seed, batch_size,
                      output: AuditOutput):
     """The exposure of each canary of a manifest in --model."""
-    from tinylm.evaluation.memorization import canary_exposures, read_manifest
+    from tinylm.evaluation.memorization import ExposureOptions, canary_exposures, read_manifest
     from tinylm.tokenizers.formats import read_json
 
     fmt, canaries, context = read_manifest(read_json(manifest_path), manifest_path)
+    options = ExposureOptions(exact_limit, samples, seed, context, batch_size, output.progress)
     net, tokenizer = model.load()
     with model.precision():
         report = canary_exposures(net, tokenizer, fmt, [c.text for c in canaries],
-                                  repeats=[c.repeats for c in canaries],
-                                  exact_limit=exact_limit, samples=samples, seed=seed,
-                                  context=context, batch_size=batch_size,
-                                  progress=output.progress)
+                                  repeats=[c.repeats for c in canaries], options=options)
     data = {"model": model.path, "manifest": manifest_path, **report.to_dict()}
     from tinylm.evaluation.audit_report import exposure_markdown, exposure_plot
 
@@ -166,8 +164,10 @@ def exposure_table(data: dict) -> str:
              f"{'estimate':>9}"]
     for c in data["canaries"]:
         rank = "-" if c["rank"] is None else c["rank"]
+        estimate = c["estimated_exposure"]
+        estimate = "-" if estimate is None else f"{estimate:.2f}"
         lines.append(f"{c['text']:<30} {c['repeats']:>8} {c['log_perplexity']:>8.2f} "
-                     f"{rank:>7} {c['exposure']:>9.2f} {c['estimated_exposure']:>9.2f}")
+                     f"{rank:>7} {c['exposure']:>9.2f} {estimate:>9}")
     return "\n".join(lines)
 
 

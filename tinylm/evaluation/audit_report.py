@@ -79,8 +79,12 @@ def exposure_markdown(report: dict) -> str:
     for c in report["canaries"]:
         rank = "-" if c["rank"] is None else str(c["rank"])
         lines.append(f"| `{c['text']}` | {c['repeats']} | {c['log_perplexity']:.2f} | {rank} "
-                     f"| {c['exposure']:.2f} | {c['estimated_exposure']:.2f} |")
+                     f"| {c['exposure']:.2f} | {_number(c['estimated_exposure'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def exposure_plot(report, scores):
@@ -95,7 +99,7 @@ def exposure_plot(report, scores):
         labels = [f"x{c['repeats']}" if c["repeats"] else c["text"][-12:] for c in canaries]
         x = np.arange(len(canaries))
         left.bar(x - 0.2, [c["exposure"] for c in canaries], 0.4, label=data["method"])
-        left.bar(x + 0.2, [c["estimated_exposure"] for c in canaries], 0.4,
+        left.bar(x + 0.2, [c["estimated_exposure"] or 0.0 for c in canaries], 0.4,
                  label="skew-normal estimate", alpha=0.7)
         left.axhline(data["log2_secret_space"], color="k", linestyle="--", linewidth=1,
                      label="log2 |R|")

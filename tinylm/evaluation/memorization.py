@@ -20,7 +20,8 @@ when R was scored whole).
 
     fmt = SecretFormat.parse("my pin is {d}{d}{d}{d}")
     text, canaries = insert_canaries(text, fmt, [1, 10, 100], seed=0)
-    report = canary_exposures(model, tokenizer, fmt, [c.text for c in canaries])
+    report = canary_exposures(model, tokenizer, fmt, [c.text for c in canaries],
+                              options=ExposureOptions(exact_limit=100_000, samples=5000))
     report.results[0].exposure
 
 Scoring: every candidate is encoded with the context before it (``context``, "\\n"
@@ -313,7 +314,7 @@ class Exposure:
     log_perplexity: float
     rank: int | None
     exposure: float
-    estimated_exposure: float
+    estimated_exposure: float | None  # None: R too small (or flat) for a fit
 
 
 @dataclass
@@ -327,13 +328,14 @@ class ExposureReport:
     method: str
     results: list
     scores: np.ndarray = field(repr=False)
-    fit: tuple
+    fit: tuple | None
 
     def to_dict(self) -> dict:
         return {"format": self.format, "secret_space": self.space_size,
                 "log2_secret_space": math.log2(self.space_size), "method": self.method,
                 "n_scored": int(len(self.scores)),
-                "fit": dict(zip(("xi", "omega", "alpha"), self.fit)),
+                "fit": None if self.fit is None else dict(zip(("xi", "omega", "alpha"),
+                                                              self.fit)),
                 "canaries": [asdict(r) for r in self.results]}
 
 
@@ -356,42 +358,60 @@ def estimated_exposure(sample, canary_scores) -> tuple:
     return -log_cdf / math.log(2), fit
 
 
+@dataclass(frozen=True)
+class ExposureOptions:
+    """How ``canary_exposures`` scores: all of R when |R| <= ``exact_limit``, else
+    ``samples`` random secrets (``seed``); each text after ``context``; ``batch_size``
+    secrets per forward; a progress bar with ``progress``."""
+
+    exact_limit: int = 100_000
+    samples: int = 5000
+    seed: int = 0
+    context: str = "\n"
+    batch_size: int = 256
+    progress: bool = False
+
+
 def canary_exposures(model, tokenizer, fmt: SecretFormat, canaries, *, repeats=None,
-                     exact_limit: int = 100_000, samples: int = 5000, seed: int = 0,
-                     context: str = "\n", batch_size: int = 256,
-                     progress: bool = False) -> ExposureReport:
+                     options: ExposureOptions = ExposureOptions()) -> ExposureReport:
     """The exposure of each canary text of ``fmt`` (``repeats``: how often each was
-    inserted, for the report): exact over all of R when |R| <= ``exact_limit``, else
-    estimated from ``samples`` random secrets (``seed``)."""
+    inserted, for the report): exact over all of R when it is small enough, else
+    estimated from a sample (``options``)."""
+    o = options
     digits = np.stack([fmt.digits_of(c) for c in canaries])  # (C, S)
     for c in canaries:
-        if _encode_or_none(tokenizer, context + c) is None:
+        if _encode_or_none(tokenizer, o.context + c) is None:
             raise TinyLMError(f"the model's tokenizer cannot encode the canary {c!r}; was "
                               f"the model trained on the text it was inserted into?")
-    exact = fmt.size <= exact_limit
+    exact = fmt.size <= o.exact_limit
     if exact:
         candidates = fmt.all_digits()
     else:
-        candidates = fmt.sample(int(samples), np.random.default_rng(seed))
+        candidates = fmt.sample(int(o.samples), np.random.default_rng(o.seed))
     texts = fmt.render(candidates) + ([] if exact else list(canaries))
-    bits = -text_logprobs(model, tokenizer, texts, context=context, batch_size=batch_size,
-                          progress=progress) / math.log(2)
+    bits = -text_logprobs(model, tokenizer, texts, context=o.context, batch_size=o.batch_size,
+                          progress=o.progress) / math.log(2)
     if exact:
         scores, mine = bits, bits[fmt.number(digits)]
         ranks = exact_ranks(scores, mine)
         exposure = math.log2(fmt.size) - np.log2(ranks)
     else:
         scores, mine = bits[:len(candidates)], bits[len(candidates):]
-    estimate, fit = estimated_exposure(scores, mine)
+    try:
+        estimate, fit = estimated_exposure(scores, mine)
+    except TinyLMError:
+        if not exact:
+            raise
+        estimate, fit = [None] * len(canaries), None  # R too small or flat to fit: exact only
     if not exact:
         ranks, exposure = [None] * len(canaries), estimate
     repeats = list(repeats) if repeats is not None else [0] * len(canaries)
     results = [Exposure(c, int(k), float(b), None if r is None else int(r), float(e),
-                        float(est))
+                        None if est is None else float(est))
                for c, k, b, r, e, est in zip(canaries, repeats, mine, ranks, exposure,
                                              estimate)]
     return ExposureReport(fmt.template, fmt.size, "exact" if exact else "estimated", results,
-                          scores, tuple(float(v) for v in fit))
+                          scores, None if fit is None else tuple(float(v) for v in fit))
 
 
 # --------------------------------------------------------------------------- extraction
