@@ -22,14 +22,16 @@ nothing but the server is measured:
 
 Every request is a streamed ``POST /v1/completions`` (``stream: true``,
 ``stream_options.include_usage``), greedy (``temperature: 0``), ``max_tokens``
-(``--max-tokens``, 64), on a prompt of about 80 words that starts with the request's
+(``--max-tokens``, 128), on a prompt of about 80 words that starts with the request's
 own number (so no two prompts are the same text). At ``c`` streams a round starts
 ``c`` requests at once and ends when the last finishes; there are max(``--rounds``,
 ceil(``--requests`` / c)) rounds (3, 16: so 16 requests at 1 and at 4 streams, 48 at
 16). Per round: aggregate tokens/s = the completion tokens of all its requests
 (``usage.completion_tokens``) / the round's wall time; the table shows the median
 over rounds. Time to first token: from sending a request to the first chunk with
-text, p50 and p99 over every request at that concurrency. One warm-up request (not
+text, p50 and p99 over every request at that concurrency. "stream tok/s": one
+stream's decode rate after its first token ((tokens - 1) / (end - first text)),
+the median over requests. One warm-up request (not
 timed) precedes each model's rows. "mean batch": the sequences per decode step at
 that level, from the server's ``/metrics`` (its ``batch_size_steps`` counts before
 and after): the streams really shared steps. The last column is the aggregate
@@ -82,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["gpt2", "smollm2"],
                    choices=["gpt2", "smollm2", "tiny"])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
+    p.add_argument("--max-tokens", type=int, default=128, help="completion tokens per request")
     p.add_argument("--rounds", type=int, default=3, help="at least this many rounds per level")
     p.add_argument("--requests", type=int, default=16, help="at least this many requests per level")
     p.add_argument("--gguf", default=str(SMOLLM2), help="the SmolLM2-135M-Instruct GGUF file")
@@ -254,7 +256,9 @@ def stream_completion(port: int, prompt: str, max_tokens: int, timeout: float,
     conn.close()
     if tokens is None:
         raise RuntimeError("the stream ended without a usage chunk")
-    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens}
+    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens,
+            "decode": (tokens - 1) / (end - first) if first and tokens > 1 and end > first
+            else float("nan")}
 
 
 def run_round(port: int, streams: int, first_id: int, args) -> tuple:
@@ -298,7 +302,7 @@ def measure(port: int, args) -> list:
     stream_completion(port, f"request 0: {TEXT}", args.max_tokens, args.timeout,
                       args.model_id)  # warm-up
     for c in args.streams:
-        rates, ttfts, tokens = [], [], []
+        rates, ttfts, tokens, decode = [], [], [], []
         before = get_json(port, "/metrics")["engine"]["batch_size_steps"]
         for _ in range(max(args.rounds, math.ceil(args.requests / c))):
             rate, results = run_round(port, c, next_id, args)
@@ -306,10 +310,12 @@ def measure(port: int, args) -> list:
             rates.append(rate)
             ttfts += [r["ttft"] for r in results]
             tokens += [r["tokens"] for r in results]
+            decode += [r["decode"] for r in results]
         rows.append({"streams": c, "rounds": len(rates), "requests": len(ttfts),
                      "tokens": statistics.median(tokens), "tok_s": statistics.median(rates),
                      "ttft_p50": float(np.percentile(ttfts, 50)),
                      "ttft_p99": float(np.percentile(ttfts, 99)),
+                     "decode": statistics.median(decode),
                      "batch": mean_batch(before, get_json(port, "/metrics")["engine"])})
         print(f"  {c:>2} streams: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     one = next((r["tok_s"] for r in rows if r["streams"] == 1), None)
@@ -323,13 +329,13 @@ def measure(port: int, args) -> list:
 
 def print_table(results: dict, markdown: bool):
     head = ["model", "streams", "rounds", "requests", "tokens/request", "aggregate tok/s",
-            "TTFT p50 s", "TTFT p99 s", "mean batch", "x 1 stream"]
+            "TTFT p50 s", "TTFT p99 s", "stream tok/s", "mean batch", "x 1 stream"]
     lines = []
     for name, rows in results.items():
         for r in rows:
             lines.append([name, r["streams"], r["rounds"], r["requests"], f"{r['tokens']:g}",
                           f"{r['tok_s']:.1f}", f"{r['ttft_p50']:.3f}", f"{r['ttft_p99']:.3f}",
-                          f"{r['batch']:.1f}", f"{r['ratio']:.2f}"])
+                          f"{r['decode']:.1f}", f"{r['batch']:.1f}", f"{r['ratio']:.2f}"])
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
