@@ -138,7 +138,7 @@ def test_exposure_grows_with_the_number_of_insertions(canary_model):
     assert sampled.method == "estimated" and len(sampled.scores) == 2000
     e1, e10, e100 = (r.exposure for r in sampled.results)
     assert all(r.rank is None for r in sampled.results)
-    assert e1 + 3 < e10 and e1 + 3 < e100
+    assert e1 + 1.5 < e10 < e100 and e1 + 3 < e100
     assert abs(e1 - once.exposure) < 1.5  # where the fit is good: inside the sample
 
 
