@@ -166,6 +166,10 @@ def test_penalties_and_extensions(model, tok, api):
                                extra_body={"top_k": 20}, **kw)
     want, _ = gen(model, tok, tok.encode(prompt), 15, seed=5, top_k=20, **kw)
     assert r.choices[0].text == want[0]
+    r = api.completions.create(model=NAME, prompt=prompt, max_tokens=15, seed=5, top_p=0.8,
+                               extra_body={"top_k": -1, "min_p": 0.1}, **kw)  # -1: no top_k
+    want, _ = gen(model, tok, tok.encode(prompt), 15, seed=5, top_p=0.8, min_p=0.1, **kw)
+    assert r.choices[0].text == want[0]
 
 
 def test_stop_strings(model, tok, api):
@@ -246,6 +250,7 @@ def test_bad_fields_are_400_naming_the_field(api):
         (dict(prompt="x", logprobs=True), "logprobs", "invalid_type"),
         (dict(prompt="x", top_p=0), "top_p", "invalid_value"),
         (dict(prompt="x", seed="1"), "seed", "invalid_type"),
+        (dict(prompt="x", seed=-1), "seed", "invalid_value"),
         (dict(prompt=[1, "a"]), "prompt", "invalid_type"),
         (dict(prompt=[[10**6]]), "prompt", "invalid_value"),
         (dict(prompt="x", max_tokens=1000), "max_tokens", "invalid_value"),

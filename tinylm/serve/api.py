@@ -196,11 +196,17 @@ def _sampling(body: dict) -> SamplingConfig:
     return SamplingConfig(
         temperature=float(get(body, "temperature", "number", 1.0, 0.0, 2.0)),
         top_p=None if top_p >= 1 else float(top_p),
-        top_k=get(body, "top_k", "integer", None, 1),
+        top_k=_top_k(body),
         min_p=None if body.get("min_p") is None else float(get(body, "min_p", "number",
                                                                 None, 0.0, 1.0)),
         presence_penalty=float(get(body, "presence_penalty", "number", 0.0, -2.0, 2.0)),
         frequency_penalty=float(get(body, "frequency_penalty", "number", 0.0, -2.0, 2.0)))
+
+
+def _top_k(body: dict):
+    """vLLM's ``top_k``: -1 or 0 is off."""
+    k = get(body, "top_k", "integer", None, -1)
+    return None if k is None or k <= 0 else k
 
 
 def _stop(body: dict) -> tuple:
@@ -246,7 +252,7 @@ def _common(body: dict, served: ServedModel) -> dict:
         raise bad("n", f"'n' is {n}, but this server decodes at most {served.limits.max_n} "
                        f"sequences at once (tinylm serve --max-batch); ask for fewer")
     return dict(sampling=_sampling(body), n=n, stop=_stop(body),
-                seed=get(body, "seed", "integer"), stream=stream, include_usage=include)
+                seed=get(body, "seed", "integer", None, 0), stream=stream, include_usage=include)
 
 
 def _max_tokens(body: dict, name: str, prompts: list, served: ServedModel, default) -> int:

@@ -86,8 +86,9 @@ class App:
         except Gone:
             conn.keep_alive = False
             conn.answered = True
-        status = getattr(conn, "status", 0)
-        self.requests[f"{request.method} {request.path} {status}"] += 1
+        status = conn.status
+        known = request.path in self.routes or request.path.startswith("/v1/models/")
+        self.requests[f"{request.method} {request.path if known else '(other)'} {status}"] += 1
         log.info("%s %s %s %.3fs", request.method, request.path, status or "-",
                  time.perf_counter() - started)
 

@@ -13,7 +13,8 @@ What it accepts: a request line ``METHOD target HTTP/1.1`` (or 1.0), header line
 bytes (more than ``max_body``: 413, refused before it is read; ``Transfer-Encoding``
 on a request: 501, a client sends a length). ``Expect: 100-continue`` gets its
 interim response. Connections stay open between requests (HTTP/1.1 keep-alive)
-unless the client says ``Connection: close`` or speaks HTTP/1.0; anything malformed
+unless the client says ``Connection: close`` or speaks HTTP/1.0, or sends nothing for
+``idle`` seconds (300; then it is closed quietly); anything malformed
 gets its 4xx and the connection is closed, since the stream's framing is lost.
 
 Responses carry ``Content-Length``; a stream of server-sent events (``data: ...`` +
@@ -75,11 +76,15 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------- reading
 
 
-async def read_request(reader: asyncio.StreamReader, writer, max_head: int, max_body: int):
+async def read_request(reader: asyncio.StreamReader, writer, max_head: int, max_body: int,
+                       idle: float | None = None):
     """The next request on the connection, or None when the client closed it between
-    requests. Raises ``ProtocolError`` for anything malformed or too large."""
+    requests or sent no whole head for ``idle`` seconds. Raises ``ProtocolError`` for
+    anything malformed or too large."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle)
+    except asyncio.TimeoutError:
+        return None
     except asyncio.IncompleteReadError as e:
         if e.partial.strip():
             raise ProtocolError(400, "the request ended inside its headers") from None
@@ -239,9 +244,10 @@ class HTTPServer:
     ``error_body(status, message, code) -> bytes`` (JSON) answers what cannot be
     parsed and what the handler raised."""
 
-    def __init__(self, handler, error_body, max_body: int = 1 << 20, max_head: int = 32768):
+    def __init__(self, handler, error_body, max_body: int = 1 << 20, max_head: int = 32768,
+                 idle: float = 300.0):
         self.handler, self.error_body = handler, error_body
-        self.max_body, self.max_head = max_body, max_head
+        self.max_body, self.max_head, self.idle = max_body, max_head, idle
         self.server = None
         self.connections: set = set()
 
@@ -279,7 +285,8 @@ class HTTPServer:
         while True:
             conn = Connection(reader, writer)
             try:
-                request = await read_request(reader, writer, self.max_head, self.max_body)
+                request = await read_request(reader, writer, self.max_head, self.max_body,
+                                             self.idle)
             except ProtocolError as e:
                 conn.keep_alive = False
                 await conn.respond(e.status, self.error_body(e.status, e.message, e.code))
