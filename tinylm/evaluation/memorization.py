@@ -15,8 +15,8 @@ computed exactly by scoring all of R when it is small (``exact_limit``), else es
 from a random sample of R: the sample's log-perplexities are fitted by a skew-normal
 (``tinylm.evaluation.skewnorm``) and exposure = -log2 CDF(Px(canary)). A secret the
 model has not seen ranks about |R| / 2 (exposure ~1 bit); one it has memorized ranks 1
-(log2 |R| bits). Both numbers are reported in either case (the estimate from all of R
-when R was scored whole).
+(log2 |R| bits). When R is scored whole, the skew-normal estimate (fitted to all of
+R) is reported beside the exact exposure.
 
     fmt = SecretFormat.parse("my pin is {d}{d}{d}{d}")
     text, canaries = insert_canaries(text, fmt, [1, 10, 100], seed=0)
@@ -297,9 +297,9 @@ def _shared_prefix(ids) -> int:
         differ = np.flatnonzero(first[:shared] != np.asarray(r[:shared]))
         shared = int(differ[0]) if differ.size else shared
     if shared < 1:
-        raise TinyLMError("the canaries share no leading token to condition on; give a "
-                          "context (the text before each canary in the data, '\\n' when "
-                          "they are lines of their own)")
+        raise TinyLMError("the secrets share no leading token to condition on; set the "
+                          "manifest's 'context' to the text before each canary in the data "
+                          "('\\n' when they are lines of their own)")
     return shared
 
 
