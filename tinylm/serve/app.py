@@ -354,7 +354,7 @@ class StreamWriter:
         if d.logprob is not None:
             lp = self.run._logprobs(i, [d.token], [d.logprob], [d.top],
                                     offset=self._offset(i))
-        self.offsets[i] += len(api.token_text(self.run.tokenizer, d.token))
+            self.offsets[i] += len(api.token_text(self.run.tokenizer, d.token))
         out = []
         if self.chat:
             if d.text or lp is not None:
