@@ -1,0 +1,176 @@
+"""The host engine over MPI (mpi4py): non-blocking collectives polled to a deadline.
+
+NumPy arrays are handed to mpi4py as buffers (``comm.Iallreduce(x, out)``): MPI
+reads and writes their memory, nothing is copied or pickled. Each call is started
+non-blocking and ``Request.Test()`` is polled (which also drives MPI's progress)
+until it completes or its deadline passes: spinning for the first ~200 polls (a
+small all-reduce completes in tens of microseconds), then sleeping a little longer
+each time, up to 1 ms, so a rank waiting for a slower one leaves it the CPU.
+
+While it waits, a rank answers "where are you?" pings from the others on a
+duplicate of the communicator (its own tags, never mixed with the collectives'
+messages). When the deadline passes it pings every other rank and waits up to
+``PING_GRACE_S`` for the answers: the ranks that do not answer are dead, stopped
+(SIGSTOP) or busy outside any collective (hung), and the ``CommTimeout`` names
+them; ranks that answer say which collective they wait in.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from tinylm.dist.comm import CommTimeout, DistError
+
+PING, PONG = 0x7A1, 0x7A2  # tags on the control communicator
+PING_GRACE_S = 3.0
+SPIN_POLLS = 200
+NAME_BYTES = 32  # a pong: int64 sequence number + the collective's name
+
+
+def import_mpi():
+    """mpi4py's MPI module, or a DistError saying how to install it."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistError("this run has several ranks but mpi4py is not installed; install "
+                        "the dist extra: pip install -e '.[dist]' (mpi4py + the mpich wheel)") \
+            from None
+    return MPI
+
+
+class MpiTransport:
+    """Collectives of an ``MPI.Comm`` on NumPy arrays, each with a deadline.
+
+    ``world_ranks``: this group's ranks' places in MPI.COMM_WORLD (for messages);
+    None: asked for here (a collective: every rank of ``comm`` must construct it)."""
+
+    def __init__(self, comm, world_ranks: list | None = None):
+        self.MPI = import_mpi()
+        self.comm, self.ctl = comm, comm.Dup()
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.seq, self.current = 0, "setup"
+        self._pending = []  # control sends not known complete
+        if world_ranks is None:
+            me = np.array([self.MPI.COMM_WORLD.Get_rank()], np.int64)
+            every = np.empty(self.size, np.int64)
+            self.comm.Allgather(me, every)
+            world_ranks = [int(r) for r in every]
+        self.world_ranks = world_ranks
+
+    # ------------------------------------------------------------------ the collectives
+
+    def allreduce(self, send, recv, op: str, what: str, timeout: float) -> None:
+        mpi_op = {"sum": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}[op]
+        if send is recv:
+            self._run(lambda: self.comm.Iallreduce(self.MPI.IN_PLACE, recv, mpi_op), what,
+                      timeout)
+        else:
+            self._run(lambda: self.comm.Iallreduce(send, recv, mpi_op), what, timeout)
+
+    def reduce_scatter(self, send, recv, what: str, timeout: float) -> None:
+        self._run(lambda: self.comm.Ireduce_scatter_block(send, recv, self.MPI.SUM), what,
+                  timeout)
+
+    def allgather(self, send, recv, what: str, timeout: float) -> None:
+        self._run(lambda: self.comm.Iallgather(send, recv), what, timeout)
+
+    def alltoall(self, send, recv, what: str, timeout: float) -> None:
+        self._run(lambda: self.comm.Ialltoall(send, recv), what, timeout)
+
+    def bcast(self, buf, root: int, what: str, timeout: float) -> None:
+        self._run(lambda: self.comm.Ibcast(buf, root), what, timeout)
+
+    def barrier(self, what: str, timeout: float) -> None:
+        self._run(self.comm.Ibarrier, what, timeout)
+
+    def split(self, color: int, key: int) -> "MpiTransport":
+        sub = self.comm.Split(color, key)
+        members = np.empty(self.size, np.int64)
+        self.comm.Allgather(np.array([color], np.int64), members)
+        keys = np.empty(self.size, np.int64)
+        self.comm.Allgather(np.array([key], np.int64), keys)
+        order = sorted((int(keys[r]), r) for r in range(self.size) if members[r] == color)
+        mine = [self.world_ranks[r] for _, r in order]
+        return MpiTransport(sub, world_ranks=mine)
+
+    def abort(self, code: int) -> None:
+        self.MPI.COMM_WORLD.Abort(code)
+
+    # ------------------------------------------------------------------ waiting
+
+    def _run(self, start, what: str, timeout: float) -> None:
+        """Start a non-blocking call (``start()`` returns its Request) and wait for it."""
+        self.seq += 1
+        self.current = what
+        try:
+            request = start()
+            self.wait(request, what, timeout)
+        except self.MPI.Exception as e:
+            raise DistError(f"rank {self.name(self.rank)}: {what} failed in MPI: "
+                            f"{e.Get_error_string().strip()}; another rank probably died, "
+                            f"see its message") from None
+        finally:
+            self.current = "idle"
+
+    def wait(self, request, what: str, timeout: float) -> None:
+        """Poll ``request`` until it completes; CommTimeout after ``timeout`` seconds."""
+        start = time.monotonic()
+        deadline, next_ctl, polls = start + timeout, start + 0.05, 0
+        while not request.Test():
+            polls += 1
+            if polls > SPIN_POLLS:
+                time.sleep(min(1e-3, 2e-5 * (polls - SPIN_POLLS)))
+            now = time.monotonic()
+            if now >= next_ctl:
+                self._answer_pings()
+                next_ctl = now + 0.05
+            if now >= deadline:
+                raise self._timed_out(what, timeout)
+
+    def name(self, rank: int) -> str:
+        """A rank of this group as messages name it: its world rank."""
+        return str(self.world_ranks[rank])
+
+    def _answer_pings(self) -> None:
+        status = self.MPI.Status()
+        while self.ctl.Iprobe(self.MPI.ANY_SOURCE, PING, status):
+            source = status.Get_source()
+            self.ctl.Recv(np.empty(1, np.int64), source, PING)
+            answer = np.zeros(8 + NAME_BYTES, np.uint8)
+            answer[:8] = np.frombuffer(np.int64(self.seq).tobytes(), np.uint8)
+            name = self.current.encode()[:NAME_BYTES]
+            answer[8:8 + len(name)] = np.frombuffer(name, np.uint8)
+            self._pending.append(self.ctl.Isend(answer, source, PONG))
+
+    def _timed_out(self, what: str, timeout: float) -> CommTimeout:
+        """Ask every other rank where it is; the error names those that are silent."""
+        others = [r for r in range(self.size) if r != self.rank]
+        self._pending += [self.ctl.Isend(np.array([self.seq], np.int64), r, PING)
+                          for r in others]
+        answers, status = {}, self.MPI.Status()
+        end = time.monotonic() + PING_GRACE_S
+        while len(answers) < len(others) and time.monotonic() < end:
+            self._answer_pings()
+            while self.ctl.Iprobe(self.MPI.ANY_SOURCE, PONG, status):
+                source, buf = status.Get_source(), np.empty(8 + NAME_BYTES, np.uint8)
+                self.ctl.Recv(buf, source, PONG)
+                seq = int(np.frombuffer(buf[:8].tobytes(), np.int64)[0])
+                answers[source] = (seq, buf[8:].tobytes().rstrip(b"\0").decode(errors="replace"))
+            time.sleep(1e-3)
+        silent = [self.name(r) for r in others if r not in answers]
+        me = f"rank {self.name(self.rank)}: {what} (collective #{self.seq}) did not " \
+             f"complete within {timeout:g} s"
+        if silent:
+            waiting = ", ".join(f"rank {self.name(r)} in {w} #{s}"
+                                for r, (s, w) in sorted(answers.items()))
+            return CommTimeout(
+                f"{me}: rank {', '.join(silent)} did not answer (dead, stopped or hung)"
+                f"{'; waiting: ' + waiting if waiting else ''}; the run stops: fix or free "
+                f"that rank and run the same command again to resume from the last checkpoint")
+        where = ", ".join(f"rank {self.name(r)} in {w} #{s}" for r, (s, w) in
+                          sorted(answers.items()))
+        return CommTimeout(f"{me}, yet every rank answered ({where}): the ranks wait in "
+                           f"different collectives (a bug: report it), or the collective is "
+                           f"slower than the timeout: raise TINYLM_DIST_TIMEOUT")
