@@ -327,7 +327,8 @@ def test_tinylm_train_objective_ul2_from_the_entry_point(tmp_path, monkeypatch):
         "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "3",
         "--eval-every", "3", "--eval-iters", "1", "--block-size", "24", "--batch-size", "4",
         "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--sample-tokens", "0",
-        "--no-progress", "--log-every", "1", "-s", "objective_options.weights=1,1,1,1,1,1,0"], prog_name="tinylm")
+        "--no-progress", "--log-every", "1", "-s", "objective_options.weights=1,1,1,1,1,1,0"],
+        prog_name="tinylm")
     assert result.exit_code == 0, result.output
     assert sorted(losses(out)) == [1, 2, 3]
     with open(out / "trainer_state.json", encoding="utf-8") as f:

@@ -22,7 +22,6 @@ import pytest
 
 import tinylm
 from tinylm import peft, plugins, testing
-from tinylm.peft import hf as peft_hf
 
 import tinylm_vera
 from tinylm_vera.projection import projections
@@ -270,4 +269,3 @@ def test_the_entry_point_registers_vera(monkeypatch):
     plugins.reset()
     assert plugins.get_peft_method("vera") is tinylm_vera.method.Vera
     assert plugins.registered_by("peft_methods")["vera"] == "vera"
-    assert peft_hf.NoPeftForm  # the extension point the plugin relies on
