@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinylm import backend, checkpoint
-from tinylm.errors import CheckpointError
+from tinylm.errors import CheckpointError, TinyLMError
 from tinylm.models.config import (
     BertConfig, GPT2Config, LlamaConfig, ModelConfig, T5Config, write_text_atomic,
 )
@@ -203,6 +203,53 @@ _ROPE_SCALING_KEYS = {
 _ROPE_TYPES = ("default",) + tuple(_ROPE_SCALING_KEYS)
 
 
+# --------------------------------------------------------------------------- rope types from plugins
+#
+# A positional plugin claims a Hugging Face rope_type with three attributes of its
+# scheme class (a RoPE subclass, registered through register_positional_encodings):
+#
+#     hf_rope_type = "yarn"                  the rope_type it reads and writes
+#     from_hf_rope(rope, hf) -> dict         classmethod: its positional_options, from HF's
+#                                            rope dict (rope_parameters / rope_scaling, with
+#                                            rope_theta in it) and the whole config.json
+#     to_hf_rope(options) -> dict            classmethod: the rope dict to write ({"rope_type":
+#                                            "yarn", "factor": ...}); TinyLMError if HF cannot
+#                                            express the options
+#
+# "base" and "fraction" stay tinylm's (rope_theta, partial_rotary_factor). docs/plugins.md
+# ("Positional schemes and Hugging Face rope types") says more.
+
+
+def claimed_rope_types() -> dict:
+    """``{HF rope_type: (positional name, scheme class)}`` for the registered schemes
+    that claim one (``hf_rope_type``); two claiming the same type is a PluginError."""
+    from tinylm import plugins
+    from tinylm.errors import PluginError
+
+    claimed = {}
+    for name, cls in sorted(plugins.registry("positional_encodings").items()):
+        kind = getattr(cls, "hf_rope_type", None)
+        if kind is None:
+            continue
+        if kind in claimed or kind in _ROPE_TYPES:
+            owners = plugins.registered_by("positional_encodings")
+            other = f"scheme {claimed[kind][0]!r}" if kind in claimed else "tinylm's RoPE"
+            raise PluginError(f"HF rope_type {kind!r} is claimed by positional scheme {name!r} "
+                              f"(plugin {owners[name]!r}) and by {other}; uninstall one")
+        claimed[kind] = (name, cls)
+    return claimed
+
+
+def _rope_plugin_scheme(c: ModelConfig):
+    """The scheme class of ``c.positional`` when it is not "rope" but claims a rope_type."""
+    if c.positional == "rope":
+        return None
+    from tinylm import plugins
+
+    cls = plugins.registry("positional_encodings").get(c.positional)
+    return cls if getattr(cls, "hf_rope_type", None) is not None else None
+
+
 def _rope_scaling_from_hf(kind: str, rope: dict, hf: dict) -> dict:
     """RoPE's ``scaling`` option from an HF rope dict (KeyError names a missing key)."""
     rope = dict(rope)
@@ -226,17 +273,24 @@ class Llama(Family):
         rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
-        problems = [] if kind in _ROPE_TYPES else [
-            f"rope_type={kind!r} (only {', '.join(map(repr, _ROPE_TYPES))})"]
+        claimed = {} if kind in _ROPE_TYPES else claimed_rope_types()
+        problems = [] if kind in _ROPE_TYPES or kind in claimed else [
+            f"rope_type={kind!r} (only {', '.join(map(repr, _ROPE_TYPES + tuple(claimed)))}); "
+            f"positional plugins add more, e.g. tinylm-rope-scaling reads 'dynamic' and 'yarn'"]
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             problems.append("attention_bias != mlp_bias (tinylm has one bias switch)")
         _unsupported("llama", problems)
         fraction = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         options = _non_default({"base": float(rope["rope_theta"]), "fraction": fraction},
                                {"base": 10000.0, "fraction": 1.0})
-        if kind != "default":
+        positional = "rope"
+        if kind in claimed:
+            positional, scheme = claimed[kind]
+            options.update(scheme.from_hf_rope(rope, hf))
+        elif kind != "default":
             options["scaling"] = _rope_scaling_from_hf(kind, rope, hf)
         return LlamaConfig(
+            positional=positional,
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
             n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -252,10 +306,21 @@ class Llama(Family):
             pad_token_id=hf.get("pad_token_id"),
         )
 
+    fixed = tuple(n for n in Family.fixed if n != "positional")  # checked below
+
     def exportable(self, c):
-        p = super().exportable(c)
+        p, scheme = [], _rope_plugin_scheme(c)
+        if scheme is not None:
+            try:
+                scheme.to_hf_rope(c.positional_options)
+            except TinyLMError as e:
+                p.append(f"positional={c.positional!r}: {e}")
+        elif c.positional != "rope":
+            p.append(f"positional={c.positional!r} (HF llama has 'rope', or a rope_type "
+                     f"that a positional plugin claims)")
+        p += super().exportable(c)
         extra = set(c.positional_options) - {"base", "fraction", "scaling"}
-        if extra:
+        if extra and scheme is None:
             p.append(f"RoPE options {sorted(extra)}")
         if c.dropout or c.mlp_dropout or c.attn_scale is not None:
             p.append("dropout, mlp_dropout or a custom attn_scale")
@@ -280,8 +345,11 @@ class Llama(Family):
         if c.positional_options.get("fraction", 1.0) != 1.0:
             fraction = c.positional_options["fraction"]
             rope["partial_rotary_factor"] = hf["partial_rotary_factor"] = fraction
-        if c.positional_options.get("scaling"):
-            scaling = _rope_scaling_to_hf(c.positional_options["scaling"])
+        scheme = _rope_plugin_scheme(c)
+        scaling = (scheme.to_hf_rope(c.positional_options) if scheme is not None else
+                   _rope_scaling_to_hf(c.positional_options["scaling"])
+                   if c.positional_options.get("scaling") else None)
+        if scaling:
             rope.update(scaling)
             hf["rope_scaling"] = scaling  # what transformers < 5 reads
         return hf
