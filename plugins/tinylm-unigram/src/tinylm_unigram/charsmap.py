@@ -83,10 +83,9 @@ class Charsmap:
         n = len(u)
         j = np.arange(n, dtype=np.int64)
         label = u & _LABEL_MASK
-        child = (label >= 1) & (label <= 255)  # non-leaf units reached by a byte
-        parent_base = j ^ label
-        order = np.argsort(np.where(child, parent_base, n), kind="stable")
-        self._child_pos = order[: int(child.sum())]
+        child = np.nonzero((label >= 1) & (label <= 255))[0]  # non-leaf units reached by a byte
+        parent_base = j ^ label  # a unit's parent is the node whose base is this
+        self._child_pos = child[np.argsort(parent_base[child], kind="stable")]
         self._child_key = parent_base[self._child_pos]
         root = np.array([int(_offset(u[0]))], dtype=np.int64)
         chars, bases, parents = self._expand_chars(root)
@@ -259,57 +258,55 @@ def encode(rules: dict) -> bytes:
 
 
 def _build(keys: list, values: list) -> list:
-    """A double array for sorted byte ``keys`` (a plain first-fit placement; not
-    darts-clone's layout, but read by the same traversal)."""
+    """A double array for sorted byte ``keys`` (near-first-fit placement with unique
+    bases; not darts-clone's layout, but read by the same traversal)."""
     if any(not k or b"\x00" in k for k in keys):
         raise CharsmapError("charsmap keys must be non-empty and free of NUL bytes")
-    units = [0] * 256
-    used = set()
+    units = [0] * 1024
+    used_pos, used_base = {0}, set()
+    free = [1]  # where the search for a free position starts (moves forward only)
 
-    def ensure(size):
-        if size > len(units):
-            units.extend([0] * (size - len(units)))
-
-    def place(node, group):
-        """Give ``node`` (a unit index) children for ``group``: a list of (label, keys
-        range) with label 0 meaning 'a key ends here' (the leaf)."""
-        labels = [lab for lab, _ in group]
-        base = 1
+    def place(node, labels):
+        q = free[0]
         while True:
-            if base not in used and all((base ^ lab) not in used and (base ^ lab) != 0
-                                        for lab in labels) and base < (1 << 21):
+            while q in used_pos:
+                q += 1
+            base = q ^ labels[0]
+            if base and base not in used_base and all((base ^ lab) not in used_pos for lab in labels):
                 break
-            base += 1
-        ensure(max(base ^ lab for lab in labels) + 1)
-        used.update(base ^ lab for lab in labels)
-        used.add(base)
-        offset = base ^ node
-        if offset >= 1 << 21:
+            q += 1
+        if base >= 1 << 21:
             raise CharsmapError("the charsmap is too large for this builder")
-        units[node] |= offset << 10
+        free[0] = max(free[0], q - 64)  # leaves a few holes behind: linear time overall
+        top = max(base ^ lab for lab in labels) + 1
+        if top > len(units):
+            units.extend([0] * (top - len(units) + 1024))
+        used_base.add(base)
+        used_pos.update(base ^ lab for lab in labels)
+        units[node] |= (base ^ node) << 10
         return base
 
-    def build(node, lo, hi, depth):
+    stack = [(0, 0, len(keys), 0)]
+    while stack:
+        node, lo, hi, depth = stack.pop()
         group, i = [], lo
         while i < hi:
-            k = keys[i]
-            lab = k[depth] if depth < len(k) else 0
+            lab = keys[i][depth] if depth < len(keys[i]) else 0
             j = i
             while j < hi and (keys[j][depth] if depth < len(keys[j]) else 0) == lab:
                 j += 1
-            group.append((lab, (i, j)))
+            group.append((lab, i, j))
             i = j
-        base = place(node, group)
-        for lab, (a, b) in group:
+        base = place(node, [lab for lab, _, _ in group])
+        for lab, a, b in group:
             child = base ^ lab
-            if lab == 0:
+            if lab == 0:  # a key ends here: the leaf holds the value
                 units[child] = (1 << 31) | values[a]
+                units[node] |= 1 << 8
             else:
                 units[child] |= lab
-                build(child, a, b, depth + 1)
-        if group[0][0] == 0:
-            units[node] |= 1 << 8
-
-    used.add(0)
-    build(0, 0, len(keys), 0)
-    return units
+                stack.append((child, a, b, depth + 1))
+    while units and units[-1] == 0:
+        units.pop()
+    # SentencePiece requires whole darts-clone blocks: 256 units (1024 bytes)
+    return units + [0] * (-len(units) % 256)

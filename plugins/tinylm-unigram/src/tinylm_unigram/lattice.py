@@ -45,8 +45,11 @@ class PieceIndex:
         self.lengths = lengths[keep]
         width = max(self.max_len, 1)
         mat = np.zeros((len(self.ids), width), dtype=np.uint64)
-        for row, i in enumerate(self.ids.tolist()):
-            mat[row, :len(pieces[i])] = code_points(pieces[i])
+        if len(self.ids):
+            flat = code_points("".join(pieces[i] for i in self.ids.tolist()))
+            rows = np.repeat(np.arange(len(self.ids)), self.lengths)
+            cols = np.arange(len(flat)) - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)
+            mat[rows, cols] = flat
         self.matrix = mat  # (pieces, max_len) code points + 1, 0 padded
         for base in _BASES:  # a base under which no two pieces share a hash
             self.base = np.uint64(base)
