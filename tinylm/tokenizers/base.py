@@ -367,7 +367,9 @@ def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokeni
 
     - tinylm's own files (first line ``tinylm-tokenizer <name> <version>``): the class
       registered under ``<name>`` loads it;
-    - a Hugging Face ``tokenizer.json`` (a BPE or WordPiece model);
+    - a Hugging Face ``tokenizer.json`` (a BPE or WordPiece model; another model type,
+      such as Unigram, by the registered class whose ``hf_model_type`` names it, through
+      its ``from_hf_json(path, parsed=obj)``);
     - a GPT-2 ``vocab.json``: ``merges`` names the merges.txt (default: the
       ``merges.txt`` beside it);
     - a tiktoken ranks file (``<base64 token> <rank>`` lines): ``special_tokens``
@@ -392,9 +394,15 @@ def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokeni
         return found[detail].load(path)
     if kind == "hf-json":
         name = {"BPE": "bpe", "WordPiece": "wordpiece"}.get(detail)
-        if name is None:
+        if name is None:  # a plugin's class that says it reads this model type
+            readers = [cls for cls in plugins.registry("tokenizers").values()
+                       if getattr(cls, "hf_model_type", None) == detail]
+            if readers:
+                return readers[0].from_hf_json(path, parsed=parsed)
             raise TokenizerFileError(f"{str(path)!r} is a Hugging Face tokenizer with a {detail!r} "
-                                     f"model; tinylm reads BPE and WordPiece models")
+                                     f"model; tinylm reads BPE and WordPiece models, and plugins "
+                                     f"more (a class with hf_model_type = {detail!r}; Unigram: "
+                                     f"pip install tinylm-unigram)")
         return plugins.get_tokenizer_class(name).from_hf_json(path, parsed=parsed)
     if kind == "gpt2-vocab":
         merges = Path(merges) if merges is not None else path.with_name("merges.txt")
