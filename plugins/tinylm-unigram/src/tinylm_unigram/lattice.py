@@ -12,10 +12,11 @@ length: the order in which both libraries visit them.
 The best path is a Python loop over those edges (documented cost: a few hundred
 nanoseconds per edge). It cannot be vectorised without changing the answer: each
 position's best score depends on the earlier ones, and SentencePiece's arithmetic
-must be reproduced to the bit: scores are float32, a candidate ``score + best[start]``
-is computed in double and compared with the stored float32 best, a strictly better
-candidate replaces it (so on a tie the earliest start wins), and the unknown piece's
-candidate is added in float32. ``tokenizers`` does the same in float64 throughout.
+must be reproduced to the bit: scores are float32, each candidate ``score +
+best[start]`` is a float32 sum, a strictly better candidate replaces the best (so on a
+tie the earliest start wins). On a long text the sums reach thousands, where float32
+steps are ~0.004 apart, so the rounding decides between near-equal segmentations
+(measured: double sums give other ids). ``tokenizers`` does the same in float64.
 """
 
 from __future__ import annotations
@@ -138,17 +139,16 @@ def edges(index: PieceIndex, scores: np.ndarray, text: str, unk_id: int) -> tupl
 
 def viterbi_f32(n: int, lattice: tuple, unk_score: float) -> list:
     """SentencePiece's best path over ``n`` characters: ``[(start, end, id)]`` (id -1:
-    unknown). Bests are stored as float32 (an ``array('f')`` rounds on assignment)."""
+    unknown). Every candidate ``score + best[start]`` is a float32 sum (computed in
+    double and rounded once, which is the correctly rounded float32 sum) compared
+    with the float32 best so far; ``array('f')`` does the rounding on assignment."""
     best = array("f", bytes(4 * (n + 1)))
     back = [-1] * (n + 1)
     which = [0] * (n + 1)
     tmp = array("f", b"\0\0\0\0")
     for s, e, c, i in zip(*lattice):
-        if i < 0:
-            tmp[0] = unk_score + best[s]  # float32 + float32, rounded once
-            c = tmp[0]
-        else:
-            c += best[s]  # double: the piece's float32 score + the float32 best
+        tmp[0] = (unk_score if i < 0 else c) + best[s]
+        c = tmp[0]
         if back[e] < 0 or c > best[e]:
             best[e] = c
             back[e] = s

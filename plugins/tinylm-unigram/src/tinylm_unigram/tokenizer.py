@@ -67,6 +67,7 @@ class UnigramTokenizer(Tokenizer):
     saving)."""
 
     name = "unigram"
+    hf_model_type = "Unigram"  # tinylm.tokenizers.from_file sends Unigram tokenizer.json here
     FORMAT_VERSION = 1
 
     def __init__(self, pieces, scores, types, *, spm: SpmModel | None = None, hf=None,
@@ -114,7 +115,7 @@ class UnigramTokenizer(Tokenizer):
             user = types == USER_DEFINED
             lengths = np.array([len(p.encode("utf-8")) for p in self.pieces], dtype=np.float32)
             # "user defined symbol receives extra bonus to always be selected"
-            edge[user] = (lengths[user] * np.float32(max_score)).astype(np.float64) - 0.1
+            edge[user] = ((lengths[user] * np.float32(max_score)) - np.float32(0.1)).astype(np.float64)
             self._edge_scores = edge
             matchable = [p if t in (NORMAL, USER_DEFINED) else None
                          for p, t in zip(self.pieces, self.types)]
@@ -159,10 +160,19 @@ class UnigramTokenizer(Tokenizer):
         return self._ids_of(self._segments(text))
 
     def encode_pieces(self, text: str) -> list:
-        """The pieces of ``text`` as strings (an unknown stretch as its own text),
-        like ``SentencePieceProcessor.encode(text, out_type=str)``."""
+        """The pieces of ``text`` as strings (an unknown stretch as its own text, or
+        as byte pieces with byte fallback), like ``SentencePieceProcessor.encode(text,
+        out_type=str)``."""
         check_text(text)
-        return [s for s, _ in self._segments(text)]
+        out = []
+        for surface, i in self._segments(text):
+            if i < 0 and self.byte_fallback:
+                ids = self._ids_of([(surface, i)])
+                if ids and ids[0] != self.unk_id:
+                    out.extend(self.pieces[b] for b in ids)
+                    continue
+            out.append(surface)
+        return out
 
     def _segments(self, text: str) -> list:
         """``[(surface, id or -1 for unknown)]``, consecutive unknowns fused."""

@@ -66,7 +66,19 @@ def digamma(x: np.ndarray) -> np.ndarray:
 
 
 def train(cls, texts, vocab_size: int, *, special_tokens=(), progress=None, **options):
-    """A ``cls`` (UnigramTokenizer) trained on ``texts``; options: ``DEFAULTS``."""
+    """A ``cls`` (UnigramTokenizer) trained on ``texts``; options: ``DEFAULTS``
+    (``unk_token`` names ``unk_piece``; options left at None, as ``tinylm tokenize
+    train`` passes the flags it has, are ignored). ``progress``: a callable taking
+    one line, or True for lines on stderr."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if "unk_token" in options:
+        options["unk_piece"] = options.pop("unk_token")
+    if progress is True:
+        import sys
+
+        progress = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    elif not callable(progress):
+        progress = None
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise TokenizerError(f"unknown Unigram training option(s) {', '.join(sorted(unknown))}; "
