@@ -49,17 +49,18 @@ from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, non_finite_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key, make_dirs
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
+from tinylm.dist.data_parallel import DataParallel
 from tinylm.errors import ConfigError, TinyLMError
 from tinylm.instruct import ExampleBatcher, ExampleData, in_order
 from tinylm.models import build_model, config_from_dict
 from tinylm.objectives import DEFAULT_FOR_KIND, EOT, model_kind
 from tinylm.optim import (
-    AdamW, clip_grad_norm_, cosine_with_warmup, param_groups_for_weight_decay, set_lr,
+    AdamW, cosine_with_warmup, param_groups_for_weight_decay, set_lr,
     unflatten_state_dict,
 )
 from tinylm.rundir import (
     CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, MetricsLog, Run,
-    RunLock, open_run, save_checkpoint,
+    save_checkpoint,
 )
 from tinylm.rundir import load_model_dir, read_metrics  # noqa: F401  (old imports of them)
 from tinylm.threads import blas_threads
@@ -128,10 +129,14 @@ class TrainConfig:
     device: str = "cpu"
     half: bool = False  # float16 matrix products + loss scaling (tinylm.amp)
     threads: int | None = None  # BLAS threads on the CPU; None: 1 for small models; 0: as is
+    # several ranks (mpiexec -n N; tinylm.dist): batch_size is the global batch
+    zero: int = 0  # 1: AdamW's state sharded over the ranks (ZeRO-1)
+    reduce_order: str = "native"  # "fixed": sums over ranks in rank order (bit-reproducible)
 
     # fields a resumed run may change; the rest must match the checkpoint's
     RESUMABLE = ("out_dir", "cache_dir", "max_steps", "eval_every", "eval_iters", "log_every",
-                 "checkpoint_every", "sample_tokens", "temperature", "device", "threads")
+                 "checkpoint_every", "sample_tokens", "temperature", "device", "threads",
+                 "zero", "reduce_order")
 
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)):
@@ -199,6 +204,9 @@ class TrainConfig:
             p += self._check_data_outside_run()
         if self.sampling not in ("random", "packed"):
             p.append(f"sampling must be 'random' or 'packed', got {self.sampling!r}")
+        if self.zero not in (0, 1) or self.reduce_order not in ("native", "fixed"):
+            p.append(f"zero must be 0 or 1 and reduce_order 'native' or 'fixed', got "
+                     f"{self.zero!r} and {self.reduce_order!r}")
         if not all(isinstance(k, str) for k in (*self.model, *self.objective_options)):
             p.append("the [model] and [objective_options] keys must be strings")
         try:
@@ -505,13 +513,18 @@ class Trainer:
     checkpoint's model file holds: "all" of the state dict, or only the "trainable"
     parameters (a PEFT run: the adapters; the caller rebuilds the frozen base before
     resuming, from what it keeps in ``extra_state``, a JSON-ready dict saved with every
-    checkpoint's trainer state under "extra")."""
+    checkpoint's trainer state under "extra"). ``dist``: the ranks of a data-parallel
+    run (``tinylm.dist.DataParallel``; default: every rank this process was launched
+    with, one without mpiexec); only rank 0 logs, shows progress and writes files."""
 
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, data=None,
                  objective=None, log=None, progress: bool = False, resume="auto",
-                 overwrite: bool = False, weights: str = "all", extra_state=None):
+                 overwrite: bool = False, weights: str = "all", extra_state=None, dist=None):
         if weights not in ("all", "trainable"):
             raise ConfigError(f"weights must be 'all' or 'trainable', got {weights!r}")
+        self.dist = dist if dist is not None else DataParallel.from_config(config)
+        if not self.dist.is_main:
+            log, progress = None, False
         self.config = config
         self.model, self.tokenizer, self.data, self.objective = model, tokenizer, data, objective
         self.weights, self.extra_state = weights, extra_state
@@ -524,6 +537,7 @@ class Trainer:
         self.last_saved_step = None
         self.last_eval_step = None
         self._stop_requested, self._stop_signal = False, None
+        self._stop_agreed = False  # (every rank's vote: see _stopping)
         self._ready = False
 
     @classmethod
@@ -547,23 +561,26 @@ class Trainer:
     def _hold(self, run: Run | None):
         """The run folder, locked for the ``with`` block (``run``: the caller holds it)."""
         if self._ready:
-            with contextlib.nullcontext() if run is not None else RunLock(self.config.out_dir):
+            with contextlib.nullcontext() if run is not None else self.dist.lock(
+                    self.config.out_dir):
                 yield run
             return
         backend.xp_for(self.config.device)  # no GPU: say so before tokenizing anything
         if run is not None:
             yield run
         else:
-            with open_run(self.config.out_dir, overwrite=self.overwrite,
-                          resume=self.resume) as run:
+            with self.dist.open_run(self.config.out_dir, overwrite=self.overwrite,
+                                    resume=self.resume) as run:
                 yield run
 
     def _setup(self, run: Run) -> None:
         cfg, state = self.config, run.state
         if state is not None:
             self._check_resumable(state)
-        self.metrics = MetricsLog(os.path.join(run.path, METRICS_FILE))
-        model_config = self._build_parts(run)
+        self.metrics = self.dist.metrics_log(MetricsLog(os.path.join(run.path, METRICS_FILE)))
+        with self.dist.main_first():  # (the others find the tokenizer and data cached)
+            model_config = self._build_parts(run)
+        self.dist.check_objective(self.objective, self.objective_name)
         if getattr(self.objective, "examples", False) != self.examples:
             raise ConfigError(
                 f"objective {self.objective_name!r} trains on instruction examples: use "
@@ -589,6 +606,9 @@ class Trainer:
             self.log(f"resuming from step {self.step} of {run.path}")
         else:
             self.metrics.truncate_after(-1)
+        self.optimizer = self.dist.prepare(self.model, self.optimizer)
+        if self.dist.size > 1:
+            self.log(self.dist.describe())
         c, n = self.model.config, self.model.num_parameters()
         self.log(f"model: {c.architecture}, {n / 1e6:.2f}M parameters, {c.n_layer} layers x "
                  f"{c.d_model}, vocab {c.vocab_size}; objective {self.objective_name}; "
@@ -719,12 +739,18 @@ class Trainer:
         Raises TrainingDiverged on a NaN/inf loss or gradient, before any update."""
         cfg, model, opt = self.config, self.model, self.optimizer
         set_lr(opt, cfg.lr_at(self.step))
+        self.dist.seed_step(cfg.seed, self.step)
         counts = [max(self.objective.n_targets(b), 1) for b in batches]
-        total_count = sum(counts)
+        total_count = sum(counts)  # of the global batch: a rank's share weighs count / total
         total = 0.0
         metrics = MetricsMean()
         opt.zero_grad()
         for batch, count in zip(batches, counts):
+            if self.dist.size > 1:  # this rank's rows
+                batch = self.dist.shard(batch)
+                count = self.objective.n_targets(batch)
+                if count == 0:
+                    continue
             with amp.autocast("float16", enabled=cfg.half):
                 loss = self._loss(model, batch)
             value = float(loss.item())
@@ -736,12 +762,15 @@ class Trainer:
                 loss = loss * weight
             self.scaler.scale(loss).backward()
             total += value * weight
+        (total,) = self.dist.combine([total], metrics)  # summed over the ranks
         self.step_metrics = metrics.mean()
         params = [p for p in model.parameters() if p.requires_grad]
+        self.dist.reduce_gradients(params)
         finite = self.scaler.unscale(params)
         norm = float("nan")
         if finite:
-            norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            norm = self.dist.clip_grad_norm(params,
+                                            cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not math.isfinite(norm):
                 if not cfg.half:
                     raise self._diverged("gradient norm", norm)
@@ -789,13 +818,16 @@ class Trainer:
         try:
             with no_grad(), amp.autocast("float16", enabled=cfg.half):
                 for row in rows:
-                    batch = self.objective.make_batch(row, rng)
+                    batch = self.dist.shard(self.objective.make_batch(row, rng))
                     n = self.objective.n_targets(batch)
+                    if n == 0 and self.dist.size > 1:
+                        continue
                     total += float(self._loss(self.model, batch).item()) * n
                     metrics.add(self.objective.metrics, n)
                     weight += n
         finally:
             self.model.train()
+        total, weight = self.dist.combine([total, weight], metrics)  # over the ranks' rows
         self.eval_metrics = metrics.mean()
         return total / max(weight, 1)
 
@@ -822,8 +854,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        save_checkpoint(self.config.out_dir, self.model, self.optimizer, self.tokenizer,
-                        self._state(), weights=self._weights())
+        """Write a checkpoint (rank 0; every rank takes part in gathering ZeRO's state)."""
+        optimizer = self.dist.full_optimizer(self.optimizer)
+        if self.dist.is_main:
+            save_checkpoint(self.config.out_dir, self.model, optimizer, self.tokenizer,
+                            self._state(), weights=self._weights())
+        self.dist.saved()
         self.last_saved_step = self.step
 
     # ------------------------------------------------------------------ the loop
@@ -854,7 +890,7 @@ class Trainer:
         self._clock = {"start": time.perf_counter(), "busy": 0.0, "steps": 0, "tokens": 0}
         last_loss, interrupted, val = None, False, None
         try:
-            while self.step < cfg.max_steps and not self._stop_requested:
+            while self.step < cfg.max_steps and not self._stopping():
                 t0 = time.perf_counter()
                 batches = self.next_batches()
                 if self.examples:  # whole examples: count the tokens fed, padding left out
@@ -872,7 +908,7 @@ class Trainer:
                     val = self._evaluate_and_report(say)
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self.save()
-            if self._stop_requested and self.step < cfg.max_steps:
+            if self._stop_agreed and self.step < cfg.max_steps:
                 interrupted = True
                 if self.last_saved_step != self.step:
                     self.save()
@@ -969,6 +1005,12 @@ class Trainer:
         if self._stop_signal is None:
             return ""
         return f" ({signal.Signals(self._stop_signal).name})"
+
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step: a stop was requested (on any rank:
+        they all stop at the same step)."""
+        self._stop_agreed = self.dist.any(self._stop_requested)
+        return self._stop_agreed
 
     def request_stop(self) -> None:
         """Stop after the current step, saving a checkpoint (what Ctrl-C does)."""

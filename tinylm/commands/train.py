@@ -12,6 +12,11 @@ resumes from its last checkpoint (Ctrl-C or SIGTERM saves one and stops; the exi
 code is 130 or 143); --overwrite starts over. OUT is opened by ``tinylm.rundir``: a
 folder that is neither empty nor a run is refused, and OUT is locked while the run
 trains. Metrics go to OUT/metrics.jsonl (``tinylm plot OUT`` draws them).
+
+Several ranks (``tinylm.dist``): ``mpiexec -n N tinylm train ...`` or ``tinylm train
+--nproc N ...`` (which runs mpiexec) trains data parallel, --batch-size being the
+global batch; --zero 1 shards AdamW's state; rank 0 writes OUT. A rank that fails
+prints its error and stops the others.
 """
 
 from __future__ import annotations
@@ -88,7 +93,15 @@ def _parse_value(text: str):
               help="Start over even if OUT has a checkpoint (removes only a run's files).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show the progress bar (on stderr); without it, print the log lines.")
-def train_command(config_path, data, out_dir, settings, overwrite, progress, **options):
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Train on N data-parallel ranks: runs this command under mpiexec "
+                   "(needs the dist extra). Under mpiexec already: leave it out.")
+@click.option("--zero", type=click.Choice(["0", "1"]),
+              help="1: shard AdamW's state over the ranks (ZeRO-1) [default: 0].")
+@click.option("--reduce-order", type=click.Choice(["native", "fixed"]),
+              help="fixed: sum over ranks in rank order (bit-reproducible) [default: native].")
+def train_command(config_path, data, out_dir, settings, overwrite, progress, nproc,
+                  **options):
     """Train a language model on text files (default: Python's pydoc topics).
 
     Prints a progress bar with the loss, tokens/s and the time left (with
@@ -99,18 +112,25 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, **o
     to resume; Ctrl-C or SIGTERM saves a checkpoint and stops. OUT must be new, empty
     or a run to resume (--overwrite removes only the files a run writes).
     """
-    from tinylm.rundir import open_run
-    from tinylm.train import TrainConfig, Trainer
+    from tinylm import dist
 
+    if options["zero"] is not None:
+        options["zero"] = int(options["zero"])
     given = _given_settings(config_path, data, out_dir, settings, options)
     if "out_dir" not in given:
         raise click.UsageError("say where the run goes: --out DIR (or out_dir in --config)")
-    config = TrainConfig.from_dict(given)
-    with open_run(config.out_dir, overwrite=overwrite) as run:  # locked until the run ends
-        if run.state is not None:  # resuming: the checkpoint's settings, with what may change
-            config = config.for_resume(TrainConfig.from_dict(run.state["config"]), set(given))
-        trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress)
-        result = trainer.fit(run)
+    if nproc is not None and nproc > 1 and dist.launched_size() == 1:
+        from tinylm.dist.launch import launch
+
+        sys.exit(launch(nproc))
+    comm = dist.world()
+    try:
+        result, config = _train(given, overwrite, progress, comm)
+    except (Exception, KeyboardInterrupt) as e:
+        dist.report_and_abort(e, comm)  # several ranks: say it, stop the others
+        raise
+    if not comm.is_main:
+        sys.exit(128 + (result["signal"] or 2) if result["interrupted"] else 0)
     if result["interrupted"]:
         sys.exit(128 + (result["signal"] or 2))  # 130 for Ctrl-C, 143 for SIGTERM
     summary = f"done: {result['step']} steps"
@@ -118,6 +138,22 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, **o
         summary += f", val loss {result['val_loss']:.4f}"
     click.echo(f"{summary}; model in {config.out_dir} "
                f"(tinylm generate --model {config.out_dir} --prompt ...)", err=True)
+
+
+def _train(given: dict, overwrite: bool, progress: bool, comm) -> tuple:
+    """Train the run ``given`` describes on the ranks of ``comm``: (result, config)."""
+    from tinylm.dist import DataParallel
+    from tinylm.train import TrainConfig, Trainer
+
+    config = TrainConfig.from_dict(given)
+    dp = DataParallel.from_config(config, comm)
+    with dp.open_run(config.out_dir, overwrite=overwrite) as run:  # locked until the end
+        if run.state is not None:  # resuming: the checkpoint's settings, with what may change
+            config = config.for_resume(TrainConfig.from_dict(run.state["config"]), set(given))
+            dp = DataParallel.from_config(config, comm)
+        trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress,
+                          dist=dp)
+        return trainer.fit(run), config
 
 
 def _given_settings(config_path, data, out_dir, settings, options) -> dict:

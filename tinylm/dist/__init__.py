@@ -26,11 +26,13 @@ installs mpi4py and the ``mpich`` wheel, whose ``mpiexec`` lands next to the ven
 python.
 """
 
-from tinylm.dist.comm import Comm, CommTimeout, DistError, default_timeout
+from tinylm.dist.comm import Comm, CommTimeout, DistError, ReportedElsewhere, default_timeout
+from tinylm.dist.data_parallel import DataParallel
 from tinylm.dist.local import LocalTransport
 from tinylm.dist.world import launched_rank, launched_size, report_and_abort, world
 
-__all__ = ["Comm", "CommTimeout", "DistError", "LocalTransport", "default_timeout",
+__all__ = ["Comm", "CommTimeout", "DataParallel", "DistError", "LocalTransport",
+           "ReportedElsewhere", "default_timeout",
            "launched_rank", "launched_size", "report_and_abort", "world", "local_comm"]
 
 

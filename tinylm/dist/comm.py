@@ -53,6 +53,10 @@ class CommTimeout(DistError):
     """A collective did not complete in time: some rank died, stopped or hung."""
 
 
+class ReportedElsewhere(DistError):
+    """The error another rank met and reports itself (this rank says nothing more)."""
+
+
 def default_timeout() -> float:
     """``TINYLM_DIST_TIMEOUT`` (seconds), else 30."""
     text = os.environ.get("TINYLM_DIST_TIMEOUT", "")

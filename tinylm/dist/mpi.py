@@ -17,6 +17,8 @@ them; ranks that answer say which collective they wait in.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import numpy as np
@@ -96,7 +98,10 @@ class MpiTransport:
         return MpiTransport(sub, world_ranks=mine)
 
     def abort(self, code: int) -> None:
+        """MPI_Abort (mpiexec stops every rank), then exit: MPICH's may return."""
+        sys.stderr.flush()
         self.MPI.COMM_WORLD.Abort(code)
+        os._exit(code)
 
     # ------------------------------------------------------------------ waiting
 

@@ -15,12 +15,13 @@ and host, which ``tinylm train --nproc N`` reads to name a rank that died.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 
 from tinylm.atomic import write_atomic
-from tinylm.dist.comm import Comm, DistError
+from tinylm.dist.comm import Comm, DistError, ReportedElsewhere
 from tinylm.dist.local import LocalTransport
 from tinylm.errors import TinyLMError
 
@@ -81,10 +82,17 @@ def _write_pid(comm: Comm) -> None:
 def report_and_abort(error: BaseException, comm: Comm | None = None) -> None:
     """What a rank of a multi-rank job does with an error no one caught: print it
     with its rank on stderr, then stop every rank (MPI_Abort, exit code 2), so the
-    others never wait for it. One rank: nothing (the caller reports as usual)."""
+        others never wait for it (an error that another rank reports, ``ReportedElsewhere``,
+    is not printed twice). One rank: nothing (the caller reports as usual)."""
     comm = comm or _world
     if comm is None or comm.size == 1:
         return
+    if isinstance(error, ReportedElsewhere):
+        comm.abort(2)
+    folder = os.environ.get(PIDS_VAR)
+    if folder:  # tells `tinylm train --nproc` that this rank reported its end
+        with contextlib.suppress(OSError):
+            write_atomic(os.path.join(folder, f"rank-{comm.rank}.error"), "1\n")
     text = " ".join(str(error).split()) or type(error).__name__
     if not text.startswith(f"rank {comm.rank}"):
         text = f"rank {comm.rank} of {comm.size}: {text}"
