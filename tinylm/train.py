@@ -49,7 +49,8 @@ from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, non_finite_problems, toml_module
 from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key, make_dirs
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
-from tinylm.dist.data_parallel import DataParallel
+from tinylm.dist.grid import TensorDataParallel, parallel_from_config
+from tinylm.dist.tp_model import TensorParallelDecoder
 from tinylm.errors import ConfigError, TinyLMError
 from tinylm.instruct import ExampleBatcher, ExampleData, in_order
 from tinylm.models import build_model, config_from_dict
@@ -132,11 +133,12 @@ class TrainConfig:
     # several ranks (mpiexec -n N; tinylm.dist): batch_size is the global batch
     zero: int = 0  # 1: AdamW's state sharded over the ranks (ZeRO-1)
     reduce_order: str = "native"  # "fixed": sums over ranks in rank order (bit-reproducible)
+    tensor_parallel: int = 1  # T > 1: each model copy split over T ranks (N = D x T ranks)
 
     # fields a resumed run may change; the rest must match the checkpoint's
     RESUMABLE = ("out_dir", "cache_dir", "max_steps", "eval_every", "eval_iters", "log_every",
                  "checkpoint_every", "sample_tokens", "temperature", "device", "threads",
-                 "zero", "reduce_order")
+                 "zero", "reduce_order", "tensor_parallel")
 
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)):
@@ -154,7 +156,7 @@ class TrainConfig:
         if p:
             return p
         for name in ("block_size", "batch_size", "grad_accum", "eval_every", "eval_iters",
-                     "log_every", "vocab_size"):
+                     "log_every", "vocab_size", "tensor_parallel"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "sample_tokens", "seed"):
@@ -522,7 +524,10 @@ class Trainer:
                  overwrite: bool = False, weights: str = "all", extra_state=None, dist=None):
         if weights not in ("all", "trainable"):
             raise ConfigError(f"weights must be 'all' or 'trainable', got {weights!r}")
-        self.dist = dist if dist is not None else DataParallel.from_config(config)
+        self.dist = dist if dist is not None else parallel_from_config(config)
+        if config.tensor_parallel > 1 and not isinstance(self.dist, TensorDataParallel):
+            raise ConfigError("tensor_parallel > 1 needs dist= a tinylm.dist.grid."
+                              "TensorDataParallel (or leave dist unset)")
         if not self.dist.is_main:
             log, progress = None, False
         self.config = config
@@ -597,6 +602,8 @@ class Trainer:
             self.model = build_model(model_config)
         self.model.to(cfg.device)
         self.objective.check_model(self.model)
+        if cfg.tensor_parallel > 1:  # this rank's shards; checkpoints stay full-model
+            self.model = self.dist.split_model(self.model)
         self.optimizer = AdamW(param_groups_for_weight_decay(self.model, cfg.weight_decay),
                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                weight_decay=cfg.weight_decay)
@@ -607,7 +614,7 @@ class Trainer:
         else:
             self.metrics.truncate_after(-1)
         self.optimizer = self.dist.prepare(self.model, self.optimizer)
-        if self.dist.size > 1:
+        if self.dist.size > 1 or cfg.tensor_parallel > 1:
             self.log(self.dist.describe())
         c, n = self.model.config, self.model.num_parameters()
         self.log(f"model: {c.architecture}, {n / 1e6:.2f}M parameters, {c.n_layer} layers x "
@@ -692,6 +699,8 @@ class Trainer:
     def _weights(self) -> dict:
         """What the checkpoint's model file holds (``weights``)."""
         if self.weights == "all":
+            if isinstance(self.model, TensorParallelDecoder):  # gathered: every rank calls
+                return self.model.full_state_dict()
             return self.model.state_dict()
         return {n: p.data for n, p in self.model.named_parameters() if p.requires_grad}
 
@@ -712,7 +721,10 @@ class Trainer:
                                   f"model and adapter settings, or pass --overwrite")
         self.model.load_state_dict(weights, strict=self.weights == "all")
         arrays = checkpoint.load_file(os.path.join(run.path, OPTIMIZER_FILE))
-        self.optimizer.load_state_dict(unflatten_state_dict(arrays, state["optimizer"]))
+        optimizer_state = unflatten_state_dict(arrays, state["optimizer"])
+        if isinstance(self.model, TensorParallelDecoder):  # a full checkpoint: this rank's part
+            optimizer_state = self.model.shard_optimizer_state(self.optimizer, optimizer_state)
+        self.optimizer.load_state_dict(optimizer_state)
         self.step = int(state["step"])
         if state["data"].get("tokens_key") != os.path.basename(self.data.path):
             self.log("warning: the data or tokenizer changed since the checkpoint; resuming "
@@ -856,9 +868,10 @@ class Trainer:
     def save(self) -> None:
         """Write a checkpoint (rank 0; every rank takes part in gathering ZeRO's state)."""
         optimizer = self.dist.full_optimizer(self.optimizer)
+        weights = self._weights()  # (tensor parallel: gathered from every rank)
         if self.dist.is_main:
             save_checkpoint(self.config.out_dir, self.model, optimizer, self.tokenizer,
-                            self._state(), weights=self._weights())
+                            self._state(), weights=weights)
         self.dist.saved()
         self.last_saved_step = self.step
 

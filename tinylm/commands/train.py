@@ -15,7 +15,8 @@ trains. Metrics go to OUT/metrics.jsonl (``tinylm plot OUT`` draws them).
 
 Several ranks (``tinylm.dist``): ``mpiexec -n N tinylm train ...`` or ``tinylm train
 --nproc N ...`` (which runs mpiexec) trains data parallel, --batch-size being the
-global batch; --zero 1 shards AdamW's state; rank 0 writes OUT. A rank that fails
+global batch; --zero 1 shards AdamW's state; --tensor-parallel T splits each model copy
+over T ranks (Megatron-LM; N = D x T); rank 0 writes OUT. A rank that fails
 prints its error and stops the others.
 """
 
@@ -100,6 +101,9 @@ def _parse_value(text: str):
               help="1: shard AdamW's state over the ranks (ZeRO-1) [default: 0].")
 @click.option("--reduce-order", type=click.Choice(["native", "fixed"]),
               help="fixed: sum over ranks in rank order (bit-reproducible) [default: native].")
+@click.option("--tensor-parallel", type=click.IntRange(min=1),
+              help="Split each model copy over T ranks (Megatron-LM tensor parallel; the "
+                   "N ranks are N/T data-parallel copies) [default: 1].")
 def train_command(config_path, data, out_dir, settings, overwrite, progress, nproc,
                   **options):
     """Train a language model on text files (default: Python's pydoc topics).
@@ -142,15 +146,15 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, npr
 
 def _train(given: dict, overwrite: bool, progress: bool, comm) -> tuple:
     """Train the run ``given`` describes on the ranks of ``comm``: (result, config)."""
-    from tinylm.dist import DataParallel
+    from tinylm.dist.grid import parallel_from_config
     from tinylm.train import TrainConfig, Trainer
 
     config = TrainConfig.from_dict(given)
-    dp = DataParallel.from_config(config, comm)
+    dp = parallel_from_config(config, comm)
     with dp.open_run(config.out_dir, overwrite=overwrite) as run:  # locked until the end
         if run.state is not None:  # resuming: the checkpoint's settings, with what may change
             config = config.for_resume(TrainConfig.from_dict(run.state["config"]), set(given))
-            dp = DataParallel.from_config(config, comm)
+            dp = parallel_from_config(config, comm)
         trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress,
                           dist=dp)
         return trainer.fit(run), config

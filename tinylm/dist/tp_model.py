@@ -54,6 +54,9 @@ def check_splittable(model, size: int) -> None:
         raise TensorParallelError("T5's learned position bias is not split by tensor "
                                   "parallel; use positional learned, rope or alibi")
     for name, m in model.named_modules():
+        if "peft" in m._modules:
+            raise TensorParallelError("tensor parallel does not split models with PEFT "
+                                      "adapters; train the adapters on one rank")
         if name.endswith(("attn.qkv", "attn.out", "mlp.up", "mlp.gate", "mlp.down",
                           "lm_head")) and type(m) is not Linear:
             raise TensorParallelError(f"{name} is a {type(m).__name__}, not a plain Linear "
