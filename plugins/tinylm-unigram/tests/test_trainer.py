@@ -73,7 +73,7 @@ def test_options_are_checked():
     with pytest.raises(TokenizerError, match="too small"):
         UnigramTokenizer.train(["abcdefghij klmnop"], 10)
     with pytest.raises(TokenizerError, match="unknown Unigram training option"):
-        UnigramTokenizer.train(["abc"], 100, shrinking=0.5)
+        UnigramTokenizer.train(["abc"], 100, options={"shrinking": 0.5})
     with pytest.raises(TokenizerError, match="no text"):
         UnigramTokenizer.train(["", "   "], 100)
 

@@ -393,26 +393,37 @@ class UnigramTokenizer(Tokenizer):
         return to_hf_dict(self)
 
     @classmethod
-    def train(cls, texts, vocab_size: int = 8000, *, special_tokens=(), **options) -> "UnigramTokenizer":
+    def train(cls, texts, vocab_size: int = 8000, *, special_tokens=(), unk_token=None,
+              progress=None, byte_fallback=False, character_coverage=0.9995,
+              user_defined_symbols=(), options=None) -> "UnigramTokenizer":
         """Train on ``texts`` (an iterable of str: lines or documents) as SentencePiece's
-        unigram trainer does (``trainer.train``, whose keyword options this takes:
-        ``character_coverage``, ``max_piece_length``, ``byte_fallback``,
-        ``user_defined_symbols``, ...). ``special_tokens``: control pieces placed after
-        ``<unk>``, ``<s>``, ``</s>``."""
+        unigram trainer does (``trainer``). ``special_tokens``: control pieces after
+        ``<unk>``, ``<s>``, ``</s>``; ``unk_token``: the unknown piece's text;
+        ``user_defined_symbols``: pieces that always win where they occur;
+        ``options``: SentencePiece's other knobs (``trainer.DEFAULTS``:
+        ``max_piece_length``, ``shrinking_factor``, ``num_sub_iterations``,
+        ``normalization``, ...). ``progress``: True, or a callable taking a line."""
         from tinylm_unigram.trainer import train
 
-        return train(cls, texts, vocab_size, special_tokens=special_tokens, **options)
+        opts = dict(options or {})
+        opts.update(unk_token=unk_token, byte_fallback=byte_fallback,
+                    character_coverage=character_coverage,
+                    user_defined_symbols=tuple(user_defined_symbols))
+        return train(cls, texts, vocab_size, special_tokens=special_tokens, progress=progress,
+                     **opts)
 
     @classmethod
-    def train_from_files(cls, paths, vocab_size: int = 8000, **options) -> "UnigramTokenizer":
-        """``train`` on the lines of text files (UTF-8)."""
+    def train_from_files(cls, paths, vocab_size: int = 8000, *, special_tokens=(),
+                         unk_token=None, progress=None, **options) -> "UnigramTokenizer":
+        """``train`` on the lines of text files (UTF-8); ``options``: ``train``'s."""
         from tinylm.tokenizers.formats import read_text_file
 
         def lines():
             for p in ([paths] if isinstance(paths, (str, Path)) else paths):
                 yield from read_text_file(p).split("\n")
 
-        return cls.train(lines(), vocab_size, **options)
+        return cls.train(lines(), vocab_size, special_tokens=special_tokens,
+                         unk_token=unk_token, progress=progress, **options)
 
 
 def _fuse_unknown(segments: list) -> list:
