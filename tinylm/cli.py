@@ -114,3 +114,5 @@ from tinylm.commands.audit import audit_group  # noqa: E402
 cli.add_command(audit_group)
 from tinylm.commands.serve import serve_command  # noqa: E402
 cli.add_command(serve_command)
+from tinylm.commands.data import data_group  # noqa: E402
+cli.add_command(data_group)
