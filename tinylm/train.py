@@ -287,6 +287,8 @@ class TrainConfig:
         (those given on the command line or in --config) that may change taken from
         self. One that may not change and differs is an error naming it."""
         merged = saved.to_dict()
+        # how this launch splits the model, not the run's: a checkpoint is full-model
+        merged["tensor_parallel"] = self.tensor_parallel
         clashes = []
         for name in explicit:
             mine, theirs = getattr(self, name), merged.get(name)
