@@ -212,9 +212,12 @@ _ROPE_TYPES = ("default",) + tuple(_ROPE_SCALING_KEYS)
 #     from_hf_rope(rope, hf) -> dict         classmethod: its positional_options, from HF's
 #                                            rope dict (rope_parameters / rope_scaling, with
 #                                            rope_theta in it) and the whole config.json
-#     to_hf_rope(options) -> dict            classmethod: the rope dict to write ({"rope_type":
+#     to_hf_rope(options, hf) -> dict        classmethod: the rope dict to write ({"rope_type":
 #                                            "yarn", "factor": ...}); TinyLMError if HF cannot
-#                                            express the options
+#                                            express the options. It may set top-level entries
+#                                            of ``hf`` (the config.json being written) that its
+#                                            rope type reads, e.g. "dynamic"'s context in
+#                                            max_position_embeddings
 #
 # "base" and "fraction" stay tinylm's (rope_theta, partial_rotary_factor). docs/plugins.md
 # ("Positional schemes and Hugging Face rope types") says more.
@@ -312,7 +315,7 @@ class Llama(Family):
         p, scheme = [], _rope_plugin_scheme(c)
         if scheme is not None:
             try:
-                scheme.to_hf_rope(c.positional_options)
+                scheme.to_hf_rope(c.positional_options, {"max_position_embeddings": c.max_positions})
             except TinyLMError as e:
                 p.append(f"positional={c.positional!r}: {e}")
         elif c.positional != "rope":
@@ -346,7 +349,7 @@ class Llama(Family):
             fraction = c.positional_options["fraction"]
             rope["partial_rotary_factor"] = hf["partial_rotary_factor"] = fraction
         scheme = _rope_plugin_scheme(c)
-        scaling = (scheme.to_hf_rope(c.positional_options) if scheme is not None else
+        scaling = (scheme.to_hf_rope(c.positional_options, hf) if scheme is not None else
                    _rope_scaling_to_hf(c.positional_options["scaling"])
                    if c.positional_options.get("scaling") else None)
         if scaling:

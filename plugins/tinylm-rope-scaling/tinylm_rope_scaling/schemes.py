@@ -89,14 +89,17 @@ class DynamicNTKRoPE(RoPE):
 
     @classmethod
     def from_hf_rope(cls, rope: dict, hf: dict) -> dict:
-        """HF's "dynamic" reads L from max_position_embeddings (tinylm's max_positions)."""
-        return {"factor": rope["factor"]}
+        """HF's "dynamic" reads L from max_position_embeddings; it is kept as an option,
+        so that raising max_positions (to generate further) leaves L alone."""
+        return {"factor": rope["factor"],
+                "original_max_position_embeddings": hf.get("max_position_embeddings", 2048)}
 
     @classmethod
-    def to_hf_rope(cls, options: dict) -> dict:
-        _only(options, {"factor"}, "dynamic",
-              "HF's 'dynamic' takes the original context from max_position_embeddings: "
-              "leave original_max_position_embeddings to max_positions")
+    def to_hf_rope(cls, options: dict, hf: dict) -> dict:
+        """HF's "dynamic" takes L from max_position_embeddings, so L goes there."""
+        _only(options, {"factor", "original_max_position_embeddings"}, "dynamic")
+        if "original_max_position_embeddings" in options:
+            hf["max_position_embeddings"] = options["original_max_position_embeddings"]
         return {"rope_type": "dynamic", "factor": options["factor"]}
 
     def extra_repr(self) -> str:
@@ -156,7 +159,7 @@ class YaRNRoPE(RoPE):
         return options
 
     @classmethod
-    def to_hf_rope(cls, options: dict) -> dict:
+    def to_hf_rope(cls, options: dict, hf: dict) -> dict:
         _only(options, set(_YARN_OPTIONS), "yarn")
         if "factor" not in options or "original_max_position_embeddings" not in options:
             raise TinyLMError("yarn RoPE needs factor and original_max_position_embeddings "
@@ -169,12 +172,11 @@ class YaRNRoPE(RoPE):
                 f"attention_factor={self.attention_factor:.6g}")
 
 
-def _only(options: dict, allowed: set, rope_type: str, why: str = "") -> None:
+def _only(options: dict, allowed: set, rope_type: str) -> None:
     """Refuse options (beyond RoPE's base and fraction) that HF's ``rope_type`` lacks."""
     extra = sorted(set(options) - allowed - {"base", "fraction"})
     if extra:
         raise TinyLMError(f"HF rope_type {rope_type!r} cannot express the options {extra}"
-                          + (f" ({why})" if why else "")
                           + ("; HF's Llama rotates halves, not interleaved pairs"
                              if "interleaved" in extra else ""))
 
