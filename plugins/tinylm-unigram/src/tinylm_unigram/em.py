@@ -20,16 +20,7 @@ from tinylm_unigram import lattice
 UNK_PENALTY = 10.0
 
 
-def _groups(keys: np.ndarray):
-    """``(order, [(lo, hi)])``: ``order`` sorts ``keys``; each (lo, hi) is one value."""
-    order = np.argsort(keys, kind="stable")
-    k = keys[order]
-    cuts = np.flatnonzero(np.diff(k)) + 1
-    bounds = np.concatenate([[0], cuts, [len(k)]])
-    return order, list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-
-
-def _segment_lse(values: np.ndarray, targets: np.ndarray, size: int) -> tuple:
+def _segment_lse(values: np.ndarray, targets: np.ndarray) -> tuple:
     """log-sum-exp of ``values`` grouped by ``targets`` (sorted): (unique targets, lse)."""
     cut = np.flatnonzero(np.concatenate([[True], targets[1:] != targets[:-1]]))
     m = np.maximum.reduceat(values, cut)
@@ -107,7 +98,7 @@ class WordLattices:
                 alpha[tgt[cut]] = m
                 back[tgt[cut]] = np.where(np.isneginf(m), -1, group[np.minimum(first, len(vals) - 1)])
             else:
-                t, v = _segment_lse(vals, tgt, self.size)
+                t, v = _segment_lse(vals, tgt)
                 alpha[t] = v
         return alpha, back
 
@@ -115,7 +106,7 @@ class WordLattices:
         beta = np.full(self.size, -np.inf)
         beta[self.word_end] = 0.0
         for group in self._bwd:
-            t, v = _segment_lse(w[group] + beta[self.ends[group]], self.starts[group], self.size)
+            t, v = _segment_lse(w[group] + beta[self.ends[group]], self.starts[group])
             beta[t] = v
         return beta
 

@@ -217,12 +217,6 @@ class UnigramTokenizer(Tokenizer):
             ids.append(self.unk_id)
         return ids
 
-    def encode_batch(self, texts, **kwargs) -> list:
-        if isinstance(texts, (str, bytes)):
-            raise TokenizerError("encode_batch takes a list of strings; for one string "
-                                 "use encode")
-        return [self.encode(text, **kwargs) for text in texts]
-
     def sample_encode(self, text: str, *, alpha: float = 0.1, seed=None) -> list:
         """Subword regularisation: the ids of one segmentation of ``text`` drawn with
         probability proportional to ``exp(alpha * score)`` (SentencePiece's
