@@ -596,3 +596,27 @@ def test_help_and_commands_work_beside_a_broken_plugin(installed, tmp_path):
     result = _cli(["plugins", "--json"], path)
     record = [r for r in __import__("json").loads(result.stdout) if r["name"] == "broken"]
     assert result.returncode == 2 and record[0]["broken"] == [error[len("Error: "):]]
+
+
+def test_help_lists_builtins_beside_a_plugin_whose_commands_hook_raises():
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+
+    class BadCommands:
+        @staticmethod
+        @hookimpl
+        def register_commands(cli):
+            raise RuntimeError("no click today")
+
+        @staticmethod
+        @hookimpl
+        def register_objectives(register):
+            register("still-here", "an objective")
+
+    plugins.register_plugin(BadCommands, name="bad-commands")
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0 and "tokenize" in result.stdout
+    assert result.stderr == ("Warning: plugin 'bad-commands' failed in register_commands: "
+                             f"RuntimeError: no click today; {plugins.SKIPPED}\n")
+    assert plugins.get_objective("still-here") == "an objective"
