@@ -375,6 +375,9 @@ def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokeni
     - a tiktoken ranks file (``<base64 token> <rank>`` lines): ``special_tokens``
       ({text: id}) and ``pattern`` (default "gpt4") complete it, since the file has
       neither;
+    - a file a registered class recognises: its classmethod ``sniff_file(path) ->
+      bool`` says so, its ``from_file(path)`` reads it (e.g. the Unigram plugin's
+      SentencePiece ``.model`` files);
     - a BERT ``vocab.txt`` (one token per line): a WordPiece tokenizer; pass
       ``lowercase`` through ``WordPieceTokenizer.from_vocab_file`` if you need to
       choose it (here it is guessed from the vocabulary).
@@ -383,6 +386,10 @@ def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokeni
     from tinylm.tokenizers import formats
 
     path = Path(path)
+    for cls in plugins.registry("tokenizers").values():  # formats plugins recognise
+        sniff = getattr(cls, "sniff_file", None)
+        if sniff is not None and sniff(path):
+            return cls.from_file(path)
     kind, detail, parsed = formats.sniff(path)
     if kind == "tinylm":
         found = plugins.registry("tokenizers")
