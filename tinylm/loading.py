@@ -33,7 +33,8 @@ import os
 
 from tinylm.errors import CheckpointError
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+# spiece.model: a SentencePiece model (T5, ALBERT), read when a plugin recognises it
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model")
 _EXPECTED = ("a `tinylm train` run folder (config.json, tokenizer.txt, model.safetensors), a "
              "Hugging Face folder (config.json, model.safetensors, tokenizer.json) or a "
              ".gguf file")
