@@ -110,3 +110,28 @@ def test_t5_checkpoint_loads_with_its_unigram_tokenizer(tmp_path):
     texts = head_lines()[-100:]
     assert [tokenizer.encode(t) for t in texts] == [
         e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_spiece_model_folder_and_from_file(tmp_path):
+    """A Hugging Face folder with only spiece.model (older T5/ALBERT uploads), and
+    from_file on a .model, once the plugin is loaded."""
+    spm = pytest.importorskip("sentencepiece")
+    from tinylm.loading import hf_tokenizer
+    from tinylm.tokenizers import from_file
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(head_lines()), encoding="utf-8")
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"),
+                                   vocab_size=300, model_type="unigram", num_threads=1,
+                                   minloglevel=2)
+    (tmp_path / "blank.txt").write_text("\n" * 40 + "[UNK]\n", encoding="utf-8")
+    plugins.register_plugin(tinylm_unigram)
+    assert not UnigramTokenizer.sniff_file(tmp_path / "blank.txt")
+    tok = hf_tokenizer(str(folder))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    texts = head_lines()[-50:]
+    assert isinstance(tok, UnigramTokenizer)
+    assert [tok.encode(t) for t in texts] == sp.encode(texts)
+    assert isinstance(from_file(folder / "spiece.model"), UnigramTokenizer)

@@ -134,16 +134,20 @@ def encode_model(model: SpmModel) -> bytes:
 
 
 def looks_like_model(data: bytes) -> bool:
-    """Whether ``data`` starts like a ``ModelProto`` (field 1, length-delimited, whose
-    first field is again a piece string): cheap enough to sniff a file with."""
+    """Whether ``data`` starts like a ``ModelProto``: a first field 1 (a piece) that is
+    a whole message holding a UTF-8 piece string and nothing of another wire type
+    than the ``SentencePiece`` fields have. Cheap enough to sniff a file with."""
     try:
-        number, wire, value = next(pb.fields_of(data[:4096] if len(data) > 4096 else data))
+        number, wire, value = next(pb.fields_of(data[:4096]))
+        if number != 1 or wire != pb.BYTES:
+            return False
+        inner = list(pb.fields_of(value))
     except (pb.WireError, StopIteration):
         return False
-    if number != 1 or wire != pb.BYTES:
+    wires = {1: pb.BYTES, 2: pb.FIXED32, 3: pb.VARINT}
+    if not inner or inner[0][0] != 1 or any(wires.get(n, w) != w for n, w, _ in inner):
         return False
     try:
-        first = next(pb.fields_of(value))
-    except (pb.WireError, StopIteration):
+        return bool(pb.as_str(inner[0][2]))
+    except pb.WireError:
         return False
-    return first[0] == 1 and first[1] == pb.BYTES

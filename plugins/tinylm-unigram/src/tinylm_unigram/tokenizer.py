@@ -364,6 +364,19 @@ class UnigramTokenizer(Tokenizer):
         return load_any(cls, path)
 
     @classmethod
+    def sniff_file(cls, path) -> bool:
+        """Whether ``path`` is a SentencePiece unigram ``.model`` (how
+        ``tinylm.tokenizers.from_file`` asks plugins about formats it does not know)."""
+        from tinylm_unigram.spm_model import looks_like_model
+
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            return False
+        return looks_like_model(head)
+
+    @classmethod
     def from_spm(cls, path_or_bytes) -> "UnigramTokenizer":
         """A SentencePiece ``.model`` file (a path, or its bytes)."""
         from tinylm_unigram.files import from_spm_bytes
