@@ -1,0 +1,464 @@
+"""tinylm.dist: collectives over MPI on loopback, data parallel and ZeRO-1 training of
+the nanoGPT character recipe against one process, resuming on another number of
+ranks, and a rank that dies, stops or raises.
+
+Ranks are subprocesses of ``mpiexec -n N`` (the mpich wheel's, from the dist extra),
+one BLAS thread each. The recipe (examples/shakespeare_char.toml) is shrunk by
+overrides (1 layer, 32 wide, block 16) and trains on tests/data's Shakespeare
+head with packed sampling, so that a global batch of B windows is exactly the B/N
+windows each of N micro-batches would take.
+
+Tolerances. N ranks on a global batch of B give the losses of one process on the
+same batch within rtol 1e-5 (float32 sums in another order). They are bit for bit
+(==) the losses of one process that accumulates the ranks' shards as micro-batches
+(batch B/N, grad_accum N): with two ranks in any reduction order (a sum of two terms
+does not depend on the order), with three under ``reduce_order = "fixed"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinylm import dist
+from tinylm.dist import data_parallel, launch
+from tinylm.errors import TinyLMError
+
+HERE = Path(__file__).parent
+RECIPE = HERE.parent / "examples" / "shakespeare_char.toml"
+HEAD = HERE / "data" / "tinyshakespeare_head.txt"
+ENTRY = launch.ENTRY
+RTOL = 1e-5
+
+
+def _mpiexec():
+    pytest.importorskip("mpi4py", reason="the dist extra is not installed: "
+                                         "pip install -e '.[dist]'")
+    try:
+        return launch.find_mpiexec()
+    except dist.DistError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def mpiexec():
+    return _mpiexec()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _env(**extra) -> dict:
+    launcher = ("PMI_", "OMPI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "TINYLM_DIST")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               TINYLM_LOAD_PLUGINS="", **extra)
+    return env
+
+
+def _recipe_args(out, cache, *extra) -> list:
+    return ["train", "--config", str(RECIPE), "--data", str(HEAD), "--out", str(out),
+            "--cache-dir", cache, "--n-layer", "1", "--d-model", "32", "--n-head", "2",
+            "--block-size", "16", "-s", "model.max_positions=16", "--sampling", "packed",
+            "--eval-every", "3", "--eval-iters", "2", "--log-every", "1", "--sample-tokens",
+            "0", "--warmup-steps", "1", "--lr-decay-steps", "6", "--no-progress", *extra]
+
+
+def _train(mpiexec, n: int, out, cache, *extra, env=None):
+    """``tinylm train`` on ``n`` ranks (n = 1: no mpiexec); the metrics records."""
+    head = [sys.executable, "-c", ENTRY] if n == 1 else [mpiexec, "-n", str(n),
+                                                        sys.executable, "-c", ENTRY]
+    done = subprocess.run(head + _recipe_args(out, cache, *extra), env=env or _env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def _losses(records) -> list:
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def _vals(records) -> list:
+    return [r["val_loss"] for r in records if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one(mpiexec, cache, tmp_path_factory):
+    """One process: the global batch of 4, and the same 4 windows as 2 micro-batches."""
+    root = tmp_path_factory.mktemp("one")
+    whole = _train(mpiexec, 1, root / "whole", cache, "--batch-size", "4", "--max-steps", "6")
+    acc = _train(mpiexec, 1, root / "acc", cache, "--batch-size", "2", "--grad-accum", "2",
+                 "--max-steps", "6")
+    return {"whole": whole, "acc": acc, "root": root}
+
+
+# --------------------------------------------------------------------------- one rank, no MPI
+
+
+def test_one_rank_needs_no_mpi():
+    code = ("import sys, numpy as np; from tinylm import dist; c = dist.world(); "
+            "x = np.arange(6.0).reshape(3, 2); "
+            "assert (c.rank, c.size) == (0, 1); assert np.array_equal(c.all_reduce(x), x); "
+            "assert np.array_equal(c.all_gather(x, axis=1), x); "
+            "assert np.array_equal(c.reduce_scatter(x), x); c.broadcast(x); c.barrier(); "
+            "print('mpi4py' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_launcher_environment():
+    assert dist.launched_size({}) == 1
+    assert dist.launched_size({"PMI_SIZE": "4", "PMI_RANK": "3"}) == 4
+    assert dist.launched_rank({"OMPI_COMM_WORLD_RANK": "2"}) == 2
+    assert dist.launched_size({"OMPI_COMM_WORLD_SIZE": "2"}) == 2
+    with pytest.raises(TinyLMError, match="not a number of ranks"):
+        dist.launched_size({"PMI_SIZE": "many"})
+    assert launch.child_args(["train", "--nproc", "2", "--out", "x", "--nproc=3"]) == [
+        "train", "--out", "x"]
+
+
+def test_rows_of_a_global_batch_cover_it_once():
+    for n in (1, 2, 3, 7, 12):
+        for size in (1, 2, 3, 4):
+            cuts = [data_parallel._rows(n, r, size) for r in range(size)]
+            assert [hi - lo for lo, hi in cuts] == [len(a) for a in
+                                                    np.array_split(np.arange(n), size)]
+            assert cuts[0][0] == 0 and cuts[-1][1] == n
+            assert all(cuts[i][1] == cuts[i + 1][0] for i in range(size - 1))
+
+
+class _TwoRanks:
+    """A stand-in host engine of rank 0 of 2 (for the checks that need no traffic)."""
+
+    rank, size, world_ranks = 0, 2, [0, 1]
+
+
+def test_settings_that_cannot_split_over_ranks(tmp_path):
+    from tinylm.train import TrainConfig
+
+    comm = dist.Comm(_TwoRanks())
+    config = TrainConfig(out_dir=str(tmp_path / "r"), data=[str(HEAD)], batch_size=1)
+    with pytest.raises(TinyLMError, match="batch_size = 1 is the global batch"):
+        dist.DataParallel.from_config(config, comm)
+    dp = dist.DataParallel.from_config(TrainConfig(out_dir=str(tmp_path / "r"),
+                                                   data=[str(HEAD)]), comm)
+    with pytest.raises(TinyLMError, match="pairs or groups the rows"):
+        dp.check_objective(object(), "dpo")
+    with pytest.raises(TinyLMError, match="zero must be 0 or 1"):
+        TrainConfig(out_dir=str(tmp_path / "r"), data=[str(HEAD)], zero=2)
+
+
+def test_nproc_without_the_dist_extra_says_how_to_install(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from tinylm.cli import cli
+
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    result = CliRunner().invoke(cli, ["train", "--nproc", "2", "--out", str(tmp_path / "r"),
+                                      "--data", str(HEAD)])
+    assert result.exit_code == 2
+    assert "pip install -e '.[dist]'" in result.output
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+COLLECTIVES = r"""
+import numpy as np
+from tinylm import dist
+c = dist.world(); r, n = c.rank, c.size
+terms = [np.random.default_rng(k).standard_normal((5, 3)).astype(np.float32) for k in range(n)]
+x = terms[r]
+in_order = terms[0].copy()
+for t in terms[1:]:
+    in_order += t
+f = c.with_options(fixed_order=True)
+assert np.array_equal(f.all_reduce(x), in_order)                # the bits of rank order
+assert np.allclose(c.all_reduce(x), in_order, rtol=1e-6, atol=1e-6)
+assert np.array_equal(c.all_reduce(x, "max"), np.max(terms, axis=0))
+y = np.concatenate([x] * n)                                      # (5n, 3): block k = x
+assert np.array_equal(f.reduce_scatter(y), in_order)
+assert np.allclose(c.reduce_scatter(y), in_order, rtol=1e-6, atol=1e-6)
+z = np.arange(4 * n, dtype=np.int64).reshape(2, 2 * n) * (r + 1)
+want = np.arange(4 * n).reshape(2, 2 * n) * sum(range(1, n + 1))
+assert np.array_equal(c.reduce_scatter(z, axis=1), want[:, 2 * r:2 * r + 2])
+g = c.all_gather(np.full((2, 3), r, np.int32))
+assert g.shape == (2 * n, 3) and np.array_equal(g[::2, 0], np.arange(n))
+assert np.array_equal(c.all_gather(x, axis=1), np.concatenate(terms, axis=1))
+b = np.full(4, float(r)); c.broadcast(b, root=n - 1); assert (b == n - 1).all()
+inplace = x.copy(); c.all_reduce(inplace, out=inplace); assert np.allclose(inplace, in_order)
+sub = c.split(r % 2)
+assert sub.size == len(range(r % 2, n, 2)) and sub.rank == r // 2
+assert sub.all_reduce(np.array([r]))[0] == sum(range(r % 2, n, 2))
+c.barrier()
+print("ok", r)
+"""
+
+
+def test_collectives_on_three_ranks(mpiexec, tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    out = subprocess.run([mpiexec, "-n", "3", sys.executable, str(script)], env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(out.stdout.split()) == sorted("ok 0 ok 1 ok 2".split())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_data_parallel_equals_one_process_and_resumes_on_one_and_two(mpiexec, cache, one,
+                                                                     tmp_path):
+    """2 ranks to step 3 (checkpoint), then resumed to 6: on 2 ranks (switching to
+    ZeRO-1 with the fixed order) and, from a copy of the checkpoint, on 1."""
+    dp = tmp_path / "dp"
+    first = _train(mpiexec, 2, dp, cache, "--batch-size", "4", "--max-steps", "3",
+                   "--sample-tokens", "8")  # (every rank decodes the sample)
+    np.testing.assert_allclose(_losses(first), _losses(one["whole"])[:3], rtol=RTOL)
+    shutil.copytree(dp, tmp_path / "dp-copy")
+    both = _train(mpiexec, 2, dp, cache, "--batch-size", "4", "--max-steps", "6", "--zero", "1",
+                  "--reduce-order", "fixed")
+    assert len(_losses(both)) == 6  # rank 0 alone wrote the metrics, once per step
+    np.testing.assert_allclose(_losses(both), _losses(one["acc"]), rtol=RTOL)
+    np.testing.assert_allclose(_losses(both), _losses(one["whole"]), rtol=RTOL)
+    np.testing.assert_allclose(_vals(both), _vals(one["whole"]), rtol=RTOL)
+    alone = _train(mpiexec, 1, tmp_path / "dp-copy", cache, "--batch-size", "4",
+                   "--max-steps", "6")
+    assert _losses(alone)[:3] == _losses(first)
+    np.testing.assert_allclose(_losses(alone), _losses(one["whole"]), rtol=RTOL)
+
+
+def test_zero1_equals_one_process_and_resumes_on_one(mpiexec, cache, one, tmp_path):
+    out = tmp_path / "zero"
+    first = _train(mpiexec, 2, out, cache, "--batch-size", "4", "--max-steps", "3", "--zero",
+                   "1")
+    np.testing.assert_allclose(_losses(first), _losses(one["whole"])[:3], rtol=RTOL)
+    _assert_same_optimizer(out, one["root"] / "whole", exact=False)  # gathered whole
+    resumed = _train(mpiexec, 1, out, cache, "--batch-size", "4", "--max-steps", "6")
+    np.testing.assert_allclose(_losses(resumed), _losses(one["whole"]), rtol=RTOL)
+
+
+ZERO_RUN = r"""
+import json, sys
+from tinylm.train import TrainConfig, Trainer
+config = TrainConfig.from_toml(sys.argv[1], **json.loads(sys.argv[2]))
+trainer = Trainer(config)
+trainer.fit()
+opt = trainer.optimizer
+n = sum(p.size for p in trainer.model.parameters() if p.requires_grad)
+print(json.dumps({"rank": trainer.dist.rank, "bytes": opt.state_bytes(), "n": n,
+                  "pieces": sum(p.size for p in opt.inner.state)}))
+"""
+
+
+def test_fixed_order_on_three_ranks_is_bit_identical(mpiexec, cache, tmp_path):
+    """Three ranks in the fixed order, data parallel and ZeRO-1: the same bits as one
+    process accumulating the three shards as micro-batches (losses, and ZeRO's
+    gathered AdamW state); each ZeRO rank holds a third of AdamW's state. The head is
+    untied here: one process adds a tied weight's two gradients into the running
+    sum one at a time, the ranks add their partial sums, so tied weights agree only
+    within rounding."""
+    settings = dict(data=[str(HEAD)], cache_dir=cache, block_size=16, sampling="packed",
+                    eval_every=3, eval_iters=2, log_every=1, sample_tokens=0, warmup_steps=1,
+                    lr_decay_steps=6, max_steps=4)
+    model = {"architecture": "gpt2", "n_layer": 1, "d_model": 32, "n_head": 2,
+             "max_positions": 16, "dropout": 0.0, "bias": False, "activation": "gelu",
+             "tie_embeddings": False}
+    untied = ("--max-steps", "4", "-s", "model.tie_embeddings=false")
+    ref = tmp_path / "ref"
+    acc = _train(mpiexec, 1, ref, cache, "--batch-size", "2", "--grad-accum", "3", *untied)
+    dp = _train(mpiexec, 3, tmp_path / "dp3", cache, "--batch-size", "6", "--reduce-order",
+                "fixed", *untied)
+    assert _losses(dp) == _losses(acc)
+    script = tmp_path / "zero_run.py"
+    script.write_text(ZERO_RUN)
+    overrides = {**settings, "out_dir": str(tmp_path / "z3"), "batch_size": 6, "zero": 1,
+                 "reduce_order": "fixed", "model": model}
+    out = subprocess.run([mpiexec, "-n", "3", sys.executable, str(script), str(RECIPE),
+                          json.dumps(overrides)], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in out.stdout.splitlines()),
+                   key=lambda r: r["rank"])
+    n = ranks[0]["n"]
+    assert sum(r["pieces"] for r in ranks) == n  # every element owned once
+    for r in ranks:  # exp_avg + exp_avg_sq, float32, for a third (rounded up) of them
+        assert r["bytes"] == 8 * r["pieces"] <= 8 * -(-n // 3)
+    records = [json.loads(line) for line in open(tmp_path / "z3" / "metrics.jsonl")]
+    assert _losses(records) == _losses(acc)
+    _assert_same_optimizer(tmp_path / "z3", ref, exact=True)
+    for run in ("dp3", "z3"):
+        _assert_same_weights(tmp_path / run, ref)
+
+
+def _assert_same_weights(run, ref) -> None:
+    from tinylm import checkpoint
+
+    got = checkpoint.load_file(str(Path(run) / "model.safetensors"))
+    want = checkpoint.load_file(str(Path(ref) / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def _assert_same_optimizer(run, ref, exact: bool) -> None:
+    """``run``'s checkpoint holds a whole AdamW state in one process's layout: ``ref``'s
+    arrays, names and shapes (with ``exact``: bit for bit)."""
+    from tinylm import checkpoint
+
+    arrays = checkpoint.load_file(str(Path(run) / "optimizer.safetensors"))
+    want = checkpoint.load_file(str(Path(ref) / "optimizer.safetensors"))
+    assert {k: v.shape for k, v in arrays.items()} == {k: v.shape for k, v in want.items()}
+    for k in want:
+        assert not exact or np.array_equal(arrays[k], want[k]), k
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def _start(command, env, out_dir):
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (Path(out_dir) / "metrics.jsonl").exists():  # training has begun
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    return process
+
+
+def _rank_pid(folder, rank: int) -> int:
+    return int((Path(folder) / f"rank-{rank}").read_text().split()[0])
+
+
+def _long_run(out, cache) -> list:
+    return _recipe_args(out, cache, "--batch-size", "4", "--max-steps", "1000000",
+                        "--eval-every", "100000")
+
+
+def test_a_rank_killed_stops_the_other_with_its_rank_named(mpiexec, cache, tmp_path):
+    pids = tmp_path / "pids"
+    process = _start([sys.executable, "-c", ENTRY, *_long_run(tmp_path / "run", cache),
+                      "--nproc", "2"], _env(TINYLM_DIST_PIDS=str(pids)), tmp_path / "run")
+    survivor = _rank_pid(pids, 0)
+    os.kill(_rank_pid(pids, 1), signal.SIGKILL)
+    start = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert process.returncode == 2
+    assert "Error: rank 1 of 2" in err and "resume" in err
+    assert not launch._alive(survivor)
+
+
+def test_a_stopped_rank_times_out_the_other_naming_it(mpiexec, cache, tmp_path):
+    pids = tmp_path / "pids"
+    command = [mpiexec, "-n", "2", sys.executable, "-c", ENTRY,
+               *_long_run(tmp_path / "run", cache)]
+    process = _start(command, _env(TINYLM_DIST_PIDS=str(pids), TINYLM_DIST_TIMEOUT="2"),
+                     tmp_path / "run")
+    stopped = _rank_pid(pids, 1)
+    os.kill(stopped, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if launch._alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+    assert time.monotonic() - start < 30
+    assert process.returncode != 0
+    assert "Error: rank 0: all_reduce" in err
+    assert "did not complete within 2 s: rank 1 did not answer" in err
+
+
+RAISES = r"""
+import os, sys
+from tinylm import dist
+c = dist.world()
+c.barrier()
+try:
+    if c.rank == 1:
+        raise RuntimeError("a bug on this rank")
+    c.with_options(timeout=60).barrier()
+except Exception as e:
+    dist.report_and_abort(e)
+"""
+
+
+def test_a_rank_that_raises_reports_and_stops_the_others(mpiexec, tmp_path):
+    script = tmp_path / "raises.py"
+    script.write_text(RAISES)
+    start = time.monotonic()
+    out = subprocess.run([mpiexec, "-n", "3", sys.executable, str(script)], env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 20  # not rank 0's 60 s barrier
+    assert out.returncode == 2
+    assert "Error: RuntimeError: rank 1 of 3: a bug on this rank" in out.stderr
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixed", [False, True])
+def test_nccl_collectives_on_one_gpu(fixed):
+    """The NCCL engine (CuPy's binding) as a one-rank communicator: each collective
+    really goes through NCCL and gives the one-rank results."""
+    from tinylm import backend
+    from tinylm.dist import nccl
+
+    if nccl.nccl_module() is None:
+        pytest.skip("this CuPy has no NCCL binding")
+    xp = backend.xp_for("cuda")
+    comm = dist.local_comm(nccl=True, fixed_order=fixed)
+    x = xp.arange(12, dtype=xp.float32).reshape(4, 3) - 5
+    assert isinstance(comm._engine(x), nccl.NcclTransport)
+    assert xp.array_equal(comm.all_reduce(x), x)
+    assert xp.array_equal(comm.all_reduce(x, "max"), x)
+    inplace = x.copy()
+    assert comm.all_reduce(inplace, out=inplace) is inplace and xp.array_equal(inplace, x)
+    assert xp.array_equal(comm.reduce_scatter(x), x)
+    assert xp.array_equal(comm.all_gather(x, axis=1), x)
+    b = x.astype(xp.float64)
+    assert xp.array_equal(comm.broadcast(b), x.astype(xp.float64))
+    comm._engine(x).barrier("barrier", 10.0)
+    assert xp.array_equal(comm.all_reduce(xp.arange(5, dtype=xp.int64)), xp.arange(5))
+
+
+STAGED = r"""
+import numpy as np
+from tinylm import backend, dist
+from tinylm.dist.nccl import StagedTransport
+world = dist.world(); r, n = world.rank, world.size
+comm = dist.Comm(world.transport, gpu=StagedTransport(world.transport))
+xp = backend.xp_for("cuda")
+x = xp.full((2 * n, 3), r + 1, dtype=xp.float32)
+assert float(comm.all_reduce(x)[0, 0]) == sum(range(1, n + 1))
+assert comm.reduce_scatter(x).shape == (2, 3)
+assert comm.all_gather(x).shape == (2 * n * n, 3)
+b = xp.full(3, r, dtype=xp.float32); comm.broadcast(b, root=1); assert float(b[0]) == 1
+print("ok", r)
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_arrays_staged_through_mpi(mpiexec, tmp_path):
+    """Without NCCL between the ranks (here: two ranks on one GPU), CuPy arrays go
+    through the host engine."""
+    script = tmp_path / "staged.py"
+    script.write_text(STAGED)
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(out.stdout.split()) == ["0", "1", "ok", "ok"]
