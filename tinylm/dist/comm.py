@@ -111,10 +111,6 @@ class Comm:
             raise DistError(f"all_reduce op must be one of {OPS}, got {op!r}")
         x = _contiguous(x)
         out = _empty_like(x) if out is None else out
-        if self.size == 1:
-            if out is not x:
-                out[...] = x
-            return out
         engine, t = self._engine(x), self._timeout(timeout)
         if op == "sum" and self.fixed_order:
             parts = _empty(x, (self.size, *x.shape))
@@ -132,8 +128,6 @@ class Comm:
             raise DistError(f"reduce_scatter: axis {axis} has length {x.shape[0]}, not a "
                             f"multiple of the {self.size} ranks; pad it")
         k = x.shape[0] // self.size
-        if self.size == 1:
-            return _axis_back(x.copy(), axis, moved)
         engine, t = self._engine(x), self._timeout(timeout)
         if self.fixed_order:
             parts = _empty(x, x.shape)  # row block r: rank r's terms of my block
@@ -149,10 +143,7 @@ class Comm:
         rank order, on every rank."""
         x, moved = _axis_first(x, axis)
         out = _empty(x, (self.size * x.shape[0], *x.shape[1:]))
-        if self.size == 1:
-            out[...] = x
-        else:
-            self._engine(x).allgather(x, out, "all_gather", self._timeout(timeout))
+        self._engine(x).allgather(x, out, "all_gather", self._timeout(timeout))
         return _axis_back(out, axis, moved)
 
     def broadcast(self, x, root: int = 0, *, timeout: float | None = None):
@@ -161,14 +152,12 @@ class Comm:
             raise DistError(f"broadcast root {root} is not a rank of this {self.size}-rank group")
         if not _is_contiguous(x):
             raise DistError("broadcast works in place: pass a C-contiguous array")
-        if self.size > 1:
-            self._engine(x).bcast(x, root, "broadcast", self._timeout(timeout))
+        self._engine(x).bcast(x, root, "broadcast", self._timeout(timeout))
         return x
 
     def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has called it (host engine)."""
-        if self.size > 1:
-            self.transport.barrier("barrier", self._timeout(timeout))
+        self.transport.barrier("barrier", self._timeout(timeout))
 
     # ------------------------------------------------------------------ groups, faults
 
@@ -189,8 +178,9 @@ class Comm:
         return self.timeout if timeout is None else float(timeout)
 
     def _engine(self, x):
-        """The transport for ``x``'s device: the host one, or the GPU one (made once)."""
-        if backend.device_of(x) == "cpu":
+        """The transport for ``x``'s device: the host one, or the GPU one (made once;
+        a group of one rank uses its copying host engine, unless given a GPU one)."""
+        if backend.device_of(x) == "cpu" or (self._gpu is None and self.size == 1):
             return self.transport
         if self._gpu is None:
             from tinylm.dist.nccl import gpu_transport
