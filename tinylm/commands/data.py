@@ -34,3 +34,107 @@ def input_options(command):
                                 "metadata).")(command)
     return click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
                         help="Input format [default: from each file's name].")(command)
+
+
+def output_options(command):
+    """--output, --compression and --progress, which every stage takes."""
+    command = click.option("--progress/--no-progress", default=True, show_default=True,
+                           help="Show a progress bar (documents/s) on stderr.")(command)
+    command = click.option("--compression", type=click.Choice(["gz", "zst", "none"]),
+                           default="gz", show_default=True,
+                           help="Output shards: JSONL compressed with gzip, zstd or not.")(command)
+    return click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+                        help="Output folder: one shard per input file, a stats JSON.")(command)
+
+
+def _read_options(fmt, text_field, text_unit) -> dict:
+    return {"format": fmt, "text_field": text_field, "text_unit": text_unit}
+
+
+def _echo_bad_records(files) -> None:
+    for entry in files:
+        if entry["bad"]:
+            bad = ", ".join(f"{n} {reason}" for reason, n in entry["bad"].items())
+            click.echo(f"  bad records in {entry['path']}: {bad}", err=True)
+
+
+# ---------------------------------------------------------------------- clean
+
+
+def _clean_config(config_file, filters, skip, values):
+    import json
+
+    from tinylm.webdata.filters import CleanConfig
+    from tinylm.webdata.readers import WebDataError
+
+    settings = {}
+    if config_file:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                settings = json.load(f)
+        except (OSError, ValueError) as e:
+            raise WebDataError(f"cannot read the clean config {config_file}: {e}; give a "
+                               f"JSON object of CleanConfig fields") from None
+        if not isinstance(settings, dict):
+            raise WebDataError(f"{config_file} is not a JSON object; give CleanConfig fields")
+    settings.update({k: v for k, v in values.items() if v is not None})
+    if filters:
+        settings["filters"] = [f.strip() for f in filters.split(",") if f.strip()]
+    config = CleanConfig.from_dict(settings)
+    if skip:
+        names = [n for n in config.names() if n not in set(skip)]
+        config = CleanConfig.from_dict({**settings, "filters": names})
+    return config
+
+
+@data_group.command(name="clean")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@output_options
+@input_options
+@click.option("--filters", default=None,
+              help="Comma-separated filters or groups, in order (c4, gopher, language, "
+                   "c4_span_dedup, or single names such as c4_min_words) [default: "
+                   "language, gopher, c4, c4_span_dedup].")
+@click.option("--skip", multiple=True, help="Leave out a filter by name (repeatable).")
+@click.option("--min-words-per-line", type=click.IntRange(min=0), default=None,
+              help="C4: drop lines with fewer words [default: 3; TFDS's C4: 5].")
+@click.option("--min-sentences", type=click.IntRange(min=0), default=None,
+              help="C4: drop pages with fewer sentences [default: 5; TFDS's C4: 3].")
+@click.option("--bad-words", type=click.Path(dir_okay=False), default=None,
+              help="C4: drop pages with any word or phrase of this file (one a line).")
+@click.option("--language", default=None,
+              help="Keep pages whose language ID is this label (with --language-id script: "
+                   "Latin, Cyrillic, Han, ...).")
+@click.option("--language-id", default=None,
+              help="Language-ID function: a registered name or module:function "
+                   "[default: script].")
+@click.option("--min-language-score", type=click.FloatRange(0, 1), default=None,
+              help="The language ID's least score to keep a page [default: 0.5].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A JSON object of CleanConfig fields (thresholds); flags override it.")
+def clean_command(inputs, output, compression, progress, fmt, text_field, text_unit,
+                  filters, skip, config_file, **values):
+    """Clean INPUTS (files or folders) with C4's and Gopher's heuristics into OUTPUT."""
+    from tinylm.webdata.clean import clean_corpus
+
+    config = _clean_config(config_file, filters, skip, values)
+    totals = clean_corpus(inputs, output, config,
+                          read_options=_read_options(fmt, text_field, text_unit),
+                          compression=compression, show_progress=progress)
+    _echo_clean(totals, output)
+
+
+def _echo_clean(totals: dict, output: str) -> None:
+    from tinylm.webdata.shards import stats_path
+
+    docs_in, chars_in = totals["documents_in"], max(totals["chars_in"], 1)
+    click.echo(f"{'filter':<26}{'documents':>11}{'lines':>11}{'chars':>14}{'% chars':>9}")
+    for name, r in totals["removed"].items():
+        click.echo(f"{name:<26}{r['documents']:>11}{r['lines']:>11}{r['chars']:>14}"
+                   f"{100 * r['chars'] / chars_in:>8.1f}%")
+    click.echo(f"kept {totals['documents_out']} of {docs_in} documents, "
+               f"{totals['chars_out']} of {totals['chars_in']} characters; "
+               f"{totals['shards_done']} shards cleaned, {totals['shards_skipped']} already "
+               f"done; {totals['documents_per_s']} documents/s")
+    _echo_bad_records(totals["files"])
+    click.echo(f"statistics: {stats_path(output, 'clean')}")

@@ -68,6 +68,7 @@ C4_SHARD = re.compile(r"^c4-(?P<split>[A-Za-z]+)\.(?P<index>\d{5})-of-(?P<total>
                       r"\.json(?:\.gz)?$")
 MAX_RECORD_BYTES = 1 << 28  # a WARC Content-Length above 256 MiB is taken as corrupt
 DEFAULT_MAX_CHARS = 1 << 22  # text_unit="file": a document is cut every ~4M characters
+STATS_SUFFIX = ".stats.json"  # a stage's statistics (clean.stats.json): never an input
 
 
 class WebDataError(TinyLMError, ValueError):
@@ -85,7 +86,9 @@ class Document:
 
     def to_record(self, text_field: str = "text") -> dict:
         """The JSON object a stage writes: the text first, then the metadata."""
-        return {text_field: self.text, **self.meta}
+        record = {text_field: self.text}
+        record.update((k, v) for k, v in self.meta.items() if k != text_field)
+        return record
 
 
 @dataclass
@@ -161,7 +164,8 @@ def c4_shard_info(path) -> dict | None:
 
 def expand_inputs(paths) -> list:
     """The files to read, in order: files as given; folders expanded to every file below
-    whose format ``detect_format`` knows, sorted by path, hidden entries skipped (C4's
+    whose format ``detect_format`` knows, sorted by path, hidden entries and a stage's
+    ``*.stats.json`` skipped (so a stage's output folder is the next stage's input; C4's
     shard names sort in shard order). A missing path or an empty result is an error."""
     files = []
     for path in paths:
@@ -171,7 +175,8 @@ def expand_inputs(paths) -> list:
             for root, dirs, names in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 found += [os.path.join(root, n) for n in names
-                          if not n.startswith(".") and detect_format(n)]
+                          if not n.startswith(".") and not n.endswith(STATS_SUFFIX)
+                          and detect_format(n)]
             files += sorted(found)
         elif os.path.exists(path):
             files.append(path)
