@@ -151,8 +151,8 @@ def _attention(t: _Tally, c, part, a: _Attn):
         t.add(part + " scores", N * nh * hs + copies * B * S * nkv * hs + B * nh * T,
               t.score_itemsize)  # q * scale, k, v, log-sum-exp
         return _attention_out(t, c, part, N)
-    if 1 < nkv < nh:  # (one kv head is repeated as a stride-0 view: no copy)
-        t.add(part, 2 * B * nh * S * hs)  # k, v repeated for the query heads
+    if composed and 1 < nkv < nh:  # (one kv head is repeated as a stride-0 view: no copy;
+        t.add(part, 2 * B * nh * S * hs)  # the fused op reads grouped k, v in place)
     if c.positional == "alibi" and not cross:  # the op builds the (H, T, S) bias
         t.add(part, nh * T * S, t.score_itemsize)
     if composed:  # matmul, [causal fill], [bias add], softmax, [dropout mask + output]
