@@ -28,6 +28,11 @@ the objective's and the backend's random generators and the loss scaler: a run
 interrupted (even by SIGKILL) and resumed from its last checkpoint continues with
 bit-identical losses and ends with bit-identical weights. Ctrl-C or SIGTERM finishes
 the step, saves a checkpoint and stops; a second one stops at once.
+
+Under ``mpiexec -n N`` the Trainer trains data parallel through its ``dist`` object
+(``tinylm.dist.DataParallel``): the global batch's rows split over the ranks, the
+gradients summed once per step, rank 0 alone writing; with one rank it changes
+nothing. The checkpoint does not depend on N.
 """
 
 from __future__ import annotations
