@@ -138,3 +138,50 @@ def _echo_clean(totals: dict, output: str) -> None:
                f"done; {totals['documents_per_s']} documents/s")
     _echo_bad_records(totals["files"])
     click.echo(f"statistics: {stats_path(output, 'clean')}")
+
+
+# ---------------------------------------------------------------------- dedup
+
+
+@data_group.command(name="dedup")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@output_options
+@input_options
+@click.option("--exact/--no-exact", default=True, show_default=True,
+              help="Drop documents whose normalised text (NFKC, lowercase, spaces) came before.")
+@click.option("--near/--no-near", default=True, show_default=True,
+              help="Drop near-duplicates found by MinHash + LSH.")
+@click.option("--shingle", type=click.Choice(["word", "char"]), default="word",
+              show_default=True, help="Shingles are runs of words or of characters.")
+@click.option("--shingle-size", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Words (at most 8) or characters per shingle.")
+@click.option("--num-perm", type=click.IntRange(min=1), default=128, show_default=True,
+              help="MinHash permutations (signature length).")
+@click.option("--bands", type=click.IntRange(min=1), default=None,
+              help="LSH bands [default: chosen for --threshold].")
+@click.option("--rows", type=click.IntRange(min=1), default=None,
+              help="LSH rows per band [default: chosen for --threshold].")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True,
+              help="Least estimated Jaccard similarity of a near-duplicate pair.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seed of the MinHash permutations.")
+def dedup_command(inputs, output, compression, progress, fmt, text_field, text_unit,
+                  **values):
+    """Remove exact and near-duplicate documents of INPUTS into OUTPUT."""
+    from tinylm.webdata.dedup import DedupConfig, dedup_corpus
+    from tinylm.webdata.shards import stats_path
+
+    totals = dedup_corpus(inputs, output, DedupConfig(**values),
+                          read_options=_read_options(fmt, text_field, text_unit),
+                          compression=compression, show_progress=progress)
+    click.echo(f"kept {totals['documents_out']} of {totals['documents_in']} documents: "
+               f"{totals['exact_duplicates']} exact and {totals['near_duplicates']} near "
+               f"duplicates dropped ({totals.get('clusters', 0)} clusters, "
+               f"{totals['bands']} bands x {totals['rows']} rows, "
+               f"{totals.get('candidate_pairs', 0)} candidate pairs, "
+               f"{totals.get('verified_pairs', 0)} verified)")
+    rates = ", ".join(f"{stage} {rate} documents/s"
+                      for stage, rate in totals["documents_per_s"].items())
+    click.echo(f"{rates}; dropped documents listed in {output}/.dedup/*.duplicates.jsonl")
+    _echo_bad_records(totals["files"])
+    click.echo(f"statistics: {stats_path(output, 'dedup')}")
