@@ -54,7 +54,8 @@ words being whitespace-separated:
 - ``gopher_ellipsis_lines``: at most 30% of lines end with "..." or "…";
 - ``gopher_alpha_words``: at least 80% of words contain an alphabetic character;
 - ``gopher_stop_words``: at least 2 of: the, be, to, of, and, that, have, with (distinct
-  words, lowercased, edge punctuation stripped);
+  words, lowercased, with punctuation but no letter, digit, apostrophe or hyphen next
+  to them);
 - ``gopher_repetition``: at most 30% of lines are repeats of an earlier line, holding at
   most 20% of the characters (table A1's line rules; its paragraph and n-gram rules are
   not done).
@@ -92,7 +93,9 @@ BULLETS = ("•", "●", "◦", "▪", "‣", "·", "-", "*", "–", "—")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
 _WORD_CHAR = re.compile(r"\w")
-_EDGE_PUNCT = ".,;:!?\"'()[]{}«»“”‘’"
+_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
+# a stop word as a whole word, punctuation around it allowed ("the," "(with")
+_STOP_WORD = re.compile(r"(?<![\w'’-])(" + "|".join(STOP_WORDS) + r")(?![\w'’-])")
 
 
 @dataclass
@@ -267,8 +270,22 @@ def _c4_steps(c: CleanConfig) -> dict:
     return steps
 
 
+class _LastPage:
+    """The page the Gopher rules last looked at, its joined text and words: the eight
+    rules read the same page one after another, so it is split once, not eight times."""
+
+    lines, text, words = None, "", []
+
+
+def _page(lines) -> tuple:
+    if _LastPage.lines is not lines:  # identity: held here, so never a reused id
+        _LastPage.lines, _LastPage.text = lines, "\n".join(lines)
+        _LastPage.words = _LastPage.text.split()
+    return _LastPage.text, _LastPage.words
+
+
 def _words(lines) -> list:
-    return [w for line in lines for w in line.split()]
+    return _page(lines)[1]
 
 
 def _fraction(count: int, total: int) -> float:
@@ -289,8 +306,8 @@ def _gopher_mean_length(c):
 
 def _gopher_symbols(c):
     def reject(lines):
-        words = len(_words(lines))
-        text = "\n".join(lines)
+        text, words = _page(lines)
+        words = len(words)
         ellipses = text.count("...") + text.count("…")
         return max(_fraction(text.count("#"), words),
                    _fraction(ellipses, words)) > c.gopher_max_symbol_ratio
@@ -299,15 +316,15 @@ def _gopher_symbols(c):
 
 def _gopher_alpha(c):
     def reject(lines):
-        words = _words(lines)
-        alpha = sum(1 for w in words if any(ch.isalpha() for ch in w))
+        text, words = _page(lines)
+        alpha = len(_ALPHA_WORD.findall(text))  # whitespace-separated words with a letter
         return _fraction(alpha, len(words)) < c.gopher_min_alpha_words
     return reject
 
 
 def _gopher_stop_words(c):
     def reject(lines):
-        present = {w.strip(_EDGE_PUNCT).lower() for w in _words(lines)} & set(STOP_WORDS)
+        present = set(_STOP_WORD.findall(_page(lines)[0].lower()))
         return len(present) < c.gopher_min_stop_words
     return reject
 
