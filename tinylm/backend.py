@@ -127,38 +127,49 @@ def erf(x):
     """The error function, elementwise, on either backend.
 
     CuPy has one. NumPy does not: float64 arrays (gradchecks, references) go through
-    ``math.erf`` exactly; other dtypes use the Chebyshev-fitted erfc of Numerical
-    Recipes (erfc's relative error < 1.2e-7 everywhere, tails included). Computed
-    in float32 that gives erf to about 4e-7 absolute: relative error grows near 0
-    (about 4e-3 at |x| ~ 1e-4), harmless for GELU, where erf is added to 1.
+    ``math.erf`` exactly; other dtypes are computed in float32 (float16 inputs are
+    upcast, then cast back) as ``x P(x^2) / Q(x^2)``, a degree-5/5 rational fitted
+    (minimax in relative error, Lawson-weighted least squares) to ``erf(x) / x`` on
+    |x| <= 3.92, with x clipped there first (beyond it erf rounds to +-1 in float32).
+    Every coefficient is positive, so Horner's rule cancels nothing: the fit itself is
+    within 1.9e-8 relative, and float32 evaluation keeps the result within 7 float32
+    ulps of the correctly rounded erf everywhere (measured max 6.93 ulps, near
+    |x| = 3.6; mean 0.8; relative, so also near 0 and for subnormal x). No exp, no
+    branch: 25 array passes in place on three scratch arrays, about 30% less time than
+    the Numerical Recipes erfc it replaced (which lost relative accuracy near 0).
+    nan stays nan, +-inf gives +-1, -0.0 gives -0.0.
     """
     if get_array_module(x) is not np:
         return _cupyx.scipy.special.erf(x)
     if x.dtype == np.float64:
         return np.asarray(_exact_erf(x), dtype=np.float64)  # 0-d input gives a float
-    # Horner's rule in place on two scratch arrays: the same float operations as the
-    # nested expression, without a fresh array (and its page faults) per step.
     # (out= everywhere: a 0-d array would otherwise decay to a scalar.)
     x = np.asarray(x)
-    z = np.abs(x, out=np.empty(x.shape, np.result_type(x, 0.5)))
-    t = np.multiply(z, 0.5, out=np.empty_like(z))
-    t += 1
-    np.divide(1, t, out=t)  # t = 1 / (1 + z/2)  (np.reciprocal is slower)
-    poly = np.multiply(t, _ERFC_COEFFS[-1], out=np.empty_like(t))
-    for c in _ERFC_COEFFS[-2:0:-1]:
-        poly += c
-        poly *= t
-    poly += _ERFC_COEFFS[0]
-    z *= z
-    poly -= z
-    erfc = np.exp(poly, out=poly)
-    erfc *= t  # erfc(|x|)
-    out = np.subtract(1, erfc, out=erfc)
-    return np.copysign(out, x, out=out).astype(x.dtype, copy=False)
+    work = np.promote_types(x.dtype, np.float32)
+    xc = np.clip(x, -_ERF_CLIP, _ERF_CLIP, out=np.empty(x.shape, work))
+    s = np.multiply(xc, xc, out=np.empty_like(xc))
+    p = _horner(s, _ERF_P, np.empty_like(s))
+    p *= xc
+    q = _horner(s, _ERF_Q, xc)  # xc is no longer needed
+    p /= q
+    return np.clip(p, -1.0, 1.0, out=p).astype(x.dtype, copy=False)  # rounding may pass 1
 
 
-_ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
-                -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+def _horner(s, coeffs, out):
+    """sum_k coeffs[k] s^k into ``out`` by Horner's rule, in place (no temporaries)."""
+    np.multiply(s, coeffs[-1], out=out)
+    for c in coeffs[-2:0:-1]:
+        out += c
+        out *= s
+    out += coeffs[0]
+    return out
+
+
+_ERF_CLIP = 3.92
+_ERF_P = (1.1283791462512538, 0.19040058940962173, 0.052747582349098265,
+          0.003765270745916698, 0.0002848591710135176, 2.049925447870243e-06)
+_ERF_Q = (1.0, 0.5020708724800264, 0.1141063545166097, 0.014968528679727805,
+          0.0011624224647935112, 3.808880183651688e-05)
 
 
 _exact_erf = np.frompyfunc(math.erf, 1, 1)
