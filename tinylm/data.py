@@ -353,12 +353,16 @@ class Batcher:
         self._offsets = np.arange(window)
 
     def next(self) -> np.ndarray:
+        return self.take(self.batch_size)
+
+    def take(self, k: int) -> np.ndarray:
+        """The next ``k`` windows, (k, window) int64 (``next`` takes ``batch_size``; a
+        mixture takes each source's share of a batch)."""
         if self.mode == "random":
-            starts = self.rng.integers(0, len(self.tokens) - self.window + 1,
-                                       size=self.batch_size)
+            starts = self.rng.integers(0, len(self.tokens) - self.window + 1, size=k)
         else:
-            starts = self.order.take(self.batch_size) * self.window
-        idx = starts[:, None] + self._offsets  # (B, window)
+            starts = self.order.take(k) * self.window
+        idx = starts[:, None] + self._offsets  # (k, window)
         return np.asarray(self.tokens[idx], dtype=np.int64)
 
     @property

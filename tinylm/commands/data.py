@@ -185,3 +185,8 @@ def dedup_command(inputs, output, compression, progress, fmt, text_field, text_u
     click.echo(f"{rates}; dropped documents listed in {output}/.dedup/*.duplicates.jsonl")
     _echo_bad_records(totals["files"])
     click.echo(f"statistics: {stats_path(output, 'dedup')}")
+
+
+from tinylm.commands.data_tokenize import tokenize_command  # noqa: E402  (issue 20's shards)
+
+data_group.add_command(tokenize_command)
