@@ -52,8 +52,10 @@ import numpy as np
 from tinylm import amp, backend, checkpoint, plugins
 from tinylm.autograd import no_grad
 from tinylm.config_files import field_type_problems, non_finite_problems, toml_module
-from tinylm.data import Batcher, TokenData, default_cache_dir, fingerprint_key, make_dirs
+from tinylm.data import TokenData, default_cache_dir, fingerprint_key, make_dirs
 from tinylm.data import iter_documents, resolve_sources, source_fingerprint
+from tinylm.data_shards import ShardedTokenData, load_shard_tokenizer, make_batcher
+from tinylm.data_shards import shard_entries, split_weight
 from tinylm.dist.grid import TensorDataParallel, parallel_from_config
 from tinylm.dist.tp_model import TensorParallelDecoder
 from tinylm.errors import ConfigError, TinyLMError
@@ -230,7 +232,7 @@ class TrainConfig:
         """Data inside the run folder would be the run's own checkpoints."""
         out = os.path.realpath(self.out_dir)
         for path in self.data:
-            real = os.path.realpath(path)
+            real = os.path.realpath(split_weight(path)[0])
             if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
                 return [f"the data {os.fspath(path)} is inside the run folder {self.out_dir}, "
                         f"where tinylm writes its checkpoints; put the data elsewhere or pick "
@@ -332,21 +334,25 @@ def data_cache_dir(config: TrainConfig, files) -> str:
     return os.path.join(root, fingerprint_key(source_fingerprint(files, config.text_field)))
 
 
-def data_files(config: TrainConfig) -> list:
+def data_files(config: TrainConfig) -> list | None:
     """The run's source files (``resolve_sources``), a run folder inside a data folder
-    left out (data inside the run folder is refused by the config)."""
+    left out (data inside the run folder is refused by the config); None when the data
+    are token shards (``tinylm.data_shards``: read as they are, tokenizer included)."""
+    if shard_entries(config.data) is not None:
+        return None
     return resolve_sources(config.data, exclude=[config.out_dir])
 
 
 def build_tokenizer(config: TrainConfig, files, special_tokens: list, log=None,
                     objective: str = "the objective"):
     """The run's tokenizer: loaded from a file, or trained on the data (and cached
-    beside its token files, so the next run with the same data reuses it)."""
+    beside its token files, so the next run with the same data reuses it); token
+    shards (``files`` None): theirs, or the --tokenizer file (checked against them)."""
     from tinylm.tokenizers import from_file
 
     spec = config.tokenizer
-    if os.path.exists(spec):
-        tok = from_file(spec)
+    if files is None or os.path.exists(spec):
+        tok = load_shard_tokenizer(config.data, spec) if files is None else from_file(spec)
         missing = [t for t in special_tokens if tok.token_to_id(t) is None]
         if missing:
             raise ConfigError(f"the tokenizer {spec} lacks the special token(s) "
@@ -648,7 +654,10 @@ class Trainer:
                             if state is not None
                             else build_model_config(cfg, self.tokenizer, self.objective))
             check_memory(model_config, cfg)
-        if self.data is None:
+        if self.data is None and files is None:  # token shards, streamed
+            self.data = ShardedTokenData.open(cfg.data, self.tokenizer)
+            self.log(f"data: {self.data.describe()}")
+        elif self.data is None:
             self.data = TokenData.prepare(files, self.tokenizer, data_cache_dir(cfg, files),
                                           cfg.text_field, eot=EOT)
             self.log(f"data: {len(self.data):,} tokens in "
@@ -674,7 +683,8 @@ class Trainer:
         cfg = self.config
         if self.examples:
             return ExampleBatcher(part, cfg.batch_size, self.data.pad_id, seed=seed, split=split)
-        return Batcher(part, self.window, cfg.batch_size, cfg.sampling, seed=seed, split=split)
+        return make_batcher(part, self.window, cfg.batch_size, cfg.sampling, seed=seed,
+                            split=split)
 
     def _check_resumable(self, state: dict) -> None:
         saved = TrainConfig.from_dict(state["config"])
@@ -827,8 +837,8 @@ class Trainer:
         if self.examples:  # every validation example once
             rows = in_order(self.val_tokens, cfg.batch_size, self.data.pad_id)
         else:
-            batcher = Batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling,
-                              seed=[cfg.seed, 3], split="validation")
+            batcher = make_batcher(self.val_tokens, self.window, cfg.batch_size, cfg.sampling,
+                                   seed=[cfg.seed, 3], split="validation")
             rows = (batcher.next() for _ in range(cfg.eval_iters))
         rng = np.random.default_rng([cfg.seed, 4])
         total = weight = 0.0

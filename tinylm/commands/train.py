@@ -5,6 +5,7 @@
     tinylm train --data corpus/ --family llama --tokenizer bpe --vocab-size 4096 \\
                  --n-layer 6 --d-model 256 --max-steps 5000 --out runs/llama
     tinylm train --family bert --data docs.jsonl --text-field body --out runs/bert
+    tinylm train --data web_tokens/:0.7 --data book_tokens/:0.3 --out runs/mix   # shards
 
 Settings come from the defaults (``tinylm.train.TrainConfig``), then ``--config``,
 then the options given here. Running the same command again on the same --out
@@ -41,11 +42,26 @@ def _parse_value(text: str):
         return text
 
 
+class _DataPath(click.Path):
+    """An existing path, or a token-shard folder with a mixture weight: DIR:WEIGHT."""
+
+    def __init__(self):
+        super().__init__(exists=True)
+
+    def convert(self, value, param, ctx):
+        from tinylm.data_shards import split_weight
+
+        path, _ = split_weight(value)
+        super().convert(path, param, ctx)
+        return value
+
+
 @click.command(name="train")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="A TOML file of settings (top level) and a [model] table.")
-@click.option("--data", multiple=True, type=click.Path(exists=True),
-              help="Text file, JSONL file or folder (repeat for several) "
+@click.option("--data", multiple=True, type=_DataPath(),
+              help="Text file, JSONL file or folder (repeat for several), or a folder of "
+                   "token shards (tinylm data tokenize), DIR:WEIGHT for a mixture "
                    "[default: Python's pydoc topics].")
 @click.option("-o", "--out", "out_dir", help="Run directory: checkpoints, metrics, samples.")
 @click.option("--family", help="Model family: gpt, llama, bert, t5 (or a plugin's).")
