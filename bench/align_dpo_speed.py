@@ -24,8 +24,12 @@ is its own ``DPOTrainer._compute_loss`` (fused LM head, bf16 off) plus torch's A
 tinylm's ``tinylm.align.dpo.DPO.loss`` plus tinylm's AdamW. ``--warmup`` steps first,
 then the median of ``--steps``. Each configuration runs in its own process, on one
 thread (OMP/OPENBLAS/MKL_NUM_THREADS=1, ``torch.set_num_threads(1)``,
-``tinylm.threads.blas_threads(1)``). The losses of every step are compared. Time it on
-a quiet machine; quote ratios (bench/RESULTS.md), not lone times.
+``tinylm.threads.blas_threads(1)``). The losses of every step are compared. With
+``--repeats`` N every configuration runs N times, interleaved (tinylm-lora, trl-lora,
+tinylm-full, trl-full, then again), so that a change in the machine's load hits both
+sides of a pair alike: a configuration's time is the median of its runs' medians, a
+pair's ratio the median of its per-round ratios. Time it on a quiet machine; quote
+ratios (bench/RESULTS.md), not lone times.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def parse_args(argv=None):
                    help=f"comma-separated, of {', '.join(CONFIGS)}")
     for name, default in (("n-layer", 12), ("d-model", 768), ("n-head", 12), ("vocab", 50257),
                           ("pairs", 2), ("prompt", 64), ("completion", 64), ("lora-r", 8),
-                          ("warmup", 2), ("steps", 5), ("seed", 0)):
+                          ("warmup", 2), ("steps", 5), ("seed", 0), ("repeats", 1)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--work-dir", help="where the model, adapter and batch go [default: a "
@@ -258,6 +262,17 @@ def run_worker(args, config: str, work: Path) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
+def merge(results: list) -> dict:
+    """One configuration's runs as one row: the first run's losses (every run's must be
+    the same), the median of the runs' median step times, each run's."""
+    if any("error" in r for r in results):
+        return next(r for r in results if "error" in r)
+    if any(r["losses"] != results[0]["losses"] for r in results):
+        return {"error": "the runs' losses differ: the step is not deterministic"}
+    rounds = [r["median_step_s"] for r in results]
+    return {**results[0], "median_step_s": float(np.median(rounds)), "round_step_s": rounds}
+
+
 def compare(rows: dict) -> list:
     out = []
     for ours, theirs in PAIRS:
@@ -265,7 +280,9 @@ def compare(rows: dict) -> list:
         if not a or not b or "error" in a or "error" in b:
             continue
         la, lb = np.array(a["losses"]), np.array(b["losses"])
-        out.append({"pair": f"{ours} / {theirs}", "step_x": a["median_step_s"] / b["median_step_s"],
+        rounds = np.array(a["round_step_s"]) / np.array(b["round_step_s"])  # (repeats,)
+        out.append({"pair": f"{ours} / {theirs}", "step_x": float(np.median(rounds)),
+                    "round_step_x": rounds.tolist(),
                     "max_loss_rel_diff": float(np.max(np.abs(la - lb) / np.abs(lb)))})
     return out
 
@@ -275,7 +292,8 @@ def table(result: dict) -> str:
     lines = [f"\nGPT-2-shaped model, {result['parameters'] / 1e6:.1f}M parameters "
              f"({a['n_layer']} layers, d={a['d_model']}, vocab {a['vocab']}), {a['pairs']} "
              f"pairs of a {a['prompt']}-token prompt + up to {a['completion']} tokens, LoRA "
-             f"r={a['lora_r']}; one thread; median of {a['steps']} steps after {a['warmup']}",
+             f"r={a['lora_r']}; one thread; median of {a['steps']} steps after {a['warmup']}"
+             + ("" if a["repeats"] == 1 else f", median of {a['repeats']} interleaved runs"),
              "| config | step s (median) | first loss |", "|---|---|---|"]
     for name, r in result["rows"].items():
         lines.append(f"| {name} | skipped: {r['error']} |" if "error" in r else
@@ -290,17 +308,21 @@ def table(result: dict) -> str:
 
 
 def run_all(args, work: Path) -> dict:
+    load_before = os.getloadavg()
     print(f"preparing the model, adapter and batch in {work}", file=sys.stderr)
     facts = prepare(args, work)
-    rows = {}
-    for config in args.configs:
-        print(f"running {config}", file=sys.stderr, flush=True)
-        rows[config] = run_worker(args, config, work)
+    runs = {config: [] for config in args.configs}
+    for r in range(args.repeats):
+        for config in args.configs:
+            print(f"running {config} ({r + 1}/{args.repeats})", file=sys.stderr, flush=True)
+            runs[config].append(run_worker(args, config, work))
+    rows = {config: merge(results) for config, results in runs.items()}
     keys = ("n_layer", "d_model", "n_head", "vocab", "pairs", "prompt", "completion", "lora_r",
-            "lr", "warmup", "steps", "seed")
+            "lr", "warmup", "steps", "seed", "repeats")
     return {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
-                        "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()},
+                        "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load_before,
+                        "load_after": os.getloadavg()},
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "args": {k: getattr(args, k) for k in keys}, **facts, "rows": rows,
             "pairs": compare(rows)}
@@ -319,7 +341,9 @@ def main(argv=None) -> None:
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        from tinylm.atomic import write_atomic
+
+        write_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
         print(f"\nwrote {args.out}", file=sys.stderr)
 
 
