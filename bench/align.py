@@ -39,9 +39,9 @@ Scores on the --test held-out prompts, for the SFT, DPO and GRPO models:
                expectation)
 
 each also split into carry / no-carry prompts, with binomial standard errors. Plots:
---plot-dir/align_stages.png (accuracy and reward per stage), align_grpo.png and
-align_dpo.png (`tinylm plot` of the runs' metrics.jsonl: GRPO's reward and KL per step,
-DPO's loss and reward margins). Numbers: --out (bench/results/align.json). Each stage is
+--plot-dir/align_stages.png (accuracy and reward per stage) and align_curves.png (from
+the runs' metrics.jsonl: GRPO's reward and KL per step, DPO's reward margin and
+accuracy; `tinylm plot RUN` draws a run's own). Numbers: --out (bench/results/align.json). Each stage is
 one tinylm command in its own process, on --threads BLAS threads (1: a tiny model).
 """
 
@@ -352,6 +352,41 @@ def plot_stages(path: Path, scores: dict, demonstrator: float) -> None:
     plt.close(fig)
 
 
+def smooth(values, width: int = 10) -> np.ndarray:
+    """The running mean of the last ``width`` values (fewer at the start)."""
+    c = np.cumsum(np.concatenate([[0.0], values]))
+    n = np.minimum(np.arange(1, len(values) + 1), width)
+    return (c[1:] - c[np.arange(1, len(values) + 1) - n]) / n
+
+
+def plot_curves(path: Path, grpo: dict, dpo: dict) -> None:
+    """GRPO's reward and KL per step, DPO's reward margin and accuracy per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.0), dpi=80)
+    for ax, key, label in ((axes[0], "reward", "GRPO reward (train samples)"),
+                           (axes[1], "kl", "GRPO KL to SFT (k3, per token)")):
+        steps, values = zip(*grpo[key]) if grpo[key] else ((), ())
+        ax.plot(steps, values, lw=0.6, alpha=0.4)
+        ax.plot(steps, smooth(np.array(values)), lw=1.5, label="mean of 10 steps")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    for key, label in (("rewards/margins", "margin"), ("rewards/accuracies", "accuracy")):
+        if dpo[key]:
+            steps, values = zip(*dpo[key])
+            axes[2].plot(steps, smooth(np.array(values), 5), lw=1.5, label=label)
+    axes[2].set_title("DPO rewards/* (train pairs, mean of 5)", fontsize=9)
+    axes[2].set_xlabel("step")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def table(scores: dict) -> str:
     def cell(s):
         return f"{100 * s['mean']:.1f} ± {100 * s['se']:.1f}"
@@ -396,9 +431,7 @@ def main(argv=None) -> None:
         carry_share = float(np.mean([p["carry"] for p in splits["test"]]))
         demonstrator = 1 - args.forget * carry_share
         plot_stages(plot_dir / "align_stages.png", scores, demonstrator)
-        for name in ("grpo", "dpo"):
-            tinylm("plot", runs / name, "-o", plot_dir / f"align_{name}.png", "--title",
-                   f"tinylm align {name} --full, 2-digit addition (from the SFT model)")
+        plot_curves(plot_dir / "align_curves.png", grpo, dpo)
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                           "python": platform.python_version(), "numpy": np.__version__,
                           "date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()},
