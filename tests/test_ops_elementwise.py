@@ -404,3 +404,8 @@ def test_elementwise_on_device(device, case):
                      cond, x, y)
     xs = backend.to_device(x, device)
     np.testing.assert_array_equal(backend.to_numpy(F.greater(Tensor(xs), 0.1).data), x > 0.1)
+
+
+def test_keep_freed_memory_is_a_noop_when_the_user_set_malloc_env(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert backend.keep_freed_memory() is False

@@ -175,6 +175,33 @@ _ERF_Q = (1.0, 0.5020708724800264, 0.1141063545166097, 0.014968528679727805,
 _exact_erf = np.frompyfunc(math.erf, 1, 1)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse; True when it took effect.
+
+    Process-wide, so commands call it (``tinylm train``), never a library import. By
+    default glibc serves each array above its adaptive mmap threshold with a fresh
+    mmap and hands freed heap tops back to the OS, so every step's large activations
+    page-fault anew: on the nanoGPT character recipe ~6,500 minor faults per step,
+    ~18 ms of system time (a sixth of the step). Arrays up to 32 MB from the heap
+    (glibc's own ceiling for the adaptive threshold) and no trimming below 128 MB
+    free remove nearly all of them (15k faults in 60 steps instead of 390k) with the
+    same peak RSS (108 MB either way). A no-op off glibc, and when the user set
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (their choice wins).
+    """
+    import ctypes
+    import os
+
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not a glibc-style libc (macOS, Windows)
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 128 << 20))
+
+
 def raw_module(source: str, options: tuple = ()):
     """Compile a CUDA source holding several kernels; ``.get_function(name)`` gives one."""
     if _cupy is None:
