@@ -132,8 +132,9 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, npr
     to resume; Ctrl-C or SIGTERM saves a checkpoint and stops. OUT must be new, empty
     or a run to resume (--overwrite removes only the files a run writes).
     """
-    from tinylm import dist
+    from tinylm import backend, dist
 
+    backend.keep_freed_memory()  # large activations stop page-faulting every step
     if options["zero"] is not None:
         options["zero"] = int(options["zero"])
     given = _given_settings(config_path, data, out_dir, settings, options)
