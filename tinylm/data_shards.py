@@ -71,6 +71,10 @@ def shard_entries(data) -> list | None:
     of the two, or a weight on text, is a DataError."""
     entries = [split_weight(d) for d in data or []]
     shards = [is_shard_folder(path) for path, _ in entries]
+    for (path, _), done in zip(entries, shards):
+        if not done and os.path.isdir(os.path.join(path, ".tokenize")):
+            raise DataError(f"{path} holds unfinished token shards (no {INDEX_FILE}); run "
+                            f"tinylm data tokenize again to finish it")
     if not any(shards):
         weighted = [path for path, w in entries if w is not None]
         if weighted:
@@ -79,9 +83,6 @@ def shard_entries(data) -> list | None:
         return None
     if not all(shards):
         text = entries[shards.index(False)][0]
-        if os.path.isdir(text) and os.path.exists(os.path.join(text, ".tokenize")):
-            raise DataError(f"{text} holds unfinished token shards (no {INDEX_FILE}); run "
-                            f"tinylm data tokenize again to finish it")
         raise DataError(f"{text} is text, the other data are token shards; tokenize it "
                         f"with tinylm data tokenize, or train on text alone")
     weights = [w for _, w in entries]
@@ -152,7 +153,7 @@ class ShardedTokens:
 
     def __init__(self, files, counts, dtype, start: int = 0, stop: int | None = None,
                  maps: _Maps | None = None):
-        self.files, self.dtype = list(files), np.dtype(dtype)
+        self.files, self.dtype = list(files), np.dtype(dtype).newbyteorder("<")
         self.counts = np.asarray(counts, dtype=np.int64)
         self.ends = np.cumsum(self.counts)  # (S,) global end of each shard
         self.begins = self.ends - self.counts
@@ -267,7 +268,8 @@ class ShardedTokenData:
         if weights[0] is None:  # one stream: the folders end to end
             files = [f for v in views for f in v.files]
             counts = np.concatenate([v.counts for v in views])
-            sources = [("+".join(f for f, _ in entries), ShardedTokens(files, counts, first["dtype"]))]
+            name = "+".join(f for f, _ in entries)
+            sources = [(name, ShardedTokens(files, counts, first["dtype"]))]
             weights = None
         else:
             sources = list(zip([f for f, _ in entries], views))

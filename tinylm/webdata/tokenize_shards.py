@@ -322,6 +322,8 @@ def tokenize_unit(job: dict, tokenizer, report=None) -> dict:
 
 
 def _add_chunk(writer, texts, encode, eot_id, started, dtype, end_doc: int, report) -> bool:
+    if not texts:
+        return started
     tokens, lengths, kinds, started = encode_chunk(texts, encode, eot_id, started, dtype)
     written = writer.add(tokens, lengths, kinds, end_doc - len(texts))
     if report is not None:
