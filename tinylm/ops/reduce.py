@@ -8,6 +8,9 @@ this file that needs a builtin says ``builtins.max``.
 from __future__ import annotations
 
 import builtins
+import functools
+
+import numpy as np
 
 from tinylm.errors import ShapeError
 from tinylm.function import Function
@@ -34,7 +37,17 @@ def last_axis_sum(xp, a):
     does (the fused ops' hot path: attention's softmax rows, layer-norm statistics)."""
     if a.ndim == 0 or a.dtype.char not in "fd":
         return a.sum(axis=-1, keepdims=True)
-    return (a @ xp.ones(a.shape[-1], dtype=a.dtype))[..., None]
+    ones = _ones(a.shape[-1], a.dtype.char) if xp is np else xp.ones(a.shape[-1], a.dtype)
+    return (a @ ones)[..., None]
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: str):
+    """A read-only NumPy vector of n ones, made once per (n, dtype): last_axis_sum runs
+    ~45 times a training step (a CuPy one is made on the current device each call)."""
+    ones = np.ones(n, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
 
 
 def _keep(grad, shape, axes, keepdims):
