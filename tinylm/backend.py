@@ -155,6 +155,35 @@ def erf(x):
     return np.clip(p, -1.0, 1.0, out=p).astype(x.dtype, copy=False)  # rounding may pass 1
 
 
+def normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt(2))) / 2, elementwise: the exact GELU's gate.
+
+    float64 and CuPy: exactly that expression, with ``erf`` above. Other dtypes: the
+    float32 rational of ``erf`` with the 1/sqrt(2) and the 1/2 folded into its
+    coefficients (x clipped at 3.92 sqrt(2)), so ``0.5 + x P(x^2) / Q(x^2)`` with no
+    scaled copy of x and no separate + 1, * 0.5 passes. Within 2.5e-7 absolute of
+    the exact Phi everywhere (4 float32 ulps of 1; tested), the same as going through
+    ``erf``; clipped to [0, 1]. A fresh array of x's shape and dtype.
+    """
+    if get_array_module(x) is not np or x.dtype == np.float64:
+        xp = get_array_module(x)
+        cdf = xp.asarray(erf(x * _INV_SQRT_2))  # a fresh array
+        cdf += 1
+        cdf *= 0.5
+        return cdf
+    x = np.asarray(x)
+    work = np.promote_types(x.dtype, np.float32)
+    clip = _ERF_CLIP * math.sqrt(2.0)
+    xc = np.clip(x, -clip, clip, out=np.empty(x.shape, work))
+    s = np.multiply(xc, xc, out=np.empty_like(xc))
+    p = _horner(s, _PHI_P, np.empty_like(s))
+    p *= xc
+    q = _horner(s, _PHI_Q, xc)
+    p /= q
+    p += 0.5
+    return np.clip(p, 0.0, 1.0, out=p).astype(x.dtype, copy=False)
+
+
 def _horner(s, coeffs, out):
     """sum_k coeffs[k] s^k into ``out`` by Horner's rule, in place (no temporaries)."""
     np.multiply(s, coeffs[-1], out=out)
@@ -170,6 +199,10 @@ _ERF_P = (1.1283791462512538, 0.19040058940962173, 0.052747582349098265,
           0.003765270745916698, 0.0002848591710135176, 2.049925447870243e-06)
 _ERF_Q = (1.0, 0.5020708724800264, 0.1141063545166097, 0.014968528679727805,
           0.0011624224647935112, 3.808880183651688e-05)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+# Phi(x) = 1/2 + (x / (2 sqrt 2)) P(x^2 / 2) / Q(x^2 / 2): the same rational in x^2
+_PHI_P = tuple(c * 0.5**k * _INV_SQRT_2 * 0.5 for k, c in enumerate(_ERF_P))
+_PHI_Q = tuple(c * 0.5**k for k, c in enumerate(_ERF_Q))
 
 
 _exact_erf = np.frompyfunc(math.erf, 1, 1)

@@ -221,7 +221,6 @@ class Silu(Function):
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -248,10 +247,7 @@ class Gelu(Function):
             y *= x
             y *= 0.5
             return y
-        cdf = xp.asarray(erf(xp, x * _INV_SQRT_2))  # a fresh array
-        cdf += 1
-        cdf *= 0.5
-        self.cdf = cdf  # Phi(x)
+        self.cdf = cdf = backend.normal_cdf(x)  # Phi(x), a fresh array
         return x * cdf
 
     def backward(self, xp, grad):
