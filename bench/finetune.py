@@ -386,6 +386,7 @@ def table(result: dict) -> str:
 
 
 def run_all(args, work: Path) -> dict:
+    load_before = os.getloadavg()
     print(f"preparing the model, adapter and batch in {work}", file=sys.stderr)
     facts = prepare(args, work)
     problem = bnb_problem() if "torch-qlora-nf4" in args.configs else None
@@ -402,7 +403,7 @@ def run_all(args, work: Path) -> dict:
     return {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
                         "date": time.strftime("%Y-%m-%d %H:%M"),
-                        "load_before": os.getloadavg()},
+                        "load_before": load_before},
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "args": {k: getattr(args, k) for k in keys}, **facts, "targets_modules": TARGETS,
             "rows": rows, "pairs": pairs, "targets": targets(rows, pairs)}
