@@ -123,10 +123,10 @@ def text_bytes(files) -> tuple:
 
 
 def child_tinylm_tokenize(files, out, tok) -> None:
-    from tinylm.webdata.tokenize_shards import tokenize_corpus
+    from tinylm.webdata.tokenize_shards import TokenizeConfig, tokenize_corpus
 
     start = time.perf_counter()
-    totals = tokenize_corpus(files, out, tok, processes=2, show_progress=False)
+    totals = tokenize_corpus(files, out, tok, TokenizeConfig(processes=2), show_progress=False)
     print(json.dumps({"seconds": time.perf_counter() - start,
                       "tokens": totals["index"]["n_tokens"]}))
 
@@ -303,8 +303,6 @@ def report_speed(args, files, n_docs, n_bytes, runs, same_ids, dedup, load) -> N
 
 def pipeline(args) -> None:
     from make_corpus import make_corpus, parse_size
-
-    from tinylm.webdata.readers import iter_corpus  # noqa: F401  (fail early if broken)
 
     work = Path(args.work)
     free = shutil.disk_usage(work.parent if work.parent.exists() else "/tmp").free

@@ -49,9 +49,9 @@ def corpus_files(folder, n_files=3, docs_per_file=12, seed=0):
     return files
 
 
-def tokenize(inputs, out, tok, **options):
-    options.setdefault("show_progress", False)
-    return ts.tokenize_corpus(inputs, str(out), str(tok), **options)
+def tokenize(inputs, out, tok, progress=None, overwrite=False, **config):
+    return ts.tokenize_corpus(inputs, str(out), str(tok), ts.TokenizeConfig(**config),
+                              show_progress=False, progress=progress, overwrite=overwrite)
 
 
 def shard_stream(out) -> np.ndarray:

@@ -46,16 +46,16 @@ from tinylm.webdata.tokenize_shards import DEFAULT_SHARD_TOKENS, DEFAULT_SPLIT_B
 def tokenize_command(inputs, more_inputs, tokenizer, output, processes, shard_tokens,
                      split_bytes, eot, overwrite, progress, fmt, text_field, text_unit):
     """Tokenize INPUTS (files or folders) into fixed-size shards of token ids in OUT."""
-    from tinylm.webdata.tokenize_shards import tokenize_corpus
+    from tinylm.webdata.tokenize_shards import TokenizeConfig, tokenize_corpus
 
     paths = list(inputs) + list(more_inputs)
     if not paths:
         raise click.UsageError("give the files to tokenize: INPUTS... or --input PATH")
     try:
-        totals = tokenize_corpus(paths, output, tokenizer, processes=processes,
-                                 shard_tokens=shard_tokens, split_bytes=split_bytes,
+        config = TokenizeConfig(processes, shard_tokens, split_bytes, eot)
+        totals = tokenize_corpus(paths, output, tokenizer, config,
                                  read_options=_read_options(fmt, text_field, text_unit),
-                                 eot=eot, show_progress=progress, overwrite=overwrite)
+                                 show_progress=progress, overwrite=overwrite)
     except KeyboardInterrupt:
         click.echo(f"interrupted: the finished shards are kept in {output}; run the same "
                    f"command again to continue", err=True)

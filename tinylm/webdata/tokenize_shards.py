@@ -1,7 +1,8 @@
 """``tinylm data tokenize``: documents -> fixed-size shards of token ids, in parallel
 processes, resumable, with an index a trainer streams from (``tinylm.data_shards``).
 
-    totals = tokenize_corpus(["deduped/"], "tokens/", "tokenizer.txt", processes=2)
+    totals = tokenize_corpus(["deduped/"], "tokens/", "tokenizer.txt",
+                             TokenizeConfig(processes=2, shard_tokens=1 << 26))
     totals["index"]["n_tokens"], totals["index"]["shards"][0]
     # {"file": "shard-00000-00000.bin", "tokens": 67108864, "documents": 131072, ...}
 
@@ -40,6 +41,7 @@ counted as ``untokenizable`` and left out: nothing stops the run but a dead work
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -415,49 +417,32 @@ def _load_tokenizer(spec):
     return tokenizer, tokenizer_sha256(tokenizer)
 
 
-def tokenize_corpus(inputs, out_dir: str, tokenizer, *, processes: int = 1,
-                    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                    split_bytes: int = DEFAULT_SPLIT_BYTES, read_options: dict | None = None,
-                    eot: str | None = "auto", show_progress: bool = True, progress=None,
-                    overwrite: bool = False) -> dict:
+@dataclasses.dataclass
+class TokenizeConfig:
+    """How ``tokenize_corpus`` cuts and separates (all but ``processes`` are part of
+    the output folder's plan: a rerun with others is refused or starts over)."""
+
+    processes: int = 1
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    split_bytes: int = DEFAULT_SPLIT_BYTES  # 0: never cut a file
+    eot: str | None = "auto"  # a special token's text, "auto", or None/"none"
+
+
+def tokenize_corpus(inputs, out_dir: str, tokenizer, config: TokenizeConfig | None = None,
+                    *, read_options: dict | None = None, show_progress: bool = True,
+                    progress=None, overwrite: bool = False) -> dict:
     """Tokenize every file ``expand_inputs(inputs)`` names into shards in ``out_dir``
     (see the module docstring); returns this run's totals (``totals["index"]``: the
     index). ``tokenizer``: a file or a Tokenizer; ``progress(documents, tokens)``: a
     callback after each chunk (in this process); ``read_options``: format,
     text_field, text_unit for the readers."""
-    if processes < 1 or shard_tokens < 1:
-        raise WebDataError("processes and shard_tokens must be >= 1")
-    read_options = dict(read_options or {})
-    fmt = read_options.pop("format", None)
-    files = expand_inputs(inputs)
-    for path in files:
-        if os.path.abspath(os.path.dirname(path)) == os.path.abspath(out_dir):
-            raise WebDataError(f"{path} is in the output folder {out_dir}; pick another --out")
-    tok, tok_hash = _load_tokenizer(tokenizer)
-    eot_id, eot_text = find_eot(tok, eot)
-    dtype = token_dtype(tok.vocab_size)
-    units = plan_units(files, fmt, split_bytes)
-    options = {"version": PLAN_VERSION, "tokenizer_sha256": tok_hash, "eot_id": eot_id,
-               "dtype": dtype.name, "shard_tokens": shard_tokens, "split_bytes": split_bytes,
-               "format": fmt, "read": read_options,
-               "units": [[fingerprint(p), a, b] for p, a, b in units]}
-    key = options_key(options)
-    os.makedirs(out_dir, exist_ok=True)
-    _claim(out_dir, key, options, overwrite)
-    tok_path = os.path.join(out_dir, TOKENIZER_FILE)
-    tok.save(tok_path)
-    if processes > 1 and _load_tokenizer(tok_path)[1] != tok_hash:  # what workers load
-        raise WebDataError(f"the tokenizer does not survive saving as {TOKENIZER_FILE}; "
-                           f"tokenize with --processes 1")
-    jobs = [{"unit": i, "path": p, "start": a, "stop": b, "format": fmt, "read": read_options,
-             "out_dir": out_dir, "shard_tokens": shard_tokens, "dtype": dtype.name,
-             "eot_id": eot_id, "state": os.path.join(out_dir, f".{STAGE}", f"unit-{i:05d}.json")}
-            for i, (p, a, b) in enumerate(units)]
+    config = config or TokenizeConfig()
+    tok, jobs, options, key = _plan(inputs, out_dir, tokenizer, config, read_options, overwrite)
     states = {job["unit"]: read_state(job) for job in jobs}
     todo = [job for job in jobs if not states[job["unit"]]["done"]]
     run = _Progress(show_progress, len(jobs), len(jobs) - len(todo), progress)
     with run:
-        if processes == 1 or len(todo) <= 1:
+        if config.processes == 1 or len(todo) <= 1:
             for job in todo:
                 states[job["unit"]] = tokenize_unit(job, tok, run.chunk)
                 run.unit_done()
@@ -469,8 +454,8 @@ def tokenize_corpus(inputs, out_dir: str, tokenizer, *, processes: int = 1,
                     states[data[0]] = data[1]
                     run.unit_done()
 
-            _run_pool(todo, processes, tok_path, on_event)
-    index = build_index(jobs, states, options, key, tok, eot_text)
+            _run_pool(todo, config.processes, os.path.join(out_dir, TOKENIZER_FILE), on_event)
+    index = build_index(jobs, states, options, key, tok)
     write_json(os.path.join(out_dir, INDEX_FILE), index)
     totals = {**run.totals(), "units": len(jobs), "units_done": len(todo),
               "units_skipped": len(jobs) - len(todo), "index": index}
@@ -478,7 +463,41 @@ def tokenize_corpus(inputs, out_dir: str, tokenizer, *, processes: int = 1,
     return totals
 
 
-def build_index(jobs, states, options, key, tokenizer, eot_text) -> dict:
+def _plan(inputs, out_dir, tokenizer, config, read_options, overwrite) -> tuple:
+    """(tokenizer, the units' jobs, the plan's options, their key), ``out_dir`` claimed
+    and the tokenizer saved in it."""
+    if config.processes < 1 or config.shard_tokens < 1:
+        raise WebDataError("processes and shard_tokens must be >= 1")
+    read_options = dict(read_options or {})
+    fmt = read_options.pop("format", None)
+    files = expand_inputs(inputs)
+    for path in files:
+        if os.path.abspath(os.path.dirname(path)) == os.path.abspath(out_dir):
+            raise WebDataError(f"{path} is in the output folder {out_dir}; pick another --out")
+    tok, tok_hash = _load_tokenizer(tokenizer)
+    eot_id, eot_text = find_eot(tok, config.eot)
+    dtype = token_dtype(tok.vocab_size)
+    units = plan_units(files, fmt, config.split_bytes)
+    options = {"version": PLAN_VERSION, "tokenizer_sha256": tok_hash, "eot_id": eot_id,
+               "eot": eot_text, "dtype": dtype.name, "shard_tokens": config.shard_tokens,
+               "split_bytes": config.split_bytes, "format": fmt, "read": read_options,
+               "units": [[fingerprint(p), a, b] for p, a, b in units]}
+    key = options_key(options)
+    os.makedirs(out_dir, exist_ok=True)
+    _claim(out_dir, key, options, overwrite)
+    tok_path = os.path.join(out_dir, TOKENIZER_FILE)
+    tok.save(tok_path)
+    if config.processes > 1 and _load_tokenizer(tok_path)[1] != tok_hash:  # workers load it
+        raise WebDataError(f"the tokenizer does not survive saving as {TOKENIZER_FILE}; "
+                           f"tokenize with --processes 1")
+    jobs = [{"unit": i, "path": p, "start": a, "stop": b, "format": fmt, "read": read_options,
+             "out_dir": out_dir, "shard_tokens": config.shard_tokens, "dtype": dtype.name,
+             "eot_id": eot_id, "state": os.path.join(out_dir, f".{STAGE}", f"unit-{i:05d}.json")}
+            for i, (p, a, b) in enumerate(units)]
+    return tok, jobs, options, key
+
+
+def build_index(jobs, states, options, key, tokenizer) -> dict:
     """index.json: the shards in order, counts, dtype, tokenizer hash, per-input stats."""
     shards, inputs = [], {}
     for job in jobs:
@@ -501,7 +520,7 @@ def build_index(jobs, states, options, key, tokenizer, eot_text) -> dict:
     files = list(inputs.values())
     return {"format": SHARDS_FORMAT, "version": SHARDS_VERSION, "key": key,
             "dtype": options["dtype"], "byte_order": "little", "vocab_size": tokenizer.vocab_size,
-            "eot_id": options["eot_id"], "eot": eot_text,
+            "eot_id": options["eot_id"], "eot": options["eot"],
             "tokenizer_sha256": options["tokenizer_sha256"], "tokenizer_file": TOKENIZER_FILE,
             "shard_tokens": options["shard_tokens"],
             "n_tokens": sum(s["tokens"] for s in shards),
