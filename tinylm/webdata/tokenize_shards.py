@@ -338,8 +338,10 @@ def _add_chunk(writer, texts, encode, eot_id, started, dtype, end_doc: int, repo
 
 def _worker_main(tokenizer_path: str, tasks, events) -> None:
     """A spawned worker: units from ``tasks`` until None, progress and results to
-    ``events``. It ignores Ctrl-C: the parent stops it (and resumes later)."""
+    ``events``. It ignores Ctrl-C: the parent stops it with SIGTERM, which removes the
+    shard it was writing (a later run redoes it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from tinylm.tokenizers import from_file
 
     tokenizer = from_file(tokenizer_path)
