@@ -379,7 +379,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("speed", help="tokenize and dedup throughput against the peers")
-    s.add_argument("--size", default="256M", help="JSONL bytes of the corpus")
+    s.add_argument("--size", default="128M", help="JSONL bytes of the corpus")
     s.add_argument("--quick", action="store_true", help="8 MB, no waiting for a quiet machine")
     s.add_argument("--repeats", type=int, default=2)
     p = sub.add_parser("pipeline", help="clean, dedup, tokenize, train at two sizes")
