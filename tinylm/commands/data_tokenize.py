@@ -39,7 +39,7 @@ from tinylm.webdata.tokenize_shards import DEFAULT_SHARD_TOKENS, DEFAULT_SPLIT_B
               help="The token between documents (auto: <|endoftext|>, </s>, ... whichever "
                    "the tokenizer has; none: nothing).")
 @click.option("--overwrite", is_flag=True,
-              help="Start over when OUT holds shards of other inputs or options.")
+              help="Start over: remove the shards OUT holds (of any inputs and options).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar (documents/s, tokens/s) on stderr.")
 @input_options

@@ -105,25 +105,27 @@ def find_eot(tokenizer, eot: str | None) -> tuple:
 
 
 def _claim(out_dir: str, key: str, options: dict, overwrite: bool) -> None:
-    """Make ``out_dir`` this run's: new, empty, or a tokenize run of the same key
-    (``overwrite``: of any key, its files removed first)."""
+    """Make ``out_dir`` this run's: new, empty, or a tokenize run of the same key, to
+    continue (``overwrite``: any tokenize run, its files removed first)."""
     work = os.path.join(out_dir, f".{STAGE}")
     plan = os.path.join(work, "plan.json")
     saved = None
     if os.path.exists(plan):
+        saved = {}  # (unreadable: as if of another key)
         with contextlib.suppress(OSError, ValueError):
             with open(plan, encoding="utf-8") as f:
                 saved = json.load(f)
+        if overwrite:
+            _remove_outputs(out_dir)
+            saved = None
+        elif not isinstance(saved, dict) or saved.get("key") != key:
+            raise WebDataError(f"{out_dir} holds shards of other inputs, tokenizer or options; "
+                               f"pick another --out, or pass --overwrite to start over")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise WebDataError(f"{out_dir} is not empty and holds no tokenize run; pick a new or "
                            f"empty --out folder")
-    if saved is not None and saved.get("key") != key:
-        if not overwrite:
-            raise WebDataError(f"{out_dir} holds shards of other inputs, tokenizer or options; "
-                               f"pick another --out, or pass --overwrite to start over")
-        _remove_outputs(out_dir)
     os.makedirs(work, exist_ok=True)
-    if saved is None or saved.get("key") != key:
+    if saved is None:
         write_json(plan, {"key": key, "options": options})
     for tmp in glob.glob(os.path.join(out_dir, ".shard-*.tmp")):  # a killed worker's
         with contextlib.suppress(OSError):
