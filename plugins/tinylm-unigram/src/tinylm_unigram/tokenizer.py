@@ -134,6 +134,7 @@ class UnigramTokenizer(Tokenizer):
             self.normalizer = None
             self._word_cache = {}
         self._index = lattice.PieceIndex(matchable)
+        self._short = lattice.short_table(self._index, self._edge_scores)
 
     def _check_spm_vocabulary(self) -> None:
         seen = set()
@@ -181,7 +182,7 @@ class UnigramTokenizer(Tokenizer):
             normalized = self.normalizer.normalize(text)
             if normalized:
                 path = lattice.viterbi_f32(len(normalized), lattice.edges(
-                    self._index, self._edge_scores, normalized, -1), self._unk_score)
+                    self._index, self._edge_scores, normalized, self._short), self._unk_score)
                 out = [(normalized[s:e], i) for s, e, i in path]
         else:
             for word in self.hf.pipeline.words(text):
@@ -192,7 +193,7 @@ class UnigramTokenizer(Tokenizer):
         cached = self._word_cache.get(word)
         if cached is None:
             path = lattice.viterbi_f64(len(word), lattice.edges(
-                self._index, self._edge_scores, word, -1), self._unk_score)
+                self._index, self._edge_scores, word, self._short), self._unk_score)
             cached = [(word[s:e], i) for s, e, i in path]
             if len(self._word_cache) > 100_000:
                 self._word_cache.clear()
@@ -231,7 +232,7 @@ class UnigramTokenizer(Tokenizer):
         for word in words:
             if word:
                 path = lattice.sample(len(word), lattice.edges(
-                    self._index, self._edge_scores, word, -1), self._unk_score, alpha, rng)
+                    self._index, self._edge_scores, word, self._short), self._unk_score, alpha, rng)
                 segments.extend((word[s:e], i) for s, e, i in path)
         return self._ids_of(_fuse_unknown(segments))
 
