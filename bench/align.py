@@ -153,6 +153,26 @@ def sft_records(problems: list, args, seed: int) -> list:
     return out
 
 
+def sft_loss_floor(problems: list, forget: float) -> float:
+    """The least validation loss (nats per completion token) an SFT model can reach on
+    the demonstrator's answers to ``problems``: the entropy of its right-or-forgotten
+    choice on each carry problem (the two answers part at one character), over the
+    expected number of completion tokens (" 85" and <|endoftext|>: 4)."""
+    entropy = -(forget * np.log(forget) + (1 - forget) * np.log(1 - forget)) \
+        if 0 < forget < 1 else 0.0
+    tokens = bits = 0.0
+    for p in problems:
+        a, b = (int(x) for x in p["prompt"][len("What is "):-1].split(" + "))
+        right = len(str(a + b)) + 2
+        if p["carry"]:
+            wrong = len(str((a // 10 + b // 10) * 10 + (a % 10 + b % 10) % 10)) + 2
+            tokens += (1 - forget) * right + forget * wrong
+            bits += entropy
+        else:
+            tokens += right
+    return bits / tokens
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
@@ -324,6 +344,12 @@ def curves(path: Path, keys) -> dict:
     return {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
 
 
+def last_val_loss(path: Path) -> float:
+    from tinylm.train import read_metrics
+
+    return [r["val_loss"] for r in read_metrics(path / "metrics.jsonl") if "val_loss" in r][-1]
+
+
 # --------------------------------------------------------------------------- plots and report
 
 
@@ -426,6 +452,7 @@ def main(argv=None) -> None:
         total = time.perf_counter() - t
         grpo = curves(runs / "grpo", ("reward", "reward_std", "kl", "completions/mean_length"))
         dpo = curves(runs / "dpo", ("rewards/accuracies", "rewards/margins", "loss"))
+        sft_val_loss = last_val_loss(runs / "sft")
         plot_dir = Path(args.plot_dir or tmp)
         plot_dir.mkdir(parents=True, exist_ok=True)
         carry_share = float(np.mean([p["carry"] for p in splits["test"]]))
@@ -439,10 +466,14 @@ def main(argv=None) -> None:
               "args": {k: v for k, v in vars(args).items() if k not in ("out", "plot_dir")},
               "sizes": {k: len(v) for k, v in splits.items()},
               "test_carry_share": carry_share, "demonstrator_accuracy": demonstrator,
+              "sft_val_loss": sft_val_loss,
+              "sft_val_loss_floor": sft_loss_floor(splits["val"], args.forget),
               "seconds": {**seconds, "total": total}, "dpo_pairs": dpo_stats,
               "scores": scores, "grpo_curves": grpo, "dpo_curves": dpo}
     print("\n" + table(scores))
-    print(f"DPO pairs: {dpo_stats}; seconds: {json.dumps(result['seconds'])}")
+    print(f"SFT validation loss {sft_val_loss:.4f} (the demonstrator's floor "
+          f"{result['sft_val_loss_floor']:.4f}); DPO pairs: {dpo_stats}; seconds: "
+          f"{json.dumps(result['seconds'])}")
     if args.out:
         from tinylm.atomic import write_atomic
 
