@@ -217,30 +217,41 @@ def _merge_followers(words: list, freqs: np.ndarray) -> tuple:
 
 def _em(pieces, scores, words, freqs, required, vocab_size, n_meta, opt, progress) -> list:
     desired = int(vocab_size * 1.1)
+    corpus = em.WordLattices(words, lattice.PieceIndex(pieces))  # searched once
     while True:
         for _ in range(opt["num_sub_iterations"]):
-            index = lattice.PieceIndex(pieces)
-            expected, objective = em.WordLattices(words, index).expected_counts(
-                scores, freqs, len(pieces))
-            pieces, scores = _m_step(pieces, expected)
+            expected, objective = corpus.expected_counts(scores, freqs, len(pieces))
+            keep, scores = _m_step(expected)
+            pieces, corpus = _keep(pieces, corpus, keep)
             if progress is not None:
                 progress(f"EM: {len(pieces)} pieces, objective {objective:.4f}")
         if len(pieces) <= desired:
             break
-        pieces, scores = _prune(pieces, scores, words, freqs, desired, opt["shrinking_factor"])
+        keep = _prune(pieces, scores, corpus, freqs, desired, opt["shrinking_factor"])
+        pieces, corpus = _keep(pieces, corpus, keep)
+        scores = scores[keep]
     return _finalize(pieces, scores, required, vocab_size - n_meta)
 
 
-def _m_step(pieces: list, expected: np.ndarray) -> tuple:
-    """Drop pieces expected under 0.5 times; the rest score digamma(n) - digamma(sum)."""
-    keep = expected >= 0.5
+def _keep(pieces: list, corpus: em.WordLattices, keep: np.ndarray) -> tuple:
+    """The pieces at the indices ``keep`` (in that order) and the corpus lattice
+    under them."""
+    new_id = np.full(len(pieces), -1, dtype=np.int64)
+    new_id[keep] = np.arange(len(keep))
+    return [pieces[i] for i in keep.tolist()], corpus.subset(new_id)
+
+
+def _m_step(expected: np.ndarray) -> tuple:
+    """Keep the pieces expected at least 0.5 times (their indices); they score
+    digamma(n) - digamma(sum)."""
+    keep = np.flatnonzero(expected >= 0.5)
     kept = expected[keep]
-    new_scores = digamma(kept) - digamma(np.array([kept.sum()]))[0]
-    return [p for p, k in zip(pieces, keep.tolist()) if k], new_scores
+    return keep, digamma(kept) - digamma(np.array([kept.sum()]))[0]
 
 
-def _prune(pieces, scores, words, freqs, desired: int, shrinking: float) -> tuple:
-    """SentencePiece's ``PruneSentencePieces`` (see the module docstring), vectorised."""
+def _prune(pieces, scores, corpus, freqs, desired: int, shrinking: float) -> np.ndarray:
+    """SentencePiece's ``PruneSentencePieces`` (see the module docstring), vectorised:
+    the indices of the pieces kept, in their new order."""
     n = len(pieces)
     index = lattice.PieceIndex(pieces)
     # each piece's best segmentation into other pieces (its own word, itself left out)
@@ -250,7 +261,6 @@ def _prune(pieces, scores, words, freqs, desired: int, shrinking: float) -> tupl
     has_alt = np.isfinite(alt_best) & ~single
     removable = has_alt & (alt_best > scores)  # its Viterbi path is split: remove
     # the Viterbi frequency of each piece over the corpus
-    corpus = em.WordLattices(words, index)
     edges, owner, _ = corpus.best_paths(scores)
     ids = corpus.ids[edges]
     known = ids >= 0
@@ -275,8 +285,7 @@ def _prune(pieces, scores, words, freqs, desired: int, shrinking: float) -> tupl
     cand = np.flatnonzero(candidate)
     order = cand[np.lexsort((cand, -loss[cand]))]
     keep += list(order[: max(0, size - len(keep))])
-    keep = np.array(keep, dtype=np.int64)
-    return [pieces[i] for i in keep.tolist()], scores[keep]
+    return np.array(keep, dtype=np.int64)
 
 
 def _finalize(pieces, scores, required: dict, size: int) -> list:
