@@ -60,6 +60,38 @@ def head_lines() -> list:
     return generated_text(1500, seed=7)
 
 
+SCRIPTS = {  # alphabets to make words from: accents, combining vowel signs, CJK, Hangul
+    "latin": list("abcdefghijklmnopqrstuvwxyzéèêëàâäôöûüùçñøåæœß"),
+    "cyrillic": list("абвгдеёжзийклмнопрстуфхцчшщъыьэюя"),
+    "greek": list("αβγδεζηθικλμνξοπρστυφχψωάέήίόύώ"),
+    "arabic": list("ابتثجحخدذرزسشصضطظعغفقكلمنهوي"),
+    "devanagari": [c + v for c in "कखगघचछजझटठडढणतथदधनपफबभमयरलवशसह"
+                   for v in ("", "ा", "ि", "ी", "ु", "े", "ो")],
+    "hangul": [chr(0xAC00 + k) for k in range(0, 11172, 37)],
+    "cjk": [chr(0x4E00 + k) for k in range(0, 3000, 7)] + list("のはをにがでとてしたるいうかな"),
+}
+
+
+def multilingual_generated(n_lines: int, seed: int = 0) -> list:
+    """Lines of made-up words in seven scripts (one script a line, Zipf-distributed
+    words, CJK without spaces): enough text for thousands of multilingual pieces."""
+    rng = random.Random(seed)
+    lexicons = {}
+    for name, chars in SCRIPTS.items():
+        words = {"".join(rng.choice(chars) for _ in range(rng.randint(1, 4 if name == "cjk" else 7)))
+                 for _ in range(2500)}
+        lexicons[name] = sorted(words)
+        rng.shuffle(lexicons[name])
+    lines = []
+    for _ in range(n_lines):
+        name = rng.choice(list(SCRIPTS))
+        lex = lexicons[name]
+        words = rng.choices(lex, [1.0 / (k + 1) for k in range(len(lex))], k=rng.randint(3, 12))
+        sep = "" if name == "cjk" else " "
+        lines.append(sep.join(words) + rng.choice([".", ",", "!", "?", "", "。" if name == "cjk" else ";"]))
+    return lines
+
+
 def multilingual_lines(n: int = 400, seed: int = 0) -> list:
     """Lines in 16 languages and 9 scripts (tests/data/multilingual.txt), and random
     word spans of them, so that a few hundred pieces are worth learning."""

@@ -3,7 +3,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import TRICKY, generated_text, head_lines, multilingual_lines
+from conftest import (TRICKY, generated_text, head_lines, multilingual_generated,
+                      multilingual_lines)
 
 spm = pytest.importorskip("sentencepiece")
 from tinylm_unigram import UnigramTokenizer  # noqa: E402
@@ -11,7 +12,8 @@ from tinylm_unigram import UnigramTokenizer  # noqa: E402
 MODELS = {
     "head-1000": (head_lines, 1000, {}),
     "generated-8000": (lambda: generated_text(9000), 8000, {}),
-    "multilingual-1000": (multilingual_lines, 1000, {"hard_vocab_limit": False}),
+    "multilingual-1000": (lambda: multilingual_lines() + multilingual_generated(3000), 1000, {}),
+    "multilingual-8000": (lambda: multilingual_generated(12000, seed=1), 8000, {}),
     "bytes-user-defined": (head_lines, 700, {"byte_fallback": True, "control_symbols": ["<ctl>"],
                                             "user_defined_symbols": ["<sep>", "Citizen"]}),
     "identity-no-prefix": (head_lines, 800, {"normalization_rule_name": "identity",

@@ -7,7 +7,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from conftest import TRICKY, head_lines, multilingual_lines
+from conftest import TRICKY, head_lines, multilingual_generated, multilingual_lines
 
 from tinylm.tokenizers import TokenizerError
 from tinylm_unigram import UnigramTokenizer
@@ -29,8 +29,16 @@ def trained(split):
     return UnigramTokenizer.train(split[0], 1000)
 
 
-def test_encoded_length_within_one_percent_of_sentencepiece(split, trained, tmp_path):
-    train, held = split
+@pytest.mark.parametrize("corpus", ["tinyshakespeare-head", "multilingual"])
+def test_encoded_length_within_one_percent_of_sentencepiece(split, trained, tmp_path, corpus):
+    """Measured: head 3908 vs 3920 tokens; multilingual 13382 vs 13382."""
+    if corpus == "multilingual":
+        lines = multilingual_lines() + multilingual_generated(3000)
+        cut = int(len(lines) * 0.9)
+        train, held = lines[:cut], lines[cut:]
+        trained = UnigramTokenizer.train(train, 1000)
+    else:
+        train, held = split
     corpus = tmp_path / "train.txt"
     corpus.write_text("\n".join(train), encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "ref"),
@@ -40,7 +48,7 @@ def test_encoded_length_within_one_percent_of_sentencepiece(split, trained, tmp_
     ours = sum(len(trained.encode(t, disallowed_special=())) for t in held)
     theirs = sum(len(ids) for ids in sp.encode(held))
     assert trained.vocab_size == sp.get_piece_size() == 1000
-    assert abs(ours / theirs - 1) <= 0.01, (ours, theirs)  # measured: 3908 vs 3920
+    assert abs(ours / theirs - 1) <= 0.01, (ours, theirs)
 
 
 def test_trained_model_is_a_sentencepiece_model(split, trained, tmp_path):
