@@ -1,6 +1,7 @@
 """Tensor parallel (tinylm.dist.tensor_parallel, tp_model, grid): the split model equals
 the whole one, trains the nanoGPT character recipe to the same losses, checkpoints
-the full model (resumed on 1 and 2 ranks), and composes with data parallel.
+the full model (resumed on 1 and 2 ranks), composes with data parallel, and a rank
+killed mid-step stops the other.
 
 Ranks are subprocesses of ``mpiexec -n N`` (the mpich wheel's, from the dist extra),
 one BLAS thread each, on loopback; those tests skip when mpi4py or mpiexec is missing.
@@ -18,8 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,3 +232,24 @@ def test_data_times_tensor_parallel_on_four_ranks(mpiexec, cache, tmp_path):
     grid = _train(mpiexec, 4, tmp_path / "grid", cache, *small, "--tensor-parallel", "2")
     np.testing.assert_allclose(_losses(grid), _losses(one), rtol=RTOL)
     np.testing.assert_allclose(_losses(grid, "val_loss"), _losses(one, "val_loss"), rtol=RTOL)
+
+
+def test_a_tensor_parallel_rank_killed_stops_the_other_naming_it(mpiexec, cache, tmp_path):
+    """SIGKILL one of the two ranks that hold halves of one model: the other, waiting in
+    a layer's all-reduce, is stopped within 30 s and the error names the dead rank."""
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    cmd = [sys.executable, "-c", launch.ENTRY, "train", "--config", str(RECIPE), "--data",
+           str(HEAD), "--out", str(out), "--cache-dir", cache, "--max-steps", "1000000",
+           "--eval-every", "100000", "--log-every", "1", "--sample-tokens", "0",
+           "--no-progress", "--nproc", "2", "--tensor-parallel", "2"]
+    process = subprocess.Popen(cmd, env={**_env(), "TINYLM_DIST_PIDS": str(pids)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists():  # training has begun
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    os.kill(int((pids / "rank-1").read_text().split()[0]), signal.SIGKILL)
+    start = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert process.returncode == 2 and "Error: rank 1 of 2" in err, err[-2000:]
