@@ -32,7 +32,10 @@ the step, saves a checkpoint and stops; a second one stops at once.
 Under ``mpiexec -n N`` the Trainer trains data parallel through its ``dist`` object
 (``tinylm.dist.DataParallel``): the global batch's rows split over the ranks, the
 gradients summed once per step, rank 0 alone writing; with one rank it changes
-nothing. The checkpoint does not depend on N.
+nothing. ``tensor_parallel`` = T > 1 splits each model copy over T ranks
+(``tinylm.dist.grid.TensorDataParallel``: N = D x T; the model becomes a
+``tinylm.dist.tp_model.TensorParallelDecoder`` once built). The checkpoint does not
+depend on N or T: it is always the full model's.
 """
 
 from __future__ import annotations
@@ -529,8 +532,9 @@ class Trainer:
     parameters (a PEFT run: the adapters; the caller rebuilds the frozen base before
     resuming, from what it keeps in ``extra_state``, a JSON-ready dict saved with every
     checkpoint's trainer state under "extra"). ``dist``: the ranks of a data-parallel
-    run (``tinylm.dist.DataParallel``; default: every rank this process was launched
-    with, one without mpiexec); only rank 0 logs, shows progress and writes files."""
+    run (``tinylm.dist.DataParallel``, or a ``TensorDataParallel`` for tensor_parallel
+    > 1; default: every rank this process was launched with, one without mpiexec);
+    only rank 0 logs, shows progress and writes files."""
 
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, data=None,
                  objective=None, log=None, progress: bool = False, resume="auto",
