@@ -7,7 +7,9 @@
     .venv/bin/python bench/serve.py --serve-arg=--dequantize   # options for `tinylm serve`
 
 Each model is served by its own `tinylm serve --max-batch 16` process on a free
-localhost port (the server's own CPU threads, as a user would start it); this process
+localhost port (the server's own CPU threads, as a user would start it, or
+``--threads``: on a shared machine one BLAS thread suffers far less from the other
+jobs than two that wait for each other); this process
 is only the clients, one thread per stream, speaking raw HTTP (``http.client``) so that
 nothing but the server is measured:
 
@@ -90,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--gguf", default=str(SMOLLM2), help="the SmolLM2-135M-Instruct GGUF file")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="one more argument for `tinylm serve` (repeat it)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="the server's BLAS threads (OMP/OPENBLAS/MKL_NUM_THREADS=N in its "
+                        "environment; default: as `tinylm serve` sets them)")
     p.add_argument("--timeout", type=float, default=600, help="seconds a request may take")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--quick", action="store_true",
@@ -186,11 +191,16 @@ def free_port() -> int:
 class Server:
     """`tinylm serve` in a child process, on a free port, until ``stop``."""
 
-    def __init__(self, model: str, max_batch: int, extra: list, log):
+    def __init__(self, model: str, max_batch: int, extra: list, log, threads=None):
         self.port = free_port()
         cmd = [sys.executable, "-c", "from tinylm.cli import main; main()", "serve",
                "--model", model, "--port", str(self.port), "--max-batch", str(max_batch), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        env = dict(os.environ)
+        if threads:
+            env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                  "MKL_NUM_THREADS")})
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -351,7 +361,8 @@ def main(argv=None):
     args = parse_args(argv)
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_model()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, numpy {np.__version__}; load average "
-          f"{os.getloadavg()[0]:.2f}; max_tokens {args.max_tokens}", flush=True)
+          f"{os.getloadavg()[0]:.2f}; max_tokens {args.max_tokens}; server BLAS threads "
+          f"{args.threads or 'default'}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -360,7 +371,7 @@ def main(argv=None):
             log_path = Path(tmp) / f"{name}.log"
             with open(log_path, "w") as log:
                 try:
-                    server = Server(path, max(args.streams), args.serve_arg, log)
+                    server = Server(path, max(args.streams), args.serve_arg, log, args.threads)
                     try:
                         results[name] = measure(server.port, args)
                     finally:
@@ -371,6 +382,7 @@ def main(argv=None):
                         file=sys.stderr)
                     raise
     print_table(results, args.markdown)
+    print(f"# done {datetime.datetime.now():%H:%M}; load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
