@@ -36,8 +36,12 @@ stream's decode rate after its first token ((tokens - 1) / (end - first text)),
 the median over requests. One warm-up request (not
 timed) precedes each model's rows. "mean batch": the sequences per decode step at
 that level, from the server's ``/metrics`` (its ``batch_size_steps`` counts before
-and after): the streams really shared steps. The last column is the aggregate
-tokens/s over that of one stream (the issue's target: >= 4x at 16 streams).
+and after): the streams really shared steps. "x 1 stream": the aggregate tokens/s
+over that of one stream (the issue's target: >= 4x at 16 streams). "tok/CPU s": the
+completion tokens at that level over the CPU time the server process used meanwhile
+(/proc/PID/stat, every thread, prefill included), and "CPU x 1 stream" its ratio:
+what batching saves in work, which other jobs on a shared machine disturb far less
+than the wall-clock rate (they take the server's time slices, not its work).
 """
 
 from __future__ import annotations
@@ -306,14 +310,24 @@ def mean_batch(before: dict, engine: dict) -> float:
     return sum(k * v for k, v in steps.items()) / total if total else float("nan")
 
 
-def measure(port: int, args) -> list:
-    rows, next_id = [], 1
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system, every thread) process ``pid`` has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(server, args) -> list:
+    rows, next_id, port = [], 1, server.port
     args.model_id = get_json(port, "/v1/models")["data"][0]["id"]
     stream_completion(port, f"request 0: {TEXT}", args.max_tokens, args.timeout,
                       args.model_id)  # warm-up
     for c in args.streams:
         rates, ttfts, tokens, decode = [], [], [], []
         before = get_json(port, "/metrics")["engine"]["batch_size_steps"]
+        cpu = cpu_seconds(server.proc.pid)
         for _ in range(max(args.rounds, math.ceil(args.requests / c))):
             rate, results = run_round(port, c, next_id, args)
             next_id += c
@@ -326,11 +340,13 @@ def measure(port: int, args) -> list:
                      "ttft_p50": float(np.percentile(ttfts, 50)),
                      "ttft_p99": float(np.percentile(ttfts, 99)),
                      "decode": statistics.median(decode),
+                     "tok_cpu": sum(tokens) / (cpu_seconds(server.proc.pid) - cpu),
                      "batch": mean_batch(before, get_json(port, "/metrics")["engine"])})
         print(f"  {c:>2} streams: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-    one = next((r["tok_s"] for r in rows if r["streams"] == 1), None)
+    one = next((r for r in rows if r["streams"] == 1), None)
     for r in rows:
-        r["ratio"] = r["tok_s"] / one if one else float("nan")
+        r["ratio"] = r["tok_s"] / one["tok_s"] if one else float("nan")
+        r["cpu_ratio"] = r["tok_cpu"] / one["tok_cpu"] if one else float("nan")
     return rows
 
 
@@ -339,13 +355,15 @@ def measure(port: int, args) -> list:
 
 def print_table(results: dict, markdown: bool):
     head = ["model", "streams", "rounds", "requests", "tokens/request", "aggregate tok/s",
-            "TTFT p50 s", "TTFT p99 s", "stream tok/s", "mean batch", "x 1 stream"]
+            "TTFT p50 s", "TTFT p99 s", "stream tok/s", "mean batch", "x 1 stream",
+            "tok/CPU s", "CPU x 1 stream"]
     lines = []
     for name, rows in results.items():
         for r in rows:
             lines.append([name, r["streams"], r["rounds"], r["requests"], f"{r['tokens']:g}",
                           f"{r['tok_s']:.1f}", f"{r['ttft_p50']:.3f}", f"{r['ttft_p99']:.3f}",
-                          f"{r['decode']:.1f}", f"{r['batch']:.1f}", f"{r['ratio']:.2f}"])
+                          f"{r['decode']:.1f}", f"{r['batch']:.1f}", f"{r['ratio']:.2f}",
+                          f"{r['tok_cpu']:.1f}", f"{r['cpu_ratio']:.2f}"])
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
@@ -373,7 +391,7 @@ def main(argv=None):
                 try:
                     server = Server(path, max(args.streams), args.serve_arg, log, args.threads)
                     try:
-                        results[name] = measure(server.port, args)
+                        results[name] = measure(server, args)
                     finally:
                         server.stop()
                 except BaseException:
