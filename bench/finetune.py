@@ -25,11 +25,13 @@ compute float32) when bitsandbytes works on this CPU (else that row says why).
 
 A step is forward + cross-entropy + backward + AdamW step (lr ``--lr``, weight decay
 0.01) + zero_grad, timed with ``time.perf_counter``; ``--warmup`` steps first, then the
-median of ``--steps``. Each configuration runs in its own process (so the peak RSS is
-its own), on one thread: OMP/OPENBLAS/MKL_NUM_THREADS=1 for both, ``torch.set_num_threads(1)``
-for torch, ``tinylm.threads.blas_threads(1)`` for tinylm. Two peak RSS figures, both the
-kernel's high-water mark (VmHWM; not ``ru_maxrss``, which a child inherits from the
-parent it was forked from): over the whole process (imports and loading included) and
+median of ``--steps`` (wall time, and the process's CPU time, which other work on the
+machine inflates less: one thread, so it is the step's compute). Each configuration
+runs in its own process (so the peak RSS is its own), on one thread:
+OMP/OPENBLAS/MKL_NUM_THREADS=1 for both, ``torch.set_num_threads(1)`` for torch,
+``tinylm.threads.blas_threads(1)`` for tinylm. Two peak RSS figures, both the kernel's
+high-water mark (VmHWM; not ``ru_maxrss``, which a child inherits from the parent it
+was forked from): over the whole process (imports and loading included) and
 over the training steps alone (the mark reset after loading: ``/proc/self/clear_refs``).
 Results: a table on stdout and ``--out`` (bench/results/finetune.json). Time it on a
 quiet machine: anything else running shares the cores.
@@ -189,14 +191,16 @@ def timed_steps(step, n_warmup: int, n_steps: int) -> dict:
     seconds of the timed ones, the peak RSS before (imports, loading) and over them."""
     before = high_water_mib()
     hwm_ok = reset_high_water()
-    losses, seconds = [], []
+    losses, seconds, cpu = [], [], []
     for i in range(n_warmup + n_steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         losses.append(step())
         if i >= n_warmup:
             seconds.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     train = high_water_mib()
     return {"losses": losses, "step_s": seconds, "median_step_s": float(np.median(seconds)),
+            "cpu_s": cpu, "median_cpu_s": float(np.median(cpu)),
             "load_peak_rss_mib": before, "train_peak_rss_mib": train if hwm_ok else None,
             "peak_rss_mib": max(before, train)}
 
@@ -327,6 +331,7 @@ def compare(rows: dict) -> list:
         la, lb = np.array(a["losses"]), np.array(b["losses"])
         out.append({"pair": f"{ours} / {theirs}",
                     "step_x": a["median_step_s"] / b["median_step_s"],
+                    "cpu_x": a["median_cpu_s"] / b["median_cpu_s"],
                     "peak_rss_x": a["peak_rss_mib"] / b["peak_rss_mib"],
                     "train_rss_x": (a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
                                     if a["train_peak_rss_mib"] and b["train_peak_rss_mib"]
@@ -342,6 +347,7 @@ def targets(rows: dict, pairs: list) -> list:
     out, by = [], {p["pair"].split(" / ")[0]: p for p in pairs}
     if "tinylm-lora" in by:
         out.append(("LoRA step time <= 1.2x torch+PEFT", by["tinylm-lora"]["step_x"], 1.2))
+        out.append(("LoRA step CPU time <= 1.2x torch+PEFT", by["tinylm-lora"]["cpu_x"], 1.2))
         out.append(("LoRA peak RSS <= 1.0x torch+PEFT", by["tinylm-lora"]["peak_rss_x"], 1.0))
         out.append(("first-step losses agree (rel diff <= 1e-4)",
                     by["tinylm-lora"]["first_loss_rel_diff"], 1e-4))
@@ -363,21 +369,25 @@ def table(result: dict) -> str:
              f"{a['vocab']}), batch {a['batch']} x {a['block']}, LoRA r={a['lora_r']} on "
              f"{', '.join(TARGETS)}, one thread; median of {a['steps']} steps after "
              f"{a['warmup']} warm-up",
-             "| config | step s (median) | peak RSS MiB | train-steps peak RSS MiB | "
-             "trainable | trainable % | first loss |", "|---|---|---|---|---|---|---|"]
+             "| config | step s (median) | CPU s/step (median) | peak RSS MiB | train-steps "
+             "peak RSS MiB | trainable | trainable % | first loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
         if "error" in r:
             lines.append(f"| {name} | skipped: {r['error']} |")
             continue
         train_rss = f"{r['train_peak_rss_mib']:.0f}" if r["train_peak_rss_mib"] else "n/a"
-        lines.append(f"| {name} | {r['median_step_s']:.3f} | {r['peak_rss_mib']:.0f} | "
+        lines.append(f"| {name} | {r['median_step_s']:.3f} | {r['median_cpu_s']:.3f} | "
+                     f"{r['peak_rss_mib']:.0f} | "
                      f"{train_rss} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f}"
                      f" | {r['losses'][0]:.6f} |")
-    lines += ["", "| tinylm / torch | step time x | peak RSS x | train-steps RSS x | "
-              "first-loss rel diff | max loss rel diff (all steps) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| tinylm / torch | step time x | CPU time x | peak RSS x | train-steps RSS x | "
+              "first-loss rel diff | max loss rel diff (all steps) |",
+              "|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
         tr = f"{p['train_rss_x']:.2f}" if p["train_rss_x"] else "n/a"
-        lines.append(f"| {p['pair']} | {p['step_x']:.2f} | {p['peak_rss_x']:.2f} | {tr} | "
+        lines.append(f"| {p['pair']} | {p['step_x']:.2f} | {p['cpu_x']:.2f} | "
+                     f"{p['peak_rss_x']:.2f} | {tr} | "
                      f"{p['first_loss_rel_diff']:.1e} | {p['max_loss_rel_diff']:.1e} |")
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for t in result["targets"]:
