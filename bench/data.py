@@ -311,7 +311,7 @@ def pipeline(args) -> None:
         raise SystemExit(f"only {free / 1e9:.1f} GB free under {work.parent}; the pipeline "
                          f"needs about {5 * max(sizes) / 1e9:.1f} GB")
     load = wait_for_quiet()
-    tinylm = [PY, "-m", "tinylm"]
+    tinylm = [PY, "-c", "from tinylm.cli import main; main()"]
     rows = []
     for size in sizes:
         base = work / f"run-{size}"
