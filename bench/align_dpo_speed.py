@@ -19,8 +19,10 @@ adapter disabled, as tinylm's), tinylm ``peft.load_adapter``. Full: every weight
 trains; the reference is a second, frozen copy on both sides.
 
 A step: the policy's forward and backward, the reference's forward (no gradient), the
-sigmoid DPO loss (beta 0.1) with TRL's metrics, AdamW (lr ``--lr``) and zero_grad. TRL's
-is its own ``DPOTrainer._compute_loss`` (fused LM head, bf16 off) plus torch's AdamW;
+sigmoid DPO loss (beta 0.1) with TRL's metrics, AdamW (lr ``--lr`` for LoRA,
+``--full-lr`` for full: TRL's DPOConfig default 1e-6; a full step at 1e-4 drives this
+random batch's loss to 1e-6 at once, where comparing the two sides' losses says
+nothing) and zero_grad. TRL's is its own ``DPOTrainer._compute_loss`` (fused LM head, bf16 off) plus torch's AdamW;
 tinylm's ``tinylm.align.dpo.DPO.loss`` plus tinylm's AdamW. ``--warmup`` steps first,
 then the median of ``--steps``. Each configuration runs in its own process, on one
 thread (OMP/OPENBLAS/MKL_NUM_THREADS=1, ``torch.set_num_threads(1)``,
@@ -76,7 +78,9 @@ def parse_args(argv=None):
                           ("pairs", 2), ("prompt", 64), ("completion", 64), ("lora-r", 8),
                           ("warmup", 2), ("steps", 5), ("seed", 0), ("repeats", 1)):
         p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of LoRA")
+    p.add_argument("--full-lr", type=float, default=1e-6,
+                   help="AdamW learning rate of full fine-tuning")
     p.add_argument("--work-dir", help="where the model, adapter and batch go [default: a "
                    "temporary folder]")
     p.add_argument("--out", help="JSON results [default: bench/results/align_dpo_speed.json; "
@@ -147,6 +151,10 @@ def tinylm_layout(arrays: dict) -> dict:
 # --------------------------------------------------------------------------- one side
 
 
+def learning_rate(args, trained: str) -> float:
+    return args.lr if trained == "lora" else args.full_lr
+
+
 def timed_steps(step, n_warmup: int, n_steps: int) -> dict:
     losses, seconds = [], []
     for i in range(n_warmup + n_steps):
@@ -172,7 +180,7 @@ def tinylm_side(args, trained: str, work: Path) -> dict:
             model.requires_grad_(True)
             reference = ModelReference(load_pretrained(work / "base"))
         objective = DPO(None, reference, beta=BETA)
-        opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+        opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate(args, trained),
                           weight_decay=0.01)
 
         def step():
@@ -217,7 +225,7 @@ def trl_side(args, trained: str, work: Path) -> dict:
         set_peft_model_state_dict(trainer.model,
                                   load_file(work / "adapter" / "adapter_model.safetensors"))
     policy = trainer.model.train()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=learning_rate(args, trained),
                             weight_decay=0.01)
 
     def step():
@@ -249,7 +257,7 @@ def worker(args) -> None:
 def run_worker(args, config: str, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--work-dir", str(work)]
     for k in ("n_layer", "d_model", "n_head", "vocab", "pairs", "prompt", "completion", "lora_r",
-              "lr", "warmup", "steps", "seed"):
+              "lr", "full_lr", "warmup", "steps", "seed"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     done = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -318,7 +326,7 @@ def run_all(args, work: Path) -> dict:
             runs[config].append(run_worker(args, config, work))
     rows = {config: merge(results) for config, results in runs.items()}
     keys = ("n_layer", "d_model", "n_head", "vocab", "pairs", "prompt", "completion", "lora_r",
-            "lr", "warmup", "steps", "seed", "repeats")
+            "lr", "full_lr", "warmup", "steps", "seed", "repeats")
     return {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
                         "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load_before,
