@@ -347,18 +347,22 @@ def _worker_main(tokenizer_path: str, tasks, events) -> None:
     from tinylm.tokenizers import from_file
 
     tokenizer = from_file(tokenizer_path)
-    while True:
-        job = tasks.get()
-        if job is None:
-            return
-        try:
-            state = tokenize_unit(job, tokenizer,
-                                  lambda d, t: events.put(("progress", d, t)))
-        except Exception as e:  # a bug or a full disk: say it in the parent
-            message = str(e) if isinstance(e, TinyLMError) else f"{type(e).__name__}: {e}"
-            events.put(("error", job["unit"], f"{job['path']}: {message}"))
-            return
-        events.put(("done", job["unit"], state))
+    try:
+        while True:
+            job = tasks.get()
+            if job is None:
+                break
+            try:
+                state = tokenize_unit(job, tokenizer,
+                                      lambda d, t: events.put(("progress", d, t)))
+            except Exception as e:  # a bug or a full disk: say it in the parent
+                message = str(e) if isinstance(e, TinyLMError) else f"{type(e).__name__}: {e}"
+                events.put(("error", job["unit"], f"{job['path']}: {message}"))
+                break
+            events.put(("done", job["unit"], state))
+    except SystemExit:
+        return  # stopped by the parent: quietly (the shard in progress was removed)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # done: nothing left to clean up
 
 
 def _run_pool(jobs: list, processes: int, tokenizer_path: str, on_event) -> None:
@@ -389,6 +393,9 @@ def _run_pool(jobs: list, processes: int, tokenizer_path: str, on_event) -> None
             left -= kind == "done"
             on_event(kind, *data)
     finally:
+        if not left:  # every unit done: the workers are exiting on their own
+            for p in procs:
+                p.join(timeout=30)
         for p in procs:
             if p.is_alive():
                 p.terminate()
