@@ -83,6 +83,23 @@ def resolve_sources(paths, exclude=()) -> list:
     return files
 
 
+def read_utf8(path, error=DataError, hint: str = "") -> str:
+    """The whole text of a regular UTF-8 file (a leading byte order mark dropped); a file
+    that is missing, unreadable or not UTF-8 is one ``error`` line (``hint`` appended to
+    the not-UTF-8 one, e.g. "; GLUE files are UTF-8 TSV")."""
+    path = os.fspath(path)
+    check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte {e.start}){hint}") from None
+
+
 def check_regular_file(path: str, where: str = "") -> None:
     """A DataError unless ``path`` is (a link to) a regular file."""
     try:

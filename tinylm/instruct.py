@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinylm.data import DataError, EpochOrder, check_regular_file, fingerprint_key
+from tinylm.data import DataError, EpochOrder, fingerprint_key, read_utf8
 from tinylm.data import source_fingerprint, tokenizer_sha256
 from tinylm.objectives import IGNORE
 from tinylm.tokenizers.base import TokenizerError
@@ -429,16 +429,7 @@ def read_examples(files, fmt: Formatting) -> tuple:
 def _records(path):
     """(line number, dict) of each non-blank line of a JSONL file."""
     path = os.fspath(path)
-    check_regular_file(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise InstructError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InstructError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    text = read_utf8(path, InstructError)
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tinylm.data import DataError, check_regular_file
+from tinylm.data import DataError, read_utf8
 
 
 class GlueError(DataError):
@@ -143,18 +143,7 @@ class GlueRows:
 def read_lines(path) -> list:
     """The lines of a UTF-8 TSV file (BOM dropped, "\\r\\n" or "\\n" endings; only
     "\\n" ends a line: GLUE's text may hold other line-break characters)."""
-    path = os.fspath(path)
-    check_regular_file(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise GlueError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise GlueError(f"{path} is not UTF-8 text (byte {e.start}); GLUE files are "
-                        f"UTF-8 TSV") from None
+    text = read_utf8(path, GlueError, "; GLUE files are UTF-8 TSV")
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
