@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinylm import backend
 from tinylm.quant.base import QuantError
 from tinylm.quant.blockwise8 import DOUBLE_QUANT_BLOCK, DYNAMIC_CODE
 from tinylm.quant.nf4 import NF4_BLOCK, NF4_CODE
@@ -339,6 +340,9 @@ def matmul(x2: np.ndarray, packed: Packed) -> np.ndarray:
     in its loops); ``OPENBLAS_NUM_THREADS=1`` keeps everything on one core."""
     from tinylm import threads
 
+    if on_device(x2, packed):  # CuPy: the CUDA kernels (tinylm/kernels/quant_matmul.cu)
+        from tinylm.kernels import quant_matmul
+        return quant_matmul.matmul(x2, packed)
     n_out, n_in = packed.shape
     if x2.shape[-1] != n_in:
         raise QuantError(f"quantized linear: input has {x2.shape[-1]} features but the "
@@ -361,6 +365,12 @@ def matmul(x2: np.ndarray, packed: Packed) -> np.ndarray:
 
 
 PARALLEL_WEIGHTS = 1 << 18  # weights from which matmul splits rows over threads
+
+
+def on_device(x, packed: Packed) -> bool:
+    """Whether ``x`` or the packed arrays are CuPy arrays: matmul and matmul_t then run
+    the GPU kernels (the packed bytes go to the device once, kept in packed.cache)."""
+    return backend.get_array_module(x, *packed.arrays.values()) is not np
 
 
 def row_slice(packed: Packed, r0: int, r1: int) -> Packed:
@@ -494,6 +504,9 @@ def half_values(h: np.ndarray) -> np.ndarray:
 
 def matmul_t(g2: np.ndarray, packed: Packed) -> np.ndarray:
     """``g2 (N, out) @ W`` -> (N, in): the input gradient of ``matmul``, tile by tile."""
+    if on_device(g2, packed):
+        from tinylm.kernels import quant_matmul
+        return quant_matmul.matmul_t(g2, packed)
     n_out, n_in = packed.shape
     gx = np.zeros((g2.shape[0], n_in), g2.dtype)
 
