@@ -11,9 +11,16 @@ OMP_NUM_THREADS=N. Per step, from the process itself: CPU time as (child CPU of 
 other processes' time is not counted), and wall time from the run's own
 metrics.jsonl (``elapsed_s`` between step 20 and the last step). Revisions and
 thread counts alternate within each repeat; medians over ``--repeats``, with the
-spread (min-max). nanoGPT's train.py is not in this repository, so the torch side
-of the issue-22 comparison is not run here (bench/train_shakespeare.py times the
-same model in torch in-process).
+spread (min-max).
+
+``--torch`` adds the peer: bench/nanogpt_torch.py (our reimplementation of nanoGPT's
+train.py on the same recipe; nanoGPT itself is not installable offline) as a whole
+process with the same OMP_NUM_THREADS, timed the same way (CPU from rusage, wall
+from its own ``iter N: ... time Y ms`` lines, iterations 21 to the last), interleaved
+with the tinylm runs; the ratio tinylm / torch is printed per thread count (medians of
+the per-repeat ratios, so that a load change between repeats cancels).
+
+    .venv/bin/python bench/train_cli.py --torch --threads 1 2 --steps 150 --repeats 5
 
 A revision is ``label=PATH`` (a source tree holding tinylm/) or ``label=GITREV``
 (its tinylm/ is extracted with ``git archive`` into a temporary folder).
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -43,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch", action="store_true",
+                   help="also time bench/nanogpt_torch.py (the torch peer), interleaved")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+                   help="the corpus (both sides); missing: a generated one")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -64,58 +76,122 @@ def source_tree(spec: str, tmp: Path) -> tuple:
     return label, dest
 
 
-def run_once(src: Path, threads: int, steps: int, out: Path) -> tuple:
-    """One ``tinylm train`` process: (child CPU seconds, wall seconds per step or None)."""
+def tinylm_cmd(src: Path, threads: int, steps: int, out: Path, data: Path) -> list:
     code = (f"import sys; sys.path.insert(0, {str(src)!r}); "
             "from tinylm.cli import main; main(sys.argv[1:])")
-    cmd = [sys.executable, "-c", code, "train", "--config", str(CONFIG), "--threads",
-           str(threads), "--max-steps", str(steps), "--eval-every", "1000000",
-           "--eval-iters", "1", "--sample-tokens", "1", "--log-every", "10",
-           "--no-progress", "-o", str(out), "--overwrite"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    wall = None
+    return [sys.executable, "-c", code, "train", "--config", str(CONFIG), "--data",
+            str(data), "--threads", str(threads), "--max-steps", str(steps),
+            "--eval-every", "1000000", "--eval-iters", "1", "--sample-tokens", "1",
+            "--log-every", "10", "--no-progress", "-o", str(out), "--overwrite"]
+
+
+def torch_cmd(threads: int, steps: int, data: Path) -> list:
+    """The peer: eval at iteration 0 on one batch per split (as tinylm's one final
+    eval batch), every iteration logged."""
+    return [sys.executable, str(ROOT / "bench" / "nanogpt_torch.py"), "--data", str(data),
+            "--max-iters", str(steps), "--eval-interval", "1000000", "--eval-iters", "1",
+            "--log-interval", "1"]
+
+
+def tinylm_wall(out: Path):
+    """Wall seconds per step from metrics.jsonl: step 20 to the last logged step."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     timed = {r["step"]: r["elapsed_s"] for r in rows if "elapsed_s" in r and "step" in r}
     if 20 in timed and max(timed) > 20:
         last = max(timed)
-        wall = (timed[last] - timed[20]) / (last - 20)
-    return cpu, wall
+        return (timed[last] - timed[20]) / (last - 20)
+    return None
+
+
+def torch_wall(stdout: str):
+    """Wall seconds per step from nanoGPT-style ``iter N: loss X, time Y ms`` lines,
+    iterations 21 to the last (the same span as tinylm's)."""
+    times = [float(m.group(2)) for m in re.finditer(r"^iter (\d+): .*time ([\d.]+)ms",
+                                                     stdout, re.M) if int(m.group(1)) > 20]
+    return statistics.fmean(times) / 1e3 if times else None
+
+
+def run_once(src, threads: int, steps: int, out: Path, data: Path) -> tuple:
+    """One whole training process (``src`` None: the torch peer): (child CPU seconds,
+    wall seconds per step or None)."""
+    cmd = torch_cmd(threads, steps, data) if src is None else tinylm_cmd(src, threads, steps,
+                                                                        out, data)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, (torch_wall(done.stdout) if src is None else tinylm_wall(out))
+
+
+def corpus(path: Path, tmp: Path) -> Path:
+    if path.is_file():
+        return path
+    sys.path.insert(0, str(ROOT / "bench"))
+    from nanogpt_torch import load_corpus  # the peer's generated corpus, for both sides
+
+    made = tmp / "corpus.txt"
+    made.write_text(load_corpus(str(path)), encoding="utf-8")
+    return made
+
+
+def measure(args, trees, data: Path, tmp: Path) -> dict:
+    results, base = {}, {}
+    for label, src in trees:  # startup + eval: subtracted from every run
+        for n in args.threads:
+            base[label, n] = run_once(src, n, 0, tmp / "run", data)[0]
+    for rep in range(args.repeats):
+        order = trees if rep % 2 == 0 else trees[::-1]
+        for n in args.threads:
+            for label, src in order:
+                cpu, wall = run_once(src, n, args.steps, tmp / "run", data)
+                row = results.setdefault(f"{label} threads={n}", {"cpu_ms": [], "wall_ms": []})
+                row["cpu_ms"].append(1e3 * (cpu - base[label, n]) / args.steps)
+                row["wall_ms"].append(None if wall is None else 1e3 * wall)
+    return results
+
+
+def spread(v) -> str:
+    v = [x for x in v if x is not None]
+    if not v:
+        return "n/a"
+    return f"{statistics.median(v):6.1f} (min {min(v):.1f}, max {max(v):.1f}, n={len(v)})"
+
+
+def report(results: dict, labels: list, threads: list, with_torch: bool) -> dict:
+    for name, row in results.items():
+        print(f"{name:24s}  cpu_ms {spread(row['cpu_ms'])}  wall_ms {spread(row['wall_ms'])}")
+    ratios = {}
+    if not with_torch:
+        return ratios
+    for label in labels:
+        if label == "torch":
+            continue
+        for n in threads:
+            ours, peer = results[f"{label} threads={n}"], results[f"torch threads={n}"]
+            for key in ("cpu_ms", "wall_ms"):
+                per_rep = [a / b for a, b in zip(ours[key], peer[key])
+                           if a is not None and b is not None]
+                ratios[f"{label}/torch threads={n} {key}"] = per_rep
+                print(f"{label}/torch threads={n} {key}: {spread(per_rep)}")
+    return ratios
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         trees = [source_tree(s, tmp) for s in (args.rev or ["now=."])]
-        base = {}
-        for label, src in trees:  # startup + final eval: subtracted from every run
-            for n in args.threads:
-                base[label, n] = run_once(src, n, 0, tmp / "run")[0]
-        for rep in range(args.repeats):
-            order = trees if rep % 2 == 0 else trees[::-1]
-            for n in args.threads:
-                for label, src in order:
-                    cpu, wall = run_once(src, n, args.steps, tmp / "run")
-                    row = results.setdefault(f"{label} threads={n}", {"cpu_ms": [], "wall_ms": []})
-                    row["cpu_ms"].append(1e3 * (cpu - base[label, n]) / args.steps)
-                    if wall is not None:
-                        row["wall_ms"].append(1e3 * wall)
-    for name, row in results.items():
-        parts = [f"{name:24s}"]
-        for key in ("cpu_ms", "wall_ms"):
-            v = row[key]
-            if v:
-                parts.append(f"{key} median {statistics.median(v):6.1f} "
-                             f"(min {min(v):.1f}, max {max(v):.1f}, n={len(v)})")
-        print("  ".join(parts))
+        if args.torch:
+            trees.append(("torch", None))
+        data = corpus(args.data, tmp)
+        results = measure(args, trees, data, tmp)
+    ratios = report(results, [t[0] for t in trees], args.threads, args.torch)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"runs": results, "ratios": ratios,
+                                         "steps": args.steps, "data": str(args.data)},
+                                        indent=1))
 
 
 if __name__ == "__main__":
