@@ -799,7 +799,7 @@ class Trainer:
         self.step_metrics = metrics.mean()
         params = [p for p in model.parameters() if p.requires_grad]
         self.dist.reduce_gradients(params)
-        finite = self.scaler.unscale(params)
+        finite = self.dist.unscale(self.scaler, params)  # (ranks: agreed over them)
         norm = float("nan")
         if finite:
             norm = self.dist.clip_grad_norm(params,

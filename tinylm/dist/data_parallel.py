@@ -8,9 +8,15 @@ when N does not divide B). Each rank's loss on its rows is weighted by its share
 the *global* batch's predicted tokens, so the sum over ranks of the gradients is the
 gradient of one process's loss on the whole batch. Gradients are summed over the
 ranks once per step, after the last accumulation micro-step's backward (never on the
-others), in buckets of about 25 MB: each bucket is the flat concatenation of some
-parameters' gradients, all-reduced in place, and the parameters' gradients become
-views of it. (Overlapping the all-reduce with the backward pass is not done.)
+others), in buckets of about 25 MB: each bucket is one flat buffer, allocated once
+and kept from step to step (no allocation, no page faults), into which some
+parameters' gradients are concatenated; it is all-reduced in place (mpi4py hands
+its memory to MPI: no other copy), and the parameters' gradients become views of
+it. The losses are already weighted by each rank's share of the global batch, so
+the sum needs no averaging. (Overlapping the all-reduce with the backward pass is
+not done: it would need a hook when a parameter's gradient is final, which the
+autograd engine does not have; and on one machine MPI's shared-memory copies run on
+the same cores as the backward pass, so there is little to overlap.)
 
 So a run on N ranks follows one process on the same global batch: the same losses
 within float32 reduction-order rounding (the gradients are sums of N partial sums),
@@ -60,6 +66,7 @@ class DataParallel:
         self.rank, self.size, self.is_main = comm.rank, comm.size, comm.rank == 0
         self.zero, self.bucket_bytes = zero, int(bucket_bytes)
         self._zero_opt, self._objective = None, None
+        self._flat = {}  # (dtype, device, size) of a bucket: its buffer, kept between steps
 
     @classmethod
     def from_config(cls, config, comm: Comm | None = None) -> "DataParallel":
@@ -76,9 +83,6 @@ class DataParallel:
             if config.batch_size < comm.size:
                 raise DistError(f"batch_size = {config.batch_size} is the global batch, split "
                                 f"over the {comm.size} ranks: make it at least {comm.size}")
-            if config.half:
-                raise DistError("half = true is not supported with several ranks yet; drop "
-                                "--half, or train on one rank")
         return cls(comm, zero=getattr(config, "zero", 0), fixed_order=order == "fixed")
 
     def check_objective(self, objective, name: str) -> None:
@@ -187,14 +191,31 @@ class DataParallel:
         if self._zero_opt is not None:
             self._zero_opt.reduce_gradients()
             return
+        used = set()
         for bucket in self._buckets(agree_on_gradients(self.comm, params)):
-            xp = backend.get_array_module(bucket[0].grad)
-            flat = xp.concatenate([p.grad.ravel() for p in bucket])
+            flat = self._buffer(bucket, used)
+            xp = backend.get_array_module(flat)
+            xp.concatenate([p.grad.ravel() for p in bucket], out=flat)
             self.comm.all_reduce(flat, out=flat)
             start = 0
             for p in bucket:
                 p.grad = flat[start:start + p.grad.size].reshape(p.grad.shape)
                 start += p.grad.size
+
+    def _buffer(self, bucket: list, used: set):
+        """The flat buffer of ``bucket`` (the one of the previous step, if it had the
+        same dtype, device and size: the gradients viewing it then are gone, as
+        ``zero_grad`` dropped them); ``used``: the keys this step took already."""
+        g = bucket[0].grad
+        size = sum(p.grad.size for p in bucket)
+        n = 0
+        while (g.dtype, backend.device_of(g), size, n) in used:
+            n += 1
+        key = (g.dtype, backend.device_of(g), size, n)
+        used.add(key)
+        if key not in self._flat:
+            self._flat[key] = backend.get_array_module(g).empty(size, g.dtype)
+        return self._flat[key]
 
     def _buckets(self, params: list) -> list:
         """``params`` (with gradients) in consecutive groups of one dtype and device,
@@ -208,6 +229,17 @@ class DataParallel:
             buckets[-1].append(p)
             size += p.grad.nbytes
         return buckets
+
+    def unscale(self, scaler, params: list) -> bool:
+        """Mixed precision (``scaler``: an ``amp.LossScaler``): the summed gradients
+        (ZeRO-1: this rank's shards of them) divided by the loss scale; whether every
+        rank found all of them finite (one small all-reduce), so that every rank skips
+        or takes the step alike."""
+        if not scaler.enabled:
+            return True
+        finite = (self._zero_opt.unscale(scaler) if self._zero_opt is not None
+                  else scaler.unscale(params))
+        return not self.any(not finite)  # (tensor parallel: over every rank of the job)
 
     def clip_grad_norm(self, params: list, max_norm: float) -> float:
         """``clip_grad_norm_`` of the summed gradients (ZeRO-1: of the shards)."""

@@ -18,6 +18,13 @@ data rank, so the T ranks of a copy draw the same residual masks), with what
 concerns the whole job over every rank (the run folder, the stop vote, the
 barriers after checkpoints), the model split over ``tp`` (``split_model``), the
 gradient norm of the split model, and checkpoints gathered to the full model's.
+
+ZeRO-1 on the grid (``--zero 1``) shards each rank's AdamW state over its ``dp``
+group: the D ranks holding the same tensor shard split that shard's moments D ways
+(per-rank optimizer memory 1/(D x T) of one process's), reduce-scatter its
+gradient and all-gather its weights over ``dp``; the gradient norm adds each rank's
+pieces over ``dp``, then the tensor-sharded part over ``tp``; a checkpoint gathers
+over ``dp`` (ZeRO's state) and then over ``tp`` (the full model's layout).
 """
 
 from __future__ import annotations
@@ -55,9 +62,10 @@ class TensorDataParallel(DataParallel):
     """The ranks of a run with ``tensor_parallel`` > 1, as the Trainer sees them (see
     the module docstring); ``world``: every rank of the job."""
 
-    def __init__(self, world: Comm, tensor_parallel: int, *, fixed_order: bool = False):
+    def __init__(self, world: Comm, tensor_parallel: int, *, zero: int = 0,
+                 fixed_order: bool = False):
         self.grid = Grid(world, tensor_parallel)
-        super().__init__(self.grid.dp, fixed_order=fixed_order)
+        super().__init__(self.grid.dp, zero=zero, fixed_order=fixed_order)
         self.world = world.with_options(fixed_order=fixed_order)
         self.tp = self.grid.tp.with_options(fixed_order=fixed_order)
         self.is_main = world.rank == 0
@@ -73,23 +81,21 @@ class TensorDataParallel(DataParallel):
         if T > comm.size:
             raise DistError(f"--tensor-parallel {T} needs at least {T} ranks, this job has "
                             f"{comm.size}; launch it with mpiexec -n {T} (or --nproc {T})")
-        if config.zero:
-            raise DistError("ZeRO-1 does not shard the optimizer of a tensor-parallel model "
-                            "yet; drop --zero, or train without --tensor-parallel")
-        if config.half:
-            raise DistError("half = true is not supported with several ranks yet; drop --half")
         D = comm.size // T if comm.size % T == 0 else 1  # (Grid names the divisibility)
         if config.batch_size < D:
             raise DistError(f"batch_size = {config.batch_size} is the global batch, split over "
                             f"the {D} data-parallel copies: make it at least {D}")
-        return cls(comm, T, fixed_order=getattr(config, "reduce_order", "native") == "fixed")
+        return cls(comm, T, zero=getattr(config, "zero", 0),
+                   fixed_order=getattr(config, "reduce_order", "native") == "fixed")
 
     def describe(self) -> str:
         g = self.grid
         order = ", sums in rank order" if self.comm.fixed_order else ""
+        zero = " (ZeRO-1: AdamW's state sharded over it)" if self.zero and g.data_size > 1 \
+            else ""
         return (f"tensor parallel over {g.tensor_size} ranks x data parallel over "
-                f"{g.data_size} ({g.world.size} ranks){order}; rank 0 is pid {os.getpid()} "
-                f"on {socket.gethostname()}")
+                f"{g.data_size}{zero} ({g.world.size} ranks){order}; rank 0 is pid "
+                f"{os.getpid()} on {socket.gethostname()}")
 
     # ------------------------------------------------------------------ the model
 
@@ -106,7 +112,21 @@ class TensorDataParallel(DataParallel):
         sharded parameters counted over the tensor ranks, replicated ones once."""
         from tinylm.dist.tp_model import clip_grad_norm_tp
 
+        if self._zero_opt is not None:
+            return self._zero_opt.clip_grad_norm(max_norm, norm=self._zero_norm)
         return clip_grad_norm_tp(self.model, params, max_norm)
+
+    def _zero_norm(self) -> float:
+        """ZeRO-1: the whole model's gradient norm from every rank's pieces (fixed
+        order: from the whole gradient each data rank holds, as without ZeRO)."""
+        zero = self._zero_opt
+        if self.comm.fixed_order:
+            grads = [p for p in zero.params if p.grad is not None]
+            return float(np.sqrt(self.model.grad_norm_squares(grads)))
+        sharded = self.model._split_of_parameter()
+        parts = zero.local_squares(lambda i: 0 if id(zero.params[i]) in sharded else 1, 2)
+        parts = self.comm.all_reduce(parts)  # over dp: (tensor-sharded, replicated)
+        return float(np.sqrt(self.tp.all_reduce(parts[:1])[0] + parts[1]))
 
     def full_optimizer(self, optimizer):
         """The optimizer's state in the full model's layout, gathered (every rank)."""

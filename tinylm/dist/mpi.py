@@ -13,6 +13,15 @@ messages). When the deadline passes it pings every other rank and waits up to
 ``PING_GRACE_S`` for the answers: the ranks that do not answer are dead, stopped
 (SIGSTOP) or busy outside any collective (hung), and the ``CommTimeout`` names
 them; ranks that answer say which collective they wait in.
+
+Large messages (``RENDEZVOUS_BYTES`` and up: the gradient buckets) first meet in a
+barrier, waited for as above, and only then start the collective, polled without
+sleeping: MPI moves data only while a rank calls into it (no progress thread), so a
+rank that arrived first and dozes between polls would slow every chunk of the
+transfer, while the barrier's wait for a late rank costs nothing but time.
+``waited_s`` and ``moved_s`` add up the seconds spent in those barriers and in the
+collectives themselves (the split of "communication" into waiting for another rank
+and moving data that ``bench/scale.py`` reports).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ PING, PONG = 0x7A1, 0x7A2  # tags on the control communicator
 PING_GRACE_S = 3.0
 SPIN_POLLS = 200
 NAME_BYTES = 32  # a pong: int64 sequence number + the collective's name
+RENDEZVOUS_BYTES = 1 << 20  # from here on: barrier first, then the collective spun
 
 
 def import_mpi():
@@ -54,6 +64,7 @@ class MpiTransport:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.seq, self.current = 0, "setup"
         self._pending = []  # control sends not known complete
+        self.waited_s = self.moved_s = 0.0  # in rendezvous barriers / in collectives
         if world_ranks is None:
             me = np.array([self.MPI.COMM_WORLD.Get_rank()], np.int64)
             every = np.empty(self.size, np.int64)
@@ -67,19 +78,20 @@ class MpiTransport:
         mpi_op = {"sum": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}[op]
         if send is recv:
             self._run(lambda: self.comm.Iallreduce(self.MPI.IN_PLACE, recv, mpi_op), what,
-                      timeout)
+                      timeout, recv.nbytes)
         else:
-            self._run(lambda: self.comm.Iallreduce(send, recv, mpi_op), what, timeout)
+            self._run(lambda: self.comm.Iallreduce(send, recv, mpi_op), what, timeout,
+                      recv.nbytes)
 
     def reduce_scatter(self, send, recv, what: str, timeout: float) -> None:
         self._run(lambda: self.comm.Ireduce_scatter_block(send, recv, self.MPI.SUM), what,
-                  timeout)
+                  timeout, send.nbytes)
 
     def allgather(self, send, recv, what: str, timeout: float) -> None:
-        self._run(lambda: self.comm.Iallgather(send, recv), what, timeout)
+        self._run(lambda: self.comm.Iallgather(send, recv), what, timeout, recv.nbytes)
 
     def alltoall(self, send, recv, what: str, timeout: float) -> None:
-        self._run(lambda: self.comm.Ialltoall(send, recv), what, timeout)
+        self._run(lambda: self.comm.Ialltoall(send, recv), what, timeout, send.nbytes)
 
     def bcast(self, buf, root: int, what: str, timeout: float) -> None:
         self._run(lambda: self.comm.Ibcast(buf, root), what, timeout)
@@ -105,13 +117,20 @@ class MpiTransport:
 
     # ------------------------------------------------------------------ waiting
 
-    def _run(self, start, what: str, timeout: float) -> None:
-        """Start a non-blocking call (``start()`` returns its Request) and wait for it."""
+    def _run(self, start, what: str, timeout: float, nbytes: int = 0) -> None:
+        """Start a non-blocking call (``start()`` returns its Request) and wait for it;
+        ``nbytes`` >= RENDEZVOUS_BYTES: after a barrier, without sleeping."""
         self.seq += 1
         self.current = what
         try:
-            request = start()
-            self.wait(request, what, timeout)
+            large = nbytes >= RENDEZVOUS_BYTES and self.size > 1
+            t0 = time.perf_counter()
+            if large:
+                self.wait(self.comm.Ibarrier(), what, timeout)
+            t1 = time.perf_counter()
+            self.wait(start(), what, timeout, spin=large)
+            self.waited_s += t1 - t0
+            self.moved_s += time.perf_counter() - t1
         except self.MPI.Exception as e:
             raise DistError(f"rank {self.name(self.rank)}: {what} failed in MPI: "
                             f"{e.Get_error_string().strip()}; another rank probably died, "
@@ -119,13 +138,14 @@ class MpiTransport:
         finally:
             self.current = "idle"
 
-    def wait(self, request, what: str, timeout: float) -> None:
-        """Poll ``request`` until it completes; CommTimeout after ``timeout`` seconds."""
+    def wait(self, request, what: str, timeout: float, spin: bool = False) -> None:
+        """Poll ``request`` until it completes (``spin``: never sleeping between polls);
+        CommTimeout after ``timeout`` seconds."""
         start = time.monotonic()
         deadline, next_ctl, polls = start + timeout, start + 0.05, 0
         while not request.Test():
             polls += 1
-            if polls > SPIN_POLLS:
+            if polls > SPIN_POLLS and not spin:
                 time.sleep(min(1e-3, 2e-5 * (polls - SPIN_POLLS)))
             now = time.monotonic()
             if now >= next_ctl:

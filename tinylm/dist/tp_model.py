@@ -182,7 +182,8 @@ class TensorParallelDecoder(Decoder):
     def _optimizer_splits(self, optimizer) -> dict:
         """{parameter index in the optimizer's state dict: Split}."""
         by_id = self._split_of_parameter()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+        groups = getattr(optimizer, "full_param_groups", optimizer.param_groups)  # ZeRO-1
+        params = [p for g in groups for p in g["params"]]
         return {i: by_id[id(p)] for i, p in enumerate(params) if id(p) in by_id}
 
     # ------------------------------------------------------------------ gradients

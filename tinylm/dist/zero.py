@@ -88,6 +88,12 @@ class ZeroAdamW:
     def param_groups(self) -> list:
         return self.inner.param_groups
 
+    @property
+    def full_param_groups(self) -> list:
+        """The groups of the parameters this optimizer shards (whole parameters, the
+        order of ``state_dict()``'s indices)."""
+        return self.groups
+
     # ------------------------------------------------------------------ a step
 
     def zero_grad(self) -> None:
@@ -113,17 +119,37 @@ class ZeroAdamW:
             start = int(self.offsets[i]) + a - self.lo
             piece.grad = mine[start:start + b - a] if id(self.params[i]) in with_grad else None
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Step 2: the global L2 norm of the summed gradients (returned), and the
-        pieces scaled by max_norm / (norm + 1e-6) when that is below 1 (as
-        ``clip_grad_norm_``). A non-finite norm is returned and nothing is scaled."""
+    def unscale(self, scaler) -> bool:
+        """Mixed precision: this rank's summed gradients divided by ``scaler``'s scale
+        (fixed order: the whole ones too, which the norm is taken from); whether they
+        are all finite, on this rank only (the caller agrees over the ranks)."""
+        finite = scaler.unscale([piece for _, _, _, piece in self.pieces])
         if self.comm.fixed_order:
-            total = clip_grad_norm_(self.params, math.inf)  # exactly one process's norm
-        else:
-            squares = [piece.grad.astype(np.result_type(piece.dtype, np.float32), copy=False)
-                       for _, _, _, piece in self.pieces if piece.grad is not None]
-            local = sum(float(g @ g) for g in squares)
-            total = math.sqrt(float(self.comm.all_reduce(np.array([local]))[0]))
+            finite = scaler.unscale(self.params) and finite
+        return finite
+
+    def local_squares(self, kind=None, kinds: int = 1) -> np.ndarray:
+        """The sums of squares of this rank's pieces' gradients (float64), by
+        ``kind(parameter index)`` in ``range(kinds)`` (default: one sum)."""
+        out = np.zeros(kinds, np.float64)
+        for i, _, _, piece in self.pieces:
+            if piece.grad is not None:
+                g = piece.grad.astype(np.result_type(piece.dtype, np.float32), copy=False)
+                out[0 if kind is None else kind(i)] += float(g @ g)
+        return out
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of the summed gradients, the same on every rank."""
+        if self.comm.fixed_order:
+            return clip_grad_norm_(self.params, math.inf)  # exactly one process's norm
+        return math.sqrt(float(self.comm.all_reduce(self.local_squares())[0]))
+
+    def clip_grad_norm(self, max_norm: float, norm=None) -> float:
+        """Step 2: the global L2 norm of the summed gradients (returned; ``norm()``
+        computes it, default ``grad_norm``), and the pieces scaled by max_norm /
+        (norm + 1e-6) when that is below 1 (as ``clip_grad_norm_``). A non-finite norm
+        is returned and nothing is scaled."""
+        total = (norm or self.grad_norm)()
         coef = max_norm / (total + 1e-6)
         if math.isfinite(total) and coef < 1.0:
             for _, _, _, piece in self.pieces:
