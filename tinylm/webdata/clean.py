@@ -6,29 +6,36 @@ shard each, resumable, with statistics of what each filter removed.
 
 Output (``shards``): ``cleaned/<stem>.jsonl.gz`` (documents kept: "text" and the input
 record's other fields), ``cleaned/.clean/<stem>.json`` (done-marker with the shard's
-statistics), ``cleaned/.clean/<stem>.spans.u64`` (the span hashes the shard added, raw
-little-endian uint64: what a resumed run reloads), ``cleaned/clean.stats.json`` (totals).
+statistics), ``cleaned/clean.stats.json`` (totals).
 
-Span deduplication makes a shard depend on the ones before it, so with it a rerun
-skips finished shards only up to the first one that is not finished (or whose input or
-options changed) and redoes every shard after; without it each shard stands alone.
+Span deduplication makes a shard depend on the ones before it: it runs in the steps
+``clean_passes`` describes (pages and span hashes to disk, the repeats found there in
+about ``memory_bytes`` (``--memory-mb``), whatever the corpus's size, then the output),
+and a shard's marker carries the fingerprints of its input and every input before it,
+so a rerun redoes a shard when it or an earlier one changed. ``.clean/<stem>.spans.u64``
+(the shard's span hashes, raw little-endian uint64) and ``<stem>.filtered.json`` stay,
+so a rerun does not filter the unchanged shards again. Without span dedup each shard
+stands alone, in one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 
 import numpy as np
 
-from tinylm.atomic import write_atomic
+from tinylm.webdata import clean_passes as passes
 from tinylm.webdata import shards as sh
-from tinylm.webdata.filters import CleanConfig, Removed, build_pipeline, page_lines
-from tinylm.webdata.readers import ReadStats, WebDataError, expand_inputs, read_documents
+from tinylm.webdata.external import first_occurrences
+from tinylm.webdata.filters import CleanConfig, build_pipeline
+from tinylm.webdata.readers import WebDataError, expand_inputs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MEMORY_BYTES = 16 << 20  # span dedup's default budget (external.first_occurrences)
 
 
 def _options(config: CleanConfig, read_options: dict, compression: str) -> dict:
@@ -44,44 +51,13 @@ def _options(config: CleanConfig, read_options: dict, compression: str) -> dict:
     return options
 
 
-def _empty_stats() -> dict:
-    return {"documents_in": 0, "lines_in": 0, "chars_in": 0, "empty_documents": 0,
-            "documents_out": 0, "lines_out": 0, "chars_out": 0}
-
-
-def clean_shard(shard, pipeline, read_options: dict, batch_size: int, bar) -> dict:
-    """Clean one input file into ``shard.output``; its statistics."""
-    stats, read = _empty_stats(), ReadStats(shard.input)
-    pipeline.removed = {name: Removed() for name in pipeline.removed}
-
-    def flush(batch, out):
-        for (doc, _), kept in zip(batch, pipeline.run([lines for _, lines in batch])):
-            if kept:
-                doc.text = "\n".join(kept)
-                out.write(doc.to_record())
-                stats["documents_out"] += 1
-                stats["lines_out"] += len(kept)
-                stats["chars_out"] += sum(map(len, kept))
-        bar.update(len(batch))
-
-    with sh.jsonl_writer(shard.output) as out:
-        batch = []
-        for doc in read_documents(shard.input, stats=read, **read_options):
-            lines = page_lines(doc.text)
-            stats["documents_in"] += 1
-            stats["lines_in"] += len(lines)
-            stats["chars_in"] += sum(map(len, lines))
-            if not lines:
-                stats["empty_documents"] += 1
-                continue
-            batch.append((doc, lines))
-            if len(batch) >= batch_size:
-                flush(batch, out)
-                batch = []
-        flush(batch, out)
-    stats["removed"] = {name: dataclasses.asdict(r) for name, r in pipeline.removed.items()}
-    stats["read"] = read.to_dict()
-    return stats
+def clean_shard(shard, pipeline, read_options: dict, bar, spans=None) -> dict:
+    """Write one output shard; its statistics. Without span dedup from the input
+    (``spans`` None); with it from the shard's filtered pages and ``spans``: (the
+    first-occurrence file, the shard's first window, its step-1 statistics)."""
+    if spans is None:
+        return passes.filter_to_output(shard, pipeline, read_options, bar)
+    return passes.pages_to_output(shard, pipeline, *spans, bar)
 
 
 def _add(totals: dict, stats: dict) -> None:
@@ -98,9 +74,70 @@ def _add(totals: dict, stats: dict) -> None:
             totals[key] = totals.get(key, 0) + value
 
 
+def _filtered_marker(shard, key: str, need_pages: bool):
+    """Step 1's marker of ``shard`` if its files are there for this input and ``key``."""
+    try:
+        with open(shard.work_file(".filtered.json"), encoding="utf-8") as f:
+            marker = json.load(f)
+        windows = marker["stats"]["windows"]
+        if (marker.get("key") != key or marker.get("input") != sh.fingerprint(shard.input)
+                or os.path.getsize(shard.work_file(".spans.u64")) != 8 * windows
+                or (need_pages and not os.path.exists(shard.work_file(".pages.jsonl")))):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return marker
+
+
+def _filter_all(shards, pipeline, key, read_options, todo, show_progress) -> list:
+    """Step 1 (``clean_passes``) for the shards up to the last in ``todo``: their
+    step-1 statistics (from the markers where still good)."""
+    filtered = []
+    with sh.progress(show_progress, "clean: filters") as bar:
+        for k, shard in enumerate(shards[:max(todo) + 1]):
+            marker = _filtered_marker(shard, key, k in todo)
+            if marker is None:
+                stats = passes.filter_to_pages(shard, pipeline, read_options, bar)
+                marker = {"input": sh.fingerprint(shard.input), "key": key, "stats": stats}
+                sh.write_json(shard.work_file(".filtered.json"), marker)
+            filtered.append(marker["stats"])
+    return filtered
+
+
+def _with_spans(shards, pipeline, key, read_options, memory_bytes, show_progress,
+                totals) -> int:
+    """Clean with span dedup (``clean_passes``'s three steps); documents processed."""
+    prefix = [sh.fingerprint(s.input) for s in shards]
+    keys = [sh.options_key({"options": key, "inputs": prefix[:k + 1]})
+            for k in range(len(shards))]  # a shard depends on the ones before it
+    markers = [sh.finished(s, keys[k]) for k, s in enumerate(shards)]
+    todo = [k for k, m in enumerate(markers) if m is None]
+    if todo:
+        filtered = _filter_all(shards, pipeline, key, read_options, todo, show_progress)
+        work = os.path.dirname(shards[0].marker)
+        flags = os.path.join(work, "spans.first.i64")
+        first_occurrences([s.work_file(".spans.u64") for s in shards[:len(filtered)]], flags,
+                          os.path.join(work, "spans.tmp"), memory_bytes)
+        starts = np.concatenate(([0], np.cumsum([f["windows"] for f in filtered])))
+    processed = 0
+    with sh.progress(show_progress, "clean: span dedup") as bar:
+        for k, shard in enumerate(shards):
+            if markers[k] is not None:
+                _add(totals, markers[k]["stats"])
+                totals["shards_skipped"] += 1
+                continue
+            stats = clean_shard(shard, pipeline, read_options, bar,
+                                (flags, int(starts[k]), filtered[k]))
+            sh.mark_finished(shard, keys[k], stats)
+            _add(totals, stats)
+            totals["shards_done"] += 1
+            processed += stats["documents_in"]
+    return processed
+
+
 def clean_corpus(inputs, out_dir: str, config: CleanConfig | None = None, *,
                  read_options: dict | None = None, compression: str = "gz",
-                 batch_size: int = 256, show_progress: bool = True) -> dict:
+                 show_progress: bool = True, memory_bytes: int = MEMORY_BYTES) -> dict:
     """Clean every file ``expand_inputs(inputs)`` names into ``out_dir`` (see the module
     docstring); returns the totals also written to ``out_dir/clean.stats.json``.
     ``read_options`` go to ``read_documents`` (format, text_field, text_unit)."""
@@ -111,33 +148,29 @@ def clean_corpus(inputs, out_dir: str, config: CleanConfig | None = None, *,
     shards = sh.plan(files, out_dir, "clean", compression)
     pipeline = build_pipeline(config)
     key = sh.options_key(_options(config, read_options, compression))
-    totals = {**_empty_stats(), "removed": {}, "files": [], "shards_done": 0,
+    totals = {**passes.empty_stats(), "removed": {}, "files": [], "shards_done": 0,
               "shards_skipped": 0, "filters": config.names()}
-    start, trusting, processed = time.perf_counter(), True, 0
-    with sh.progress(show_progress, "clean") as bar:
-        for shard in shards:
-            marker = sh.finished(shard, key) if trusting else None
-            if marker is not None:
-                if pipeline.span is not None:
-                    saved = np.fromfile(shard.work_file(".spans.u64"), dtype="<u8")
-                    pipeline.span.seen.add(saved.astype(np.uint64))
-                _add(totals, marker["stats"])
-                totals["shards_skipped"] += 1
-                continue
-            trusting = pipeline.span is None  # later shards depend on this one's spans
-            stats = clean_shard(shard, pipeline, read_options, batch_size, bar)
-            if pipeline.span is not None:
-                write_atomic(shard.work_file(".spans.u64"),
-                             pipeline.span.take_new().astype("<u8").tobytes())
-            sh.mark_finished(shard, key, stats)
-            _add(totals, stats)
-            totals["shards_done"] += 1
-            processed += stats["documents_in"]
+    start, processed = time.perf_counter(), 0
+    if pipeline.span is not None:
+        processed = _with_spans(shards, pipeline, key, read_options, memory_bytes,
+                                show_progress, totals)
+    else:
+        with sh.progress(show_progress, "clean") as bar:
+            for shard in shards:
+                marker = sh.finished(shard, key)
+                if marker is not None:
+                    _add(totals, marker["stats"])
+                    totals["shards_skipped"] += 1
+                    continue
+                stats = clean_shard(shard, pipeline, read_options, bar)
+                sh.mark_finished(shard, key, stats)
+                _add(totals, stats)
+                totals["shards_done"] += 1
+                processed += stats["documents_in"]
     elapsed = time.perf_counter() - start
     totals["seconds"] = round(elapsed, 3)
     totals["documents_per_s"] = round(processed / elapsed, 1) if elapsed else 0.0  # this run
     if pipeline.span is not None:
-        totals["span_hashes"] = len(pipeline.span.seen)
-        totals["span_hashset_bytes"] = pipeline.span.seen.nbytes
+        totals["memory_budget_bytes"] = int(memory_bytes)
     sh.write_json(sh.stats_path(out_dir, "clean"), totals)
     return totals

@@ -12,12 +12,14 @@ Three passes, the first and last per shard and resumable:
    values. Written to ``deduped/.dedup/<stem>.exact.u64`` ((n,) uint64),
    ``<stem>.minhash.u64`` ((n, num_perm) uint64, row-major) and ``<stem>.ids.txt`` (the
    document ids), then the marker ``<stem>.signatures.json``.
-2. index, in memory: a document whose exact key came earlier is an exact duplicate of
-   that first one. The others' signatures (memory-mapped, not loaded) are cut into
-   ``bands`` x ``rows``; documents sharing a band's bucket are candidates, kept as a pair
-   when their estimated Jaccard similarity is at least ``threshold``; union-find over
-   the kept pairs makes clusters and each cluster's first document stays. Memory: 8
-   bytes x documents x (bands + 2) plus the pairs, whatever the texts' length.
+2. index, on disk in bounded memory (``dedup_index``): a document whose exact key came
+   earlier is an exact duplicate of that first one (``.dedup/exact.first.i64``, one
+   int64 per document). The others' signatures, read in chunks, are cut into ``bands``
+   x ``rows``; documents sharing a band's bucket are candidates (buckets found through
+   hash-partitioned files), kept as a pair when their estimated Jaccard similarity is at
+   least ``threshold``; union-find over the kept pairs makes clusters and each
+   cluster's first document stays. Memory: about ``memory_bytes`` (``--memory-mb``)
+   plus 16 bytes per candidate pair, not growing with the number of documents.
 3. write: each shard's kept documents to ``deduped/<stem>.jsonl.gz`` and what was
    dropped to ``deduped/.dedup/<stem>.duplicates.jsonl`` (``{"id", "duplicate_of",
    "kind": "exact" | "near", "jaccard"}``: the estimate against the kept document).
@@ -39,14 +41,13 @@ import numpy as np
 from tinylm.atomic import atomic_open
 from tinylm.webdata import shards as sh
 from tinylm.webdata.hashing import NGRAM_MULTIPLIERS, char_shingles, normalize, text_hash64, word_shingles
-from tinylm.webdata.minhash import (EMPTY, MinHasher, band_keys, candidate_pairs,
-                                    estimate_jaccard, first_of_components, optimal_bands)
+from tinylm.webdata.dedup_index import EXACT, KEEP, NEAR, find_duplicates
+from tinylm.webdata.minhash import MinHasher, optimal_bands
 from tinylm.webdata.readers import ReadStats, WebDataError, expand_inputs, read_documents
 
 FORMAT_VERSION = 1
-KEEP, EXACT, NEAR = 0, 1, 2
 KINDS = {EXACT: "exact", NEAR: "near"}
-VERIFY_CHUNK = 1 << 15  # candidate pairs whose signatures are compared at once
+MEMORY_BYTES = 16 << 20  # the index's default budget (dedup_index)
 
 
 @dataclasses.dataclass
@@ -129,84 +130,7 @@ def _signature_key(config: DedupConfig, read_options: dict) -> str:
 
 
 # ----------------------------------------------------------------------- 2 index
-
-
-class SignatureStore:
-    """The shards' signature files, memory-mapped, addressed by global document index."""
-
-    def __init__(self, shards, counts, num_perm: int):
-        self.offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self.maps = [np.memmap(s.work_file(".minhash.u64"), dtype="<u8", mode="r",
-                               shape=(n, num_perm)) if n else np.zeros((0, num_perm), "<u8")
-                     for s, n in zip(shards, counts)]
-        self.num_perm = num_perm
-
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        """(len(index), num_perm) uint64: the signatures of those documents."""
-        out = np.empty((len(index), self.num_perm), dtype=np.uint64)
-        shard = np.searchsorted(self.offsets, index, side="right") - 1
-        for s in np.unique(shard):
-            at = shard == s
-            out[at] = self.maps[s][index[at] - self.offsets[s]]
-        return out
-
-    def band_keys(self, bands: int, rows: int) -> np.ndarray:
-        """(N, bands) uint64 band keys, computed shard by shard."""
-        parts = [band_keys(np.asarray(m, dtype=np.uint64), bands, rows) for m in self.maps]
-        return np.concatenate(parts) if parts else np.zeros((0, bands), dtype=np.uint64)
-
-
-def _exact_duplicates(shards, n: int) -> np.ndarray:
-    """(N,) int64: the index of each document's first exact copy (itself if first)."""
-    keys = np.concatenate([np.fromfile(s.work_file(".exact.u64"), dtype="<u8") for s in shards])
-    if len(keys) != n:
-        raise WebDataError("the signature files do not match their markers; delete the "
-                           "output folder's .dedup and run again")
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return first[inverse.ravel()].astype(np.int64)
-
-
-def _verified_pairs(store, pairs: np.ndarray, threshold: float) -> np.ndarray:
-    kept = []
-    for c in range(0, len(pairs), VERIFY_CHUNK):
-        chunk = pairs[c:c + VERIFY_CHUNK]
-        similar = estimate_jaccard(store.rows(chunk[:, 0]), store.rows(chunk[:, 1]))
-        kept.append(chunk[similar >= threshold])
-    return np.concatenate(kept) if kept else np.zeros((0, 2), dtype=np.int64)
-
-
-def find_duplicates(shards, counts, config: DedupConfig) -> dict:
-    """Pass 2: ``kind`` (N,) int8 (KEEP, EXACT, NEAR), ``of`` (N,) int64 (the kept
-    document each dropped one duplicates), ``jaccard`` (N,) float32 and statistics."""
-    n = int(sum(counts))
-    kind = np.zeros(n, dtype=np.int8)
-    of = np.arange(n, dtype=np.int64)
-    jaccard = np.ones(n, dtype=np.float32)
-    stats = {"candidate_pairs": 0, "verified_pairs": 0, "clusters": 0}
-    if config.exact:
-        first = _exact_duplicates(shards, n)
-        dup = first != np.arange(n)
-        kind[dup], of[dup] = EXACT, first[dup]
-    if config.near and n:
-        bands, rows = config.layout()
-        store = SignatureStore(shards, counts, config.num_perm)
-        keys = store.band_keys(bands, rows)
-        has_shingles = np.ones(n, dtype=bool)
-        for s, m in enumerate(store.maps):  # an EMPTY first value: no shingles
-            has_shingles[store.offsets[s]:store.offsets[s + 1]] = np.asarray(m[:, 0]) != EMPTY
-        pairs = candidate_pairs(keys, (kind == KEEP) & has_shingles)
-        del keys
-        verified = _verified_pairs(store, pairs, config.threshold)
-        rep = first_of_components(n, verified)
-        near = (rep != np.arange(n)) & (kind == KEEP)
-        kind[near], of[near] = NEAR, rep[near]
-        index = np.flatnonzero(near)
-        for c in range(0, len(index), VERIFY_CHUNK):
-            part = index[c:c + VERIFY_CHUNK]
-            jaccard[part] = estimate_jaccard(store.rows(part), store.rows(rep[part]))
-        stats.update(candidate_pairs=int(len(pairs)), verified_pairs=int(len(verified)),
-                     clusters=int(len(np.unique(rep[near]))), bands=bands, rows=rows)
-    return {"kind": kind, "of": of, "jaccard": jaccard, "stats": stats}
+# (dedup_index: on disk, in bounded memory)
 
 
 # ----------------------------------------------------------------------- 3 write
@@ -225,26 +149,27 @@ def _ids_of(shards, offsets, wanted: np.ndarray) -> dict:
     return found
 
 
-def write_shard(shard, start: int, decisions: dict, ids: dict, read_options: dict, bar) -> dict:
+def write_shard(shard, start: int, count: int, decisions, ids: dict, read_options: dict,
+                bar) -> dict:
     """Pass 3 for one shard: kept documents out, dropped ones listed; statistics."""
-    kind, of, jaccard = decisions["kind"], decisions["of"], decisions["jaccard"]
+    kind, of, jaccard = decisions.shard(start, count)
     counts = {"documents_in": 0, "documents_out": 0, "exact_duplicates": 0,
               "near_duplicates": 0}
     with sh.jsonl_writer(shard.output) as out, \
             atomic_open(shard.work_file(".duplicates.jsonl"), "w") as dropped:
         for i, doc in enumerate(read_documents(shard.input, **read_options)):
-            g = start + i
-            if g >= len(kind):
+            if i >= count:
+                counts["documents_in"] += 1  # more than when signed: _check_count says so
                 break
             counts["documents_in"] += 1
-            if kind[g] == KEEP:
+            if kind[i] == KEEP:
                 out.write(doc.to_record())
                 counts["documents_out"] += 1
             else:
-                counts[f"{KINDS[kind[g]]}_duplicates"] += 1
-                dropped.write(json.dumps({"id": doc.id, "duplicate_of": ids.get(int(of[g])),
-                                          "kind": KINDS[kind[g]],
-                                          "jaccard": round(float(jaccard[g]), 4)}) + "\n")
+                counts[f"{KINDS[kind[i]]}_duplicates"] += 1
+                dropped.write(json.dumps({"id": doc.id, "duplicate_of": ids.get(int(of[i])),
+                                          "kind": KINDS[kind[i]],
+                                          "jaccard": round(float(jaccard[i]), 4)}) + "\n")
             if i % 256 == 255:
                 bar.update(256)
         bar.update(counts["documents_in"] % 256)
@@ -299,9 +224,10 @@ def _timing(totals: dict, stage: str, start: float, documents: int) -> None:
 
 def dedup_corpus(inputs, out_dir: str, config: DedupConfig | None = None, *,
                  read_options: dict | None = None, compression: str = "gz",
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, memory_bytes: int = MEMORY_BYTES) -> dict:
     """Deduplicate every file ``expand_inputs(inputs)`` names into ``out_dir`` (see the
-    module docstring); returns the totals also written to ``out_dir/dedup.stats.json``."""
+    module docstring); returns the totals also written to ``out_dir/dedup.stats.json``.
+    ``memory_bytes``: the index's budget (pass 2); it changes no result."""
     config = config or DedupConfig()
     bands_rows = config.layout() if config.near else (0, 0)
     read_options = dict(read_options or {})
@@ -315,10 +241,11 @@ def dedup_corpus(inputs, out_dir: str, config: DedupConfig | None = None, *,
               "documents_per_s": {}}
     counts = _sign_all(shards, config, read_options, show_progress, totals)
     start = time.perf_counter()
-    decisions = find_duplicates(shards, counts, config)
-    totals.update(decisions["stats"])
+    work = os.path.join(out_dir, ".dedup")
+    decisions = find_duplicates(shards, counts, config, work, memory_bytes)
+    totals.update(decisions.stats)
     n = int(sum(counts))
-    totals["index_bytes"] = n * (8 * bands_rows[0] + 8 + 8 + 4 + 1)
+    totals["memory_budget_bytes"] = int(memory_bytes)
     totals["signature_bytes"] = n * 8 * (config.num_perm if config.near else 0)
     _timing(totals, "index", start, n)
     corpus = [sh.fingerprint(s.input) for s in shards]
@@ -326,8 +253,8 @@ def dedup_corpus(inputs, out_dir: str, config: DedupConfig | None = None, *,
                           "read": read_options, "compression": compression,
                           "corpus": corpus})
     offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    dropped = decisions["kind"] != KEEP
-    ids = _ids_of(shards, offsets, decisions["of"][dropped]) if dropped.any() else {}
+    targets = decisions.targets(n, max(1, memory_bytes // 32))
+    ids = _ids_of(shards, offsets, targets) if len(targets) else {}
     start, written = time.perf_counter(), 0
     with sh.progress(show_progress, "dedup: write") as bar:
         for s, shard in enumerate(shards):
@@ -336,7 +263,8 @@ def dedup_corpus(inputs, out_dir: str, config: DedupConfig | None = None, *,
                 stats = marker["stats"]
                 totals["shards_skipped"]["write"] += 1
             else:
-                stats = write_shard(shard, int(offsets[s]), decisions, ids, read_options, bar)
+                stats = write_shard(shard, int(offsets[s]), counts[s], decisions, ids,
+                                    read_options, bar)
                 _check_count(shard, counts[s], stats["documents_in"])
                 sh.mark_finished(shard, key, stats)
                 written += stats["documents_in"]

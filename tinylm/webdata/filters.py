@@ -381,15 +381,15 @@ class SpanDedup:
     as TFDS does); each window's BLAKE2b-64 goes into ``seen``, a ``HashSet64``. A window
     whose hash was seen before (earlier in the corpus or earlier in the page) loses its
     sentences from the page; the rest of the line is rejoined with spaces. Memory: the
-    set, 16-32 bytes per distinct span. ``take_new()`` hands over the hashes added since
-    the last call, so a resumed run can reload the set shard by shard."""
+    set, 16-32 bytes per distinct span. ``batch`` is that, in memory; ``clean_corpus``
+    instead writes the hashes to disk and finds the repeats there in bounded memory
+    (``external.first_occurrences``), then calls ``remove`` with them."""
 
     name = "c4_span_dedup"
 
     def __init__(self, size: int = 3, min_sentences: int = 1):
         self.size, self.min_sentences = size, max(1, min_sentences)
         self.seen = HashSet64(1 << 16)
-        self.new = []
 
     def _windows(self, lines):
         """[(line index, first sentence, last sentence + 1, hash)], and the sentences."""
@@ -406,33 +406,36 @@ class SpanDedup:
                 windows.append((i, s, s + width, text_hash64("\x1f".join(window))))
         return windows, sentences
 
+    def window_hashes(self, found) -> np.ndarray:
+        """The hashes of ``_windows`` results (one per page), in order, (m,) uint64."""
+        return np.array([w[3] for windows, _ in found for w in windows], dtype=np.uint64)
+
     def batch(self, pages: list) -> list:
         """The pages (lists of lines) with repeated spans removed; None for a page left
         with fewer than ``min_sentences`` sentences (or none)."""
         found = [self._windows(lines) for lines in pages]
-        hashes = np.array([w[3] for windows, _ in found for w in windows], dtype=np.uint64)
-        repeat = self.seen.add_first(hashes)
-        self.new.append(hashes[~repeat])
+        repeat = self.seen.add_first(self.window_hashes(found))
         out, at = [], 0
-        for (windows, sentences), lines in zip(found, pages):
-            flags, at = repeat[at:at + len(windows)], at + len(windows)
-            if not flags.any():
-                out.append(lines)
-                continue
-            drop = [set() for _ in lines]
-            for (i, s, e, _), flag in zip(windows, flags):
-                if flag:
-                    drop[i].update(range(s, e))
-            new = [" ".join(p for j, p in enumerate(parts) if j not in gone) if gone else line
-                   for line, parts, gone in zip(lines, sentences, drop)]
-            new = [line for line in new if line]
-            out.append(new if count_sentences(new) >= self.min_sentences else None)
+        for item, lines in zip(found, pages):
+            flags, at = repeat[at:at + len(item[0])], at + len(item[0])
+            out.append(self.remove(lines, flags, item))
         return out
 
-    def take_new(self) -> np.ndarray:
-        new = np.concatenate(self.new) if self.new else np.zeros(0, dtype=np.uint64)
-        self.new = []
-        return new
+    def remove(self, lines, flags: np.ndarray, found=None):
+        """One page without the sentences of its windows flagged as repeats: its lines,
+        or None when fewer than ``min_sentences`` sentences are left. ``found``: the
+        page's ``_windows`` (made again when not given; only needed when a flag is set)."""
+        if not flags.any():
+            return lines
+        windows, sentences = found if found is not None else self._windows(lines)
+        drop = [set() for _ in lines]
+        for (i, s, e, _), flag in zip(windows, flags):
+            if flag:
+                drop[i].update(range(s, e))
+        new = [" ".join(p for j, p in enumerate(parts) if j not in gone) if gone else line
+               for line, parts, gone in zip(lines, sentences, drop)]
+        new = [line for line in new if line]
+        return new if count_sentences(new) >= self.min_sentences else None
 
 
 # --------------------------------------------------------------------- pipeline
@@ -450,6 +453,11 @@ class Pipeline:
     def __post_init__(self):
         for name in [s.name for s in self.steps] + ([self.span.name] if self.span else []):
             self.removed.setdefault(name, Removed())
+
+    def reset_counts(self) -> None:
+        """Every step's ``removed`` back to zero."""
+        self.removed = {}
+        self.__post_init__()
 
     def _count(self, name: str, before, after) -> None:
         r = self.removed[name]

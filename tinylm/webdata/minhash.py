@@ -147,16 +147,17 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5) -> tu
     return int(pairs[best, 0]), int(pairs[best, 1])
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(n, bands) uint64: a hash of each band's ``rows`` signature values."""
+def band_keys(sig: np.ndarray, bands: int, rows: int, first: int = 0) -> np.ndarray:
+    """(n, bands) uint64: a hash of each band's ``rows`` signature values, for the bands
+    ``first`` to ``first + bands - 1`` (band j reads values j * rows to (j + 1) * rows)."""
     n = sig.shape[0]
     keys = np.zeros((n, bands), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(bands):
+        for out, j in enumerate(range(first, first + bands)):
             h = np.full(n, np.uint64(j) + np.uint64(0x51ED2701), dtype=np.uint64)
             for t in range(rows):  # rows is small; vectorised over documents
                 h = mix64(h * np.uint64(0x9E3779B97F4A7C15) + sig[:, j * rows + t])
-            keys[:, j] = h
+            keys[:, out] = h
     return keys
 
 
