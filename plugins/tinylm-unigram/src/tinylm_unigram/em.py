@@ -20,76 +20,113 @@ from tinylm_unigram import lattice
 UNK_PENALTY = 10.0
 
 
-def _segment_lse(values: np.ndarray, targets: np.ndarray) -> tuple:
-    """log-sum-exp of ``values`` grouped by ``targets`` (sorted): (unique targets, lse)."""
-    cut = np.flatnonzero(np.concatenate([[True], targets[1:] != targets[:-1]]))
-    m = np.maximum.reduceat(values, cut)
-    reps = np.diff(np.concatenate([cut, [len(values)]]))
+def _lse(values: np.ndarray, cut: np.ndarray, reps: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """log-sum-exp of the segments of ``values`` starting at ``cut`` (lengths ``reps``,
+    maxima ``m``)."""
     with np.errstate(invalid="ignore"):
         s = np.add.reduceat(np.exp(values - np.repeat(m, reps)), cut)
     out = m + np.log(s)
     out[np.isneginf(m)] = -np.inf
-    return targets[cut], out
+    return out
 
 
-class WordLattices:
-    """The lattices of ``words`` (list of str) under the pieces of ``index``
-    (``lattice.PieceIndex``; its rows are the piece ids). ``skip_whole``: leave out the
-    edge that spans a whole word (to find each piece's best split into others)."""
+class _Text:
+    """What no change of vocabulary alters: the words laid end to end, every edge any
+    vocabulary under the first one can have (each piece occurrence, and an unknown
+    candidate at every position), and both pass orders over them."""
 
-    def __init__(self, words: list, index: lattice.PieceIndex, *, skip_whole=False):
+    def __init__(self, words: list, index: lattice.PieceIndex, skip_whole: bool):
         lengths = np.array([len(w) for w in words], dtype=np.int64)
-        self.n_words = len(words)
         self.word_start = np.cumsum(lengths + 1) - (lengths + 1)  # separator after each
         self.word_end = self.word_start + lengths
         cp = lattice.code_points("\0".join(words))
         cp[self.word_end[:-1]] = 0  # the separators: no piece holds code point 0
         self.size = len(cp) + 1
-        self._in_word = cp > 0
-        self._word_of_pos = np.repeat(np.arange(self.n_words), lengths + 1)[: len(cp)]
-        self._skip_whole = skip_whole
+        word_of_pos = np.repeat(np.arange(len(words)), lengths + 1)[: len(cp)]
         starts, lens, rows = index.find(cp)
-        self._finish(starts, lens, index.ids[rows])
+        unknown = np.flatnonzero(cp > 0)
+        self.starts = np.concatenate([starts, unknown])
+        self.ends = self.starts + np.concatenate([lens, np.ones(len(unknown), np.int64)])
+        self.ids = np.concatenate([index.ids[rows], np.full(len(unknown), -1, np.int64)])
+        self.word = word_of_pos[self.starts]
+        self.one_char = (self.ends - self.starts == 1) & (self.ids >= 0)
+        ws, we = self.word_start[self.word], self.word_end[self.word]
+        self.whole = ((self.starts == ws) & (self.ends == we)) if skip_whole else None
+        # stable sorts: among edges with one target, the order of ``find`` (by start,
+        # then length), unknown ones last: the order in which ties are broken
+        self.fwd = np.argsort((self.ends - ws) * self.size + self.ends, kind="stable")
+        self.fwd_key = (self.ends - ws)[self.fwd]
+        self.bwd = np.argsort((we - self.starts) * self.size + self.starts, kind="stable")
+        self.bwd_key = (we - self.starts)[self.bwd]
+        self.n_ids = int(index.ids.max()) + 1 if len(index.ids) else 0
 
-    def subset(self, new_id: np.ndarray) -> "WordLattices":
+
+class WordLattices:
+    """The lattices of ``words`` (list of str) under the pieces of ``index``
+    (``lattice.PieceIndex``; its rows are the piece ids). ``skip_whole``: leave out the
+    edge that spans a whole word (to find each piece's best split into others).
+
+    A smaller vocabulary only removes edges (and adds an unknown edge where no
+    one-character piece is left), so ``subset`` selects from the edges found once,
+    keeping their sorted pass orders: no search and no sort after the first."""
+
+    def __init__(self, words: list, index: lattice.PieceIndex, *, skip_whole=False):
+        text = _Text(words, index, skip_whole)
+        self._select(text, np.arange(text.n_ids), np.arange(len(words)))
+
+    def subset(self, new_id: np.ndarray, *, words=False) -> "WordLattices":
         """The same words under a smaller vocabulary: ``new_id[old id]`` is a kept
-        piece's new id, or -1 for a removed one. Removing pieces only removes edges
-        (and adds unknown ones where no one-character piece is left), so the text
-        need not be searched again."""
+        piece's new id, or -1 for a removed one. ``words``: the words are the pieces
+        themselves (``skip_whole`` lattices): drop and renumber them the same way."""
+        def compose(current):
+            return np.where(current >= 0, new_id[np.maximum(current, 0)], -1)
+
         out = object.__new__(WordLattices)
-        out.__dict__.update({k: v for k, v in self.__dict__.items()
-                             if k in ("n_words", "word_start", "word_end", "size", "_in_word",
-                                      "_word_of_pos", "_skip_whole")})
-        s, ln, i = self._piece_edges
-        mapped = new_id[i]
-        keep = mapped >= 0
-        out._finish(s[keep], ln[keep], mapped[keep])
+        word_map = compose(self._word_map) if words else self._word_map
+        out._select(self._text, compose(self._piece_map), word_map)
         return out
 
-    def _finish(self, starts, lens, ids) -> None:
-        self._piece_edges = (starts, lens, ids)
-        single = np.zeros(len(self._in_word), dtype=bool)
-        single[starts[lens == 1]] = True
-        missing = np.flatnonzero(self._in_word & ~single)
-        starts = np.concatenate([starts, missing])
-        lens = np.concatenate([lens, np.ones(len(missing), np.int64)])
-        ids = np.concatenate([ids, np.full(len(missing), -1, np.int64)])
-        word = self._word_of_pos[starts]
-        if self._skip_whole:
-            whole = (starts == self.word_start[word]) & (starts + lens == self.word_end[word])
-            starts, lens, ids, word = starts[~whole], lens[~whole], ids[~whole], word[~whole]
-        self.starts, self.ends, self.ids, self.word = starts, starts + lens, ids, word
-        fwd_key = self.ends - self.word_start[word]
-        self._fwd = self._plan(fwd_key, self.ends)
-        bwd_key = self.word_end[word] - self.starts
-        self._bwd = self._plan(bwd_key, self.starts)
+    def _select(self, text: _Text, piece_map: np.ndarray, word_map: np.ndarray) -> None:
+        """The edges of the vocabulary ``piece_map`` (first id -> current id or -1) over
+        the words ``word_map`` (first word -> current word or -1)."""
+        self._text, self._piece_map, self._word_map = text, piece_map, word_map
+        alive = word_map >= 0
+        self.n_words = int(alive.sum())
+        first = np.empty(self.n_words, np.int64)
+        first[word_map[alive]] = np.flatnonzero(alive)
+        self.word_start, self.word_end = text.word_start[first], text.word_end[first]
+        self.size = text.size
+        mapped = np.where(text.ids >= 0, piece_map[np.maximum(text.ids, 0)], -1)
+        in_word = alive[text.word]
+        piece = (mapped >= 0) & in_word
+        covered = np.zeros(text.size, dtype=bool)
+        covered[text.starts[piece & text.one_char]] = True
+        keep = piece | ((text.ids < 0) & in_word & ~covered[text.starts])
+        if text.whole is not None:
+            keep &= ~text.whole
+        self.starts, self.ends = text.starts[keep], text.ends[keep]
+        self.ids, self.word = mapped[keep], word_map[text.word[keep]]
+        rank = np.cumsum(keep) - 1
+        self._fwd = self._plan(text.fwd, text.fwd_key, keep, rank, self.ends)
+        self._bwd = self._plan(text.bwd, text.bwd_key, keep, rank, self.starts)
 
-    def _plan(self, key: np.ndarray, target: np.ndarray) -> list:
-        """Per group of ``key``: the edges, sorted by ``target`` within the group."""
-        order = np.argsort(key * self.size + target, kind="stable")  # 2.5x lexsort's speed
-        k = key[order]
-        cuts = np.flatnonzero(np.diff(k)) + 1
-        return np.split(order, cuts) if len(order) else []
+    @staticmethod
+    def _plan(order, key, keep, rank, target) -> list:
+        """Per group of ``key`` (in the first lattice's sorted ``order``), the kept
+        edges' indices and what each pass needs of them: (edges, sources, targets,
+        segment starts, segment lengths, segment targets). Edges are sorted by target
+        within a group."""
+        sel = keep[order]
+        edges, key = rank[order[sel]], key[sel]
+        plan = []
+        if not len(edges):
+            return plan
+        for group in np.split(edges, np.flatnonzero(np.diff(key)) + 1):
+            tgt = target[group]
+            cut = np.flatnonzero(np.concatenate([[True], tgt[1:] != tgt[:-1]]))
+            reps = np.diff(np.concatenate([cut, [len(tgt)]]))
+            plan.append((group, cut, reps, tgt[cut]))
+        return plan
 
     def edge_scores(self, scores: np.ndarray) -> np.ndarray:
         """float64 score per edge (``scores`` per piece id; unknown: min - 10)."""
@@ -104,28 +141,24 @@ class WordLattices:
         alpha = np.full(self.size, -np.inf)
         alpha[self.word_start] = 0.0
         back = np.full(self.size, -1, dtype=np.int64)
-        for group in self._fwd:
-            tgt = self.ends[group]
+        for group, cut, reps, tgt in self._fwd:
             vals = alpha[self.starts[group]] + w[group]
+            m = np.maximum.reduceat(vals, cut)
             if viterbi:
-                cut = np.flatnonzero(np.concatenate([[True], tgt[1:] != tgt[:-1]]))
-                m = np.maximum.reduceat(vals, cut)
-                reps = np.diff(np.concatenate([cut, [len(vals)]]))
                 hit = vals == np.repeat(m, reps)
                 first = np.minimum.reduceat(np.where(hit, np.arange(len(vals)), len(vals)), cut)
-                alpha[tgt[cut]] = m
-                back[tgt[cut]] = np.where(np.isneginf(m), -1, group[np.minimum(first, len(vals) - 1)])
+                alpha[tgt] = m
+                back[tgt] = np.where(np.isneginf(m), -1, group[np.minimum(first, len(vals) - 1)])
             else:
-                t, v = _segment_lse(vals, tgt)
-                alpha[t] = v
+                alpha[tgt] = _lse(vals, cut, reps, m)
         return alpha, back
 
     def backward(self, w: np.ndarray) -> np.ndarray:
         beta = np.full(self.size, -np.inf)
         beta[self.word_end] = 0.0
-        for group in self._bwd:
-            t, v = _segment_lse(w[group] + beta[self.ends[group]], self.starts[group])
-            beta[t] = v
+        for group, cut, reps, tgt in self._bwd:
+            vals = w[group] + beta[self.ends[group]]
+            beta[tgt] = _lse(vals, cut, reps, np.maximum.reduceat(vals, cut))
         return beta
 
     def expected_counts(self, scores: np.ndarray, freqs: np.ndarray, n_pieces: int) -> tuple:

@@ -55,12 +55,19 @@ class PieceIndex:
             mat[rows, cols] = flat
         self.matrix = mat  # (pieces, max_len) code points + 1, 0 padded
         self.by_text = {pieces[i]: i for i in self.ids.tolist()}  # for short texts
-        self.prefix_set = {p[:k] for p in self.by_text for k in range(1, len(p))}
+        self._prefix_set = None
         for base in _BASES:  # a base under which no two pieces share a hash
             self.base = np.uint64(base)
             if self._build_tables():
                 return
         raise ValueError("the pieces collide under every hash base (duplicate pieces?)")
+
+    @property
+    def prefix_set(self) -> set:
+        """Every proper prefix of a piece (for ``short_table``; made on first use)."""
+        if self._prefix_set is None:
+            self._prefix_set = {p[:k] for p in self.by_text for k in range(1, len(p))}
+        return self._prefix_set
 
     def _build_tables(self) -> bool:
         mat, lengths = self.matrix, self.lengths

@@ -218,27 +218,32 @@ def _merge_followers(words: list, freqs: np.ndarray) -> tuple:
 def _em(pieces, scores, words, freqs, required, vocab_size, n_meta, opt, progress) -> list:
     desired = int(vocab_size * 1.1)
     corpus = em.WordLattices(words, lattice.PieceIndex(pieces))  # searched once
+    splits = None  # the pieces' own lattices (for pruning), searched once when first needed
     while True:
         for _ in range(opt["num_sub_iterations"]):
             expected, objective = corpus.expected_counts(scores, freqs, len(pieces))
             keep, scores = _m_step(expected)
-            pieces, corpus = _keep(pieces, corpus, keep)
+            pieces, corpus, splits = _keep(pieces, corpus, splits, keep)
             if progress is not None:
                 progress(f"EM: {len(pieces)} pieces, objective {objective:.4f}")
         if len(pieces) <= desired:
             break
-        keep = _prune(pieces, scores, corpus, freqs, desired, opt["shrinking_factor"])
-        pieces, corpus = _keep(pieces, corpus, keep)
+        if splits is None:
+            splits = em.WordLattices(pieces, lattice.PieceIndex(pieces), skip_whole=True)
+        keep = _prune(pieces, scores, corpus, splits, freqs, desired, opt["shrinking_factor"])
+        pieces, corpus, splits = _keep(pieces, corpus, splits, keep)
         scores = scores[keep]
     return _finalize(pieces, scores, required, vocab_size - n_meta)
 
 
-def _keep(pieces: list, corpus: em.WordLattices, keep: np.ndarray) -> tuple:
-    """The pieces at the indices ``keep`` (in that order) and the corpus lattice
-    under them."""
+def _keep(pieces: list, corpus: em.WordLattices, splits, keep: np.ndarray) -> tuple:
+    """The pieces at the indices ``keep`` (in that order), the corpus lattice under
+    them and (once made) the pieces' own lattices under them."""
     new_id = np.full(len(pieces), -1, dtype=np.int64)
     new_id[keep] = np.arange(len(keep))
-    return [pieces[i] for i in keep.tolist()], corpus.subset(new_id)
+    if splits is not None:
+        splits = splits.subset(new_id, words=True)
+    return [pieces[i] for i in keep.tolist()], corpus.subset(new_id), splits
 
 
 def _m_step(expected: np.ndarray) -> tuple:
@@ -249,13 +254,12 @@ def _m_step(expected: np.ndarray) -> tuple:
     return keep, digamma(kept) - digamma(np.array([kept.sum()]))[0]
 
 
-def _prune(pieces, scores, corpus, freqs, desired: int, shrinking: float) -> np.ndarray:
+def _prune(pieces, scores, corpus, alt, freqs, desired: int, shrinking: float) -> np.ndarray:
     """SentencePiece's ``PruneSentencePieces`` (see the module docstring), vectorised:
-    the indices of the pieces kept, in their new order."""
+    the indices of the pieces kept, in their new order. ``alt``: the pieces' own
+    lattices without their whole-word edge (``skip_whole``)."""
     n = len(pieces)
-    index = lattice.PieceIndex(pieces)
     # each piece's best segmentation into other pieces (its own word, itself left out)
-    alt = em.WordLattices(pieces, index, skip_whole=True)
     alt_edges, alt_owner, alt_best = alt.best_paths(scores)
     single = np.array([len(p) == 1 for p in pieces])
     has_alt = np.isfinite(alt_best) & ~single
