@@ -31,9 +31,10 @@ def _lse(values: np.ndarray, cut: np.ndarray, reps: np.ndarray, m: np.ndarray) -
 
 
 class _Text:
-    """What no change of vocabulary alters: the words laid end to end, every edge any
-    vocabulary under the first one can have (each piece occurrence, and an unknown
-    candidate at every position), and both pass orders over them."""
+    """The words laid end to end, every edge a vocabulary can have over them (each
+    piece occurrence, and an unknown candidate at every position), and both pass
+    orders over them. Words with their lengths, the text positions and the orders are
+    what no change of vocabulary alters."""
 
     def __init__(self, words: list, index: lattice.PieceIndex, skip_whole: bool):
         lengths = np.array([len(w) for w in words], dtype=np.int64)
@@ -58,7 +59,31 @@ class _Text:
         self.fwd_key = (self.ends - ws)[self.fwd]
         self.bwd = np.argsort((we - self.starts) * self.size + self.starts, kind="stable")
         self.bwd_key = (we - self.starts)[self.bwd]
-        self.n_ids = int(index.ids.max()) + 1 if len(index.ids) else 0
+
+    def restrict(self, new_id: np.ndarray, words: bool) -> "_Text":
+        """The edges of the pieces kept (``new_id[old id]``: the new id, or -1), with
+        ids renumbered, in the same orders; ``words``: the words are the pieces, and are
+        dropped and renumbered the same way."""
+        mapped = np.where(self.ids >= 0, new_id[np.maximum(self.ids, 0)], -1)
+        word_map = new_id if words else np.arange(len(self.word_start))
+        wmap = word_map[self.word]
+        keep = (wmap >= 0) & ((mapped >= 0) | (self.ids < 0))
+        out = object.__new__(_Text)
+        alive = np.flatnonzero(word_map >= 0)
+        first = np.empty(len(alive), np.int64)
+        first[word_map[alive]] = alive
+        out.word_start, out.word_end = self.word_start[first], self.word_end[first]
+        out.size = self.size
+        out.starts, out.ends, out.ids, out.word = self.starts[keep], self.ends[keep], mapped[keep], wmap[keep]
+        out.one_char = self.one_char[keep]
+        out.whole = None if self.whole is None else self.whole[keep]
+        rank = np.cumsum(keep) - 1
+        for name in ("fwd", "bwd"):
+            order = getattr(self, name)
+            sel = keep[order]
+            setattr(out, name, rank[order[sel]])
+            setattr(out, name + "_key", getattr(self, name + "_key")[sel])
+        return out
 
 
 class WordLattices:
@@ -71,61 +96,54 @@ class WordLattices:
     keeping their sorted pass orders: no search and no sort after the first."""
 
     def __init__(self, words: list, index: lattice.PieceIndex, *, skip_whole=False):
-        text = _Text(words, index, skip_whole)
-        self._select(text, np.arange(text.n_ids), np.arange(len(words)))
+        self._select(_Text(words, index, skip_whole))
 
     def subset(self, new_id: np.ndarray, *, words=False) -> "WordLattices":
         """The same words under a smaller vocabulary: ``new_id[old id]`` is a kept
         piece's new id, or -1 for a removed one. ``words``: the words are the pieces
         themselves (``skip_whole`` lattices): drop and renumber them the same way."""
-        def compose(current):
-            return np.where(current >= 0, new_id[np.maximum(current, 0)], -1)
-
         out = object.__new__(WordLattices)
-        word_map = compose(self._word_map) if words else self._word_map
-        out._select(self._text, compose(self._piece_map), word_map)
+        out._select(self._text.restrict(new_id, words))
         return out
 
-    def _select(self, text: _Text, piece_map: np.ndarray, word_map: np.ndarray) -> None:
-        """The edges of the vocabulary ``piece_map`` (first id -> current id or -1) over
-        the words ``word_map`` (first word -> current word or -1)."""
-        self._text, self._piece_map, self._word_map = text, piece_map, word_map
-        alive = word_map >= 0
-        self.n_words = int(alive.sum())
-        first = np.empty(self.n_words, np.int64)
-        first[word_map[alive]] = np.flatnonzero(alive)
-        self.word_start, self.word_end = text.word_start[first], text.word_end[first]
-        self.size = text.size
-        mapped = np.where(text.ids >= 0, piece_map[np.maximum(text.ids, 0)], -1)
-        in_word = alive[text.word]
-        piece = (mapped >= 0) & in_word
+    def _select(self, text: _Text) -> None:
+        """The lattice edges: every piece edge of ``text``, and the unknown ones where
+        no one-character piece starts (less whole-word edges with ``skip_whole``)."""
+        self._text = text
+        self.n_words = len(text.word_start)
+        self.word_start, self.word_end, self.size = text.word_start, text.word_end, text.size
         covered = np.zeros(text.size, dtype=bool)
-        covered[text.starts[piece & text.one_char]] = True
-        keep = piece | ((text.ids < 0) & in_word & ~covered[text.starts])
+        covered[text.starts[text.one_char]] = True
+        keep = (text.ids >= 0) | ~covered[text.starts]
         if text.whole is not None:
             keep &= ~text.whole
         self.starts, self.ends = text.starts[keep], text.ends[keep]
-        self.ids, self.word = mapped[keep], word_map[text.word[keep]]
+        self.ids, self.word = text.ids[keep], text.word[keep]
         rank = np.cumsum(keep) - 1
         self._fwd = self._plan(text.fwd, text.fwd_key, keep, rank, self.ends)
         self._bwd = self._plan(text.bwd, text.bwd_key, keep, rank, self.starts)
 
     @staticmethod
     def _plan(order, key, keep, rank, target) -> list:
-        """Per group of ``key`` (in the first lattice's sorted ``order``), the kept
-        edges' indices and what each pass needs of them: (edges, sources, targets,
-        segment starts, segment lengths, segment targets). Edges are sorted by target
-        within a group."""
+        """Per group of ``key`` (edges in the sorted ``order``, by target within a
+        group), what a pass needs: (edges, segment starts in the group, segment
+        lengths, segment targets), a segment being the edges of one target."""
         sel = keep[order]
         edges, key = rank[order[sel]], key[sel]
+        n = len(edges)
+        if not n:
+            return []
+        tgt = target[edges]
+        new_group = np.concatenate([[True], key[1:] != key[:-1]])
+        seg = np.flatnonzero(new_group | np.concatenate([[True], tgt[1:] != tgt[:-1]]))
+        seg_len = np.diff(np.concatenate([seg, [n]]))
+        g_edge = np.concatenate([np.flatnonzero(new_group), [n]])
+        g_seg = np.concatenate([np.searchsorted(seg, g_edge[:-1]), [len(seg)]])
         plan = []
-        if not len(edges):
-            return plan
-        for group in np.split(edges, np.flatnonzero(np.diff(key)) + 1):
-            tgt = target[group]
-            cut = np.flatnonzero(np.concatenate([[True], tgt[1:] != tgt[:-1]]))
-            reps = np.diff(np.concatenate([cut, [len(tgt)]]))
-            plan.append((group, cut, reps, tgt[cut]))
+        for g in range(len(g_edge) - 1):
+            e0, e1, s0, s1 = g_edge[g], g_edge[g + 1], g_seg[g], g_seg[g + 1]
+            cut = seg[s0:s1]
+            plan.append((edges[e0:e1], cut - e0, seg_len[s0:s1], tgt[cut]))
         return plan
 
     def edge_scores(self, scores: np.ndarray) -> np.ndarray:
