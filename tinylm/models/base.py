@@ -21,10 +21,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from tinylm import backend, nn, ops
+from tinylm import amp, backend, nn, ops
 from tinylm.models.config import ModelConfig
 from tinylm.nn.attention import additive_mask
 from tinylm.nn.block import BlockConfig, TransformerBlock, make_norm
+from tinylm.nn.recompute import recompute
+from tinylm.ops.linear_cross_entropy import linear_cross_entropy
 from tinylm.errors import TinyLMError
 from tinylm.positional import PositionalDims, PositionalEncoding, build_positional
 from tinylm.tensor import Tensor
@@ -75,6 +77,7 @@ class BlockStack(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(block) for _ in range(n_layer))
         pre = c.norm_position == "pre"
         self.norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if pre else None
+        self.checkpoint_blocks = False  # Model.gradient_checkpointing() switches it
 
     def forward(self, x, attention_mask=None, cache=None, memory=None, memory_mask=None,
                 positions=None, prefix_length=None):
@@ -102,8 +105,9 @@ class BlockStack(nn.Module):
             token_mask=None if keep is None else keep[:, -T:],  # (B, T)
         )
         aux = None
+        checkpoint = self.checkpoint_blocks and cache is None  # a cache is state: see recompute
         for block in self.blocks:
-            x, a = block(x, setup)
+            x, a = recompute(block, x, setup) if checkpoint else block(x, setup)
             aux = a if aux is None else (aux if a is None else aux + a)
         if self.norm is not None:
             x = self.norm(x)
@@ -129,6 +133,22 @@ class BlockStack(nn.Module):
                                 prefix_length=prefix_length)  # (B, 1, T, S)
             mask, is_causal = (pad if mask is None else mask + pad), False
         return dict(mask=mask, is_causal=is_causal, alibi_slopes=slopes)
+
+
+def head_loss(head, h, targets):
+    """The mean cross-entropy of ``head(h)`` against ``targets`` without making all
+    the logits at once (``ops.linear_cross_entropy``), or None when the head is not
+    one it takes (a trained head that is not a plain Linear: an adapter on it; a
+    bias; autocast): the caller then makes the logits."""
+    if amp.compute_dtype() is not None or getattr(head, "bias", None) is not None:
+        return None
+    targets = _array(targets, h.xp)
+    if type(head) is nn.Linear:
+        return linear_cross_entropy(h, targets, weight=head.weight)
+    vocab = getattr(head, "out_features", None)
+    if vocab and not any(p.requires_grad for p in head.parameters()):  # a frozen (packed) head
+        return linear_cross_entropy(h, targets, head=head, vocab_size=vocab)
+    return None
 
 
 def one_of(value, alias, name: str, alias_name: str):
@@ -187,6 +207,28 @@ class Model(nn.Module):
             elif isinstance(m, (nn.Embedding, PositionalEncoding)) and "weight" in m._parameters:
                 m.weight.data[...] = gen.normal(0.0, std, m.weight.shape)
 
+    def gradient_checkpointing(self, enabled: bool = True) -> "Model":
+        """Activation checkpointing on (or off) for every block of every stack: a block
+        keeps only its input for backward and runs again when backward reaches it
+        (``tinylm.nn.recompute``): far less memory for about one more forward's work.
+        Gradients are the same; blocks that read a KV cache run as usual."""
+        for m in self.modules():
+            if isinstance(m, BlockStack):
+                m.checkpoint_blocks = bool(enabled)
+        return self
+
+    def gradient_checkpointing_enable(self) -> "Model":
+        """Hugging Face's name for ``gradient_checkpointing(True)``."""
+        return self.gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> "Model":
+        """Hugging Face's name for ``gradient_checkpointing(False)``."""
+        return self.gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.checkpoint_blocks for m in self.modules() if isinstance(m, BlockStack))
+
     def as_ids(self, ids):
         """Token ids as an integer array on the model's device."""
         xp = next(iter(self.parameters())).xp
@@ -195,12 +237,12 @@ class Model(nn.Module):
             raise TinyLMError(f"token ids must be (batch, time), got shape {ids.shape}")
         return ids
 
-    def output(self, logits, targets=None, aux=None, **fields) -> ModelOutput:
-        """The ModelOutput, with the loss when ``targets`` are given (-100 = ignore)."""
-        loss = None
+    def output(self, logits, targets=None, aux=None, loss=None, **fields) -> ModelOutput:
+        """The ModelOutput, with the loss when ``targets`` are given (-100 = ignore):
+        cross-entropy of ``logits``, or ``loss`` when the caller computed it already."""
         if targets is not None:
-            targets = _array(targets, logits.xp)
-            loss = ops.cross_entropy(logits, targets)
+            if loss is None:
+                loss = ops.cross_entropy(logits, _array(targets, logits.xp))
             if aux is not None and self.config.moe_aux_coef:
                 loss = loss + aux * self.config.moe_aux_coef
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, **fields)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from tinylm import nn
 from tinylm.errors import TinyLMError
-from tinylm.models.base import BlockStack, Model, one_of
+from tinylm.models.base import BlockStack, Model, head_loss, one_of
 from tinylm.models.config import ModelConfig
 
 
@@ -31,8 +31,13 @@ class Decoder(Model):
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
+    # False: a forward with targets computes the loss straight from the hidden states
+    # (``ops.linear_cross_entropy``: no (B, T, vocab) logits) and returns logits=None
+    # (``tinylm finetune`` sets it; forward's ``return_logits=`` decides per call)
+    return_logits: bool = True
+
     def forward(self, ids=None, targets=None, attention_mask=None, cache=None, positions=None,
-                prefix_length=None, *, input_ids=None):
+                prefix_length=None, *, input_ids=None, return_logits=None):
         """ids (B, T) (or ``input_ids=``, its Hugging Face name) -> ModelOutput with
         logits (B, T, vocab).
 
@@ -41,7 +46,10 @@ class Decoder(Model):
         S = cached + new positions. ``cache``: a ``tinylm.nn.KVCache`` to decode with
         (feed only the new tokens). ``positions``: (T,) or (B, T) position ids, e.g.
         for left-padded batches; default past .. past+T-1. ``prefix_length`` (B,): a
-        prefix LM, whose first prefix_length positions attend bidirectionally."""
+        prefix LM, whose first prefix_length positions attend bidirectionally.
+        ``return_logits=False`` with ``targets``: the loss only, in chunks of rows
+        without the whole (B, T, vocab) logits (``logits`` is None); default: the
+        model's ``return_logits`` attribute (True)."""
         ids = one_of(ids, input_ids, "ids", "input_ids")
         if ids is None:
             raise TinyLMError("Decoder needs the token ids (ids= or input_ids=)")
@@ -49,5 +57,10 @@ class Decoder(Model):
         x = self.tok_emb(ids)  # (B, T, d)
         h, aux = self.transformer(x, attention_mask, cache=cache, positions=positions,
                                   prefix_length=prefix_length)  # (B, T, d)
+        if targets is not None and not (self.return_logits if return_logits is None
+                                        else return_logits):
+            loss = head_loss(self.lm_head, h, targets)
+            if loss is not None:
+                return self.output(None, targets, aux, loss=loss, hidden_states=h)
         logits = self.lm_head(h)  # (B, T, vocab)
         return self.output(logits, targets, aux, hidden_states=h)
