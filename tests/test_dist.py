@@ -315,6 +315,58 @@ def _assert_same_weights(run, ref) -> None:
         assert np.array_equal(got[k], want[k]), k
 
 
+HALF_RUN = r"""
+import json, sys
+from tinylm.train import TrainConfig, Trainer
+config = TrainConfig.from_toml(sys.argv[1], **json.loads(sys.argv[2]))
+config.half = True  # refused on the CPU for speed only (NumPy float16 GEMMs are slow)
+trainer = Trainer(config).setup()
+losses, norms = [], []
+for scale in json.loads(sys.argv[3]):  # the loss scale to start each step from
+    trainer.scaler.scale_value = scale
+    loss, norm = trainer.train_step(trainer.next_batches())
+    trainer.step += 1
+    losses.append(loss), norms.append(norm)
+if trainer.dist.is_main:
+    sys.stdout.write(json.dumps({"losses": losses, "norms": norms,
+                                 "scale": trainer.scaler.scale_value}) + "\n")
+"""
+
+
+def test_mixed_precision_on_two_ranks_as_one_process(mpiexec, cache, tmp_path):
+    """``half``'s float16 products and loss scaling (run here on NumPy's float16, which
+    the CPU refuses for speed alone) on 2 ranks, data parallel, ZeRO-1 and tensor
+    parallel: one process's losses (rtol 1e-5; the float16 products differ in
+    rounding where the ranks' rows are summed) for 3 steps, then 2 steps whose scale
+    (2^40) overflows float16: skipped on every rank (no norm, the scale halved) as
+    in one process, with no rank left waiting in a collective."""
+    script = tmp_path / "half_run.py"
+    script.write_text(HALF_RUN)
+    model = {"architecture": "gpt2", "n_layer": 1, "d_model": 32, "n_head": 2,
+             "max_positions": 16, "dropout": 0.0, "bias": False, "activation": "gelu"}
+    settings = dict(data=[str(HEAD)], cache_dir=cache, block_size=16, sampling="packed",
+                    eval_every=100, log_every=1, sample_tokens=0, warmup_steps=1,
+                    lr_decay_steps=6, max_steps=5, batch_size=4, model=model)
+    scales = json.dumps([2.0**16] * 3 + [2.0**40] * 2)
+    runs = {}
+    for name, n, extra in [("one", 1, {}), ("dp", 2, {}), ("zero", 2, {"zero": 1}),
+                           ("tp", 2, {"tensor_parallel": 2})]:
+        overrides = json.dumps({**settings, **extra, "out_dir": str(tmp_path / name)})
+        head = [sys.executable] if n == 1 else [mpiexec, "-n", str(n), sys.executable]
+        out = subprocess.run(head + [str(script), str(RECIPE), overrides, scales],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (line,) = out.stdout.splitlines()
+        runs[name] = json.loads(line)
+    for name in ("dp", "zero", "tp"):
+        r, want = runs[name], runs["one"]
+        np.testing.assert_allclose(r["losses"], want["losses"], rtol=RTOL, err_msg=name)
+        np.testing.assert_allclose(r["norms"][:3], want["norms"][:3], rtol=1e-3, err_msg=name)
+        assert np.isnan(r["norms"][3:]).all() and r["scale"] == want["scale"] == 2.0**39, \
+            (name, r)
+    assert runs["one"]["losses"][3] != runs["one"]["losses"][2]  # (other batches)
+
+
 def _assert_same_optimizer(run, ref, exact: bool) -> None:
     """``run``'s checkpoint holds a whole AdamW state in one process's layout: ``ref``'s
     arrays, names and shapes (with ``exact``: bit for bit)."""

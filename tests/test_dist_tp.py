@@ -165,16 +165,18 @@ def _run(cmd: list, timeout: int = 120):
     return done
 
 
-def _train(mpiexec, n: int, out, cache, *extra) -> list:
+def _train(mpiexec, n: int, out, cache, *extra, says: str = "") -> list:
     """The recipe (examples/shakespeare_char.toml, its model as it is) on tests/data's
-    Shakespeare head for a few steps, on ``n`` ranks; the metrics records."""
+    Shakespeare head for a few steps, on ``n`` ranks (its log must contain ``says``);
+    the metrics records."""
     head = [sys.executable, "-c", launch.ENTRY]
     if n > 1:
         head = [mpiexec, "-n", str(n)] + head
-    _run(head + ["train", "--config", str(RECIPE), "--data", str(HEAD), "--out", str(out),
+    done = _run(head + ["train", "--config", str(RECIPE), "--data", str(HEAD), "--out", str(out),
                  "--cache-dir", cache, "--eval-every", "3", "--eval-iters", "2",
                  "--log-every", "1", "--sample-tokens", "0", "--warmup-steps", "2",
                  "--lr-decay-steps", "6", "--no-progress", *extra])
+    assert says in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
@@ -232,6 +234,32 @@ def test_data_times_tensor_parallel_on_four_ranks(mpiexec, cache, tmp_path):
     grid = _train(mpiexec, 4, tmp_path / "grid", cache, *small, "--tensor-parallel", "2")
     np.testing.assert_allclose(_losses(grid), _losses(one), rtol=RTOL)
     np.testing.assert_allclose(_losses(grid, "val_loss"), _losses(one, "val_loss"), rtol=RTOL)
+
+
+def test_zero1_over_the_data_ranks_of_a_grid(mpiexec, cache, tmp_path):
+    """D 2 x T 2 with --zero 1 (each tensor shard's AdamW state split over its 2 data
+    ranks: a quarter of the model's moments per rank): one process's losses to step
+    2, then resumed to 4 on the same grid and, from a copy of the checkpoint (the
+    full model's optimizer state), on one process."""
+    small = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16",
+             "-s", "model.max_positions=16", "--batch-size", "4"]
+    zero = ["--tensor-parallel", "2", "--zero", "1"]
+    one = _train(mpiexec, 1, tmp_path / "one", cache, *small, "--max-steps", "4")
+    grid = tmp_path / "grid"
+    first = _train(mpiexec, 4, grid, cache, *small, *zero, "--max-steps", "2",
+                   says="data parallel over 2 (ZeRO-1: AdamW's state sharded over it)")
+    np.testing.assert_allclose(_losses(first), _losses(one)[:2], rtol=RTOL)
+    shutil.copytree(grid, tmp_path / "grid-copy")
+    both = _train(mpiexec, 4, grid, cache, *small, *zero, "--max-steps", "4")
+    np.testing.assert_allclose(_losses(both), _losses(one), rtol=RTOL)
+    alone = _train(mpiexec, 1, tmp_path / "grid-copy", cache, *small, "--max-steps", "4")
+    np.testing.assert_allclose(_losses(alone), _losses(one), rtol=RTOL)
+    from tinylm import checkpoint
+
+    want = checkpoint.load_file(str(tmp_path / "one" / "optimizer.safetensors"))
+    got = checkpoint.load_file(str(grid / "optimizer.safetensors"))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-5
 
 
 def test_a_tensor_parallel_rank_killed_stops_the_other_naming_it(mpiexec, cache, tmp_path):
