@@ -4,6 +4,7 @@
     .venv/bin/python bench/data.py speed              # tokenize and dedup throughput
     .venv/bin/python bench/data.py speed --quick      # smoke size (8 MB)
     .venv/bin/python bench/data.py pipeline           # 128 MB and 1 GB: clean, dedup, tokenize, train
+    .venv/bin/python bench/data.py pipeline --sizes 64M,512M --stages clean,dedup   # their memory
 
 ``speed``, one run, on a synthetic C4-like corpus (``bench/make_corpus.py``, valid
 records only: ``datasets``' JSON loader stops at a bad one), ``--size`` of JSONL in 4
@@ -29,7 +30,8 @@ records only: ``datasets``' JSON loader stops at a bad one), ``--size`` of JSONL
 under ``--work``, then ``tinylm data clean``, ``dedup``, ``tokenize --processes 2`` and a
 5-step ``tinylm train --data`` from the shards run one after another as subprocesses,
 each stage's wall time and peak RSS (the process tree's sum and its largest process)
-measured; memory that does not grow with the corpus shows as equal peaks at both sizes.
+measured; memory that does not grow with the corpus shows as equal peaks at both sizes
+(``--stages clean,dedup``: only the two stages with corpus-wide state).
 The work folder is deleted afterwards (``--keep`` keeps it). It waits (up to 30 minutes,
 polling every 2) for a load average under 2 and says if it ran without one.
 """
@@ -326,9 +328,16 @@ def pipeline(args) -> None:
                   ("dedup", [*tinylm, "data", "dedup", base / "clean", "-o", base / "dedup",
                              "--no-progress"])]
         result = {"size": size, "documents": sum(m["documents"] for m in made),
-                  "make_s": made_s}
+                  "make_s": made_s, "stages": args.stages.split(",")}
         for name, cmd in stages:
             result[name] = run_measured([str(c) for c in cmd], base / f"{name}.log")
+        if result["stages"] == ["clean", "dedup"]:
+            result["logs"] = {n: (base / f"{n}.log").read_text(errors="replace")
+                              for n in ("clean", "dedup")}
+            rows.append(result)
+            if not args.keep:
+                shutil.rmtree(base, ignore_errors=True)
+            continue
         _, tok_txt, _ = train_tokenizer([str(base / "dedup")], args.vocab, base)
         cmd = [*tinylm, "data", "tokenize", base / "dedup", "--tokenizer", tok_txt,
                "--out", base / "tokens", "--processes", "2", "--no-progress"]
@@ -352,7 +361,7 @@ def report_pipeline(rows, load) -> None:
           "largest process MiB |")
     print("|---|---:|---|---:|---:|---:|")
     for r in rows:
-        for stage in ("clean", "dedup", "tokenize", "train"):
+        for stage in [x for x in ("clean", "dedup", "tokenize", "train") if x in r]:
             m = r[stage]
             print(f"| {r['size'] / 2**20:,.0f} MiB | {r['documents']:,} | {stage} | "
                   f"{m['wall_s']:.1f} | {m['rss_sum_mib']:.0f} | {m['rss_max_mib']:.0f} |")
@@ -384,6 +393,9 @@ def main() -> None:
     s.add_argument("--repeats", type=int, default=2)
     p = sub.add_parser("pipeline", help="clean, dedup, tokenize, train at two sizes")
     p.add_argument("--sizes", default="128M,1G")
+    p.add_argument("--stages", default="clean,dedup,tokenize,train",
+                   choices=["clean,dedup,tokenize,train", "clean,dedup"],
+                   help="clean,dedup: only the two corpus-wide stages (their memory)")
     for q in (s, p):
         q.add_argument("--work", default="/tmp/tinylm-data-bench")
         q.add_argument("--vocab", type=int, default=8192)

@@ -321,3 +321,75 @@ def test_cli_clean(tmp_path):
     result = CliRunner().invoke(cli, ["data", "clean", str(inputs), "-o", str(out),
                                       "--config", str(tmp_path / "bad.json")])
     assert result.exit_code == 2 and "unknown clean option(s) min_wrods" in result.output
+
+
+# ------------------------------------------- span dedup on disk, in bounded memory
+
+
+def test_first_occurrences_on_disk_match_a_python_dict(tmp_path, monkeypatch):
+    import tinylm.webdata.external as ext
+
+    monkeypatch.setattr(ext, "MIN_MEMORY", 40 * ext.BYTES_PER_ENTRY)  # 40-key chunks
+    rng = np.random.default_rng(5)
+    parts = [rng.integers(0, 300, size=n).astype("<u8") for n in (700, 0, 333)]
+    paths = []
+    for i, keys in enumerate(parts):
+        paths.append(str(tmp_path / f"{i}.u64"))
+        keys.tofile(paths[-1])
+    first, expected = {}, []
+    for i, key in enumerate(np.concatenate(parts).tolist()):
+        expected.append(first.setdefault(key, i))
+    assert ext.partition_count(1033, 1) == 26  # many partitions: the spill path
+    assert ext.first_occurrences(paths, str(tmp_path / "out"), str(tmp_path / "w"), 1) == 1033
+    assert np.fromfile(tmp_path / "out", dtype="<i8").tolist() == expected
+    assert not (tmp_path / "w").exists()  # its partition files are gone
+
+
+def spanny_corpus(tmp_path, docs=120):
+    """Pages of sentences from a small pool, so three-sentence spans repeat often."""
+    rng = np.random.default_rng(11)
+    pool = [f"Sentence number {i} talks about the {w} of the town." for i, w in
+            enumerate(["river", "mill", "bridge", "church", "market", "school"] * 5)]
+    texts = []
+    for d in range(docs):
+        picks = rng.choice(len(pool), size=int(rng.integers(3, 14)))
+        lines = [" ".join(pool[j] for j in picks[k:k + 3]) for k in range(0, len(picks), 3)]
+        texts.append("\n".join(lines) + ("\nok" if d % 7 == 0 else ""))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for s in range(3):
+        write_jsonl(inputs / f"part-{s}.json.gz", texts[s::3])
+    return inputs
+
+
+def test_span_dedup_on_disk_equals_the_in_memory_set(tmp_path, monkeypatch):
+    """A budget so small the span hashes go through dozens of partition files: the
+    same pages as the in-memory ``HashSet64`` pipeline over the corpus in order."""
+    import tinylm.webdata.external as ext
+    from tinylm.webdata.readers import read_documents
+
+    inputs = spanny_corpus(tmp_path)
+    config = CleanConfig(filters=("c4_terminal_punct", "c4_min_sentences", "c4_span_dedup"),
+                         min_sentences=3)
+    pipeline, expected = build_pipeline(config), []  # the oracle: all in memory
+    for s in range(3):
+        for doc in read_documents(str(inputs / f"part-{s}.json.gz")):
+            lines = page_lines(doc.text)
+            kept = pipeline.run([lines])[0] if lines else None
+            if kept:
+                expected.append("\n".join(kept))
+    assert pipeline.removed["c4_span_dedup"].lines > 0 and len(pipeline.span.seen) > 200
+
+    monkeypatch.setattr(ext, "MIN_MEMORY", 16 * ext.BYTES_PER_ENTRY)
+    totals = clean_corpus([inputs], str(tmp_path / "out"), config, show_progress=False,
+                          memory_bytes=1)
+    got = [d["text"] for s in range(3) for d in read_jsonl(tmp_path / "out" /
+                                                             f"part-{s}.jsonl.gz")]
+    assert got == expected
+    assert totals["span_hashes"] == len(pipeline.span.seen)
+    removed = {k: v for k, v in totals["removed"].items()}
+    assert removed == {k: {"documents": r.documents, "lines": r.lines, "chars": r.chars}
+                       for k, r in pipeline.removed.items()}
+    assert sorted(os.listdir(tmp_path / "out" / ".clean")) == sorted(
+        [f"part-{s}{x}" for s in range(3) for x in (".json", ".filtered.json", ".spans.u64")]
+        + ["spans.first.i64"])  # the pages files and partition files are gone

@@ -290,3 +290,42 @@ def test_cli_dedup(tmp_path):
     result = CliRunner().invoke(cli, ["data", "dedup", str(tmp_path / "missing"), "-o",
                                       str(out)])
     assert result.exit_code == 2 and "no such file or folder" in result.output
+
+
+def test_the_on_disk_index_in_a_tiny_budget_gives_the_same_answer(tmp_path, monkeypatch):
+    """Exact keys and LSH bands through many partition files (a budget of a few dozen
+    entries) against an in-memory oracle: np.unique for the exact firsts, every band's
+    buckets at once (``candidate_pairs``), union-find over all documents."""
+    import tinylm.webdata.external as ext
+    from tinylm.webdata.readers import read_documents
+
+    folder, base = corpus(tmp_path)
+    config = DedupConfig()
+    texts = [normalize(d.text) for f in ("a", "b")
+             for d in read_documents(str(folder / f"{f}.jsonl.gz"))]
+    keys = np.array([hash(t) & (2**63 - 1) for t in texts], dtype=np.uint64)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    exact_first = first[inverse.ravel()]
+    sig = MinHasher(config.num_perm, config.seed).signatures([shingles(t, config) for t in texts])
+    pairs = candidate_pairs(band_keys(sig, *config.layout()), exact_first == np.arange(len(texts)))
+    pairs = pairs[estimate_jaccard(sig[pairs[:, 0]], sig[pairs[:, 1]]) >= config.threshold]
+    rep = first_of_components(len(texts), pairs)
+    keep = (exact_first == np.arange(len(texts))) & (rep == np.arange(len(texts)))
+    expected = [t for t, k in zip(texts, keep) if k]
+
+    monkeypatch.setattr(ext, "MIN_MEMORY", 8 * ext.BYTES_PER_ENTRY)  # 8-entry partitions
+    big = dedup_corpus([folder], str(tmp_path / "big"), config, show_progress=False)
+    tiny = dedup_corpus([folder], str(tmp_path / "tiny"), config, show_progress=False,
+                        memory_bytes=1)
+    kept = read_jsonl(tmp_path / "tiny" / "a.jsonl.gz") + read_jsonl(tmp_path / "tiny" /
+                                                                     "b.jsonl.gz")
+    assert [normalize(d["text"]) for d in kept] == expected
+    for f in ("a", "b"):
+        assert read_jsonl(tmp_path / "tiny" / f"{f}.jsonl.gz") == read_jsonl(
+            tmp_path / "big" / f"{f}.jsonl.gz")
+        assert (tmp_path / "tiny" / ".dedup" / f"{f}.duplicates.jsonl").read_text() == (
+            tmp_path / "big" / ".dedup" / f"{f}.duplicates.jsonl").read_text()
+    for field in ("exact_duplicates", "near_duplicates", "candidate_pairs", "verified_pairs",
+                  "clusters"):
+        assert tiny[field] == big[field]
+    assert ext.partition_count(49, 1) == 7 and tiny["candidate_pairs"] >= 8

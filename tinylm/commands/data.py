@@ -112,15 +112,20 @@ def _clean_config(config_file, filters, skip, values):
               help="The language ID's least score to keep a page [default: 0.5].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A JSON object of CleanConfig fields (thresholds); flags override it.")
+@click.option("--memory-mb", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Memory budget of the span dedup's on-disk index (the corpus-wide "
+                   "state); peak memory stays near it plus about 70 MiB, whatever the "
+                   "corpus's size. Changes no result.")
 def clean_command(inputs, output, compression, progress, fmt, text_field, text_unit,
-                  filters, skip, config_file, **values):
+                  filters, skip, config_file, memory_mb, **values):
     """Clean INPUTS (files or folders) with C4's and Gopher's heuristics into OUTPUT."""
     from tinylm.webdata.clean import clean_corpus
 
     config = _clean_config(config_file, filters, skip, values)
     totals = clean_corpus(inputs, output, config,
                           read_options=_read_options(fmt, text_field, text_unit),
-                          compression=compression, show_progress=progress)
+                          compression=compression, show_progress=progress,
+                          memory_bytes=memory_mb << 20)
     _echo_clean(totals, output)
 
 
@@ -165,15 +170,20 @@ def _echo_clean(totals: dict, output: str) -> None:
               help="Least estimated Jaccard similarity of a near-duplicate pair.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seed of the MinHash permutations.")
+@click.option("--memory-mb", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Memory budget of the on-disk duplicate index; peak memory stays near "
+                   "it plus about 70 MiB and 16 bytes per candidate pair, whatever the "
+                   "number of documents. Changes no result.")
 def dedup_command(inputs, output, compression, progress, fmt, text_field, text_unit,
-                  **values):
+                  memory_mb, **values):
     """Remove exact and near-duplicate documents of INPUTS into OUTPUT."""
     from tinylm.webdata.dedup import DedupConfig, dedup_corpus
     from tinylm.webdata.shards import stats_path
 
     totals = dedup_corpus(inputs, output, DedupConfig(**values),
                           read_options=_read_options(fmt, text_field, text_unit),
-                          compression=compression, show_progress=progress)
+                          compression=compression, show_progress=progress,
+                          memory_bytes=memory_mb << 20)
     click.echo(f"kept {totals['documents_out']} of {totals['documents_in']} documents: "
                f"{totals['exact_duplicates']} exact and {totals['near_duplicates']} near "
                f"duplicates dropped ({totals.get('clusters', 0)} clusters, "

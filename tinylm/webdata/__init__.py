@@ -7,8 +7,10 @@
 Modules, top-down: ``readers`` (files -> ``Document`` streams, bad records counted),
 ``wikitext`` (the stated subset of MediaWiki markup removed), ``hashing`` (stable,
 vectorised 64-bit hashes of words, sentences and shingles), ``hashset`` (a compact
-uint64 set), ``langid`` (the language-ID plugin point), ``filters`` / ``clean``
-(``tinylm data clean``), ``minhash`` / ``dedup`` (``tinylm data dedup``), ``shards``
+uint64 set), ``external`` (corpus-wide key state in hash-partitioned files, bounded
+memory), ``langid`` (the language-ID plugin point), ``filters`` / ``clean_passes`` /
+``clean`` (``tinylm data clean``), ``minhash`` / ``dedup_index`` / ``dedup`` (``tinylm
+data dedup``), ``shards``
 (the per-shard, resumable output every stage shares: ``plan``, ``finished``,
 ``mark_finished``, ``jsonl_writer``, ``progress``). ``tinylm/data.py`` is the trainer's token data; this package prepares text.
 """
