@@ -165,7 +165,8 @@ def _host_dims(host) -> tuple:
         w = host.weight.data
         dtype = np.float64 if w.dtype == np.float64 else np.float32
         return out, inp, dtype, backend.device_of(w)
-    return out, inp, np.float32, "cpu"
+    packed = _packed(host)  # a quantized host: the device of its packed buffers
+    return out, inp, np.float32, backend.device_of(next(iter(packed.arrays.values())))
 
 
 class _Piece:

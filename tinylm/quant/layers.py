@@ -19,7 +19,9 @@ itself is the ``fmt`` attribute. A tied LM head (GPT-2's, Llama's with tied
 embeddings) is a ``QuantTiedHead`` that multiplies by its embedding's packed rows:
 no buffers of its own, no second copy.
 
-CPU (NumPy) only: the packed layouts decode with NumPy's gather and cast loops.
+On NumPy the packed layouts decode with NumPy's gather and cast loops; with CuPy
+buffers or inputs (``model.to("cuda")``), q8_0 / q4_0 / q4_1 / nf4 / nf4-dq run the
+CUDA kernels of tinylm/kernels/quant_matmul.cu (other formats: a TinyLMError).
 """
 
 from __future__ import annotations
@@ -38,25 +40,20 @@ from tinylm.tensor import Tensor
 _BUFFER = {"raw": "qweight", "codes": "qweight"}  # the array -> its buffer name
 
 
-_CPU_ONLY = ("quantized layers compute on the CPU (NumPy); move the model with .to('cpu') "
-             "or dequantize it (tinylm.quant.model.dequantize_model)")
-
-
 class QuantMatmul(Function):
     """y = x @ W.T (+ bias) with W packed (``self.packed``); backward: dx = dy @ W."""
 
     def forward(self, xp, x, *bias):
-        if backend.get_array_module(x, *self.packed.arrays.values()) is not np:
-            raise TinyLMError(_CPU_ONLY)
+        # CuPy x or buffers: kernels.matmul runs the CUDA kernels (q8_0 q4_0 q4_1 nf4 nf4-dq)
         self.in_shape = x.shape
         x2 = x.reshape(-1, x.shape[-1])                                      # (N, in)
-        y = kernels.matmul(np.ascontiguousarray(x2), self.packed)           # (N, out)
+        y = kernels.matmul(xp.ascontiguousarray(x2), self.packed)           # (N, out)
         if bias:
             y += bias[0]
         return y.reshape(x.shape[:-1] + (self.packed.shape[0],))            # (..., out)
 
     def backward(self, xp, grad):
-        g2 = np.ascontiguousarray(grad.reshape(-1, grad.shape[-1]))         # (N, out)
+        g2 = xp.ascontiguousarray(grad.reshape(-1, grad.shape[-1]))         # (N, out)
         gx = None
         if self.needs_input_grad[0]:
             gx = kernels.matmul_t(g2, self.packed).reshape(self.in_shape)   # (..., in)
@@ -181,9 +178,8 @@ class QuantEmbedding(_Packed):
 
     def forward(self, ids):
         ids = ids.data if isinstance(ids, Tensor) else ids
-        if backend.get_array_module(self.qweight, ids) is not np:
-            raise TinyLMError(_CPU_ONLY)
-        ids = np.asarray(ids)
+        xp = backend.get_array_module(self.qweight, ids)
+        ids = xp.asarray(ids)
         if ids.dtype.kind not in "iu":
             raise TinyLMError(f"embedding ids must be integers, got {ids.dtype}")
         flat = ids.reshape(-1)
@@ -191,7 +187,11 @@ class QuantEmbedding(_Packed):
             raise TinyLMError(f"embedding: an id is outside [0, {self.num_embeddings}), the "
                               f"table's rows; check the tokenizer's vocabulary size against "
                               f"the model's")
-        rows = kernels.dequantize(kernels.select_rows(self.packed, flat))    # (n, dim)
+        if xp is not np:  # the CUDA row decoder (tinylm/kernels/quant_matmul.cu)
+            from tinylm.kernels import quant_matmul
+            rows = quant_matmul.dequantize_rows(self.packed, flat)
+        else:
+            rows = kernels.dequantize(kernels.select_rows(self.packed, flat))  # (n, dim)
         return Tensor(rows.reshape(ids.shape + (self.embedding_dim,)))
 
     def dequantize(self) -> nn.Embedding:
