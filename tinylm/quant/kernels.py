@@ -378,7 +378,7 @@ def row_slice(packed: Packed, r0: int, r1: int) -> Packed:
     level scales run across rows)."""
     arrays = {name: a[r0:r1] for name, a in packed.arrays.items()}
     cache = {k: tuple(None if v is None else v[:, r0:r1] for v in scales)
-             for k, scales in packed.cache.items()}
+             for k, scales in packed.cache.items() if k != "device"}  # not the GPU copy
     return Packed(packed.fmt, (r1 - r0, packed.shape[1]), arrays, cache)
 
 
