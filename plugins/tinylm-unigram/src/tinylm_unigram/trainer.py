@@ -95,14 +95,18 @@ def train(cls, texts, vocab_size: int, *, special_tokens=(), progress=None, **op
     sentences = _load_sentences(texts, normalizer, opt)
     if not sentences:
         raise TokenizerError("no text to train on: every line was empty after normalisation")
-    required = _required_chars(sentences, opt["character_coverage"])
+    text, sep = _joined(sentences)
+    chars = Counter(text)
+    del chars[sep]
+    chars.pop(BOUNDARY, None)
+    required = _required_chars(chars, opt["character_coverage"])
     if len(required) + len(meta) >= vocab_size:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: the text needs "
                              f"{len(required)} characters and {len(meta)} meta pieces; raise "
                              f"vocab_size or lower character_coverage")
-    sentences = _mark_rare(sentences, required)
-    keyed, keyed_freqs = _words(sentences)
-    pieces, scores = _seeds(keyed, keyed_freqs, opt)
+    text = _mark_rare(text, set(chars) - set(required))
+    keyed, keyed_freqs = _words(text, sep)
+    pieces, scores = _seeds(keyed, keyed_freqs, required, opt)
     words, freqs = _merge_followers(keyed, keyed_freqs)
     final = _em(pieces, scores, words, freqs, required, vocab_size, len(meta), opt, progress)
     return _assemble(cls, meta, final, spm)
@@ -153,11 +157,15 @@ def _load_sentences(texts, normalizer: SpmNormalizer, opt) -> list:
     return out
 
 
-def _required_chars(sentences: list, coverage: float) -> dict:
-    counts = Counter()
-    for s in sentences:
-        counts.update(s)
-    counts.pop(BOUNDARY, None)
+def _joined(sentences: list) -> tuple:
+    """``(text, sep)``: the sentences as one string, each followed by ``sep``, a
+    character in none of them (``\n`` unless normalisation made one)."""
+    whole = "".join(sentences)
+    sep = next(c for c in map(chr, [10] + list(range(0xE000, 0xF900))) if c not in whole)
+    return sep.join(sentences) + sep, sep
+
+
+def _required_chars(counts: Counter, coverage: float) -> dict:
     total = sum(counts.values())
     required, covered = {}, 0
     for ch, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -168,35 +176,29 @@ def _required_chars(sentences: list, coverage: float) -> dict:
     return required
 
 
-def _mark_rare(sentences: list, required: dict) -> list:
-    rare = {c for s in sentences for c in set(s)} - set(required) - {BOUNDARY}
+def _mark_rare(text: str, rare: set) -> str:
+    """``text`` with the characters outside the coverage replaced by ``UNK_CHAR``."""
     if not rare:
-        return sentences
-    table = {ord(c): UNK_CHAR for c in rare}
-    return [s.translate(table) for s in sentences]
+        return text
+    return re.sub("[" + "".join(map(re.escape, sorted(rare))) + "]", UNK_CHAR, text)
 
 
-def _words(sentences: list) -> tuple:
+def _words(text: str, sep: str) -> tuple:
     """Words with the character after them (``▁`` or ``END``), counted: the seeds'
-    input; the EM's words are the same without that character."""
-    counts = Counter()
-    split = re.compile(f"(?={WS})")
-    for s in sentences:
-        parts = [p for p in split.split(s) if p]
-        counts.update(p + WS for p in parts[:-1])
-        counts[parts[-1] + END] += 1
-    return list(counts), np.array(list(counts.values()), dtype=np.int64)
+    input; the EM's words are the same without that character. ``text``: sentences,
+    each followed by ``sep``; a word starts at a sentence's start or at each ``▁``."""
+    ends = re.escape(WS + sep)
+    counts = Counter(re.findall(f"({WS}?[^{ends}]*)(?=([{ends}]))", text))
+    counts.pop(("", sep), None)  # the empty match before each sentence's end
+    counts.pop(("", WS), None)
+    keyed = [p + (WS if nxt == WS else END) for p, nxt in counts]
+    return keyed, np.array(list(counts.values()), dtype=np.int64)
 
 
-def _seeds(words: list, freqs: np.ndarray, opt) -> tuple:
-    """The seed pieces and their initial scores (log of count x length, normalised)."""
-    chars = Counter()
-    for w, f in zip(words, freqs.tolist()):
-        for ch in w[:-1]:
-            chars[ch] += f
-    for mark in (UNK_CHAR, BOUNDARY):
-        chars.pop(mark, None)
-    found = [(c, n) for c, n in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))]
+def _seeds(words: list, freqs: np.ndarray, required: dict, opt) -> tuple:
+    """The seed pieces and their initial scores (log of count x length, normalised):
+    the characters left after ``_mark_rare`` (the required ones) and the substrings."""
+    found = sorted(required.items(), key=lambda kv: (-kv[1], kv[0]))
     found += seed_pieces(words, freqs, max_piece_length=opt["max_piece_length"],
                          seed_size=opt["seed_sentencepiece_size"],
                          split_by_unicode_script=opt["split_by_unicode_script"])
