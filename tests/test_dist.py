@@ -201,6 +201,13 @@ assert g.shape == (2 * n, 3) and np.array_equal(g[::2, 0], np.arange(n))
 assert np.array_equal(c.all_gather(x, axis=1), np.concatenate(terms, axis=1))
 b = np.full(4, float(r)); c.broadcast(b, root=n - 1); assert (b == n - 1).all()
 inplace = x.copy(); c.all_reduce(inplace, out=inplace); assert np.allclose(inplace, in_order)
+blocks = np.zeros((2 * n, 3), np.float32); blocks[2 * r:2 * r + 2] = r + 1
+assert c.all_gather_in_place(blocks) is blocks
+assert np.array_equal(blocks[::2, 0], np.arange(1, n + 1))
+into = np.empty((5, 3), np.float32)
+assert c.reduce_scatter(y, out=into) is into and np.allclose(into, in_order, rtol=1e-6,
+                                                             atol=1e-6)
+assert np.array_equal(f.reduce_scatter(y, out=into), in_order)
 sub = c.split(r % 2)
 assert sub.size == len(range(r % 2, n, 2)) and sub.rank == r // 2
 assert sub.all_reduce(np.array([r]))[0] == sum(range(r % 2, n, 2))
@@ -483,6 +490,8 @@ def test_nccl_collectives_on_one_gpu(fixed):
     assert comm.all_reduce(inplace, out=inplace) is inplace and xp.array_equal(inplace, x)
     assert xp.array_equal(comm.reduce_scatter(x), x)
     assert xp.array_equal(comm.all_gather(x, axis=1), x)
+    gathered = x.copy()
+    assert comm.all_gather_in_place(gathered) is gathered and xp.array_equal(gathered, x)
     b = x.astype(xp.float64)
     assert xp.array_equal(comm.broadcast(b), x.astype(xp.float64))
     comm._engine(x).barrier("barrier", 10.0)

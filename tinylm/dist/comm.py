@@ -119,24 +119,44 @@ class Comm:
         engine.allreduce(x, out, op, "all_reduce", t)
         return out
 
-    def reduce_scatter(self, x, *, axis: int = 0, timeout: float | None = None):
+    def reduce_scatter(self, x, *, axis: int = 0, out=None, timeout: float | None = None):
         """Sum ``x`` over the ranks and keep this rank's block: ``x``'s ``axis`` (of
         length size * k, the same on every rank) is cut into ``size`` blocks of k;
-        rank r gets the sum of every rank's block r, shape ``x.shape`` with k there."""
+        rank r gets the sum of every rank's block r, shape ``x.shape`` with k there
+        (into ``out``, a C-contiguous array of that shape, when given; axis 0 only)."""
         x, moved = _axis_first(x, axis)
         if x.shape[0] % self.size:
             raise DistError(f"reduce_scatter: axis {axis} has length {x.shape[0]}, not a "
                             f"multiple of the {self.size} ranks; pad it")
         k = x.shape[0] // self.size
+        if out is not None and (moved or out.shape != (k, *x.shape[1:])
+                                or not _is_contiguous(out)):
+            raise DistError(f"reduce_scatter: out= must be a C-contiguous {(k, *x.shape[1:])} "
+                            f"array, and axis 0")
         engine, t = self._engine(x), self._timeout(timeout)
         if self.fixed_order:
             parts = _empty(x, x.shape)  # row block r: rank r's terms of my block
             engine.alltoall(x, parts, "reduce_scatter", t)
-            out = _sum_in_rank_order(parts.reshape(self.size, k, *x.shape[1:]))
+            out = _sum_in_rank_order(parts.reshape(self.size, k, *x.shape[1:]), out)
         else:
-            out = _empty(x, (k, *x.shape[1:]))
+            out = _empty(x, (k, *x.shape[1:])) if out is None else out
             engine.reduce_scatter(x, out, "reduce_scatter", t)
         return _axis_back(out, axis, moved)
+
+    def all_gather_in_place(self, x, *, timeout: float | None = None):
+        """``x`` (C-contiguous, axis 0 of length size * k) holds this rank's block at
+        block ``rank``; afterwards every block holds its rank's (no other buffer: the
+        ZeRO-1 weights gathered where they live)."""
+        if not _is_contiguous(x) or x.ndim == 0 or x.shape[0] % self.size:
+            raise DistError(f"all_gather_in_place needs a C-contiguous array whose first "
+                            f"axis is a multiple of the {self.size} ranks")
+        engine, t = self._engine(x), self._timeout(timeout)
+        if hasattr(engine, "allgather_in_place"):
+            engine.allgather_in_place(x, "all_gather", t)
+        else:  # (an engine without it: through a gathered copy)
+            k = x.shape[0] // self.size
+            x[...] = self.all_gather(x[self.rank * k:(self.rank + 1) * k].copy(), timeout=t)
+        return x
 
     def all_gather(self, x, *, axis: int = 0, timeout: float | None = None):
         """Every rank's ``x`` (the same shape on each), concatenated along ``axis`` in

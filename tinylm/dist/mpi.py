@@ -90,6 +90,10 @@ class MpiTransport:
     def allgather(self, send, recv, what: str, timeout: float) -> None:
         self._run(lambda: self.comm.Iallgather(send, recv), what, timeout, recv.nbytes)
 
+    def allgather_in_place(self, buf, what: str, timeout: float) -> None:
+        self._run(lambda: self.comm.Iallgather(self.MPI.IN_PLACE, buf), what, timeout,
+                  buf.nbytes)
+
     def alltoall(self, send, recv, what: str, timeout: float) -> None:
         self._run(lambda: self.comm.Ialltoall(send, recv), what, timeout, send.nbytes)
 

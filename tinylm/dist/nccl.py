@@ -105,6 +105,12 @@ class NcclTransport:
                             self._stream())
         self._wait(what, timeout)
 
+    def allgather_in_place(self, buf, what, timeout) -> None:
+        n = buf.size // self.size  # NCCL is in place when send = recv + rank * n
+        self.comm.allGather(buf.data.ptr + self.rank * n * buf.itemsize, buf.data.ptr, n,
+                            self._type(buf), self._stream())
+        self._wait(what, timeout)
+
     def alltoall(self, send, recv, what, timeout) -> None:
         """Block r of ``send`` to rank r, rank r's block into block r of ``recv``."""
         n, t, stream = send.size // self.size, self._type(send), self._stream()

@@ -15,7 +15,11 @@ process's. A step:
        over the ranks (fixed order: from the whole gradient); clipping scales the
        pieces;
     3. AdamW updates the pieces (views of the flat buffer) in place;
-    4. the flat buffer is all-gathered, so every rank's model holds the new weights.
+    4. the flat buffer is all-gathered in place, so every rank's model holds the new
+       weights.
+
+The buffers (weights, gradients, this rank's summed share) are allocated once;
+MPI reads and writes them where they are.
 
 AdamW is element-wise, so a piece of a parameter is updated to the same bits as the
 whole parameter would be. ``state_dict()`` gathers the whole state, in the layout
@@ -58,6 +62,7 @@ class ZeroAdamW:
         self.lo, self.hi = comm.rank * self.shard, (comm.rank + 1) * self.shard
         self.flat = xp.zeros(self.shard * comm.size, dtype)
         self.flat_grad = xp.zeros_like(self.flat)
+        self.mine = xp.zeros(self.shard, dtype)  # this rank's summed gradient elements
         for p, start in zip(self.params, self.offsets):
             self.flat[start:start + p.size] = p.data.ravel()
             p.data = self.flat[start:start + p.size].reshape(p.shape)
@@ -114,7 +119,7 @@ class ZeroAdamW:
                 if id(p) in with_grad:
                     p.grad = self.flat_grad[start:start + p.size].reshape(p.shape)
         else:
-            mine = self.comm.reduce_scatter(self.flat_grad)
+            mine = self.comm.reduce_scatter(self.flat_grad, out=self.mine)
         for i, a, b, piece in self.pieces:
             start = int(self.offsets[i]) + a - self.lo
             piece.grad = mine[start:start + b - a] if id(self.params[i]) in with_grad else None
@@ -160,7 +165,7 @@ class ZeroAdamW:
     def step(self) -> None:
         """Steps 3 and 4: update this rank's pieces, then gather every rank's."""
         self.inner.step()
-        self.flat[...] = self.comm.all_gather(self.flat[self.lo:self.hi])
+        self.comm.all_gather_in_place(self.flat)
 
     # ------------------------------------------------------------------ state
 
