@@ -53,7 +53,7 @@ def _same(g0, g1, rtol=0.0):
 
 
 def gpt2(**kw):
-    c = dict(vocab_size=VOCAB, d_model=32, n_layer=3, n_head=4, max_positions=32)
+    c = dict(vocab_size=VOCAB, d_model=32, n_layer=3, n_head=4, max_positions=128)
     return Decoder(GPT2Config(**{**c, **kw}))
 
 
@@ -257,3 +257,24 @@ def test_checkpointed_chunked_training_matches_transformers(family, tmp_path):
     out.loss.backward()
     assert out.loss.item() == pytest.approx(tl.item(), rel=tol_for(hf))
     assert_grads_match(model, hf)
+
+
+# --------------------------------------------------------------------------- tinylm finetune
+
+
+def test_finetune_saves_memory_by_default_for_a_quantized_base():
+    from tinylm.finetune import FinetuneSpec, memory_estimate, save_memory
+    from tinylm.quant.model import quantize
+
+    plain, packed = gpt2(d_model=64, vocab_size=20000), gpt2(d_model=64)
+    quantize(packed, "q4_0")
+    spec = FinetuneSpec("base", "lora")
+    before = memory_estimate(plain, 8, 128)["activations"]
+    assert save_memory(plain, spec) is False and not plain.is_gradient_checkpointing
+    assert plain.return_logits is False  # the chunked loss: always
+    chunked = memory_estimate(plain, 8, 128)["activations"]
+    assert save_memory(packed, spec) is True and packed.is_gradient_checkpointing
+    assert save_memory(plain, FinetuneSpec("base", "lora", gradient_checkpointing=True))
+    both = memory_estimate(plain, 8, 128)["activations"]
+    assert before > chunked > both > 0
+    assert not save_memory(packed, FinetuneSpec("base", "lora", gradient_checkpointing=False))

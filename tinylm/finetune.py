@@ -51,7 +51,12 @@ class FinetuneSpec:
     (a registered PEFT method or "full") and its ``peft_options`` (the method config's
     fields: r, alpha, dropout, target_modules ...), ``dequantize`` (float32 weights for
     a quantized base), ``chat_template`` (a built-in name or file; None: the base's),
-    ``packing`` and ``eval_data`` (files of validation examples)."""
+    ``packing`` and ``eval_data`` (files of validation examples);
+    ``gradient_checkpointing``: recompute each block in backward instead of keeping its
+    activations (``Model.gradient_checkpointing``), None: on for a quantized base
+    (QLoRA, where memory is the point, as Hugging Face's ``prepare_model_for_kbit_training``
+    does), off otherwise (it costs about one more forward per step). Not part of the
+    run's record: it changes memory and time, not one bit of the gradients."""
 
     base: str
     method: str = "lora"
@@ -60,6 +65,7 @@ class FinetuneSpec:
     chat_template: str | None = None
     packing: bool = False
     eval_data: tuple = ()
+    gradient_checkpointing: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "base", os.path.abspath(os.fspath(self.base)))
@@ -153,6 +159,21 @@ def adapt(model, spec: FinetuneSpec, seed: int = 0):
     return peft.apply(model, spec.method, **spec.peft_options)
 
 
+def save_memory(model, spec: FinetuneSpec) -> bool:
+    """Set ``model`` up to train in less memory, in place: the loss straight from the
+    hidden states in row chunks (``return_logits = False``: the SFT loss never reads the
+    (B, T, vocab) logits; same products, same gradients up to rounding), and gradient
+    checkpointing as ``spec.gradient_checkpointing`` says (None: on for a quantized
+    base). Returns whether checkpointing is on."""
+    on = spec.gradient_checkpointing
+    on = is_quantized(model) if on is None else on
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing(bool(on))
+    if hasattr(model, "return_logits"):
+        model.return_logits = False
+    return bool(on) and hasattr(model, "gradient_checkpointing")
+
+
 def attach_adapter(model, path):
     """Put the adapter in ``path`` on ``model`` (a base loaded by tinylm.loading), for
     generation: a Hugging Face PEFT folder (adapter_config.json, what `tinylm
@@ -242,7 +263,9 @@ def memory_estimate(model, batch_size: int, seq_len: int) -> dict:
     weights at their packed size), a gradient and AdamW's two moment estimates per
     trainable number, and the activations a forward of ``batch_size`` x ``seq_len``
     keeps for backward (``models.info.activation_memory`` of the base; adapters add
-    their small low-rank intermediates)."""
+    their small low-rank intermediates), as ``save_memory`` left the model: with
+    gradient checkpointing one layer's activations plus every layer's input, with the
+    chunked loss one chunk of logits instead of all of them."""
     from tinylm.models.info import activation_memory
 
     seen, weights = set(), 0
@@ -253,9 +276,26 @@ def memory_estimate(model, batch_size: int, seq_len: int) -> dict:
     weights += sum(int(b.nbytes) for _, b in model.named_buffers())
     trainable = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
     grads = sum(p.data.nbytes for p in trainable)
-    acts = int(activation_memory(model.config, batch_size, seq_len)["total"])
+    acts = _activations(model, activation_memory(model.config, batch_size, seq_len),
+                        batch_size * seq_len)
     return {"weights": int(weights), "gradients": int(grads), "optimizer": int(2 * grads),
             "activations": acts, "total": int(weights + 3 * grads + acts)}
+
+
+def _activations(model, parts: dict, N: int) -> int:
+    """The activation bytes of ``parts`` (activation_memory's) under the model's memory
+    settings, N = batch x tokens."""
+    from tinylm.ops.linear_cross_entropy import rows_per_chunk
+
+    c = model.config
+    total = int(parts["total"])
+    if getattr(model, "is_gradient_checkpointing", False) and c.n_layer:
+        layers = parts.get("attention", 0) + parts.get("feed_forward", 0)
+        total += int(-layers + layers / c.n_layer + c.n_layer * N * c.d_model * 4)
+    if getattr(model, "return_logits", True) is False and "head" in parts:
+        rows = min(N, rows_per_chunk(c.vocab_size, 4))
+        total += int(-2 * N * c.vocab_size * 4 + 2 * rows * c.vocab_size * 4 + N * c.d_model * 4)
+    return max(total, 0)
 
 
 def describe_memory(estimate: dict) -> str:
@@ -406,6 +446,8 @@ def run(spec: FinetuneSpec, settings: dict, *, epochs: float | None = None,
         from tinylm import peft
 
         log(str(peft.trainable_parameters(model)))
+        if save_memory(model, spec):
+            log("gradient checkpointing: on (each block runs again in backward)")
         estimate = memory_estimate(model, config.batch_size, config.block_size)
         log(describe_memory(estimate))
         check_fits(estimate)

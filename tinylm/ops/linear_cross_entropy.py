@@ -138,9 +138,9 @@ def linear_cross_entropy(h, targets, weight=None, head=None, ignore_index: int =
                          label_smoothing: float = 0.0, reduction: str = "mean",
                          chunk_bytes: int = CHUNK_BYTES, vocab_size: int | None = None):
     """The mean (or summed) cross-entropy of ``h @ weight.T`` (or ``head(h)``, whose
-    output has ``vocab_size`` columns) against ``targets`` (h's shape without the last axis; -100 ignored): the value and
-    gradients of ``cross_entropy(linear(h, weight), targets)`` in rows of about
-    ``chunk_bytes`` of logits at a time (see the module doc)."""
+    output has ``vocab_size`` columns) against ``targets`` (h's shape without the last
+    axis; -100 ignored): the value and gradients of ``cross_entropy(linear(h, weight),
+    targets)``, in rows of about ``chunk_bytes`` of logits at a time (see the module doc)."""
     if (weight is None) == (head is None):
         raise TinyLMError("linear_cross_entropy takes weight= (a Tensor) or head=, one of them")
     if reduction not in ("mean", "sum"):
@@ -164,7 +164,8 @@ def linear_cross_entropy(h, targets, weight=None, head=None, ignore_index: int =
     h2 = h.reshape(-1, d)  # (N, d)
     rows = rows_per_chunk(V, h.dtype.itemsize, chunk_bytes)
     wants = (h.requires_grad, weight is not None and weight.requires_grad)
-    options = dict(targets=t.reshape(-1), head=head, wants=wants, vocab_size=V, ignore_index=ignore_index,
+    options = dict(targets=t.reshape(-1), head=head, wants=wants, vocab_size=V,
+                   ignore_index=ignore_index,
                    label_smoothing=float(label_smoothing), reduction=reduction, rows=rows)
     if weight is None:
         return LinearCrossEntropy.apply(h2, **options)
