@@ -27,6 +27,7 @@ node are tested in one vectorised step.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -310,3 +311,10 @@ def _build(keys: list, values: list) -> list:
         units.pop()
     # SentencePiece requires whole darts-clone blocks: 256 units (1024 bytes)
     return units + [0] * (-len(units) % 256)
+
+
+@functools.lru_cache(maxsize=8)
+def cached(blob: bytes) -> Charsmap:
+    """``Charsmap(blob)``, decoded once per process for each blob (a trainer and the
+    tokenizer it makes share one; a Charsmap is never changed after it is built)."""
+    return Charsmap(bytes(blob))

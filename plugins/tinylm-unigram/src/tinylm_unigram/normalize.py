@@ -57,6 +57,7 @@ class SpmNormalizer:
         values = list(self._table.values())
         self._collapse_ok = not any("  " in v for v in values)
         self.space = SPACE if self.escape_whitespaces else " "
+        self._used = None  # the characters the rules read or write (made on first use)
 
     # ------------------------------------------------------------------ step 1
 
@@ -137,6 +138,40 @@ class SpmNormalizer:
         if self.add_dummy_prefix and self.treat_whitespace_as_suffix:
             body += self.space
         return body
+
+    def normalize_lines(self, lines: list) -> list:
+        """``[self.normalize(line) for line in lines]`` (lines without a newline),
+        batched: the lines where no user-defined symbol and no key of several
+        characters can start are translated and their spaces collapsed as one string."""
+        if not (self.remove_extra_whitespaces and self._collapse_ok
+                and not self.treat_whitespace_as_suffix):
+            return [self.normalize(t) for t in lines]
+        out = [None] * len(lines)
+        fast = []
+        for k, line in enumerate(lines):
+            if self._trigger is not None and self._trigger.search(line):
+                out[k] = self.normalize(line)
+            else:
+                fast.append(k)
+        sep = self._separator("".join(lines[k] for k in fast))
+        text = _RUNS.sub(" ", sep.join(lines[k] for k in fast).translate(self._table))
+        text = re.sub(f"(^|{sep}) +", r"\1", text)  # each line's leading spaces
+        if self.escape_whitespaces:
+            text = text.replace(" ", SPACE)
+        prefix, space = (self.space if self.add_dummy_prefix else ""), self.space
+        for k, body in zip(fast, text.split(sep)):
+            out[k] = (prefix + body).rstrip(space) if body else ""
+        return out
+
+    def _separator(self, text: str) -> str:
+        """A character in neither ``text`` nor any rule (to join lines with)."""
+        if self._used is None:
+            self._used = set(map(chr, self._table)) | {c for v in self._table.values() for c in v}
+        for code in range(0xE000, 0xF900):
+            c = chr(code)
+            if c not in self._used and c not in text:
+                return c
+        raise ValueError("no free character to join lines with")
 
     def _piecewise(self, run: str, prev_space: bool) -> str:
         """The whitespace rule applied character by character to a "run" (for rules

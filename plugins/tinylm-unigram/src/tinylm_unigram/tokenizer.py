@@ -36,8 +36,7 @@ from tinylm.tokenizers import Tokenizer, TokenizerError, TokenizerFileError
 from tinylm.tokenizers.base import as_id_list, atomic_write, bad_ids_error, check_text
 from tinylm.tokenizers.formats import PlainReader, PlainWriter, read_bytes
 
-from tinylm_unigram import lattice
-from tinylm_unigram.charsmap import Charsmap
+from tinylm_unigram import charsmap, lattice
 from tinylm_unigram.normalize import SPACE, SpmNormalizer
 from tinylm_unigram.spm_model import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                                       SpmModel)
@@ -120,7 +119,7 @@ class UnigramTokenizer(Tokenizer):
             matchable = [p if t in (NORMAL, USER_DEFINED) else None
                          for p, t in zip(self.pieces, self.types)]
             self.normalizer = SpmNormalizer(
-                Charsmap(self.spm.precompiled_charsmap),
+                charsmap.cached(self.spm.precompiled_charsmap),
                 add_dummy_prefix=self.spm.add_dummy_prefix,
                 remove_extra_whitespaces=self.spm.remove_extra_whitespaces,
                 escape_whitespaces=self.spm.escape_whitespaces,

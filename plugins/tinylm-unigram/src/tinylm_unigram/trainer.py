@@ -34,8 +34,7 @@ import numpy as np
 
 from tinylm.tokenizers import TokenizerError
 
-from tinylm_unigram import em, lattice, rules
-from tinylm_unigram.charsmap import Charsmap
+from tinylm_unigram import charsmap, em, lattice, rules
 from tinylm_unigram.normalize import SpmNormalizer
 from tinylm_unigram.seeds import BOUNDARY, END, UNK_CHAR, WS, seed_pieces
 from tinylm_unigram.spm_model import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SpmModel
@@ -88,7 +87,7 @@ def train(cls, texts, vocab_size: int, *, special_tokens=(), progress=None, **op
         texts = [texts]
     meta = _meta_pieces(opt, list(special_tokens))
     spm = _spec(opt)
-    normalizer = SpmNormalizer(Charsmap(spm.precompiled_charsmap),
+    normalizer = SpmNormalizer(charsmap.cached(spm.precompiled_charsmap),
                                add_dummy_prefix=spm.add_dummy_prefix,
                                remove_extra_whitespaces=spm.remove_extra_whitespaces,
                                user_defined=[p for p, t in meta if t in (USER_DEFINED, CONTROL)])
@@ -96,7 +95,9 @@ def train(cls, texts, vocab_size: int, *, special_tokens=(), progress=None, **op
     if not sentences:
         raise TokenizerError("no text to train on: every line was empty after normalisation")
     text, sep = _joined(sentences)
-    chars = Counter(text)
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    uniq, counts = np.unique(cps, return_counts=True)
+    chars = dict(zip(map(chr, uniq.tolist()), counts.tolist()))
     del chars[sep]
     chars.pop(BOUNDARY, None)
     required = _required_chars(chars, opt["character_coverage"])
@@ -142,18 +143,17 @@ def _load_sentences(texts, normalizer: SpmNormalizer, opt) -> list:
     meta = normalizer.user_defined
     cut = re.compile("|".join(map(re.escape, meta))) if meta else None
     limit = opt["max_sentence_length"]
-    out = []
+    lines = []
     for text in texts:
         if not isinstance(text, str):
             raise TokenizerError(f"train takes strings, not {type(text).__name__}")
-        for line in text.split("\n"):
-            if not line or len(line.encode("utf-8")) > limit or UNK_CHAR in line:
-                continue  # SentencePiece skips over-long lines and ones with its mark
-            normalized = normalizer.normalize(line)
-            if cut is not None:
-                normalized = cut.sub(BOUNDARY, normalized)
-            if normalized:
-                out.append(normalized)
+        # SentencePiece skips over-long lines and ones with its mark
+        lines += [line for line in text.split("\n") if line and UNK_CHAR not in line
+                  and (len(line) * 4 <= limit or len(line.encode("utf-8")) <= limit)]
+    out = normalizer.normalize_lines(lines)
+    if cut is not None:
+        out = [cut.sub(BOUNDARY, t) for t in out]
+    out = [t for t in out if t]
     return out
 
 
@@ -165,7 +165,7 @@ def _joined(sentences: list) -> tuple:
     return sep.join(sentences) + sep, sep
 
 
-def _required_chars(counts: Counter, coverage: float) -> dict:
+def _required_chars(counts: dict, coverage: float) -> dict:
     total = sum(counts.values())
     required, covered = {}, 0
     for ch, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
