@@ -88,7 +88,7 @@ alignas(16) unsigned char fa_smem[SMEM_BYTES];
 
 namespace emu {
 
-struct Payload { unsigned u[6]; const unsigned short* p; };  // a lane's mma / ldmatrix input
+struct Payload { unsigned u[6]; float c[4]; const unsigned short* p; };  // a lane's mma / ldmatrix input
 struct Copy { unsigned char* dst; unsigned char data[16]; int size; };
 struct Async {  // one thread's cp.async state
     std::vector<Copy> open;                  // issued since the last commit
@@ -96,12 +96,15 @@ struct Async {  // one thread's cp.async state
 };
 
 std::vector<Payload> scratch;
+struct MmaWarp { long tag = -1; float d[32][4]; };  // one mma's D for every lane of a warp
+std::vector<MmaWarp> mma_warps;
 std::vector<Async> asyncs;
 bool cp_early = false;  // FA_EMU_CPASYNC=early: copies land at issue
 std::vector<std::pair<const unsigned char*, const unsigned char*>> inputs;  // readable ranges
 
 void reset_block(unsigned nthreads) {
     scratch.assign(nthreads, Payload());
+    mma_warps.assign(nthreads / 32, MmaWarp());
     asyncs.assign(nthreads, Async());
 }
 
@@ -115,9 +118,19 @@ void check_exit(unsigned tid) {
 
 unsigned fa_emu_dynamic_smem_size() { return emu::smem_size; }
 
+// f16 -> f32 by table (the soft conversion dominated the emulator's time)
+static const float* f16_table() {
+    static std::vector<float> t = [] {
+        std::vector<float> v(65536);
+        for (unsigned x = 0; x < 65536; ++x) v[x] = fa_emu_f16_to_f32((unsigned short)x);
+        return v;
+    }();
+    return t.data();
+}
+
 static float half_of(unsigned reg, int hi, bool bf16) {
     const unsigned short x = (unsigned short)(hi ? reg >> 16 : reg & 0xffffu);
-    return bf16 ? fa_emu_bf16_to_f32(x) : fa_emu_f16_to_f32(x);
+    return bf16 ? fa_emu_bf16_to_f32(x) : f16_table()[x];
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C for the whole warp,
@@ -127,35 +140,47 @@ static float half_of(unsigned reg, int hi, bool bf16) {
 //      col 2t + (i & 1), plus 8 for i >= 4
 //   B: b_i, i = 0..3: row 2t + (i & 1), plus 8 for i >= 2; col g
 //   C: c_i, i = 0..3: row g for i < 2, g + 8 otherwise; col 2t + (i & 1)
+// The first lane of the warp to run after the rendezvous decodes the fragments and
+// computes every lane's D (kept per warp, tagged with the collective's count); the
+// others read theirs. Each lane's C is deposited with its fragments.
+
 void fa_emu_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, bool bf16) {
     const unsigned tid = emu::cur->tid, base = tid & ~31u, lane = tid & 31u;
     emu::Payload& mine = emu::scratch[tid];
     for (int i = 0; i < 4; ++i) mine.u[i] = a[i];
     mine.u[4] = b0;
     mine.u[5] = b1;
+    for (int i = 0; i < 4; ++i) mine.c[i] = c[i];
     emu::warp_rendezvous();
-    double A[16][16], B[16][8];
-    for (unsigned L = 0; L < 32; ++L) {
-        const emu::Payload& p = emu::scratch[base + L];
-        const int g = L >> 2, t = L & 3;
-        for (int i = 0; i < 8; ++i) {
-            const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
-            const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
-            A[row][col] = half_of(p.u[i / 2], i & 1, bf16);
+    emu::MmaWarp& mw = emu::mma_warps[tid / 32];
+    if (mw.tag != emu::cur->collectives) {
+        double A[16][16], B[16][8];
+        for (unsigned L = 0; L < 32; ++L) {
+            const emu::Payload& p = emu::scratch[base + L];
+            const int g = L >> 2, t = L & 3;
+            for (int i = 0; i < 8; ++i) {
+                const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+                const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+                A[row][col] = half_of(p.u[i / 2], i & 1, bf16);
+            }
+            for (int i = 0; i < 4; ++i) {
+                const int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
+                B[row][g] = half_of(p.u[4 + i / 2], i & 1, bf16);
+            }
         }
-        for (int i = 0; i < 4; ++i) {
-            const int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
-            B[row][g] = half_of(p.u[4 + i / 2], i & 1, bf16);
+        for (unsigned L = 0; L < 32; ++L) {
+            const int g = L >> 2, t = L & 3;
+            for (int i = 0; i < 4; ++i) {
+                const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
+                double s = emu::scratch[base + L].c[i];
+                for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
+                mw.d[L][i] = (float)s;
+            }
         }
+        mw.tag = emu::cur->collectives;
     }
-    const int g = lane >> 2, t = lane & 3;
     float out[4];
-    for (int i = 0; i < 4; ++i) {
-        const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
-        double s = c[i];
-        for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
-        out[i] = (float)s;
-    }
+    for (int i = 0; i < 4; ++i) out[i] = mw.d[lane][i];
     emu::warp_rendezvous();  // every lane has read the others' fragments
     for (int i = 0; i < 4; ++i) c[i] = out[i];
 }

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -372,24 +373,30 @@ def test_tiled_algorithm_matches_reference(tiles, T, causal):
 # module, the launcher's -D flags) and runs fwd, pre, dkdv and dq on the given inputs.
 
 
+def build_emulator(source, dtype, d, ldmatrix, exe):
+    """Compile tests/flash_attention_emu.cpp around the kernel file `source` (the module
+    for dtype and head dim d, the launcher's -D flags) into `exe`."""
+    cmd = [shutil.which("g++"), "-O1", "-w", *fa.compile_options(dtype, d, ldmatrix),
+           "-DFA_HOST_EMULATION", f'-DFA_CU_PATH="{source}"', str(HERE / "flash_attention_emu.cpp"),
+           "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"building the emulator failed:\n{r.stdout}{r.stderr}"
+    return exe
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
+    if shutil.which("g++") is None:
         pytest.skip("g++ not on PATH")
     out = tmp_path_factory.mktemp("fa_emu")
-    built = {}
+    built, lock = {}, threading.Lock()  # tests may run emulators from several threads
 
     def get(dtype, d, ldmatrix):
-        if (dtype, d, ldmatrix) not in built:
-            exe = out / f"emu_{dtype}_{d}_{int(ldmatrix)}"
-            cmd = [gxx, "-O1", "-w", *fa.compile_options(dtype, d, ldmatrix), "-DFA_HOST_EMULATION",
-                   f'-DFA_CU_PATH="{fa.SOURCE_PATH}"', str(HERE / "flash_attention_emu.cpp"),
-                   "-o", str(exe)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            assert r.returncode == 0, f"building the emulator failed:\n{r.stdout}{r.stderr}"
-            built[(dtype, d, ldmatrix)] = exe
-        return built[(dtype, d, ldmatrix)]
+        with lock:
+            if (dtype, d, ldmatrix) not in built:
+                exe = out / f"emu_{dtype}_{d}_{int(ldmatrix)}"
+                built[(dtype, d, ldmatrix)] = build_emulator(fa.SOURCE_PATH, dtype, d, ldmatrix, exe)
+            return built[(dtype, d, ldmatrix)]
 
     return get, out
 
@@ -403,17 +410,18 @@ def _host_cast(x, dtype):
     return raw, raw.astype(np.float64)
 
 
-def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix=True, seed=0,
-                 variant="v1", cpasync="late", scale=None):
+def emulate(emulator, dtype, impl, shape, causal, host, order="forward", ldmatrix=True,
+            variant="v1", cpasync="late", scale=None):
+    """Run the four kernels of kernel_plan(...) in the emulator on the float64 inputs
+    `host` = (q, k, v, do), rounded to dtype. Returns ({o, lse, dq, dk, dv} as float64,
+    the rounded inputs as float64, scale)."""
     get, out = emulator
     B, H, Hkv, Tq, Tk, D = shape
     exe = get(dtype, D, ldmatrix)
-    host = random_qkv(B, H, Hkv, Tq, Tk, D, seed)
     raws, exact = zip(*(_host_cast(x, dtype) for x in host))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     plan = fa.kernel_plan(impl, dtype, D, scale, variant)
-    tag = (f"{dtype}_{impl}_{variant}_{'_'.join(map(str, shape))}_{int(causal)}_{order}_"
-           f"{int(ldmatrix)}_{cpasync}_{scale:.3f}")
+    tag = f"{Path(exe).name}_{os.getpid()}_{next(_emu_runs)}"
     inp, res = out / f"in_{tag}.bin", out / f"out_{tag}.bin"
     inp.write_bytes(b"".join(np.ascontiguousarray(r).tobytes() for r in raws))
     args = [str(exe), B, H, Hkv, Tq, Tk, int(causal), repr(scale)]
@@ -424,19 +432,35 @@ def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
     assert r.returncode == 0, f"emulated kernels {plan} failed:\n{r.stdout}{r.stderr}"
     buf = res.read_bytes()
+    inp.unlink()
+    res.unlink()
     store = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
     nq, nk, nr = B * H * Tq * D, B * Hkv * Tk * D, B * H * Tq
     outs, off = [], 0
-    for n in (nq, nq, nk, nk):
+    for n, shp in ((nq, (B, H, Tq, D)), (nq, (B, H, Tq, D)), (nk, (B, Hkv, Tk, D)),
+                   (nk, (B, Hkv, Tk, D))):
         a = np.frombuffer(buf, store, n, off)
         off += n * np.dtype(store).itemsize
-        outs.append(fa.from_bf16_bits(np, a) if dtype == "bfloat16" else a)
-    lse = np.frombuffer(buf, np.float32, nr, off).astype(np.float64)
-    o, dq, dk, dv = (a.astype(np.float64) for a in outs)
+        outs.append((fa.from_bf16_bits(np, a) if dtype == "bfloat16" else a)
+                    .astype(np.float64).reshape(shp))
+    lse = np.frombuffer(buf, np.float32, nr, off).astype(np.float64).reshape(B, H, Tq)
+    o, dq, dk, dv = outs
+    return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv), exact, scale
+
+
+_emu_runs = iter(range(10**9))
+
+
+def run_emulated(emulator, dtype, impl, shape, causal, order="forward", ldmatrix=True, seed=0,
+                 variant="v1", cpasync="late", scale=None):
+    B, H, Hkv, Tq, Tk, D = shape
+    host = random_qkv(B, H, Hkv, Tq, Tk, D, seed)
+    got, exact, scale = emulate(emulator, dtype, impl, shape, causal, host, order, ldmatrix,
+                                variant, cpasync, scale)
     q, k, v, do = exact
     ref = fa.attention_reference(np, q, k, v, causal, scale)
     ref += fa.attention_reference_backward(np, q, k, v, do, causal, scale)
-    return dict(zip(("o", "lse", "dq", "dk", "dv"), zip((o, lse, dq, dk, dv), ref)))
+    return {name: (got[name], r) for name, r in zip(("o", "lse", "dq", "dk", "dv"), ref)}
 
 
 EMU_CASES = [  # (impl, variant, dtype, (B, H, Hkv, Tq, Tk, D), causal, order[, options])
@@ -715,3 +739,287 @@ def test_gpu_input_checks(cp):
     with pytest.raises(ShapeError, match="lse"):
         o, lse = fa.flash_attention_forward(q, k, v)
         fa.flash_attention_backward(q, k, v, o, lse[:, :1].copy(), o)
+
+
+# =========================================================================== boundaries (issue 21)
+# The same tests on two backends: the CPU emulator, and the GPU (cupy; `pytest -m gpu`).
+# For every kernel family and variant:
+#   - a boundary sweep of the causal tile skipping: Tk - Tq in {-1, 0, 1, BR-1, BR, BR+1}
+#     (BR: the query tile of dk/dv), Tq and Tk = 0, 1 and -1 mod every tile size, GQA
+#     ratios 1 to 3, plus one unmasked shape;
+#   - spike visibility: v = 0 but for key j0 and dO = 0 but for row i0, so exactly the
+#     rows that may see key j0 have o != 0, and exactly the keys row i0 may see have
+#     dK, dV != 0 (every other element exactly 0);
+#   - each output checked row by row (max error over a row / that row's largest value)
+#     against a float64 reference that rounds P and dS to the input dtype where the
+#     tensor-core kernels do (and o to its storage dtype before delta), so the
+#     tolerance is near the dtype's rounding: a dropped or extra (row, key) pair moves
+#     some row by far more. tests/test_fa_mutations.py plants two off-by-one bugs in the
+#     tile skipping and checks that these tests catch them.
+
+ROW_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 8e-3}
+LSE_TOL = 1e-4  # absolute, natural-log units (lse is float32 in every kernel)
+FAMILIES = [("simt", "v1"), ("simt", "v2"), ("mma", "v1"), ("mma", "v2")]
+
+
+def round_to(dtype):
+    """float64 -> the value the kernel would store in `dtype` (from float32, RNE)."""
+    if dtype == "float32":
+        return lambda x: x.astype(np.float32).astype(np.float64)
+    if dtype == "float16":
+        return lambda x: x.astype(np.float32).astype(np.float16).astype(np.float64)
+    return lambda x: fa.from_bf16_bits(np, fa.to_bf16_bits(np, x.astype(np.float32))).astype(np.float64)
+
+
+def rounding_reference(q, k, v, do, causal, scale, dtype, impl, fwd_bc):
+    """Forward and backward in float64 with the tensor-core kernels' roundings: in the
+    forward P = exp2(x - running max) over key tiles of fwd_bc, rounded to dtype before
+    P V (the sum l is of unrounded P); in the backward P = exp2(x - lse2) and
+    dS = P (dP - delta), both rounded before their products; delta from o as stored.
+    impl "simt" rounds nothing but o (its tiles hold float32)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    g = H // Hkv
+    kk, vv = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    rnd = round_to(dtype) if impl == "mma" else (lambda x: x)
+    vis = np.ones((Tq, Tk), bool)
+    if causal:
+        vis = np.arange(Tk)[None, :] <= np.arange(Tq)[:, None] + (Tk - Tq)
+    x = np.where(vis, q @ kk.swapaxes(-1, -2) * scale * fa.LOG2E, -np.inf)
+    m = np.full((B, H, Tq), -np.inf)
+    l, acc = np.zeros((B, H, Tq)), np.zeros(q.shape)
+    for c0 in range(0, Tk, fwd_bc):
+        xt = x[..., c0:c0 + fwd_bc]
+        m_new = np.maximum(m, xt.max(-1))
+        mu = np.where(m_new == -np.inf, 0, m_new)
+        alpha = np.exp2(m - mu)
+        p = np.exp2(xt - mu[..., None])
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + rnd(p) @ vv[..., c0:c0 + fwd_bc, :]
+        m = m_new
+    seen = l > 0
+    o = np.where(seen[..., None], acc / np.where(seen, l, 1)[..., None], 0)
+    lse = np.where(seen, (m + np.log2(np.where(seen, l, 1))) * math.log(2), -np.inf)
+    delta = (round_to(dtype)(o) * do).sum(-1)
+    L2 = np.where(seen, lse * fa.LOG2E, np.inf)
+    p = np.where(vis, np.exp2(x - L2[..., None]), 0)
+    dp = do @ vv.swapaxes(-1, -2)
+    ds = p * (dp - delta[..., None])
+    ds_mag = p * (np.abs(dp) + np.abs(delta)[..., None])  # before the cancellation
+
+    def kv_sum(a):
+        return a.reshape(B, Hkv, g, Tk, D).sum(2)
+
+    want = dict(o=o, lse=lse, dq=scale * rnd(ds) @ kk,
+                dk=kv_sum(scale * rnd(ds).swapaxes(-1, -2) @ q),
+                dv=kv_sum(rnd(p).swapaxes(-1, -2) @ do))
+    # the size of each output's terms (absolute values): the scale its rounding errors have
+    mag = dict(o=p @ np.abs(vv), dq=scale * ds_mag @ np.abs(kk),
+               dk=kv_sum(scale * ds_mag.swapaxes(-1, -2) @ np.abs(q)),
+               dv=kv_sum(p.swapaxes(-1, -2) @ np.abs(do)))
+    return want, mag
+
+
+def row_error(got, want, mag) -> float:
+    """max over rows (last axis) of max |got - want| / max |want| in that row, where a row
+    whose result cancels to below 5 % of its terms' size (mag) is measured against that."""
+    g = np.asarray(got, np.float64).reshape(-1, want.shape[-1])
+    w = want.reshape(-1, want.shape[-1])
+    if not np.isfinite(g).all():
+        return math.inf
+    den = np.maximum(np.abs(w).max(1), 0.05 * mag.reshape(w.shape).max(1))
+    err = np.abs(g - w).max(1)
+    return float(np.where(den > 0, err / np.where(den > 0, den, 1), np.where(err > 0, math.inf, 0))
+                 .max(initial=0.0))
+
+
+def lse_error(got, want) -> float:
+    if np.isnan(got).any() or not np.array_equal(np.isneginf(got), np.isneginf(want)):
+        return math.inf
+    fin = np.isfinite(want)
+    return float(np.abs(got[fin] - want[fin]).max(initial=0.0))
+
+
+def check_rows(got, exact, causal, scale, dtype, impl, plan, D):
+    q, k, v, do = exact
+    want, mag = rounding_reference(q, k, v, do, causal, scale, dtype, impl,
+                                   fa.tile_shape(plan["fwd"], D)[1])
+    errs = {n: row_error(got[n], want[n], mag[n]) for n in ("o", "dq", "dk", "dv")}
+    bad = {n: e for n, e in errs.items() if not e < ROW_TOL[dtype]}
+    e_lse = lse_error(got["lse"], want["lse"])
+    if not e_lse < LSE_TOL:
+        bad["lse"] = e_lse
+    assert not bad, f"row-wise errors over {ROW_TOL[dtype]} (lse {LSE_TOL}): {bad} (all: {errs})"
+
+
+def run_gpu_on(cp, dtype, impl, shape, causal, host, variant, scale):
+    (q, k, v, do), exact, bits = _device(cp, host, dtype)
+    kw = dict(impl=impl, bf16_bits=bits, variant=variant)
+    o, lse = fa.flash_attention_forward(q, k, v, causal, scale, **kw)
+    dq, dk, dv = fa.flash_attention_backward(q, k, v, o, lse, do, causal, scale, **kw)
+    cp.cuda.runtime.deviceSynchronize()
+    got = {n: _host(cp, a, bits) for n, a in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv))}
+    got["lse"] = cp.asnumpy(lse).astype(np.float64)
+    return got, exact
+
+
+@pytest.fixture(params=["emu", pytest.param("cupy", marks=pytest.mark.gpu)])
+def kernels(request):
+    """(run, workers): run(dtype, impl, variant, shape, causal, host) -> (outputs, exact
+    inputs, scale, plan) on the emulator or on the GPU, the same test body for both;
+    workers: how many runs may go at once (emulator processes; 1 on the GPU)."""
+    if request.param == "emu":
+        emu = request.getfixturevalue("emulator")
+
+        def run(dtype, impl, variant, shape, causal, host):
+            got, exact, scale = emulate(emu, dtype, impl, shape, causal, host, variant=variant)
+            return got, exact, scale, fa.kernel_plan(impl, dtype, shape[-1], scale, variant)
+        return run, os.cpu_count() or 2
+        cp = request.getfixturevalue("cp")
+
+        def run(dtype, impl, variant, shape, causal, host):
+            scale = 1.0 / math.sqrt(shape[-1])
+            got, exact = run_gpu_on(cp, dtype, impl, shape, causal, host, variant, scale)
+            return got, exact, scale, fa.kernel_plan(impl, dtype, shape[-1], scale, variant)
+        return run, 1
+
+
+def family_tiles(impl, variant, dtype, D):
+    """(largest tile side of the plan, dk/dv's query tile BR)."""
+    plan = fa.kernel_plan(impl, dtype, D, 1.0 / math.sqrt(D), variant)
+    sides = [s for step in ("fwd", "dkdv", "dq") for s in fa.tile_shape(plan[step], D)]
+    return max(sides), fa.tile_shape(plan["dkdv"], D)[0]
+
+
+def sweep_shapes(impl, variant, dtype, D):
+    """(H, Hkv, Tq, Tk, causal): every shift of {-1, 0, 1, BR-1, BR, BR+1}; with M the
+    largest tile (every tile size divides it) Tq and Tk each land on 0, 1 and -1 mod M."""
+    M, BR = family_tiles(impl, variant, dtype, D)
+    pairs = [(M + 1, -1), (M - 1, 0), (M, 1), (M + 1, BR - 1), (M - 1, BR), (M, BR + 1)]
+    heads = [(2, 1), (1, 1), (3, 1), (2, 2), (2, 1), (3, 3)]  # GQA ratios 2, 1, 3
+    cases = [(h, hk, tq, tq + s, True) for (h, hk), (tq, s) in zip(heads, pairs)]
+    return cases + [(2, 1, M + 1, M - 1, False)]
+
+
+# (impl, variant, dtype, D, shapes): every family at D=32 (the cheapest module) with the
+# whole sweep; at D=128 (other tiles: BC = 32 in the forward and dq, BR = 32 in dk/dv)
+# again, the tensor-core kernels (slow to emulate) on the three shapes that hit the
+# skip boundaries (shift 1 at Tq = M, shift BR + 1, unmasked)
+SWEEP_FAMILIES = [("simt", "v1", "float32", 32, "all"), ("simt", "v2", "bfloat16", 32, "all"),
+                  ("mma", "v1", "float16", 32, "all"), ("mma", "v2", "bfloat16", 32, "all"),
+                  ("simt", "v1", "float16", 128, "all"), ("simt", "v2", "float32", 128, "all"),
+                  ("mma", "v1", "bfloat16", 128, (2, 5, 6)), ("mma", "v2", "float16", 128, (2, 5, 6))]
+
+
+def _family_id(f):
+    return f"{f[0]}-{f[1]}-{f[2]}-d{f[3]}"
+
+
+def family_shapes(family):
+    shapes = sweep_shapes(*family[:4])
+    return shapes if family[4] == "all" else [shapes[i] for i in family[4]]
+
+
+def sweep_case(run, family, shape, seed=7):
+    impl, variant, dtype, D = family[:4]
+    H, Hkv, Tq, Tk, causal = shape
+    full = (1, H, Hkv, Tq, Tk, D)
+    got, exact, scale, plan = run(dtype, impl, variant, full, causal,
+                                  random_qkv(*full, seed))
+    check_rows(got, exact, causal, scale, dtype, impl, plan, D)
+
+
+def run_all(run, workers, fn, family, cases):
+    """fn(run, family, case) for every case (emulator runs in parallel processes); one
+    assertion that lists every failing case."""
+    def one(case):
+        try:
+            fn(run, family, case)
+            return None
+        except AssertionError as e:
+            return f"{case}: {str(e).splitlines()[0]}"
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        failures = [f for f in pool.map(one, cases) if f]
+    assert not failures, f"{_family_id(family)}: {len(failures)} of {len(cases)} cases fail:\n" + \
+        "\n".join(failures)
+
+
+@pytest.mark.parametrize("family", SWEEP_FAMILIES, ids=_family_id)
+def test_boundary_sweep(kernels, family):
+    run, workers = kernels
+    run_all(run, workers, sweep_case, family, family_shapes(family))
+
+
+def spike_inputs(shape, i0, j0, seed):
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, _, _ = random_qkv(B, H, Hkv, Tq, Tk, D, seed)
+    rng = np.random.default_rng(seed + 1)
+    v, do = np.zeros((B, Hkv, Tk, D)), np.zeros((B, H, Tq, D))
+    v[:, :, j0] = 30.0 * (1 + rng.random((B, Hkv, D)))
+    do[:, :, i0] = 1 + rng.random((B, H, D))
+    return 0.5 * q, k, v, do
+
+
+def check_spike(got, shape, causal, i0, j0):
+    B, H, Hkv, Tq, Tk, D = shape
+    rows, cols = np.arange(Tq), np.arange(Tk)
+    sees_j0 = (j0 <= rows + Tk - Tq) if causal else np.ones(Tq, bool)
+    i0_sees = (cols <= i0 + Tk - Tq) if causal else np.ones(Tk, bool)
+    nz = {n: np.abs(a).max(-1) > 0 for n, a in got.items() if n != "lse"}
+    for b in range(B):
+        for h in range(H):
+            np.testing.assert_array_equal(nz["o"][b, h], sees_j0, err_msg=f"o rows that see key {j0}")
+            want_dq = (rows == i0) & sees_j0[i0]
+            np.testing.assert_array_equal(nz["dq"][b, h], want_dq, err_msg="dq rows")
+        for hk in range(Hkv):
+            np.testing.assert_array_equal(nz["dv"][b, hk], i0_sees, err_msg=f"dv keys row {i0} sees")
+            np.testing.assert_array_equal(nz["dk"][b, hk], i0_sees & sees_j0[i0],
+                                          err_msg=f"dk keys row {i0} sees")
+
+
+def spike_cases(impl, variant, dtype, D):
+    """(H, Hkv, Tq, Tk, causal, i0, j0): the last key starting a tile, seen only by the
+    last row, itself the last row of a dk/dv query tile; an interior tile start; full."""
+    M, BR = family_tiles(impl, variant, dtype, D)
+    return [(2, 1, M, M + 1, True, M - 1, M), (3, 3, M + 1, M + 1, True, 64, 64),
+            (2, 2, M - 1, M + BR + 1, True, M - 2, M + BR),
+            (2, 1, M - 1, M + 1, False, 0, M)]
+
+
+SPIKE_FAMILIES = [("simt", "v1", "float16", 32), ("simt", "v2", "float32", 32),
+                  ("mma", "v1", "bfloat16", 32), ("mma", "v2", "float16", 32),
+                  ("mma", "v2", "bfloat16", 32)]
+
+
+def spike_case(run, family, case, seed=11):
+    impl, variant, dtype, D = family[:4]
+    H, Hkv, Tq, Tk, causal, i0, j0 = case
+    full = (1, H, Hkv, Tq, Tk, D)
+    got, exact, scale, plan = run(dtype, impl, variant, full, causal, spike_inputs(full, i0, j0, seed))
+    check_spike(got, full, causal, i0, j0)
+    check_rows(got, exact, causal, scale, dtype, impl, plan, D)
+
+
+@pytest.mark.parametrize("family", SPIKE_FAMILIES, ids=_family_id)
+def test_spike_visibility(kernels, family):
+    run, workers = kernels
+    run_all(run, workers, spike_case, family, spike_cases(*family))
+
+
+@pytest.mark.parametrize("dtype,impl", [("float16", "mma"), ("bfloat16", "mma"), ("float16", "simt")])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rounding_reference_is_the_reference_up_to_rounding(dtype, impl, causal):
+    """Without its roundings (float32 "dtype") the rounding reference is the oracle; with
+    them it moves by about the dtype's rounding, never more."""
+    q, k, v, do = random_qkv(1, 4, 2, 37, 70, 8, seed=21)
+    plain = fa.attention_reference(np, q, k, v, causal, 0.4)
+    plain += fa.attention_reference_backward(np, q, k, v, do, causal, 0.4)
+    exact, _ = rounding_reference(q, k, v, do, causal, 0.4, "float32", "simt", 16)
+    rounded, mag = rounding_reference(q, k, v, do, causal, 0.4, dtype, impl, 16)
+    eps = {"float16": 2.0**-11, "bfloat16": 2.0**-8}[dtype]
+    for name, want in zip(("o", "lse", "dq", "dk", "dv"), plain):
+        np.testing.assert_allclose(exact[name], want, rtol=1e-5, atol=1e-6)
+        if name != "lse":
+            err = row_error(rounded[name], want, mag[name])
+            assert err < 30 * eps and (err > eps / 100 or impl == "simt"), name

@@ -261,6 +261,24 @@ def launch_shape(name: str, head_dim: int) -> tuple:
     raise KeyError(name)
 
 
+def tile_shape(name: str, head_dim: int) -> tuple:
+    """(query rows, key rows) of one tile of kernel ``name``: for the forward and dq the
+    block owns the query rows and steps over key tiles; dk/dv owns the key rows and steps
+    over query tiles. Tests sweep sequence lengths around these sizes."""
+    D = head_dim
+    simt = {"fa_fwd_simt": SIMT_TILES[D]["FWD"], "fa_bwd_dkdv_simt": SIMT_TILES[D]["KV"],
+            "fa_bwd_dq_simt": SIMT_TILES[D]["Q"],
+            "fa_bwd_dkdv_simt2": SIMT2_TILES[D]["KV"][:2], "fa_bwd_dq_simt2": SIMT2_TILES[D]["Q"][:2]}
+    if name in simt:
+        return tuple(simt[name])
+    mma, mma2 = MMA_TILES[D], MMA2_TILES[D]
+    return {"fa_fwd_mma": (MMA_ROWS, mma["FWD_BC"]), "fa_bwd_dkdv_mma": (mma["KV_BR"], MMA_ROWS),
+            "fa_bwd_dq_mma": (MMA_ROWS, mma["Q_BC"]),
+            "fa_fwd_mma2": (MMA_ROWS * mma2["FWD_MT"], mma2["FWD_BC"]),
+            "fa_bwd_dkdv_mma2": (mma2["KV_BR"], MMA_ROWS),
+            "fa_bwd_dq_mma2": (MMA_ROWS, mma2["Q_BC"])}[name]
+
+
 def _kernel(dtype: str, head_dim: int, name: str, device_id: int, family: int):
     smem = launch_shape(name, head_dim)[2]
 
