@@ -60,8 +60,10 @@ MODELS = {
     "wide": {**NANOGPT, "n_head": 8, "d_model": 512},
     "tiny": {**NANOGPT, "n_layer": 1, "d_model": 32},  # --quick
 }
-MODES = {"1 rank": (1, 1), "DP 2": (2, 1), "TP 2": (2, 2)}  # name: (ranks, tensor parallel)
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier")
+# name: (ranks, tensor parallel, ZeRO stage)
+MODES = {"1 rank": (1, 1, 0), "DP 2": (2, 1, 0), "ZeRO 2": (2, 1, 1), "TP 2": (2, 2, 0)}
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_in_place", "reduce_scatter",
+               "broadcast", "barrier")
 
 
 # --------------------------------------------------------------------------- one run (a rank)
@@ -96,32 +98,49 @@ def worker(args) -> None:
     from tinylm.train import TrainConfig, Trainer
 
     world = dist.world()
+    if args.bind and world.size == 1:  # (mpiexec -bind-to core pins the ranks)
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     config = TrainConfig(
         out_dir=args.out, data=[str(args.data)], tokenizer="char", block_size=64,
         batch_size=12, max_steps=args.warmup + args.steps, warmup_steps=10, lr=1e-3,
         eval_every=10_000, sample_tokens=0, threads=1, cache_dir=args.cache,
-        model=MODELS[args.model], tensor_parallel=args.tensor_parallel)
+        model=MODELS[args.model], tensor_parallel=args.tensor_parallel, zero=args.zero)
     ranks = parallel_from_config(config, world)
     timers = [TimedComm(ranks.comm)]
     ranks.comm = timers[0]
     if args.tensor_parallel > 1:
         timers.append(TimedComm(ranks.tp))
         ranks.tp = timers[1]
+    transports = [t._comm.transport for t in timers]
     trainer = Trainer(config, dist=ranks, overwrite=True).setup()
-    steps, comm = [], []
+    steps, cpu, comm, waited = [], [], [], []
     with blas_threads(1):
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 world.barrier()
-            t0, c0 = time.perf_counter(), sum(t.seconds for t in timers)
+            t0, p0 = time.perf_counter(), time.process_time()
+            c0, w0 = sum(t.seconds for t in timers), _waited(transports)
             trainer.train_step(trainer.next_batches())
             if i >= args.warmup:
                 steps.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - p0)
                 comm.append(sum(t.seconds for t in timers) - c0)
+                waited.append(_waited(transports) - w0)
+    # every rank's medians, to rank 0: (step, CPU, comm, of which waiting in a barrier)
+    mine = np.array([statistics.median(v) for v in (steps, cpu, comm, waited)])
+    every = world.all_gather(mine[None, :])
     if world.rank == 0:
-        print(json.dumps({"step_s": statistics.median(steps), "comm_s": statistics.median(comm),
+        print(json.dumps({"step_s": float(every[0, 0]), "cpu_s": float(every[0, 1]),
+                          "cpu_s_max": float(every[:, 1].max()), "comm_s": float(every[0, 2]),
+                          "waited_s": float(every[0, 3]),
                           "params": _parameters(trainer.model),
                           "tokens": config.batch_size * config.block_size}), flush=True)
+
+
+def _waited(transports) -> float:
+    """Seconds the MPI engines spent in the barriers before large collectives (waiting
+    for the other rank to arrive: tinylm.dist.mpi's ``waited_s``)."""
+    return sum(getattr(t, "waited_s", 0.0) for t in transports)
 
 
 def _parameters(model) -> int:
@@ -250,19 +269,21 @@ def _seconds(s: float) -> str:
 # --------------------------------------------------------------------------- the driver
 
 
-def run_one(args, model: str, ranks: int, tp: int, workdir: str) -> dict:
+def run_one(args, model: str, mode: str, workdir: str) -> dict:
     """One configuration in a fresh process (group); returns rank 0's numbers."""
+    ranks, tp, zero = MODES[mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "TINYLM_LOAD_PLUGINS": ""}
-    out = tempfile.mkdtemp(prefix=f"{model}-{ranks}-{tp}-", dir=workdir)
+    out = tempfile.mkdtemp(prefix=f"{model}-{ranks}-{tp}-{zero}-", dir=workdir)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model,
            "--out", out, "--cache", os.path.join(workdir, "cache"), "--data", str(args.data),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--tensor-parallel", str(tp)]
+           "--tensor-parallel", str(tp), "--zero", str(zero)] + (["--bind"] if args.bind else [])
     if ranks > 1:
         from tinylm.dist.launch import find_mpiexec
 
-        cmd = [find_mpiexec(), "-n", str(ranks)] + cmd
+        bind = ["-bind-to", "core"] if args.bind else []
+        cmd = [find_mpiexec(), *bind, "-n", str(ranks)] + cmd
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
@@ -278,29 +299,38 @@ def summarise(runs: dict) -> list:
     for model, modes in runs.items():
         base = modes.get("1 rank")
         for mode, reps in modes.items():
-            step = statistics.median(r["step_s"] for r in reps)
-            comm = statistics.median(r["comm_s"] for r in reps)
+            med = {k: statistics.median(r[k] for r in reps)
+                   for k in ("step_s", "cpu_s", "cpu_s_max", "comm_s", "waited_s")}
+            step = med["step_s"]
             ratios = [b["step_s"] / r["step_s"] for b, r in zip(base, reps)] if base else []
             rows.append({"model": model, "mode": mode, "params": reps[0]["params"],
-                         "step_ms": 1e3 * step, "comm_ms": 1e3 * comm,
-                         "comm_share": comm / step, "tokens_per_s": reps[0]["tokens"] / step,
+                         "step_ms": 1e3 * step, "comm_ms": 1e3 * med["comm_s"],
+                         "waited_ms": 1e3 * med["waited_s"],
+                         "comm_share": med["comm_s"] / step,
+                         "cpu_ms": 1e3 * med["cpu_s"], "cpu_ms_max": 1e3 * med["cpu_s_max"],
+                         "tokens_per_s": reps[0]["tokens"] / step,
                          "speedup": (statistics.median(b["step_s"] for b in base) / step
                                      if base else None),
                          "speedup_per_repeat": statistics.median(ratios) if ratios else None,
+                         "speedup_cpu": (statistics.median(b["cpu_s"] for b in base)
+                                         / med["cpu_s_max"] if base else None),
                          "step_ms_each": [round(1e3 * r["step_s"], 2) for r in reps]})
     return rows
 
 
 def print_table(rows: list) -> None:
-    print("| model | params | run | step (ms) | comm/step (ms) | comm share | tokens/s "
-          "| x 1 rank | x 1 rank, per repeat |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | params | run | step (ms) | comm/step (ms) | of which waiting (ms) "
+          "| comm share | CPU/step/rank (ms) | tokens/s | x 1 rank | x 1 rank, per repeat "
+          "| x 1 rank, CPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else ""
         each = f"{r['speedup_per_repeat']:.2f}x" if r["speedup_per_repeat"] else ""
+        cpu = f"{r['speedup_cpu']:.2f}x" if r["speedup_cpu"] else ""
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['mode']} | {r['step_ms']:.1f} "
-              f"| {r['comm_ms']:.1f} | {100 * r['comm_share']:.0f}% | "
-              f"{r['tokens_per_s']:,.0f} | {speed} | {each} |")
+              f"| {r['comm_ms']:.1f} | {r['waited_ms']:.1f} | {100 * r['comm_share']:.0f}% | "
+              f"{r['cpu_ms']:.0f} (max {r['cpu_ms_max']:.0f}) | {r['tokens_per_s']:,.0f} "
+              f"| {speed} | {each} | {cpu} |")
 
 
 def main() -> None:
@@ -318,7 +348,13 @@ def main() -> None:
     p.add_argument("--model", default="nanogpt", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--no-projection", action="store_true",
+                   help="skip GPT-2 small's compute measurement and the model of step time")
+    p.add_argument("--bind", action="store_true",
+                   help="pin each rank to its own core (mpiexec -bind-to core; 1 rank: "
+                        "the first core)")
     p.add_argument("--tensor-parallel", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--zero", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -330,16 +366,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tinylm-scale-") as workdir:
         for rep in range(args.repeats):
             for model in args.models:
-                for mode in args.modes:
-                    ranks, tp = MODES[mode]
-                    runs[model][mode].append(run_one(args, model, ranks, tp, workdir))
+                # odd repeats run the modes in reverse: a drift in the machine's load
+                # then favours no mode
+                for mode in (args.modes if rep % 2 == 0 else args.modes[::-1]):
+                    runs[model][mode].append(run_one(args, model, mode, workdir))
                     r = runs[model][mode][-1]
                     print(f"repeat {rep + 1}/{args.repeats} {model:8s} {mode:7s} "
-                          f"{1e3 * r['step_s']:8.1f} ms/step, comm {1e3 * r['comm_s']:.1f} ms",
-                          file=sys.stderr, flush=True)
+                          f"{1e3 * r['step_s']:8.1f} ms/step, comm {1e3 * r['comm_s']:.1f} ms "
+                          f"(waiting {1e3 * r['waited_s']:.1f}), CPU {1e3 * r['cpu_s']:.0f} ms, "
+                          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     rows = summarise(runs)
     print_table(rows)
-    compute = None if args.quick else measure_compute()
+    compute = None if args.quick or args.no_projection else measure_compute()
     projections = {}
     if compute is not None:
         print(f"\nGPT-2 small forward + backward, one thread: {1e3 * compute['s_per_token']:.2f} "
@@ -355,7 +393,8 @@ def main() -> None:
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "load_start": load, "load_end": os.getloadavg()[0],
             "wall_s": round(time.time() - started, 1), "steps": args.steps,
-            "warmup": args.warmup, "repeats": args.repeats}
+            "warmup": args.warmup, "repeats": args.repeats, "bind": args.bind,
+            "modes": args.modes}
     print(f"load average {meta['load_start']:.2f} -> {meta['load_end']:.2f}; "
           f"{meta['wall_s']:.0f} s", file=sys.stderr)
     if not args.quick:
