@@ -279,7 +279,12 @@ def columns(n_in: int) -> np.ndarray:
 
 
 def dequantize(packed: Packed) -> np.ndarray:
-    """The whole float32 weight (out, in), natural column order."""
+    """The whole float32 weight (out, in), natural column order (on the GPU when the
+    packed arrays are CuPy ones: the row decoder of tinylm/kernels/quant_matmul.cu)."""
+    if on_device(None, packed):
+        from tinylm.kernels import quant_matmul
+        xp = backend.get_array_module(*packed.arrays.values())
+        return quant_matmul.dequantize_rows(packed, xp.arange(packed.shape[0]))
     out = np.empty(packed.shape, np.float32)
     tile_loop(packed, lambda r0, r1, t: out.__setitem__(slice(r0, r1), _natural(packed, t)))
     return out
