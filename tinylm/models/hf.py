@@ -731,9 +731,9 @@ def load_pretrained(path, strict: bool = True, overrides: dict | None = None):
             a = _load_arrays(files, [family.lm_head, *tied_pair.values()])
             if not np.array_equal(a[family.lm_head], a[next(iter(tied_pair.values()))]):
                 config = config.replace(tie_embeddings=False)  # as transformers: do not tie
-    model = build_model(config)
-    params = dict(model.named_parameters())
     rules = family.rules(config)
+    model = _build_for_loading(build_model, config, rules)
+    params = dict(model.named_parameters())
     expected = _expected(rules, params)
     where = _resolve(expected, shapes, family.prefix)
     missing = [f"{n} {expected[n]}" for n in expected if n not in where]
@@ -752,19 +752,35 @@ def load_pretrained(path, strict: bool = True, overrides: dict | None = None):
     if problems:
         raise CheckpointError(f"{path} does not fit the {family.model_type} model its "
                               f"config.json describes:\n  " + "\n  ".join(problems))
-    arrays = _load_arrays(files, [where[n] for n in expected])
-    state = {}
-    for rule in rules:
-        parts = [arrays[where[n]] for n in rule.theirs]
+    for rule in rules:  # one parameter at a time: never a second copy of every weight
+        arrays = _load_arrays(files, [where[n] for n in rule.theirs])
+        parts = [arrays.pop(where[n]) for n in rule.theirs]
         if rule.op == "transpose":
-            state[rule.ours] = parts[0].T
+            value = parts[0].T
         elif rule.op == "concat":
-            state[rule.ours] = np.concatenate(parts, axis=0)
+            value = np.concatenate(parts, axis=0)
         else:
-            state[rule.ours] = parts[0]
-    model.load_state_dict(state, strict=False)  # tied aliases share the loaded Parameter
+            value = parts[0]
+        del parts, arrays
+        # tied aliases share the loaded Parameter
+        model.load_state_dict({rule.ours: value}, strict=False)
     model.eval()
     return model
+
+
+def _build_for_loading(build_model, config, rules):
+    """The model, its weights left unwritten (``nn.skip_init``: no page of them is
+    resident until the file's values are copied in, so loading never holds two copies)
+    when the rules fill every parameter; else built and initialised as usual."""
+    from tinylm import nn
+
+    with nn.skip_init():
+        model = build_model(config)
+    ours = {r.ours for r in rules}
+    filled = {id(p) for name, p in model.named_parameters() if name in ours}
+    if all(id(p) in filled for p in model.parameters()):
+        return model
+    return build_model(config)
 
 
 # --------------------------------------------------------------------------- writing
