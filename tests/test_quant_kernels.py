@@ -278,6 +278,17 @@ def test_reverse_warp_order_gives_the_same_bits(build, monkeypatch, tmp_path):
     assert ys[0] == ys[1]
 
 
+def test_gemv_strides_over_rows_beyond_its_grid(emulated, monkeypatch):
+    """Past GEMV_MAX_BLOCKS * 8 rows (a 49152-row LM head: 32768 rows a pass) each warp
+    takes several rows; here with a grid of 2 blocks for 70 rows."""
+    monkeypatch.setattr(qm, "GEMV_MAX_BLOCKS", 2)
+    p = random_packed("q8_0", 70, 96, seed=11)
+    x = np.random.default_rng(11).standard_normal((2, 96)).astype(F32)
+    y = qm.matmul(x, p)
+    assert emulated.calls[0][1] == (2, 1, 1)
+    assert_product(y, x, p)
+
+
 def test_float64_inputs_and_empty_shapes(emulated):
     p = random_packed("q8_0", 37, 96, seed=6)
     x = np.random.default_rng(6).standard_normal((2, 96))
