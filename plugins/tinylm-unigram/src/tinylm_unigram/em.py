@@ -30,6 +30,28 @@ def _lse(values: np.ndarray, cut: np.ndarray, reps: np.ndarray, m: np.ndarray) -
     return out
 
 
+def _merge_order(starts: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """The order that interleaves ``unknown`` (sorted positions) into ``starts``
+    (sorted), each unknown after the starts equal to it: indices into
+    ``concatenate([starts, unknown])``."""
+    n = len(starts) + len(unknown)
+    slot = np.searchsorted(starts, unknown, side="right") + np.arange(len(unknown))
+    order = np.empty(n, np.int64)
+    is_unknown = np.zeros(n, dtype=bool)
+    is_unknown[slot] = True
+    order[slot] = len(starts) + np.arange(len(unknown))
+    order[~is_unknown] = np.arange(len(starts))
+    return order
+
+
+def _group_order(key: np.ndarray) -> tuple:
+    """A stable sort by the small non-negative ints ``key`` (radix sort in int16):
+    ``(order, key[order])``."""
+    dtype = np.int16 if (not len(key) or key.max() < 2 ** 15) else np.int64
+    order = np.argsort(key.astype(dtype), kind="stable")
+    return order, key[order]
+
+
 class _Text:
     """The words laid end to end, every edge a vocabulary can have over them (each
     piece occurrence, and an unknown candidate at every position), and both pass
@@ -44,21 +66,23 @@ class _Text:
         cp[self.word_end[:-1]] = 0  # the separators: no piece holds code point 0
         self.size = len(cp) + 1
         word_of_pos = np.repeat(np.arange(len(words)), lengths + 1)[: len(cp)]
-        starts, lens, rows = index.find(cp)
+        starts, lens, rows = index.find(cp)  # sorted by start, then length
         unknown = np.flatnonzero(cp > 0)
-        self.starts = np.concatenate([starts, unknown])
-        self.ends = self.starts + np.concatenate([lens, np.ones(len(unknown), np.int64)])
-        self.ids = np.concatenate([index.ids[rows], np.full(len(unknown), -1, np.int64)])
+        # an unknown candidate comes right after the pieces that start where it does
+        order = _merge_order(starts, unknown)
+        self.starts = np.concatenate([starts, unknown])[order]
+        self.ends = self.starts + np.concatenate([lens, np.ones(len(unknown), np.int64)])[order]
+        self.ids = np.concatenate([index.ids[rows], np.full(len(unknown), -1, np.int64)])[order]
         self.word = word_of_pos[self.starts]
         self.one_char = (self.ends - self.starts == 1) & (self.ids >= 0)
         ws, we = self.word_start[self.word], self.word_end[self.word]
         self.whole = ((self.starts == ws) & (self.ends == we)) if skip_whole else None
-        # stable sorts: among edges with one target, the order of ``find`` (by start,
-        # then length), unknown ones last: the order in which ties are broken
-        self.fwd = np.argsort((self.ends - ws) * self.size + self.ends, kind="stable")
-        self.fwd_key = (self.ends - ws)[self.fwd]
-        self.bwd = np.argsort((we - self.starts) * self.size + self.starts, kind="stable")
-        self.bwd_key = (we - self.starts)[self.bwd]
+        # Each pass visits the edges by group (the end's offset in its word forward,
+        # the start's distance to its word's end backward), by target within a group,
+        # and among edges of one target in the order above (ties go to the first).
+        # The order above is by start, so a stable sort by group alone gives it.
+        self.fwd, self.fwd_key = _group_order(self.ends - ws)
+        self.bwd, self.bwd_key = _group_order(we - self.starts)
 
     def restrict(self, new_id: np.ndarray, words: bool) -> "_Text":
         """The edges of the pieces kept (``new_id[old id]``: the new id, or -1), with

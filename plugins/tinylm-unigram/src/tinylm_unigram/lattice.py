@@ -40,16 +40,14 @@ class PieceIndex:
     must never match) in text."""
 
     def __init__(self, pieces):
-        ids = [i for i, p in enumerate(pieces) if p]
-        self.max_len = max((len(pieces[i]) for i in ids), default=0)
-        lengths = np.array([len(pieces[i]) for i in ids], dtype=np.int64)
-        keep = lengths > 0
-        self.ids = np.array(ids, dtype=np.int64)[keep]
-        self.lengths = lengths[keep]
+        lengths = np.fromiter(map(len, (p or "" for p in pieces)), dtype=np.int64, count=len(pieces))
+        self.ids = np.flatnonzero(lengths > 0)
+        self.lengths = lengths[self.ids]
+        self.max_len = int(self.lengths.max()) if len(self.ids) else 0
         width = max(self.max_len, 1)
         mat = np.zeros((len(self.ids), width), dtype=np.uint64)
         if len(self.ids):
-            flat = code_points("".join(pieces[i] for i in self.ids.tolist()))
+            flat = code_points("".join([pieces[i] for i in self.ids.tolist()]))
             rows = np.repeat(np.arange(len(self.ids)), self.lengths)
             cols = np.arange(len(flat)) - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)
             mat[rows, cols] = flat

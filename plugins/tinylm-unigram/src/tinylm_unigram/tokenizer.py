@@ -101,6 +101,12 @@ class UnigramTokenizer(Tokenizer):
 
     # ------------------------------------------------------------------ the model
 
+    @property
+    def _short(self) -> dict:
+        if self._short_cache is None:
+            self._short_cache = lattice.short_table(self._index, self._edge_scores)
+        return self._short_cache
+
     def _setup_model(self) -> None:
         types = np.array(self.types)
         scores32 = np.array(self.scores, dtype=np.float32)
@@ -133,7 +139,7 @@ class UnigramTokenizer(Tokenizer):
             self.normalizer = None
             self._word_cache = {}
         self._index = lattice.PieceIndex(matchable)
-        self._short = lattice.short_table(self._index, self._edge_scores)
+        self._short_cache = None  # lattice.short_table, made on first use
 
     def _check_spm_vocabulary(self) -> None:
         seen = set()
