@@ -31,9 +31,11 @@ def tiny_model(tok, max_positions: int = 128, seed: int = 0, cls=None):
 
 
 class Gated(Decoder):
-    """A Decoder whose forward waits for ``gate`` (set: runs), sleeps ``delay`` seconds,
-    and raises once when ``fail`` is set: to hold the engine still, slow it down, or
-    make it fail."""
+    """A Decoder whose layers, at each forward, wait for ``gate`` (set: run), sleep
+    ``delay`` seconds, and raise once when ``fail`` is set: to hold the engine still,
+    slow it down, or make it fail. The hold is in its ``BlockStack``, not in an
+    overridden ``forward``, so the engine runs it as the plain decoder it is (the
+    last-position-only logits of ``tinylm.serve.forward``)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -42,16 +44,19 @@ class Gated(Decoder):
         self.delay = 0.0
         self.fail = False
         self.calls = 0
+        run = self.transformer.forward
 
-    def forward(self, *args, **kwargs):
-        self.gate.wait(10)
-        self.calls += 1
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("the model broke (on purpose)")
-        return super().forward(*args, **kwargs)
+        def held(*args, **kwargs):
+            self.gate.wait(10)
+            self.calls += 1
+            if self.delay:
+                time.sleep(self.delay)
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("the model broke (on purpose)")
+            return run(*args, **kwargs)
+
+        self.transformer.forward = held
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from tinylm.nn import KVCache
 from tinylm.sampling import SamplingConfig
 from tinylm.serve.cache import SlotCache
 from tinylm.serve.engine import Delta, Engine, Job
+from tinylm.serve.forward import pick_logits
 
 openai = pytest.importorskip("openai")
 
@@ -56,8 +57,9 @@ def _alone(model, prompt, steps):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_slot_cache_batch_equals_rows_alone(family):
-    """Rows of different lengths decode together as each does alone; one joins after
-    three steps, one leaves (the survivors move down), one is a copy of another."""
+    """Rows of different lengths decode together as each does alone; three start with
+    one right-padded prefill (last-position logits only), one joins after three steps
+    (prefilled alone), one leaves (the survivors move down), one is a copy of another."""
     tinylm.seed(1)
     model = Decoder(CONFIGS[family]).eval()
     rng = np.random.default_rng(0)
@@ -74,8 +76,14 @@ def test_slot_cache_batch_equals_rows_alone(family):
             got[p].append(logits)
             order.append(p)
 
-        for p in (0, 1, 2):
-            prefill(p)
+        first = [prompts[p] for p in (0, 1, 2)]
+        lengths = np.array([len(q) for q in first])
+        ids = np.full((3, lengths.max()), 5)  # right-padded, any padding token
+        for i, q in enumerate(first):
+            ids[i, :len(q)] = q
+        logits = pick_logits(model, ids, lengths - 1, cache=cache.prefill([0, 1, 2], lengths))
+        got[0], got[1], got[2] = [[row] for row in logits]
+        order += [0, 1, 2]
         for step in range(8):
             if step == 3:
                 prefill(3)
@@ -101,6 +109,26 @@ def test_slot_cache_batch_equals_rows_alone(family):
         n = len(got[p])
         np.testing.assert_allclose(np.stack(got[p]), want[p][:n], atol=2e-5)
     assert len(got[1]) == 6 and len(got[3]) == 6  # it left early; it came late
+
+
+class _OwnForward(Decoder):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_pick_logits_of_a_model_with_its_own_forward():
+    """A model whose forward is not Decoder's goes through that forward: the same
+    logits, at the columns asked for."""
+    tinylm.seed(2)
+    plain = Decoder(CONFIGS["llama"]).eval()
+    own = _OwnForward(CONFIGS["llama"]).eval()
+    own.load_state_dict(plain.state_dict())
+    ids = np.random.default_rng(1).integers(0, 97, (3, 7))
+    at = np.array([6, 2, 4])
+    with no_grad():
+        want = plain(ids).logits.data[np.arange(3), at]
+        np.testing.assert_allclose(pick_logits(plain, ids, at), want, atol=1e-5)
+        np.testing.assert_allclose(pick_logits(own, ids, at), want, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the server
@@ -138,7 +166,8 @@ def test_16_concurrent_greedy_requests_equal_their_lone_runs(tok):
         clients = [client(s) for _ in requests]
         with ThreadPoolExecutor(len(requests)) as pool:
             futures = [pool.submit(_run, c, r) for c, r in zip(clients, requests)]
-            wait_until(lambda: s.engine.waiting == len(requests) - 1, what="all to queue")
+            wait_until(lambda: s.engine.waiting + s.engine.prefilling == len(requests),
+                       what="all to queue")
             model.gate.set()
             together = [f.result(30) for f in futures]
         for (text, reason, _), (t2, r2, _) in zip(alone, together):
@@ -194,7 +223,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tok):
         model.gate.clear()
         with ThreadPoolExecutor(len(kinds)) as pool:
             futures = [pool.submit(run, client(s), kw) for kw in kinds]
-            wait_until(lambda: s.engine.waiting == len(kinds) - 1, what="all to queue")
+            wait_until(lambda: s.engine.waiting + s.engine.prefilling == len(kinds),
+                       what="all to queue")
             model.gate.set()
             together = [f.result(30) for f in futures]
         assert together == alone

@@ -2,6 +2,7 @@
 
     cache = SlotCache(max_rows=16, max_length=1024)
     model(prompt_ids, cache=cache.row(i))                 # prefill sequence i alone
+    model(padded_ids, cache=cache.prefill(rows, lengths))  # or several new ones at once
     mask, positions = cache.decode_inputs(B)              # (B, S), (B, 1)
     model(next_ids, attention_mask=mask, positions=positions, cache=cache.rows(B))
 
@@ -24,9 +25,16 @@ departure, not per step). Buffers are (max_rows, Hkv, capacity, hs) per layer,
 allocated at the first write and doubled along the positions as rows grow (up to
 ``max_length``).
 
-The two views (``row(i)``: a prefill of one sequence, any number of tokens; ``rows(B)``:
-a decode step of the first B) are what the model's ``BlockStack`` and attention
-layers call: ``length``, ``advance`` and ``update``, as on a ``KVCache``.
+A batched prefill of sequences that join together (``prefill(rows, lengths)``) feeds
+their prompts right-padded to the longest, (J, T), at the default positions 0 .. T - 1,
+causal and without a mask: a real token comes before every padding one, so causality
+alone keeps the padding out of every real token's attention. Row rows[j] gets all T
+columns written and length lengths[j]: the columns past it are stale, as above.
+
+The three views (``row(i)``: a prefill of one sequence, any number of tokens;
+``prefill``: of several fresh ones; ``rows(B)``: a decode step of the first B) are what
+the model's ``BlockStack`` and attention layers call: ``length``, ``advance`` and
+``update``, as on a ``KVCache``.
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ class SlotCache:
         """The cache as one sequence (batch of 1) that appends after row ``i``'s
         positions: a prefill of its prompt."""
         return _RowView(self, i)
+
+    def prefill(self, rows, lengths) -> "_PrefillView":
+        """Fresh sequences of ``lengths`` (J,) tokens into rows ``rows`` (J,), fed as one
+        right-padded (J, max(lengths)) batch."""
+        return _PrefillView(self, rows, lengths)
 
     def rows(self, B: int) -> "_StepView":
         """Rows 0 .. B - 1 each appending one token at its own length: a decode step."""
@@ -158,6 +171,44 @@ class _RowView:
         kb[i, :, self.start:S] = k.data[0]
         vb[i, :, self.start:S] = v.data[0]
         return Tensor(kb[i:i + 1, :, :S]), Tensor(vb[i:i + 1, :, :S])
+
+    def static(self, layer, compute):
+        raise TinyLMError("tinylm serve decodes decoder-only models (no cross-attention)")
+
+
+class _PrefillView:
+    """Fresh rows ``rows`` of a ``SlotCache`` taking right-padded prompts (J, T) whose
+    real lengths are ``lengths``: nothing cached before, so attention reads the new
+    keys themselves."""
+
+    def __init__(self, cache: SlotCache, rows, lengths):
+        self.cache = cache
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self._index = None  # the rows on the device, made at the first write
+
+    length = 0  # positions cached before this forward
+
+    def advance(self, positions):
+        """positions (T,) = 0 .. T - 1 (the default): every key position."""
+        if positions.ndim != 1:
+            raise TinyLMError("a SlotCache prefill takes the default positions 0 .. T - 1")
+        self.cache.lengths[self.rows] = self.lengths
+        return positions
+
+    def update(self, layer, k, v):
+        """k, v (J, Hkv, T, hs) -> written to the rows' columns 0 .. T - 1; returned as
+        they are (they are every key and value there is)."""
+        if k.shape[0] != len(self.rows):
+            raise TinyLMError(f"a SlotCache prefill of {len(self.rows)} rows got a batch of "
+                              f"{k.shape[0]}")
+        T = k.shape[2]
+        kb, vb = self.cache._buffers(layer, k, T)
+        if self._index is None:
+            self._index = k.xp.asarray(self.rows)
+        kb[self._index, :, :T] = k.data
+        vb[self._index, :, :T] = v.data
+        return k, v
 
     def static(self, layer, compute):
         raise TinyLMError("tinylm serve decodes decoder-only models (no cross-attention)")

@@ -8,9 +8,11 @@
 Continuous batching. Each request is a ``Job``: a prompt and its ``n`` choices, each
 choice a row of the ``SlotCache``. The thread loops:
 
-1. admit: while the job at the head of the queue fits in the free rows, prefill its
-   prompt (one forward of the whole prompt, batch of one, into its first row; the
-   other n - 1 rows copy it) and pick every choice's first token;
+1. admit: take the waiting jobs from the head of the queue while they fit in the free
+   rows (and ``PREFILL_TOKENS``), prefill their prompts together (ONE forward of the
+   prompts right-padded to the longest, one row per job; a job's other n - 1 rows copy
+   its row) and pick every choice's first token. Only the hidden state at each
+   prompt's last token goes through the vocabulary projection (``forward.pick_logits``);
 2. step: ONE forward of the last token of every active row (B = active rows, T = 1,
    each row at its own length: the cache's padding mask and per-row positions), then
    pick each row's next token;
@@ -52,16 +54,17 @@ from typing import Callable
 
 import numpy as np
 
-from tinylm import backend
 from tinylm.generate import inference
 from tinylm.ops.nn import log_softmax_array, softmax_array
 from tinylm.sampling import SamplingConfig, process_logits
 from tinylm.serve.cache import SlotCache
+from tinylm.serve.forward import pick_logits
 from tinylm.serve.text import ChoiceText
 
 log = logging.getLogger("tinylm.serve")
 
 _STOP = object()  # the queue's last item: the thread ends
+PREFILL_TOKENS = 4096  # most padded prompt tokens (jobs x longest) one prefill batch takes
 
 
 @dataclass(eq=False)  # a job is itself: hashable, compared by identity
@@ -145,6 +148,7 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0  # jobs submitted, not yet admitted
         self._reserved = 0  # rows in use or being prefilled
+        self._prefilling = 0  # jobs in the prefill running now
         self._thread = None
         self.failed = None  # why the thread died, if it did
         self.stats = Counter()  # prefills, prompt_tokens, tokens, jobs, cancelled, errors
@@ -175,6 +179,11 @@ class Engine:
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    @property
+    def prefilling(self) -> int:
+        """Jobs whose prompts the engine is running now (taken off the queue)."""
+        return self._prefilling
 
     @property
     def alive(self) -> bool:
@@ -218,27 +227,50 @@ class Engine:
             self._fail_all("the server is shutting down", 503, queued=True)
 
     def _admit(self, block: bool) -> bool:
-        """Prefill the waiting jobs that fit; False when told to stop."""
+        """Prefill the waiting jobs that fit, a batch at a time; False when told to stop."""
+        while True:
+            batch = self._take(block)
+            if batch is None:
+                return False
+            if not batch:
+                return True
+            self._prefilling = len(batch)
+            try:
+                self._guarded(self._prefill, *batch)
+            finally:
+                self._prefilling = 0
+            block = False
+
+    def _take(self, block: bool):
+        """The jobs at the head of the queue that fit the free rows and one prefill
+        (``PREFILL_TOKENS``), off the queue ([] if none); None when told to stop."""
+        batch, rows, width = [], len(self.rows), 0
         while True:
             if self._head is None:
                 try:
-                    self._head = self._inbox.get(block=block)
+                    self._head = self._inbox.get(block=block and not batch)
                 except queue.Empty:
-                    return True
+                    return batch
             job = self._head
             if job is _STOP:
-                return False
-            if not job.cancelled and len(self.rows) + job.n > self.max_rows:
-                return True  # it waits for rows to free
+                for waiting in batch:  # taken off the queue, never to be prefilled
+                    waiting.sink([Failure("the server is shutting down", 503)])
+                return None
+            if not job.cancelled:
+                wider = max(width, len(job.prompt))
+                if rows + job.n > self.max_rows:
+                    return batch  # it waits for rows to free
+                if batch and wider * (len(batch) + 1) > PREFILL_TOKENS:
+                    return batch  # it goes in the next prefill
             self._head = None
             with self._lock:
                 self._waiting -= 1
-                self._reserved = len(self.rows) + (0 if job.cancelled else job.n)
+                self._reserved = rows + (0 if job.cancelled else job.n)
             if job.cancelled:
                 self._count("cancelled")
                 continue
-            self._guarded(self._prefill, job)
-            block = False
+            batch.append(job)
+            rows, width = rows + job.n, wider
 
     def _guarded(self, fn, *args) -> None:
         """Run ``fn``; if the model fails, fail every job in flight (and ``args``')."""
@@ -271,23 +303,32 @@ class Engine:
                 if job is not _STOP:
                     job.sink([Failure(message, 503)])
 
-    def _prefill(self, job: Job) -> None:
-        """Run ``job``'s prompt into its rows and pick each choice's first token."""
+    def _prefill(self, *jobs: Job) -> None:
+        """Run the ``jobs``' prompts into fresh rows, as one right-padded batch (one row
+        per job; its other n - 1 choices copy it), and pick every choice's first token."""
         r0 = len(self.rows)
-        self.cache.reset(r0)
-        out = self.model(np.asarray([job.prompt], dtype=np.int64), cache=self.cache.row(r0))
-        logits = backend.to_numpy(out.logits.data[:, -1]).astype(np.float64)  # (1, V)
-        for j in range(1, job.n):
-            self.cache.copy_row(r0, r0 + j)
-        self.rows += [_Row(job, j, self.tokenizer) for j in range(job.n)]
-        if job.sampling.frequency_penalty or job.sampling.presence_penalty:
+        ns = np.array([job.n for job in jobs])
+        lengths = np.array([len(job.prompt) for job in jobs])
+        first = r0 + np.cumsum(ns) - ns  # (J,) each job's first row
+        ids = np.zeros((len(jobs), int(lengths.max())), dtype=np.int64)  # (J, T), 0-padded
+        ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.concatenate(
+            [job.prompt for job in jobs])
+        logits = pick_logits(self.model, ids, lengths - 1,
+                             cache=self.cache.prefill(first, lengths))  # (J, V)
+        for job, row in zip(jobs, first.tolist()):
+            for j in range(1, job.n):
+                self.cache.copy_row(row, row + j)
+        self.rows += [_Row(job, j, self.tokenizer) for job in jobs for j in range(job.n)]
+        if any(job.sampling.frequency_penalty or job.sampling.presence_penalty for job in jobs):
             if self.counts is None:
                 self.counts = np.zeros((self.max_rows, self.V), dtype=np.int32)
+        new = np.arange(r0, len(self.rows))
         if self.counts is not None:
-            self.counts[r0:r0 + job.n] = 0
-        self._count("prefills")
-        self._count("prompt_tokens", len(job.prompt))
-        self._advance(np.arange(r0, r0 + job.n), np.repeat(logits, job.n, axis=0))
+            self.counts[new] = 0
+        self._count("prefills", len(jobs))
+        self._count("prefill_batches")
+        self._count("prompt_tokens", int(lengths.sum()))
+        self._advance(new, np.repeat(logits, ns, axis=0))
 
     def _step(self) -> None:
         """One forward of every active row's last token, then the next picks."""
@@ -298,11 +339,12 @@ class Engine:
         tokens = self.last[:B, None].copy()  # (B, 1)
         mask, positions = self.cache.decode_inputs(B)
         padded = not mask.all()  # all rows as long: no mask, default positions
-        out = self.model(tokens, attention_mask=mask if padded else None,
-                         positions=positions if padded else None, cache=self.cache.rows(B))
+        logits = pick_logits(self.model, tokens, np.zeros(B, dtype=np.int64),
+                             attention_mask=mask if padded else None,
+                             positions=positions if padded else None,
+                             cache=self.cache.rows(B))  # (B, V)
         with self._lock:
             self.batch_sizes[B] += 1
-        logits = backend.to_numpy(out.logits.data[:, -1]).astype(np.float64)  # (B, V)
         self._advance(np.arange(B), logits)
 
     def _advance(self, index, logits) -> None:

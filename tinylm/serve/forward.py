@@ -1,0 +1,46 @@
+"""The engine's forward: logits only at the one position per row a token is picked from.
+
+    logits = pick_logits(model, ids, at, cache=cache.prefill(rows, lengths))  # (B, V)
+
+A prefill of a prompt of T tokens needs the next-token distribution after its last
+token only, but ``Decoder.forward`` projects every position onto the vocabulary: for
+GPT-2 small and a 170-token prompt that is (170, 768) @ (768, 50257), about 13 of the
+prefill's 42 GFLOP, all thrown away but one row. For a plain decoder (token embedding
+-> ``BlockStack`` -> ``lm_head``, the class's own ``forward``) this runs those layers
+itself and projects only the hidden state at column ``at[b]`` of each row. Any other
+model (a subclass with its own ``forward``, an instance-level one) goes through its
+``forward`` and the wanted rows are taken from its logits, so nothing it does is
+skipped. Adapters on the layers run either way (they hook the modules' calls).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinylm import backend
+
+
+def plain_decoder(model) -> bool:
+    """Whether ``model``'s forward is ``Decoder.forward`` itself, so that its layers
+    may be called one by one."""
+    from tinylm.models.decoder import Decoder
+
+    return (isinstance(model, Decoder) and type(model).forward is Decoder.forward
+            and "forward" not in vars(model))
+
+
+def pick_logits(model, ids: np.ndarray, at: np.ndarray, **kwargs) -> np.ndarray:
+    """float64 logits (B, V) of ``model`` on ``ids`` (B, T) at column ``at[b]`` of each
+    row b, on the host. ``kwargs``: the forward's ``cache``, ``attention_mask``,
+    ``positions``."""
+    if plain_decoder(model):
+        ids = model.as_ids(ids)
+        xp = backend.get_array_module(ids)
+        h, _ = model.transformer(model.tok_emb(ids), **kwargs)  # (B, T, d)
+        rows, cols = xp.arange(ids.shape[0]), xp.asarray(at)
+        logits = model.lm_head(h[rows, cols][:, None]).data[:, 0]  # (B, V)
+    else:
+        logits = model(ids, **kwargs).logits.data  # (B, T, V)
+        xp = backend.get_array_module(logits)
+        logits = logits[xp.arange(logits.shape[0]), xp.asarray(at)]  # (B, V)
+    return backend.to_numpy(logits).astype(np.float64)
