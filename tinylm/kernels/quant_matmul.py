@@ -74,11 +74,6 @@ FORMATS = KERNEL_FORMATS + ("nf4-dq",)
 OPTIONS = ("-std=c++17", f"-DQM_THREADS={THREADS}")
 
 
-def supported(fmt: str) -> bool:
-    """Whether weights of format ``fmt`` have a GPU kernel here."""
-    return fmt in FORMATS
-
-
 def _check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise TinyLMError(f"the GPU has kernels for {', '.join(FORMATS)} weights, not {fmt}; "
