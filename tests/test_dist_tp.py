@@ -225,26 +225,34 @@ def test_tp2_trains_the_recipe_as_one_process_and_resumes_on_one_and_two(mpiexec
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-4
 
 
-def test_data_times_tensor_parallel_on_four_ranks(mpiexec, cache, tmp_path):
+SMALL = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16",
+         "-s", "model.max_positions=16", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def small_one(mpiexec, cache, tmp_path_factory):
+    """The shrunk recipe (1 layer x 32) for 4 steps on one process: (run folder, records)."""
+    out = tmp_path_factory.mktemp("small") / "one"
+    return out, _train(mpiexec, 1, out, cache, *SMALL, "--max-steps", "4")
+
+
+def test_data_times_tensor_parallel_on_four_ranks(mpiexec, cache, small_one, tmp_path):
     """N = 4 = D 2 x T 2 (oversubscribed on this machine's cores): a shrunk recipe
     (1 layer x 32) gives one process's losses; the data ranks split the batch."""
-    small = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16",
-             "-s", "model.max_positions=16", "--batch-size", "4", "--max-steps", "4"]
-    one = _train(mpiexec, 1, tmp_path / "one", cache, *small)
+    small = [*SMALL, "--max-steps", "4"]
+    one = small_one[1]
     grid = _train(mpiexec, 4, tmp_path / "grid", cache, *small, "--tensor-parallel", "2")
     np.testing.assert_allclose(_losses(grid), _losses(one), rtol=RTOL)
     np.testing.assert_allclose(_losses(grid, "val_loss"), _losses(one, "val_loss"), rtol=RTOL)
 
 
-def test_zero1_over_the_data_ranks_of_a_grid(mpiexec, cache, tmp_path):
+def test_zero1_over_the_data_ranks_of_a_grid(mpiexec, cache, small_one, tmp_path):
     """D 2 x T 2 with --zero 1 (each tensor shard's AdamW state split over its 2 data
     ranks: a quarter of the model's moments per rank): one process's losses to step
     2, then resumed to 4 on the same grid and, from a copy of the checkpoint (the
     full model's optimizer state), on one process."""
-    small = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16",
-             "-s", "model.max_positions=16", "--batch-size", "4"]
-    zero = ["--tensor-parallel", "2", "--zero", "1"]
-    one = _train(mpiexec, 1, tmp_path / "one", cache, *small, "--max-steps", "4")
+    small, zero = SMALL, ["--tensor-parallel", "2", "--zero", "1"]
+    one_dir, one = small_one
     grid = tmp_path / "grid"
     first = _train(mpiexec, 4, grid, cache, *small, *zero, "--max-steps", "2",
                    says="data parallel over 2 (ZeRO-1: AdamW's state sharded over it)")
@@ -256,7 +264,7 @@ def test_zero1_over_the_data_ranks_of_a_grid(mpiexec, cache, tmp_path):
     np.testing.assert_allclose(_losses(alone), _losses(one), rtol=RTOL)
     from tinylm import checkpoint
 
-    want = checkpoint.load_file(str(tmp_path / "one" / "optimizer.safetensors"))
+    want = checkpoint.load_file(str(one_dir / "optimizer.safetensors"))
     got = checkpoint.load_file(str(grid / "optimizer.safetensors"))
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-5
