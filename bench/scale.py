@@ -1,7 +1,7 @@
 """Scaling benchmark (issue 19): training step time and tokens/s on 1 and 2 ranks, data
 parallel and tensor parallel, with the time spent in communication.
 
-    .venv/bin/python bench/scale.py                     # the full run (a few minutes)
+    .venv/bin/python bench/scale.py --bind              # the full run (about 4 minutes)
     .venv/bin/python bench/scale.py --quick             # a tiny model, smoke test (< 1 min)
     .venv/bin/python bench/scale.py --models wide --repeats 5 --steps 12
 
@@ -12,22 +12,32 @@ Two models, both trained by ``tinylm.train.Trainer`` on tinyshakespeare's charac
   0.8M parameters: 3.2 MB of gradients per step);
 - ``wide``: the same at d_model 512, 8 heads, 4 layers (12.7M parameters: 51 MB).
 
-Three ways to run each: ``1 rank`` (plain python, no MPI), ``DP 2`` (``mpiexec -n 2``,
-data parallel: each rank 6 of the 12 rows, the gradients all-reduced once per step)
-and ``TP 2`` (``--tensor-parallel 2``: each rank half of every matrix, four
-all-reduces per block forward and backward). A run builds the Trainer, takes
-``--warmup`` steps, then times ``--steps`` calls of ``Trainer.train_step`` (the
-sampling of the batch included); its step time is the median over steps of rank 0's
-wall time. "comm" is the time rank 0 spends inside collectives per step (median):
-the transfer *and* any wait for the other rank (a collective starts when both have
-arrived), so it is an upper bound on the cost of the network. tokens/s = the global
-batch's tokens (12 x 64) / step time. The runs are interleaved (model by model, mode
-by mode) ``--repeats`` times, and the table shows the median over repeats: the
-machine is shared, so each configuration sees the same mix of other people's load.
-"x 1 rank" is tokens/s over the 1-rank run's (the issue's target on this 2-core
-machine: >= 1.6x for the wide model on 2 ranks), of the medians; "per repeat" is the
-median of each repeat's own ratio (its two runs were neighbours in time, under the
-same load).
+Four ways to run each: ``1 rank`` (plain python, no MPI), ``DP 2`` (``mpiexec -n 2``,
+data parallel: each rank 6 of the 12 rows, the gradients all-reduced once per step),
+``ZeRO 2`` (the same with ``--zero 1``: AdamW's state and update split between the
+ranks, a reduce-scatter and an all-gather instead of the all-reduce) and ``TP 2``
+(``--tensor-parallel 2``: each rank half of every matrix, four all-reduces per block
+forward and backward). A run builds the Trainer, takes ``--warmup`` steps, then times
+``--steps`` calls of ``Trainer.train_step`` (the sampling of the batch included).
+
+Per run, each rank's medians over its steps: wall time (the table's step time is
+rank 0's), CPU time of the process (``time.process_time``; the table shows rank 0's
+and the largest over ranks), and the time inside collectives ("comm": the transfer
+*and* any wait for the other rank, so an upper bound on the cost of the network),
+of which "waiting" is the time spent in the barrier that a large collective (>= 1 MiB:
+the gradient buckets, ZeRO's gathers) first meets the other rank in (the wait of the
+small ones, tensor parallel's, stays inside "comm"). tokens/s = the global batch's
+tokens (12 x 64) / step time. The runs are interleaved (model by model, mode by mode;
+odd repeats in reverse mode order) ``--repeats`` times, and the table shows the median
+over repeats, so each configuration sees the same mix of other people's load. "x 1
+rank" is tokens/s over the 1-rank run's (the issue's target on this 2-core machine:
+>= 1.6x for the wide model on 2 ranks), of the medians; "per repeat" is the median of
+each repeat's own ratio (its runs were neighbours in time, under the same load); "CPU"
+is the 1-rank run's CPU time per step over the busiest rank's, which a busy machine
+disturbs much less than the wall-time ratio (an estimate of the wall-time ratio on an
+idle machine: it leaves out the time a rank waits for a core, and the sleeping part of
+a wait for the other rank). ``--bind`` pins each rank to its own core
+(``mpiexec -bind-to core``; the 1-rank run to the first core).
 
 Writes bench/results/scale.json (``--json`` elsewhere).
 """
