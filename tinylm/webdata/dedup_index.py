@@ -124,8 +124,9 @@ def _band_pairs(store, first_path, bands: int, rows: int, work: str, memory: int
     found = []
     for b0 in range(0, bands, group):
         b1 = min(bands, b0 + group)
-        parts = ext.Partitions(os.path.join(work, "bands.tmp"), "band", (b1 - b0) * count,
-                               ext.ENTRY)
+        files = (b1 - b0) * count
+        parts = ext.Partitions(os.path.join(work, "bands.tmp"), "band", files, ext.ENTRY,
+                               ext.buffer_bytes(files, memory))
         try:
             for start, sig in store.chunks(chunk):
                 index = np.arange(start, start + len(sig), dtype=np.int64)

@@ -12,8 +12,9 @@ How memory stays bounded: a key's partition is a hash of the key, so equal keys 
 one partition; the number of partitions is chosen so that one partition's entries and
 the temporaries of sorting them (``BYTES_PER_ENTRY`` each) fit ``memory_bytes``; keys are
 read, partitioned and merged back in chunks of that many entries. Memory: about
-``memory_bytes`` plus an I/O buffer per partition, whatever the number of keys; disk:
-32 bytes per key while it runs. Entries are appended in index order, so within a
+``memory_bytes`` (with the partition files' buffers), whatever the number of keys, up
+to ``MAX_PARTITIONS`` partitions (256 x memory_bytes / 80 keys: 53 M keys for 16 MiB);
+past that a partition holds more. Disk: 32 bytes per key while it runs. Entries are appended in index order, so within a
 partition (and within a key) they stay in that order, and the answers are exactly those
 of sorting all keys at once.
 """
@@ -46,6 +47,12 @@ def chunk_entries(memory_bytes: int) -> int:
     return max(1, max(MIN_MEMORY, memory_bytes) // BYTES_PER_ENTRY)
 
 
+def buffer_bytes(count: int, memory_bytes: int) -> int:
+    """Each of ``count`` partition files' write buffer: together a quarter of the budget
+    (4 KiB to 64 KiB each)."""
+    return int(min(1 << 16, max(1 << 12, memory_bytes // (4 * count))))
+
+
 def part_of(keys: np.ndarray, count: int) -> np.ndarray:
     """(n,) int64: the partition of each key, a hash of the key mod ``count``."""
     salted = np.asarray(keys, dtype=np.uint64) ^ np.uint64(0x2545F4914F6CDD1D)
@@ -55,11 +62,11 @@ def part_of(keys: np.ndarray, count: int) -> np.ndarray:
 class Partitions:
     """``count`` append-only files of ``dtype`` records under ``work_dir``."""
 
-    def __init__(self, work_dir: str, name: str, count: int, dtype):
+    def __init__(self, work_dir: str, name: str, count: int, dtype, buffer: int = 1 << 16):
         os.makedirs(work_dir, exist_ok=True)
         self.dtype, self.count = np.dtype(dtype), count
         self.paths = [os.path.join(work_dir, f"{name}.part{p:04d}") for p in range(count)]
-        self.files = [open(path, "wb", buffering=1 << 16) for path in self.paths]
+        self.files = [open(path, "wb", buffering=buffer) for path in self.paths]
 
     def add(self, parts: np.ndarray, entries: np.ndarray) -> None:
         """Append ``entries[i]`` to partition ``parts[i]``, keeping their order."""
@@ -133,8 +140,9 @@ def first_occurrences(paths, out_path: str, work_dir: str, memory_bytes: int) ->
         with atomic_open(out_path, "wb") as out:
             out.write(_first_in_memory(keys, np.arange(n)).astype("<i8").tobytes())
         return n
-    parts = Partitions(work_dir, "keys", count, ENTRY)
-    results = Partitions(work_dir, "first", count, FIRST)
+    buffer = buffer_bytes(2 * count, memory_bytes)
+    parts = Partitions(work_dir, "keys", count, ENTRY, buffer)
+    results = Partitions(work_dir, "first", count, FIRST, buffer)
     try:
         start = 0
         for keys in read_chunks(paths, chunk):
