@@ -155,8 +155,9 @@ def test_ia3_is_the_formula_on_rows_and_columns():
     h = np.random.default_rng(2).standard_normal((2, 3, 20))
     want = (h * down.peft.default.ia3_l.data) @ down.weight.data.T
     np.testing.assert_allclose(down(Tensor(h)).numpy(), want, rtol=1e-12, atol=1e-12)
-    with peft.disable_adapters(model):
-        np.testing.assert_array_equal(down(Tensor(h)).numpy(), h @ down.weight.data.T)
+    with peft.disable_adapters(model):  # the base product; BLAS may block (2, 3, 20) differently
+        np.testing.assert_allclose(down(Tensor(h)).numpy(), h @ down.weight.data.T,
+                                   rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
