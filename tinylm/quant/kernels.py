@@ -404,7 +404,9 @@ def _matmul_rows(x2: np.ndarray, packed: Packed, y: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------- decode: 1 token
 
-SMALL_N = 4  # up to this many rows of x take the decode path below
+SMALL_N = 16  # up to this many rows of x take the decode path below (a server step of 16)
+# (SmolLM2 Q4_1, one thread, summed over its weights: faster than the tiles up to 16 rows,
+# 188 vs 230 ms at 16, slower from 24: 264 vs 248; bench/RESULTS.md, Serving)
 _PLANES = {"q8_0": 1, "q4_0": 2, "q4_1": 2}  # float planes a raw byte decodes to
 _HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view("<f2").astype(np.float32)
 
