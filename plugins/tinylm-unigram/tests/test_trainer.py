@@ -124,3 +124,57 @@ def test_trained_tokenizer_saves_and_loads_in_every_format(trained, tmp_path):
         again = UnigramTokenizer.from_file(path)
         assert [again.encode(t) for t in texts] == expected
     assert math.isclose(trained.scores[10], float(np.float32(trained.scores[10])))
+
+
+def _lattice_state(lat):
+    """A WordLattices as plain data, positions counted from each word's start (a
+    narrowed lattice keeps the first one's layout): its edges in order and the edge
+    order, segments and targets of its passes."""
+    ws = lat.word_start[lat.word]
+    edges = list(zip(lat.word.tolist(), (lat.starts - ws).tolist(), (lat.ends - ws).tolist(),
+                     lat.ids.tolist()))
+    plans = [[(g.tolist(), c.tolist(), r.tolist(), (t - ws[g[c]]).tolist()) for g, c, r, t in p]
+             for p in (lat._fwd, lat._bwd)]
+    return edges, plans, (lat.word_end - lat.word_start).tolist()
+
+
+@pytest.mark.parametrize("skip_whole", [False, True])
+def test_lattice_subset_equals_a_fresh_lattice(skip_whole):
+    """The trainer narrows its lattices instead of searching the text again: the
+    narrowed lattice (one-character pieces removed too, so unknown edges come back) has
+    the same edges in the same order as one built for the smaller vocabulary, and the
+    E step and Viterbi give the same numbers to the bit (pieces renumbered in a new
+    order too)."""
+    from tinylm_unigram import em, lattice
+
+    words = sorted({w for line in head_lines()[:300] for w in line.split()})
+    pieces = sorted({w[i:i + n] for w in words[:400] for n in (1, 2, 3) for i in range(len(w))})
+    rng = np.random.default_rng(0)
+    if skip_whole:  # the pieces' own lattices: the words are the pieces
+        words = pieces
+    lat = em.WordLattices(words, lattice.PieceIndex(pieces), skip_whole=skip_whole)
+    for rounds in range(3):
+        keep = np.flatnonzero(rng.random(len(pieces)) < 0.8)
+        keep = keep[rng.permutation(len(keep))] if rounds == 2 else keep  # a new order too
+        assert any(len(pieces[i]) == 1 for i in set(range(len(pieces))) - set(keep.tolist()))
+        new_id = np.full(len(pieces), -1)
+        new_id[keep] = np.arange(len(keep))
+        pieces = [pieces[i] for i in keep.tolist()]
+        lat = lat.subset(new_id, words=skip_whole)
+        if skip_whole:
+            words = pieces
+        fresh = em.WordLattices(words, lattice.PieceIndex(pieces), skip_whole=skip_whole)
+        if rounds != 2:  # (words in a new order are laid out in the old one)
+            assert _lattice_state(lat) == _lattice_state(fresh)
+        scores = np.log(rng.random(len(pieces)))
+        freqs = rng.integers(1, 9, len(words)).astype(np.float64)
+        got, want = lat.expected_counts(scores, freqs, len(pieces)), fresh.expected_counts(
+            scores, freqs, len(pieces))
+        assert got[1] == want[1]
+        if rounds != 2:
+            assert np.array_equal(got[0], want[0])
+        else:  # a piece's counts summed over the words in another order
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        mine, theirs = lat.best_paths(scores), fresh.best_paths(scores)
+        assert np.array_equal(mine[2], theirs[2]) and np.array_equal(mine[1], theirs[1])
+        assert np.array_equal(lat.ids[mine[0]], fresh.ids[theirs[0]])

@@ -53,10 +53,13 @@ def _group_order(key: np.ndarray) -> tuple:
 
 
 class _Text:
-    """The words laid end to end, every edge a vocabulary can have over them (each
-    piece occurrence, and an unknown candidate at every position), and both pass
-    orders over them. Words with their lengths, the text positions and the orders are
-    what no change of vocabulary alters."""
+    """The words laid end to end and lattice edges over them, with both pass orders.
+
+    The first (the root) holds every edge a vocabulary under the searched one can have:
+    each piece occurrence and an unknown candidate at every position (less the
+    whole-word edges with ``skip_whole``). ``select`` keeps those of a smaller
+    vocabulary, in the same orders: every piece edge kept, and the unknown ones where
+    no one-character piece starts. Words, positions and orders never change."""
 
     def __init__(self, words: list, index: lattice.PieceIndex, skip_whole: bool):
         lengths = np.array([len(w) for w in words], dtype=np.int64)
@@ -74,40 +77,63 @@ class _Text:
         self.ends = self.starts + np.concatenate([lens, np.ones(len(unknown), np.int64)])[order]
         self.ids = np.concatenate([index.ids[rows], np.full(len(unknown), -1, np.int64)])[order]
         self.word = word_of_pos[self.starts]
+        if skip_whole:  # (a one-character word's unknown candidate is whole too)
+            whole = ((self.starts == self.word_start[self.word])
+                     & (self.ends == self.word_end[self.word]))
+            for name in ("starts", "ends", "ids", "word"):
+                setattr(self, name, getattr(self, name)[~whole])
         self.one_char = (self.ends - self.starts == 1) & (self.ids >= 0)
-        ws, we = self.word_start[self.word], self.word_end[self.word]
-        self.whole = ((self.starts == ws) & (self.ends == we)) if skip_whole else None
         # Each pass visits the edges by group (the end's offset in its word forward,
         # the start's distance to its word's end backward), by target within a group,
         # and among edges of one target in the order above (ties go to the first).
         # The order above is by start, so a stable sort by group alone gives it.
-        self.fwd, self.fwd_key = _group_order(self.ends - ws)
-        self.bwd, self.bwd_key = _group_order(we - self.starts)
+        self.fwd, self.fwd_key = _group_order(self.ends - self.word_start[self.word])
+        self.bwd, self.bwd_key = _group_order(self.word_end[self.word] - self.starts)
+        self.root = self
+        self.root_ids = np.arange(int(index.ids.max()) + 1 if len(index.ids) else 0)
+        self.root_words = np.arange(len(words))
 
-    def restrict(self, new_id: np.ndarray, words: bool) -> "_Text":
-        """The edges of the pieces kept (``new_id[old id]``: the new id, or -1), with
-        ids renumbered, in the same orders; ``words``: the words are the pieces, and are
-        dropped and renumbered the same way."""
-        mapped = np.where(self.ids >= 0, new_id[np.maximum(self.ids, 0)], -1)
-        word_map = new_id if words else np.arange(len(self.word_start))
+    def select(self, piece_map: np.ndarray, word_map: np.ndarray) -> "_Text":
+        """The edges of the vocabulary ``piece_map`` (id here -> new id, or -1) over
+        the words ``word_map`` (word here -> new word, or -1), renumbered."""
+        mapped = _compose(self.ids, piece_map)
         wmap = word_map[self.word]
-        keep = (wmap >= 0) & ((mapped >= 0) | (self.ids < 0))
+        alive = (wmap >= 0) & ((mapped >= 0) | (self.ids < 0))
+        covered = np.zeros(self.size, dtype=bool)
+        covered[self.starts[alive & self.one_char]] = True
+        keep = alive & ((self.ids >= 0) | ~covered[self.starts])
         out = object.__new__(_Text)
-        alive = np.flatnonzero(word_map >= 0)
-        first = np.empty(len(alive), np.int64)
-        first[word_map[alive]] = alive
-        out.word_start, out.word_end = self.word_start[first], self.word_end[first]
-        out.size = self.size
+        kept_words = np.flatnonzero(word_map >= 0)
+        first = np.empty(len(kept_words), np.int64)
+        first[word_map[kept_words]] = kept_words
+        out.word_start, out.word_end, out.size = self.word_start[first], self.word_end[first], self.size
         out.starts, out.ends, out.ids, out.word = self.starts[keep], self.ends[keep], mapped[keep], wmap[keep]
         out.one_char = self.one_char[keep]
-        out.whole = None if self.whole is None else self.whole[keep]
         rank = np.cumsum(keep) - 1
         for name in ("fwd", "bwd"):
             order = getattr(self, name)
             sel = keep[order]
             setattr(out, name, rank[order[sel]])
             setattr(out, name + "_key", getattr(self, name + "_key")[sel])
+        out.root = self.root
+        out.root_ids, out.root_words = _compose(self.root_ids, piece_map), _compose(self.root_words, word_map)
         return out
+
+    def restrict(self, new_id: np.ndarray, words: bool) -> "_Text":
+        """The edges of the pieces kept (``new_id[id]``: the new id, or -1); ``words``:
+        the words are the pieces, dropped and renumbered the same way. Selected from
+        this text unless a one-character piece goes (its unknown edges are only in the
+        root)."""
+        word_map = new_id if words else np.arange(len(self.word_start))
+        if (new_id[self.ids[self.one_char]] < 0).any():
+            return self.root.select(_compose(self.root_ids, new_id),
+                                    _compose(self.root_words, word_map))
+        return self.select(new_id, word_map)
+
+
+def _compose(ids: np.ndarray, new_id: np.ndarray) -> np.ndarray:
+    """``new_id[ids]`` where ``ids >= 0``, else -1."""
+    return np.where(ids >= 0, new_id[np.maximum(ids, 0)], -1)
 
 
 class WordLattices:
@@ -120,40 +146,30 @@ class WordLattices:
     keeping their sorted pass orders: no search and no sort after the first."""
 
     def __init__(self, words: list, index: lattice.PieceIndex, *, skip_whole=False):
-        self._select(_Text(words, index, skip_whole))
+        root = _Text(words, index, skip_whole)
+        self._use(root.select(root.root_ids, root.root_words))
 
     def subset(self, new_id: np.ndarray, *, words=False) -> "WordLattices":
         """The same words under a smaller vocabulary: ``new_id[old id]`` is a kept
         piece's new id, or -1 for a removed one. ``words``: the words are the pieces
         themselves (``skip_whole`` lattices): drop and renumber them the same way."""
         out = object.__new__(WordLattices)
-        out._select(self._text.restrict(new_id, words))
+        out._use(self._text.restrict(new_id, words))
         return out
 
-    def _select(self, text: _Text) -> None:
-        """The lattice edges: every piece edge of ``text``, and the unknown ones where
-        no one-character piece starts (less whole-word edges with ``skip_whole``)."""
+    def _use(self, text: _Text) -> None:
         self._text = text
         self.n_words = len(text.word_start)
         self.word_start, self.word_end, self.size = text.word_start, text.word_end, text.size
-        covered = np.zeros(text.size, dtype=bool)
-        covered[text.starts[text.one_char]] = True
-        keep = (text.ids >= 0) | ~covered[text.starts]
-        if text.whole is not None:
-            keep &= ~text.whole
-        self.starts, self.ends = text.starts[keep], text.ends[keep]
-        self.ids, self.word = text.ids[keep], text.word[keep]
-        rank = np.cumsum(keep) - 1
-        self._fwd = self._plan(text.fwd, text.fwd_key, keep, rank, self.ends)
-        self._bwd = self._plan(text.bwd, text.bwd_key, keep, rank, self.starts)
+        self.starts, self.ends, self.ids, self.word = text.starts, text.ends, text.ids, text.word
+        self._fwd = self._plan(text.fwd, text.fwd_key, self.ends)
+        self._bwd = self._plan(text.bwd, text.bwd_key, self.starts)
 
     @staticmethod
-    def _plan(order, key, keep, rank, target) -> list:
-        """Per group of ``key`` (edges in the sorted ``order``, by target within a
-        group), what a pass needs: (edges, segment starts in the group, segment
-        lengths, segment targets), a segment being the edges of one target."""
-        sel = keep[order]
-        edges, key = rank[order[sel]], key[sel]
+    def _plan(edges, key, target) -> list:
+        """Per group of ``key`` (``edges`` sorted by it, by target within a group),
+        what a pass needs: (edges, segment starts in the group, segment lengths,
+        segment targets), a segment being the edges of one target."""
         n = len(edges)
         if not n:
             return []
