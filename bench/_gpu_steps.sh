@@ -1,15 +1,24 @@
-# Shared by the GPU check scripts (sourced): step/skip record each step's exit status
-# and duration; summary prints them and sets FAILED.
+# Shared by the GPU check scripts (sourced): step/skip/sanitize record each step's exit
+# status and duration; the whole check stays inside BUDGET seconds (default 450): a step
+# gets at most what is left, and is skipped ("budget") when under 10 s are left.
 T0=$(date +%s)
+BUDGET="${BUDGET:-450}"
 NAMES=()
 CODES=()
 SECS=()
 
 # step NAME TIMEOUT_SECONDS LOGFILE CMD...: run CMD (output to the terminal and LOGFILE),
-# killed after TIMEOUT_SECONDS (exit 124), and record its exit status and duration.
+# killed after TIMEOUT_SECONDS or what is left of BUDGET (exit 124), and record its
+# exit status and duration.
 step() {
     local name=$1 limit=$2 log=$3
     shift 3
+    local left=$(( BUDGET - ($(date +%s) - T0) ))
+    if (( left < 10 )); then
+        skip "$name" "budget (${BUDGET}s) spent"
+        return
+    fi
+    (( limit > left )) && limit=$left
     echo
     echo "=== [$name] $* (limit ${limit}s, log $log)"
     local t
@@ -40,4 +49,15 @@ skip() {  # skip NAME WHY
     NAMES+=("$1")
     CODES+=("skip")
     SECS+=("0")
+}
+
+summary() {  # the table of steps; sets FAILED
+    echo
+    echo "=== summary: commit $COMMIT, $(( $(date +%s) - T0 )) s in all, logs in $OUT"
+    printf '%-26s %6s %6s\n' step exit secs
+    FAILED=0
+    for i in "${!NAMES[@]}"; do
+        printf '%-26s %6s %6s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}"
+        case "${CODES[$i]}" in 0|skip) ;; *) FAILED=1 ;; esac
+    done
 }

@@ -16,7 +16,8 @@ measurement (2 to 10 reps), and cases are skipped ("budget") once --budget secon
 passed: T=4096 (the targets) runs first, then 16384, then 1024, and within a size the
 16-bit rows first. FLOP convention (FlashAttention's): forward 4 B H T^2 D, halved
 when causal; backward 2.5x forward. Peak memory: CuPy pool high-water mark (pool
-emptied before each row) or torch.cuda.max_memory_allocated, inputs included.
+emptied before each row) or torch.cuda.max_memory_allocated, inputs included; every
+runner holds the same live inputs (q, k, v, do), so the peaks compare like with like.
 "vs torch" is torch's fwd+bwd time over ours for the same dtype (> 1: we are faster),
 "vs naive" the naive CuPy fwd+bwd time over ours, same dtype (float16 for bfloat16).
 """
@@ -28,6 +29,7 @@ import datetime
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,16 @@ from tinylm import backend  # noqa: E402
 from tinylm.kernels import flash_attention as fa  # noqa: E402
 
 NAIVE_LIMIT_BYTES = 40e9
+
+
+def commit() -> str:
+    """The checkout's commit (every GPU number is labelled with the code it measured)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def flops(B, H, T, D, causal, with_backward):
@@ -137,19 +149,73 @@ def torch_runners(torch, dtype, B, H, T, D, causal):
     F = torch.nn.functional
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=tdtype, generator=g)
-                   for _ in range(4))
-    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    # the same live set as tinylm's runner (q, k, v, do: 4 input-sized tensors), so the
+    # peak memory compares like with like: the forward reads the same leaves under
+    # no_grad (no clones for the backward)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=tdtype, generator=g)
+               .requires_grad_(True) for _ in range(3))
+    do = torch.randn(B, H, T, D, device="cuda", dtype=tdtype, generator=g)
 
     def fwd():
         with torch.no_grad():
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def fwd_bwd():
-        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
-        return torch.autograd.grad(o, (qg, kg, vg), do)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return torch.autograd.grad(o, (q, k, v), do)
 
     return fwd, fwd_bwd
+
+
+# --------------------------------------------------------------------------- table
+
+
+def print_table(path) -> None:
+    """The compact table of a results JSON (bench/gpu_check.sh prints it): TFLOP/s of the
+    forward and of forward+backward (float16: torch, v1, v2; bfloat16 v2), the ratio of
+    ours to torch's (the issue's target is 0.5), float32 fwd+bwd ms, and naive-over-ours
+    fwd+bwd for the same dtype."""
+    doc = json.loads(Path(path).read_text())
+    res = doc["results"]
+    get = {(r["impl"], r["dtype"], r.get("variant", ""), r["T"], r["D"]): r for r in res}
+
+    def val(key, field):
+        r = get.get(key)
+        return r[field] if r and r.get("status") == "ok" else None
+
+    def fmt(x, spec="6.1f"):
+        return f"{x:{spec}}" if x is not None else f"{'-':>{len(format(0.0, spec))}}"
+
+    def ratio(a, b):
+        return a / b if a is not None and b is not None else None
+
+    print(f"# {doc.get('device', '?')}, {doc.get('date', '?')}, commit {doc.get('commit', '?')}")
+    print(f"{'D':>4} {'T':>6} | {'f16 fwd torch':>13} {'v1':>6} {'v2':>6} {'v2/t':>5} | "
+          f"{'f16 f+b torch':>13} {'v1':>6} {'v2':>6} {'v2/t':>5} | {'bf16 v2':>7} {'f+b':>6} | "
+          f"{'f32 f+b ms v1':>13} {'v2':>6} {'naive':>6} | {'naive/v2 f32':>12} {'f16':>5}")
+    for D in sorted({r["D"] for r in res}):
+        for T in sorted({r["T"] for r in res}):
+            tf = {(i, dt, v, f): val((i, dt, v, T, D), f) for i, dt, v in (
+                ("torch", "float16", ""), ("tinylm", "float16", "v1"), ("tinylm", "float16", "v2"),
+                ("tinylm", "bfloat16", "v2"), ("tinylm", "float32", "v1"),
+                ("tinylm", "float32", "v2"), ("naive", "float32", ""), ("naive", "float16", ""))
+                for f in ("fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms")}
+            t16, v2 = ("torch", "float16", ""), ("tinylm", "float16", "v2")
+            print(f"{D:>4} {T:>6} | {fmt(tf[t16 + ('fwd_tflops',)], '13.1f')} "
+                  f"{fmt(tf[('tinylm', 'float16', 'v1', 'fwd_tflops')])} "
+                  f"{fmt(tf[v2 + ('fwd_tflops',)])} "
+                  f"{fmt(ratio(tf[v2 + ('fwd_tflops',)], tf[t16 + ('fwd_tflops',)]), '5.2f')} | "
+                  f"{fmt(tf[t16 + ('fwd_bwd_tflops',)], '13.1f')} "
+                  f"{fmt(tf[('tinylm', 'float16', 'v1', 'fwd_bwd_tflops')])} "
+                  f"{fmt(tf[v2 + ('fwd_bwd_tflops',)])} "
+                  f"{fmt(ratio(tf[v2 + ('fwd_bwd_tflops',)], tf[t16 + ('fwd_bwd_tflops',)]), '5.2f')} | "
+                  f"{fmt(tf[('tinylm', 'bfloat16', 'v2', 'fwd_tflops')], '7.1f')} "
+                  f"{fmt(tf[('tinylm', 'bfloat16', 'v2', 'fwd_bwd_tflops')])} | "
+                  f"{fmt(tf[('tinylm', 'float32', 'v1', 'fwd_bwd_ms')], '13.2f')} "
+                  f"{fmt(tf[('tinylm', 'float32', 'v2', 'fwd_bwd_ms')])} "
+                  f"{fmt(tf[('naive', 'float32', '', 'fwd_bwd_ms')])} | "
+                  f"{fmt(ratio(tf[('naive', 'float32', '', 'fwd_bwd_ms')], tf[('tinylm', 'float32', 'v2', 'fwd_bwd_ms')]), '12.1f')} "
+                  f"{fmt(ratio(tf[('naive', 'float16', '', 'fwd_bwd_ms')], tf[v2 + ('fwd_bwd_ms',)]), '5.1f')}")
 
 
 # --------------------------------------------------------------------------- main
@@ -165,8 +231,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="v1,v2", help="tinylm kernel variants to time")
     ap.add_argument("--ms", type=float, default=300.0,
                     help="aim each measurement at this many milliseconds of reps")
+    ap.add_argument("--table", metavar="JSON", help="only print the compact table of a results file")
     args = ap.parse_args(argv)
 
+    if args.table:
+        print_table(args.table)
+        return 0
     if not backend.cuda_available():
         print("attention_gpu: no CuPy/GPU here, nothing to measure")
         return 0
@@ -206,7 +276,8 @@ def main(argv=None) -> int:
         ("naive", "float16", ""), ("torch", "float32", "")] + [
         ("tinylm", "float32", var) for var in variants] + [("naive", "float32", "")]
     results = []
-    print(f"# attention_gpu on {device}, B={B} H={H} causal, {datetime.date.today()}")
+    print(f"# attention_gpu on {device}, B={B} H={H} causal, {datetime.date.today()}, "
+          f"commit {commit()}")
     for T in Ts:
         for D in Ds:
             for impl, dtype, variant in rows:
@@ -278,6 +349,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(dict(
             device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
+            commit=commit(),
             flops_convention="fwd 4BHT^2D (x0.5 causal), fwd+bwd 3.5x fwd",
             results=results), indent=1))
     return 0

@@ -127,6 +127,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=60.0, help="seconds; later rows skipped")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
+    from tinylm import backend
+
+    if not backend.cuda_available():
+        print("fused_gpu: no CuPy/GPU here, nothing to measure")
+        return 0
     import cupy as cp
 
     t0 = time.perf_counter()

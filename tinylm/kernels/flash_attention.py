@@ -120,7 +120,7 @@ SIMT2_TILES = {
     64: {"KV": (64, 64, 2), "Q": (64, 64, 2)},
     128: {"KV": (32, 64, 1), "Q": (64, 64, 1)},
 }
-# What variant="auto" runs, per implementation. The GPU check (bench/gpu_kernel_check.sh)
+# What variant="auto" runs, per implementation. The GPU check (bench/gpu_check.sh)
 # tests both variants of every kernel; set an entry to "v1" to go back.
 DEFAULT_VARIANT = {"mma": "v2", "simt": "v2"}
 SIMT_THREADS = 256
@@ -292,7 +292,7 @@ def _kernel(dtype: str, head_dim: int, name: str, device_id: int, family: int):
 
 def precompile(dtype: str, head_dim: int, family: int, ldmatrix=None, device_id: int = 0):
     """Compile (and so put in CuPy's on-disk kernel cache, shared by later processes) the
-    module of one kernel family: bench/gpu_kernel_check.sh builds them all in parallel
+    module of one kernel family: bench/gpu_check.sh builds them all in parallel
     processes before the tests. ``ldmatrix`` None: as TINYLM_FA_LDMATRIX says."""
     if ldmatrix is not None:
         os.environ["TINYLM_FA_LDMATRIX"] = "1" if ldmatrix else "0"
