@@ -119,14 +119,18 @@ def test_checkpointing_an_encoder_decoder_hands_back_memory_and_bias_gradients()
     _same(step(False), step(True))
 
 
-def test_checkpointing_leaves_prefix_tuning_working():
-    """Prefix tuning feeds its prefixes through a cache: those blocks run as usual."""
-    model = gpt2().train()
-    peft.apply(model, "prefix_tuning", num_virtual_tokens=3)
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_checkpointing_and_the_chunked_loss_with_virtual_tokens(method):
+    """Prefix tuning feeds its prefixes through a cache (those blocks run as usual);
+    prompt tuning's virtual embeddings enter the checkpointed blocks with the input."""
+    model = gpt2().to(dtype="float64").train()
+    peft.apply(model, method, num_virtual_tokens=3)
     ids, targets = _batch()
     _, g0, _ = _step(model, ids, targets)
     _, g1, _ = _step(model, ids, targets, checkpoint=True)
     _same(g0, g1)
+    _, g2, _ = _step(model, ids, targets, checkpoint=True, return_logits=False)
+    _same(g0, g2, rtol=1e-11)
 
 
 def test_checkpointing_under_no_grad_and_in_decoding():
