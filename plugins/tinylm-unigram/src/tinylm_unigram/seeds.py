@@ -85,7 +85,7 @@ def seed_pieces(words: list, counts, *, max_piece_length=16, seed_size=1_000_000
             valid = ((cum_bad[pos + L] - cum_bad[pos + 1] == 0) & ~bad[pos]
                      & (cum_break[pos + L] - cum_break[pos + 1] == 0))
             if not valid.any():
-                continue
+                break
             keys, p = h[valid], pos[valid]
             nxt = cps[p + L]
             order = np.lexsort((nxt, keys))
@@ -97,6 +97,11 @@ def seed_pieces(words: list, counts, *, max_piece_length=16, seed_size=1_000_000
             total = np.bincount(group, weights=w)
             first = p[new_key]
             keep = distinct >= 2
+            # A longer window is valid only where this one is, and repeats only where
+            # this one does: follow just the windows seen more than once.
+            again = np.empty(len(order), dtype=bool)
+            again[order] = total[group] >= 2
+            pos, h = pos[valid][again], h[valid][again]
             out_scores.append(total[keep].astype(np.int64) * L)
             out_pos.append(first[keep])
             out_len.append(np.full(int(keep.sum()), L))
