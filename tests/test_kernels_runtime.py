@@ -41,3 +41,20 @@ def test_kernel_compiles_a_module_once_per_options_and_device(monkeypatch, tmp_p
     assert compiled == [("// kernels", ("-DX=1",)), ("// kernels", ("-DX=2",)),
                         ("// kernels", ("-DX=1",))]
     assert setups == [a]
+
+
+def test_every_cuda_source_has_an_sm90_compile_test():
+    """Every .cu under tinylm/kernels is compiled by `nvcc --ptx -arch=sm_90` in the
+    ordinary test run: some tests/test_*.py imports its launcher (or names the file) and
+    runs nvcc --ptx for sm_90 (those tests skip only where nvcc is not installed)."""
+    from pathlib import Path
+
+    kernels = Path(runtime.__file__).parent
+    tests = {p.name: p.read_text() for p in Path(__file__).parent.glob("test_*.py")}
+    sources = sorted(kernels.glob("*.cu"))
+    assert {"flash_attention.cu", "fused.cu"} <= {s.name for s in sources}
+    for cu in sources:
+        names = (cu.name, f"kernels import {cu.stem}", f"kernels.{cu.stem}")
+        covering = [t for t, text in tests.items()
+                    if '"--ptx"' in text and "sm_90" in text and any(n in text for n in names)]
+        assert covering, f"{cu.name}: no test compiles it with nvcc --ptx -arch=sm_90"
