@@ -121,10 +121,9 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
         if grads is None:  # unreachable from root's gradient (e.g. a detached branch)
             continue
         xp = fn.xp
-        grads = [
-            xp.zeros(shape, dtype) if g is None else g
-            for g, (shape, dtype) in zip(grads, fn.output_meta)
-        ]
+        if len(grads) != 1 or grads[0] is None:  # outputs nobody used: zero gradients
+            grads = [xp.zeros(shape, dtype) if g is None else g
+                     for g, (shape, dtype) in zip(grads, fn.output_meta)]
         for ref, g in zip(fn.output_refs, grads):
             out = ref()
             if out is not None and out.retains_grad:
@@ -135,16 +134,22 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
         for t, g, needed in zip(fn.inputs, input_grads, fn.needs_input_grad):
             if not needed or g is None:
                 continue
-            g = unbroadcast(g, t.shape)
-            if g.dtype != t.dtype:
-                g = g.astype(t.dtype)
-            if t.creator is None:
+            data = t.data
+            if g.shape != data.shape:
+                g = unbroadcast(g, data.shape)
+            if g.dtype != data.dtype:
+                g = g.astype(data.dtype)
+            creator = t.creator
+            if creator is None:
                 if t.grad is None and (g.base is not None or id(g) in handed_out):
                     g = g.copy()  # a leaf's .grad owns its memory: in-place edits are safe
                 handed_out.add(id(g))
                 t.grad = _accumulate(t.grad, g)
             else:
-                slot = pending.setdefault(id(t.creator), [None] * t.creator.n_outputs)
-                slot[t.output_index] = _accumulate(slot[t.output_index], g)
+                slot = pending.get(id(creator))
+                if slot is None:
+                    slot = pending[id(creator)] = [None] * creator.n_outputs
+                i = t.output_index
+                slot[i] = g if slot[i] is None else slot[i] + g
         if not retain_graph:
             fn.release()

@@ -41,6 +41,11 @@ def cuda_available() -> bool:
         return False
 
 
+def has_cupy() -> bool:
+    """Whether CuPy is imported (else every array is a NumPy one)."""
+    return _cupy is not None
+
+
 def get_array_module(*arrays):
     """``cupy`` if any argument is a CuPy array, else ``numpy``."""
     if _cupy is not None:

@@ -31,6 +31,7 @@ import weakref
 import numpy as np
 
 from tinylm.autograd import is_grad_enabled
+from tinylm import backend
 from tinylm.backend import get_array_module
 from tinylm.errors import DeviceError
 from tinylm.tensor import Tensor
@@ -50,39 +51,45 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **params):
         fn = cls()
-        fn.__dict__.update(params)
+        if params:
+            fn.__dict__.update(params)
         tensors = _as_tensors(inputs)
         arrays = [t.data for t in tensors]
-        xp = get_array_module(*arrays)
-        if xp is not np and any(get_array_module(a) is not xp for a in arrays):
-            raise DeviceError(
-                f"{cls.__name__}: inputs live on different devices; move them with .to(device)"
-            )
+        xp = np
+        if backend.has_cupy():  # (without CuPy every array is a NumPy one)
+            xp = get_array_module(*arrays)
+            if xp is not np and any(get_array_module(a) is not xp for a in arrays):
+                raise DeviceError(
+                    f"{cls.__name__}: inputs live on different devices; move them with "
+                    ".to(device)"
+                )
         # grad mode first: under no_grad (decoding) the inputs are not even looked at
-        record = (
-            cls.differentiable and is_grad_enabled() and any(t.requires_grad for t in tensors)
-        )
+        record = cls.differentiable and is_grad_enabled()
+        if record:
+            needs = tuple(t.requires_grad for t in tensors)
+            record = True in needs
         fn.needs_grad = record
         outputs = fn.forward(xp, *arrays)
         if not isinstance(outputs, tuple):
             result = Tensor(outputs, requires_grad=record)
             if record:
-                fn._connect(xp, tensors, (result,))
+                fn._connect(xp, tensors, needs, (result,))
             return result
         results = tuple(Tensor(o, requires_grad=record) for o in outputs)
         if record:
-            fn._connect(xp, tensors, results)
+            fn._connect(xp, tensors, needs, results)
         return results
 
-    def _connect(self, xp, tensors, results) -> None:
-        """Record this call in the graph: the inputs it read, what backward needs to
-        know about the outputs, and itself as the outputs' creator (the outputs hold
-        the Function; it holds only weak references back)."""
+    def _connect(self, xp, tensors, needs, results) -> None:
+        """Record this call in the graph: the inputs it read (and which need a
+        gradient), what backward needs to know about the outputs, and itself as the
+        outputs' creator (the outputs hold the Function; it holds only weak references
+        back)."""
         self.xp = xp
         self.inputs = tensors
-        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        self.needs_input_grad = needs
         self.n_outputs = len(results)
-        self.output_meta = tuple((r.shape, r.dtype) for r in results)
+        self.output_meta = tuple((r.data.shape, r.data.dtype) for r in results)
         self.output_refs = tuple(weakref.ref(r) for r in results)
         for i, r in enumerate(results):
             r.creator = self
