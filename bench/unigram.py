@@ -21,8 +21,12 @@ the rest (held out):
   equal; the held-out text as one string is ~110,000 characters, past the length
   where float32 near-ties can fall differently: see the plugin's README).
 
-Each timing is the median of ``--repeats`` runs, the tools interleaved. Shared
-machines are noisy: compare ratios, and see the load average printed with the table.
+Each training time is the median of ``--repeats`` runs, tinylm, sentencepiece with 1
+and with 2 threads taking turns in every round; wall and CPU time (of this process:
+tinylm and sentencepiece's trainer both run in it, on one thread) are both reported.
+Shared machines are noisy: compare ratios (CPU time is the steadier one under load),
+and see the load average printed with the table. ``--train-only`` skips the encoding
+measurements (the training comparison, about a minute on an idle 2-core machine).
 """
 
 from __future__ import annotations
@@ -50,6 +54,23 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
+def interleaved(fns: dict, repeats: int) -> tuple:
+    """Each of ``fns`` run once per round, in turn, ``repeats`` rounds: ``(median wall
+    s, median CPU s (this process), last result)`` per name. Interleaving spreads a
+    shared machine's load over all of them alike; CPU time (one thread each) is the
+    less noisy measure there."""
+    runs = {name: ([], [], None) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fn()
+            walls, cpus, _ = runs[name]
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+            runs[name] = (walls, cpus, result)
+    return {name: (statistics.median(w), statistics.median(c), r) for name, (w, c, r) in runs.items()}
+
+
 def train_spm(corpus: Path, prefix: Path, vocab: int, threads: int):
     import sentencepiece as spm
 
@@ -58,7 +79,7 @@ def train_spm(corpus: Path, prefix: Path, vocab: int, threads: int):
     return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
 
 
-def measure(lines, vocab: int, repeats: int, folder: Path) -> dict:
+def measure(lines, vocab: int, repeats: int, folder: Path, train_only=False) -> dict:
     from tinylm_unigram import UnigramTokenizer
 
     cut = int(len(lines) * 0.9)
@@ -66,11 +87,18 @@ def measure(lines, vocab: int, repeats: int, folder: Path) -> dict:
     corpus = folder / "train.txt"
     corpus.write_text("\n".join(train), encoding="utf-8")
     row = {"vocab": vocab, "train_chars": len("\n".join(train)), "held_chars": len("\n".join(held))}
-    row["tinylm_train"], ours = timed(lambda: UnigramTokenizer.train(train, vocab), repeats)
-    row["spm_train_1"], sp = timed(lambda: train_spm(corpus, folder / f"s{vocab}", vocab, 1), repeats)
-    row["spm_train_2"], _ = timed(lambda: train_spm(corpus, folder / f"t{vocab}", vocab, 2), repeats)
+    runs = interleaved({
+        "tinylm": lambda: UnigramTokenizer.train(train, vocab),
+        "spm_1": lambda: train_spm(corpus, folder / f"s{vocab}", vocab, 1),
+        "spm_2": lambda: train_spm(corpus, folder / f"t{vocab}", vocab, 2),
+    }, repeats)
+    row["tinylm_train"], row["tinylm_train_cpu"], ours = runs["tinylm"]
+    row["spm_train_1"], row["spm_train_1_cpu"], sp = runs["spm_1"]
+    row["spm_train_2"], _, _ = runs["spm_2"]
     row["tinylm_tokens"] = sum(len(ours.encode(t, disallowed_special=())) for t in held)
     row["spm_tokens"] = sum(len(ids) for ids in sp.encode(held))
+    if train_only:
+        return row
     tok = UnigramTokenizer.from_spm(folder / f"s{vocab}.model")
     whole = "\n".join(held)
     row["tinylm_lines"], mine = timed(lambda: [tok.encode(t, disallowed_special=()) for t in held],
@@ -82,26 +110,30 @@ def measure(lines, vocab: int, repeats: int, folder: Path) -> dict:
     return row
 
 
-def table(rows, rules_time: float, markdown: bool) -> str:
+def table(rows, rules_time: float, markdown: bool, repeats: int) -> str:
     out = []
     if markdown:
         out.append("## CPU: Unigram plugin (issue 18), tinylm-unigram vs sentencepiece\n")
-    out.append(f"load average: {os.getloadavg()[0]:.2f}; tinylm's normalisation rules "
-               f"(built once per process): {rules_time:.2f} s\n")
-    out.append("| vocab | train: tinylm | spm 1 thread | spm 2 threads | tinylm / spm(1) "
+    out.append(f"load average: {os.getloadavg()[0]:.2f}; medians of {repeats} interleaved runs; "
+               f"tinylm's normalisation rules (built once per process): {rules_time:.2f} s\n")
+    out.append("| vocab | train wall: tinylm | spm 1 thread | spm 2 threads | tinylm / spm(1) wall "
+               "| train CPU: tinylm, spm(1) | tinylm / spm(1) CPU "
                "| held-out tokens tinylm / spm | encode lines: tinylm, spm (MB/s) "
                "| encode one text: tinylm, spm (MB/s) | ids equal: lines, one text |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mb = r["held_chars"] / 1e6
+        encode = ("| - | - | - |" if "tinylm_lines" not in r else
+                  f"| {mb / r['tinylm_lines']:.2f}, {mb / r['spm_lines']:.1f} | "
+                  f"{mb / r['tinylm_text']:.2f}, {mb / r['spm_text']:.1f} | "
+                  f"{r['ids_equal'][0]}, {r['ids_equal'][1]} |")
         out.append(
             f"| {r['vocab']} | {r['tinylm_train']:.2f} s | {r['spm_train_1']:.2f} s | "
             f"{r['spm_train_2']:.2f} s | {r['tinylm_train'] / r['spm_train_1']:.2f}x | "
+            f"{r['tinylm_train_cpu']:.2f} s, {r['spm_train_1_cpu']:.2f} s | "
+            f"{r['tinylm_train_cpu'] / r['spm_train_1_cpu']:.2f}x | "
             f"{r['tinylm_tokens']} / {r['spm_tokens']} = "
-            f"{r['tinylm_tokens'] / r['spm_tokens']:.4f} | "
-            f"{mb / r['tinylm_lines']:.2f}, {mb / r['spm_lines']:.1f} | "
-            f"{mb / r['tinylm_text']:.2f}, {mb / r['spm_text']:.1f} | "
-            f"{r['ids_equal'][0]}, {r['ids_equal'][1]} |")
+            f"{r['tinylm_tokens'] / r['spm_tokens']:.4f} " + encode)
     return "\n".join(out)
 
 
@@ -112,6 +144,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the 50 KB head, vocab 1000, 1 repeat")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--train-only", action="store_true",
+                    help="the training comparison (and held-out lengths) only, no encoding")
     args = ap.parse_args(argv)
     corpus = args.corpus or (HEAD if args.quick or not SHARED.exists() else SHARED)
     vocabs = args.vocab_size or ([1000] if args.quick else [1000, 8000])
@@ -123,9 +157,9 @@ def main(argv=None) -> None:
     rules.charsmap_blob("nmt_nfkc")
     rules_time = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(lines, v, repeats, Path(tmp)) for v in vocabs]
+        rows = [measure(lines, v, repeats, Path(tmp), args.train_only) for v in vocabs]
     print(f"corpus: {corpus} ({len(lines)} lines)")
-    print(table(rows, rules_time, args.markdown))
+    print(table(rows, rules_time, args.markdown, repeats))
 
 
 if __name__ == "__main__":
