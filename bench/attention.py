@@ -9,7 +9,11 @@ One causal self-attention, B=1, H=4, hs=64, float32 on the CPU, for T in {1024, 
 tinylm's tiled path (``impl="tiled"``, online softmax, O(T) memory) and torch's
 ``scaled_dot_product_attention``. Every (impl, T) case runs in a fresh subprocess, so
 its peak RSS (``ru_maxrss``: imports + inputs + the op) is its own; inside it, one
-warm-up then timed forward+backward repetitions (median). ``--repeat`` runs the whole
+warm-up then timed forward+backward repetitions (median). Memory is compared net of
+each process's baseline: its peak RSS after the imports and the inputs (torch's import
+alone is about 230 MB of its process) is subtracted from its peak over the op, and
+"net / torch" is the ratio of those differences (what the op itself allocates: its
+output, the three gradients and its temporaries). ``--repeat`` runs the whole
 sweep that many times, interleaved, and the table shows the medians of the runs.
 
 Threads: torch gets as many as numpy's BLAS has (``tinylm.threads.cpu_threads``), and
@@ -202,31 +206,37 @@ def sweep(args) -> None:
                 print(f"  run {rep + 1}/{args.repeat}  T={T:<6} {impl:<6} {shown}", flush=True)
     if os.name == "posix":
         print(f"load average at end {os.getloadavg()[0]:.2f}")
-    print(f"\nmedian of {args.repeat} runs (each case a fresh process; peak = process RSS):\n")
-    print("| T | impl | fwd ms | fwd+bwd ms | peak RSS MB | RSS over imports+inputs MB "
-          "| time / torch | peak / torch |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\nmedian (min-max) of {args.repeat} interleaved runs (each case a fresh process; "
+          f"peak = process RSS; ratios of the medians):\n")
+    print("| T | impl | fwd ms | fwd+bwd ms | peak RSS MB | net: peak - imports+inputs MB "
+          "| time / torch | net / torch | peak / torch |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for T in sorted(args.seq):
         ref = results.get(("torch", T))
         ref = [r for r in ref or [] if "ms" in r]
         t_ms = statistics.median(r["ms"] for r in ref) if ref else None
         t_mb = statistics.median(r["peak_mb"] for r in ref) if ref else None
+        t_net = statistics.median(r["peak_mb"] - r["base_mb"] for r in ref) if ref else None
         for impl in args.impls:
             if (impl, T) in skipped:
-                print(f"| {T} | {impl} | | | | | {skipped[(impl, T)]} | |")
+                print(f"| {T} | {impl} | | | | | {skipped[(impl, T)]} | | |")
                 continue
             runs = [r for r in results.get((impl, T), []) if "ms" in r]
             if not runs:
                 errs = [r.get("error", "?") for r in results.get((impl, T), [])]
-                print(f"| {T} | {impl} | | | | | failed: {errs[:1]} | |")
+                print(f"| {T} | {impl} | | | | | failed: {errs[:1]} | | |")
                 continue
             fwd = statistics.median(r["fwd_ms"] for r in runs)
-            ms = statistics.median(r["ms"] for r in runs)
+            ms_all = [r["ms"] for r in runs]
+            net_all = [r["peak_mb"] - r["base_mb"] for r in runs]
+            ms, over = statistics.median(ms_all), statistics.median(net_all)
             mb = statistics.median(r["peak_mb"] for r in runs)
-            over = statistics.median(r["peak_mb"] - r["base_mb"] for r in runs)
             rt = f"{ms / t_ms:.2f}x" if t_ms else "-"
             rm = f"{mb / t_mb:.2f}x" if t_mb else "-"
-            print(f"| {T} | {impl} | {fwd:.0f} | {ms:.0f} | {mb:.0f} | {over:.0f} | {rt} | {rm} |")
+            rn = f"{over / t_net:.2f}x" if t_net else "-"
+            print(f"| {T} | {impl} | {fwd:.0f} | {ms:.0f} ({min(ms_all):.0f}-{max(ms_all):.0f}) "
+                  f"| {mb:.0f} | {over:.0f} ({min(net_all):.0f}-{max(net_all):.0f}) | {rt} "
+                  f"| {rn} | {rm} |")
 
 
 def tune(args) -> None:
