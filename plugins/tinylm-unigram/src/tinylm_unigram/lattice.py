@@ -68,26 +68,33 @@ class PieceIndex:
         return self._prefix_set
 
     def _build_tables(self) -> bool:
+        """Per length L: the sorted hashes of the pieces' L-character prefixes, the row
+        of the piece of exactly that text (-1: none) and whether a longer piece goes
+        on from it. False if two pieces share a hash."""
         mat, lengths = self.matrix, self.lengths
-        self.prefixes, self.full_keys, self.full_ids = [], [], []
+        self.keys, self.rows, self.more = [], [], []
         h = np.zeros(len(mat), dtype=np.uint64)
         with np.errstate(over="ignore"):
             for L in range(1, self.max_len + 1):
                 h = h * self.base + mat[:, L - 1]
-                has = lengths >= L
-                self.prefixes.append(np.unique(h[has]))
-                full = lengths == L
-                keys, rows = h[full], np.nonzero(full)[0]
-                order = np.argsort(keys, kind="stable")
-                self.full_keys.append(keys[order])
-                self.full_ids.append(rows[order])
-                if len(np.unique(keys)) != len(keys):
+                has = np.flatnonzero(lengths >= L)
+                keys, inv = np.unique(h[has], return_inverse=True)
+                full = lengths[has] == L
+                if len(keys) and np.bincount(inv[full], minlength=len(keys)).max(initial=0) > 1:
                     return False
+                rows = np.full(len(keys), -1, dtype=np.int64)
+                rows[inv[full]] = has[full]
+                more = np.zeros(len(keys), dtype=bool)
+                more[inv[~full]] = True
+                self.keys.append(keys)
+                self.rows.append(rows)
+                self.more.append(more)
         return True
 
     def find(self, cp: np.ndarray) -> tuple:
         """Every occurrence of a piece in the code points ``cp``: ``(starts, lengths,
-        rows)`` sorted by start then length; ``rows`` index ``self.ids``."""
+        rows)`` sorted by start then length; ``rows`` index ``self.ids``. One sorted
+        lookup per length, only for the windows whose shorter prefix goes on."""
         n = len(cp)
         found_s, found_l, found_r = [], [], []
         alive = np.arange(n, dtype=np.int64)
@@ -96,23 +103,22 @@ class PieceIndex:
             for L in range(1, self.max_len + 1):
                 inside = alive + L <= n
                 alive, h = alive[inside], h[inside]
-                if not len(alive):
+                keys = self.keys[L - 1]
+                if not len(alive) or not len(keys):
                     break
                 h = h * self.base + cp[alive + (L - 1)]
-                keys = self.full_keys[L - 1]
-                if len(keys):
-                    at = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
-                    hit = keys[at] == h
-                    if hit.any():
-                        starts, rows = alive[hit], self.full_ids[L - 1][at[hit]]
-                        window = cp[starts[:, None] + np.arange(L)]
-                        same = (window == self.matrix[rows, :L]).all(axis=1)
-                        found_s.append(starts[same])
-                        found_l.append(np.full(int(same.sum()), L, dtype=np.int64))
-                        found_r.append(rows[same])
-                pre = self.prefixes[L - 1]
-                at = np.minimum(np.searchsorted(pre, h), max(len(pre) - 1, 0))
-                more = pre[at] == h if len(pre) else np.zeros(len(h), bool)
+                at = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
+                found = keys[at] == h
+                rows = np.where(found, self.rows[L - 1][at], -1)
+                hit = rows >= 0
+                if hit.any():
+                    starts, rows = alive[hit], rows[hit]
+                    window = cp[starts[:, None] + np.arange(L)]
+                    same = (window == self.matrix[rows, :L]).all(axis=1)
+                    found_s.append(starts[same])
+                    found_l.append(np.full(int(same.sum()), L, dtype=np.int64))
+                    found_r.append(rows[same])
+                more = found & self.more[L - 1][at]
                 alive, h = alive[more], h[more]
         if not found_s:
             empty = np.zeros(0, dtype=np.int64)
