@@ -359,15 +359,19 @@ class BPETokenizer(Tokenizer):
         ranks = np.append(byte_pair_ranks[data[:-1], data[1:]], none)  # pair (i, i + 1)
         ranks[starts + lengths - 1] = none  # no pair across two pieces
         which = np.arange(len(pieces))  # the original index of each piece still merging
+        positions = np.arange(len(ids))
         done_ids, done_which, done_lengths = [], [], []  # the pieces that left, per round
         while True:
             n = len(ids)
             # Per piece, the lowest rank * n + position: its best pair, leftmost on a tie.
-            best = np.minimum.reduceat(ranks * n + np.arange(n), starts)
-            rank, pos = np.divmod(best, n)
+            key = ranks * n
+            key += positions[:n]
+            rank, pos = np.divmod(np.minimum.reduceat(key, starts), n)
             merging = rank < none
             keep = np.ones(n, dtype=bool)
-            if not merging.all():  # finished pieces leave
+            if merging.all():
+                offset, lengths = pos - starts, lengths - 1
+            else:  # finished pieces leave
                 done = ~merging
                 leaving = np.repeat(done, lengths)
                 done_ids.append(ids[leaving])
@@ -376,11 +380,12 @@ class BPETokenizer(Tokenizer):
                 if not merging.any():
                     break
                 keep[leaving] = False
-            pos, offset = pos[merging], pos[merging] - starts[merging]
-            ids[pos] = merged[rank[merging]]
+                rank, pos = rank[merging], pos[merging]
+                offset = pos - starts[merging]
+                lengths, which = lengths[merging] - 1, which[merging]
+            ids[pos] = merged[rank]
             keep[pos + 1] = False
             ids, ranks = ids[keep], ranks[keep]
-            lengths, which = lengths[merging] - 1, which[merging]
             starts = np.cumsum(lengths) - lengths
             at = starts + offset  # where each new token now is
             last = offset == lengths - 1
