@@ -111,6 +111,7 @@ def seed_pieces(words: list, counts, *, max_piece_length=16, seed_size=1_000_000
     first = np.concatenate(out_pos)
     lens = np.concatenate(out_len)
     top = np.argsort(-scores, kind="stable")[: seed_size * 2]
-    found = [(text[int(first[k]):int(first[k]) + int(lens[k])], int(scores[k])) for k in top]
-    found.sort(key=lambda kv: (-kv[1], kv[0]))
-    return found[:seed_size]
+    pieces = [text[a:a + n] for a, n in zip(first[top].tolist(), lens[top].tolist())]
+    top_scores = scores[top]
+    order = np.lexsort((np.array(pieces, dtype=str), -top_scores))[:seed_size]  # by score, text
+    return list(zip([pieces[k] for k in order.tolist()], top_scores[order].tolist()))
