@@ -17,7 +17,7 @@ from tinylm import amp, backend
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
 from tinylm.kernels import fused
-from tinylm.ops.reduce import last_axis_sum
+from tinylm.ops.reduce import last_axis_max, last_axis_sum
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- embedding
@@ -76,7 +76,8 @@ def log_softmax_array(x, axis: int = -1):
 
 def _row_max(xp, x, axis):
     """The max along ``axis`` (kept), 0 for a row that is all -inf (so it stays -inf)."""
-    top = x.max(axis=axis, keepdims=True)
+    last = axis == -1 or axis == x.ndim - 1
+    top = last_axis_max(xp, x) if last else x.max(axis=axis, keepdims=True)
     return xp.where(top == -xp.inf, 0, top)
 
 
