@@ -901,14 +901,15 @@ def sweep_shapes(impl, variant, dtype, D):
     return cases + [(2, 1, M + 1, M - 1, False)]
 
 
-# (impl, variant, dtype, D, shapes): every family at D=32 (the cheapest module) with the
-# whole sweep; at D=128 (other tiles: BC = 32 in the forward and dq, BR = 32 in dk/dv)
-# again, the tensor-core kernels (slow to emulate) on the three shapes that hit the
-# skip boundaries (shift 1 at Tq = M, shift BR + 1, unmasked)
+# (impl, variant, dtype, D, shapes): every family at D=32 (the cheapest module) and at
+# D=128 (other tiles: BC = 32 in the forward and dq, BR = 32 in dk/dv), the v2
+# tensor-core kernels at D=64 too (dk/dv's BR = 64 there, 32 at D=32); the 16-bit
+# dtypes alternate. shapes: "all", or the indices of sweep_shapes to run.
 SWEEP_FAMILIES = [("simt", "v1", "float32", 32, "all"), ("simt", "v2", "bfloat16", 32, "all"),
                   ("mma", "v1", "float16", 32, "all"), ("mma", "v2", "bfloat16", 32, "all"),
+                  ("mma", "v2", "float16", 64, "all"),
                   ("simt", "v1", "float16", 128, "all"), ("simt", "v2", "float32", 128, "all"),
-                  ("mma", "v1", "bfloat16", 128, (2, 5, 6)), ("mma", "v2", "float16", 128, (2, 5, 6))]
+                  ("mma", "v1", "bfloat16", 128, "all"), ("mma", "v2", "float16", 128, "all")]
 
 
 def _family_id(f):
