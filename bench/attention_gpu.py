@@ -172,50 +172,47 @@ def torch_runners(torch, dtype, B, H, T, D, causal):
 
 def print_table(path) -> None:
     """The compact table of a results JSON (bench/gpu_check.sh prints it): TFLOP/s of the
-    forward and of forward+backward (float16: torch, v1, v2; bfloat16 v2), the ratio of
-    ours to torch's (the issue's target is 0.5), float32 fwd+bwd ms, and naive-over-ours
-    fwd+bwd for the same dtype."""
+    forward and of forward+backward (float16: torch, v1, v2; bfloat16 v2), v2 over torch
+    (the issue's target is 0.5), float32 fwd+bwd ms, and naive over ours (fwd+bwd, same
+    dtype)."""
     doc = json.loads(Path(path).read_text())
     res = doc["results"]
     get = {(r["impl"], r["dtype"], r.get("variant", ""), r["T"], r["D"]): r for r in res}
+    torch16, v1, v2 = ("torch", "float16", ""), ("tinylm", "float16", "v1"), \
+        ("tinylm", "float16", "v2")
+    bf2, f32v1, f32v2 = ("tinylm", "bfloat16", "v2"), ("tinylm", "float32", "v1"), \
+        ("tinylm", "float32", "v2")
+    naive32, naive16 = ("naive", "float32", ""), ("naive", "float16", "")
+    # (header, row, field, format, divide by (row, field) or None)
+    cols = [("f16 fwd torch", torch16, "fwd_tflops", "13.1f", None),
+            ("v1", v1, "fwd_tflops", "6.1f", None), ("v2", v2, "fwd_tflops", "6.1f", None),
+            ("v2/t", v2, "fwd_tflops", "5.2f", (torch16, "fwd_tflops")),
+            ("f16 f+b torch", torch16, "fwd_bwd_tflops", "13.1f", None),
+            ("v1", v1, "fwd_bwd_tflops", "6.1f", None), ("v2", v2, "fwd_bwd_tflops", "6.1f", None),
+            ("v2/t", v2, "fwd_bwd_tflops", "5.2f", (torch16, "fwd_bwd_tflops")),
+            ("bf16 v2", bf2, "fwd_tflops", "7.1f", None), ("f+b", bf2, "fwd_bwd_tflops", "6.1f", None),
+            ("f32 f+b ms v1", f32v1, "fwd_bwd_ms", "13.2f", None),
+            ("v2", f32v2, "fwd_bwd_ms", "6.2f", None), ("naive", naive32, "fwd_bwd_ms", "6.2f", None),
+            ("naive/v2 f32", naive32, "fwd_bwd_ms", "12.1f", (f32v2, "fwd_bwd_ms")),
+            ("f16", naive16, "fwd_bwd_ms", "5.1f", (v2, "fwd_bwd_ms"))]
 
-    def val(key, field):
-        r = get.get(key)
+    def val(key, T, D, field):
+        r = get.get(key + (T, D))
         return r[field] if r and r.get("status") == "ok" else None
 
-    def fmt(x, spec="6.1f"):
-        return f"{x:{spec}}" if x is not None else f"{'-':>{len(format(0.0, spec))}}"
-
-    def ratio(a, b):
-        return a / b if a is not None and b is not None else None
-
     print(f"# {doc.get('device', '?')}, {doc.get('date', '?')}, commit {doc.get('commit', '?')}")
-    print(f"{'D':>4} {'T':>6} | {'f16 fwd torch':>13} {'v1':>6} {'v2':>6} {'v2/t':>5} | "
-          f"{'f16 f+b torch':>13} {'v1':>6} {'v2':>6} {'v2/t':>5} | {'bf16 v2':>7} {'f+b':>6} | "
-          f"{'f32 f+b ms v1':>13} {'v2':>6} {'naive':>6} | {'naive/v2 f32':>12} {'f16':>5}")
+    width = [len(format(0.0, c[3])) for c in cols]
+    print(f"{'D':>4} {'T':>6} " + " ".join(f"{c[0]:>{w}}" for c, w in zip(cols, width)))
     for D in sorted({r["D"] for r in res}):
         for T in sorted({r["T"] for r in res}):
-            tf = {(i, dt, v, f): val((i, dt, v, T, D), f) for i, dt, v in (
-                ("torch", "float16", ""), ("tinylm", "float16", "v1"), ("tinylm", "float16", "v2"),
-                ("tinylm", "bfloat16", "v2"), ("tinylm", "float32", "v1"),
-                ("tinylm", "float32", "v2"), ("naive", "float32", ""), ("naive", "float16", ""))
-                for f in ("fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_ms")}
-            t16, v2 = ("torch", "float16", ""), ("tinylm", "float16", "v2")
-            print(f"{D:>4} {T:>6} | {fmt(tf[t16 + ('fwd_tflops',)], '13.1f')} "
-                  f"{fmt(tf[('tinylm', 'float16', 'v1', 'fwd_tflops')])} "
-                  f"{fmt(tf[v2 + ('fwd_tflops',)])} "
-                  f"{fmt(ratio(tf[v2 + ('fwd_tflops',)], tf[t16 + ('fwd_tflops',)]), '5.2f')} | "
-                  f"{fmt(tf[t16 + ('fwd_bwd_tflops',)], '13.1f')} "
-                  f"{fmt(tf[('tinylm', 'float16', 'v1', 'fwd_bwd_tflops')])} "
-                  f"{fmt(tf[v2 + ('fwd_bwd_tflops',)])} "
-                  f"{fmt(ratio(tf[v2 + ('fwd_bwd_tflops',)], tf[t16 + ('fwd_bwd_tflops',)]), '5.2f')} | "
-                  f"{fmt(tf[('tinylm', 'bfloat16', 'v2', 'fwd_tflops')], '7.1f')} "
-                  f"{fmt(tf[('tinylm', 'bfloat16', 'v2', 'fwd_bwd_tflops')])} | "
-                  f"{fmt(tf[('tinylm', 'float32', 'v1', 'fwd_bwd_ms')], '13.2f')} "
-                  f"{fmt(tf[('tinylm', 'float32', 'v2', 'fwd_bwd_ms')])} "
-                  f"{fmt(tf[('naive', 'float32', '', 'fwd_bwd_ms')])} | "
-                  f"{fmt(ratio(tf[('naive', 'float32', '', 'fwd_bwd_ms')], tf[('tinylm', 'float32', 'v2', 'fwd_bwd_ms')]), '12.1f')} "
-                  f"{fmt(ratio(tf[('naive', 'float16', '', 'fwd_bwd_ms')], tf[v2 + ('fwd_bwd_ms',)]), '5.1f')}")
+            cells = []
+            for (_, key, field, spec, over), w in zip(cols, width):
+                x = val(key, T, D, field)
+                if over is not None:
+                    y = val(over[0], T, D, over[1])
+                    x = x / y if x is not None and y else None
+                cells.append(format(x, spec) if x is not None else f"{'-':>{w}}")
+            print(f"{D:>4} {T:>6} " + " ".join(cells))
 
 
 # --------------------------------------------------------------------------- main

@@ -268,7 +268,8 @@ def tile_shape(name: str, head_dim: int) -> tuple:
     D = head_dim
     simt = {"fa_fwd_simt": SIMT_TILES[D]["FWD"], "fa_bwd_dkdv_simt": SIMT_TILES[D]["KV"],
             "fa_bwd_dq_simt": SIMT_TILES[D]["Q"],
-            "fa_bwd_dkdv_simt2": SIMT2_TILES[D]["KV"][:2], "fa_bwd_dq_simt2": SIMT2_TILES[D]["Q"][:2]}
+            "fa_bwd_dkdv_simt2": SIMT2_TILES[D]["KV"][:2],
+            "fa_bwd_dq_simt2": SIMT2_TILES[D]["Q"][:2]}
     if name in simt:
         return tuple(simt[name])
     mma, mma2 = MMA_TILES[D], MMA2_TILES[D]
