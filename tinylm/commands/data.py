@@ -114,8 +114,8 @@ def _clean_config(config_file, filters, skip, values):
               help="A JSON object of CleanConfig fields (thresholds); flags override it.")
 @click.option("--memory-mb", type=click.IntRange(min=1), default=16, show_default=True,
               help="Memory budget of the span dedup's on-disk index (the corpus-wide "
-                   "state); peak memory stays near it plus about 70 MiB, whatever the "
-                   "corpus's size. Changes no result.")
+                   "state, in hash-partitioned files); the process's peak stays near it "
+                   "plus about 50 MiB, whatever the corpus's size. Changes no result.")
 def clean_command(inputs, output, compression, progress, fmt, text_field, text_unit,
                   filters, skip, config_file, memory_mb, **values):
     """Clean INPUTS (files or folders) with C4's and Gopher's heuristics into OUTPUT."""
@@ -171,9 +171,10 @@ def _echo_clean(totals: dict, output: str) -> None:
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seed of the MinHash permutations.")
 @click.option("--memory-mb", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Memory budget of the on-disk duplicate index; peak memory stays near "
-                   "it plus about 70 MiB and 16 bytes per candidate pair, whatever the "
-                   "number of documents. Changes no result.")
+              help="Memory budget of the on-disk duplicate index (hash-partitioned "
+                   "files); the process's peak stays near it plus about 60 MiB and 16 "
+                   "bytes per candidate pair, whatever the number of documents. Changes "
+                   "no result.")
 def dedup_command(inputs, output, compression, progress, fmt, text_field, text_unit,
                   memory_mb, **values):
     """Remove exact and near-duplicate documents of INPUTS into OUTPUT."""
