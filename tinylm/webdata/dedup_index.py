@@ -31,6 +31,7 @@ import numpy as np
 from tinylm.webdata import external as ext
 from tinylm.webdata.minhash import (EMPTY, band_keys, bucket_pairs, estimate_jaccard,
                                     first_of_components)
+from tinylm.webdata.readers import WebDataError
 
 KEEP, EXACT, NEAR = 0, 1, 2
 PAIR_CHUNK = 1 << 10  # candidate pairs whose signatures are read and compared at once
@@ -106,7 +107,6 @@ class Decisions:
 def _exact_firsts(shards, n: int, work: str, memory_bytes: int) -> str:
     paths = [s.work_file(".exact.u64") for s in shards]
     if sum(os.path.getsize(p) for p in paths) != 8 * n:
-        from tinylm.webdata.readers import WebDataError
         raise WebDataError("the signature files do not match their markers; delete the "
                            "output folder's .dedup and run again")
     out = os.path.join(work, "exact.first.i64")
