@@ -395,6 +395,22 @@ def test_norm_kernels_emulated(emulator, case):
     _check(results)
 
 
+# Boundary sweep (issue 21): row lengths 0, 1 and -1 mod the warp (32) and the block
+# (256 threads), row counts around the P = 128 partial column sums, both orders.
+NORM_BOUNDARY = [(N, D, center, True, center, 256, order)
+                 for (N, D), order in zip([(127, 255), (128, 256), (129, 257), (1, 31),
+                                           (2, 32), (3, 33), (129, 511), (2, 513)],
+                                          ["forward", "reverse"] * 4)
+                 for center in (True, False)]
+
+
+@pytest.mark.parametrize("case", NORM_BOUNDARY, ids=lambda c: "-".join(map(str, c)))
+def test_norm_kernels_emulated_boundaries(emulator, case):
+    N, D, center, has_w, has_b, threads, order = case
+    _, results = emulate_norm(emulator, N, D, center, has_w, has_b, threads, order, seed=N * D)
+    _check(results)
+
+
 CE_CASES = [  # N, V, reduction, label smoothing, threads, order, logit offset
     (1, 1, "mean", 0.0, 256, "forward", 0.0),
     (4, 300, "mean", 0.0, 256, "reverse", 0.0),
@@ -428,12 +444,27 @@ def test_cross_entropy_ignore_index_inside_the_vocabulary(emulator):
     _check(results)
 
 
+CE_BOUNDARY = [(N, V, "none", 0.1, 256, order, 0.0)
+               for (N, V), order in zip([(3, 255), (2, 256), (3, 257), (2, 31), (3, 33),
+                                         (2, 511), (1, 513)], ["forward", "reverse"] * 4)]
+
+
+@pytest.mark.parametrize("case", CE_BOUNDARY, ids=lambda c: "-".join(map(str, c)))
+def test_cross_entropy_kernels_emulated_boundaries(emulator, case):
+    N, V, reduction, eps, threads, order, offset = case
+    _, results = emulate_ce(emulator, N, V, reduction, eps, threads=threads, order=order,
+                            seed=N + V, offset=offset)
+    _check(results, atol_frac=1e-6)
+
+
 ADAMW_CASES = [  # n, amsgrad, weight decay, step, blocks (None: the launcher's), threads
     (1, False, 0.0, 1, None, 256),
     (1000, False, 0.1, 1, None, 256),
     (5000, True, 0.1, 7, None, 64),
     (5000, False, 0.01, 3, 3, 64),   # fewer blocks than elements / threads: the stride loop
     (70001, True, 0.0, 2, 5, 256),
+    (255, False, 0.1, 2, None, 256), (256, True, 0.1, 2, None, 256),  # 0, +-1 mod a block
+    (257, False, 0.0, 4, None, 256), (513, True, 0.0, 3, 2, 256),
 ]
 
 
