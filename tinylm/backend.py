@@ -163,12 +163,14 @@ def erf(x):
 def normal_cdf(x):
     """Phi(x) = (1 + erf(x / sqrt(2))) / 2, elementwise: the exact GELU's gate.
 
-    float64 and CuPy: exactly that expression, with ``erf`` above. Other dtypes: the
-    float32 rational of ``erf`` with the 1/sqrt(2) and the 1/2 folded into its
-    coefficients (x clipped at 3.92 sqrt(2)), so ``0.5 + x P(x^2) / Q(x^2)`` with no
-    scaled copy of x and no separate + 1, * 0.5 passes. Within 2.5e-7 absolute of
-    the exact Phi everywhere (4 float32 ulps of 1; tested), the same as going through
-    ``erf``; clipped to [0, 1]. A fresh array of x's shape and dtype.
+    float64 and CuPy: exactly that expression, with ``erf`` above. Other dtypes (float32
+    math): ``1/2 + tanh(x R(x^2)) / 2`` with x clipped to [-6, 6], where x R(x^2) (R of
+    degree 6, fitted by weighted least squares to atanh(erf(x / sqrt 2)) on [0, 5.9])
+    stands for the exact atanh(2 Phi - 1), not the tanh GELU's cubic: 19 NumPy passes
+    (numpy's float32 tanh is vectorised) instead of the 26 of the erf rational. Within
+    9.6e-8 of the exact Phi over float32 (1.6 ulps of 1; the erf route: 2.1e-7; tested
+    to 2.5e-7), exactly 0 and 1 at -inf and inf (tanh saturates in float32 past 9),
+    NaN stays NaN; in [0, 1]. A fresh array of x's shape and dtype.
     """
     if get_array_module(x) is not np or x.dtype == np.float64:
         xp = get_array_module(x)
@@ -177,16 +179,15 @@ def normal_cdf(x):
         cdf *= 0.5
         return cdf
     x = np.asarray(x)
-    work = np.promote_types(x.dtype, np.float32)
-    clip = _ERF_CLIP * math.sqrt(2.0)
-    xc = np.clip(x, -clip, clip, out=np.empty(x.shape, work))
+    xc = np.clip(x, -_PHI_CLIP, _PHI_CLIP, out=np.empty(x.shape, np.promote_types(x.dtype,
+                                                                                 np.float32)))
     s = np.multiply(xc, xc, out=np.empty_like(xc))
-    p = _horner(s, _PHI_P, np.empty_like(s))
-    p *= xc
-    q = _horner(s, _PHI_Q, xc)
-    p /= q
-    p += 0.5
-    return np.clip(p, 0.0, 1.0, out=p).astype(x.dtype, copy=False)
+    g = _horner(s, _PHI_TANH, np.empty_like(s))  # R(x^2)
+    g *= xc
+    np.tanh(g, out=g)
+    g *= 0.5
+    g += 0.5
+    return g.astype(x.dtype, copy=False)
 
 
 def _horner(s, coeffs, out):
@@ -205,9 +206,12 @@ _ERF_P = (1.1283791462512538, 0.19040058940962173, 0.052747582349098265,
 _ERF_Q = (1.0, 0.5020708724800264, 0.1141063545166097, 0.014968528679727805,
           0.0011624224647935112, 3.808880183651688e-05)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-# Phi(x) = 1/2 + (x / (2 sqrt 2)) P(x^2 / 2) / Q(x^2 / 2): the same rational in x^2
-_PHI_P = tuple(c * 0.5**k * _INV_SQRT_2 * 0.5 for k, c in enumerate(_ERF_P))
-_PHI_Q = tuple(c * 0.5**k for k, c in enumerate(_ERF_Q))
+# Phi(x) = (1 + tanh(x R(x^2))) / 2: R's coefficients, constant first (the first is
+# sqrt(2 / pi), as in the tanh GELU; the fit's own error is 2.9e-8 in Phi)
+_PHI_CLIP = 6.0
+_PHI_TANH = (0.7978849414934731, 0.0363330844042023, -3.259476116112948e-05,
+             -5.5306295343354186e-05, 3.964765173291879e-06, -1.3226516004487265e-07,
+             1.7562260881676117e-09)
 
 
 _exact_erf = np.frompyfunc(math.erf, 1, 1)
