@@ -135,3 +135,22 @@ def test_spiece_model_folder_and_from_file(tmp_path):
     assert isinstance(tok, UnigramTokenizer)
     assert [tok.encode(t) for t in texts] == sp.encode(texts)
     assert isinstance(from_file(folder / "spiece.model"), UnigramTokenizer)
+
+
+LINE_CHARS = st.sampled_from(list("ab Zé \t\u3000\u00a0½¨\u0301\u0300A가ㄱㅏﾊﾟ日ж,.\u2581\u200b") +
+                             ["<sep>", "Citizen", "  ", "\ue000"])
+
+
+@pytest.mark.parametrize("rule, options", [("nmt_nfkc", {}), ("nmt_nfkc", {"user_defined": ["<sep>"]}),
+                                           ("identity", {"add_dummy_prefix": False}),
+                                           ("nfkc", {"remove_extra_whitespaces": False})])
+@given(lines=st.lists(st.lists(LINE_CHARS, max_size=12).map("".join), max_size=12))
+def test_training_normalises_lines_as_one_string_as_one_by_one(rule, options, lines):
+    """The trainer normalises its corpus in one pass (``normalize_lines``); it must
+    equal the per-line normaliser that encoding uses (and that the sentencepiece
+    parity tests check)."""
+    from tinylm_unigram import charsmap, rules
+    from tinylm_unigram.normalize import SpmNormalizer
+
+    normalizer = SpmNormalizer(charsmap.cached(rules.charsmap_blob(rule)), **options)
+    assert normalizer.normalize_lines(lines) == [normalizer.normalize(t) for t in lines]

@@ -154,7 +154,7 @@ class SpmNormalizer:
             else:
                 fast.append(k)
         sep = self._separator("".join(lines[k] for k in fast))
-        text = _RUNS.sub(" ", sep.join(lines[k] for k in fast).translate(self._table))
+        text = _RUNS.sub(" ", self._translate(sep.join(lines[k] for k in fast)))
         text = re.sub(f"(^|{sep}) +", r"\1", text)  # each line's leading spaces
         if self.escape_whitespaces:
             text = text.replace(" ", SPACE)
@@ -162,6 +162,18 @@ class SpmNormalizer:
         for k, body in zip(fast, text.split(sep)):
             out[k] = (prefix + body).rstrip(space) if body else ""
         return out
+
+    def _translate(self, text: str) -> str:
+        """``text.translate(self._table)``, by a regex over just the characters of
+        ``text`` that some rule changes (few, in most text: a long scan in C)."""
+        table = self._table
+        changed = sorted(c for c in set(text) if table.get(ord(c), c) != c)
+        if not changed:
+            return text
+        if len(changed) > 200:
+            return text.translate(table)
+        cls = re.compile("[" + "".join(map(re.escape, changed)) + "]")
+        return cls.sub(lambda m: table[ord(m.group())], text)
 
     def _separator(self, text: str) -> str:
         """A character in neither ``text`` nor any rule (to join lines with)."""
