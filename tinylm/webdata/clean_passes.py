@@ -29,7 +29,7 @@ import numpy as np
 
 from tinylm.atomic import atomic_open
 from tinylm.webdata import shards as sh
-from tinylm.webdata.filters import Removed, page_lines
+from tinylm.webdata.filters import page_lines
 from tinylm.webdata.readers import Document, ReadStats, read_documents
 
 FLAG_CHUNK = 1 << 16  # span flags read at once

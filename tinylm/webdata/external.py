@@ -14,9 +14,9 @@ the temporaries of sorting them (``BYTES_PER_ENTRY`` each) fit ``memory_bytes``;
 read, partitioned and merged back in chunks of that many entries. Memory: about
 ``memory_bytes`` (with the partition files' buffers), whatever the number of keys, up
 to ``MAX_PARTITIONS`` partitions (256 x memory_bytes / 80 keys: 53 M keys for 16 MiB);
-past that a partition holds more. Disk: 32 bytes per key while it runs. Entries are appended in index order, so within a
-partition (and within a key) they stay in that order, and the answers are exactly those
-of sorting all keys at once.
+past that a partition holds more. Disk: 32 bytes per key while it runs. Entries are
+appended in index order, so within a partition (and within a key) they stay in that
+order, and the answers are exactly those of sorting all keys at once.
 """
 
 from __future__ import annotations
