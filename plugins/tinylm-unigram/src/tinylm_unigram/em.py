@@ -97,17 +97,26 @@ class _Text:
         """The edges of the vocabulary ``piece_map`` (id here -> new id, or -1) over
         the words ``word_map`` (word here -> new word, or -1), renumbered."""
         mapped = _compose(self.ids, piece_map)
-        wmap = word_map[self.word]
-        alive = (wmap >= 0) & ((mapped >= 0) | (self.ids < 0))
+        unknown = self.ids < 0
+        same_words = len(word_map) == len(self.word_start) and (word_map >= 0).all() and (
+            word_map == np.arange(len(word_map))).all()
+        alive = (mapped >= 0) | unknown
+        if not same_words:
+            alive &= word_map[self.word] >= 0
         covered = np.zeros(self.size, dtype=bool)
         covered[self.starts[alive & self.one_char]] = True
-        keep = alive & ((self.ids >= 0) | ~covered[self.starts])
+        keep = alive & (~unknown | ~covered[self.starts])
         out = object.__new__(_Text)
-        kept_words = np.flatnonzero(word_map >= 0)
-        first = np.empty(len(kept_words), np.int64)
-        first[word_map[kept_words]] = kept_words
-        out.word_start, out.word_end, out.size = self.word_start[first], self.word_end[first], self.size
-        out.starts, out.ends, out.ids, out.word = self.starts[keep], self.ends[keep], mapped[keep], wmap[keep]
+        out.size = self.size
+        if same_words:
+            out.word_start, out.word_end, out.word = self.word_start, self.word_end, self.word[keep]
+        else:
+            kept_words = np.flatnonzero(word_map >= 0)
+            first = np.empty(len(kept_words), np.int64)
+            first[word_map[kept_words]] = kept_words
+            out.word_start, out.word_end = self.word_start[first], self.word_end[first]
+            out.word = word_map[self.word[keep]]
+        out.starts, out.ends, out.ids = self.starts[keep], self.ends[keep], mapped[keep]
         out.one_char = self.one_char[keep]
         rank = np.cumsum(keep) - 1
         for name in ("fwd", "bwd"):
