@@ -11,6 +11,10 @@ Without a GPU:
 On a GPU (@pytest.mark.gpu, `pytest -m gpu`): the kernels on fresh random inputs against
 the float64 oracle, every output element written (NaN poison), bitwise determinism,
 input checks and the autograd op.
+On both (one test body, the `kernels` fixture: emulator or CuPy): a boundary sweep of the
+causal tile skipping per kernel family, spike visibility, and row-wise errors against a
+reference that rounds as the kernels do (section "boundaries"; tests/test_fa_mutations.py
+shows they catch two planted off-by-one bugs).
 
 Both generations of the tensor-core kernels are tested (variant "v1" and "v2", see
 flash_attention.kernel_plan): v2 on every shape, v1 (verified on an H200 before v2
