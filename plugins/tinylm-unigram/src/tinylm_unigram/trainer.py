@@ -186,13 +186,16 @@ def _mark_rare(text: str, rare: set) -> str:
 def _words(text: str, sep: str) -> tuple:
     """Words with the character after them (``▁`` or ``END``), counted: the seeds'
     input; the EM's words are the same without that character. ``text``: sentences,
-    each followed by ``sep``; a word starts at a sentence's start or at each ``▁``."""
-    ends = re.escape(WS + sep)
-    counts = Counter(re.findall(f"({WS}?[^{ends}]*)(?=([{ends}]))", text))
-    counts.pop(("", sep), None)  # the empty match before each sentence's end
-    counts.pop(("", WS), None)
-    keyed = [p + (WS if nxt == WS else END) for p, nxt in counts]
-    return keyed, np.array(list(counts.values()), dtype=np.int64)
+    each followed by ``sep``; a word starts at a sentence's start or at each ``▁``.
+    (Two scans, one per next character; their order does not matter downstream.)"""
+    body = f"{WS}?[^{re.escape(WS + sep)}]*"
+    words, freqs = [], []
+    for pattern, mark in ((f"({body})(?={WS})", WS), (f"({body}){re.escape(sep)}", END)):
+        counts = Counter(re.findall(pattern, text))
+        counts.pop("", None)  # the empty match before a ▁ that starts a word
+        words += [w + mark for w in counts]
+        freqs += counts.values()
+    return words, np.array(freqs, dtype=np.int64)
 
 
 def _seeds(words: list, freqs: np.ndarray, required: dict, opt) -> tuple:
