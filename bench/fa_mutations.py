@@ -77,8 +77,8 @@ def main():
         work = Path(tmp)
         sources = {"original": fk.fa.SOURCE_PATH}
         sources.update({m: mutated_source(m, work) for m in MUTATIONS})
-        print(f"| source | old emulated cases failing | sweep families failing | "
-              f"spike families failing | s |")
+        print("| source | old emulated cases failing | sweep families failing | "
+              "spike families failing | s |")
         print("|---|---|---|---|---|")
         for name, src in sources.items():
             t0 = time.perf_counter()
