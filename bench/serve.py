@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/serve.py                      # GPT-2 small shape + SmolLM2-135M
     .venv/bin/python bench/serve.py --quick              # a tiny model, smoke test (< 1 min)
+    .venv/bin/python bench/serve.py --threads 1 --requests 4 --rounds 1   # RESULTS' run (~5 min)
     .venv/bin/python bench/serve.py --models gpt2 --streams 1 4 16 --max-tokens 64
     .venv/bin/python bench/serve.py --serve-arg=--dequantize   # options for `tinylm serve`
 
