@@ -228,14 +228,16 @@ def _peak_bytes(T: int, kind: str, B=1, H=2, d=128) -> int:
 def test_memory_grows_linearly_with_the_sequence(kind):
     """Doubling T doubles the peak (the (B, H, T, S) scores would quadruple it), with
     the default tiles, masks and ALiBi: about 2 MB of tile buffers per thread stay
-    fixed, so at T = 4096 the ratio is ~1.8, and each doubling adds twice what the
-    one before it did."""
+    fixed, so at T = 4096 the ratio is a little under 2. Each doubling adds 2x to 2.5x
+    what the one before it did, not 4x: the peak is the larger of two linear costs,
+    the tile phase (fixed buffers + O(T) arrays) at small T and the end of backward
+    (the O(T) gradients and output only) above it."""
     p1, p2, p4 = (_peak_bytes(T, kind) for T in (1024, 2048, 4096))
     scores = 2 * 4096 * 4096 * 4  # one float32 (B, H, T, T) array at T = 4096: 128 MB
     detail = (f"{kind}: peaks {p1 / 2**20:.1f}, {p2 / 2**20:.1f}, {p4 / 2**20:.1f} MB at "
               f"T = 1024, 2048, 4096 ({scores / 2**20:.0f} MB of scores at 4096)")
     assert 1.7 < p4 / p2 < 2.2, detail
-    assert 1.8 < (p4 - p2) / (p2 - p1) < 2.2, detail
+    assert 1.8 < (p4 - p2) / (p2 - p1) < 2.8, detail
 
 
 # --------------------------------------------------------------------------- dispatch

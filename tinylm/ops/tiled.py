@@ -38,12 +38,16 @@ Accumulation is float32 (float64 for float64 inputs, as gradcheck needs); float1
 inputs are upcast once, O(T * hs). Tile sizes (``block_q``, ``block_k``) default to
 values measured on a CPU with 1 MB of L2 per core (see BLOCK_Q); any sizes work.
 
-Threads: query tiles are independent, so on NumPy the op splits them over
+Threads: query tiles are independent, so on NumPy the forward splits them over
 ``tinylm.threads.cpu_threads()`` Python threads (the BLAS library's thread limit, e.g.
-``OPENBLAS_NUM_THREADS``), each calling single-threaded BLAS; backward gives each thread
-its own dK and dV (over the keys its tiles see) and sums them at the end. The split is
-fixed by the shapes and the thread count, so results do not depend on thread timing;
-dK and dV round differently for another thread count (the forward and dQ do not). (Letting a multi-threaded BLAS split each
+``OPENBLAS_NUM_THREADS``), each calling single-threaded BLAS. Backward splits the batch
+rows or the kv heads instead when their count is a multiple of the threads: each thread
+writes its own slice of dQ, dK and dV, and no partial sums are held (otherwise each
+thread sums into its own dK and dV over the keys its query tiles see, O(S * hs) more
+memory per thread, added up at the end). The split is fixed by the shapes and the
+thread count, so results do not depend on thread timing; the forward and dQ never
+depend on the thread count, dK and dV only with the query-tile split.
+(Letting a multi-threaded BLAS split each
 tile-sized GEMM instead synchronises its threads thousands of times per op, which cost
 up to 10x on a machine with busy cores.) Per core the op keeps up with torch's fused
 CPU kernel (bench/attention.py, bench/RESULTS.md).
@@ -51,6 +55,7 @@ CPU kernel (bench/attention.py, bench/RESULTS.md).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -179,11 +184,33 @@ class _Plan:
                       > xp.arange(i0 + self.off, i1 + self.off)[:, None])  # (br, bc)
             xp.copyto(s5, -xp.inf, where=hidden)
 
+    def part(self, axis: int, lo: int, hi: int) -> "_Plan":
+        """This plan for batch rows (``axis`` 0) or kv heads (``axis`` 1) [lo, hi) only:
+        the same tiles, the mask and ALiBi slopes cut to match."""
+        sub = copy.copy(self)
+        if axis == 0:
+            sub.B = hi - lo
+        else:
+            sub.Hkv = hi - lo
+        cut = (slice(None),) * axis + (slice(lo, hi),)
+        for name in ("drop", "add", "neg_slopes"):
+            m = getattr(self, name)
+            if m is not None and m.shape[axis] > 1:
+                setattr(sub, name, m[cut])
+        return sub
+
     def rows(self, x5, i0, i1):
         """Query rows [i0, i1) of a (B, Hkv, rep, T, ...) array as one (B, Hkv, rep*br, ...)
         tile (a view when rep == 1, a small copy otherwise)."""
         t = x5[:, :, :, i0:i1]
         return t.reshape((self.B, self.Hkv, self.rep * (i1 - i0)) + t.shape[4:])
+
+    def scaled_rows(self, xp, q5, i0, i1):
+        """``rows(q5, i0, i1) * scale`` in a new tile-sized array."""
+        t = q5[:, :, :, i0:i1]
+        out = xp.empty(t.shape, dtype=self.acc)
+        xp.multiply(t, self.acc.type(self.scale), out=out)
+        return out.reshape((self.B, self.Hkv, self.rep * (i1 - i0), self.d))
 
 
 def query_tiles(plan: _Plan, threads: int) -> list:
@@ -195,10 +222,23 @@ def query_tiles(plan: _Plan, threads: int) -> list:
     return [[tiles[i] for i in part] for part in balance(costs, threads)]
 
 
+def head_parts(plan: _Plan, threads: int):
+    """``[(axis, lo, hi), ...]``: the batch rows (axis 0) or else the kv heads (axis 1)
+    split evenly over ``threads`` threads, or None when neither count is a multiple of
+    ``threads`` (then backward splits query tiles instead)."""
+    if threads > 1:
+        for axis, n in ((0, plan.B), (1, plan.Hkv)):
+            if n % threads == 0:
+                step = n // threads
+                return [(axis, lo, lo + step) for lo in range(0, n, step)]
+    return None
+
+
 def tiled_attention_forward(xp, plan: _Plan, q5, k, v, threads: int = 1):
     """(o5, lse5): o (B, Hkv, rep, T, hs) and the row logsumexp lse (B, Hkv, rep, T).
 
-    ``q5`` holds q * scale as (B, Hkv, rep, T, hs); k, v are (B, Hkv, S, hs); all in the
+    ``q5`` holds q as (B, Hkv, rep, T, hs) (each query tile is scaled into a tile-sized
+    buffer, so no scaled copy of q is kept); k, v are (B, Hkv, S, hs); all in the
     accumulation dtype. Query tiles are independent: ``threads`` threads share them out."""
     p, acc = plan, plan.acc
     B, Hkv, rep, T, d = p.B, p.Hkv, p.rep, p.T, p.d
@@ -209,7 +249,7 @@ def tiled_attention_forward(xp, plan: _Plan, q5, k, v, threads: int = 1):
 
     def tile(i0, i1):
         br, R = i1 - i0, rep * (i1 - i0)
-        qt = p.rows(q5, i0, i1)  # (B, Hkv, R, hs)
+        qt = p.scaled_rows(xp, q5, i0, i1)  # (B, Hkv, R, hs)
         s_buf = xp.empty((B, Hkv, R, p.bc), dtype=acc)
         s5_buf = s_buf.reshape(B, Hkv, rep, br, p.bc)
         scratch = xp.empty((1, Hkv, rep, br, p.bc), dtype=acc) if p.neg_slopes is not None else None
@@ -254,19 +294,46 @@ def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5, threads: 
     """(dq5, dk, dv) of sum(o * do), recomputing score tiles from ``lse5``; ``dq5`` is
     the gradient of the unscaled q, in the (B, Hkv, rep, T, hs) layout.
 
-    With ``threads`` > 1 each thread walks its share of the query tiles into its own dK
-    and dV (O(S * hs) each), summed at the end in a fixed order."""
+    With ``threads`` > 1 the threads split the batch rows or the kv heads when their
+    count allows (``head_parts``): each writes its own slice of dQ, dK and dV, so no
+    partial sums are held and the result is the one-thread result. Otherwise they
+    split the query tiles (``_backward_tiles``)."""
+    acc = plan.acc
+    dq5 = xp.empty(q5.shape, dtype=acc)
+    dk = xp.zeros(k.shape, dtype=acc)
+    dv = xp.zeros(v.shape, dtype=acc)
+    heads = head_parts(plan, threads)
+    if heads is None:
+        _backward_tiles(xp, plan, (q5, k, v, o5, lse5, do5), (dq5, dk, dv), threads)
+        return dq5, dk, dv
+
+    def work(part):
+        axis, lo, hi = part
+        cut = (slice(None),) * axis + (slice(lo, hi),)
+        _backward_tiles(xp, plan.part(axis, lo, hi), [x[cut] for x in (q5, k, v, o5, lse5, do5)],
+                        (dq5[cut], dk[cut], dv[cut]), 1)
+
+    run_parts(work, heads)
+    return dq5, dk, dv
+
+
+def _backward_tiles(xp, plan: _Plan, inputs, out, threads: int) -> None:
+    """The backward of ``tiled_attention_backward`` into ``out`` = (dq5, dk, dv), dk and
+    dv zero. With ``threads`` > 1 the threads share the query tiles; the first one adds
+    into ``out``'s dK and dV, each other one into its own (O(S * hs), over the keys its
+    tiles see), summed in at the end in a fixed order."""
     p, acc = plan, plan.acc
-    B, Hkv, rep, T, S, d = p.B, p.Hkv, p.rep, p.T, p.S, p.d
+    q5, k, v, o5, lse5, do5 = inputs
+    dq5, dk_out, dv_out = out
+    B, Hkv, rep, d = p.B, p.Hkv, p.rep, p.d
     kt, vt = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
     delta5 = (do5 * o5).sum(axis=-1)  # D = rowsum(dO * O), (B, Hkv, rep, T)
     # rows that saw nothing: p = exp(s - inf) = 0 everywhere, so no gradient
     lse5 = xp.where(lse5 == -np.inf, np.inf, lse5)
-    dq5 = xp.empty((B, Hkv, rep, T, d), dtype=acc)
 
     def tile(i0, i1, dk, dv):
         br, R = i1 - i0, rep * (i1 - i0)
-        qt, dot = p.rows(q5, i0, i1), p.rows(do5, i0, i1)  # (B, Hkv, R, hs)
+        qt, dot = p.scaled_rows(xp, q5, i0, i1), p.rows(do5, i0, i1)  # (B, Hkv, R, hs)
         lse = p.rows(lse5, i0, i1)[..., None]  # (B, Hkv, R, 1)
         dlt = p.rows(delta5, i0, i1)[..., None]
         s_buf = xp.empty((B, Hkv, R, p.bc), dtype=acc)
@@ -296,25 +363,24 @@ def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5, threads: 
         dq_t *= p.scale
         dq5[:, :, :, i0:i1] = dq_t.reshape(B, Hkv, rep, br, d)
 
-    def work(tiles):  # dK, dV over the keys these tiles see (all S without causal)
+    def work(job):  # dK, dV over the keys these tiles see (all S without causal)
+        first, tiles = job
         seen = max(p.key_end(i1) for _, i1 in tiles)
-        dk = xp.zeros((B, Hkv, seen, d), dtype=acc)
-        dv = xp.zeros((B, Hkv, seen, d), dtype=acc)
+        if first:
+            dk, dv = dk_out[:, :, :seen], dv_out[:, :, :seen]
+        else:
+            dk = xp.zeros((B, Hkv, seen, d), dtype=acc)
+            dv = xp.zeros((B, Hkv, seen, d), dtype=acc)
         for i0, i1 in tiles:
             tile(i0, i1, dk, dv)
         return dk, dv
 
-    parts = run_parts(work, query_tiles(p, threads))
-    if parts and parts[0][0].shape[2] == S:  # the usual case: part 0 saw every key
-        (dk, dv), parts = parts[0], parts[1:]
-    else:
-        dk = xp.zeros((B, Hkv, S, d), dtype=acc)
-        dv = xp.zeros((B, Hkv, S, d), dtype=acc)
-    for dk_w, dv_w in parts:  # in a fixed order
+    parts = query_tiles(p, threads)
+    partial = run_parts(work, [(w == 0, tiles) for w, tiles in enumerate(parts)])
+    for dk_w, dv_w in partial[1:]:  # in a fixed order
         seen = dk_w.shape[2]
-        dk[:, :, :seen] += dk_w
-        dv[:, :, :seen] += dv_w
-    return dq5, dk, dv
+        dk_out[:, :, :seen] += dk_w
+        dv_out[:, :, :seen] += dv_w
 
 
 class TiledAttention(Function):
@@ -340,9 +406,9 @@ class TiledAttention(Function):
                      self.block_q, self.block_k)
         B, H, T, d = q.shape
         out_dtype = xp.result_type(q, k, v)  # float16 in, float16 out
-        q5 = xp.empty((B, H, T, d), dtype=plan.acc)  # q * scale, C-contiguous
-        xp.multiply(q, plan.acc.type(plan.scale), out=q5, casting="unsafe")
-        q5 = q5.reshape(B, plan.Hkv, plan.rep, T, d)  # (B, Hkv, rep, T, hs), a view
+        # q as it is when it is C-contiguous in the accumulation dtype (the tiles scale
+        # it as they go: no scaled copy of q is held), else one converted copy
+        q5 = xp.ascontiguousarray(q, dtype=plan.acc).reshape(B, plan.Hkv, plan.rep, T, d)
         k = xp.ascontiguousarray(k, dtype=plan.acc)
         v = xp.ascontiguousarray(v, dtype=plan.acc)
         threads = (self.threads or cpu_threads()) if xp is np else 1  # CuPy: one stream
