@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from tinylm_unigram.charsmap import Charsmap
 
 SPACE = "\u2581"
@@ -147,12 +149,15 @@ class SpmNormalizer:
                 and not self.treat_whitespace_as_suffix):
             return [self.normalize(t) for t in lines]
         out = [None] * len(lines)
-        fast = []
-        for k, line in enumerate(lines):
-            if self._trigger is not None and self._trigger.search(line):
-                out[k] = self.normalize(line)
-            else:
-                fast.append(k)
+        fast = range(len(lines))
+        if self._trigger is not None:  # the lines where a rule of several characters may apply
+            sep = self._separator("".join(lines))
+            starts = np.cumsum([0] + [len(t) + 1 for t in lines])
+            hits = [m.start() for m in self._trigger.finditer(sep.join(lines))]
+            slow = set(np.searchsorted(starts, hits, side="right").tolist())
+            for k in slow:
+                out[k - 1] = self.normalize(lines[k - 1])
+            fast = [k for k in fast if k + 1 not in slow]
         sep = self._separator("".join(lines[k] for k in fast))
         text = _RUNS.sub(" ", self._translate(sep.join(lines[k] for k in fast)))
         text = re.sub(f"(^|{sep}) +", r"\1", text)  # each line's leading spaces

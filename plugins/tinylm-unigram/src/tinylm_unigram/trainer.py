@@ -139,22 +139,27 @@ def _spec(opt) -> SpmModel:
 
 
 def _load_sentences(texts, normalizer: SpmNormalizer, opt) -> list:
-    """Normalised lines, with the meta symbols cut out as boundaries (``\\t``)."""
+    """Normalised lines, with the meta symbols cut out as boundaries (``\t``)."""
     meta = normalizer.user_defined
-    cut = re.compile("|".join(map(re.escape, meta))) if meta else None
     limit = opt["max_sentence_length"]
     lines = []
     for text in texts:
         if not isinstance(text, str):
             raise TokenizerError(f"train takes strings, not {type(text).__name__}")
-        # SentencePiece skips over-long lines and ones with its mark
-        lines += [line for line in text.split("\n") if line and UNK_CHAR not in line
-                  and (len(line) * 4 <= limit or len(line.encode("utf-8")) <= limit)]
+        lines += [line for line in text.split("\n") if line]
+    # SentencePiece skips over-long lines and ones with its mark
+    if any(UNK_CHAR in text for text in texts):
+        lines = [line for line in lines if UNK_CHAR not in line]
+    if lines and max(map(len, lines)) * 4 > limit:
+        lines = [line for line in lines if len(line.encode("utf-8")) <= limit]
     out = normalizer.normalize_lines(lines)
-    if cut is not None:
-        out = [cut.sub(BOUNDARY, t) for t in out]
-    out = [t for t in out if t]
-    return out
+    if meta:
+        text, sep = _joined(out)
+        if any(sep in m for m in meta):
+            out = [re.sub("|".join(map(re.escape, meta)), BOUNDARY, t) for t in out]
+        else:
+            out = re.sub("|".join(map(re.escape, meta)), BOUNDARY, text).split(sep)[:-1]
+    return [t for t in out if t]
 
 
 def _joined(sentences: list) -> tuple:
