@@ -282,3 +282,27 @@ def test_finetune_saves_memory_by_default_for_a_quantized_base():
     both = memory_estimate(plain, 8, 128)["activations"]
     assert before > chunked > both > 0
     assert not save_memory(packed, FinetuneSpec("base", "lora", gradient_checkpointing=False))
+
+
+def test_linear_cross_entropy_through_any_frozen_head_module():
+    """A head that is neither a Tensor nor multiplies itself runs on each chunk."""
+    from tinylm import nn, ops
+
+    class Scaled(nn.Module):  # a frozen head with a nonlinearity after the product
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 13, bias=False)
+
+        def forward(self, x):
+            return ops.tanh(self.proj(x)) * 3.0
+
+    head = Scaled().to(dtype="float64").requires_grad_(False)
+    rng = np.random.default_rng(4)
+    h, t = rng.normal(size=(9, 6)), rng.integers(0, 13, 9)
+    a, b = Tensor(h, requires_grad=True), Tensor(h, requires_grad=True)
+    plain = ops.cross_entropy(head(a), t)
+    plain.backward()
+    ours = linear_cross_entropy(b, t, head=head, vocab_size=13, chunk_bytes=4 * 13 * 8)
+    ours.backward()
+    np.testing.assert_allclose(ours.item(), plain.item(), rtol=1e-13)
+    np.testing.assert_allclose(b.grad, a.grad, rtol=1e-11, atol=1e-14)

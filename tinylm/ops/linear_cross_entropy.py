@@ -25,8 +25,10 @@ computed. The Python loop runs over row chunks (N / rows_per_chunk of them), nev
 single rows or the vocabulary.
 
 ``weight`` is a Tensor (V, d) (trained or not), or ``head`` a module with frozen
-weights (no parameter requires a gradient), called on each chunk: (n, d) -> (n, V),
-e.g. ``tinylm.quant``'s packed head (QLoRA's); its backward gives the chunk's dh.
+weights (no parameter requires a gradient): one that multiplies itself with arrays,
+``head.matmul(x2)`` -> (n, V) and ``head.matmul_t(g2)`` -> (n, d) (``tinylm.quant``'s
+packed layers: QLoRA's head), or else any module, called on each chunk (its backward
+gives the chunk's dh; one more (n, V) array per chunk).
 Reductions: "mean" (over the targets not ``ignore_index``, as ``cross_entropy``) and
 "sum".
 """
@@ -85,10 +87,15 @@ class LinearCrossEntropy(Function):
         return total / count if mean else total
 
     def _logits(self, xp, hc, w):
-        """The chunk's logits (n, V), a fresh array; with a ``head`` module and a
-        gradient wanted, its little graph (input leaf, output) is kept in self.graph."""
+        """The chunk's logits (n, V), a fresh array. A ``head`` with ``matmul`` /
+        ``matmul_t`` (a packed head) multiplies itself; any other head module runs on
+        the chunk, and with a gradient wanted its little graph (input leaf, output)
+        is kept in self.graph for ``_input_grad``."""
         if w is not None:
             return hc @ w.T
+        if _multiplies_itself(self.head):
+            z = self.head.matmul(hc)
+            return z if z.dtype == hc.dtype else z.astype(hc.dtype)
         x = Tensor(hc, requires_grad=self.gh is not None)
         with enable_grad() if x.requires_grad else no_grad():
             y = self.head(x)
@@ -96,9 +103,11 @@ class LinearCrossEntropy(Function):
         return y.data.astype(hc.dtype, copy=True)
 
     def _input_grad(self, z, w):
-        """dz (n, V) -> dh (n, d): through the weight, or back through the head's graph."""
+        """dz (n, V) -> dh (n, d): through the weight, or back through the head."""
         if w is not None:
             return z @ w
+        if _multiplies_itself(self.head):
+            return self.head.matmul_t(z)
         x, y = self.graph
         self.graph = None
         y.backward(z)
@@ -132,6 +141,10 @@ class LinearCrossEntropy(Function):
             return gh if len(self.needs_input_grad) == 1 else (gh, None)
         self.gw *= g  # ours alone: scaled in place, not copied (it may be V x d)
         return gh, self.gw
+
+
+def _multiplies_itself(head) -> bool:
+    return callable(getattr(head, "matmul", None)) and callable(getattr(head, "matmul_t", None))
 
 
 def linear_cross_entropy(h, targets, weight=None, head=None, ignore_index: int = -100,

@@ -140,6 +140,15 @@ class QuantLinear(_Packed):
             return QuantMatmul.apply(x, packed=self.packed)
         return QuantMatmul.apply(x, self.bias, packed=self.packed)
 
+    def matmul(self, x2):
+        """x2 (n, in) @ W.T -> (n, out): no bias, no graph (``ops.linear_cross_entropy``
+        multiplies a frozen head by itself, chunk by chunk)."""
+        return kernels.matmul(backend.get_array_module(x2).ascontiguousarray(x2), self.packed)
+
+    def matmul_t(self, g2):
+        """g2 (n, out) @ W -> (n, in): the input's gradient of ``matmul``, no graph."""
+        return kernels.matmul_t(backend.get_array_module(g2).ascontiguousarray(g2), self.packed)
+
     def dequantize(self) -> nn.Linear:
         """A float32 ``nn.Linear`` with the dequantized weight (and the bias)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -220,6 +229,16 @@ class QuantTiedHead(nn.Module):
 
     def forward(self, x):
         return QuantMatmul.apply(x, packed=self.embedding.packed)
+
+    def matmul(self, x2):
+        """x2 (n, dim) @ table.T -> (n, num) logits, no graph (see QuantLinear.matmul)."""
+        return kernels.matmul(backend.get_array_module(x2).ascontiguousarray(x2),
+                              self.embedding.packed)
+
+    def matmul_t(self, g2):
+        """g2 (n, num) @ table -> (n, dim): the input's gradient, no graph."""
+        return kernels.matmul_t(backend.get_array_module(g2).ascontiguousarray(g2),
+                                self.embedding.packed)
 
     def dequantize(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=False)
