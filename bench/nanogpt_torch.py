@@ -14,7 +14,9 @@ written from the description of the model and the loop, not copied:
 - data: the characters of the corpus (sorted set = vocabulary), first 90% train, last
   10% validation, as uint16 arrays; a batch is ``batch_size`` random windows drawn with
   ``torch.randint`` (targets shifted by one), the next batch fetched right after the
-  forward pass as nanoGPT does;
+  forward pass as nanoGPT does (the arrays stay in memory and the windows are gathered
+  in one indexing, where nanoGPT opens a memmap of train.bin per batch and stacks the
+  rows one by one: if anything, a few microseconds in torch's favour);
 - model: GPT with learned token and position embeddings, ``n_layer`` pre-LayerNorm
   blocks (LayerNorm without bias -> causal self-attention through
   ``F.scaled_dot_product_attention(is_causal=True)`` -> residual; LayerNorm -> Linear

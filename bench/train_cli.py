@@ -7,11 +7,12 @@ CPU ms and wall ms per step, for one or more source revisions, interleaved.
 Each run is ``tinylm train --config examples/shakespeare_char.toml --threads N`` (eval
 only at the end, on one batch; log every 10 steps) in a fresh process with
 OMP_NUM_THREADS=N. Per step, from the process itself: CPU time as (child CPU of a
-``--steps`` run - child CPU of a 0-step run) / steps (robust on a loaded machine:
-other processes' time is not counted), and wall time from the run's own
-metrics.jsonl (``elapsed_s`` between step 20 and the last step). Revisions and
-thread counts alternate within each repeat; medians over ``--repeats``, with the
-spread (min-max).
+``--steps`` run - child CPU of a ``--base-steps`` (20) run just before it) / (steps -
+base steps), so that startup, the final eval and the slower first steps (lazy
+imports, first allocations) cancel (robust on a loaded machine: other processes'
+time is not counted), and wall time from the run's own metrics.jsonl (``elapsed_s``
+between step 20 and the last step). Revisions and thread counts alternate within
+each repeat; medians over ``--repeats``, with the spread (min-max).
 
 ``--torch`` adds the peer: bench/nanogpt_torch.py (our reimplementation of nanoGPT's
 train.py on the same recipe; nanoGPT itself is not installable offline) as a whole
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--base-steps", type=int, default=20,
+                   help="steps of the baseline run whose CPU time is subtracted (its "
+                        "startup and its first, warm-up steps), < --steps")
     p.add_argument("--torch", action="store_true",
                    help="also time bench/nanogpt_torch.py (the torch peer), interleaved")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
@@ -137,26 +141,28 @@ def corpus(path: Path, tmp: Path) -> Path:
 
 
 def measure(args, trees, data: Path, tmp: Path) -> dict:
-    results, base = {}, {}
-    for label, src in trees:  # startup + eval: subtracted from every run
-        for n in args.threads:
-            base[label, n] = run_once(src, n, 0, tmp / "run", data)[0]
+    """Each repeat, for each thread count and side (alternating which goes first): a
+    ``--base-steps`` run and a ``--steps`` run, back to back; the difference of their
+    CPU times is the steady-state steps' (startup, eval and the first steps cancel)."""
+    results = {}
     for rep in range(args.repeats):
         order = trees if rep % 2 == 0 else trees[::-1]
         for n in args.threads:
             for label, src in order:
+                base = run_once(src, n, args.base_steps, tmp / "run", data)[0]
                 cpu, wall = run_once(src, n, args.steps, tmp / "run", data)
                 row = results.setdefault(f"{label} threads={n}", {"cpu_ms": [], "wall_ms": []})
-                row["cpu_ms"].append(1e3 * (cpu - base[label, n]) / args.steps)
+                row["cpu_ms"].append(1e3 * (cpu - base) / (args.steps - args.base_steps))
                 row["wall_ms"].append(None if wall is None else 1e3 * wall)
     return results
 
 
-def spread(v) -> str:
+def spread(v, digits: int = 1) -> str:
     v = [x for x in v if x is not None]
     if not v:
         return "n/a"
-    return f"{statistics.median(v):6.1f} (min {min(v):.1f}, max {max(v):.1f}, n={len(v)})"
+    return (f"{statistics.median(v):.{digits}f} (min {min(v):.{digits}f}, "
+            f"max {max(v):.{digits}f}, n={len(v)})")
 
 
 def report(results: dict, labels: list, threads: list, with_torch: bool) -> dict:
@@ -174,12 +180,14 @@ def report(results: dict, labels: list, threads: list, with_torch: bool) -> dict
                 per_rep = [a / b for a, b in zip(ours[key], peer[key])
                            if a is not None and b is not None]
                 ratios[f"{label}/torch threads={n} {key}"] = per_rep
-                print(f"{label}/torch threads={n} {key}: {spread(per_rep)}")
+                print(f"{label}/torch threads={n} {key}: {spread(per_rep, 3)}")
     return ratios
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not 0 <= args.base_steps < args.steps:
+        sys.exit("--base-steps must be at least 0 and below --steps")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         trees = [source_tree(s, tmp) for s in (args.rev or ["now=."])]
