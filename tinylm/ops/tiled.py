@@ -291,21 +291,23 @@ def tiled_attention_forward(xp, plan: _Plan, q5, k, v, threads: int = 1):
 
 
 def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5, threads: int = 1):
-    """(dq5, dk, dv) of sum(o * do), recomputing score tiles from ``lse5``; ``dq5`` is
-    the gradient of the unscaled q, in the (B, Hkv, rep, T, hs) layout.
+    """(dq, dk, dv) of sum(o * do), recomputing score tiles from ``lse5``; ``dq`` is
+    the gradient of the unscaled q, (B, H, T, hs) (an array of its own, not a view:
+    autograd would copy a view before making it a leaf's ``.grad``).
 
     With ``threads`` > 1 the threads split the batch rows or the kv heads when their
     count allows (``head_parts``): each writes its own slice of dQ, dK and dV, so no
     partial sums are held and the result is the one-thread result. Otherwise they
     split the query tiles (``_backward_tiles``)."""
     acc = plan.acc
-    dq5 = xp.empty(q5.shape, dtype=acc)
+    dq = xp.empty((plan.B, plan.H, plan.T, plan.d), dtype=acc)
+    dq5 = dq.reshape(q5.shape)  # (B, Hkv, rep, T, hs), a view
     dk = xp.zeros(k.shape, dtype=acc)
     dv = xp.zeros(v.shape, dtype=acc)
     heads = head_parts(plan, threads)
     if heads is None:
         _backward_tiles(xp, plan, (q5, k, v, o5, lse5, do5), (dq5, dk, dv), threads)
-        return dq5, dk, dv
+        return dq, dk, dv
 
     def work(part):
         axis, lo, hi = part
@@ -314,7 +316,7 @@ def tiled_attention_backward(xp, plan: _Plan, q5, k, v, o5, lse5, do5, threads: 
                         (dq5[cut], dk[cut], dv[cut]), 1)
 
     run_parts(work, heads)
-    return dq5, dk, dv
+    return dq, dk, dv
 
 
 def _backward_tiles(xp, plan: _Plan, inputs, out, threads: int) -> None:
@@ -327,7 +329,6 @@ def _backward_tiles(xp, plan: _Plan, inputs, out, threads: int) -> None:
     dq5, dk_out, dv_out = out
     B, Hkv, rep, d = p.B, p.Hkv, p.rep, p.d
     kt, vt = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
-    delta5 = (do5 * o5).sum(axis=-1)  # D = rowsum(dO * O), (B, Hkv, rep, T)
     # rows that saw nothing: p = exp(s - inf) = 0 everywhere, so no gradient
     lse5 = xp.where(lse5 == -np.inf, np.inf, lse5)
 
@@ -335,7 +336,7 @@ def _backward_tiles(xp, plan: _Plan, inputs, out, threads: int) -> None:
         br, R = i1 - i0, rep * (i1 - i0)
         qt, dot = p.scaled_rows(xp, q5, i0, i1), p.rows(do5, i0, i1)  # (B, Hkv, R, hs)
         lse = p.rows(lse5, i0, i1)[..., None]  # (B, Hkv, R, 1)
-        dlt = p.rows(delta5, i0, i1)[..., None]
+        dlt = (dot * p.rows(o5, i0, i1)).sum(axis=-1)[..., None]  # D = rowsum(dO * O)
         s_buf = xp.empty((B, Hkv, R, p.bc), dtype=acc)
         s5_buf = s_buf.reshape(B, Hkv, rep, br, p.bc)
         dp_buf = xp.empty((B, Hkv, R, p.bc), dtype=acc)
@@ -422,8 +423,7 @@ class TiledAttention(Function):
         plan, q5, k, v, o5, lse5, threads = self.saved
         B, H, T, d = grad.shape
         do5 = xp.ascontiguousarray(grad, dtype=plan.acc).reshape(B, plan.Hkv, plan.rep, T, d)
-        dq5, dk, dv = tiled_attention_backward(xp, plan, q5, k, v, o5, lse5, do5, threads)
-        return dq5.reshape(B, H, T, d), dk, dv
+        return tiled_attention_backward(xp, plan, q5, k, v, o5, lse5, do5, threads)
 
 
 def tiled_attention(q, k, v, mask=None, is_causal: bool = False, scale=None,
