@@ -12,7 +12,7 @@ import pytest
 
 import tinylm
 from tinylm import backend, peft
-from tinylm.models import Decoder, EncoderDecoder, GPT2Config, LlamaConfig, T5Config
+from tinylm.models import Decoder, EncoderDecoder, GPT2Config, T5Config
 from tinylm.ops.linear_cross_entropy import linear_cross_entropy
 from tinylm.tensor import Tensor
 from tinylm.testing import gradcheck

@@ -35,8 +35,6 @@ Reductions: "mean" (over the targets not ``ignore_index``, as ``cross_entropy``)
 
 from __future__ import annotations
 
-import numpy as np
-
 from tinylm.autograd import enable_grad, no_grad
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
