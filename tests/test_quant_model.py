@@ -159,3 +159,45 @@ def test_a_model_of_packed_layers_without_a_record_saves_too(tmp_path):
         "tok_emb": {"format": "q8_0", "shape": [tok.vocab_size, 64], "layer": "embedding"}}
     ids = IDS % tok.vocab_size
     np.testing.assert_array_equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_nf4_with_a_bf16_embedding_is_nf4_on_the_bf16_rounded_table(tmp_path):
+    """QLoRA's bfloat16 storage of what is not quantized: quantize(..., embeddings="bf16")
+    keeps the tied embedding/head as bfloat16 bits; torch's float32 -> bfloat16 rounding
+    of the same table, put in a float NF4 model, gives the same logits."""
+    torch = pytest.importorskip("torch")
+    ours = quantize(tiny("gpt2"), "nf4", embeddings="bf16")
+    assert isinstance(ours.tok_emb, QuantEmbedding) and ours.tok_emb.fmt == "bf16"
+    assert isinstance(ours.lm_head, QuantTiedHead) and ours.lm_head.embedding is ours.tok_emb
+    assert ours.quantization["tensors"]["tok_emb"]["format"] == "bf16"
+    assert ours.quantization["tensors"]["transformer.blocks.0.attn.qkv"]["format"] == "nf4"
+    ref = quantize(tiny("gpt2"), "nf4")  # the float32 table
+    full = logits(ref, IDS)
+    table = torch.from_numpy(ref.tok_emb.weight.numpy().copy())
+    ref.tok_emb.weight.data[...] = table.to(torch.bfloat16).to(torch.float32).numpy()
+    assert rel(logits(ours, IDS), logits(ref, IDS)) < 1e-6
+    assert 0 < rel(logits(ours, IDS), full) < 1e-2  # bf16's 8 bits of mantissa
+    tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ,.!?"], vocab_size=40)
+    save_quantized(ours, tok, tmp_path / "q")
+    loaded, _ = load_quantized_folder(tmp_path / "q")
+    assert loaded.tok_emb.fmt == "bf16" and isinstance(loaded.lm_head, QuantTiedHead)
+    np.testing.assert_array_equal(logits(loaded, IDS), logits(ours, IDS))
+
+
+def test_loading_a_quantized_folder_reads_one_layer_at_a_time(tmp_path, monkeypatch):
+    tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ,.!?"], vocab_size=40)
+    model = quantize(tiny("gpt2", vocab=tok.vocab_size), "nf4")  # float32 embedding
+    save_quantized(model, tok, tmp_path / "q")
+    reads, load_file = [], checkpoint.load_file
+
+    def spy(path, *args, names=None, **kw):
+        reads.append(names)
+        return load_file(path, *args, names=names, **kw)
+
+    monkeypatch.setattr(checkpoint, "load_file", spy)
+    loaded, _ = load_quantized_folder(tmp_path / "q")
+    assert reads and all(names is not None and len(names) <= 3 for names in reads)
+    assert sum(len(n) for n in reads) == len(checkpoint.read_header(tmp_path / "q" /
+                                                                    "model.safetensors"))
+    ids = IDS % tok.vocab_size
+    np.testing.assert_array_equal(logits(loaded, ids), logits(model, ids))

@@ -24,9 +24,10 @@ The folder is a run folder's model part: ``config.json`` (the model config plus 
 shape, the tied heads), ``model.safetensors`` (the float parameters as usual; each
 quantized layer as its packed buffers, ``<layer>.qweight`` uint8/int8 plus
 ``<layer>.scale`` / ``.absmax`` / ``.qabsmax`` / ``.absmax2`` / ``.offset`` by format)
-and ``tokenizer.txt``. Loading builds the float model from the config, swaps in the
-quantized layers over the file's arrays and loads the rest, so the float32 weights
-exist only briefly, as the freshly initialised model.
+and ``tokenizer.txt``. Loading builds the model from the config with its weights
+unwritten (``nn.skip_init``), then reads the file one layer at a time: each quantized
+layer's packed arrays become its buffers (no copy), each float tensor is copied into
+its parameter and dropped, so loading never holds more than the model plus one tensor.
 """
 
 from __future__ import annotations
@@ -65,10 +66,9 @@ def _matches(name: str, skip) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
 
 
-def _targets(model, scheme: str, skip, embeddings: bool):
+def _targets(model, scheme: str, skip, embeddings: bool, emb_scheme: str):
     """[(name, module)] of the Linear / Embedding layers to quantize, the tied heads
     {head name: embedding name}, and {name: reason} of the layers left float."""
-    block = get_format(scheme).block_size or 1
     named = list(model.named_modules())
     emb_of = {id(m.weight): n for n, m in named if isinstance(m, nn.Embedding)}
     heads = {n: emb_of[id(m.weight)] for n, m in named
@@ -83,8 +83,10 @@ def _targets(model, scheme: str, skip, embeddings: bool):
         if (is_emb and not embeddings) or any(_matches(n, skip) for n in names):
             continue
         row = m.embedding_dim if is_emb else m.in_features
+        fmt = emb_scheme if is_emb else scheme
+        block = get_format(fmt).block_size or 1
         if row % block:
-            skipped[name] = (f"{row} input features are not a multiple of {scheme}'s "
+            skipped[name] = (f"{row} input features are not a multiple of {fmt}'s "
                              f"block of {block}; left float32")
             continue
         chosen.append((name, m))
@@ -98,20 +100,24 @@ def _replace(model, name: str, module) -> None:
     setattr(parent, attr, module)
 
 
-def quantize(model, scheme: str, skip=(), embeddings: bool | None = None,
+def quantize(model, scheme: str, skip=(), embeddings: bool | str | None = None,
              progress: bool = False):
     """Swap ``model``'s Linear layers (and embeddings, see the module docstring) for
     quantized ones in ``scheme``, in place; returns the model, whose ``quantization``
     attribute records what was done (``scheme``, ``skip``, ``tensors``: {layer:
     {"format", "shape", "layer"}}, ``tied``: {head: embedding}, ``skipped``: {layer:
-    reason}). ``progress``: a tqdm bar on stderr."""
+    reason}). ``embeddings``: True / False, or a scheme of their own for the token
+    embeddings (and a head tied to one), e.g. ``quantize(model, "nf4",
+    embeddings="bf16")``: NF4 Linear layers, the embedding/head in bfloat16 storage,
+    what QLoRA with ``torch_dtype=bfloat16`` keeps. ``progress``: a tqdm bar on stderr."""
     from tqdm import tqdm
 
     scheme = check_scheme(scheme)
     skip = [str(p) for p in ([skip] if isinstance(skip, str) else skip)]
     if embeddings is None:
         embeddings = scheme in EMBEDDING_SCHEMES
-    chosen, tied, skipped = _targets(model, scheme, skip, embeddings)
+    emb_scheme = check_scheme(embeddings) if isinstance(embeddings, str) else scheme
+    chosen, tied, skipped = _targets(model, scheme, skip, bool(embeddings), emb_scheme)
     record = getattr(model, "quantization", None) or {"tensors": {}, "tied": {}}
     new = {}
     for name, m in tqdm(chosen, desc=f"quantizing to {scheme}", unit="layer",
@@ -119,9 +125,10 @@ def quantize(model, scheme: str, skip=(), embeddings: bool | None = None,
         if isinstance(m, nn.Linear):
             new[name] = QuantLinear.from_linear(m, scheme)
         else:
-            new[name] = QuantEmbedding.from_embedding(m, scheme)
+            new[name] = QuantEmbedding.from_embedding(m, emb_scheme)
         _replace(model, name, new[name])
-        record["tensors"][name] = {"format": scheme, "shape": list(new[name].weight_shape),
+        record["tensors"][name] = {"format": new[name].fmt,
+                                   "shape": list(new[name].weight_shape),
                                    "layer": "linear" if isinstance(m, nn.Linear) else "embedding"}
     for head, emb in tied.items():
         _replace(model, head, QuantTiedHead(new[emb]))
@@ -235,14 +242,18 @@ def load_quantized_folder(path, device: str = "cpu"):
                           "dequantize_model(model).to(device) for float32 on the GPU)")
     with nn.skip_init():  # every weight comes from the file: no float32 copy is drawn
         model = build_model(config_from_dict(data))
-    state = checkpoint.load_file(os.path.join(path, MODEL_FILE))
-    quant_keys = _swap_in(model, record, state, os.path.join(path, MODEL_FILE))
-    rest = {k: v for k, v in state.items() if k not in quant_keys}
-    result = model.load_state_dict(rest, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - quant_keys:
-        missing = sorted(set(result.missing_keys) - quant_keys)
-        raise CheckpointError(f"{path}/{MODEL_FILE} does not fit its config.json: missing "
-                              f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    file = os.path.join(path, MODEL_FILE)
+    header = checkpoint.read_header(file)
+    quant_keys = _swap_in(model, record, file, header)
+    rest = [k for k in header if k not in quant_keys]
+    targets = set(model.state_dict())
+    missing = sorted(targets - set(rest) - quant_keys)
+    unexpected = sorted(set(rest) - targets)
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not fit its config.json: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+    for key in rest:  # one tensor at a time: never every float weight twice
+        model.load_state_dict(checkpoint.load_file(file, names=[key]), strict=False)
     object.__setattr__(model, "quantization", record)
     tokenizer = from_file(os.path.join(path, TOKENIZER_FILE))
     return model.eval(), tokenizer
@@ -259,36 +270,37 @@ def _read_json(path) -> dict:
     return data
 
 
-def _swap_in(model, record: dict, state: dict, where: str) -> set:
-    """Replace each layer ``record`` lists by a quantized one over ``state``'s arrays;
-    returns the state keys they took."""
+def _swap_in(model, record: dict, file: str, header: dict) -> set:
+    """Replace each layer ``record`` lists by a quantized one over its arrays, read from
+    ``file`` (whose ``header`` is ``checkpoint.read_header``'s) layer by layer; returns
+    the state keys they took."""
     taken, made = set(), {}
     modules = dict(model.named_modules())
     for name, info in record["tensors"].items():
         if name not in modules or not isinstance(info, dict):
-            raise CheckpointError(f"{where}: the quantization section names layer {name!r}, "
+            raise CheckpointError(f"{file}: the quantization section names layer {name!r}, "
                                   f"which the model does not have")
         try:
             fmt, shape = info["format"], tuple(int(n) for n in info["shape"])
-            arrays = {a: state[f"{name}.{_BUFFER.get(a, a)}"]
-                      for a in kernels.LAYOUTS[get_format(fmt).name]}
+            keys = {a: f"{name}.{_BUFFER.get(a, a)}" for a in kernels.LAYOUTS[get_format(fmt).name]}
+            if f"{name}.bias" in header and info.get("layer") != "embedding":
+                keys["bias"] = f"{name}.bias"
+            state = checkpoint.load_file(file, names=[k for k in keys.values() if k in header])
+            arrays = {a: state[k] for a, k in keys.items() if a != "bias"}
             packed = kernels.check_packed(kernels.Packed(get_format(fmt).name, shape, arrays))
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: layer {name!r} is not a valid quantized tensor "
+            raise CheckpointError(f"{file}: layer {name!r} is not a valid quantized tensor "
                                   f"({type(e).__name__}: {e}); the file is damaged or was "
                                   f"written by another tool") from None
-        taken.update(f"{name}.{_BUFFER.get(a, a)}" for a in arrays)
+        taken.update(keys.values())
         if info.get("layer") == "embedding":
             made[name] = QuantEmbedding(packed)
         else:
-            bias = state.get(f"{name}.bias")
-            made[name] = QuantLinear(packed, bias)
-            if bias is not None:
-                taken.add(f"{name}.bias")
+            made[name] = QuantLinear(packed, state.get(keys.get("bias")))
         _replace(model, name, made[name])
     for head, emb in record.get("tied", {}).items():
         if emb not in made or head not in modules:
-            raise CheckpointError(f"{where}: tied head {head!r} -> {emb!r} names no "
+            raise CheckpointError(f"{file}: tied head {head!r} -> {emb!r} names no "
                                   f"quantized embedding")
         _replace(model, head, QuantTiedHead(made[emb]))
     return taken
