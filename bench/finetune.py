@@ -4,7 +4,7 @@ against torch + Hugging Face PEFT (+ bitsandbytes for QLoRA) on the same weights
     .venv/bin/python bench/finetune.py                 # GPT-2-small shape, every configuration
     .venv/bin/python bench/finetune.py --quick         # a tiny model, a smoke test (seconds)
     .venv/bin/python bench/finetune.py --configs tinylm-lora,torch-lora --steps 3
-    .venv/bin/python bench/finetune.py --configs tinylm-lora-gc,tinylm-qlora-nf4-gc,tinylm-qlora-q4_0-gc
+    .venv/bin/python bench/finetune.py --configs tinylm-lora-gc,tinylm-qlora-nf4-gc,tinylm-qlora-nf4-bf16-gc,tinylm-qlora-q4_0-gc
 
 The model: a randomly initialised Hugging Face ``GPT2LMHeadModel`` (``--n-layer`` 12,
 ``--d-model`` 768, ``--n-head`` 12, ``--vocab`` 50257: GPT-2 small, 124M parameters,
@@ -18,8 +18,11 @@ is made once by PEFT and saved in its folder format; torch loads it with
 so the two start from identical adapters and the losses of every step can be compared,
 not only the first. Full fine-tuning trains every weight (the tied embedding/head once).
 QLoRA: the same adapter on a frozen 4-bit base: tinylm's NF4 (the Linear layers; the
-tied embedding/head stay float32, QLoRA's practice) and Q4_0 (every Linear and the tied
-embedding/head), each quantized once by ``tinylm.quant.quantize`` and saved with
+tied embedding/head stay float32), NF4 with the tied embedding/head in bfloat16 storage
+("nf4-bf16": ``quantize(model, "nf4", embeddings="bf16")``, what QLoRA with
+``torch_dtype=bfloat16`` keeps; its losses are checked against the float32-embedding
+run's, max relative difference <= ``LOSS_TOLERANCE``) and Q4_0 (every Linear and the
+tied embedding/head), each quantized once by ``tinylm.quant.quantize`` and saved with
 ``save_quantized``, so the worker loads the packed weights and never holds a float32
 copy; torch's with bitsandbytes NF4 (``BitsAndBytesConfig(load_in_4bit=True)``,
 compute float32) when bitsandbytes works on this CPU (else that row says why).
@@ -81,7 +84,16 @@ CONFIGS = {"tinylm-lora": ("tinylm", "float32", "lora"), "torch-lora": ("torch",
            "tinylm-lora-gc": ("tinylm", "float32", "lora"),
            "torch-lora-gc": ("torch", "float32", "lora"),
            "tinylm-qlora-nf4-gc": ("tinylm", "nf4", "lora"),
-           "tinylm-qlora-q4_0-gc": ("tinylm", "q4_0", "lora")}
+           "tinylm-qlora-q4_0-gc": ("tinylm", "q4_0", "lora"),
+           "tinylm-qlora-nf4-bf16": ("tinylm", "nf4-bf16", "lora"),
+           "tinylm-qlora-nf4-bf16-gc": ("tinylm", "nf4-bf16", "lora")}
+# base -> (quantize's scheme, its embeddings argument): "nf4-bf16" is NF4 Linear layers
+# with the tied embedding/head in bfloat16 storage (QLoRA with torch_dtype=bfloat16)
+QUANTIZED = {"nf4": ("nf4", None), "nf4-bf16": ("nf4", "bf16"), "q4_0": ("q4_0", None)}
+# (row, reference row): the bf16-embedding run's losses against the float32-embedding one's
+LOSS_TOLERANCE = 1e-3
+SAME_LOSS = (("tinylm-qlora-nf4-bf16", "tinylm-qlora-nf4"),
+             ("tinylm-qlora-nf4-bf16-gc", "tinylm-qlora-nf4-gc"))
 PAIRS = (("tinylm-lora", "torch-lora"), ("tinylm-full", "torch-full"),
          ("tinylm-qlora-nf4", "torch-qlora-nf4"), ("tinylm-lora-gc", "torch-lora-gc"))
 QUICK = dict(n_layer=2, d_model=64, n_head=4, vocab=512, batch=2, block=32, warmup=1, steps=2)
@@ -174,15 +186,16 @@ def prepare(args, work: Path) -> dict:
     del hf
     rng = np.random.default_rng(args.seed)
     np.save(work / "batch.npy", rng.integers(0, args.vocab, (args.batch, args.block + 1)))
-    for scheme in ("nf4", "q4_0"):
-        if any(CONFIGS[c][1] == scheme and CONFIGS[c][0] == "tinylm" for c in args.configs):
-            save_tinylm_quantized(work / "base", work / f"base-{scheme}", scheme)
+    for base in QUANTIZED:
+        if any(CONFIGS[c][1] == base and CONFIGS[c][0] == "tinylm" for c in args.configs):
+            save_tinylm_quantized(work / "base", work / f"base-{base}", *QUANTIZED[base])
     return {"parameters": n_params, "hf_config": cfg.to_diff_dict()}
 
 
-def save_tinylm_quantized(src: Path, dst: Path, scheme: str) -> None:
-    """``src`` (HF folder) loaded by tinylm, quantized to ``scheme`` and saved as a
-    quantized folder (with a placeholder tokenizer: the bench feeds token ids)."""
+def save_tinylm_quantized(src: Path, dst: Path, scheme: str, embeddings=None) -> None:
+    """``src`` (HF folder) loaded by tinylm, quantized to ``scheme`` (``embeddings``:
+    quantize's) and saved as a quantized folder (with a placeholder tokenizer: the bench
+    feeds token ids)."""
     import warnings
 
     from tinylm import load_pretrained
@@ -192,7 +205,7 @@ def save_tinylm_quantized(src: Path, dst: Path, scheme: str) -> None:
     model = load_pretrained(src)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quantize(model, scheme)
+        quantize(model, scheme, embeddings=embeddings)
     for w in caught:
         print(f"  {scheme}: {w.message}", file=sys.stderr)
     save_quantized(model, CharTokenizer("ab"), dst)
@@ -378,13 +391,21 @@ def targets(rows: dict, pairs: list) -> list:
     for q, ref in (("tinylm-qlora-nf4", "tinylm-lora"), ("tinylm-qlora-q4_0", "tinylm-lora"),
                    ("tinylm-qlora-nf4-gc", "tinylm-lora-gc"),
                    ("tinylm-qlora-q4_0-gc", "tinylm-lora-gc"),
-                   ("tinylm-qlora-nf4-gc", "tinylm-lora"), ("tinylm-qlora-q4_0-gc", "tinylm-lora")):
+                   ("tinylm-qlora-nf4-gc", "tinylm-lora"), ("tinylm-qlora-q4_0-gc", "tinylm-lora"),
+                   ("tinylm-qlora-nf4-bf16", "tinylm-lora"),
+                   ("tinylm-qlora-nf4-bf16-gc", "tinylm-lora-gc")):
         a, b = rows.get(q), rows.get(ref)
         if a and b and "error" not in a and "error" not in b:
             out.append((f"{q} peak RSS <= 0.5x {ref}", a["peak_rss_mib"] / b["peak_rss_mib"], 0.5))
             if a["train_peak_rss_mib"] and b["train_peak_rss_mib"]:
                 out.append((f"{q} training-steps peak RSS <= 0.5x {ref}'s",
                             a["train_peak_rss_mib"] / b["train_peak_rss_mib"], 0.5))
+    for q, ref in SAME_LOSS:
+        a, b = rows.get(q), rows.get(ref)
+        if a and b and "error" not in a and "error" not in b:
+            la, lb = np.array(a["losses"]), np.array(b["losses"])
+            out.append((f"{q} losses vs {ref}'s (float32 embedding): max rel diff",
+                        float(np.max(np.abs(la - lb) / np.abs(lb))), LOSS_TOLERANCE))
     return [{"target": t, "value": v, "bar": bar, "met": bool(v <= bar)} for t, v, bar in out]
 
 

@@ -251,3 +251,51 @@ def test_ctrl_c_saves_a_checkpoint_writes_no_adapter_and_the_rerun_finishes(
     assert not (out / "adapter_config.json").exists()
     result = finetune(base, data, out, "--target", "c_attn", "--max-steps", "5")
     assert "resuming from step 2" in result.stderr and (out / "adapter_config.json").exists()
+
+
+# --------------------------------------------------------------------------- memory options
+
+
+def test_gradient_checkpointing_flag_changes_memory_not_the_losses(base, data, tmp_path):
+    args = ["--target", "c_attn", "--max-steps", "3", "--lr", "1e-2"]
+    plain = finetune(base, data, tmp_path / "plain", *args)
+    assert "gradient checkpointing: on" not in plain.stderr  # a float base: off by default
+    on = finetune(base, data, tmp_path / "on", *args, "--gradient-checkpointing")
+    assert "gradient checkpointing: on" in on.stderr
+    assert losses(tmp_path / "on") == losses(tmp_path / "plain")  # bit for bit
+    q8 = tmp_path / "q8"
+    assert run("quantize", base, "--to", "q8_0", "--out", q8).exit_code == 0
+    assert "gradient checkpointing: on" in finetune(q8, data, tmp_path / "q", *args).stderr
+    off = finetune(q8, data, tmp_path / "q-off", *args, "--no-gradient-checkpointing")
+    assert "gradient checkpointing: on" not in off.stderr
+    assert losses(tmp_path / "q-off") == losses(tmp_path / "q")
+    result = run("finetune", "-m", base, "--data", data, "--out", tmp_path / "c",
+                 "--task", "classify", "--gradient-checkpointing", *FAST)
+    one_error_line(result, "--gradient-checkpointing")
+
+
+def test_qlora_flag_quantizes_a_float_base_with_a_bf16_embedding(data, tmp_path):
+    from tinylm.finetune import FinetuneSpec, load_base
+    from tinylm.quant import QuantEmbedding, QuantLinear, QuantTiedHead
+
+    wide = tiny_base(tmp_path / "wide", d_model=64)  # NF4's blocks of 64
+    model = load_base(FinetuneSpec(wide, qlora="nf4"))[0]
+    assert isinstance(model.tok_emb, QuantEmbedding) and model.tok_emb.fmt == "bf16"
+    assert isinstance(model.lm_head, QuantTiedHead)
+    assert all(isinstance(b.attn.qkv, QuantLinear) and b.attn.qkv.fmt == "nf4"
+               for b in model.transformer.blocks)
+    f32 = load_base(FinetuneSpec(wide, qlora="nf4", qlora_embeddings="float32"))[0]
+    assert type(f32.tok_emb).__name__ == "Embedding"
+    args = ["--target", "c_attn", "--max-steps", "3", "--lr", "1e-2", "--qlora", "nf4"]
+    result = finetune(wide, data, tmp_path / "bf16", *args)
+    assert "gradient checkpointing: on" in result.stderr  # a quantized base: on
+    finetune(wide, data, tmp_path / "f32", *args, "--qlora-embeddings", "float32")
+    a, b = np.array(losses(tmp_path / "bf16")), np.array(losses(tmp_path / "f32"))
+    assert 0 < np.max(np.abs(a - b) / b) < 1e-3  # bf16 storage of the embedding/head
+    again = run("finetune", "-m", wide, "--data", data, "--out", tmp_path / "bf16", *FAST,
+                *args[:-1], "q4_0", "--max-steps", "4")
+    one_error_line(again, "qlora")  # resuming with another scheme is refused
+    one_error_line(run("finetune", "-m", wide, "--data", data, "--out", tmp_path / "x",
+                       "--qlora", "q3", *FAST), "unknown quantization scheme")
+    one_error_line(run("finetune", "-m", wide, "--data", data, "--out", tmp_path / "y",
+                       "--qlora", "nf4", "--full", *FAST), "--qlora")

@@ -56,7 +56,14 @@ class FinetuneSpec:
     activations (``Model.gradient_checkpointing``), None: on for a quantized base
     (QLoRA, where memory is the point, as Hugging Face's ``prepare_model_for_kbit_training``
     does), off otherwise (it costs about one more forward per step). Not part of the
-    run's record: it changes memory and time, not one bit of the gradients."""
+    run's record: it changes memory and time, not one bit of the gradients.
+    ``qlora``: a ``tinylm.quant`` scheme (nf4, nf4-dq, int8, q4_0 ...) to quantize a
+    float base to after loading it, so that LoRA trains on the packed weights (QLoRA
+    without a `tinylm quantize` folder first); ``qlora_embeddings``: how the token
+    embedding and a head tied to it are stored then, None: "bf16" for the schemes that
+    leave embeddings alone (nf4, nf4-dq, int8), as QLoRA with ``torch_dtype=bfloat16``
+    keeps every weight it does not quantize in bfloat16, else the scheme itself;
+    "float32" keeps them float32; another scheme name packs them in that one."""
 
     base: str
     method: str = "lora"
@@ -66,6 +73,8 @@ class FinetuneSpec:
     packing: bool = False
     eval_data: tuple = ()
     gradient_checkpointing: bool | None = None
+    qlora: str | None = None
+    qlora_embeddings: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "base", os.path.abspath(os.fspath(self.base)))
@@ -74,6 +83,31 @@ class FinetuneSpec:
         if self.method == FULL and self.peft_options:
             raise ConfigError(f"a full fine-tune trains every weight: the adapter options "
                               f"{sorted(self.peft_options)} go with --peft")
+        if self.qlora is not None:
+            self._check_qlora()
+        elif self.qlora_embeddings is not None:
+            raise ConfigError("--qlora-embeddings goes with --qlora SCHEME; add it or leave "
+                              "the option out")
+
+    def _check_qlora(self) -> None:
+        from tinylm.quant.model import check_scheme
+
+        object.__setattr__(self, "qlora", check_scheme(self.qlora))
+        if self.method == FULL or self.dequantize:
+            raise ConfigError(f"--qlora {self.qlora} packs the base's weights, which then "
+                              f"cannot train in full nor be dequantized; use it with --peft "
+                              f"lora and without --full / --dequantize")
+        if self.qlora_embeddings not in (None, "float32"):
+            object.__setattr__(self, "qlora_embeddings", check_scheme(self.qlora_embeddings))
+
+    @property
+    def embeddings(self):
+        """``quantize``'s ``embeddings`` argument for ``qlora`` (see the class docstring)."""
+        from tinylm.quant.model import EMBEDDING_SCHEMES
+
+        if self.qlora_embeddings is None:
+            return None if self.qlora in EMBEDDING_SCHEMES else "bf16"
+        return False if self.qlora_embeddings == "float32" else self.qlora_embeddings
 
     @property
     def weights(self) -> str:
@@ -91,6 +125,7 @@ class FinetuneSpec:
                 "peft_options": json.loads(json.dumps(self.peft_options)),
                 "dequantize": self.dequantize, "chat_template": self.chat_template,
                 "packing": self.packing, "eval_data": list(self.eval_data),
+                "qlora": self.qlora, "qlora_embeddings": self.qlora_embeddings,
                 "base_shape": base_shape(model) if model is not None else None}
 
 
@@ -110,7 +145,7 @@ def check_resume(spec: FinetuneSpec, state: dict, out_dir: str) -> None:
                           f"another --out, or pass --overwrite to start over")
     mine = spec.record()
     names = ("base", "method", "peft_options", "dequantize", "chat_template", "packing",
-             "eval_data")
+             "eval_data", "qlora", "qlora_embeddings")
     differs = [f"{n} = {mine[n]!r} (the checkpoint has {saved.get(n)!r})"
                for n in names if mine[n] != saved.get(n)]
     if differs:
@@ -124,14 +159,25 @@ def check_resume(spec: FinetuneSpec, state: dict, out_dir: str) -> None:
 
 def load_base(spec: FinetuneSpec, device: str = "cpu", objective=None):
     """(model, tokenizer) of the base, in training mode; quantized sources stay packed
-    unless ``spec.dequantize`` (or a GPU). ``objective``: the objective class whose
-    model kinds the base must be of (default SFT's: decoders)."""
+    unless ``spec.dequantize`` (or a GPU); with ``spec.qlora`` a float base is quantized
+    to that scheme on the CPU (then moved to ``device``). ``objective``: the objective
+    class whose model kinds the base must be of (default SFT's: decoders)."""
     from tinylm.loading import load_model
     from tinylm.objectives import SFT
 
-    model, tokenizer = load_model(spec.base, device, dequantize=spec.dequantize or None)
+    where = "cpu" if spec.qlora else device
+    model, tokenizer = load_model(spec.base, where, dequantize=spec.dequantize or None)
     (objective or SFT).check_kind(getattr(model, "kind", None),
                                   getattr(model.config, "architecture", "this model"))
+    if spec.qlora:
+        from tinylm.quant.model import quantize
+
+        if is_quantized(model):
+            raise ConfigError(f"{spec.base} is quantized already; leave out --qlora (LoRA "
+                              f"on its packed weights is QLoRA)")
+        quantize(model, spec.qlora, embeddings=spec.embeddings)
+        if str(device) != "cpu":
+            model.to(device)
     return model.train(), tokenizer
 
 

@@ -5,6 +5,7 @@ LoRA (or another PEFT method) or every weight, by the same Trainer as `tinylm tr
     tinylm finetune -m hf/gpt2 --data chat.jsonl --peft lora --lora-r 8 --lora-alpha 16 \\
                     --target c_attn --out runs/gpt2-chat --merge
     tinylm finetune -m smollm2.Q4_1.gguf --data chat.jsonl --out runs/qlora   # QLoRA
+    tinylm finetune -m hf/gpt2 --qlora nf4 --data chat.jsonl --out runs/qlora-nf4
     tinylm finetune -m runs/demo --data train.jsonl --full --out runs/demo-full
     tinylm generate --model runs/demo --adapter runs/demo-lora --prompt "..."
 
@@ -72,22 +73,26 @@ class ModelChoice:
     dequantize: bool = False
     chat_template: str | None = None
 
-    def spec(self, **data_options):
-        """The ``tinylm.finetune.FinetuneSpec`` (``data_options``: packing, eval_data)."""
+    def spec(self, memory: "MemoryChoice | None" = None, **data_options):
+        """The ``tinylm.finetune.FinetuneSpec`` (``memory``: the memory options;
+        ``data_options``: packing, eval_data)."""
         from tinylm.finetune import FinetuneSpec
 
+        more = memory.spec_fields() if memory is not None else {}
         return FinetuneSpec(self.base, self.method, self.peft_options,
                             dequantize=self.dequantize, chat_template=self.chat_template,
-                            **data_options)
+                            **more, **data_options)
 
 
-def _model_choice(base, method, full, lora_r, lora_alpha, lora_dropout, target, peft_option,
-                  merge, dequantize, chat_template) -> ModelChoice:
+def _model_choice(base, method, full, peft_option, merge, dequantize, chat_template,
+                  **lora) -> ModelChoice:
+    """``lora``: lora_r, lora_alpha, lora_dropout and target, as given."""
     from tinylm.finetune import FULL
 
     if full and (method is not None or merge):
         raise click.UsageError("--full trains every weight: leave out --peft and --merge")
-    options = _peft_options(lora_r, lora_alpha, lora_dropout, target, peft_option)
+    options = _peft_options(lora["lora_r"], lora["lora_alpha"], lora["lora_dropout"],
+                            lora["target"], peft_option)
     if full and options:
         raise click.UsageError("--lora-*, --target and --peft-option go with --peft, not --full")
     return ModelChoice(base, FULL if full else (method or "lora"), options, merge=merge,
@@ -119,6 +124,48 @@ model_options = option_group(
     click.option("--chat-template", default=None, metavar="NAME|FILE",
                  help="How 'messages' records are rendered: plain, chatml or a JSON file "
                       "[default: the model's, else plain]."),
+)
+
+
+@dataclass(frozen=True)
+class MemoryChoice:
+    """What the memory options of `tinylm finetune` say: ``gradient_checkpointing``
+    (None: on for a quantized base), ``qlora`` (a scheme to quantize a float base to;
+    None: as loaded) and ``qlora_embeddings`` (None: the scheme's default)."""
+
+    gradient_checkpointing: bool | None = None
+    qlora: str | None = None
+    qlora_embeddings: str | None = None
+
+    def spec_fields(self) -> dict:
+        return {"gradient_checkpointing": self.gradient_checkpointing, "qlora": self.qlora,
+                "qlora_embeddings": self.qlora_embeddings}
+
+    def given(self) -> dict:
+        """{option: whether given}, for the commands that take none of them."""
+        return {"--gradient-checkpointing/--no-gradient-checkpointing":
+                self.gradient_checkpointing is not None, "--qlora": self.qlora is not None,
+                "--qlora-embeddings": self.qlora_embeddings is not None}
+
+
+def _memory_choice(gradient_checkpointing, qlora, qlora_embeddings) -> MemoryChoice:
+    return MemoryChoice(gradient_checkpointing, qlora, qlora_embeddings)
+
+
+memory_options = option_group(
+    "memory", _memory_choice,
+    click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                 help="Recompute each block in backward instead of keeping its activations "
+                      "(less memory, about one more forward per step; same gradients) "
+                      "[default: on for a quantized base (QLoRA), else off]."),
+    click.option("--qlora", metavar="SCHEME",
+                 help="Quantize a float base to SCHEME (nf4, nf4-dq, int8, q4_0 ...) after "
+                      "loading it and train LoRA on the packed weights (QLoRA). For the "
+                      "lowest peak memory quantize once with `tinylm quantize` instead."),
+    click.option("--qlora-embeddings", metavar="bf16|float32|SCHEME",
+                 help="With --qlora: how the token embedding (and a head tied to it) is "
+                      "stored [default: bf16 for nf4, nf4-dq and int8, as QLoRA with "
+                      "torch_dtype=bfloat16; else SCHEME itself]."),
 )
 
 
@@ -230,9 +277,10 @@ def finish(result: dict, model: ModelChoice, out_dir: str) -> None:
 @click.option("--sample-tokens", type=click.IntRange(min=0),
               help="At each evaluation, continue the first validation prompt this far.")
 @click.option("--text-field", help="The field of plain-text records [default: text].")
+@memory_options
 @run_options()
 def finetune_command(model, task, glue_task, data, eval_data, packing, sample_tokens,
-                     text_field, run):
+                     text_field, memory, run):
     """Fine-tune --model on instruction data (JSONL) into OUT, or with --task classify
     a sequence classifier on GLUE-style TSV rows (then: tinylm eval glue).
 
@@ -248,10 +296,10 @@ def finetune_command(model, task, glue_task, data, eval_data, packing, sample_to
         return finetune_classify(model, data, eval_data, glue_task, run, {
             "--packing": packing, "--sample-tokens": sample_tokens is not None,
             "--text-field": text_field is not None, "--merge": model.merge,
-            "--chat-template": model.chat_template is not None})
+            "--chat-template": model.chat_template is not None, **memory.given()})
     if glue_task is not None:
         raise click.UsageError("--glue-task goes with --task classify")
-    spec = model.spec(packing=packing, eval_data=tuple(eval_data))
+    spec = model.spec(memory, packing=packing, eval_data=tuple(eval_data))
     given = dict(run.settings, data=list(data))
     given.update({k: v for k, v in (("sample_tokens", sample_tokens),
                                     ("text_field", text_field)) if v is not None})
