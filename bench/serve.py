@@ -6,6 +6,13 @@
     .venv/bin/python bench/serve.py --threads 1 --requests 4 --rounds 1   # RESULTS' run (~5 min)
     .venv/bin/python bench/serve.py --models gpt2 --streams 1 4 16 --max-tokens 64
     .venv/bin/python bench/serve.py --serve-arg=--dequantize   # options for `tinylm serve`
+    .venv/bin/python bench/serve.py --decode-steps --threads 1 --models gpt2   # in-process
+
+``--decode-steps``: no server; in this process, the CPU time (``process_time``) of one
+decode step of the engine's forward at each ``--streams`` row count (rows of the
+bench's prompts prefilled into a ``SlotCache``, the cache length held fixed, median of
+``--step-repeats``), and of the picks of those rows with top-p 0.9 (temperature 0.8)
+through ``tinylm.sampling`` and through the server's ``serve.nucleus``.
 
 Each model is served by its own `tinylm serve --max-batch 16` process on a free
 localhost port (the server's own CPU threads, as a user would start it, or
@@ -102,6 +109,9 @@ def parse_args(argv=None):
                         "environment; default: as `tinylm serve` sets them)")
     p.add_argument("--timeout", type=float, default=600, help="seconds a request may take")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--decode-steps", action="store_true",
+                   help="time decode steps and picks in this process (no server)")
+    p.add_argument("--step-repeats", type=int, default=20, help="decode steps per row count")
     p.add_argument("--quick", action="store_true",
                    help="the tiny model only (2 layers, d=64), 16 tokens, 1 round: a smoke test")
     args = p.parse_args(argv)
@@ -376,8 +386,62 @@ def print_table(results: dict, markdown: bool):
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
+def _cpu_ms(fn, repeats: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return 1e3 * statistics.median(times)
+
+
+def decode_steps(name: str, args) -> None:
+    """Print the CPU ms of a decode step and of top-p picks at each row count."""
+    from tinylm import sampling
+    from tinylm.generate import inference
+    from tinylm.loading import load_model
+    from tinylm.serve import nucleus
+    from tinylm.serve.cache import SlotCache
+    from tinylm.serve.forward import pick_logits
+
+    model, tok = load_model(model_path(name, args))
+    cache = SlotCache(max(args.streams), 1024)
+    prompts = [tok.encode(f"request {i}: {TEXT}") for i in range(max(args.streams))]
+    cfg = sampling.SamplingConfig(temperature=0.8, top_p=0.9)
+    with inference(model):
+        for B in args.streams:
+            cache.clear()
+            lengths = np.array([len(q) for q in prompts[:B]])
+            ids = np.zeros((B, lengths.max()), dtype=np.int64)
+            ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.concatenate(prompts[:B])
+            pick_logits(model, ids, lengths - 1, cache=cache.prefill(np.arange(B), lengths))
+            last = ids[np.arange(B), lengths - 1][:, None]
+
+            def step():
+                mask, positions = cache.decode_inputs(B)
+                out = pick_logits(model, last, np.zeros(B, dtype=np.int64), attention_mask=mask,
+                                  positions=positions, cache=cache.rows(B))
+                cache.lengths[:B] -= 1  # the same length every repeat
+                return out
+
+            logits = step()
+            ms = [_cpu_ms(step, args.step_repeats)] + [
+                _cpu_ms(lambda f=f: f(logits, cfg), max(3, args.step_repeats // 4))
+                for f in (sampling.process_logits, nucleus.process_logits)]
+            print(f"{name} rows {B:2d}: decode step {ms[0]:7.1f} CPU ms; top-p 0.9 picks: "
+                  f"sampling {ms[1]:6.1f}, serve.nucleus {ms[2]:6.1f}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.decode_steps:
+        from tinylm.threads import blas_threads
+
+        with blas_threads(args.threads):
+            for name in args.models:
+                decode_steps(name, args)
+        return
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_model()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, numpy {np.__version__}; load average "
           f"{os.getloadavg()[0]:.2f}; max_tokens {args.max_tokens}; server BLAS threads "
