@@ -252,11 +252,30 @@ def load_quantized_folder(path, device: str = "cpu"):
     if missing or unexpected:
         raise CheckpointError(f"{file} does not fit its config.json: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
-    for key in rest:  # one tensor at a time: never every float weight twice
-        model.load_state_dict(checkpoint.load_file(file, names=[key]), strict=False)
+    _load_floats(model, file, rest)
     object.__setattr__(model, "quantization", record)
     tokenizer = from_file(os.path.join(path, TOKENIZER_FILE))
     return model.eval(), tokenizer
+
+
+def _load_floats(model, file: str, keys) -> None:
+    """The float tensors ``keys`` of ``file`` into ``model``, one at a time: a parameter
+    of the same shape and dtype takes the array read (no copy); a tied alias of one
+    already read is not read again; anything else is copied in by load_state_dict."""
+    modules, done = dict(model.named_modules()), set()
+    for key in keys:
+        owner, _, attr = key.rpartition(".")
+        param = getattr(modules.get(owner), "_parameters", {}).get(attr)
+        if param is not None and id(param) in done:
+            continue
+        array = checkpoint.load_file(file, names=[key])[key]
+        if (param is not None and isinstance(param.data, np.ndarray)
+                and param.data.shape == array.shape and param.data.dtype == array.dtype):
+            param.data = array
+        else:
+            model.load_state_dict({key: array}, strict=False)
+        if param is not None:
+            done.add(id(param))
 
 
 def _read_json(path) -> dict:
