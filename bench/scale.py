@@ -122,7 +122,7 @@ def worker(args) -> None:
         timers.append(TimedComm(ranks.tp))
         ranks.tp = timers[1]
     transports = [t._comm.transport for t in timers]
-    trainer = Trainer(config, dist=ranks, overwrite=True).setup()
+    trainer = Trainer(config, dist=ranks).setup(overwrite=True)
     steps, cpu, comm, waited = [], [], [], []
     with blas_threads(1):
         for i in range(args.warmup + args.steps):

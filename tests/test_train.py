@@ -150,7 +150,7 @@ def test_a_caller_built_model_with_frozen_parameters_trains_and_resumes(tmp_path
 
 def test_trainer_from_config_is_the_plain_constructor(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, max_steps=2)
-    trainer = Trainer.from_config(cfg, resume=False).setup()
+    trainer = Trainer.from_config(cfg).setup(resume=False)
     assert trainer.model.config.vocab_size == trainer.tokenizer.vocab_size
     assert trainer.objective_name == "causal-lm"
 
@@ -390,9 +390,9 @@ def test_resume_refuses_other_settings_and_overwrite_starts_over(tmp_path, corpu
     with pytest.raises(ConfigError, match=r"other settings \(block_size\)"):
         Trainer(tiny_config(tmp_path, corpus, max_steps=4, block_size=8)).fit()
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        Trainer(tiny_config(tmp_path, corpus), resume=False).fit()
-    result = Trainer(tiny_config(tmp_path, corpus, max_steps=3, block_size=8),
-                     overwrite=True).fit()
+        Trainer(tiny_config(tmp_path, corpus)).fit(resume=False)
+    result = Trainer(tiny_config(tmp_path, corpus, max_steps=3, block_size=8)).fit(
+        overwrite=True)
     assert result["step"] == 3
     assert min(losses(tmp_path / "run")) == 1
 
@@ -461,3 +461,15 @@ def test_trains_and_samples_on_each_device(tmp_path, corpus, device):
     resumed = Trainer(tiny_config(tmp_path, corpus, device=device, max_steps=6,
                                   eval_every=2)).fit()
     assert resumed["step"] == 6
+
+
+def test_resume_options_go_with_a_folder_the_trainer_opens(tmp_path, corpus):
+    from tinylm.rundir import open_run
+
+    cfg = tiny_config(tmp_path, corpus, max_steps=1)
+    with open_run(cfg.out_dir) as run:
+        with pytest.raises(ConfigError, match="pass them to open_run"):
+            Trainer(cfg).setup(run, resume=False)
+    Trainer(cfg).fit(resume=False)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        Trainer(cfg).setup(resume=False)

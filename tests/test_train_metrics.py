@@ -32,8 +32,8 @@ class Reporting(CausalLM):
 def test_step_metrics_are_the_weighted_mean_of_the_micro_batches(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, batch_size=4, grad_accum=2, max_steps=3,
                       eval_every=3)
-    trainer = Trainer(cfg, objective=Reporting(), resume=False)
-    trainer.setup()
+    trainer = Trainer(cfg, objective=Reporting())
+    trainer.setup(resume=False)
     windows = trainer.batcher.next()
     rng = np.random.default_rng(0)
     a = trainer.objective.make_batch(windows[:3], rng)
@@ -48,7 +48,7 @@ def test_step_metrics_are_the_weighted_mean_of_the_micro_batches(tmp_path, corpu
 def test_metrics_reach_metrics_jsonl_and_evaluation_gets_the_eval_prefix(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, max_steps=3, eval_every=3)
     lines = []
-    Trainer(cfg, objective=Reporting(), resume=False, log=lines.append).fit()
+    Trainer(cfg, objective=Reporting(), log=lines.append).fit(resume=False)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -62,7 +62,7 @@ def test_metrics_reach_metrics_jsonl_and_evaluation_gets_the_eval_prefix(tmp_pat
 
 def test_an_objective_without_metrics_adds_none(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, max_steps=2, eval_every=2)
-    Trainer(cfg, resume=False).fit()
+    Trainer(cfg).fit(resume=False)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
     assert not any(k.startswith("eval_") for r in records for k in r)
@@ -76,7 +76,7 @@ class NoPerplexity(Reporting):
 def test_an_objective_without_perplexity_reports_none(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, max_steps=2, eval_every=2)
     lines = []
-    Trainer(cfg, objective=NoPerplexity(), resume=False, log=lines.append).fit()
+    Trainer(cfg, objective=NoPerplexity(), log=lines.append).fit(resume=False)
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     assert evals and all("val_ppl" not in r and "eval_rows" in r for r in evals)
     assert not [line for line in lines if ", perplexity" in line]

@@ -525,20 +525,19 @@ class Trainer:
     fine-tuning run: ``tinylm.instruct.ExampleData``, batched whole, padded or packed,
     and evaluated in one pass over its validation examples) and ``objective`` (an
     ``Objective``). ``log``: where messages go (default: nowhere); ``progress``: a
-    tqdm bar on stderr. ``resume``: "auto" (resume if there is a checkpoint), True
-    (there must be one) or False (there must be none); ``overwrite``: start over,
-    removing the files a run writes (``tinylm.rundir``). ``weights``: what a
+    tqdm bar on stderr. ``weights``: what a
     checkpoint's model file holds: "all" of the state dict, or only the "trainable"
     parameters (a PEFT run: the adapters; the caller rebuilds the frozen base before
     resuming, from what it keeps in ``extra_state``, a JSON-ready dict saved with every
     checkpoint's trainer state under "extra"). ``dist``: the ranks of a data-parallel
     run (``tinylm.dist.DataParallel``, or a ``TensorDataParallel`` for tensor_parallel
     > 1; default: every rank this process was launched with, one without mpiexec);
-    only rank 0 logs, shows progress and writes files."""
+    only rank 0 logs, shows progress and writes files. How ``out_dir`` is opened
+    (resume or start over) is said where it is opened: ``setup`` and ``fit``."""
 
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, data=None,
-                 objective=None, log=None, progress: bool = False, resume="auto",
-                 overwrite: bool = False, weights: str = "all", extra_state=None, dist=None):
+                 objective=None, log=None, progress: bool = False, weights: str = "all",
+                 extra_state=None, dist=None):
         if weights not in ("all", "trainable"):
             raise ConfigError(f"weights must be 'all' or 'trainable', got {weights!r}")
         self.dist = dist if dist is not None else parallel_from_config(config)
@@ -552,7 +551,6 @@ class Trainer:
         self.weights, self.extra_state = weights, extra_state
         self.log = log or (lambda msg: None)
         self.progress = progress
-        self.resume, self.overwrite = resume, overwrite
         self.step = 0
         self.step_metrics, self.eval_metrics = {}, {}  # the objective's (the metrics hook)
         self.best_val = None
@@ -565,23 +563,31 @@ class Trainer:
     @classmethod
     def from_config(cls, config: TrainConfig, **options) -> "Trainer":
         """A Trainer that builds every part from ``config`` (``options``: log,
-        progress, resume, overwrite)."""
+        progress, dist)."""
         return cls(config, **options)
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, run: Run | None = None) -> "Trainer":
+    def setup(self, run: Run | None = None, *, resume="auto",
+              overwrite: bool = False) -> "Trainer":
         """Build everything (and restore the checkpoint) without training. ``run``: the
         run folder, opened (locked, its checkpoint verified) by the caller; None: it is
-        opened here, for the time of the setup."""
+        opened here, for the time of the setup, as ``resume`` and ``overwrite`` say:
+        ``resume`` "auto" (resume if there is a checkpoint), True (there must be one) or
+        False (there must be none); ``overwrite``: start over, removing the files a run
+        writes (``tinylm.rundir``)."""
         if not self._ready:
-            with self._hold(run) as run:
+            with self._hold(run, resume, overwrite) as run:
                 self._setup(run)
         return self
 
     @contextlib.contextmanager
-    def _hold(self, run: Run | None):
-        """The run folder, locked for the ``with`` block (``run``: the caller holds it)."""
+    def _hold(self, run: Run | None, resume="auto", overwrite: bool = False):
+        """The run folder, locked for the ``with`` block (``run``: the caller holds it;
+        None: opened here as ``resume`` and ``overwrite`` say, see ``setup``)."""
+        if run is not None and (resume != "auto" or overwrite):
+            raise ConfigError("resume= and overwrite= are for a run folder the trainer "
+                              "opens; pass them to open_run for the run you hand in")
         if self._ready:
             with contextlib.nullcontext() if run is not None else self.dist.lock(
                     self.config.out_dir):
@@ -591,8 +597,8 @@ class Trainer:
         if run is not None:
             yield run
         else:
-            with self.dist.open_run(self.config.out_dir, overwrite=self.overwrite,
-                                    resume=self.resume) as run:
+            with self.dist.open_run(self.config.out_dir, overwrite=overwrite,
+                                    resume=resume) as run:
                 yield run
 
     def _setup(self, run: Run) -> None:
@@ -903,9 +909,11 @@ class Trainer:
         n = self.config.threads
         return auto_threads(self.model, self.config.device) if n is None else (n or None)
 
-    def fit(self, run: Run | None = None) -> dict:
-        """Train to ``max_steps``; ``run``: as for ``setup``, held for the whole run."""
-        with self._hold(run) as run:
+    def fit(self, run: Run | None = None, *, resume="auto", overwrite: bool = False) -> dict:
+        """Train to ``max_steps``; ``run``, ``resume``, ``overwrite``: as for ``setup``
+        (the folder is held for the whole run; a trainer already set up keeps the run
+        it restored)."""
+        with self._hold(run, resume, overwrite) as run:
             if not self._ready:
                 self._setup(run)
             with blas_threads(self.threads()):
