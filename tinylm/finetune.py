@@ -62,8 +62,9 @@ class FinetuneSpec:
     without a `tinylm quantize` folder first); ``qlora_embeddings``: how the token
     embedding and a head tied to it are stored then, None: "bf16" for the schemes that
     leave embeddings alone (nf4, nf4-dq, int8), as QLoRA with ``torch_dtype=bfloat16``
-    keeps every weight it does not quantize in bfloat16, else the scheme itself;
-    "float32" keeps them float32; another scheme name packs them in that one."""
+    keeps every weight it does not quantize in bfloat16 (float32 on a GPU, whose
+    kernels decode no bf16), else the scheme itself; "float32" keeps them float32;
+    another scheme name packs them in that one."""
 
     base: str
     method: str = "lora"
@@ -175,7 +176,10 @@ def load_base(spec: FinetuneSpec, device: str = "cpu", objective=None):
         if is_quantized(model):
             raise ConfigError(f"{spec.base} is quantized already; leave out --qlora (LoRA "
                               f"on its packed weights is QLoRA)")
-        quantize(model, spec.qlora, embeddings=spec.embeddings)
+        embeddings = spec.embeddings
+        if str(device) != "cpu" and spec.qlora_embeddings is None and embeddings == "bf16":
+            embeddings = False  # the GPU kernels decode no bf16 tables: float32 there
+        quantize(model, spec.qlora, embeddings=embeddings)
         if str(device) != "cpu":
             model.to(device)
     return model.train(), tokenizer

@@ -165,7 +165,8 @@ memory_options = option_group(
     click.option("--qlora-embeddings", metavar="bf16|float32|SCHEME",
                  help="With --qlora: how the token embedding (and a head tied to it) is "
                       "stored [default: bf16 for nf4, nf4-dq and int8, as QLoRA with "
-                      "torch_dtype=bfloat16; else SCHEME itself]."),
+                      "torch_dtype=bfloat16 (float32 with --device cuda); else SCHEME "
+                      "itself]."),
 )
 
 

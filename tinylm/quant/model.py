@@ -10,8 +10,10 @@ Which layers: every ``nn.Linear`` whose dotted module name matches none of the
 ``skip`` patterns (``fnmatch``: ``"lm_head"``, ``"*.attn.*"``, ``"transformer.blocks.0.*"``),
 and the token embedding(s) when ``embeddings`` is true: by default for the GGUF
 schemes (q8_0, q4_0, q4_1, f16, bf16), not for int8 and nf4 (QLoRA's practice: those
-quantize the Linear layers only). An LM head tied to an embedding (GPT-2's, a Llama
-with ``tie_embeddings``) follows that embedding: when it is quantized the head becomes
+quantize the Linear layers only); ``embeddings`` may also name a scheme of their own
+(``quantize(model, "nf4", embeddings="bf16")``: NF4 Linear layers, the embedding in
+bfloat16 storage, as QLoRA keeps it with ``torch_dtype=bfloat16``). An LM head tied
+to an embedding (GPT-2's, a Llama with ``tie_embeddings``) follows that embedding: when it is quantized the head becomes
 a ``QuantTiedHead`` over the same packed rows (no second copy); otherwise both stay
 float. A layer whose input features (the row length) are not a multiple of the
 scheme's block (32, nf4: 64) stays float32; it is listed in
