@@ -306,3 +306,35 @@ def test_linear_cross_entropy_through_any_frozen_head_module():
     ours.backward()
     np.testing.assert_allclose(ours.item(), plain.item(), rtol=1e-13)
     np.testing.assert_allclose(b.grad, a.grad, rtol=1e-11, atol=1e-14)
+
+
+def test_checkpointing_under_autocast_recomputes_in_half():
+    """The re-run in backward autocasts as the forward did (backward runs outside the
+    ``autocast`` block in the Trainer), so the gradients are the plain run's."""
+    from tinylm import amp
+
+    model = gpt2().train()
+    ids, targets = _batch()
+    with amp.autocast("float16"):
+        l0, g0, _ = _step(model, ids, targets)
+        model.zero_grad()
+        backend.seed(7)
+        model.gradient_checkpointing(True)
+        out = model(ids, targets=targets)
+    out.loss.backward()  # outside autocast, as Trainer does
+    g1 = {n: None if p.grad is None else p.grad.copy() for n, p in model.named_parameters()}
+    model.gradient_checkpointing(False)
+    assert out.loss.item() == l0
+    _same(g0, g1)
+
+
+def test_an_adapter_on_the_head_is_not_skipped_by_the_chunked_loss():
+    model = peft.apply(gpt2().to(dtype="float64"), "lora", r=4, target_modules=["lm_head"],
+                       init_lora_weights=False)
+    ids, targets = _batch()
+    l0, g0, _ = _step(model, ids, targets)
+    l1, g1, _ = _step(model, ids, targets, return_logits=False)
+    np.testing.assert_allclose(l1, l0, rtol=1e-13)
+    _same(g0, g1, rtol=1e-11)
+    assert any(n.endswith("lora_B.default.weight") or "lora_B" in n for n, g in g1.items()
+               if g is not None)

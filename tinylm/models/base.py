@@ -143,8 +143,8 @@ def head_loss(head, h, targets):
     if amp.compute_dtype() is not None or getattr(head, "bias", None) is not None:
         return None
     targets = _array(targets, h.xp)
-    if type(head) is nn.Linear:
-        return linear_cross_entropy(h, targets, weight=head.weight)
+    if type(head) is nn.Linear and all(p is head.weight for p in head.parameters()):
+        return linear_cross_entropy(h, targets, weight=head.weight)  # no adapter inside
     vocab = getattr(head, "out_features", None)
     if vocab and not any(p.requires_grad for p in head.parameters()):  # a frozen (packed) head
         return linear_cross_entropy(h, targets, head=head, vocab_size=vocab)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from tinylm import backend
+from tinylm import amp, backend
 from tinylm.autograd import enable_grad, is_grad_enabled, no_grad
 from tinylm.function import Function
 from tinylm.tensor import Tensor
@@ -63,6 +63,11 @@ def _rng_at(xp, state):
         bits.state = now
 
 
+def _autocast_as(dtype):
+    """Inside: autocast to ``dtype`` (None: off), whatever is in force outside."""
+    return amp.autocast(dtype if dtype is not None else "float16", enabled=dtype is not None)
+
+
 class Recompute(Function):
     """The checkpoint as one graph node: inputs (x, *setup tensors, *params), outputs
     y (and the MoE aux loss when the block returns one). ``run(x, setup)`` is the
@@ -71,6 +76,7 @@ class Recompute(Function):
     def forward(self, xp, x, *rest):
         self.x, self.fields = x, rest[:len(self.setup_fields)]
         self.rng_state = backend.rng(xp).bit_generator.state
+        self.compute_dtype = amp.compute_dtype()  # the re-run autocasts as this one did
         with no_grad():
             y, aux = self.run(Tensor(x), self._setup(self.fields, lambda a: Tensor(a)))
         self.has_aux = aux is not None
@@ -85,7 +91,7 @@ class Recompute(Function):
         x = Tensor(self.x, requires_grad=need[0])
         leaves = [Tensor(a, requires_grad=n) for a, n in zip(self.fields, need[1:])]
         it = iter(leaves)
-        with _rng_at(xp, self.rng_state), enable_grad():
+        with _rng_at(xp, self.rng_state), _autocast_as(self.compute_dtype), enable_grad():
             y, aux = self.run(x, self._setup(self.fields, lambda a: next(it)))
             root = y if not self.has_aux else (y * Tensor(grads[0])).sum() + (
                 aux * Tensor(grads[1])).sum()
