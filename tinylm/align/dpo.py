@@ -53,6 +53,7 @@ from tinylm.autograd import no_grad
 from tinylm.backend import get_array_module, to_numpy
 from tinylm.errors import ConfigError
 from tinylm.objectives import IGNORE, Objective, ObjectiveError
+from tinylm.ops import log_sigmoid
 from tinylm.tensor import Tensor
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -60,17 +61,6 @@ SMOOTHED = ("sigmoid", "robust")  # the losses label smoothing applies to
 
 
 # --------------------------------------------------------------------------- the losses
-
-
-def log_sigmoid(x):
-    """log s(x) = min(x, 0) - log(1 + exp(-|x|)) of a Tensor, composed from primitives
-    so that it neither overflows for large |x| nor loses its gradient at 0: the
-    derivative, s(-x), is 1/2 there (exp(-|x|) is taken as exp(x) for x < 0 and
-    exp(-x) otherwise, never through abs, whose derivative at 0 is 0). At the first
-    DPO step the policy equals the reference and every argument is exactly 0."""
-    negative = x.data < 0
-    low = ops.masked_fill(x, ~negative, 0.0)  # min(x, 0)
-    return low - (ops.exp(ops.where(negative, x, -x)) + 1.0).log()
 
 
 def pair_losses(chosen_logratios, rejected_logratios, beta: float, loss_type: str = "sigmoid",

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinylm import backend, ops
+from tinylm import backend
 from tinylm.autograd import no_grad
 from tinylm.nn import Module, Parameter
 from tinylm.objectives import Objective, ObjectiveError
+from tinylm.ops import log_sigmoid
 from tinylm.tensor import Tensor
 
 KIND = "reward"  # the run record's kind (trainer_state.json "extra")
@@ -217,13 +218,6 @@ def disable_dropout(model) -> None:
 
 
 # --------------------------------------------------------------------------- the loss
-
-
-def log_sigmoid(x):
-    """log sigmoid(x) = -logsumexp([0, -x]) elementwise: stable for any x, and its
-    gradient sigmoid(-x) is exact at 0 (a composition with abs or max is not)."""
-    zeros = x * 0.0
-    return -ops.logsumexp(ops.stack([zeros, -x], axis=0), axis=0)
 
 
 def bradley_terry(rewards, margin=None, center: float | None = None):

@@ -9,7 +9,8 @@ embedding, attention) carry backward code; the rest is composed from them.
 
 from tinylm.ops.elementwise import (  # noqa: F401
     abs, add, cast, div, equal, erf, exp, gelu, greater, greater_equal, less, less_equal,
-    log, masked_fill, mul, neg, pow, relu, sigmoid, silu, sqrt, sub, tanh, to_device, where,
+    log, log_sigmoid, masked_fill, mul, neg, pow, relu, sigmoid, silu, sqrt, sub, tanh,
+    to_device, where,
 )
 from tinylm.ops.reduce import argmax, logsumexp, max, mean, min, sum, var  # noqa: F401
 from tinylm.ops.movement import (  # noqa: F401

@@ -298,6 +298,17 @@ def gelu(x, approximate: str = "none"):
     return Gelu.apply(x, approximate=approximate)
 
 
+def log_sigmoid(x):
+    """log s(x) = min(x, 0) - log(1 + exp(-|x|)) of a Tensor, composed from primitives
+    so that it neither overflows for large |x| nor loses its gradient at 0: the
+    derivative, s(-x), is 1/2 there (exp(-|x|) is taken as exp(x) for x < 0 and
+    exp(-x) otherwise, never through abs, whose derivative at 0 is 0). DPO and reward
+    losses meet exactly 0 at their first step (the policy equals the reference)."""
+    negative = x.data < 0
+    low = masked_fill(x, ~negative, 0.0)  # min(x, 0)
+    return low - log(exp(where(negative, x, -x)) + 1.0)
+
+
 def _sigmoid(xp, x):
     # Stable for large |x|: exp only ever sees non-positive arguments.
     e = xp.exp(-xp.abs(x))
