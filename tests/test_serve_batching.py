@@ -262,3 +262,28 @@ def test_engine_equals_generate_on_a_llama(tok):
         out = generate(model, [p], 10 + i, sampling=configs[i % 3], seed=i, eos_id=())
         assert got[i] == out.tokens[0]
     assert engine.metrics()["max_batch_size"] == 6
+
+
+def test_close_stops_decoding_while_a_job_waits_for_rows(tok):
+    """close() ends the thread at the next step even when the queue's head waits for
+    rows (the stop is not behind it in the queue): both jobs get a Failure."""
+    from tinylm.serve.engine import Failure
+
+    model = tiny_model(tok, max_positions=128, cls=Gated)
+    model.delay = 0.02  # 120 steps: about 2.4 s of decoding left when close() comes
+    engine = Engine(model, tok, max_rows=1, max_length=128)
+    events = {0: [], 1: []}
+    jobs = [Job(tok.encode("ROMEO:"), 120, SamplingConfig(temperature=0),
+                sink=lambda e, i=i: events[i].extend(e)) for i in (0, 1)]
+    engine.start()
+    thread = engine._thread
+    try:
+        engine.submit(jobs)
+        wait_until(lambda: engine.metrics().get("tokens", 0) >= 3, what="decoding")
+        engine.close(timeout=1.0)
+        assert not thread.is_alive()
+    finally:
+        model.delay = 0
+        thread.join(10)
+    assert isinstance(events[0][-1], Failure) and isinstance(events[1][-1], Failure)
+    assert events[1] == [events[1][-1]]  # the waiting one never started

@@ -151,6 +151,7 @@ class Engine:
         self._reserved = 0  # rows in use or being prefilled
         self._prefilling = 0  # jobs in the prefill running now
         self._thread = None
+        self._stopping = threading.Event()  # close() was called: end at the next step
         self.failed = None  # why the thread died, if it did
         self.stats = Counter()  # prefills, prompt_tokens, tokens, jobs, cancelled, errors
         self.batch_sizes = Counter()  # decode step batch size -> how many steps
@@ -158,6 +159,7 @@ class Engine:
     # ---- the asyncio side
 
     def start(self) -> "Engine":
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="tinylm-serve-engine",
                                         daemon=True)
         self._thread.start()
@@ -202,7 +204,10 @@ class Engine:
         """Stop the thread; every job still waiting or decoding gets a ``Failure``."""
         if self._thread is None:
             return
+        # _STOP wakes a thread blocked on an empty queue; _stopping ends it at the next
+        # step even while the queue's head waits for rows (put first: its drain takes it)
         self._inbox.put(_STOP)
+        self._stopping.set()
         self._thread.join(timeout)
         self._thread = None
 
@@ -218,8 +223,8 @@ class Engine:
                     from tinylm.threads import blas_threads
 
                     stack.enter_context(blas_threads(self.threads))
-                while self._admit(block=not self.rows):
-                    if self.rows:
+                while not self._stopping.is_set() and self._admit(block=not self.rows):
+                    if self.rows and not self._stopping.is_set():
                         self._guarded(self._step)
         except BaseException as e:  # noqa: BLE001 - the thread must report why it ended
             self.failed = f"{type(e).__name__}: {e}"
@@ -230,7 +235,7 @@ class Engine:
     def _admit(self, block: bool) -> bool:
         """Prefill the waiting jobs that fit, a batch at a time; False when told to stop."""
         while True:
-            batch = self._take(block)
+            batch = None if self._stopping.is_set() else self._take(block)
             if batch is None:
                 return False
             if not batch:
@@ -295,6 +300,7 @@ class Engine:
         self.cache.clear()
         if queued:
             pending = [self._head] if self._head not in (None, _STOP) else []
+            self._head = None
             while True:
                 try:
                     pending.append(self._inbox.get_nowait())
