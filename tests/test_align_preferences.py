@@ -10,16 +10,13 @@ import json
 
 import numpy as np
 import pytest
+from chat_helpers import SPECIALS, TEXT, tok, tok_file  # noqa: F401 (fixtures)
 
 from tinylm.align.preferences import (
     Pairs, PreferenceError, extract_prompt, read_preferences, tokenize_pair,
 )
 from tinylm.instruct import IGNORE, ExampleBatcher, Formatting, InstructError, in_order
 from tinylm.prompts import ChatTemplate
-
-TEXT = ("the cat sat on a mat and the dog ran to see what it was, then both went home for "
-        "tea. Hello there! How are you? I am fine.\n") * 20
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
 def user(text):
@@ -42,22 +39,6 @@ CHATS = [
     {"chosen": [user("tea"), assistant("the cat sat"), user("the dog"), assistant("ran")],
      "rejected": [user("tea"), assistant("the cat sat"), user("the dog"), assistant("sat")]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    from tinylm.tokenizers.bpe import BPETokenizer
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    BPETokenizer.train([TEXT], 400, special_tokens=SPECIALS).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tok_file):
-    from tinylm.tokenizers import from_file
-
-    return from_file(tok_file)
 
 
 def fmt_for(tok, max_length=512, template="chatml"):

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from chat_helpers import SPECIALS, TEXT, tok, tok_file  # noqa: F401 (fixtures)
 from cli_helpers import one_error_line, run
 from test_align_preferences import CHATS, TEXTS, chat_jinja, fmt_for, write_jsonl
 from test_finetune import tiny_base
@@ -25,28 +26,9 @@ from tinylm.prompts import ChatTemplate
 from tinylm.tensor import Tensor
 from tinylm.testing import gradcheck
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-TEXT = ("the cat sat on a mat and the dog ran to see what it was, then both went home for "
-        "tea. Hello there! How are you? I am fine.\n") * 20
 MARGINS = [0.5, 1.0, -0.25]
 CHAT_PAIRS = [CHATS[0], {"prompt": CHATS[1]["chosen"][:3], "chosen": CHATS[1]["chosen"][3:],
                          "rejected": CHATS[1]["rejected"][3:]}]  # TRL: the same fields
-
-
-@pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    from tinylm.tokenizers.bpe import BPETokenizer
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    BPETokenizer.train([TEXT], 400, special_tokens=SPECIALS).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tok_file):
-    from tinylm.tokenizers import from_file
-
-    return from_file(tok_file)
 
 
 # --------------------------------------------------------------------------- TRL as the oracle
