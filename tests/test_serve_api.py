@@ -461,23 +461,77 @@ def test_adapters(tok):
         Server(prompted, tok)
 
 
+def test_close_mid_decode_stops_the_engine_before_the_loop_closes(tok):
+    """A server closed while a step is running: the engine stops while the event loop
+    still runs, so the step's events (and the shutdown Failures) reach an open loop
+    (no "Event loop is closed" error, the engine thread ends cleanly)."""
+    model = tiny_model(tok, cls=Gated)
+    s = running(model, tok)
+    server = s.__enter__()
+    try:
+        model.delay = 0.3  # each forward: the close comes in the middle of one
+        api = client(server)
+        out = []
+        th = threading.Thread(target=lambda: out.append(_stream_quietly(api)), daemon=True)
+        th.start()
+        wait_until(lambda: server.engine.metrics().get("tokens", 0) >= 1, what="decoding")
+        engine_thread = server.engine._thread
+    finally:
+        s.__exit__(None, None, None)
+        model.delay = 0
+    assert not engine_thread.is_alive()
+    assert server.engine.failed is None
+    th.join(30)
+
+
+def _stream_quietly(api):
+    try:
+        return list(api.completions.create(model=NAME, prompt="ROMEO:", max_tokens=100,
+                                           stream=True))
+    except Exception as e:  # noqa: BLE001 - the server closes under it
+        return e
+
+
+def test_a_sink_after_the_loop_closed_returns_quietly(tok):
+    import asyncio
+
+    from tinylm.serve import api as serve_api
+    from tinylm.serve.app import Run
+
+    loop = asyncio.new_event_loop()
+    req = serve_api.Parsed("completion", [[1, 2]], 3, SamplingConfig())
+    run = Run(req, loop, tok)
+    loop.close()
+    run.jobs[0].sink([])  # the engine's last events, after the loop closed
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_serves_a_saved_model_until_interrupted(tmp_path):
+def _ignore_sigint():  # as a non-interactive shell starts a background job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_cli_serves_a_saved_model_until_interrupted(tmp_path, signum):
+    """SIGINT stops the server (exit 0) even when the child inherited SIGINT ignored;
+    SIGTERM stops it the same way."""
     from generate_helpers import tiny_hf_gpt
 
     from serve_helpers import TEXT
 
     path, _, _ = tiny_hf_gpt(tmp_path / "m", TEXT[:5000])
-    bad = subprocess.run([sys.executable, "-c", "from tinylm.cli import main; main()", "serve", "-m", str(path),
-                          "--context", "999"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.startswith("Error: ") \
-        and len(bad.stderr.strip().splitlines()) == 1 and "max_positions" in bad.stderr
+    if signum == signal.SIGINT:
+        bad = subprocess.run([sys.executable, "-c", "from tinylm.cli import main; main()",
+                              "serve", "-m", str(path), "--context", "999"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.startswith("Error: ") \
+            and len(bad.stderr.strip().splitlines()) == 1 and "max_positions" in bad.stderr
     env = dict(os.environ, TINYLM_API_KEY="k")
     proc = subprocess.Popen([sys.executable, "-c", "from tinylm.cli import main; main()",
                              "serve", "-m", str(path), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_ignore_sigint)
     try:
         line = proc.stderr.readline()
         assert "tinylm serve: http://127.0.0.1:" in line, line
@@ -486,10 +540,10 @@ def test_cli_serves_a_saved_model_until_interrupted(tmp_path):
         assert api.models.list().data[0].id == "m"
         r = api.completions.create(model="m", prompt="The ", max_tokens=4)
         assert r.usage.completion_tokens <= 4
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         assert proc.wait(30) == 0
         log = proc.stderr.read()
-        assert "POST /v1/completions 200" in log
+        assert "POST /v1/completions 200" in log and "Traceback" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,7 +7,8 @@
 Any OpenAI client then talks to ``http://HOST:PORT/v1`` (``/v1/models``,
 ``/v1/completions``, ``/v1/chat/completions``); a browser opens the chat page at
 ``/``. Requests decode together (continuous batching, ``--max-batch`` sequences per
-step); one line per request goes to stderr. Ctrl-C stops the server.
+step); one line per request goes to stderr. Ctrl-C or SIGTERM stops the server
+(gracefully: exit 0).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ server_options = option_group(
               help="The chat template of /v1/chat/completions: plain, chatml or a JSON file "
                    "[default: the model's chat_template.json or GGUF template, else plain].")
 def serve_command(model: ModelSource, server, chat_template):
-    """Serve --model over the OpenAI API (and a chat page at /)."""
+    """Serve --model over the OpenAI API (and a chat page at /).
+
+    Ctrl-C (SIGINT) or SIGTERM stops it gracefully: it stops listening, ends the open
+    requests and exits 0 (SIGINT too when the shell started it with SIGINT ignored,
+    as a non-interactive shell does a background job)."""
     import dataclasses
 
     from tinylm.prompts import ChatTemplate

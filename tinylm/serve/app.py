@@ -240,7 +240,10 @@ class Run:
 
     def _sink(self, p: int):
         def sink(events):  # the engine thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (p, events))
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (p, events))
+            except RuntimeError:  # the loop has closed: no one is left to read them
+                pass
         return sink
 
     def cancel(self) -> None:

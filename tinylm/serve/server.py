@@ -2,18 +2,19 @@
 
     with Server(model, tokenizer, ServerConfig(port=0)).start() as server:  # a thread
         print(server.url)                     # http://127.0.0.1:PORT (a free port)
-    Server(model, tokenizer, config).serve_forever()   # `tinylm serve`, until Ctrl-C
+    Server(model, tokenizer, config).serve_forever()   # `tinylm serve`: to Ctrl-C, SIGTERM
 
 Two threads: the event loop's (HTTP, validation, streaming: ``tinylm.serve.app``) and
 the engine's (the model: ``tinylm.serve.engine``). ``start`` runs the loop in a
 background thread (tests, notebooks); ``serve_forever`` runs it in the calling one.
 Closing stops listening, closes the connections (their jobs are cancelled), then
-stops the engine.
+stops the engine, before the loop closes (the engine's last events go to the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -121,7 +122,7 @@ class Server:
             finally:
                 ready.set()
             loop.run_until_complete(self._stop.wait())
-            loop.run_until_complete(self.http.close())
+            loop.run_until_complete(self._shut())
         finally:
             loop.close()
 
@@ -143,23 +144,38 @@ class Server:
     # ---- in this thread
 
     def serve_forever(self, on_ready=None) -> None:
-        """Serve until interrupted (Ctrl-C); ``on_ready(server)`` once listening."""
+        """Serve until Ctrl-C, SIGINT or SIGTERM, then stop gracefully (listening,
+        connections, engine, in that order) and return; ``on_ready(server)`` once
+        listening. In the main thread a SIGINT left ignored (a background job of a
+        non-interactive shell inherits SIG_IGN) is restored first: a server stops on
+        Ctrl-C."""
         async def main():
+            stop = asyncio.Event()
+            _stop_on_signals(asyncio.get_running_loop(), stop.set)
             await self._listen()
             if on_ready is not None:
                 on_ready(self)
             try:
-                await asyncio.Event().wait()
+                await stop.wait()
             finally:
-                await self.http.close()
+                await self._shut()
 
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.engine.start()
         try:
             asyncio.run(main())
         except KeyboardInterrupt:
             pass
         finally:
-            self.engine.close()
+            self.engine.close()  # a no-op once _shut ran; not if listening failed
+
+    async def _shut(self) -> None:
+        """Close the HTTP side, then stop the engine while the loop still runs (its last
+        events reach an open loop) without blocking the loop."""
+        await self.http.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
     async def _listen(self) -> None:
         c = self.config
@@ -168,6 +184,17 @@ class Server:
         except OSError as e:
             raise TinyLMError(f"cannot listen on {c.host}:{c.port} ({e.strerror or e}); "
                               f"choose another --port or --host") from None
+
+
+def _stop_on_signals(loop, stop) -> None:
+    """SIGINT and SIGTERM call ``stop`` on ``loop`` (a graceful stop) where the loop can
+    take signals: Unix, the main thread. Elsewhere Ctrl-C still raises
+    KeyboardInterrupt (``asyncio.run`` cancels the main task: the same stop)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return
 
 
 def check_servable(model) -> None:
