@@ -10,6 +10,7 @@ import tinylm
 from tinylm.models import Decoder, GPT2Config, LlamaConfig
 from tinylm.tokenizers.bpe import BPETokenizer
 
+from base_helpers import write_jsonl  # noqa: F401 (the eval tests import it from here)
 from corpora import SLICE
 
 WORDS = ("the cat dog sat on a mat ran far away quickly red blue green house tree bird "
@@ -92,8 +93,3 @@ def hflm(hf, batch_size: int = 8):
     model, tokenizer = hf
     return HFLM(pretrained=model, tokenizer=tokenizer, dtype="float32", device="cpu",
                 batch_size=batch_size)
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path

@@ -10,15 +10,11 @@ import json
 
 import numpy as np
 import pytest
+from base_helpers import tiny_base, write_jsonl
 from cli_helpers import one_error_line, run
 
-import tinylm
 from tinylm import checkpoint
-from tinylm.models import Decoder, GPT2Config
-from tinylm.tokenizers.bpe import BPETokenizer
 
-TEXT = ("the cat sat on a mat and the dog ran to see what it was, then both went home for "
-        "tea.\n") * 20
 CHAT = [{"role": "user", "content": "the cat"}]
 PAIRS = [
     {"prompt": "the cat", "chosen": " sat on a mat.", "rejected": " ran home."},
@@ -32,25 +28,9 @@ FAST = ["--no-progress", "--batch-size", "4", "--log-every", "1", "--eval-every"
 TIMING = ("tokens_per_s", "elapsed_s")
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def tiny_base(path, vocab: int = 300):
-    tok = BPETokenizer.train([TEXT], vocab,
-                             special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tinylm.seed(0)
-    model = Decoder(GPT2Config(vocab_size=len(tok), d_model=32, n_layer=2, n_head=4,
-                               max_positions=64, dropout=0.1))
-    model.save_pretrained(path)
-    tok.save(path / "tokenizer.json")
-    return path
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return tiny_base(tmp_path_factory.mktemp("base") / "gpt2")
+    return tiny_base(tmp_path_factory.mktemp("base") / "gpt2", dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +133,7 @@ def test_resuming_with_other_dpo_settings_is_refused(base, data, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(base, tmp_path, records_, args, fragments):
     data = write_jsonl(tmp_path / "prefs.jsonl", records_)
     if "{other}" in args:
-        tiny_base(tmp_path / "other", vocab=280)
+        tiny_base(tmp_path / "other", vocab=280, dropout=0.1)
     args = [a.format(data=data, other=tmp_path / "other") for a in args]
     out = tmp_path / "out"
     result = run("align", "dpo", "-m", base, "--data", data, "--out", out, *FAST, *args)

@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 import pytest
+from base_helpers import tiny_base
 from chat_helpers import SPECIALS, TEXT, tok, tok_file  # noqa: F401 (fixtures)
 from cli_helpers import one_error_line, run
 from test_align_preferences import CHATS, TEXTS, chat_jinja, fmt_for, write_jsonl
-from test_finetune import tiny_base
 
 from tinylm import checkpoint
 from tinylm.align.preferences import read_preferences
