@@ -338,3 +338,19 @@ def test_an_adapter_on_the_head_is_not_skipped_by_the_chunked_loss():
     _same(g0, g1, rtol=1e-11)
     assert any(n.endswith("lora_B.default.weight") or "lora_B" in n for n, g in g1.items()
                if g is not None)
+
+
+def test_finetune_puts_the_memory_settings_back():
+    """What ``finetune`` does around ``trainer.fit``: the caller's model answers with
+    logits and without checkpointing afterwards, as it did before."""
+    from tinylm.finetune import (FinetuneSpec, memory_settings, restore_memory_settings,
+                                 save_memory)
+
+    model = gpt2()
+    ids, targets = _batch()
+    before = memory_settings(model)
+    assert save_memory(model, FinetuneSpec("base", "lora", gradient_checkpointing=True))
+    assert model(ids, targets=targets).logits is None
+    restore_memory_settings(model, before)
+    assert model.return_logits is True and not model.is_gradient_checkpointing
+    assert model(ids, targets=targets).logits.shape == (2, 12, VOCAB)

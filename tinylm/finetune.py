@@ -224,6 +224,20 @@ def save_memory(model, spec: FinetuneSpec) -> bool:
     return bool(on) and hasattr(model, "gradient_checkpointing")
 
 
+def memory_settings(model) -> tuple:
+    """(return_logits, gradient checkpointing) as ``model`` has them now (None: absent)."""
+    return (getattr(model, "return_logits", None), getattr(model, "is_gradient_checkpointing", None))
+
+
+def restore_memory_settings(model, settings: tuple) -> None:
+    """Undo ``save_memory``: put back what ``memory_settings`` read."""
+    logits, checkpointing = settings
+    if logits is not None:
+        model.return_logits = logits
+    if checkpointing is not None:
+        model.gradient_checkpointing(bool(checkpointing))
+
+
 def attach_adapter(model, path):
     """Put the adapter in ``path`` on ``model`` (a base loaded by tinylm.loading), for
     generation: a Hugging Face PEFT folder (adapter_config.json, what `tinylm
@@ -496,6 +510,7 @@ def run(spec: FinetuneSpec, settings: dict, *, epochs: float | None = None,
         from tinylm import peft
 
         log(str(peft.trainable_parameters(model)))
+        before = memory_settings(model)
         if save_memory(model, spec):
             log("gradient checkpointing: on (each block runs again in backward)")
         estimate = memory_estimate(model, config.batch_size, config.block_size)
@@ -504,7 +519,10 @@ def run(spec: FinetuneSpec, settings: dict, *, epochs: float | None = None,
         trainer = Trainer(config, model=model, tokenizer=tokenizer, data=data,
                           objective=SFT(tokenizer), log=log, progress=progress,
                           weights=spec.weights, extra_state=spec.record(model))
-        result = trainer.fit(folder)
+        try:
+            result = trainer.fit(folder)
+        finally:  # the caller's model answers with logits again, as before
+            restore_memory_settings(model, before)
         result["written"] = [] if result["interrupted"] else save_outputs(
             trainer.model, tokenizer, spec, folder.path, merge=merge, template=fmt.template)
     return result
