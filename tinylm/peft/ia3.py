@@ -40,8 +40,8 @@ import numpy as np
 from tinylm import backend, ops
 from tinylm.errors import ConfigError, TinyLMError
 from tinylm.nn.module import Module, Parameter
-from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install
-from tinylm.peft.lora import _cast, _host_dims, _is_float_linear, _tied_weights
+from tinylm.peft.base import Adapter, PeftConfig, PeftMethod
+from tinylm.peft.hosts import attach_per_host, cast, host_dims, is_float_linear
 from tinylm.peft.targets import default_feedforward, default_targets, matches, resolve
 from tinylm.tensor import Tensor
 
@@ -84,7 +84,7 @@ class IA3Config(PeftConfig):
 
 
 def _float_weight(host):
-    return host.weight if _is_float_linear(host) else None
+    return host.weight if is_float_linear(host) else None
 
 
 def _vector(shape, ones: bool, dtype, device) -> Parameter:
@@ -105,7 +105,7 @@ class IA3Adapter(Adapter):
     def __init__(self, name: str, host, targets: list, feedforward: bool, ones: bool):
         super().__init__(name)
         object.__setattr__(self, "_host", host)  # a reference, not a child
-        out, inp, dtype, device = _host_dims(host)
+        out, inp, dtype, device = host_dims(host)
         self.out_features, self.in_features, self.feedforward = out, inp, feedforward
         self.pieces = []  # [(rows slice | None, holder of ia3_l)]
         if feedforward:
@@ -141,13 +141,13 @@ class IA3Adapter(Adapter):
             return args, kwargs
         x, rest = (args[0], args[1:]) if args else (kwargs.pop("x"), ())
         l = self.scale()  # (in,)
-        return (_cast(_cast(x, l.dtype) * l, x.dtype),) + tuple(rest), kwargs
+        return (cast(cast(x, l.dtype) * l, x.dtype),) + tuple(rest), kwargs
 
     def after(self, host, args, kwargs, y):
         if self.feedforward:
             return y
         l = self.scale()  # (out,)
-        return _cast(_cast(y, l.dtype) * l, y.dtype)
+        return cast(cast(y, l.dtype) * l, y.dtype)
 
     # ---------------------------------------------------------------- merge
 
@@ -225,20 +225,8 @@ class IA3(PeftMethod):
             ff = _default_ff(model)
         targets = resolve(model, patterns, kinds=("linear",),
                           exclude_modules=config.exclude_modules)
-        by_host: dict = {}
-        for t in targets:
-            by_host.setdefault(t.host_name, []).append(t)
-        tied = _tied_weights(model)
-        built = []
-        for host_name, ts in by_host.items():
-            feedforward = _is_feedforward(ff, ts)
-            adapter = IA3Adapter(adapter_name, ts[0].host, ts, feedforward,
-                                 config.init_ia3_weights)
-            adapter.tied = id(getattr(ts[0].host, "weight", None)) in tied
-            built.append((ts[0].host, adapter))
-        for host, adapter in built:  # everything built: nothing half-installed on errors
-            install(host, adapter)
-        return list(by_host)
+        return attach_per_host(model, targets, lambda host, ts: IA3Adapter(
+            adapter_name, host, ts, _is_feedforward(ff, ts), config.init_ia3_weights))
 
 
 def _default_ff(model) -> tuple:
