@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,12 +49,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_model  # noqa: E402
+from _workers import finish_args, machine, report, run_worker  # noqa: E402
 
 # bench/tokenizers.py would shadow the tokenizers package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "bench" / "results"
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TARGETS = ["attn.c_attn", "attn.c_proj"]
 CONFIGS = {"tinylm-lora": ("tinylm", "lora"), "trl-lora": ("trl", "lora"),
            "tinylm-full": ("tinylm", "full"), "trl-full": ("trl", "full")}
@@ -65,6 +62,8 @@ QUICK = dict(n_layer=2, d_model=64, n_head=4, vocab=512, pairs=2, prompt=8, comp
              warmup=1, steps=2)
 TARGET_X = 1.2  # the step-time bar: tinylm at most 1.2x TRL + torch
 BETA = 0.1
+WORKER_KEYS = ("n_layer", "d_model", "n_head", "vocab", "pairs", "prompt", "completion",
+               "lora_r", "lr", "full_lr", "warmup", "steps", "seed")
 
 
 def parse_args(argv=None):
@@ -86,17 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="JSON results [default: bench/results/align_dpo_speed.json; "
                    "with --quick none]")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration (internal)
-    args = p.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    elif args.out is None:
-        args.out = str(RESULTS / "align_dpo_speed.json")
-    args.configs = [c for c in args.configs.split(",") if c]
-    unknown = set(args.configs) - set(CONFIGS)
-    if unknown:
-        p.error(f"unknown configuration(s) {sorted(unknown)}; choose of {', '.join(CONFIGS)}")
-    return args
+    return finish_args(p, p.parse_args(argv), CONFIGS, QUICK, RESULTS / "align_dpo_speed.json")
 
 
 # --------------------------------------------------------------------------- the inputs
@@ -251,20 +240,7 @@ def _tiny_tokenizer():
 def worker(args) -> None:
     side, trained = CONFIGS[args.worker]
     run = tinylm_side if side == "tinylm" else trl_side
-    print("RESULT " + json.dumps(run(args, trained, Path(args.work_dir))))
-
-
-def run_worker(args, config: str, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--work-dir", str(work)]
-    for k in ("n_layer", "d_model", "n_head", "vocab", "pairs", "prompt", "completion", "lora_r",
-              "lr", "full_lr", "warmup", "steps", "seed"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    done = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode or not lines:
-        tail = [ln for ln in done.stderr.strip().splitlines() if ln.strip()] or ["no output"]
-        return {"error": tail[-1][:300]}
-    return json.loads(lines[-1][len("RESULT "):])
+    report(run(args, trained, Path(args.work_dir)))
 
 
 # --------------------------------------------------------------------------- the table
@@ -323,16 +299,10 @@ def run_all(args, work: Path) -> dict:
     for r in range(args.repeats):
         for config in args.configs:
             print(f"running {config} ({r + 1}/{args.repeats})", file=sys.stderr, flush=True)
-            runs[config].append(run_worker(args, config, work))
+            runs[config].append(run_worker(__file__, config, work, args, WORKER_KEYS))
     rows = {config: merge(results) for config, results in runs.items()}
-    keys = ("n_layer", "d_model", "n_head", "vocab", "pairs", "prompt", "completion", "lora_r",
-            "lr", "full_lr", "warmup", "steps", "seed", "repeats")
-    return {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                        "python": platform.python_version(), "numpy": np.__version__,
-                        "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load_before,
-                        "load_after": os.getloadavg()},
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "args": {k: getattr(args, k) for k in keys}, **facts, "rows": rows,
+    keys = (*WORKER_KEYS, "repeats")
+    return {**machine(load_before), "args": {k: getattr(args, k) for k in keys}, **facts, "rows": rows,
             "pairs": compare(rows)}
 
 
