@@ -505,6 +505,46 @@ def test_a_sink_after_the_loop_closed_returns_quietly(tok):
     run.jobs[0].sink([])  # the engine's last events, after the loop closed
 
 
+def test_http_close_ends_a_connection_whose_task_has_not_started():
+    """A connection accepted just before close(), its task created but not yet run
+    (close()'s cancels cannot see it): close() still ends it at once, not after the
+    idle timeout (300 s here; and Python >= 3.12's wait_closed waits for it)."""
+    import asyncio
+    import inspect
+    import socket
+
+    from tinylm.serve.http import HTTPServer
+
+    def closed_soon(sock) -> bool:
+        sock.settimeout(3)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionError:
+            return True
+        except socket.timeout:
+            return False
+
+    def unstarted() -> bool:
+        coros = [t.get_coro() for t in asyncio.all_tasks()]
+        return any(c.__qualname__ == "HTTPServer._serve"
+                   and inspect.getcoroutinestate(c) == inspect.CORO_CREATED for c in coros)
+
+    async def main() -> bool:
+        server = HTTPServer(lambda request, conn: conn.respond(200, b"{}"),
+                            lambda *a: b"{}", idle=300)
+        await server.start("127.0.0.1", 0)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            for _ in range(100):
+                await asyncio.sleep(0)
+                if unstarted():
+                    break
+            assert unstarted(), "the loop never showed a connection task not yet run"
+            await server.close()
+            return await asyncio.get_running_loop().run_in_executor(None, closed_soon, sock)
+
+    assert asyncio.run(main()), "the connection stayed open after close()"
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -250,8 +250,10 @@ class HTTPServer:
         self.max_body, self.max_head, self.idle = max_body, max_head, idle
         self.server = None
         self.connections: set = set()
+        self.closing = False
 
     async def start(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.closing = False
         self.server = await asyncio.start_server(self._serve, host, port,
                                                  limit=self.max_head)
 
@@ -260,20 +262,28 @@ class HTTPServer:
         return self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        """Stop listening and close every open connection."""
+        """Stop listening and close every open connection (one accepted whose task has
+        not run yet closes itself when it does); at most 5 s for the last ones."""
+        self.closing = True
         if self.server is not None:
             self.server.close()
-        for task in list(self.connections):
+        tasks = list(self.connections)
+        for task in tasks:
             task.cancel()
-        if self.connections:
-            await asyncio.gather(*self.connections, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.server is not None:
-            await self.server.wait_closed()
+            try:  # Python >= 3.12 waits for every connection's transport
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                log.warning("connections still open 5 s after closing; leaving them")
 
     async def _serve(self, reader, writer) -> None:
         task = asyncio.current_task()
         self.connections.add(task)
         try:
+            if self.closing:  # accepted as the server closed: after close()'s cancels
+                return
             await self._requests(reader, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass
