@@ -20,6 +20,7 @@ from __future__ import annotations
 import click
 
 from tinylm.align.dpo import LOSS_TYPES
+from tinylm.commands.align_reward import preference_data_options
 from tinylm.commands.finetune import finish, model_options, run_options
 from tinylm.commands.options import finite_float, option_group
 
@@ -61,10 +62,7 @@ dpo_options = option_group(
 
 @click.command(name="dpo")
 @model_options
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
-              help="JSONL preference records (repeat for several files).")
-@click.option("--eval-data", multiple=True, type=click.Path(exists=True),
-              help="JSONL validation pairs [default: --val-fraction of --data].")
+@preference_data_options
 @dpo_options
 @run_options({"lr": "1e-5; 1e-6 (TRL's) with --full", "batch_size": "8"})
 def dpo_command(model, data, eval_data, dpo, run):

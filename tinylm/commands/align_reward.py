@@ -24,12 +24,18 @@ from tinylm.commands.finetune import model_options, run_options
 from tinylm.commands.options import finite_float
 
 
+def preference_data_options(command):
+    """--data and --eval-data: the preference pair files of a reward model or DPO run."""
+    command = click.option("--eval-data", multiple=True, type=click.Path(exists=True),
+                           help="JSONL validation pairs [default: --val-fraction of "
+                                "--data].")(command)
+    return click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+                        help="JSONL preference pairs (repeat for several files).")(command)
+
+
 @click.command(name="reward")
 @model_options
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
-              help="JSONL preference pairs (repeat for several files).")
-@click.option("--eval-data", multiple=True, type=click.Path(exists=True),
-              help="JSONL validation pairs [default: --val-fraction of --data].")
+@preference_data_options
 @click.option("--center-rewards", "center", type=finite_float(min=0), default=None,
               help="TRL's center_rewards_coefficient: add c * mean((r_chosen + "
                    "r_rejected)^2) to the loss (0.01 is usual) [default: off].")
