@@ -18,7 +18,7 @@ def is_float_linear(host) -> bool:
     return isinstance(w, Parameter) and w.dtype.kind == "f"
 
 
-def _packed(host):
+def packed_weight(host):
     """The packed weight of a quantized host (QuantLinear, QuantTiedHead)."""
     if hasattr(host, "packed"):
         return host.packed
@@ -34,7 +34,7 @@ def host_dims(host) -> tuple:
         w = host.weight.data
         dtype = np.float64 if w.dtype == np.float64 else np.float32
         return out, inp, dtype, backend.device_of(w)
-    packed = _packed(host)  # a quantized host: the device of its packed buffers
+    packed = packed_weight(host)  # a quantized host: the device of its packed buffers
     return out, inp, np.float32, backend.device_of(next(iter(packed.arrays.values())))
 
 
