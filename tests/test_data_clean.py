@@ -1,6 +1,7 @@
 """tinylm data clean: C4's and Gopher's rules on pages the tests write, the span dedup,
 the hash set under it, the stats, resuming, the CLI."""
 
+import contextlib
 import gzip
 import json
 import os
@@ -343,6 +344,75 @@ def test_first_occurrences_on_disk_match_a_python_dict(tmp_path, monkeypatch):
     assert ext.first_occurrences(paths, str(tmp_path / "out"), str(tmp_path / "w"), 1) == 1033
     assert np.fromfile(tmp_path / "out", dtype="<i8").tolist() == expected
     assert not (tmp_path / "w").exists()  # its partition files are gone
+
+
+def _keys_for_256_partitions(tmp_path, monkeypatch):
+    """A key file that takes ``MAX_PARTITIONS`` partitions (tiny budget), its oracle."""
+    import tinylm.webdata.external as ext
+
+    monkeypatch.setattr(ext, "MIN_MEMORY", 4 * ext.BYTES_PER_ENTRY)  # 4 keys a partition
+    keys = np.random.default_rng(3).integers(0, 900, size=2000).astype("<u8")
+    keys.tofile(tmp_path / "k.u64")
+    assert ext.partition_count(len(keys), 1) == ext.MAX_PARTITIONS == 256
+    first = {}
+    return [str(tmp_path / "k.u64")], [first.setdefault(k, i) for i, k in
+                                       enumerate(keys.tolist())]
+
+
+@contextlib.contextmanager
+def _open_files_limit(extra: int):
+    """The soft open-file limit set to the files open now plus ``extra``."""
+    resource = pytest.importorskip("resource")
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to count open files")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + extra,
+                                                hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_first_occurrences_keeps_at_most_max_partitions_files_open(tmp_path, monkeypatch):
+    """256 partitions run under a limit of 256 + a few more open files (the key and
+    result partitions are never open together), and give the dict's answer."""
+    import tinylm.webdata.external as ext
+
+    paths, expected = _keys_for_256_partitions(tmp_path, monkeypatch)
+    with _open_files_limit(ext.MAX_PARTITIONS + 16):
+        ext.first_occurrences(paths, str(tmp_path / "out"), str(tmp_path / "w"), 1)
+    assert np.fromfile(tmp_path / "out", dtype="<i8").tolist() == expected
+
+
+def test_too_many_open_files_is_one_line_and_leaks_none(tmp_path, monkeypatch):
+    import tinylm.webdata.external as ext
+    from tinylm.errors import TinyLMError
+
+    paths, _ = _keys_for_256_partitions(tmp_path, monkeypatch)
+    with _open_files_limit(100):
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(TinyLMError, match="too many open files") as e:
+            ext.first_occurrences(paths, str(tmp_path / "out"), str(tmp_path / "w"), 1)
+        assert len(os.listdir("/proc/self/fd")) == before  # the partitions opened: closed
+    assert "ulimit -n" in str(e.value) and "--memory-mb" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "w").exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    import tinylm.webdata.external as ext
+    from tinylm.errors import TinyLMError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (writes fail with ENOSPC)")
+    paths, _ = _keys_for_256_partitions(tmp_path, monkeypatch)
+    monkeypatch.setattr(ext, "open", lambda path, mode="r", **kw: builtins.open(
+        "/dev/full" if "w" in mode else path, mode, **kw), raising=False)
+    with pytest.raises(TinyLMError, match="no space left") as e:
+        ext.first_occurrences(paths, str(tmp_path / "out"), str(tmp_path / "w"), 1)
+    assert "free disk" in str(e.value) and "\n" not in str(e.value)
 
 
 def spanny_corpus(tmp_path, docs=120):

@@ -12,21 +12,29 @@ How memory stays bounded: a key's partition is a hash of the key, so equal keys 
 one partition; the number of partitions is chosen so that one partition's entries and
 the temporaries of sorting them (``BYTES_PER_ENTRY`` each) fit ``memory_bytes``; keys are
 read, partitioned and merged back in chunks of that many entries. Memory: about
-``memory_bytes`` (with the partition files' buffers), whatever the number of keys, up
-to ``MAX_PARTITIONS`` partitions (256 x memory_bytes / 80 keys: 53 M keys for 16 MiB);
-past that a partition holds more. Disk: 32 bytes per key while it runs. Entries are
-appended in index order, so within a partition (and within a key) they stay in that
-order, and the answers are exactly those of sorting all keys at once.
+``memory_bytes`` (with the partition files' buffers), flat in the number of keys up to
+``MAX_PARTITIONS`` x ``memory_bytes`` / ``BYTES_PER_ENTRY`` keys (256 partitions:
+about 53.7 M keys at 16 MiB, 3.4 M per MiB); past that each partition holds more and
+memory grows as keys / 256 x 80 bytes. It assumes keys spread evenly: all entries of
+one key share a partition, so a key repeated extremely often (more than the budget's
+``memory_bytes`` / 80 entries) makes its partition that large, and it is still sorted
+in memory. Files: at most ``MAX_PARTITIONS`` open at once (one set of partitions at a
+time). Disk: 32 bytes per key while it runs. Entries are appended in index order, so
+within a partition (and within a key) they stay in that order, and the answers are
+exactly those of sorting all keys at once. A failing open or write (too many open
+files, a full disk) is a ``TinyLMError`` that says what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 import numpy as np
 
 from tinylm.atomic import atomic_open
+from tinylm.errors import TinyLMError
 from tinylm.webdata.hashing import mix64
 
 ENTRY = np.dtype([("key", "<u8"), ("index", "<i8")])
@@ -59,31 +67,62 @@ def part_of(keys: np.ndarray, count: int) -> np.ndarray:
     return (mix64(salted) % np.uint64(count)).astype(np.int64)
 
 
+def disk_error(e: OSError, work_dir: str) -> TinyLMError:
+    """The one-line error for an ``OSError`` of the partition files under ``work_dir``."""
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return TinyLMError(f"too many open files for the on-disk index in {work_dir} (up "
+                           f"to {MAX_PARTITIONS} at once); raise the open-file limit "
+                           f"(ulimit -n) or --memory-mb (fewer partition files)")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TinyLMError(f"no space left for the on-disk index in {work_dir} (32 bytes "
+                           f"per key while it runs); free disk there and run again")
+    return TinyLMError(f"the on-disk index in {work_dir} failed: {e.strerror or e}; check "
+                       f"that the folder is writable and run again")
+
+
 class Partitions:
-    """``count`` append-only files of ``dtype`` records under ``work_dir``."""
+    """``count`` append-only files of ``dtype`` records under ``work_dir`` (all open
+    until ``close``). Opening or writing them fails with ``disk_error``'s message."""
 
     def __init__(self, work_dir: str, name: str, count: int, dtype, buffer: int = 1 << 16):
-        os.makedirs(work_dir, exist_ok=True)
-        self.dtype, self.count = np.dtype(dtype), count
+        self.dtype, self.count, self.work_dir = np.dtype(dtype), count, work_dir
         self.paths = [os.path.join(work_dir, f"{name}.part{p:04d}") for p in range(count)]
-        self.files = [open(path, "wb", buffering=buffer) for path in self.paths]
+        self.files = []
+        try:
+            os.makedirs(work_dir, exist_ok=True)
+            for path in self.paths:
+                self.files.append(open(path, "wb", buffering=buffer))
+        except OSError as e:
+            self.remove()  # closes the files it opened
+            raise disk_error(e, work_dir) from None
 
     def add(self, parts: np.ndarray, entries: np.ndarray) -> None:
         """Append ``entries[i]`` to partition ``parts[i]``, keeping their order."""
         order = np.argsort(parts, kind="stable")
         bounds = np.searchsorted(parts[order], np.arange(self.count + 1))
-        for p in np.flatnonzero(np.diff(bounds)):
-            self.files[p].write(entries[order[bounds[p]:bounds[p + 1]]].tobytes())
+        try:
+            for p in np.flatnonzero(np.diff(bounds)):
+                self.files[p].write(entries[order[bounds[p]:bounds[p + 1]]].tobytes())
+        except OSError as e:
+            raise disk_error(e, self.work_dir) from None
 
     def close(self) -> None:
+        """Close every file (each, even when one fails: its buffer's flush)."""
+        failed = None
         for f in self.files:
-            f.close()
+            try:
+                f.close()
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            raise disk_error(failed, self.work_dir)
 
     def read(self, p: int) -> np.ndarray:
         return np.fromfile(self.paths[p], dtype=self.dtype)
 
     def remove(self) -> None:
-        self.close()
+        with contextlib.suppress(TinyLMError):  # a failed flush: the files go anyway
+            self.close()
         for path in self.paths:
             if os.path.exists(path):
                 os.remove(path)
@@ -137,13 +176,16 @@ def first_occurrences(paths, out_path: str, work_dir: str, memory_bytes: int) ->
     chunk, count = chunk_entries(memory_bytes), partition_count(n, memory_bytes)
     if count == 1:  # fits: no partition files
         keys = np.concatenate([np.fromfile(p, dtype="<u8") for p in paths] or [np.zeros(0, "<u8")])
-        with atomic_open(out_path, "wb") as out:
-            out.write(_first_in_memory(keys, np.arange(n)).astype("<i8").tobytes())
+        try:
+            with atomic_open(out_path, "wb") as out:
+                out.write(_first_in_memory(keys, np.arange(n)).astype("<i8").tobytes())
+        except OSError as e:
+            raise disk_error(e, os.path.dirname(out_path) or ".") from None
         return n
-    buffer = buffer_bytes(2 * count, memory_bytes)
-    parts = Partitions(work_dir, "keys", count, ENTRY, buffer)
-    results = Partitions(work_dir, "first", count, FIRST, buffer)
+    buffer = buffer_bytes(count, memory_bytes)
+    parts = results = None
     try:
+        parts = Partitions(work_dir, "keys", count, ENTRY, buffer)
         start = 0
         for keys in read_chunks(paths, chunk):
             entries = np.empty(len(keys), dtype=ENTRY)
@@ -151,6 +193,7 @@ def first_occurrences(paths, out_path: str, work_dir: str, memory_bytes: int) ->
             parts.add(part_of(keys, count), entries)
             start += len(keys)
         parts.close()
+        results = Partitions(work_dir, "first", count, FIRST, buffer)  # parts' are closed
         for p in range(count):
             entries = parts.read(p)
             found = np.empty(len(entries), dtype=FIRST)
@@ -161,9 +204,12 @@ def first_occurrences(paths, out_path: str, work_dir: str, memory_bytes: int) ->
             os.remove(parts.paths[p])
         results.close()
         _merge(results.paths, out_path, n, chunk, max(1, 2 * chunk // count))
+    except OSError as e:
+        raise disk_error(e, work_dir) from None
     finally:
-        parts.remove()
-        results.remove()
+        for opened in (parts, results):
+            if opened is not None:
+                opened.remove()
     return n
 
 
