@@ -12,6 +12,14 @@ def run(*args, input=None):
     return CliRunner().invoke(cli, [str(a) for a in args], input=input, prog_name="tinylm")
 
 
+def run_ok(*args, input=None):
+    """``run(*args)`` that must succeed (exit 0); its result. A failure shows the
+    output and the exception."""
+    result = run(*args, input=input)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
 def one_error_line(result, *fragments) -> str:
     """Exit code 2, exactly one `Error:` line on stderr (Click's usage errors put their
     `Usage:` lines above it; tinylm's own errors are that line alone) holding every

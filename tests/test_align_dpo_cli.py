@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 from base_helpers import tiny_base, write_jsonl
-from cli_helpers import one_error_line, run
+from cli_helpers import one_error_line, run, run_ok
 
 from tinylm import checkpoint
 
@@ -39,9 +39,7 @@ def data(tmp_path_factory):
 
 
 def dpo(base, data, out, *args):
-    result = run("align", "dpo", "-m", base, "--data", data, "--out", out, *FAST, *args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
+    return run_ok("align", "dpo", "-m", base, "--data", data, "--out", out, *FAST, *args)
 
 
 def records(out) -> list:

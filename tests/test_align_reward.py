@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from base_helpers import tiny_base
 from chat_helpers import SPECIALS, TEXT, tok, tok_file  # noqa: F401 (fixtures)
-from cli_helpers import one_error_line, run
+from cli_helpers import one_error_line, run, run_ok
 from test_align_preferences import CHATS, TEXTS, chat_jinja, fmt_for, write_jsonl
 
 from tinylm import checkpoint
@@ -170,9 +170,7 @@ def prefs(tmp_path_factory):
 
 
 def align_reward(base, prefs, out, *args):
-    result = run("align", "reward", "-m", base, "--data", prefs, "--out", out, *FAST, *args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
+    return run_ok("align", "reward", "-m", base, "--data", prefs, "--out", out, *FAST, *args)
 
 
 def records(out, key):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import tinylm
-from cli_helpers import one_error_line, run
+from cli_helpers import one_error_line, run, run_ok
 from tinylm import checkpoint, hookimpl, plugins
 from tinylm.align.rewards import RewardError, exact_match, regex_match, score, think_format
 from tinylm.align.rl import GRPO, LOSS_TYPES, RLOO, RLConfig, grpo_advantages, rloo_advantages
@@ -328,9 +328,7 @@ FAST = ["--no-progress", "--full", "--batch-size", "2", "--block-size", "16",
 
 
 def align(method, base, data, out, *args):
-    result = run("align", method, "-m", base, "--data", data, "--out", out, *FAST, *args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
+    return run_ok("align", method, "-m", base, "--data", data, "--out", out, *FAST, *args)
 
 
 def records(out):
@@ -418,9 +416,8 @@ def test_a_reward_model_scores_beside_a_reward_function(char_base, prompts, tmp_
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": p, "chosen": "aa", "rejected": "dd"}) + "\n"
                              for p in ("b", "dc", "cb")), encoding="utf-8")
-    result = run("align", "reward", "-m", char_base, "--data", prefs, "--out", tmp_path / "rm",
-                 "--full", "--no-progress", "--max-steps", "1", "--val-fraction", "0")
-    assert result.exit_code == 0, (result.output, result.exception)
+    run_ok("align", "reward", "-m", char_base, "--data", prefs, "--out", tmp_path / "rm",
+           "--full", "--no-progress", "--max-steps", "1", "--val-fraction", "0")
     out = tmp_path / "grpo"
     align("grpo", char_base, prompts, out, "--reward", "likes-a", "--reward-model",
           tmp_path / "rm", "--num-generations", "2", "--max-steps", "2")
@@ -442,9 +439,8 @@ def test_a_run_stopped_mid_buffer_resumes_bit_for_bit(char_base, prompts, tmp_pa
               *args]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for out, steps in ((straight, 6), (broken, stop), (broken, 6)):
-        result = run("align", method, "-m", char_base, "--data", prompts, "--out", out,
-                     *common, "--max-steps", steps)
-        assert result.exit_code == 0, (result.output, result.exception)
+        result = run_ok("align", method, "-m", char_base, "--data", prompts, "--out", out,
+                        *common, "--max-steps", steps)
         if out == broken and steps == stop:  # stopped mid buffer: the checkpoint holds the live rollouts
             saved = json.loads((out / "trainer_state.json").read_text())["rollouts"]
             assert saved["uses"] == stop % int(args[1]) > 0
