@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import click
 
+from tinylm.commands.options import option_group
 from tinylm.webdata.readers import FORMATS, TEXT_UNITS
 
 
@@ -87,41 +88,53 @@ def _clean_config(config_file, filters, skip, values):
     return config
 
 
+def _build_clean_config(filters, skip, config_file, **values):
+    return _clean_config(config_file, filters, skip, values)
+
+
+clean_config_options = option_group(
+    "config", _build_clean_config,
+    click.option("--filters", default=None,
+                 help="Comma-separated filters or groups, in order (c4, gopher, language, "
+                      "c4_span_dedup, or single names such as c4_min_words) [default: "
+                      "language, gopher, c4, c4_span_dedup]."),
+    click.option("--skip", multiple=True, help="Leave out a filter by name (repeatable)."),
+    click.option("--min-words-per-line", type=click.IntRange(min=0), default=None,
+                 help="C4: drop lines with fewer words [default: 3; TFDS's C4: 5]."),
+    click.option("--min-sentences", type=click.IntRange(min=0), default=None,
+                 help="C4: drop pages with fewer sentences [default: 5; TFDS's C4: 3]."),
+    click.option("--bad-words", type=click.Path(dir_okay=False), default=None,
+                 help="C4: drop pages with any word or phrase of this file (one a line)."),
+    click.option("--language", default=None,
+                 help="Keep pages whose language ID is this label (with --language-id "
+                      "script: Latin, Cyrillic, Han, ...)."),
+    click.option("--language-id", default=None,
+                 help="Language-ID function: a registered name or module:function "
+                      "[default: script]."),
+    click.option("--min-language-score", type=click.FloatRange(0, 1), default=None,
+                 help="The language ID's least score to keep a page [default: 0.5]."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                 help="A JSON object of CleanConfig fields (thresholds); flags override it."))
+
+
 @data_group.command(name="clean")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @output_options
 @input_options
-@click.option("--filters", default=None,
-              help="Comma-separated filters or groups, in order (c4, gopher, language, "
-                   "c4_span_dedup, or single names such as c4_min_words) [default: "
-                   "language, gopher, c4, c4_span_dedup].")
-@click.option("--skip", multiple=True, help="Leave out a filter by name (repeatable).")
-@click.option("--min-words-per-line", type=click.IntRange(min=0), default=None,
-              help="C4: drop lines with fewer words [default: 3; TFDS's C4: 5].")
-@click.option("--min-sentences", type=click.IntRange(min=0), default=None,
-              help="C4: drop pages with fewer sentences [default: 5; TFDS's C4: 3].")
-@click.option("--bad-words", type=click.Path(dir_okay=False), default=None,
-              help="C4: drop pages with any word or phrase of this file (one a line).")
-@click.option("--language", default=None,
-              help="Keep pages whose language ID is this label (with --language-id script: "
-                   "Latin, Cyrillic, Han, ...).")
-@click.option("--language-id", default=None,
-              help="Language-ID function: a registered name or module:function "
-                   "[default: script].")
-@click.option("--min-language-score", type=click.FloatRange(0, 1), default=None,
-              help="The language ID's least score to keep a page [default: 0.5].")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="A JSON object of CleanConfig fields (thresholds); flags override it.")
+@clean_config_options
 @click.option("--memory-mb", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Memory budget of the span dedup's on-disk index (the corpus-wide "
-                   "state, in hash-partitioned files); the process's peak stays near it "
-                   "plus about 50 MiB, whatever the corpus's size. Changes no result.")
+              help="Memory budget of the span dedup's on-disk index (hash-partitioned "
+                   "files, at most 256 open at once). The process's peak stays near it "
+                   "plus about 50 MiB for up to about 3.4 M spans per MiB of budget "
+                   "(53.7 M at 16 MiB); past that it is about 80 bytes x spans / 256. "
+                   "Every repeat of a span lands in one partition, so a span repeated "
+                   "extremely often is sorted in memory there all the same. Changes no "
+                   "result.")
 def clean_command(inputs, output, compression, progress, fmt, text_field, text_unit,
-                  filters, skip, config_file, memory_mb, **values):
+                  config, memory_mb):
     """Clean INPUTS (files or folders) with C4's and Gopher's heuristics into OUTPUT."""
     from tinylm.webdata.clean import clean_corpus
 
-    config = _clean_config(config_file, filters, skip, values)
     totals = clean_corpus(inputs, output, config,
                           read_options=_read_options(fmt, text_field, text_unit),
                           compression=compression, show_progress=progress,
@@ -172,9 +185,12 @@ def _echo_clean(totals: dict, output: str) -> None:
               help="Seed of the MinHash permutations.")
 @click.option("--memory-mb", type=click.IntRange(min=1), default=16, show_default=True,
               help="Memory budget of the on-disk duplicate index (hash-partitioned "
-                   "files); the process's peak stays near it plus about 60 MiB and 16 "
-                   "bytes per candidate pair, whatever the number of documents. Changes "
-                   "no result.")
+                   "files, at most 256 open at once). The process's peak stays near it "
+                   "plus about 60 MiB and 16 bytes per candidate pair for up to about "
+                   "3.4 M documents per MiB of budget (53.7 M at 16 MiB); past that it "
+                   "is about 80 bytes x documents / 256. Equal texts (and equal band "
+                   "buckets) land in one partition, so one repeated extremely often is "
+                   "sorted in memory there all the same. Changes no result.")
 def dedup_command(inputs, output, compression, progress, fmt, text_field, text_unit,
                   memory_mb, **values):
     """Remove exact and near-duplicate documents of INPUTS into OUTPUT."""
