@@ -107,6 +107,23 @@ def test_the_bound_catches_a_wrong_weight():
         assert_product(y, x, p)
 
 
+def test_the_kernels_layer_imports_nothing_from_quant():
+    """Imports go down: tinylm.kernels sits below tinylm.quant (which calls it), so no
+    kernel module imports tinylm.quant, at the top or inside a function."""
+    import ast
+
+    import tinylm.kernels
+
+    for path in sorted(Path(tinylm.kernels.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "tinylm":
+                names = [f"tinylm.{a.name}" for a in node.names]
+            bad = [n for n in names if n == "tinylm.quant" or n.startswith("tinylm.quant.")]
+            assert not bad, f"{path.name}:{node.lineno} imports {bad[0]}"
+
+
 # =========================================================================== nvcc
 
 

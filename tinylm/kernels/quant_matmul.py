@@ -105,8 +105,9 @@ def _launch(name, like, grid, args, smem):
 
 def device_arrays(packed, xp) -> tuple:
     """(w, absmax, row_bytes) of ``packed`` on ``xp``'s device: w the packed rows (out,
-    row_bytes) uint8, absmax (out, in/64) float32 for NF4 (a 1-element placeholder
-    otherwise); kept in ``packed.cache`` after the first call."""
+    row_bytes) uint8, absmax (out, in/64) float32 for NF4 (NF4-DQ: the one
+    ``packed.float_absmax()`` gives; a 1-element placeholder otherwise); kept in
+    ``packed.cache`` after the first call."""
     cached = packed.cache.get("device")
     if cached is not None and cached[0] is xp:
         return cached[1]
@@ -115,12 +116,8 @@ def device_arrays(packed, xp) -> tuple:
         w = xp.ascontiguousarray(xp.asarray(a["codes"]))
         if fmt == "nf4":
             absmax = xp.asarray(a["absmax"], dtype=np.float32)
-        else:  # the 8-bit absmax, dequantized once on the host
-            from tinylm.quant import kernels
-
-            host = kernels.Packed(fmt, packed.shape, {k: backend.to_numpy(v)
-                                                      for k, v in a.items()})
-            absmax = xp.asarray(kernels._dq_absmax(host, slice(None)), dtype=np.float32)
+        else:  # the 8-bit absmax, dequantized once on the host by the packed weight
+            absmax = xp.asarray(packed.float_absmax(), dtype=np.float32)
         absmax = xp.ascontiguousarray(absmax)
     else:
         w = xp.ascontiguousarray(xp.asarray(a["raw"]))

@@ -103,6 +103,15 @@ class Packed:
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.arrays.values())
 
+    def float_absmax(self) -> np.ndarray:
+        """nf4-dq: the float32 absmax (out, in/64) of every row, dequantized on the host
+        (whatever device the arrays are on): what the CUDA kernels
+        (``tinylm.kernels.quant_matmul``, a layer below) are handed, as they cannot
+        decode the 8-bit absmax themselves."""
+        host = Packed(self.fmt, self.shape,
+                      {k: backend.to_numpy(v) for k, v in self.arrays.items()})
+        return np.asarray(_dq_absmax(host, slice(None)), dtype=np.float32)
+
 
 # --------------------------------------------------------------------------- packing
 
