@@ -1,6 +1,8 @@
 """tinylm/ops/matmul.py: matmul with NumPy's batch broadcasting and 1-D operands, and the
 fused linear (x @ W.T + b)."""
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,6 +14,8 @@ import tinylm.ops as F
 from tinylm import testing
 from tinylm.errors import ShapeError
 from tinylm.tensor import Tensor
+
+mm = importlib.import_module("tinylm.ops.matmul")  # (tinylm.ops.matmul is also a function)
 
 # NumPy's own matmul signature: optional m and p make 1-D operands; batch dims broadcast
 matmul_shapes = hnp.mutually_broadcastable_shapes(
@@ -130,26 +134,84 @@ def test_linear_without_weight_gradient():
     testing.gradcheck(lambda t: F.linear(Tensor(x), Tensor(w), t), b)
 
 
+def _few_rows_case(n, out, dtype, n_in=24):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, n_in)).astype(dtype)
+    w, b = rng.standard_normal((out, n_in)).astype(dtype), rng.standard_normal(out).astype(dtype)
+    return x, w, b
+
+
+# row counts on both sides of FEW_ROWS and GEMM_TILED_ROWS; a partial last tile
+@pytest.mark.parametrize("n,out", [
+    (1, 2 * mm.TILE + 37), (2, 2 * mm.TILE + 37), (3, mm.TILE + 1),
+    (mm.FEW_ROWS, 3 * mm.TILE + 5), (mm.FEW_ROWS + 1, 2 * mm.TILE + 37),
+    (mm.FEW_ROWS + 1, mm.WIDE + 37), (mm.GEMM_TILED_ROWS, mm.WIDE + 37),
+    (mm.GEMM_TILED_ROWS + 1, mm.WIDE + 37)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("lead", [(), (1,), (1, 1)])
-def test_linear_one_row_on_one_thread(lead, dtype):
-    """The decode step's product (one row, one BLAS thread) goes through vecdot: same
-    values and gradients as the GEMM."""
-    from tinylm.ops.matmul import _flat_rows, _one_row_on_one_core
+def test_linear_few_rows_on_one_thread(n, out, dtype):
+    """A decode step's products (a few rows, one BLAS thread) go through tiles of
+    vecdot (or of GEMM for a wide weight): the values of the float64 product and of
+    torch's linear, and torch's gradients (the backward is the GEMM's)."""
+    torch = pytest.importorskip("torch")
+    from tinylm.threads import blas_threads
+
+    x, w, b = _few_rows_case(n, out, dtype)
+    want = np.einsum("ni,oi->no", x.astype(np.float64), w.astype(np.float64)) + b
+    tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+    ty = torch.nn.functional.linear(tx, tw, tb)
+    g = np.random.default_rng(9).standard_normal(ty.shape).astype(dtype)
+    ty.backward(torch.from_numpy(g))
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    with blas_threads(1):
+        assert mm._vecdot_pays(np, x, w) == hasattr(np, "vecdot")
+        xs, ws, bs = (Tensor(a, requires_grad=True) for a in (x, w, b))
+        y = F.linear(xs, ws, bs)
+        y.backward(Tensor(g))
+    assert y.dtype == dtype and y.shape == (n, out)
+    testing.assert_close(y, want, rtol=tol, atol=tol)
+    testing.assert_close(y, ty.detach().numpy(), rtol=tol, atol=tol)
+    for ours, theirs in ((xs, tx), (ws, tw), (bs, tb)):
+        testing.assert_close(ours.grad, theirs.grad.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n", [2, 3, mm.FEW_ROWS])
+def test_linear_few_rows_equal_each_row_alone(n):
+    """Up to FEW_ROWS rows, each row's outputs are those of the row alone, bit for bit
+    (so batching decode steps does not change a greedy sequence's tokens)."""
+    from tinylm.threads import blas_threads
+
+    x, w, b = _few_rows_case(n, 2 * mm.TILE + 37, np.float32, n_in=64)
+    with blas_threads(1):
+        together = F.linear(Tensor(x), Tensor(w), Tensor(b)).data
+        alone = np.concatenate([F.linear(Tensor(x[i:i + 1]), Tensor(w), Tensor(b)).data
+                                for i in range(n)])
+    assert np.array_equal(together, alone)
+
+
+@pytest.mark.parametrize("lead", [(), (1, 1), (2, 1)])
+def test_linear_leading_dims_one_thread(lead):
+    """(..., in) inputs with few rows: flattened for the tiles, reshaped back."""
     from tinylm.threads import blas_threads
 
     rng = np.random.default_rng(2)
-    x = rng.standard_normal(lead + (7,)).astype(dtype)
-    w, b = rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal(5).astype(dtype)
+    x, w = rng.standard_normal(lead + (7,)), rng.standard_normal((5, 7))
     with blas_threads(1):
-        if hasattr(np, "vecdot"):
-            assert _one_row_on_one_core(np, _flat_rows(x), w)
-        y = F.linear(Tensor(x), Tensor(w), Tensor(b))
-        tol = 1e-5 if dtype == np.float32 else 1e-12
-        testing.assert_close(y, np.einsum("...i,oi->...o", x, w) + b, rtol=tol, atol=tol)
-        assert y.dtype == dtype and y.shape == lead + (5,)
-        if dtype == np.float64:
-            testing.gradcheck(F.linear, x, w, b)
+        y = F.linear(Tensor(x), Tensor(w))
+        assert y.shape == lead + (5,)
+        testing.assert_close(y, np.einsum("...i,oi->...o", x, w), rtol=1e-12, atol=1e-12)
+        testing.gradcheck(F.linear, x, w)
+
+
+def test_linear_more_threads_is_one_gemm(monkeypatch):
+    """With more than one BLAS thread (vecdot would run on one), a non-contiguous
+    weight, or mixed dtypes, the product is BLAS's own."""
+    x, w, _ = _few_rows_case(2, mm.TILE + 3, np.float32)
+    monkeypatch.setattr(mm, "cpu_threads", lambda: 2)
+    assert not mm._vecdot_pays(np, x, w)
+    assert np.array_equal(F.linear(Tensor(x), Tensor(w)).data, x @ w.T)
+    monkeypatch.setattr(mm, "cpu_threads", lambda: 1)
+    assert not mm._vecdot_pays(np, x, np.asfortranarray(w))
+    assert not mm._vecdot_pays(np, x.astype(np.float64), w)
 
 
 def test_linear_shape_mismatch():

@@ -32,6 +32,7 @@ import numpy as np
 from tinylm import backend
 from tinylm.autograd import no_grad
 from tinylm.errors import TinyLMError
+from tinylm.models.logits_at import logits_at
 from tinylm.nn import KVCache
 
 
@@ -217,25 +218,12 @@ def _continue(model, cache, row_group, ctx_len, inputs, lengths):
 
 def _logits(model, ids, cache, at=None, **kwargs):
     """The model's logits (B, T, V) for ``ids`` (B, T), or only at column ``at[b]`` of
-    each row (B, V). A plain decoder (tok_emb -> transformer -> lm_head) skips the
-    vocabulary projection of the positions nobody reads: for a context of a hundred
-    tokens that is most of the lm_head's work."""
-    from tinylm.models.decoder import Decoder
-
-    plain = (isinstance(model, Decoder) and type(model).forward is Decoder.forward
-             and "forward" not in vars(model))
-    if not plain:
-        logits = model(ids, cache=cache, **kwargs).logits.data  # (B, T, V)
-        return logits if at is None else logits[_rows(logits), at]  # (B, V)
-    h, _ = model.transformer(model.tok_emb(model.as_ids(ids)), cache=cache, **kwargs)
+    each row (B, V): for a plain decoder without the vocabulary projection of the
+    positions nobody reads (``logits_at``; for a context of a hundred tokens that is
+    most of the lm_head's work)."""
     if at is not None:
-        h = h[_rows(h.data), at][:, None]  # (B, 1, d)
-        return model.lm_head(h).data[:, 0]  # (B, V)
-    return model.lm_head(h).data  # (B, T, V)
-
-
-def _rows(array):
-    return backend.get_array_module(array).arange(array.shape[0])
+        return logits_at(model, ids, at, cache=cache, **kwargs)  # (B, V)
+    return model(ids, cache=cache, **kwargs).logits.data  # (B, T, V)
 
 
 def _pick(logits, targets):

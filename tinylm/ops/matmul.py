@@ -72,10 +72,7 @@ class Linear(Function):
         # One 2-D GEMM over all rows: NumPy would run a (..., in) @ (in, out) product
         # as one small GEMM per leading index.
         self.x2, self.w = _flat_rows(x), w  # (N, in)
-        if _one_row_on_one_core(xp, self.x2, w):
-            y = xp.vecdot(w, self.x2[0])[None]  # (1, out): one dot product per weight row
-        else:
-            y = self.x2 @ w.T  # (N, out)
+        y = _product(xp, self.x2, w)  # (N, out)
         if bias:
             y += bias[0]  # y is a fresh array: in-place add is safe
         return y.reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
@@ -92,15 +89,49 @@ class Linear(Function):
         return gx, gw
 
 
-def _one_row_on_one_core(xp, x2, w) -> bool:
-    """Whether ``x2 @ w.T`` is a matrix-vector product (one row: a decode step) that
-    ``vecdot`` does faster than BLAS. ``np.vecdot`` runs one BLAS dot per contiguous
-    weight row; on one thread it streams the weights about twice as fast as
-    OpenBLAS's single-threaded GEMV does with the same (out, in) weight (SmolLM2's 151
-    products per token: 23 ms against 45 ms, bench/RESULTS.md). BLAS splits its GEMV
-    over its threads and vecdot does not, so with more threads BLAS keeps it."""
-    return (x2.shape[0] == 1 and xp is np and hasattr(np, "vecdot") and w.dtype == x2.dtype
-            and w.dtype.char in "fd" and w.flags.c_contiguous and cpu_threads() == 1)
+# A decode step multiplies a few rows (one per sequence) by each weight. OpenBLAS's
+# single-threaded SGEMM is slow there (GPT-2 small's 48 layer products, weights
+# streamed from memory, loaded machine: 31.7 ms at 2 rows, 42.0 at 3, 38.1 at 5, 36.1 at
+# 8); ``np.vecdot`` runs one BLAS dot per weight row and output row, and a tile of
+# TILE weight rows read once from memory stays in cache for the other rows' dots:
+# 15.0, 19.3, 26.2 ms, and 38.4 at 8 rows, where the GEMM wins again. One row takes
+# the whole weight in one vecdot (no tiles to reuse). A vocabulary head (WIDE rows or
+# more: GPT-2's 50257 x 768) is faster as a GEMM per tile above FEW_ROWS (8-32 rows:
+# 19.2 -> 17.1, 25.1 -> 22.1, 34.8 -> 32.0 ms); the layers' weights are not.
+FEW_ROWS = 7  # up to this many rows: a vecdot per tile
+GEMM_TILED_ROWS = 32  # up to this many rows, a WIDE weight: a GEMM per tile
+TILE = 256  # weight rows per tile: 768 KiB of float32 at 768 inputs
+WIDE = 16384
+
+
+def _product(xp, x2, w):
+    """x2 @ w.T for x2 (N, in) and w (out, in): tiled for a few rows on one BLAS thread
+    where that is faster, the same values up to float rounding (each row's are those of
+    the row alone while N <= FEW_ROWS), else one BLAS GEMM."""
+    n, out = x2.shape[0], w.shape[0]
+    tiled = n <= FEW_ROWS or (out >= WIDE and n <= GEMM_TILED_ROWS)
+    if not (tiled and _vecdot_pays(xp, x2, w)):
+        return x2 @ w.T
+    y = np.empty((n, out), dtype=w.dtype)
+    step = out if n == 1 else TILE
+    for s in range(0, out, step):  # (out / TILE Python calls: ~200 for a 50257 head)
+        tile, part = w[s:s + step], y[:, s:s + step]
+        if n <= FEW_ROWS:
+            np.vecdot(tile[None], x2[:, None, :], out=part)  # (n, tile) dot products
+        else:
+            np.matmul(x2, tile.T, out=part)
+    return y
+
+
+def _vecdot_pays(xp, x2, w) -> bool:
+    """Whether ``_product``'s tiles may beat BLAS here: float32/float64 host arrays of
+    one dtype, a contiguous (out, in) weight, and one BLAS thread (vecdot runs on one
+    thread; BLAS splits its products over its threads). On one thread vecdot also
+    streams the weights faster than OpenBLAS's GEMV does for one row (SmolLM2's 151
+    products per token: 23 ms against 45 ms, bench/RESULTS.md)."""
+    return (xp is np and hasattr(np, "vecdot") and x2.size > 0 and w.size > 0
+            and w.dtype == x2.dtype and w.dtype.char in "fd" and w.flags.c_contiguous
+            and cpu_threads() == 1)
 
 
 def linear(x, weight, bias=None):
