@@ -3,6 +3,8 @@
     with atomic_open("out/model.safetensors", "wb") as f:   # streamed writes
         f.write(header); f.write(body)
     write_atomic("out/config.json", text)                    # str or bytes at once
+    with atomic_folder("out/hf") as tmp:                     # a whole folder
+        model.save_pretrained(tmp)
 
 The bytes go to a temporary file in the destination's folder (``.NAME.XXXX.tmp``),
 are flushed and fsynced, the file gets the permissions a plain ``open`` would give
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 from tinylm.errors import TinyLMError
@@ -64,3 +67,22 @@ def write_atomic(path, data, *, error=TinyLMError) -> None:
     """Write ``data`` (str: UTF-8 text; bytes) to ``path`` atomically."""
     with atomic_open(path, "w" if isinstance(data, str) else "wb", error=error) as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """A new empty folder beside ``path`` (``.NAME.XXXX``) for the ``with`` block to
+    fill; when the block ends without an error it replaces ``path`` (a folder that
+    was there is removed first), else it is removed and ``path`` stays as it was."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
 from tinylm import backend, checkpoint
 from tinylm.align.reward import KIND, RewardModel, RewardObjective, disable_dropout
+from tinylm.atomic import atomic_folder
 from tinylm.errors import CheckpointError, ConfigError
 
 HF_DIR = "hf"  # OUT/hf: the Hugging Face export
@@ -220,10 +220,7 @@ def export_hf(model: RewardModel, path, spec=None) -> str:
         raise CheckpointError(f"a {arch} reward model has no Hugging Face sequence-"
                               f"classification class; export gpt2 or llama ones")
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf.", dir=parent)
-    try:
+    with atomic_folder(path) as tmp:
         adapted = bool(peft.adapter_names(base)) if hasattr(base, "peft_config") else False
         if adapted and is_quantized(base):
             if spec is None:
@@ -241,12 +238,6 @@ def export_hf(model: RewardModel, path, spec=None) -> str:
         _add_score(model, tmp, SEQUENCE_CLASSIFICATION[arch])
         if model.tokenizer is not None:
             model.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
