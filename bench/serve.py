@@ -12,7 +12,7 @@
 decode step of the engine's forward at each ``--streams`` row count (rows of the
 bench's prompts prefilled into a ``SlotCache``, the cache length held fixed, median of
 ``--step-repeats``), and of the picks of those rows with top-p 0.9 (temperature 0.8)
-through ``tinylm.sampling`` and through the server's ``serve.nucleus``.
+through ``tinylm.sampling.process_logits``.
 
 Each model is served by its own `tinylm serve --max-batch 16` process on a free
 localhost port (the server's own CPU threads, as a user would start it, or
@@ -401,7 +401,6 @@ def decode_steps(name: str, args) -> None:
     from tinylm import sampling
     from tinylm.generate import inference
     from tinylm.loading import load_model
-    from tinylm.serve import nucleus
     from tinylm.serve.cache import SlotCache
     from tinylm.serve.forward import pick_logits
 
@@ -426,11 +425,11 @@ def decode_steps(name: str, args) -> None:
                 return out
 
             logits = step()
-            ms = [_cpu_ms(step, args.step_repeats)] + [
-                _cpu_ms(lambda f=f: f(logits, cfg), max(3, args.step_repeats // 4))
-                for f in (sampling.process_logits, nucleus.process_logits)]
-            print(f"{name} rows {B:2d}: decode step {ms[0]:7.1f} CPU ms; top-p 0.9 picks: "
-                  f"sampling {ms[1]:6.1f}, serve.nucleus {ms[2]:6.1f}", flush=True)
+            ms = [_cpu_ms(step, args.step_repeats),
+                  _cpu_ms(lambda: sampling.process_logits(logits, cfg),
+                          max(3, args.step_repeats // 4))]
+            print(f"{name} rows {B:2d}: decode step {ms[0]:7.1f} CPU ms; top-p 0.9 picks "
+                  f"{ms[1]:6.1f}", flush=True)
 
 
 def main(argv=None):

@@ -118,21 +118,45 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     return np.where(logits < kth, -np.inf, logits)
 
 
+TOP_P_HEAD = 64  # probabilities per row that top_p_filter sorts at first
+
+
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus sampling: keep the most probable tokens whose probabilities add up to at
     least ``p`` — token i stays when the mass of the tokens strictly more probable than
     it is below ``p`` (so the top token always stays, and ties stay together).
 
     Example: probs (0.5, 0.3, 0.2), p=0.6 keeps the first two (0.5 < 0.6 before the
-    second; 0.8 >= 0.6 before the third)."""
+    second; 0.8 >= 0.6 before the third).
+
+    Only the head of each row's sorted order matters, and its cumulative mass passes
+    ``p`` after a few dozen tokens for most distributions; sorting all V probabilities
+    (GPT-2's 50257, 16 rows: about 70 ms on one core, more than a decode step's
+    forward) is not needed. So this takes the m + 1 largest probabilities of each row
+    (``np.partition``, linear time), sorts only those, and repeats with 4m for the rows
+    whose head does not reach ``p`` (up to the whole vocabulary: the full sort). The
+    result is the full sort's, bit for bit: the sorted m + 1 largest are the first
+    m + 1 of the full sorted order (which index a tie comes from does not matter: the
+    cut depends on values only); ``np.cumsum`` adds in order, so the head's partial
+    sums are the full ones; and the mass ahead of a position never decreases along the
+    sorted order (rounding is monotone), so once it reaches ``p`` no later one is kept."""
     if p >= 1.0:
         return logits
     probs = softmax_array(logits)  # (B, V)
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    sorted_p = np.take_along_axis(probs, order, axis=-1)  # (B, V) descending
-    before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass ahead of each, (B, V)
-    n_keep = (before < p).sum(axis=-1, keepdims=True).clip(min=1)  # (B, 1)
-    cutoff = np.take_along_axis(sorted_p, n_keep - 1, axis=-1)  # (B, 1) smallest kept
+    V = probs.shape[-1]
+    cutoff = np.empty((probs.shape[0], 1))  # (B, 1) each row's smallest kept probability
+    todo, m = np.arange(probs.shape[0]), TOP_P_HEAD
+    while len(todo):
+        rows = probs[todo]
+        if m + 1 >= V:
+            head = -np.sort(-rows, axis=-1)  # (n, V) the full sort, descending
+        else:
+            head = -np.sort(np.partition(-rows, m, axis=-1)[:, :m + 1], axis=-1)  # (n, m+1)
+        before = np.cumsum(head, axis=-1) - head  # mass ahead of each
+        done = (before[:, -1] >= p) | (m + 1 >= V)  # the cut is inside the head
+        n_keep = (before[done] < p).sum(axis=-1, keepdims=True).clip(min=1)
+        cutoff[todo[done]] = np.take_along_axis(head[done], n_keep - 1, axis=-1)
+        todo, m = todo[~done], 4 * m
     return np.where(probs < cutoff, -np.inf, logits)
 
 

@@ -56,10 +56,9 @@ import numpy as np
 
 from tinylm.generate import inference
 from tinylm.ops.nn import log_softmax_array, softmax_array
-from tinylm.sampling import SamplingConfig
+from tinylm.sampling import SamplingConfig, process_logits
 from tinylm.serve.cache import SlotCache
 from tinylm.serve.forward import pick_logits
-from tinylm.serve.nucleus import process_logits
 from tinylm.serve.text import ChoiceText
 
 log = logging.getLogger("tinylm.serve")
