@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernel_helpers import assert_clean_build, nvcc_ptxas, nvcc_tools
 from tinylm.errors import DeviceError, ShapeError, TinyLMError
 from tinylm.kernels import flash_attention as fa
 from tinylm.tensor import Tensor
@@ -81,26 +82,18 @@ def random_qkv(B, H, Hkv, Tq, Tk, D, seed):
 
 @pytest.fixture(scope="module")
 def nvcc_results(tmp_path_factory):
-    nvcc, ptxas = shutil.which("nvcc"), shutil.which("ptxas")
-    if nvcc is None or ptxas is None:
-        pytest.skip("nvcc/ptxas not on PATH")
+    nvcc, ptxas = nvcc_tools()
     out = tmp_path_factory.mktemp("fa_nvcc")
 
     def build(module):
         dtype, d, ldm = module
-        ptx = out / f"fa_{dtype}_{d}_{int(ldm)}.ptx"
         # Front-end optimisation -O1 (4x faster; errors are the same): all but the
         # heaviest module, which gets the full optimiser the NVRTC build uses.
         fast = [] if (dtype, d, ldm) == ("float16", 128, True) else ["-Xcicc", "-O1"]
-        cmd = [nvcc, "--ptx", "-arch=sm_90", *fast, *fa.compile_options(dtype, d, ldm),
-               str(fa.SOURCE_PATH), "-o", str(ptx)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        log = f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-        if r.returncode == 0:  # inline PTX is only checked when ptxas assembles it
-            cmd = [ptxas, "-arch=sm_90", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            log += f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-        return module, r.returncode, log
+        rc, log = nvcc_ptxas(nvcc, ptxas, fa.SOURCE_PATH, ["--ptx", "-arch=sm_90", *fast],
+                             fa.compile_options(dtype, d, ldm),
+                             out / f"fa_{dtype}_{d}_{int(ldm)}.ptx")
+        return module, rc, log
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         return {m: (rc, log) for m, rc, log in pool.map(build, BUILDS)}
@@ -110,11 +103,7 @@ def nvcc_results(tmp_path_factory):
                          ids=[f"{t}-d{d}{'' if ldm else '-noldmatrix'}" for t, d, ldm in BUILDS])
 def test_cuda_source_compiles_for_sm90(nvcc_results, module):
     rc, log = nvcc_results[module]
-    assert rc == 0, f"compilation failed:\n{log}"
-    assert "warning" not in log.lower(), f"compiler warnings:\n{log}"
-    names = fa.kernel_names(module[0])
-    for name in names:
-        assert f"Compiling entry function '{name}'" in log, f"{name} missing:\n{log}"
+    assert_clean_build(rc, log, fa.kernel_names(module[0]))
     # the v2 tensor-core kernels were sized to fit the registers: no local-memory spills
     for entry in log.split("Compiling entry function '")[1:]:
         name = entry.split("'")[0]

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 import tinylm.ops as F
+from kernel_helpers import assert_clean_build, nvcc_ptxas, nvcc_tools
 from tinylm import backend, nn, optim
 from tinylm.kernels import fused
 from tinylm.tensor import Tensor
@@ -195,23 +196,11 @@ def test_adamw_reference_matches_the_optimizer(amsgrad, wd):
 
 
 def test_cuda_source_compiles_for_sm90(tmp_path):
-    nvcc, ptxas = shutil.which("nvcc"), shutil.which("ptxas")
-    if nvcc is None or ptxas is None:
-        pytest.skip("nvcc/ptxas not on PATH")
+    nvcc, ptxas = nvcc_tools()
     for dtype in fused.DTYPES:
-        ptx = tmp_path / f"fused_{dtype}.ptx"
-        cmd = [nvcc, "--ptx", "-arch=sm_90", *fused.compile_options(dtype),
-               str(fused.SOURCE_PATH), "-o", str(ptx)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        log = f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-        assert r.returncode == 0, f"compilation failed:\n{log}"
-        cmd = [ptxas, "-arch=sm_90", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        log += f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-        assert r.returncode == 0, f"ptxas failed:\n{log}"
-        assert "warning" not in log.lower(), f"compiler warnings:\n{log}"
-        for name in fused.KERNEL_NAMES:
-            assert f"Compiling entry function '{name}'" in log, f"{name} missing:\n{log}"
+        rc, log = nvcc_ptxas(nvcc, ptxas, fused.SOURCE_PATH, ["--ptx", "-arch=sm_90"],
+                             fused.compile_options(dtype), tmp_path / f"fused_{dtype}.ptx")
+        assert_clean_build(rc, log, fused.KERNEL_NAMES)
         assert "bytes spill" not in log or log.count("0 bytes spill stores") == len(
             fused.KERNEL_NAMES), f"spills:\n{log}"
 

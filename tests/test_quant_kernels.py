@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernel_helpers import assert_clean_build, nvcc_ptxas, nvcc_tools
 from tinylm import backend
 from tinylm.errors import TinyLMError
 from tinylm.kernels import quant_matmul as qm
@@ -128,23 +129,12 @@ def test_the_kernels_layer_imports_nothing_from_quant():
 
 
 def test_cuda_source_compiles_for_sm90(tmp_path):
-    nvcc, ptxas = shutil.which("nvcc"), shutil.which("ptxas")
-    if nvcc is None or ptxas is None:
-        pytest.skip("nvcc/ptxas not on PATH")
-    ptx = tmp_path / "quant_matmul.ptx"
-    cmd = [nvcc, "--ptx", "-arch=sm_90", *qm.OPTIONS, str(qm.SOURCE_PATH), "-o", str(ptx)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    log = f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-    assert r.returncode == 0, f"compilation failed:\n{log}"
-    cmd = [ptxas, "-arch=sm_90", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    log += f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-    assert r.returncode == 0, f"ptxas failed:\n{log}"
-    assert "warning" not in log.lower(), f"compiler warnings:\n{log}"
+    nvcc, ptxas = nvcc_tools()
+    rc, log = nvcc_ptxas(nvcc, ptxas, qm.SOURCE_PATH, ["--ptx", "-arch=sm_90"], qm.OPTIONS,
+                         tmp_path / "quant_matmul.ptx")
     names = [f"qm_{op}_{f}" for op in ("gemv", "gemm", "gemm_t", "rows")
              for f in qm.KERNEL_FORMATS]
-    for name in names:
-        assert f"Compiling entry function '{name}'" in log, f"{name} missing:\n{log}"
+    assert_clean_build(rc, log, names)
     assert log.count("0 bytes spill stores") == len(names), f"spills:\n{log}"
 
 
