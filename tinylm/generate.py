@@ -202,9 +202,12 @@ class _DecoderStepper:
         self.padded = not mask.all()  # no padding: default positions, no mask (faster)
         self.lengths = np.array([len(r) for r in rows])
         self.next_pos = positions[:, -1] + 1  # (B,)
-        out = self.model(ids, attention_mask=mask if self.padded else None, cache=self.cache,
-                         positions=positions if self.padded else None)
-        return _last_logits(out)
+        from tinylm.models.logits_at import logits_at  # the last column only: left-padded
+
+        logits = logits_at(self.model, ids, np.full(len(rows), ids.shape[1] - 1),
+                           attention_mask=mask if self.padded else None, cache=self.cache,
+                           positions=positions if self.padded else None)
+        return backend.to_numpy(logits).astype(np.float64)  # (B, V)
 
     def step(self, tokens):
         for row, token in zip(self.rows, tokens):
