@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -118,15 +117,24 @@ def torch_wall(stdout: str):
 
 def run_once(src, threads: int, steps: int, out: Path, data: Path) -> tuple:
     """One whole training process (``src`` None: the torch peer): (child CPU seconds,
-    wall seconds per step or None)."""
+    wall seconds per step or None, the child's peak RSS in MiB). CPU time and peak come
+    from ``wait4`` on that child alone (its ru_maxrss: the whole process, imports
+    included; Linux starts it from this small stdlib-only process's own at exec)."""
     cmd = torch_cmd(threads, steps, data) if src is None else tinylm_cmd(src, threads, steps,
                                                                         out, data)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return cpu, (torch_wall(done.stdout) if src is None else tinylm_wall(out))
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise subprocess.CalledProcessError(proc.returncode, cmd, stdout, err.read())
+    cpu = usage.ru_utime + usage.ru_stime
+    wall = torch_wall(stdout) if src is None else tinylm_wall(out)
+    return cpu, wall, usage.ru_maxrss / 1024
 
 
 def corpus(path: Path, tmp: Path) -> Path:
@@ -150,10 +158,12 @@ def measure(args, trees, data: Path, tmp: Path) -> dict:
         for n in args.threads:
             for label, src in order:
                 base = run_once(src, n, args.base_steps, tmp / "run", data)[0]
-                cpu, wall = run_once(src, n, args.steps, tmp / "run", data)
-                row = results.setdefault(f"{label} threads={n}", {"cpu_ms": [], "wall_ms": []})
+                cpu, wall, peak = run_once(src, n, args.steps, tmp / "run", data)
+                row = results.setdefault(f"{label} threads={n}",
+                                         {"cpu_ms": [], "wall_ms": [], "peak_mib": []})
                 row["cpu_ms"].append(1e3 * (cpu - base) / (args.steps - args.base_steps))
                 row["wall_ms"].append(None if wall is None else 1e3 * wall)
+                row["peak_mib"].append(peak)
     return results
 
 
@@ -167,7 +177,8 @@ def spread(v, digits: int = 1) -> str:
 
 def report(results: dict, labels: list, threads: list, with_torch: bool) -> dict:
     for name, row in results.items():
-        print(f"{name:24s}  cpu_ms {spread(row['cpu_ms'])}  wall_ms {spread(row['wall_ms'])}")
+        print(f"{name:24s}  cpu_ms {spread(row['cpu_ms'])}  wall_ms {spread(row['wall_ms'])}"
+              f"  peak_mib {spread(row['peak_mib'], 0)}")
     ratios = {}
     if not with_torch:
         return ratios
@@ -176,7 +187,7 @@ def report(results: dict, labels: list, threads: list, with_torch: bool) -> dict
             continue
         for n in threads:
             ours, peer = results[f"{label} threads={n}"], results[f"torch threads={n}"]
-            for key in ("cpu_ms", "wall_ms"):
+            for key in ("cpu_ms", "wall_ms", "peak_mib"):
                 per_rep = [a / b for a, b in zip(ours[key], peer[key])
                            if a is not None and b is not None]
                 ratios[f"{label}/torch threads={n} {key}"] = per_rep
