@@ -29,7 +29,7 @@ import numpy as np
 from tinylm import nn, ops
 from tinylm.errors import ConfigError, TinyLMError
 from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install
-from tinylm.peft.lora import _cast
+from tinylm.peft.hosts import cast as _cast
 from tinylm.peft.targets import candidate_modules
 
 PLACEMENTS = ("attn", "mlp")

@@ -42,7 +42,8 @@ import numpy as np
 from tinylm import backend, ops
 from tinylm.errors import ConfigError, TinyLMError
 from tinylm.nn.module import Module, Parameter
-from tinylm.peft.base import Adapter, PeftConfig, PeftMethod, install
+from tinylm.peft.base import Adapter, PeftConfig, PeftMethod
+from tinylm.peft.hosts import attach_per_host, cast, host_dims, is_float_linear, packed_weight
 from tinylm.peft.targets import default_targets, resolve
 from tinylm.tensor import Tensor
 
@@ -144,31 +145,6 @@ def pattern_value(pattern: dict, names, default):
 # --------------------------------------------------------------------------- the weights
 
 
-def _is_float_linear(host) -> bool:
-    w = getattr(host, "weight", None)
-    return isinstance(w, Parameter) and w.dtype.kind == "f"
-
-
-def _packed(host):
-    """The packed weight of a quantized host (QuantLinear, QuantTiedHead)."""
-    if hasattr(host, "packed"):
-        return host.packed
-    return host.embedding.packed
-
-
-def _host_dims(host) -> tuple:
-    """(out_features, in_features, dtype, device) for the adapter's weights: the host's
-    float dtype when it is float64, else float32 (LoRA trains in float32 on float16
-    and quantized bases, as PEFT's autocast_adapter_dtype does)."""
-    out, inp = host.out_features, host.in_features
-    if _is_float_linear(host):
-        w = host.weight.data
-        dtype = np.float64 if w.dtype == np.float64 else np.float32
-        return out, inp, dtype, backend.device_of(w)
-    packed = _packed(host)  # a quantized host: the device of its packed buffers
-    return out, inp, np.float32, backend.device_of(next(iter(packed.arrays.values())))
-
-
 class _Piece:
     """The plain facts of one piece: where its weights live (``holder``: the adapter
     itself or a child), its rows, rank, alpha, scaling and HF target."""
@@ -219,7 +195,7 @@ class LoraAdapter(Adapter):
         super().__init__(name)
         object.__setattr__(self, "_host", host)  # a reference, not a child
         self.dropout, self.use_dora = float(config.dropout), config.use_dora
-        self.out_features, self.in_features, dtype, device = _host_dims(host)
+        self.out_features, self.in_features, dtype, device = host_dims(host)
         self._saved = None  # merge: [(rows, the rows as they were)]
         self._wnorm2 = None  # quantized DoRA: ||W_r||^2 of each piece's rows
         pieces = []
@@ -260,11 +236,11 @@ class LoraAdapter(Adapter):
         else:
             lora, scale = self._sliced_lora(xd)  # (..., out), the rows of each piece
         if not self.use_dora:
-            return y + _cast(lora * scale, y.dtype)
+            return y + cast(lora * scale, y.dtype)
         ms = self._magnitude_scale(xd.xp)  # (out,) m / n, 1 where no piece is
         base = self._base_without_bias(host, y, xd if drop else None)  # (..., out)
-        dora = (ms - 1.0) * _cast(base, ms.dtype) + ms * lora * scale
-        return y + _cast(dora, y.dtype)
+        dora = (ms - 1.0) * cast(base, ms.dtype) + ms * lora * scale
+        return y + cast(dora, y.dtype)
 
     def _sliced_lora(self, xd):
         """(x @ A_all.T) @ B_full.T: every piece's B (x A.T) on its rows, zero elsewhere
@@ -307,7 +283,7 @@ class LoraAdapter(Adapter):
 
     def _base_without_bias(self, host, y, xd):
         """W x (PEFT's ``base_result - bias``), or W dropout(x) when dropout acts."""
-        base = y if xd is None else host.forward(_cast(xd, y.dtype))
+        base = y if xd is None else host.forward(cast(xd, y.dtype))
         bias = getattr(host, "bias", None)
         return base if bias is None else base - bias
 
@@ -315,7 +291,7 @@ class LoraAdapter(Adapter):
         """||W_rows + s B A|| per row (an array: no gradient), W as the host holds it now."""
         rows = p.rows or slice(0, self.out_features)
         host = self._host
-        if _is_float_linear(host):
+        if is_float_linear(host):
             w = host.weight.data[rows]
             xp = backend.get_array_module(w)
             full = w.astype(a.dtype) + p.scaling * (b @ a)
@@ -327,7 +303,7 @@ class LoraAdapter(Adapter):
         ||W_r||^2 + 2 s (B (A W^T)^T)_r... expanded (see the module docstring)."""
         from tinylm.quant import kernels
 
-        packed = _packed(self._host)
+        packed = packed_weight(self._host)
         if self._wnorm2 is None:
             self._wnorm2 = {}
         key = (rows.start, rows.stop)
@@ -347,7 +323,7 @@ class LoraAdapter(Adapter):
         """Add s B A (DoRA: rescale the rows to m) into the host's weight rows, keeping
         the rows as they were so that ``unmerge`` restores them bit for bit."""
         host = self._host
-        if not _is_float_linear(host):
+        if not is_float_linear(host):
             raise TinyLMError(f"cannot merge LoRA into the quantized layer {self._host_label()}"
                               f"; dequantize the model first (tinylm.quant.model."
                               f"dequantize_model) and apply the adapter to that")
@@ -391,10 +367,6 @@ class LoraAdapter(Adapter):
             (", merged" if self.merged else "")
 
 
-def _cast(t, dtype):
-    return t if t.dtype == dtype else ops.cast(t, dtype)
-
-
 # --------------------------------------------------------------------------- the method
 
 
@@ -410,19 +382,8 @@ class LoRA(PeftMethod):
             patterns = default_targets(model, "lora")
         targets = resolve(model, patterns, kinds=("linear",),
                           exclude_modules=config.exclude_modules)
-        by_host: dict = {}
-        for t in targets:
-            by_host.setdefault(t.host_name, []).append(t)
-        tied = _tied_weights(model)
-        built = []
-        for host_name, ts in by_host.items():
-            host = ts[0].host
-            adapter = LoraAdapter(adapter_name, host, ts, config)
-            adapter.tied = id(getattr(host, "weight", None)) in tied
-            built.append((host, adapter))
-        for host, adapter in built:  # everything built: nothing half-installed on errors
-            install(host, adapter)
-        return list(by_host)
+        return attach_per_host(model, targets,
+                               lambda host, ts: LoraAdapter(adapter_name, host, ts, config))
 
     def trainable_base(self, model, config: LoraConfig, hosts: list) -> list:
         """PEFT's ``bias``: "all" trains every bias, "lora_only" the adapted hosts'."""
@@ -433,13 +394,3 @@ class LoRA(PeftMethod):
                     if n.rpartition(".")[2] == "bias" and ".peft." not in f".{n}"]
         modules = dict(model.named_modules())
         return [f"{h}.bias" for h in hosts if getattr(modules[h], "bias", None) is not None]
-
-
-def _tied_weights(model) -> set:
-    """ids of the weights that more than one module holds (a tied lm_head)."""
-    seen, tied = set(), set()
-    for _, m in model.named_modules():
-        w = m._parameters.get("weight")
-        if w is not None:
-            (tied if id(w) in seen else seen).add(id(w))
-    return tied
