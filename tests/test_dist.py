@@ -59,6 +59,17 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
+def _json_objects(text: str) -> list:
+    """Every JSON object in ``text``: the ranks share one stdout, so their lines may run
+    together ('{...}{...}') or split; each object is decoded where it starts."""
+    decoder, objects, i = json.JSONDecoder(), [], text.find("{")
+    while i >= 0:
+        obj, end = decoder.raw_decode(text, i)
+        objects.append(obj)
+        i = text.find("{", end)
+    return objects
+
+
 def _env(**extra) -> dict:
     launcher = ("PMI_", "OMPI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "TINYLM_DIST")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
@@ -299,8 +310,7 @@ def test_fixed_order_on_three_ranks_is_bit_identical(mpiexec, cache, tmp_path):
                           json.dumps(overrides)], env=_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in out.stdout.splitlines()),
-                   key=lambda r: r["rank"])
+    ranks = sorted(_json_objects(out.stdout), key=lambda r: r["rank"])
     n = ranks[0]["n"]
     assert sum(r["pieces"] for r in ranks) == n  # every element owned once
     for r in ranks:  # exp_avg + exp_avg_sq, float32, for a third (rounded up) of them
