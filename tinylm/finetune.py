@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -426,10 +425,11 @@ def write_merged(model, tokenizer, spec: FinetuneSpec, out_dir, template=None) -
     from tinylm.loading import source_kind
     from tinylm.rundir import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 
+    from tinylm.atomic import atomic_folder
+
     merged = merged_model(model, spec)
     target = os.path.join(out_dir, MERGED_DIR)
-    tmp = tempfile.mkdtemp(prefix=".merged.", dir=out_dir)
-    try:
+    with atomic_folder(target) as tmp:
         if source_kind(spec.base) == "hf":
             merged.save_pretrained(tmp)
             tokenizer.save(os.path.join(tmp, "tokenizer.json"))
@@ -444,12 +444,6 @@ def write_merged(model, tokenizer, spec: FinetuneSpec, out_dir, template=None) -
                                  metadata={"format": "np"})
         if template is not None:
             template.save(tmp)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
