@@ -395,7 +395,7 @@ def test_conversational_prompts_and_their_fields_reach_the_reward_as_in_trl(
 
 
 def test_prompt_records_become_ids_with_the_generation_prompt(char_base, tmp_path):
-    from tinylm.align.prompt_data import PromptData
+    from tinylm.align.prompt_data import PromptData, PromptError
     from tinylm.instruct import Formatting
     from tinylm.prompts import ChatTemplate
     from tinylm.tokenizers import from_file
@@ -410,6 +410,11 @@ def test_prompt_records_become_ids_with_the_generation_prompt(char_base, tmp_pat
     assert batch["prompt_ids"] == [tok.encode("b cb d "), tok.encode("ab c")]
     assert batch["fields"] == [{"k": 2}, {"k": 1}] and batch["n_tokens"] == 11
     assert len(data.split(0.5)[1]) == 1  # split and batched as fine-tuning examples are
+    for bad, fragment in (([], "'prompt' must be a non-empty list"),
+                          ([{"role": "robot", "content": "x"}], "message 0 of 'prompt'")):
+        path.write_text(json.dumps({"prompt": bad}) + "\n", encoding="utf-8")
+        with pytest.raises(PromptError, match=f"{path}:1: {fragment}"):
+            PromptData.read([path], Formatting(tok, 0, 12, template))
 
 
 def test_a_reward_model_scores_beside_a_reward_function(char_base, prompts, tmp_path):

@@ -16,7 +16,8 @@ from tinylm.commands.generate import Stopping, chat_loop
 from tinylm.errors import TinyLMError
 from tinylm.generate import cut_at_stop, generate
 from tinylm.prompts import (
-    CHAT_TEMPLATE_FILE, ChatTemplate, chain_of_thought, few_shot, load_examples, zero_shot,
+    CHAT_TEMPLATE_FILE, ChatTemplate, chain_of_thought, few_shot, load_examples, message_turns,
+    zero_shot,
 )
 from tinylm.sampling import SamplingConfig
 
@@ -53,6 +54,29 @@ def test_few_shot_exact_output_and_k():
         few_shot("T.", examples, "q", k=4)
     with pytest.raises(TinyLMError, match="'output'"):
         few_shot("T.", [{"input": "x"}], "q")
+
+
+def test_message_turns_checks_a_records_messages():
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert message_turns(msgs, "messages", "f:1") == [("user", "hi"), ("assistant", "yo")]
+    assert message_turns([], "chosen", "f:1", allow_empty=True) == []
+
+    class Mine(TinyLMError):
+        pass
+
+    for bad, fragment in [
+        ("hi", "f:1: 'messages' must be a non-empty list of"),
+        ([], "f:1: 'messages' must be a non-empty list of"),
+        ([msgs[0], {"role": "robot", "content": "x"}], "f:1: message 1 of 'messages' must"),
+        ([{"role": "user", "content": 3}], "f:1: message 0 of 'messages'"),
+        (["hi"], "f:1: message 0 of 'messages'"),
+        ([{"role": "robot", "content": "x" * 1000}], "f:1: message 0"),
+        (["x" * 1000], "f:1: message 0"),
+    ]:
+        with pytest.raises(Mine) as info:
+            message_turns(bad, "messages", "f:1", error=Mine)
+        message = str(info.value)
+        assert message.startswith(fragment) and "\n" not in message and len(message) <= 300
 
 
 def test_chain_of_thought():

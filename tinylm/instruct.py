@@ -54,6 +54,7 @@ import numpy as np
 from tinylm.data import DataError, EpochOrder, fingerprint_key, read_utf8
 from tinylm.data import source_fingerprint, tokenizer_sha256
 from tinylm.objectives import IGNORE
+from tinylm.prompts import message_turns
 from tinylm.tokenizers.base import TokenizerError
 
 KINDS = ("prompt-completion", "messages", "text")
@@ -154,18 +155,7 @@ def conversation(messages, fmt: Formatting, where: str = "record"):
 
 def _check_messages(messages, where: str) -> list:
     """[(role, content)] of a 'messages' field, or an InstructError saying what is off."""
-    from tinylm.prompts import ROLES
-
-    if not isinstance(messages, list) or not messages:
-        raise InstructError(f"{where}: 'messages' must be a non-empty list of "
-                            f"{{\"role\": ..., \"content\": ...}} objects")
-    turns = []
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES \
-                or not isinstance(m.get("content"), str):
-            raise InstructError(f"{where}: message {n} must be an object with a 'role' (one "
-                                f"of {', '.join(ROLES)}) and a string 'content', got {m!r}"[:300])
-        turns.append((m["role"], m["content"]))
+    turns = message_turns(messages, "messages", where, error=InstructError)
     if not any(role == "assistant" for role, _ in turns):
         raise InstructError(f"{where}: the conversation has no assistant turn, so nothing to "
                             f"train on; add the assistant's reply, or leave the record out")

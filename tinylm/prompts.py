@@ -119,6 +119,26 @@ def chain_of_thought(question: str, trigger: str = "Let's think step by step.") 
     return f"Q: {question}\nA: {trigger}"
 
 
+# --------------------------------------------------------------------------- messages
+
+
+def message_turns(messages, field: str, where: str, *, error=TinyLMError,
+                  allow_empty: bool = False) -> list:
+    """[(role, content)] of a record's ``field``: a list of ``{"role": one of ROLES,
+    "content": str}`` objects (non-empty unless ``allow_empty``), or ``error`` (a
+    TinyLMError class) with a one-line message naming ``where`` and the bad message."""
+    if not isinstance(messages, list) or not (messages or allow_empty):
+        raise error(f"{where}: {field!r} must be a {'' if allow_empty else 'non-empty '}"
+                    f"list of {{\"role\": ..., \"content\": ...}} messages, got "
+                    f"{messages!r}"[:300])
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES \
+                or not isinstance(m.get("content"), str):
+            raise error(f"{where}: message {n} of {field!r} must be an object with a 'role' "
+                        f"(one of {', '.join(ROLES)}) and a string 'content', got {m!r}"[:300])
+    return [(m["role"], m["content"]) for m in messages]
+
+
 # --------------------------------------------------------------------------- chat templates
 
 

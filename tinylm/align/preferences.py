@@ -64,6 +64,7 @@ from tinylm.data import fingerprint_key, source_fingerprint
 from tinylm.instruct import ExampleData, Examples, Formatting, InstructError, _records
 from tinylm.instruct import common_prefix_length
 from tinylm.objectives import IGNORE
+from tinylm.prompts import message_turns
 from tinylm.tokenizers.base import TokenizerError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -102,24 +103,6 @@ def extract_prompt(chosen, rejected) -> tuple:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def _messages(value, name: str, where: str) -> list:
-    """[(role, content)] of a message list, or a PreferenceError saying what is off."""
-    from tinylm.prompts import ROLES
-
-    if not isinstance(value, list):
-        raise PreferenceError(f"{where}: {name!r} must be a list of messages like the other "
-                              f"fields, got a {type(value).__name__}")
-    turns = []
-    for n, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES \
-                or not isinstance(m.get("content"), str):
-            raise PreferenceError(f"{where}: {name!r} message {n} must be an object with a "
-                                  f"'role' (one of {', '.join(ROLES)}) and a string "
-                                  f"'content', got {m!r}"[:300])
-        turns.append((m["role"], m["content"]))
-    return turns
-
-
 def split_record(record: dict, where: str) -> tuple:
     """(prompt, chosen, rejected, conversational) of a record, checked: strings, or
     lists of (role, content) turns; the prompt extracted when implicit."""
@@ -131,9 +114,10 @@ def split_record(record: dict, where: str) -> tuple:
     chat = isinstance(record["chosen"], list)
     values = {}
     for k in (k for k in FIELDS if k in record):
-        if chat:
-            values[k] = _messages(record[k], k, where)
-        elif isinstance(record[k], str):
+        if chat and isinstance(record[k], list):
+            values[k] = message_turns(record[k], k, where, error=PreferenceError,
+                                      allow_empty=True)
+        elif not chat and isinstance(record[k], str):
             values[k] = record[k]
         else:
             raise PreferenceError(f"{where}: the {k!r} field is a {type(record[k]).__name__}; "

@@ -29,26 +29,12 @@ import numpy as np
 
 from tinylm.data import fingerprint_key, source_fingerprint
 from tinylm.instruct import ExampleData, Examples, Formatting, InstructError, _records
+from tinylm.prompts import message_turns
 from tinylm.tokenizers.base import TokenizerError
 
 
 class PromptError(InstructError):
     """A prompt record that cannot be trained on."""
-
-
-def _turns(messages, where: str) -> list:
-    from tinylm.prompts import ROLES
-
-    if not isinstance(messages, list) or not messages:
-        raise PromptError(f"{where}: 'prompt' must be text or a non-empty list of "
-                          f"{{\"role\": ..., \"content\": ...}} messages")
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES \
-                or not isinstance(m.get("content"), str):
-            raise PromptError(f"{where}: prompt message {n} must be an object with a 'role' "
-                              f"(one of {', '.join(ROLES)}) and a string 'content', got "
-                              f"{m!r}"[:300])
-    return [(m["role"], m["content"]) for m in messages]
 
 
 def prompt_ids(prompt, fmt: Formatting, where: str = "record") -> list:
@@ -59,7 +45,8 @@ def prompt_ids(prompt, fmt: Formatting, where: str = "record") -> list:
     elif isinstance(prompt, list):
         if fmt.template is None:
             raise PromptError(f"{where}: a conversational prompt needs a chat template")
-        text = fmt.template.render(_turns(prompt, where), add_generation_prompt=True)
+        turns = message_turns(prompt, "prompt", where, error=PromptError)
+        text = fmt.template.render(turns, add_generation_prompt=True)
     else:
         raise PromptError(f"{where}: 'prompt' must be text or a list of messages, not "
                           f"{type(prompt).__name__}")
