@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from tinylm import backend, threads
+from tinylm import backend
 from tinylm.autograd import no_grad
 from tinylm.errors import CheckpointError, TinyLMError
 from tinylm.kernels import fused
@@ -72,24 +72,13 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient, once."""
         with no_grad():
-            todo = []
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     state = self.state.setdefault(p, {"step": 0})
                     state["step"] += 1
-                    todo.append((p, p.grad, group, state))
-            n = threads.splitting()
-            if n and sum(p.data.size for p, *_ in todo) >= SPLIT_PARAMETERS and all(
-                    p.xp is np for p, *_ in todo):
-                # split_threads: the parameters' updates (independent) over the threads,
-                # balanced by size; the same values as in turn
-                parts = threads.balance([p.data.size for p, *_ in todo], n)
-                threads.run_parts(lambda part: [self._update(*todo[i]) for i in part], parts)
-                return
-            for item in todo:
-                self._update(*item)
+                    self._update(p, p.grad, group, state)
 
     def _update(self, p, grad, group: dict, state: dict) -> None:
         raise NotImplementedError
@@ -193,9 +182,6 @@ def unflatten_state_dict(arrays: dict, meta: dict) -> dict:
         _, i, name = key.split(".", 2)
         state.setdefault(int(i), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-SPLIT_PARAMETERS = 1 << 18  # split_threads: a step over this many values splits
 
 
 # --------------------------------------------------------------------------- SGD

@@ -12,15 +12,6 @@ at the end.
 One knob controls both: the BLAS library's thread limit (``OPENBLAS_NUM_THREADS``,
 ``MKL_NUM_THREADS``, threadpoolctl, or ``blas_threads`` below). Ops that split work
 themselves use that many threads (``cpu_threads``), each with single-threaded BLAS.
-
-``split_threads(n)`` is the other mode, for a training step of a small model: BLAS at
-one thread throughout and ``cpu_threads() == n``, so the ops split even their matrix
-products themselves (``split``, ``run_parts``). OpenBLAS's own workers spin for a long
-while after each product (2 threads on the nanoGPT char recipe: 204 ms of CPU per
-101 ms step); a Python part that lands on a core they spin on waits for the
-scheduler. In this mode ``run_parts`` also runs the first part on the calling thread
-and hands the others to resident workers through locks (~16 us a round trip, where a
-ThreadPoolExecutor submit + wait took ~30-190 us).
 """
 
 from __future__ import annotations
@@ -42,19 +33,15 @@ _active = 0  # run_parts calls in flight, in any thread
 _limiter = None  # the BLAS limit of 1 they share, set by the first, lifted by the last
 _outside = 1  # the BLAS thread count from before that limit
 _local = threading.local()  # .in_part: this thread is running a part
-_split = 0  # split_threads(n) in force: n
-_resident = []  # split mode's workers (_Resident), started on first use
-_resident_lock = threading.Lock()  # held by the one run_parts call using them
 
 
 def _after_fork_in_child():
     """A forked child has none of the parent's pool threads (nor its calls in flight):
     start afresh, with the BLAS limit from before any of them."""
-    global _lock, _pool, _active, _limiter, _resident, _resident_lock
+    global _lock, _pool, _active, _limiter
     if _limiter is not None:
         _limiter.restore_original_limits()
     _lock, _pool, _active, _limiter = threading.Lock(), None, 0, None
-    _resident, _resident_lock = [], threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -88,8 +75,6 @@ def cpu_threads() -> int:
     ``run_parts`` (no nested splitting)."""
     if getattr(_local, "in_part", False):
         return 1
-    if _split:
-        return _split
     with _lock:
         if _active:  # another thread's parts hold BLAS at 1: the count from before
             return _outside
@@ -116,41 +101,6 @@ def blas_threads(n: int | None):
         yield
 
 
-@contextlib.contextmanager
-def split_threads(n: int | None):
-    """Inside the block: BLAS single-threaded and ``cpu_threads() == n`` (at most the
-    cores), so that ops split their own work, matrix products included, over ``n``
-    threads (see the module's docstring). None, 0 or 1: ``blas_threads(n)`` instead.
-    Process-wide: enter it from one thread at a time."""
-    global _split
-    n = min(n or 0, cores())
-    if n <= 1:
-        with blas_threads(n):
-            yield
-        return
-    before = _split
-    with blas_threads(1):
-        _split = n
-        try:
-            yield
-        finally:
-            _split = before
-
-
-def splitting() -> int:
-    """n inside ``split_threads(n)`` (n >= 2) and not inside a part, else 0: whether ops
-    should split their matrix products themselves."""
-    return 0 if getattr(_local, "in_part", False) else _split
-
-
-def split(n: int, parts: int | None = None, align: int = 1) -> list:
-    """``range(n)`` as at most ``parts`` (default ``cpu_threads()``) contiguous slices of
-    near-equal length, each boundary a multiple of ``align``."""
-    parts = max(1, min(parts or cpu_threads(), -(-n // max(align, 1))))
-    cuts = [min(n, (n * i // parts) // align * align) for i in range(parts)] + [n]
-    return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
 def run_parts(fn, parts: list) -> list:
     """``[fn(part) for part in parts]``, one thread per part, each part's BLAS calls
     single-threaded; results come back in the order of ``parts``, and an exception in
@@ -167,11 +117,6 @@ def run_parts(fn, parts: list) -> list:
     when the last one ends. Called from inside a part, it runs the parts in turn."""
     if len(parts) <= 1 or getattr(_local, "in_part", False):
         return [fn(part) for part in parts]
-    if _split and _resident_lock.acquire(blocking=False):
-        try:
-            return _run_resident(fn, parts)
-        finally:
-            _resident_lock.release()
 
     def run(part):
         _local.in_part = True
@@ -195,76 +140,6 @@ def run_parts(fn, parts: list) -> list:
         return [f.result() for f in futures]
     finally:
         _leave()
-
-
-class _Resident:
-    """A worker thread that runs one task at a time, handed over through two locks."""
-
-    def __init__(self):
-        self.go, self.done = threading.Lock(), threading.Lock()
-        self.go.acquire()
-        self.done.acquire()
-        self.task = self.result = self.error = None
-        threading.Thread(target=self._loop, daemon=True, name="tinylm-split").start()
-
-    def _loop(self):
-        _local.in_part = True
-        while True:
-            self.go.acquire()
-            fn, part = self.task
-            try:
-                self.result, self.error = fn(part), None
-            except BaseException as e:  # re-raised by the caller
-                self.result, self.error = None, e
-            self.task = None
-            self.done.release()
-
-    def start(self, fn, part):
-        self.task = (fn, part)
-        self.go.release()
-
-    def finish(self):
-        interrupted = None
-        while True:  # Ctrl-C here still waits for the part (then re-raises)
-            try:
-                self.done.acquire()
-                break
-            except KeyboardInterrupt as e:
-                interrupted = e
-        if interrupted is not None:
-            self.error = None
-            raise interrupted
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        return self.result
-
-
-def _run_resident(fn, parts: list) -> list:
-    """run_parts in split mode (BLAS already at 1): parts[1:] on resident workers, the
-    first on this thread; every worker has finished when this returns or raises."""
-    while len(_resident) < len(parts) - 1:
-        _resident.append(_Resident())
-    started, first, failed = [], None, None
-    try:
-        for worker, part in zip(_resident, parts[1:]):
-            worker.start(fn, part)
-            started.append(worker)
-        _local.in_part = True
-        first = fn(parts[0])
-    except BaseException as e:  # (Ctrl-C too) re-raised once the workers are done
-        failed = e
-    finally:
-        _local.in_part = False
-    results = []
-    for worker in started:  # every started part has finished before this returns
-        try:
-            results.append(worker.finish())
-        except BaseException as e:
-            failed = failed or e
-    if failed is not None:
-        raise failed
-    return [first] + results
 
 
 def _enter():

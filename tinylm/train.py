@@ -74,7 +74,7 @@ from tinylm.rundir import (
     save_checkpoint,
 )
 from tinylm.rundir import load_model_dir, read_metrics  # noqa: F401  (old imports of them)
-from tinylm.threads import split_threads
+from tinylm.threads import blas_threads
 
 # --family takes these short names as well as any registered architecture
 FAMILY_ALIASES = {"gpt": "gpt2", "gpt2": "gpt2", "llama": "llama", "bert": "bert", "t5": "t5"}
@@ -905,8 +905,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def threads(self) -> int | None:
-        """The thread count fit() trains under (``split_threads``: with 2 or more, BLAS at
-        one thread and the ops split their own work; 1: BLAS at one; None: as is)."""
+        """The BLAS thread limit fit() trains under (see ``blas_threads``)."""
         n = self.config.threads
         return auto_threads(self.model, self.config.device) if n is None else (n or None)
 
@@ -917,9 +916,7 @@ class Trainer:
         with self._hold(run, resume, overwrite) as run:
             if not self._ready:
                 self._setup(run)
-            # several threads: BLAS at one, the ops split their own work (see
-            # tinylm.threads.split_threads); one thread or None: the BLAS limit as is
-            with split_threads(self.threads()):
+            with blas_threads(self.threads()):
                 return self._fit()
 
     def _fit(self) -> dict:

@@ -39,7 +39,6 @@ from tinylm.ops.reduce import last_axis_sum
 from tinylm.ops.tiled import alibi_bias, tiled_attention
 from tinylm.kernels import flash_attention as cuda_flash
 from tinylm.tensor import Tensor
-from tinylm.threads import run_parts, split, splitting
 
 
 def causal_mask(xp, T: int, S: int):
@@ -91,88 +90,31 @@ class Attention(Function):
         Hkv, S = k.shape[1], k.shape[2]
         self.q_shape = q.shape
         q = q.reshape(B, Hkv, H // Hkv * T, hs)  # the heads of a group stacked as rows
-        self.q, self.k, self.v = q, k, v
-        self.parts = _batch_parts(xp, q, k, v)
-        if self.parts:  # split_threads: each part runs the whole chain on its sequences
-            att = np.empty(q.shape[:3] + (S,), q.dtype)
-            y = np.empty(q.shape[:3] + v.shape[-1:], v.dtype)
-            run_parts(lambda b: self._forward_rows(xp, b, att[b], y[b]), self.parts)
-        else:
-            att, y = self._forward_rows(xp, slice(None), None, None)
-        self.p = att
-        return y.reshape(y.shape[0], H, T, v.shape[-1])  # (B, H, T, hs of v)
-
-    def _forward_rows(self, xp, b, att, y):
-        """Scores, softmax and output of the sequences ``b`` (into ``att`` and ``y`` when
-        given, else fresh arrays); returns (probabilities, output)."""
-        q, k, v = self.q[b], self.k[b], self.v[b]
-        H, Hkv = self.q_shape[1], k.shape[1]
-        T, S = self.q_shape[2], k.shape[2]
-        if att is None:
-            att = q @ k.swapaxes(-1, -2)  # (B, Hkv, rep*T, S), fresh: the rest is in place
-            att = att.astype(_score_dtype(att.dtype), copy=False)  # half -> float32 softmax
-        else:
-            xp.matmul(q, k.swapaxes(-1, -2), out=att)
+        att = q @ k.swapaxes(-1, -2)  # (B, Hkv, rep*T, S), fresh: the rest is in place
+        att = att.astype(_score_dtype(att.dtype), copy=False)  # half -> float32 softmax
         att *= self.scale
         grouped = att.reshape(att.shape[0], Hkv, H // Hkv, T, S)  # a view of att
         if self.bias is not None:
-            grouped += _batch_rows(_by_group(self.bias, H, Hkv), b)
+            grouped += _by_group(self.bias, H, Hkv)
         if self.keep is not None:
-            xp.copyto(grouped, -xp.inf, where=~_batch_rows(_by_group(self.keep, H, Hkv), b))
+            xp.copyto(grouped, -xp.inf, where=~_by_group(self.keep, H, Hkv))
         softmax_array(att, out=att)  # in place; a row that sees no key gets p = 0
-        if y is None:
-            return att, att.astype(v.dtype, copy=False) @ v  # (B, Hkv, rep*T, hs_v)
-        xp.matmul(att, v, out=y)
-        return att, y
+        self.q, self.k, self.v, self.p = q, k, v, att
+        y = att.astype(v.dtype, copy=False) @ v  # (B, Hkv, rep*T, hs_v), in v's dtype
+        return y.reshape(y.shape[0], H, T, v.shape[-1])  # (B, H, T, hs of v)
 
     def backward(self, xp, grad):
-        p = self.p
+        q, k, v, p = self.q, self.k, self.v, self.p
         grad = grad.reshape(p.shape[:3] + grad.shape[-1:])  # (B, Hkv, rep*T, hs_v)
-        if not self.parts:
-            return self._backward_rows(xp, slice(None), grad, None)
-        want = self.needs_input_grad
-        outs = tuple(np.empty(a.shape, np.result_type(a, grad)) if need else None
-                     for a, need in zip((self.q, self.k, self.v), want))
-        run_parts(lambda b: self._backward_rows(
-            xp, b, grad[b], tuple(o[b] if o is not None else None for o in outs)), self.parts)
-        gq, gk, gv = outs
-        return (gq.reshape(self.q_shape) if gq is not None else None), gk, gv
-
-    def _backward_rows(self, xp, b, grad, outs):
-        """Gradients of the sequences ``b`` (into ``outs``, (gq, gk, gv) views, when given:
-        then q's keeps the grouped shape)."""
-        q, k, v, p = self.q[b], self.k[b], self.v[b], self.p[b]
-        want = self.needs_input_grad
-        o = outs or (None, None, None)
-        gv = xp.matmul(p.swapaxes(-1, -2), grad, out=o[2]) if want[2] else None
+        gv = p.swapaxes(-1, -2) @ grad if self.needs_input_grad[2] else None
         ds = (grad @ v.swapaxes(-1, -2)).astype(p.dtype, copy=False)  # dP (B, Hkv, rep*T, S)
         ds -= last_axis_sum(xp, ds * p)
         ds *= p
         ds *= self.scale
-        gq = xp.matmul(ds, k, out=o[0]) if want[0] else None
-        if gq is not None and outs is None:
-            gq = gq.reshape(gq.shape[0], *self.q_shape[1:])
-        gk = xp.matmul(ds.swapaxes(-1, -2), q, out=o[1]) if want[1] else None
+        gq = (ds @ k).reshape(ds.shape[0], *self.q_shape[1:]) if self.needs_input_grad[0] \
+            else None
+        gk = ds.swapaxes(-1, -2) @ q if self.needs_input_grad[1] else None
         return gq, gk, gv
-
-
-SPLIT_SCORES = 1 << 16  # split_threads: attention over this many scores splits by batch
-
-
-def _batch_parts(xp, q, k, v):
-    """Batch slices for the threads of ``split_threads`` (None: do not split): NumPy
-    arrays of one float dtype, at least two sequences and SPLIT_SCORES scores."""
-    n = splitting()
-    if (not n or xp is not np or q.shape[0] < 2 or not (q.dtype == k.dtype == v.dtype)
-            or q.dtype.char not in "fd"
-            or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < SPLIT_SCORES):
-        return None
-    return split(q.shape[0], n)
-
-
-def _batch_rows(m, b):
-    """Rows ``b`` of a mask broadcastable over the batch (all of it when its batch is 1)."""
-    return m if m.shape[0] == 1 else m[b]
 
 
 def _by_group(m, H: int, Hkv: int):

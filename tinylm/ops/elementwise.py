@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from tinylm import backend
 from tinylm.errors import TinyLMError
 from tinylm.function import Function
-from tinylm.threads import run_parts, split, splitting
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- arithmetic
@@ -250,29 +247,11 @@ class Gelu(Function):
             y *= x
             y *= 0.5
             return y
-        self.parts = _elementwise_parts(xp, x)
-        if self.parts:  # split_threads: each part's chain on its slice, one hand-over
-            flat, y = x.reshape(-1), np.empty(x.size, x.dtype)
-
-            def part(s):
-                cdf = backend.normal_cdf(flat[s])
-                np.multiply(flat[s], cdf, out=y[s])
-                return cdf
-
-            self.cdf = run_parts(part, self.parts)  # the parts' Phi, kept per part
-            return y.reshape(x.shape)
         self.cdf = cdf = backend.normal_cdf(x)  # Phi(x), a fresh array
         return x * cdf
 
     def backward(self, xp, grad):
         x = self.x
-        if self.approximate != "tanh" and self.parts:
-            flat, gflat = x.reshape(-1), grad.reshape(-1)
-            g = np.empty(x.size, np.result_type(x, grad))
-            run_parts(lambda i: _gelu_grad(np, flat[self.parts[i]], self.cdf[i],
-                                           gflat[self.parts[i]], g[self.parts[i]]),
-                      list(range(len(self.parts))))
-            return g.reshape(x.shape)
         if self.approximate == "tanh":
             t = self.t
             g = xp.asarray(t * t)
@@ -286,34 +265,15 @@ class Gelu(Function):
             g += 1
             g += t
             g *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) d inner
-            g *= grad
-            return g
-        return _gelu_grad(xp, x, self.cdf, grad, None)
-
-
-def _gelu_grad(xp, x, cdf, grad, out):
-    """The exact GELU's gradient, (Phi(x) + x phi(x)) * grad, into ``out`` (None: a
-    fresh array)."""
-    g = xp.multiply(x, x, out=out) if out is not None else xp.asarray(x * x)
-    g *= -0.5
-    xp.exp(g, out=g)
-    g *= _INV_SQRT_2PI  # phi(x)
-    g *= x
-    g += cdf  # Phi(x) + x phi(x)
-    g *= grad
-    return g
-
-
-SPLIT_ELEMENTS = 1 << 16  # split_threads: elementwise chains over this many elements split
-
-
-def _elementwise_parts(xp, x):
-    """Slices of x's flat elements for the threads of ``split_threads`` (None: do not
-    split): a contiguous float NumPy array of at least SPLIT_ELEMENTS elements."""
-    n = splitting()
-    if not n or xp is not np or x.size < SPLIT_ELEMENTS or not x.flags.c_contiguous:
-        return None
-    return split(x.size, n, align=64)
+        else:
+            g = xp.asarray(x * x)
+            g *= -0.5
+            xp.exp(g, out=g)
+            g *= _INV_SQRT_2PI  # phi(x)
+            g *= x
+            g += self.cdf  # Phi(x) + x phi(x)
+        g *= grad
+        return g
 
 
 def tanh(x):

@@ -10,7 +10,7 @@ from tinylm import amp
 from tinylm.errors import ShapeError
 from tinylm.function import Function
 from tinylm.ops.movement import reshape
-from tinylm.threads import cpu_threads, run_parts, split, splitting
+from tinylm.threads import cpu_threads
 
 
 def _flat_rows(a):
@@ -80,9 +80,6 @@ class Linear(Function):
     def backward(self, xp, grad):
         g2 = _flat_rows(grad)  # (N, out)
         gx = None
-        n = _split_over(xp, g2, self.w)
-        if n and self.needs_input_grad[1]:
-            return _split_backward(self, g2, grad.shape, n)
         if self.needs_input_grad[0]:
             gx = (g2 @ self.w).reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
         gw = (g2.T @ self.x2) if self.needs_input_grad[1] else None
@@ -107,54 +104,10 @@ TILE = 256  # weight rows per tile: 768 KiB of float32 at 768 inputs
 WIDE = 16384
 
 
-SPLIT_FLOPS = 1 << 21  # split_threads: a product of at least this many multiply-adds
-# is split over the threads (a part handed over costs ~16-50 us; at ~50 GFLOP/s a
-# thread this is ~40 us of work)
-
-
-def _split_over(xp, x2, w) -> int:
-    """The threads to split x2 @ w.T (or its gradients) over: ``splitting()`` for a
-    large enough float product on NumPy, else 0."""
-    n = splitting()
-    if not n or xp is not np or x2.shape[0] < 2 * n:
-        return 0
-    return n if x2.shape[0] * w.shape[0] * w.shape[1] >= SPLIT_FLOPS else 0
-
-
-def _split_backward(node, g2, shape, n):
-    """Linear's backward in ``split_threads`` mode, one hand-over for both products:
-    part i computes rows i of gx = g2 @ W and rows i (output features) of
-    gw = g2.T @ x2, each a single-threaded GEMM (the same sums as the whole products
-    to float rounding)."""
-    w, x2 = node.w, node.x2
-    want_x = node.needs_input_grad[0]
-    gx = np.empty((g2.shape[0], w.shape[1]), np.result_type(g2, w)) if want_x else None
-    gw = np.empty(w.shape, np.result_type(g2, x2))
-    rows, outs = split(g2.shape[0], n), split(w.shape[0], n)
-
-    def part(i):
-        if want_x:
-            np.matmul(g2[rows[i]], w, out=gx[rows[i]])
-        np.matmul(g2[:, outs[i]].T, x2, out=gw[outs[i]])
-
-    run_parts(part, list(range(min(len(rows), len(outs)))))
-    if want_x:
-        gx = gx.reshape(shape[:-1] + (w.shape[1],))
-    if len(node.needs_input_grad) == 3:
-        gb = g2.sum(axis=0) if node.needs_input_grad[2] else None
-        return gx, gw, gb
-    return gx, gw
-
-
 def _product(xp, x2, w):
     """x2 @ w.T for x2 (N, in) and w (out, in): tiled for a few rows on one BLAS thread
     where that is faster, the same values up to float rounding (each row's are those of
     the row alone while N <= FEW_ROWS), else one BLAS GEMM."""
-    parts = _split_over(xp, x2, w)
-    if parts:  # split_threads: row blocks, each a single-threaded GEMM
-        y = np.empty((x2.shape[0], w.shape[0]), np.result_type(x2, w))
-        run_parts(lambda rows: np.matmul(x2[rows], w.T, out=y[rows]), split(x2.shape[0], parts))
-        return y
     n, out = x2.shape[0], w.shape[0]
     tiled = n <= FEW_ROWS or (out >= WIDE and n <= GEMM_TILED_ROWS)
     if not (tiled and _vecdot_pays(xp, x2, w)):
