@@ -189,22 +189,45 @@ def _edges_short(table: dict, longest: int, text: str) -> list:
     return out
 
 
+RESET = 100000.0  # SentencePiece's kScoreResetThreshold (EncodeOptimized)
+
+
 def viterbi_f32(n: int, lattice: tuple, unk_score: float) -> list:
     """SentencePiece's best path over ``n`` characters: ``[(start, end, id)]`` (id -1:
     unknown). Every candidate ``score + best[start]`` is a float32 sum (computed in
     double and rounded once, which is the correctly rounded float32 sum) compared
-    with the float32 best so far; ``array('f')`` does the rounding on assignment."""
+    with the float32 best so far; ``array('f')`` does the rounding on assignment.
+
+    SentencePiece's ``EncodeOptimized`` also rebases the scores: when it begins the
+    edges of a start whose best score is beyond +-100000 (``kScoreResetThreshold``), it
+    subtracts that score (in float32) from the best score of the start and of every
+    position reached beyond it, so that the sums stay small. That changes how later
+    sums round, and so which of two near-equal paths wins; it is reproduced here
+    (once every ~40,000 characters of English text: the check costs one integer
+    comparison per edge, one more per best-so-far update)."""
     best = array("f", bytes(4 * (n + 1)))
     back = [-1] * (n + 1)
     which = [0] * (n + 1)
     tmp = array("f", b"\0\0\0\0")
+    prev = -1
+    frontier = 0  # the furthest position reached by an edge so far
     for s, e, c, i in lattice:
+        if s != prev:  # the first edge of a new start: SentencePiece's reset check
+            prev = s
+            offset = best[s]
+            if offset < -RESET or offset > RESET:
+                for j in range(s + 1, frontier + 1):
+                    if back[j] >= 0:
+                        best[j] = best[j] - offset  # float32 difference (correctly rounded)
+                best[s] = 0.0
         tmp[0] = (unk_score if i < 0 else c) + best[s]
         c = tmp[0]
         if back[e] < 0 or c > best[e]:
             best[e] = c
             back[e] = s
             which[e] = i
+            if e > frontier:  # the first edge to reach e always lands here
+                frontier = e
     return _backtrack(n, back, which)
 
 
