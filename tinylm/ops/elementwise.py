@@ -221,7 +221,6 @@ class Silu(Function):
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 class Gelu(Function):
@@ -247,8 +246,8 @@ class Gelu(Function):
             y *= x
             y *= 0.5
             return y
-        self.cdf = cdf = backend.normal_cdf(x)  # Phi(x), a fresh array
-        return x * cdf
+        y, self.cdf = backend.gelu_forward(x)  # x Phi(x) and Phi(x), fresh arrays
+        return y
 
     def backward(self, xp, grad):
         x = self.x
@@ -265,15 +264,9 @@ class Gelu(Function):
             g += 1
             g += t
             g *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) d inner
-        else:
-            g = xp.asarray(x * x)
-            g *= -0.5
-            xp.exp(g, out=g)
-            g *= _INV_SQRT_2PI  # phi(x)
-            g *= x
-            g += self.cdf  # Phi(x) + x phi(x)
-        g *= grad
-        return g
+            g *= grad
+            return g
+        return backend.gelu_backward(x, self.cdf, grad)  # grad (Phi(x) + x phi(x))
 
 
 def tanh(x):

@@ -1,0 +1,68 @@
+"""The performance paths against the plain formulations they replace: same values
+(bit for bit where the operations are the same, else to float32 rounding)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tinylm import backend
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _plain_gelu_backward(x, cdf, grad):
+    g = x * x
+    g *= -0.5
+    np.exp(g, out=g)
+    g *= _INV_SQRT_2PI
+    g *= x
+    g += cdf
+    g *= grad
+    return g
+
+
+@pytest.mark.parametrize("shape", [(12, 64, 512), (3, 40_001), (7,), (backend.GELU_BLOCK,),
+                                   (2, backend.GELU_BLOCK + 1)])
+def test_blocked_gelu_is_bit_identical_to_the_whole_array_formula(shape):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    x.flat[:4] = [0.0, -7.5, 9.0, -0.0][: x.size]
+    grad = rng.standard_normal(shape).astype(np.float32)
+    y, cdf = backend.gelu_forward(x)
+    want_cdf = backend.normal_cdf(x)
+    assert y.dtype == cdf.dtype == np.float32 and y.shape == cdf.shape == x.shape
+    np.testing.assert_array_equal(cdf, want_cdf)
+    np.testing.assert_array_equal(y, x * want_cdf)
+    np.testing.assert_array_equal(backend.gelu_backward(x, cdf, grad),
+                                  _plain_gelu_backward(x, want_cdf, grad))
+
+
+def test_blocked_gelu_reads_strided_inputs_and_matches_float64():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 1030)) * 2).astype(np.float32)[:, ::2]  # not contiguous
+    grad = rng.standard_normal((515, 64)).astype(np.float32).T
+    y, cdf = backend.gelu_forward(x)
+    gx = backend.gelu_backward(x, cdf, grad)
+    x64 = x.astype(np.float64)
+    phi64 = 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    np.testing.assert_allclose(y, x64 * phi64, rtol=0, atol=6e-7 * np.abs(x64).max())
+    dens = np.exp(-0.5 * x64 * x64) * _INV_SQRT_2PI
+    np.testing.assert_allclose(gx, grad * (phi64 + x64 * dens), rtol=0, atol=2e-6)
+    # the same values as the contiguous copy
+    y2, cdf2 = backend.gelu_forward(np.ascontiguousarray(x))
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(gx, backend.gelu_backward(np.ascontiguousarray(x), cdf2,
+                                                            np.ascontiguousarray(grad)))
+
+
+def test_gelu_kernels_keep_float64_exact_and_0d():
+    x = np.linspace(-5, 5, 11)
+    y, cdf = backend.gelu_forward(x)
+    exact = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    np.testing.assert_allclose(cdf, exact, rtol=1e-15, atol=1e-16)
+    np.testing.assert_allclose(y, x * exact, rtol=1e-15, atol=1e-16)
+    y0, c0 = backend.gelu_forward(np.array(0.5, np.float32))
+    assert y0.shape == () and abs(float(y0) - 0.5 * 0.5 * (1 + math.erf(0.5 / math.sqrt(2)))) < 1e-7
