@@ -26,7 +26,7 @@ import click
 
 from tinylm.commands.eval_harness import encoding_options, report_options
 from tinylm.commands.generate import model_options
-from tinylm.commands.options import option_group
+from tinylm.commands.options import option_group, writable_file, writable_folder
 
 
 @click.group(name="audit")
@@ -59,6 +59,7 @@ audit_output_options = option_group(
     "output", AuditOutput,
     click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+                 callback=writable_folder,
                  help="Write NAME.json, NAME.md and NAME.png (the plot needs matplotlib) "
                       "into this folder."),
     click.option("--progress/--no-progress", default=True, show_default=True))
@@ -91,9 +92,10 @@ def _repeats(ctx, param, value):
               help="One canary per count, inserted that many times.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The training text to insert them into.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=writable_file,
               help="Where the text with the canaries goes.")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), default=None,
+              callback=writable_file,
               help="The canaries' record, for `tinylm audit exposure` [default: "
                    "OUT.canaries.json].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from tinylm.commands.options import option_group
+from tinylm.commands.options import option_group, writable_folder
 from tinylm.webdata.readers import FORMATS, TEXT_UNITS
 
 
@@ -45,6 +45,7 @@ def output_options(command):
                            default="gz", show_default=True,
                            help="Output shards: JSONL compressed with gzip, zstd or not.")(command)
     return click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+                        callback=writable_folder,
                         help="Output folder: one shard per input file, a stats JSON.")(command)
 
 

@@ -16,6 +16,7 @@ import sys
 import click
 
 from tinylm.commands.data import _echo_bad_records, _read_options, input_options
+from tinylm.commands.options import writable_folder
 from tinylm.webdata.tokenize_shards import DEFAULT_SHARD_TOKENS, DEFAULT_SPLIT_BYTES
 
 
@@ -26,7 +27,7 @@ from tinylm.webdata.tokenize_shards import DEFAULT_SHARD_TOKENS, DEFAULT_SPLIT_B
 @click.option("-t", "--tokenizer", required=True, type=click.Path(dir_okay=False),
               help="Tokenizer file (tinylm's, tokenizer.json, ...).")
 @click.option("-o", "--out", "--output", "output", required=True,
-              type=click.Path(file_okay=False),
+              type=click.Path(file_okay=False), callback=writable_folder,
               help="Output folder: shards, index.json, tokenizer.txt.")
 @click.option("-p", "--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes (each tokenizes whole files or byte ranges).")

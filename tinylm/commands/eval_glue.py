@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import click
 
-from tinylm.commands.options import option_group
+from tinylm.commands.options import option_group, writable_file
 
 TASK_NAMES = "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or tsv"
 
@@ -67,9 +67,9 @@ class Report:
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
 @option_group(
     "report", Report,
-    click.option("--predictions", type=click.Path(dir_okay=False),
+    click.option("--predictions", type=click.Path(dir_okay=False), callback=writable_file,
                  help="Write each row's prediction here (GLUE's index<TAB>prediction TSV)."),
-    click.option("-o", "--output", type=click.Path(dir_okay=False),
+    click.option("-o", "--output", type=click.Path(dir_okay=False), callback=writable_file,
                  help="Write the results here as JSON."),
     click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",

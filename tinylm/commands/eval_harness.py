@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import click
 
 from tinylm.commands.generate import model_options
-from tinylm.commands.options import option_group
+from tinylm.commands.options import option_group, writable_file
 
 # --------------------------------------------------------------------------- option groups
 
@@ -115,6 +115,7 @@ report_options = option_group(
     "report", Report,
     click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                 callback=writable_file,
                  help="Write the full report here as JSON."),
     click.option("--progress/--no-progress", default=True, show_default=True))
 

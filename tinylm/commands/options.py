@@ -1,4 +1,5 @@
-"""Click helpers the commands share: a float type that refuses NaN and infinities, and
+"""Click helpers the commands share: a float type that refuses NaN and infinities,
+checks that an output folder or file can be written (before any work is done), and
 option groups, which hand a command one object built from several options.
 
     @click.command()
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import click
 
@@ -71,3 +73,64 @@ def option_group(name: str, build, *options):
         return wrapper
 
     return decorate
+
+
+def _flag(param) -> str:
+    return "/".join(param.opts) if param is not None and param.opts else "the output"
+
+
+def writable_folder(ctx, param, value):
+    """A callback for an output-folder option: ``value`` (None passes) must be a folder
+    that exists or can be created, and that may be written to. It is checked by
+    creating it (and a file in it) and removing whatever the check made, so a bad path
+    is one error line before any work, and a good one is left as it was."""
+    if value is None:
+        return value
+    import tempfile
+
+    path = os.path.abspath(os.fspath(value))
+    made, p = [], path
+    while not os.path.lexists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise click.BadParameter(f"{p} is a file, so {value} cannot be a folder; pick "
+                                 f"another {_flag(param)}", ctx=ctx, param=param)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise click.BadParameter(f"cannot write into the folder {value} "
+                                 f"({e.strerror or e}); pick a folder you may write to",
+                                 ctx=ctx, param=param) from None
+    finally:
+        for folder in made:  # deepest first: only the folders this check created
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+    return value
+
+
+def writable_file(ctx, param, value):
+    """A callback for an output-file option (None and "-" pass): the folder ``value``
+    goes into must exist and may be written to, checked before any work is done (the
+    file itself is written at the end, atomically)."""
+    if value is None or value == "-":
+        return value
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(os.fspath(value)))
+    if not os.path.isdir(folder):
+        what = ("is a file, not a folder;" if os.path.exists(folder)
+                else "does not exist; create it, or")
+        raise click.BadParameter(f"the folder {folder} of {value} {what} pick another "
+                                 f"{_flag(param)}", ctx=ctx, param=param)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise click.BadParameter(f"cannot write {value} ({e.strerror or e}); pick a "
+                                 f"folder you may write to", ctx=ctx, param=param) from None
+    return value

@@ -19,6 +19,7 @@ import warnings
 import click
 
 from tinylm import plugins
+from tinylm.commands.options import writable_folder
 from tinylm.default_plugins import DEFAULT_PLUGINS
 from tinylm.errors import PluginError
 from tinylm.plugin_skeleton import KINDS, write_skeleton
@@ -83,6 +84,7 @@ def _table(rows: list, broken: dict) -> str:
 @click.option("--kind", type=click.Choice(sorted(KINDS)), default="tokenizer", show_default=True,
               help="What the plugin's one hook registers.")
 @click.option("-o", "--output", "parent", type=click.Path(file_okay=False), default=".",
+              callback=writable_folder,
               show_default=True, help="The folder to write the package folder NAME into.")
 def new_command(name: str, kind: str, parent: str) -> None:
     """Write a working plugin package NAME: pyproject.toml (an entry point in the

@@ -1,0 +1,129 @@
+"""A second sweep of bad inputs over the commands test_cli_errors.py does not cover as
+closely (data, plugins new, eval, audit, quantize, finetune, align, serve): an output
+path that cannot be written, a folder where a file goes, options that cannot mean
+anything for the model given. Each is one `Error:` line on stderr, exit code 2, no
+traceback, refused before any work is done and with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cli_helpers import one_error_line, run
+from generate_helpers import tiny_hf_gpt
+from train_helpers import corpus_text
+
+# a folder no one can create anything in, even root (procfs refuses new entries)
+UNWRITABLE = "/proc/tinylm-sweep"
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+
+
+@pytest.fixture(scope="module")
+def p(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "corpus.txt").write_text(corpus_text(400), encoding="utf-8")
+    (tmp / "a_file").write_text("not a folder\n")
+    (tmp / "folder").mkdir()
+    hf = tmp / "hf"
+    hf.mkdir()
+    tiny_hf_gpt(hf, corpus_text(300))
+    records = [{"prompt": "the cat", "completion": " sat"}] * 4
+    (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = [{"prompt": "the", "chosen": " cat", "rejected": " dog"}] * 4
+    (tmp / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    mc = [{"question": "the cat", "choices": ["sat", "ran"], "answer": 0}] * 2
+    (tmp / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    names = ("corpus.txt", "a_file", "folder", "hf", "sft.jsonl", "pref.jsonl", "mc.jsonl")
+    return {n: tmp / n for n in names} | {"tmp": tmp, "missing": tmp / "missing"}
+
+
+def listing(root) -> list:
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, files in os.walk(root) for f in files + [""])
+
+
+CANARY = ["--format", "secret {d}{d}{d}"]
+
+# name -> (arguments, fragments the error line must hold); "{x}" is p["x"]
+CASES = {
+    # output folders that cannot be created: refused before reading anything
+    "data clean -o under a file": (["data", "clean", "{corpus.txt}", "-o", "{a_file}/out"],
+                                   ["a_file is a file", "pick another -o"]),
+    "data dedup -o under a file": (["data", "dedup", "{corpus.txt}", "-o", "{a_file}/out"],
+                                   ["is a file"]),
+    "data tokenize -o under a file": (["data", "tokenize", "{corpus.txt}", "-t",
+                                       "{hf}/tokenizer.json", "-o", "{a_file}/out"],
+                                      ["is a file"]),
+    "plugins new -o under a file": (["plugins", "new", "demo", "-o", "{a_file}/x"],
+                                    ["is a file"]),
+    # output files whose folder is missing or a file: refused before the evaluation
+    "eval perplexity -o in a missing folder": (["eval", "perplexity", "-m", "{hf}", "--data",
+                                                "{corpus.txt}", "-o", "{missing}/r.json"],
+                                               ["does not exist", "create it"]),
+    "eval mc -o under a file": (["eval", "mc", "-m", "{hf}", "--task", "{mc.jsonl}", "-o",
+                                 "{a_file}/r.json"], ["is a file, not a folder"]),
+    "eval glue --predictions in a missing folder": (["eval", "glue", "-m", "{hf}", "--task",
+                                                     "sst2", "--data", "{corpus.txt}",
+                                                     "--predictions", "{missing}/p.tsv"],
+                                                    ["--predictions", "does not exist"]),
+    "audit canaries insert --manifest in a missing folder": (
+        ["audit", "canaries", "insert", "--data", "{corpus.txt}", "--out", "{tmp}/c.txt",
+         "--manifest", "{missing}/m.json", *CANARY], ["--manifest", "does not exist"]),
+    "audit canaries insert --out in a missing folder": (
+        ["audit", "canaries", "insert", "--data", "{corpus.txt}", "--out", "{missing}/c.txt",
+         *CANARY], ["--out", "does not exist"]),
+    "audit extraction --report under a file": (
+        ["audit", "extraction", "-m", "{hf}", "--train", "{corpus.txt}", "--heldout",
+         "{corpus.txt}", "--report", "{a_file}/rep"], ["--report", "is a file"]),
+}
+
+UNWRITABLE_CASES = {
+    "data clean -o unwritable": ["data", "clean", "{corpus.txt}", "-o", UNWRITABLE],
+    "data dedup -o unwritable": ["data", "dedup", "{corpus.txt}", "-o", UNWRITABLE],
+    "data tokenize -o unwritable": ["data", "tokenize", "{corpus.txt}", "-t",
+                                    "{hf}/tokenizer.json", "-o", UNWRITABLE],
+    "plugins new -o unwritable": ["plugins", "new", "demo", "-o", UNWRITABLE],
+    "eval perplexity -o unwritable": ["eval", "perplexity", "-m", "{hf}", "--data",
+                                      "{corpus.txt}", "-o", "/proc/r.json"],
+    "audit canaries insert --manifest unwritable": ["audit", "canaries", "insert", "--data",
+                                                    "{corpus.txt}", "--out", "{tmp}/c.txt",
+                                                    "--manifest", "/proc/m.json", *CANARY],
+}
+
+
+def fill(p, args):
+    out = []
+    for a in args:
+        for key, value in p.items():
+            a = a.replace("{" + key + "}", str(value))
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_error_line(p, name):
+    args, fragments = CASES[name]
+    before = listing(p["tmp"])
+    one_error_line(run(*fill(p, args)), *fragments)
+    assert listing(p["tmp"]) == before  # nothing written, no folder left behind
+
+
+@needs_proc
+@pytest.mark.parametrize("name", UNWRITABLE_CASES)
+def test_an_unwritable_output_is_one_error_line(p, name):
+    before = listing(p["tmp"])
+    one_error_line(run(*fill(p, UNWRITABLE_CASES[name])), "cannot write",
+                   "pick a folder you may write to")
+    assert listing(p["tmp"]) == before
+
+
+def test_the_output_checks_leave_a_good_path_as_it_was(p, tmp_path):
+    """A folder the check had to create is removed again, and the command still works."""
+    out = tmp_path / "a" / "b"
+    result = run("data", "clean", p["corpus.txt"], "-o", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (out / "clean.stats.json").is_file()
+    one_error_line(run("data", "clean", p["missing"], "-o", tmp_path / "c" / "d"), "missing")
+    assert not (tmp_path / "c").exists()  # the checked (and created) folders are gone
