@@ -77,6 +77,20 @@ CASES = {
     "audit extraction --report under a file": (
         ["audit", "extraction", "-m", "{hf}", "--train", "{corpus.txt}", "--heldout",
          "{corpus.txt}", "--report", "{a_file}/rep"], ["--report", "is a file"]),
+    # fine-tuning data is JSONL files: a folder was "not a regular file, not a regular
+    # file; give ... a folder of them"
+    "finetune --data a folder": (["finetune", "-m", "{hf}", "--data", "{folder}", "-o",
+                                  "{tmp}/run"], ["--data", "is a directory"]),
+    "finetune --eval-data a folder": (["finetune", "-m", "{hf}", "--data", "{sft.jsonl}",
+                                       "--eval-data", "{folder}", "-o", "{tmp}/run"],
+                                      ["--eval-data", "is a directory"]),
+    "align dpo --data a folder": (["align", "dpo", "-m", "{hf}", "--data", "{folder}", "-o",
+                                   "{tmp}/run"], ["--data", "is a directory"]),
+    "align reward --eval-data a folder": (["align", "reward", "-m", "{hf}", "--data",
+                                           "{pref.jsonl}", "--eval-data", "{folder}", "-o",
+                                           "{tmp}/run"], ["--eval-data", "is a directory"]),
+    "align grpo --data a folder": (["align", "grpo", "-m", "{hf}", "--data", "{folder}", "-o",
+                                    "{tmp}/run"], ["--data", "is a directory"]),
 }
 
 UNWRITABLE_CASES = {

@@ -26,10 +26,12 @@ from tinylm.commands.options import finite_float
 
 def preference_data_options(command):
     """--data and --eval-data: the preference pair files of a reward model or DPO run."""
-    command = click.option("--eval-data", multiple=True, type=click.Path(exists=True),
+    command = click.option("--eval-data", multiple=True,
+                           type=click.Path(exists=True, dir_okay=False),
                            help="JSONL validation pairs [default: --val-fraction of "
                                 "--data].")(command)
-    return click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+    return click.option("--data", multiple=True, required=True,
+                        type=click.Path(exists=True, dir_okay=False),
                         help="JSONL preference pairs (repeat for several files).")(command)
 
 

@@ -34,7 +34,8 @@ def _rl_options(method: str):
 
     d = METHOD_DEFAULTS[method]
     options = [
-        click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+        click.option("--data", multiple=True, required=True,
+                     type=click.Path(exists=True, dir_okay=False),
                      help="JSONL prompt records (repeat for several files)."),
         click.option("--reward", "rewards", multiple=True, metavar="NAME",
                      help="A registered reward function (exact-match, think-format, regex, "

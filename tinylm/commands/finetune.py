@@ -268,10 +268,11 @@ def finish(result: dict, model: ModelChoice, out_dir: str) -> None:
 @click.option("--glue-task", metavar="NAME",
               help="With --task classify: the layout and labels of --data (cola, sst2, mrpc, "
                    "qqp, stsb, mnli, qnli, rte, wnli or tsv) [default: from its header].")
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+@click.option("--data", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
               help="JSONL training records, or TSV rows with --task classify (repeat for "
                    "several files).")
-@click.option("--eval-data", multiple=True, type=click.Path(exists=True),
+@click.option("--eval-data", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Validation records or rows [default: --val-fraction of --data].")
 @click.option("--packing/--no-packing", default=False, show_default=True,
               help="Pack several examples into each row of --block-size tokens.")
