@@ -8,7 +8,9 @@ its most probable segmentation (Viterbi over the lattice of the pieces it contai
 - "spm": a SentencePiece ``.model`` (``from_spm``; ``train`` makes these too): the
   text is normalised as ``normalizer.cc`` does (``normalize.SpmNormalizer``) and
   segmented as one lattice with SentencePiece's float32 arithmetic. User-defined
-  pieces win wherever they occur; consecutive unknown characters become one
+  pieces are kept out of normalisation and score 0.1 * (length - 1) in the lattice
+  (so they nearly always win, but can lose to overlapping pieces); consecutive
+  unknown characters become one
   ``<unk>``, or their UTF-8 bytes as ``<0xXX>`` pieces with ``byte_fallback``.
 - "hf": a Hugging Face ``tokenizer.json`` (``from_hf_json``): its normalizer and
   pre-tokenizer (``hf.Pipeline``), then one float64 Viterbi per word (cached), as
@@ -41,7 +43,7 @@ from tinylm_unigram.normalize import SPACE, SpmNormalizer
 from tinylm_unigram.spm_model import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                                       SpmModel)
 
-FLT_MIN, FLT_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+FLT_MAX = float(np.finfo(np.float32).max)
 UNK_PENALTY = 10.0
 _TYPE_CODES = {"normal": NORMAL, "unknown": UNKNOWN, "control": CONTROL,
                "user-defined": USER_DEFINED, "unused": UNUSED, "byte": BYTE}
@@ -107,21 +109,37 @@ class UnigramTokenizer(Tokenizer):
             self._short_cache = lattice.short_table(self._index, self._edge_scores)
         return self._short_cache
 
+    @property
+    def _sample_short(self) -> dict:
+        if self._sample_scores is self._edge_scores:
+            return self._short
+        if self._sample_short_cache is None:
+            self._sample_short_cache = lattice.short_table(self._index, self._sample_scores)
+        return self._sample_short_cache
+
     def _setup_model(self) -> None:
         types = np.array(self.types)
         scores32 = np.array(self.scores, dtype=np.float32)
         if self.flavour == "spm":
             self._check_spm_vocabulary()
             normal = types == NORMAL
-            max_score = max(np.float32(FLT_MIN), scores32[normal].max()) if normal.any() else np.float32(FLT_MIN)
             min_score = scores32[normal].min() if normal.any() else np.float32(FLT_MAX)
             self._unk_score = float(np.float32(min_score) - np.float32(UNK_PENALTY))
-            edge = scores32.astype(np.float64)
+            # A user-defined piece of length L scores 0.1 * (L - 1), its own score
+            # ignored (unigram_model.cc, GetUserDefinedScore): so a path of them scores
+            # 0.1 * (its length - its number of pieces) and a longer one beats the
+            # shorter ones it spans, yet it still competes with normal pieces (they are
+            # not cut out of the text first). L counts UTF-8 bytes in EncodeOptimized
+            # (encode) and characters in PopulateNodes (sampling, n-best).
             user = types == USER_DEFINED
-            lengths = np.array([len(p.encode("utf-8")) for p in self.pieces], dtype=np.float32)
-            # "user defined symbol receives extra bonus to always be selected"
-            edge[user] = ((lengths[user] * np.float32(max_score)) - np.float32(0.1)).astype(np.float64)
+            edge = scores32.astype(np.float64)
+            nbytes = np.array([len(p.encode("utf-8")) for p in self.pieces], dtype=np.float64)
+            edge[user] = (0.1 * (nbytes[user] - 1)).astype(np.float32)
             self._edge_scores = edge
+            sample = scores32.astype(np.float64)
+            nchars = np.array([len(p) for p in self.pieces], dtype=np.float64)
+            sample[user] = (0.1 * (nchars[user] - 1)).astype(np.float32)
+            self._sample_scores = sample
             matchable = [p if t in (NORMAL, USER_DEFINED) else None
                          for p, t in zip(self.pieces, self.types)]
             self.normalizer = SpmNormalizer(
@@ -133,6 +151,7 @@ class UnigramTokenizer(Tokenizer):
                 user_defined=[p for p, t in zip(self.pieces, self.types) if t == USER_DEFINED])
         else:
             self._edge_scores = np.array(self.scores, dtype=np.float64)
+            self._sample_scores = self._edge_scores
             self._unk_score = float(min(self.scores)) - UNK_PENALTY
             last = {p: i for i, p in enumerate(self.pieces)}
             matchable = [p if last[p] == i else None for i, p in enumerate(self.pieces)]
@@ -140,6 +159,7 @@ class UnigramTokenizer(Tokenizer):
             self._word_cache = {}
         self._index = lattice.PieceIndex(matchable)
         self._short_cache = None  # lattice.short_table, made on first use
+        self._sample_short_cache = None  # the same over _sample_scores
 
     def _check_spm_vocabulary(self) -> None:
         seen = set()
@@ -237,7 +257,8 @@ class UnigramTokenizer(Tokenizer):
         for word in words:
             if word:
                 path = lattice.sample(len(word), lattice.edges(
-                    self._index, self._edge_scores, word, self._short), self._unk_score, alpha, rng)
+                    self._index, self._sample_scores, word, self._sample_short),
+                    self._unk_score, alpha, rng)
                 segments.extend((word[s:e], i) for s, e, i in path)
         return self._ids_of(_fuse_unknown(segments))
 
@@ -412,7 +433,8 @@ class UnigramTokenizer(Tokenizer):
         """Train on ``texts`` (an iterable of str: lines or documents) as SentencePiece's
         unigram trainer does (``trainer``). ``special_tokens``: control pieces after
         ``<unk>``, ``<s>``, ``</s>``; ``unk_token``: the unknown piece's text;
-        ``user_defined_symbols``: pieces that always win where they occur;
+        ``user_defined_symbols``: pieces never normalised, scored so that they
+        nearly always win where they occur (``_setup_model``);
         ``options``: SentencePiece's other knobs (``trainer.DEFAULTS``:
         ``max_piece_length``, ``shrinking_factor``, ``num_sub_iterations``,
         ``normalization``, ...). ``progress``: True, or a callable taking a line."""
