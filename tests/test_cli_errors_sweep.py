@@ -91,6 +91,17 @@ CASES = {
                                            "{tmp}/run"], ["--eval-data", "is a directory"]),
     "align grpo --data a folder": (["align", "grpo", "-m", "{hf}", "--data", "{folder}", "-o",
                                     "{tmp}/run"], ["--data", "is a directory"]),
+    # windows past the model's positions were scored at clamped positions: numbers, no
+    # error; an id past the vocabulary failed in the embedding
+    "eval perplexity --max-length past max_positions": (
+        ["eval", "perplexity", "-m", "{hf}", "--data", "{corpus.txt}", "--no-progress",
+         "--max-length", "65"], ["--max-length 65", "max_positions (64)", "at most 64"]),
+    "eval mc --max-length past max_positions": (
+        ["eval", "mc", "-m", "{hf}", "--task", "{mc.jsonl}", "--no-progress", "--max-length",
+         "1000"], ["--max-length 1000", "at most 64"]),
+    "eval perplexity --prefix-token-id past the vocabulary": (
+        ["eval", "perplexity", "-m", "{hf}", "--data", "{corpus.txt}", "--no-progress",
+         "--prefix-token-id", "300"], ["--prefix-token-id 300", "ids 0 to 299"]),
 }
 
 UNWRITABLE_CASES = {
@@ -141,3 +152,11 @@ def test_the_output_checks_leave_a_good_path_as_it_was(p, tmp_path):
     assert (out / "clean.stats.json").is_file()
     one_error_line(run("data", "clean", p["missing"], "-o", tmp_path / "c" / "d"), "missing")
     assert not (tmp_path / "c").exists()  # the checked (and created) folders are gone
+
+
+def test_the_largest_window_and_id_the_model_takes_still_work(p):
+    """The bounds above are the model's own: --max-length 64 and id 299 are fine."""
+    ok = run("eval", "perplexity", "-m", p["hf"], "--data", p["corpus.txt"], "--no-progress",
+             "--json", "--max-length", "64", "--prefix-token-id", "299")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["results"][0]["max_length"] == 64

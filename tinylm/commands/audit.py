@@ -242,6 +242,7 @@ def crows_pairs_command(model, data, limit, batch_size, encoding, report):
 
     pairs = read_crows_pairs(data)[:limit]
     net, tokenizer = model.load()
+    encoding.check(net)
     encoder = (encoding.encoder(model, net, tokenizer) if model_kind(net) == "decoder"
                else None)
     with model.precision():

@@ -45,9 +45,31 @@ class Encoding:
     prefix_token_id: int | None = None
     max_length: int | None = None
 
+    def check(self, model) -> None:
+        """A TinyLMError for --max-length or --prefix-token-id that the model cannot take:
+        a window past its positions would be scored at clamped positions (garbage
+        numbers, no error), an id past its vocabulary fails deep in the embedding."""
+        from tinylm.errors import TinyLMError
+        from tinylm.objectives import model_kind
+
+        config = getattr(model, "config", None)
+        limit = getattr(config, "max_positions", None)
+        if (self.max_length is not None and limit is not None
+                and model_kind(model) != "encoder-decoder"  # T5's limit is nominal
+                and self.max_length > limit):
+            raise TinyLMError(f"--max-length {self.max_length} is more than the model's "
+                              f"max_positions ({limit}); give at most {limit}, or leave it out")
+        vocab = getattr(config, "vocab_size", None)
+        if self.prefix_token_id is not None and vocab is not None and \
+                self.prefix_token_id >= vocab:
+            raise TinyLMError(f"--prefix-token-id {self.prefix_token_id} is not in the "
+                              f"model's vocabulary (ids 0 to {vocab - 1}); give an id in it, "
+                              f"or leave it out for BOS (else EOS)")
+
     def encoder(self, source, model, tokenizer):
         from tinylm.evaluation.encoding import TextEncoder
 
+        self.check(model)
         return TextEncoder.for_model(source.path, model, tokenizer, add_bos=self.add_bos,
                                      prefix_token=self.prefix_token_id)
 
