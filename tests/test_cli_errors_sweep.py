@@ -102,6 +102,13 @@ CASES = {
     "eval perplexity --prefix-token-id past the vocabulary": (
         ["eval", "perplexity", "-m", "{hf}", "--data", "{corpus.txt}", "--no-progress",
          "--prefix-token-id", "300"], ["--prefix-token-id 300", "ids 0 to 299"]),
+    # a --skip pattern that matches nothing quantized the layer it meant, silently
+    "quantize --skip matching no layer": (["quantize", "{hf}", "--to", "q8_0", "--skip",
+                                           "lm_haed", "-o", "{tmp}/q"],
+                                          ["--skip 'lm_haed' matches no layer",
+                                           "transformer.blocks.0.attn.qkv"]),
+    "quantize --skip ''": (["quantize", "{hf}", "--to", "q8_0", "--skip", "", "-o",
+                            "{tmp}/q"], ["--skip", "must not be empty"]),
 }
 
 UNWRITABLE_CASES = {
@@ -160,3 +167,19 @@ def test_the_largest_window_and_id_the_model_takes_still_work(p):
              "--json", "--max-length", "64", "--prefix-token-id", "299")
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["results"][0]["max_length"] == 64
+
+
+def test_quantizing_a_quantized_model_requantizes_every_layer(p, tmp_path):
+    """A q8_0 GGUF quantized to int8 was written with its q8_0 layers kept, under the
+    name int8 ("9 layers in int8"); now every layer is int8, from float32 weights."""
+    gguf = tmp_path / "m.gguf"
+    assert run("quantize", p["hf"], "--to", "q8_0", "-o", gguf).exit_code == 0
+    out = tmp_path / "int8"
+    result = run("quantize", gguf, "--to", "int8", "-o", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "config.json").read_text())["quantization"]
+    formats = {t["format"] for t in record["tensors"].values()}
+    assert record["scheme"] == "int8" and formats == {"int8"}, formats
+    layers = {t["layer"] for t in record["tensors"].values()}
+    assert layers == {"linear"}  # int8 leaves the embedding float
+    assert f"{len(record['tensors'])} layers in int8" in result.stdout

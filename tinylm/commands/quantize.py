@@ -5,7 +5,8 @@
     tinylm quantize runs/demo --to q4_0 -o demo-q4_0.gguf        # a GGUF file (llama.cpp)
 
 MODEL is anything ``tinylm.loading.load_model`` reads (a run folder, a Hugging Face
-folder, a GGUF file). OUT is a folder (``tinylm.quant.model.save_quantized``: config.json
+folder, a GGUF file), with float32 weights (a quantized source is dequantized, so every
+layer is quantized to SCHEME anew; a --skip pattern must name a layer). OUT is a folder (``tinylm.quant.model.save_quantized``: config.json
 with a "quantization" section, model.safetensors, tokenizer.txt) or, ending in
 ``.gguf``, a GGUF file written by ``tinylm.formats.gguf_model.export_gguf``.
 """
@@ -17,6 +18,7 @@ import warnings
 
 import click
 
+from tinylm.commands.options import non_empty_strings
 from tinylm.errors import TinyLMError
 
 CLI_SCHEMES = ("q8_0", "q4_0", "q4_1", "int8", "nf4")
@@ -43,6 +45,22 @@ def check_output(out: str, scheme: str, overwrite: bool) -> None:
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise TinyLMError(f"{out} already exists and is not empty; pass --overwrite to "
                           f"replace it")
+
+
+def check_skip(model, skip, model_path: str) -> None:
+    """A TinyLMError for a --skip pattern that names no layer of ``model`` (a typo would
+    otherwise quantize the layer it meant, silently); the message lists a few names."""
+    import fnmatch
+
+    from tinylm import nn
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    for pattern in skip:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise TinyLMError(f"--skip {pattern!r} matches no layer of {model_path}; its "
+                              f"layers are named like {shown} (fnmatch patterns: "
+                              f"'*.attn.*', 'lm_head')")
 
 
 def export_to_gguf(model, tokenizer, out: str, scheme: str) -> None:
@@ -72,7 +90,10 @@ def quantize_model_to(model_path: str, scheme: str, skip, out: str, overwrite: b
     if out.lower().endswith(".gguf") and skip:
         raise TinyLMError("--skip applies to folder outputs; the GGUF exporter picks each "
                           "tensor's type itself (drop --skip or write a folder)")
-    model, tokenizer = load_model(model_path)
+    # float32 weights from a quantized source too (a GGUF file, a quantize folder): its
+    # packed layers would otherwise be kept in their old format under the new name
+    model, tokenizer = load_model(model_path, dequantize=True)
+    check_skip(model, skip, model_path)
     if out.lower().endswith(".gguf"):
         export_to_gguf(model, tokenizer, out, scheme)  # the exporter quantizes itself
         return {"scheme": scheme, "tensors": {}, "skipped": {}}
@@ -93,7 +114,7 @@ def quantize_model_to(model_path: str, scheme: str, skip, out: str, overwrite: b
 @click.argument("model")
 @click.option("--to", "scheme", required=True, type=click.Choice(CLI_SCHEMES,
               case_sensitive=False), help="The weight format.")
-@click.option("--skip", multiple=True, metavar="PATTERN",
+@click.option("--skip", multiple=True, metavar="PATTERN", callback=non_empty_strings,
               help="Leave the layers whose module names match this fnmatch pattern "
                    "float (e.g. lm_head, '*.attn.*'); repeatable.")
 @click.option("-o", "--out", required=True, help="A folder, or a file name ending in .gguf.")
@@ -101,7 +122,8 @@ def quantize_model_to(model_path: str, scheme: str, skip, out: str, overwrite: b
 def quantize_command(model, scheme, skip, out, overwrite):
     """Quantize MODEL's weights to SCHEME and write OUT.
 
-    MODEL is a run folder, a Hugging Face folder or a GGUF file. q8_0, q4_0 and
+    MODEL is a run folder, a Hugging Face folder or a GGUF file (a quantized
+    one is dequantized to float32 first, then every layer quantized anew). q8_0, q4_0 and
     q4_1 also quantize the token embedding (a tied LM head follows it); int8 and
     nf4 quantize the Linear layers only. OUT ending in .gguf is a GGUF file
     (q8_0, q4_0, q4_1 only) that llama.cpp reads; anything else is a folder that
