@@ -183,3 +183,14 @@ def test_quantizing_a_quantized_model_requantizes_every_layer(p, tmp_path):
     layers = {t["layer"] for t in record["tensors"].values()}
     assert layers == {"linear"}  # int8 leaves the embedding float
     assert f"{len(record['tensors'])} layers in int8" in result.stdout
+
+
+def test_info_reads_a_quantize_folder_as_its_float_model(p, tmp_path):
+    """`tinylm info` of a `tinylm quantize` folder was "unknown GPT2Config field(s)
+    ['quantization']"; now it reports the model the folder holds."""
+    out = tmp_path / "q"
+    assert run("quantize", p["hf"], "--to", "int8", "-o", out).exit_code == 0
+    ours, source = run("info", out, "--json"), run("info", p["hf"], "--json")
+    assert ours.exit_code == 0, ours.output
+    assert "quantized to int8" in ours.stderr
+    assert json.loads(ours.stdout)["parameters"] == json.loads(source.stdout)["parameters"]

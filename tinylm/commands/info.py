@@ -4,6 +4,7 @@
     tinylm info my-model.toml -b 8 -t 512  # a tinylm model config file
     tinylm info examples/shakespeare_char.toml   # a training config: the model train builds
     tinylm info runs/demo                  # a run folder, or a Hugging Face folder
+    tinylm info runs/demo-q8               # a `tinylm quantize` folder (its float model)
     tinylm info model.gguf                 # a GGUF file: types, bits per weight, size
 """
 
@@ -15,6 +16,7 @@ import os
 import click
 
 from tinylm import plugins
+from tinylm.loading import _gguf_magic
 from tinylm.models.config import ConfigError, config_from_dict, read_config_file
 from tinylm.models.hf import read_hf_config
 from tinylm.models.info import activation_memory, describe, parameter_counts
@@ -39,6 +41,13 @@ def resolve_config(target: str, log=None):
         data = read_config_file(target)
         if isinstance(data, dict) and "model_type" in data and "architecture" not in data:
             return read_hf_config(target), None
+        if isinstance(data, dict) and "architecture" in data and "quantization" in data:
+            # a folder `tinylm quantize` wrote: its model config plus a quantization record
+            data = dict(data)
+            scheme = (data.pop("quantization") or {}).get("scheme", "?")
+            if log is not None:
+                log(f"{target}: a model quantized to {scheme} by `tinylm quantize`; the "
+                    f"counts and the estimate are of its float32 model")
         return config_from_dict(data), None
     found = plugins.registry("architectures")
     if target in found:
@@ -76,11 +85,12 @@ def info_command(config_or_dir, batch_size, seq_len, dtype, as_json):
     TOML `tinylm train --config` reads: the model is built exactly as train builds
     it, its vocabulary from the tokenizer train would use, trained on the data if
     need be), a run folder or Hugging Face checkpoint directory (or its config.json),
-    or an architecture name (gpt2, llama, bert, t5) for that family's default config.
-    No model is allocated: any size works. A .gguf file gets a report of its own:
+    a folder `tinylm quantize` wrote (its float32 model), or an architecture name
+    (gpt2, llama, bert, t5) for that family's default config. No model is allocated: any size works. A .gguf file gets a report of its own:
     architecture, tensor types with counts, bits per weight, size and parameters.
     """
-    if os.path.isfile(config_or_dir) and config_or_dir.lower().endswith(".gguf"):
+    if os.path.isfile(config_or_dir) and (config_or_dir.lower().endswith(".gguf")
+                                          or _gguf_magic(config_or_dir)):
         from tinylm.models.info import describe_gguf, gguf_summary
 
         click.echo(json.dumps(gguf_summary(config_or_dir), indent=2) if as_json
