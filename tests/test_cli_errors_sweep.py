@@ -109,6 +109,10 @@ CASES = {
                                            "transformer.blocks.0.attn.qkv"]),
     "quantize --skip ''": (["quantize", "{hf}", "--to", "q8_0", "--skip", "", "-o",
                             "{tmp}/q"], ["--skip", "must not be empty"]),
+    # a tokenizer file that is not there was looked up as a name: "unknown tokenizer"
+    "train --tokenizer a missing file": (["train", "--data", "{corpus.txt}", "--out",
+                                          "{tmp}/run", "--tokenizer", "{missing}/tok.json"],
+                                         ["no tokenizer file", "tok.json", "char"]),
 }
 
 UNWRITABLE_CASES = {

@@ -42,6 +42,24 @@ def _parse_value(text: str):
         return text
 
 
+def _tokenizer_spec(ctx, param, value):
+    """--tokenizer: a registered tokenizer name, or a file that exists. A path that does
+    not exist (it has a folder or an extension in it) would otherwise be looked up as a
+    tokenizer name: "unknown tokenizer 'tok.json'; available: bpe, char, ..."."""
+    import os
+
+    from tinylm import plugins
+
+    if value is None or os.path.exists(value):
+        return value
+    names = sorted(plugins.registry("tokenizers"))
+    if value not in names and ("." in value or "/" in value or os.sep in value):
+        raise click.BadParameter(f"no tokenizer file {value!r}; give a file that exists, or "
+                                 f"a tokenizer to train ({', '.join(names)})",
+                                 ctx=ctx, param=param)
+    return value
+
+
 class _DataPath(click.Path):
     """An existing path, or a token-shard folder with a mixture weight: DIR:WEIGHT."""
 
@@ -67,7 +85,8 @@ class _DataPath(click.Path):
 @click.option("--family", help="Model family: gpt, llama, bert, t5 (or a plugin's).")
 @click.option("--objective", help="causal-lm, prefix-lm, masked-lm, span-corruption "
                                   "[default: the family's].")
-@click.option("--tokenizer", help="char, bpe (trained on the data) or a tokenizer file.")
+@click.option("--tokenizer", callback=_tokenizer_spec,
+              help="char, bpe (trained on the data) or a tokenizer file.")
 @click.option("--vocab-size", type=click.IntRange(min=1), help="For a trained bpe tokenizer.")
 @click.option("--n-layer", type=click.IntRange(min=1))
 @click.option("--n-head", type=click.IntRange(min=1))
