@@ -66,3 +66,22 @@ def test_gelu_kernels_keep_float64_exact_and_0d():
     np.testing.assert_allclose(y, x * exact, rtol=1e-15, atol=1e-16)
     y0, c0 = backend.gelu_forward(np.array(0.5, np.float32))
     assert y0.shape == () and abs(float(y0) - 0.5 * 0.5 * (1 + math.erf(0.5 / math.sqrt(2)))) < 1e-7
+
+
+@pytest.mark.parametrize("shape", [(12, 4, 64, 64), (768, 66), (5, 48), (3, 2, 128), (7, 17),
+                                   (0, 64), (4, 1024), (2, 96)])
+def test_last_axis_max_equals_numpy_max(shape):
+    from tinylm.ops.reduce import last_axis_max
+
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal(shape).astype(np.float32)
+    if a.size:
+        a.reshape(-1, shape[-1])[0] = -np.inf  # a fully masked row
+        a.reshape(-1, shape[-1])[-1, shape[-1] // 3] = np.nan  # NaN wins, as in NumPy
+        a.reshape(-1, shape[-1])[len(a.reshape(-1, shape[-1])) // 2, -1] = 1e30
+    got = last_axis_max(np, a)
+    want = a.max(axis=-1, keepdims=True)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    strided = np.repeat(a, 2, axis=-1)[..., ::2]  # same values, not contiguous
+    np.testing.assert_array_equal(last_axis_max(np, strided), want)
