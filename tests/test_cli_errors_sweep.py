@@ -198,3 +198,28 @@ def test_info_reads_a_quantize_folder_as_its_float_model(p, tmp_path):
     assert ours.exit_code == 0, ours.output
     assert "quantized to int8" in ours.stderr
     assert json.loads(ours.stdout)["parameters"] == json.loads(source.stdout)["parameters"]
+
+
+@pytest.fixture(scope="module")
+def bad_gguf(p):
+    """A GGUF file whose gpt2.block_count is the string 'two' (a ValueError traceback
+    in every command that read it), made from a good export of the tiny model."""
+    from tinylm.formats.gguf import GGUFValue, ValueType, read_gguf, write_gguf
+
+    good = p["tmp"] / "good.gguf"
+    assert run("quantize", p["hf"], "--to", "q8_0", "-o", good).exit_code == 0
+    f = read_gguf(good)
+    fields = {k: v for k, v in f.fields.items() if k != "general.alignment"}
+    fields["gpt2.block_count"] = GGUFValue(ValueType.STRING, "two")
+    bad = p["tmp"] / "bad.gguf"
+    write_gguf(bad, fields, dict(f.tensors))
+    return bad
+
+
+@pytest.mark.parametrize("args", [["generate", "-m", "{gguf}", "-p", "the", "-n", "1"],
+                                  ["info", "{gguf}"], ["eval", "perplexity", "-m", "{gguf}",
+                                                       "--data", "{corpus}"]])
+def test_a_gguf_metadata_value_of_the_wrong_type_is_one_error_line(p, bad_gguf, args):
+    args = [a.replace("{gguf}", str(bad_gguf)).replace("{corpus}", str(p["corpus.txt"]))
+            for a in args]
+    one_error_line(run(*args), "'gpt2.block_count' is 'two', not an integer", "re-export")

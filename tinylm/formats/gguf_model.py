@@ -127,10 +127,19 @@ def _norm_rules(o: str, t: str, c) -> list:
 # ----------------------------------------------------------------------------- config
 
 
-def _get(f, key: str, default=KeyError):
+def _get(f, key: str, default=KeyError, kind=None):
+    """Metadata ``key`` (``default`` when absent; KeyError: a GGUFError). ``kind`` int
+    or float: a value of another type (a string, a bool, an array) is a GGUFError."""
     m = f.metadata
     if key in m:
-        return m[key]
+        value = m[key]
+        number = (np.integer,) + ((int,) if kind is int else (int, float, np.floating))
+        if kind is not None and (isinstance(value, (bool, np.bool_))
+                                 or not isinstance(value, number)):
+            raise GGUFError(f"{f.path}: the metadata {key!r} is {value!r}, not "
+                            f"{'an integer' if kind is int else 'a number'}; the file is "
+                            f"damaged or was written wrongly (re-export it)")
+        return value
     if default is KeyError:
         raise GGUFError(f"{f.path}: the metadata has no {key!r}, which a "
                         f"{m.get('general.architecture')} model needs")
@@ -150,22 +159,25 @@ def config_from_gguf(f):
     from tinylm.models.config import GPT2Config, LlamaConfig
 
     arch = architecture(f)
-    a = lambda key, default=KeyError: _get(f, f"{arch}.{key}", default)  # noqa: E731
-    d, n_head = int(a("embedding_length")), int(a("attention.head_count"))
-    head_dim = int(a("attention.key_length", d // max(n_head, 1)))
+    a = lambda key, default=KeyError, kind=None: _get(f, f"{arch}.{key}", default,  # noqa: E731
+                                                       kind)
+    d, n_head = int(a("embedding_length", kind=int)), int(a("attention.head_count", kind=int))
+    head_dim = int(a("attention.key_length", d // max(n_head, 1), kind=int))
     common = dict(
-        vocab_size=_vocab_size(f), d_model=d, n_layer=int(a("block_count")), n_head=n_head,
-        d_ff=int(a("feed_forward_length")), max_positions=int(a("context_length")),
+        vocab_size=_vocab_size(f), d_model=d, n_layer=int(a("block_count", kind=int)),
+        n_head=n_head, d_ff=int(a("feed_forward_length", kind=int)),
+        max_positions=int(a("context_length", kind=int)),
         head_dim=None if head_dim * n_head == d else head_dim,
         tie_embeddings=_tied(f), **_token_ids(f))
     try:
         if arch == "gpt2":
             if common["d_ff"] == 4 * d:
                 common["d_ff"] = None  # as GPT2Config derives it
-            return GPT2Config(norm_eps=_f32_value(a("attention.layer_norm_epsilon")), **common)
+            eps = a("attention.layer_norm_epsilon", kind=float)
+            return GPT2Config(norm_eps=_f32_value(eps), **common)
         return LlamaConfig(
-            n_kv_head=int(a("attention.head_count_kv", n_head)),
-            norm_eps=_f32_value(a("attention.layer_norm_rms_epsilon")),
+            n_kv_head=int(a("attention.head_count_kv", n_head, kind=int)),
+            norm_eps=_f32_value(a("attention.layer_norm_rms_epsilon", kind=float)),
             positional_options=_rope_options(f, a, head_dim),
             bias="blk.0.attn_q.bias" in f.tensors, **common)
     except TinyLMError as e:
@@ -203,15 +215,16 @@ def _token_ids(f) -> dict:
 
 def _rope_options(f, a, head_dim: int) -> dict:
     options = {}
-    base = _f32_value(a("rope.freq_base", 10000.0))
+    base = _f32_value(a("rope.freq_base", 10000.0, kind=float))
     if base != 10000.0:
         options["base"] = base
-    if int(a("rope.dimension_count", head_dim)) != head_dim:
+    if int(a("rope.dimension_count", head_dim, kind=int)) != head_dim:
         raise GGUFError(f"{f.path}: RoPE on {a('rope.dimension_count')} of {head_dim} "
                         f"features per head (partial rotary) is not supported")
     kind = a("rope.scaling.type", "none")
     if kind == "linear":
-        options["scaling"] = {"type": "linear", "factor": _f32_value(a("rope.scaling.factor"))}
+        options["scaling"] = {"type": "linear", "factor": _f32_value(a("rope.scaling.factor",
+                                                                       kind=float))}
     elif kind != "none":
         raise GGUFError(f"{f.path}: RoPE scaling {kind!r} is not supported (tinylm reads "
                         f"'none' and 'linear')")
