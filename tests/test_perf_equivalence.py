@@ -13,14 +13,14 @@ from tinylm import backend
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _plain_gelu_backward(x, cdf, grad):
+def _plain_gelu_slope(x, cdf):
+    """The exact GELU's backward before the blocks: grad * (x phi(x) + Phi(x))."""
     g = x * x
     g *= -0.5
     np.exp(g, out=g)
     g *= _INV_SQRT_2PI
     g *= x
     g += cdf
-    g *= grad
     return g
 
 
@@ -36,26 +36,26 @@ def test_blocked_gelu_is_bit_identical_to_the_whole_array_formula(shape):
     assert y.dtype == cdf.dtype == np.float32 and y.shape == cdf.shape == x.shape
     np.testing.assert_array_equal(cdf, want_cdf)
     np.testing.assert_array_equal(y, x * want_cdf)
-    np.testing.assert_array_equal(backend.gelu_backward(x, cdf, grad),
-                                  _plain_gelu_backward(x, want_cdf, grad))
+    y2, slope = backend.gelu_forward(x, slope=True)
+    np.testing.assert_array_equal(y2, y)
+    want_slope = _plain_gelu_slope(x, want_cdf)
+    np.testing.assert_array_equal(slope, want_slope)
+    # the backward (grad * slope) is the old one's (x phi + Phi) * grad, bit for bit
+    np.testing.assert_array_equal(grad * slope, want_slope * grad)
 
 
 def test_blocked_gelu_reads_strided_inputs_and_matches_float64():
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((64, 1030)) * 2).astype(np.float32)[:, ::2]  # not contiguous
-    grad = rng.standard_normal((515, 64)).astype(np.float32).T
-    y, cdf = backend.gelu_forward(x)
-    gx = backend.gelu_backward(x, cdf, grad)
+    y, slope = backend.gelu_forward(x, slope=True)
     x64 = x.astype(np.float64)
     phi64 = 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
     np.testing.assert_allclose(y, x64 * phi64, rtol=0, atol=6e-7 * np.abs(x64).max())
     dens = np.exp(-0.5 * x64 * x64) * _INV_SQRT_2PI
-    np.testing.assert_allclose(gx, grad * (phi64 + x64 * dens), rtol=0, atol=2e-6)
-    # the same values as the contiguous copy
-    y2, cdf2 = backend.gelu_forward(np.ascontiguousarray(x))
+    np.testing.assert_allclose(slope, phi64 + x64 * dens, rtol=0, atol=2e-6)
+    y2, slope2 = backend.gelu_forward(np.ascontiguousarray(x), slope=True)
     np.testing.assert_array_equal(y, y2)
-    np.testing.assert_array_equal(gx, backend.gelu_backward(np.ascontiguousarray(x), cdf2,
-                                                            np.ascontiguousarray(grad)))
+    np.testing.assert_array_equal(slope, slope2)
 
 
 def test_gelu_kernels_keep_float64_exact_and_0d():
@@ -64,8 +64,34 @@ def test_gelu_kernels_keep_float64_exact_and_0d():
     exact = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
     np.testing.assert_allclose(cdf, exact, rtol=1e-15, atol=1e-16)
     np.testing.assert_allclose(y, x * exact, rtol=1e-15, atol=1e-16)
-    y0, c0 = backend.gelu_forward(np.array(0.5, np.float32))
-    assert y0.shape == () and abs(float(y0) - 0.5 * 0.5 * (1 + math.erf(0.5 / math.sqrt(2)))) < 1e-7
+    _, slope = backend.gelu_forward(x, slope=True)
+    np.testing.assert_allclose(slope, exact + x * np.exp(-0.5 * x * x) * _INV_SQRT_2PI,
+                               rtol=1e-14, atol=1e-16)
+    y0, s0 = backend.gelu_forward(np.array(0.5, np.float32), slope=True)
+    assert y0.shape == s0.shape == ()
+    assert abs(float(y0) - 0.5 * 0.5 * (1 + math.erf(0.5 / math.sqrt(2)))) < 1e-7
+
+
+def test_gelu_op_backward_matches_torch_and_keeps_no_input():
+    torch = pytest.importorskip("torch")
+    from tinylm import ops
+    from tinylm.autograd import no_grad
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 33, 70)) * 2).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    t = Tensor(x, requires_grad=True)
+    y = ops.gelu(t)
+    assert not hasattr(y.creator, "x")  # only the slope is kept for the backward
+    y.backward(Tensor(g))
+    tx = torch.from_numpy(x).requires_grad_()
+    ty = torch.nn.functional.gelu(tx)
+    ty.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=2e-6, atol=1e-6)  # |x| 1e-7
+    np.testing.assert_allclose(t.grad, tx.grad.numpy(), rtol=2e-6, atol=1e-6)
+    with no_grad():
+        np.testing.assert_array_equal(ops.gelu(Tensor(x)).data, y.data)
 
 
 @pytest.mark.parametrize("shape", [(12, 4, 64, 64), (768, 66), (5, 48), (3, 2, 128), (7, 17),

@@ -203,14 +203,27 @@ def _gelu_blocks(x) -> bool:
     return isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim > 0
 
 
-def gelu_forward(x):
-    """(x Phi(x), Phi(x)) as fresh arrays: the exact GELU and its gate (kept for the
-    backward). float32 host arrays: ``normal_cdf``'s formula, evaluated per block of
-    GELU_BLOCK elements (the same operations in the same order: bit-identical to
-    ``x * normal_cdf(x)``); others: exactly that expression."""
+def gelu_forward(x, slope: bool = False):
+    """(x Phi(x), Phi(x)) as fresh arrays: the exact GELU and its gate; with ``slope``,
+    (x Phi(x), Phi(x) + x phi(x)): the GELU and its derivative, which is all that the
+    backward needs (``grad * slope``: one pass, and x itself need not be kept).
+    float32 host arrays: ``normal_cdf``'s formula, evaluated per block of GELU_BLOCK
+    elements, the slope's ~6 extra passes too while the block is in cache (the same
+    operations in the same order: bit-identical to ``x * normal_cdf(x)`` and to
+    ``x * phi(x) + normal_cdf(x)``); others: exactly those expressions."""
     if not _gelu_blocks(x):
         cdf = normal_cdf(x)
-        return x * cdf, cdf
+        y = x * cdf
+        if slope:
+            xp = get_array_module(x)
+            d = xp.asarray(x * x)
+            d *= -0.5
+            xp.exp(d, out=d)
+            d *= _INV_SQRT_2PI  # phi(x)
+            d *= x
+            d += cdf
+            return y, d
+        return y, cdf
     flat = np.ascontiguousarray(x).reshape(-1)
     n = flat.size
     y, cdf = np.empty(n, np.float32), np.empty(n, np.float32)
@@ -228,37 +241,14 @@ def gelu_forward(x):
         g *= 0.5
         g += 0.5
         np.multiply(part, g, out=y[start:start + m])
+        if slope:  # g <- Phi(x) + x phi(x)
+            np.multiply(part, part, out=s)
+            s *= -0.5
+            np.exp(s, out=s)
+            s *= _INV_SQRT_2PI
+            s *= part
+            g += s
     return y.reshape(x.shape), cdf.reshape(x.shape)
-
-
-def gelu_backward(x, cdf, grad):
-    """grad * (Phi(x) + x phi(x)), the exact GELU's input gradient, as a fresh array;
-    ``cdf`` is Phi(x) from ``gelu_forward``. float32 host arrays of one shape: per block
-    of GELU_BLOCK elements (bit-identical to the whole-array expression)."""
-    xp = get_array_module(x)
-    if not (_gelu_blocks(x) and cdf.shape == x.shape == grad.shape
-            and cdf.dtype == grad.dtype == np.float32):
-        g = xp.asarray(x * x)
-        g *= -0.5
-        xp.exp(g, out=g)
-        g *= _INV_SQRT_2PI  # phi(x)
-        g *= x
-        g += cdf  # Phi(x) + x phi(x)
-        g *= grad
-        return g
-    fx, fc, fg = (np.ascontiguousarray(a).reshape(-1) for a in (x, cdf, grad))
-    out = np.empty(fx.size, np.float32)
-    for start in range(0, fx.size, GELU_BLOCK):
-        stop = start + GELU_BLOCK
-        part, g = fx[start:stop], out[start:stop]
-        np.multiply(part, part, out=g)
-        g *= -0.5
-        np.exp(g, out=g)
-        g *= _INV_SQRT_2PI
-        g *= part
-        g += fc[start:stop]
-        g *= fg[start:stop]
-    return out.reshape(x.shape)
 
 
 def _horner(s, coeffs, out):

@@ -234,8 +234,8 @@ class Gelu(Function):
     approximate = "none"
 
     def forward(self, xp, x):
-        self.x = x
         if self.approximate == "tanh":
+            self.x = x
             t = xp.asarray(x * x)
             t *= x
             t *= 0.044715
@@ -246,13 +246,13 @@ class Gelu(Function):
             y *= x
             y *= 0.5
             return y
-        y, self.cdf = backend.gelu_forward(x)  # x Phi(x) and Phi(x), fresh arrays
+        # x Phi(x), and its slope Phi(x) + x phi(x) for the backward (x is not kept)
+        y, self.slope = backend.gelu_forward(x, slope=self.needs_grad)
         return y
 
     def backward(self, xp, grad):
-        x = self.x
         if self.approximate == "tanh":
-            t = self.t
+            x, t = self.x, self.t
             g = xp.asarray(t * t)
             xp.subtract(1, g, out=g)  # 1 - t^2
             g *= x
@@ -266,7 +266,7 @@ class Gelu(Function):
             g *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) d inner
             g *= grad
             return g
-        return backend.gelu_backward(x, self.cdf, grad)  # grad (Phi(x) + x phi(x))
+        return xp.multiply(grad, self.slope)  # grad (Phi(x) + x phi(x))
 
 
 def tanh(x):
