@@ -201,25 +201,59 @@ def test_info_reads_a_quantize_folder_as_its_float_model(p, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bad_gguf(p):
-    """A GGUF file whose gpt2.block_count is the string 'two' (a ValueError traceback
-    in every command that read it), made from a good export of the tiny model."""
-    from tinylm.formats.gguf import GGUFValue, ValueType, read_gguf, write_gguf
+def gguf_variant(p):
+    """variant(name, **fields): a copy of a good GGUF export of the tiny model with
+    those metadata fields (GGUFValue) replaced."""
+    from tinylm.formats.gguf import read_gguf, write_gguf
 
     good = p["tmp"] / "good.gguf"
     assert run("quantize", p["hf"], "--to", "q8_0", "-o", good).exit_code == 0
     f = read_gguf(good)
-    fields = {k: v for k, v in f.fields.items() if k != "general.alignment"}
-    fields["gpt2.block_count"] = GGUFValue(ValueType.STRING, "two")
-    bad = p["tmp"] / "bad.gguf"
-    write_gguf(bad, fields, dict(f.tensors))
-    return bad
+
+    def variant(name, fields):
+        kept = {k: v for k, v in f.fields.items() if k != "general.alignment"}
+        write_gguf(p["tmp"] / name, {**kept, **fields}, dict(f.tensors))
+        return p["tmp"] / name
+
+    return variant
 
 
-@pytest.mark.parametrize("args", [["generate", "-m", "{gguf}", "-p", "the", "-n", "1"],
-                                  ["info", "{gguf}"], ["eval", "perplexity", "-m", "{gguf}",
-                                                       "--data", "{corpus}"]])
-def test_a_gguf_metadata_value_of_the_wrong_type_is_one_error_line(p, bad_gguf, args):
-    args = [a.replace("{gguf}", str(bad_gguf)).replace("{corpus}", str(p["corpus.txt"]))
-            for a in args]
-    one_error_line(run(*args), "'gpt2.block_count' is 'two', not an integer", "re-export")
+def _gguf_cases():
+    from tinylm.formats.gguf import GGUFValue, ValueType as V
+
+    # name -> (fields, fragments); each was a ValueError traceback
+    return {
+        "block_count a string": ({"gpt2.block_count": GGUFValue(V.STRING, "two")},
+                                 ["'gpt2.block_count' is 'two', not an integer", "re-export"]),
+        "eos id a string": ({"tokenizer.ggml.eos_token_id": GGUFValue(V.STRING, "x")},
+                            ["eos_token_id is 'x', not a token id"]),
+        "tokens a list of ints": ({"tokenizer.ggml.tokens": GGUFValue(V.ARRAY, [1] * 300,
+                                                                      V.INT32)},
+                                  ["tokenizer.ggml.tokens is not a list of strings"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_gguf_cases()))
+@pytest.mark.parametrize("command", ["generate", "info", "eval perplexity"])
+def test_a_gguf_metadata_value_of_the_wrong_type_is_one_error_line(p, gguf_variant, case,
+                                                                    command):
+    fields, fragments = _gguf_cases()[case]
+    path = gguf_variant(case.replace(" ", "_") + ".gguf", fields)
+    args = {"generate": ["generate", "-m", path, "-p", "the", "-n", "1"],
+            "info": ["info", path],
+            "eval perplexity": ["eval", "perplexity", "-m", path, "--data", p["corpus.txt"]]}
+    one_error_line(run(*args[command]), *fragments)
+
+
+def test_a_gguf_special_token_id_outside_the_vocabulary_is_ignored(gguf_variant):
+    """As llama.cpp does ("bad special token ... using default"): the model loads, with
+    no BOS id, instead of a config whose bos_token_id 99999 fails in the embedding."""
+    from tinylm.formats.gguf import GGUFValue, ValueType as V
+    from tinylm.loading import load_model
+
+    path = gguf_variant("bad_bos.gguf", {"tokenizer.ggml.bos_token_id": GGUFValue(V.UINT32,
+                                                                                  99999),
+                                         "tokenizer.ggml.eos_token_id": GGUFValue(V.UINT32,
+                                                                                  7)})
+    model, _ = load_model(path)
+    assert model.config.bos_token_id is None and model.config.eos_token_id == 7

@@ -57,9 +57,27 @@ def _fail(f, problem: str):
 
 
 def special_ids(f) -> dict:
-    """{"bos": id, "eos": id, ...} of the ids the metadata names (those it has)."""
+    """{"bos": id, "eos": id, ...} of the ids the metadata names (those it has). An id
+    that is not an integer, or a token list that is not a list of strings, is a
+    GGUFError; an id outside the token list is left out, as llama.cpp ignores it ("bad
+    special token")."""
     m = f.metadata
-    return {k: int(m[key]) for k, key in SPECIAL_KEYS.items() if key in m}
+    tokens = m.get("tokenizer.ggml.tokens")
+    if tokens is not None and (not isinstance(tokens, list)
+                               or not all(isinstance(t, str) for t in tokens)):
+        _fail(f, "tokenizer.ggml.tokens is not a list of strings; the file is damaged or "
+                 "was written wrongly (re-export it)")
+    out = {}
+    for name, key in SPECIAL_KEYS.items():
+        if key not in m:
+            continue
+        value = m[key]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            _fail(f, f"{key} is {value!r}, not a token id; the file is damaged or was "
+                     f"written wrongly (re-export it)")
+        if 0 <= value and (tokens is None or value < len(tokens)):
+            out[name] = int(value)
+    return out
 
 
 class MissingBytesBPE(BPETokenizer):
