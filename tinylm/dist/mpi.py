@@ -26,7 +26,10 @@ and moving data that ``bench/scale.py`` reports).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+import struct
 import sys
 import time
 
@@ -39,6 +42,7 @@ PING_GRACE_S = 3.0
 SPIN_POLLS = 200
 NAME_BYTES = 32  # a pong: int64 sequence number + the collective's name
 RENDEZVOUS_BYTES = 1 << 20  # from here on: barrier first, then the collective spun
+DRAIN_S = 2.0  # at most this long for mpiexec to take a rank's last output before MPI_Abort
 
 
 def import_mpi():
@@ -114,8 +118,10 @@ class MpiTransport:
         return MpiTransport(sub, world_ranks=mine)
 
     def abort(self, code: int) -> None:
-        """MPI_Abort (mpiexec stops every rank), then exit: MPICH's may return."""
-        sys.stderr.flush()
+        """MPI_Abort (mpiexec stops every rank), then exit: MPICH's may return. What this
+        rank wrote last (its error message) is first left to reach mpiexec: see
+        ``drain_output``."""
+        drain_output()
         self.MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
@@ -203,3 +209,39 @@ class MpiTransport:
         return CommTimeout(f"{me}, yet every rank answered ({where}): the ranks wait in "
                            f"different collectives (a bug: report it), or the collective is "
                            f"slower than the timeout: raise TINYLM_DIST_TIMEOUT")
+
+
+def drain_output(timeout: float = DRAIN_S) -> None:
+    """Flush stdout and stderr and wait (up to ``timeout`` s) until whoever reads them
+    (mpiexec's proxy, for a rank) has taken every byte. MPI_Abort makes mpiexec kill
+    the job at once, and under load the proxy may not yet have read the aborting
+    rank's last lines (its error message), which were then lost (MPICH's hydra: 9 of 120
+    runs of a stopped-rank timeout on two loaded cores, none with this wait). The proxy
+    forwards output and the abort over one connection, in order, so what it has read
+    arrives first.
+    A pipe or socket only (the bytes still unread: FIONREAD / TIOCOUTQ); a file or a
+    terminal needs no wait, nor does a system without those (not POSIX)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        import fcntl
+        import termios
+    except ImportError:
+        return
+    deadline = time.monotonic() + timeout
+    for fd in (1, 2):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        request = (termios.FIONREAD if stat.S_ISFIFO(mode) else
+                   termios.TIOCOUTQ if stat.S_ISSOCK(mode) else None)
+        while request is not None and time.monotonic() < deadline:
+            try:
+                unread = struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
+            except OSError:
+                break
+            if unread <= 0:
+                break
+            time.sleep(0.002)

@@ -81,21 +81,22 @@ def _write_pid(comm: Comm) -> None:
 
 def report_and_abort(error: BaseException, comm: Comm | None = None) -> None:
     """What a rank of a multi-rank job does with an error no one caught: print it
-    with its rank on stderr, then stop every rank (MPI_Abort, exit code 2), so the
-        others never wait for it (an error that another rank reports, ``ReportedElsewhere``,
-    is not printed twice). One rank: nothing (the caller reports as usual)."""
+    with its rank on stderr (and in ``TINYLM_DIST_PIDS``'s ``rank-R.error``), then stop
+    every rank (MPI_Abort, exit code 2), so the others never wait for it (an error that
+    another rank reports, ``ReportedElsewhere``, is not printed twice). One rank: nothing (the caller reports as usual)."""
     comm = comm or _world
     if comm is None or comm.size == 1:
         return
     if isinstance(error, ReportedElsewhere):
         comm.abort(2)
-    folder = os.environ.get(PIDS_VAR)
-    if folder:  # tells `tinylm train --nproc` that this rank reported its end
-        with contextlib.suppress(OSError):
-            write_atomic(os.path.join(folder, f"rank-{comm.rank}.error"), "1\n")
     text = " ".join(str(error).split()) or type(error).__name__
     if not text.startswith(f"rank {comm.rank}"):
         text = f"rank {comm.rank} of {comm.size}: {text}"
     kind = "" if isinstance(error, TinyLMError) else f"{type(error).__name__}: "
-    print(f"Error: {kind}{text}", file=sys.stderr, flush=True)
-    comm.abort(2)
+    message = f"Error: {kind}{text}"
+    folder = os.environ.get(PIDS_VAR)
+    if folder:  # tells `tinylm train --nproc` that this rank reported its end (and what)
+        with contextlib.suppress(OSError):
+            write_atomic(os.path.join(folder, f"rank-{comm.rank}.error"), message + "\n")
+    print(message, file=sys.stderr, flush=True)
+    comm.abort(2)  # (MPI: once mpiexec has taken the message, see mpi.drain_output)
