@@ -35,7 +35,9 @@ def p(tmp_path_factory):
     (tmp / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     mc = [{"question": "the cat", "choices": ["sat", "ran"], "answer": 0}] * 2
     (tmp / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    names = ("corpus.txt", "a_file", "folder", "hf", "sft.jsonl", "pref.jsonl", "mc.jsonl")
+    (tmp / "empty.jsonl").write_text("\n\n")
+    names = ("corpus.txt", "a_file", "folder", "hf", "sft.jsonl", "pref.jsonl", "mc.jsonl",
+             "empty.jsonl")
     return {n: tmp / n for n in names} | {"tmp": tmp, "missing": tmp / "missing"}
 
 
@@ -113,6 +115,10 @@ CASES = {
     "train --tokenizer a missing file": (["train", "--data", "{corpus.txt}", "--out",
                                           "{tmp}/run", "--tokenizer", "{missing}/tok.json"],
                                          ["no tokenizer file", "tok.json", "char"]),
+    # an examples file without examples gave a zero-shot prompt, silently
+    "generate --few-shot an empty file": (["generate", "-m", "{hf}", "--few-shot",
+                                           "{empty.jsonl}", "-p", "q", "-n", "1"],
+                                          ["holds no examples", "leave --few-shot out"]),
 }
 
 UNWRITABLE_CASES = {

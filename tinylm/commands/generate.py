@@ -93,8 +93,15 @@ def _prompt(prompt, prompt_file, few_shot_file, k_shots, cot, allow_special) -> 
             raise click.UsageError("give --few-shot or --cot, not both")
         if not prompt:
             raise click.UsageError("give the question to ask with --prompt or --prompt-file")
-        prompt = (few_shot("", load_examples(few_shot_file), prompt, k=k_shots)
-                  if few_shot_file else chain_of_thought(prompt))
+        if few_shot_file:
+            examples = load_examples(few_shot_file)
+            if not examples:
+                raise click.UsageError(f"--few-shot {few_shot_file} holds no examples; give "
+                                       f"a JSONL file of {{\"input\": ..., \"output\": ...}} "
+                                       f"lines, or leave --few-shot out")
+            prompt = few_shot("", examples, prompt, k=k_shots)
+        else:
+            prompt = chain_of_thought(prompt)
     return Prompt(prompt, allow_special)
 
 
