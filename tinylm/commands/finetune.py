@@ -231,7 +231,9 @@ def run_options(defaults: dict = FINETUNE_DEFAULTS):
         click.option("--device", type=click.Choice(["cpu", "cuda"])),
         click.option("--half/--no-half", default=None,
                      help="float16 matmuls (needs --device cuda)."),
-        click.option("--threads", type=click.IntRange(min=0), help="BLAS threads on the CPU."),
+        click.option("--threads", type=click.IntRange(min=0),
+                     help="BLAS threads on the CPU (0: as configured) [default: 1 for models "
+                          "under 20M parameters]."),
         click.option("--overwrite", is_flag=True,
                      help="Start over even if OUT has a checkpoint."),
         click.option("--progress/--no-progress", default=True, show_default=True),
