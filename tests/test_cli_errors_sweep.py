@@ -263,3 +263,17 @@ def test_a_gguf_special_token_id_outside_the_vocabulary_is_ignored(gguf_variant)
                                                                                   7)})
     model, _ = load_model(path)
     assert model.config.bos_token_id is None and model.config.eos_token_id == 7
+
+
+def test_an_untrainable_tokenizer_type_names_the_ones_that_train(p, tmp_path):
+    """--type wordpiece said "load a vocabulary with from_file" (a Python call, not a
+    command); now the line lists the types --type can train, each of which trains."""
+    line = one_error_line(run("tokenize", "train", p["corpus.txt"], "--type", "wordpiece",
+                              "-o", tmp_path / "t.txt"), "not trained by tinylm")
+    listed = line.split("--type can train ")[1].split(", ")
+    assert "wordpiece" not in listed and {"bpe", "char"} <= set(listed)
+    for kind in listed:
+        result = run("tokenize", "train", p["corpus.txt"], "--type", kind, "-n", "300",
+                     "--no-progress", "-o", tmp_path / f"{kind}.txt")
+        assert result.exit_code == 0, (kind, result.output)
+    assert not (tmp_path / "t.txt").exists()

@@ -108,6 +108,14 @@ def train_command(ctx, corpus, output, kind, fmt, **values):
 
     cls = plugins.get_tokenizer_class(kind, needs=("train",),
                                       purpose="`tinylm tokenize train`")
+    trainable = _trainable_types()
+    if kind not in trainable:
+        from tinylm.tokenizers.base import TokenizerError
+
+        raise TokenizerError(f"{kind!r} tokenizers are not trained by tinylm "
+                             f"({cls.__module__}.{cls.__qualname__} has no train method: it "
+                             f"reads a vocabulary made elsewhere, whose file encode and "
+                             f"decode take as -t); --type can train {', '.join(trainable)}")
     _check_output(output)
     for path in corpus:
         check_file(path, "text file")
@@ -134,6 +142,17 @@ def train_command(ctx, corpus, output, kind, fmt, **values):
     tok.save(output, fmt)
     click.echo(f"trained a {kind} tokenizer with {tok.vocab_size} tokens on {source} in "
                f"{seconds:.1f} s; saved {output}", err=True)
+
+
+def _trainable_types() -> list:
+    """The registered tokenizer names whose class has a ``train`` of its own (the base
+    class's says there is none)."""
+    from tinylm.tokenizers.base import Tokenizer
+
+    found = plugins.registry("tokenizers")
+    return sorted(name for name, cls in found.items()
+                  if getattr(getattr(cls, "train", None), "__func__", None)
+                  is not Tokenizer.train.__func__)
 
 
 def _train_options(ctx, kind: str, function, train, values: dict) -> dict:
