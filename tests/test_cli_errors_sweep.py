@@ -119,6 +119,10 @@ CASES = {
     "generate --few-shot an empty file": (["generate", "-m", "{hf}", "--few-shot",
                                            "{empty.jsonl}", "-p", "q", "-n", "1"],
                                           ["holds no examples", "leave --few-shot out"]),
+    # with --nproc, each rank said it ("Error: rank 1 of 2: ..." twice, then MPI_Abort)
+    "train --nproc 2 with a bad setting": (["train", "--data", "{corpus.txt}", "--out",
+                                            "{tmp}/run", "--nproc", "2", "-s", "lr=-1"],
+                                           ["invalid training config: lr must be > 0"]),
 }
 
 UNWRITABLE_CASES = {

@@ -161,7 +161,9 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, npr
         raise click.UsageError("say where the run goes: --out DIR (or out_dir in --config)")
     if nproc is not None and nproc > 1 and dist.launched_size() == 1:
         from tinylm.dist.launch import launch
+        from tinylm.train import TrainConfig
 
+        TrainConfig.from_dict(given)  # a bad setting: one line here, not one per rank
         sys.exit(launch(nproc))
     comm = dist.world()
     try:
