@@ -123,6 +123,11 @@ CASES = {
     "train --nproc 2 with a bad setting": (["train", "--data", "{corpus.txt}", "--out",
                                             "{tmp}/run", "--nproc", "2", "-s", "lr=-1"],
                                            ["invalid training config: lr must be > 0"]),
+    # a file inside a model folder: say which folder to pass
+    "generate -m the folder's model.safetensors": (["generate", "-m",
+                                                    "{hf}/model.safetensors", "-p", "a"],
+                                                   ["is not a directory",
+                                                    "pass the folder that holds it"]),
 }
 
 UNWRITABLE_CASES = {

@@ -92,6 +92,10 @@ def source_kind(path) -> str:
     if os.path.isfile(path) and (path.lower().endswith(".gguf") or _gguf_magic(path)):
         return "gguf"
     if not os.path.isdir(path):
+        folder = os.path.dirname(path) or "."
+        if os.path.isfile(os.path.join(folder, "config.json")):  # model.safetensors, ...
+            raise CheckpointError(f"{path} is not a directory: pass the folder that holds "
+                                  f"it, {folder}")
         raise CheckpointError(f"{path} is not a directory; pass {_EXPECTED}")
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
