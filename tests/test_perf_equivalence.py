@@ -111,3 +111,69 @@ def test_last_axis_max_equals_numpy_max(shape):
     np.testing.assert_array_equal(got, want)
     strided = np.repeat(a, 2, axis=-1)[..., ::2]  # same values, not contiguous
     np.testing.assert_array_equal(last_axis_max(np, strided), want)
+
+
+def test_fused_attention_with_strided_qkv_matches_float64():
+    """The fused node on q, k, v that are views of one (B, T, 3C) projection (as the
+    models hand them over): forward and gradients against float64 softmax attention."""
+    from tinylm import ops
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(4)
+    B, T, H, hs = 3, 20, 2, 8
+    qkv = rng.standard_normal((B, T, 3 * H * hs)).astype(np.float32)
+    g = rng.standard_normal((B, H, T, hs)).astype(np.float32)
+    t = Tensor(qkv, requires_grad=True)
+    heads = t.reshape(B, T, 3 * H, hs).swapaxes(1, 2)
+    q, k, v = heads[:, :H], heads[:, H:2 * H], heads[:, 2 * H:]
+    y = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y.backward(Tensor(g))
+
+    def ref(qkv64):
+        h = qkv64.reshape(B, T, 3 * H, hs).transpose(0, 2, 1, 3)
+        q, k, v = h[:, :H], h[:, H:2 * H], h[:, 2 * H:]
+        s = q @ k.swapaxes(-1, -2) / math.sqrt(hs) + np.triu(np.full((T, T), -np.inf), 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return p @ v
+
+    x64 = qkv.astype(np.float64)
+    np.testing.assert_allclose(y.data, ref(x64), rtol=1e-5, atol=1e-6)
+    eps, num = 1e-6, np.zeros_like(x64)
+    flat = x64.reshape(-1)
+    for i in range(0, flat.size, 7):  # a sample of central differences
+        old = flat[i]
+        flat[i] = old + eps
+        up = (ref(x64) * g).sum()
+        flat[i] = old - eps
+        down = (ref(x64) * g).sum()
+        flat[i] = old
+        num.reshape(-1)[i] = (up - down) / (2 * eps)
+    picked = np.zeros(flat.size, bool)
+    picked[::7] = True
+    np.testing.assert_allclose(t.grad.reshape(-1)[picked], num.reshape(-1)[picked],
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_split_backward_of_a_strided_input_keeps_its_layout_and_values():
+    """Split.backward writes the gradient in the input's memory order: for heads split
+    from a (B, T, 3n, hs) projection the gradient reaching the projection is then
+    C-contiguous (no copy in the reshape's backward) and the values are the plain
+    concatenation's."""
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((2, 5, 6 * 4)).astype(np.float32)
+    gs = [rng.standard_normal((2, 2, 5, 4)).astype(np.float32) for _ in range(3)]
+    x = Tensor(qkv, requires_grad=True)
+    q, k, v = x.reshape(2, 5, 6, 4).swapaxes(1, 2).split([2, 2, 2], axis=1)
+    ((q * Tensor(gs[0])).sum() + (k * Tensor(gs[1])).sum() + (v * Tensor(gs[2])).sum()).backward()
+    want = np.concatenate(gs, axis=1).swapaxes(1, 2).reshape(2, 5, 24)
+    np.testing.assert_array_equal(x.grad, want)
+    # a contiguous input: the plain concatenation
+    y = Tensor(qkv, requires_grad=True)
+    a, b = y.split([10, 14], axis=-1)
+    ((a * 2.0).sum() + (b * 3.0).sum()).backward()
+    np.testing.assert_array_equal(y.grad, np.concatenate([np.full((2, 5, 10), 2.0, np.float32),
+                                                          np.full((2, 5, 14), 3.0, np.float32)],
+                                                         axis=-1))

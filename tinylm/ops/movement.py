@@ -5,6 +5,8 @@ They move or copy elements without arithmetic; each backward is the inverse move
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinylm import backend
 from tinylm.errors import ShapeError
 from tinylm.function import Function
@@ -164,6 +166,12 @@ class Split(Function):
         return tuple(_split_at(xp, x, self.sizes, self.axis))
 
     def backward(self, xp, *grads):
+        x = self.inputs[0].data
+        if xp is np and not x.flags.c_contiguous:
+            # In x's memory order (empty_like keeps it): the heads split of a fused qkv
+            # projection, (B, T, 3n, hs) seen as (B, 3n, T, hs), then gets a gradient
+            # that the transpose and reshape back hand on as views, not a second copy.
+            return np.concatenate(grads, axis=self.axis, out=np.empty_like(x))
         return xp.concatenate(grads, axis=self.axis)
 
 
