@@ -128,6 +128,14 @@ CASES = {
                                                     "{hf}/model.safetensors", "-p", "a"],
                                                    ["is not a directory",
                                                     "pass the folder that holds it"]),
+    # an argument that is not UTF-8 (Python hands it over with lone surrogates) ended in
+    # "... or encode its bytes with encode_bytes", a Python call
+    "generate -p not UTF-8": (["generate", "-m", "{hf}", "-p", "a\udcffb", "-n", "1"],
+                              ["--prompt", "not UTF-8 text", "character 1"]),
+    "generate --stop not UTF-8": (["generate", "-m", "{hf}", "-p", "a", "--stop", "\udcff"],
+                                  ["--stop", "not UTF-8 text"]),
+    "tokenize encode TEXT not UTF-8": (["tokenize", "encode", "-t", "{hf}/tokenizer.json",
+                                        "x\udcfe"], ["not UTF-8 text", "character 1"]),
 }
 
 UNWRITABLE_CASES = {
@@ -286,3 +294,16 @@ def test_an_untrainable_tokenizer_type_names_the_ones_that_train(p, tmp_path):
                      "--no-progress", "-o", tmp_path / f"{kind}.txt")
         assert result.exit_code == 0, (kind, result.output)
     assert not (tmp_path / "t.txt").exists()
+
+
+def test_a_chat_line_that_is_not_utf8_is_one_error():
+    """--chat reads standard input, which Python decodes with surrogateescape."""
+    import io
+
+    from tinylm.commands.generate import _user_lines
+    from tinylm.errors import TinyLMError
+
+    lines = _user_lines(io.StringIO("hello\n\n\udcff\udcfe\n"))
+    assert next(lines) == "hello"
+    with pytest.raises(TinyLMError, match="standard input is not UTF-8 text"):
+        next(lines)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import click
 
-from tinylm.commands.options import finite_float, non_empty_strings, option_group
+from tinylm.commands.options import (check_utf8, finite_float, non_empty_strings, option_group,
+                                     utf8_text)
 from tinylm.sampling import SamplingConfig
 
 # --------------------------------------------------------------------------- option groups
@@ -193,7 +194,7 @@ model_options = option_group(
 
 prompt_options = option_group(
     "prompt", _prompt,
-    click.option("-p", "--prompt", default=None,
+    click.option("-p", "--prompt", default=None, callback=utf8_text,
                  help="Text to continue [default: the start of a document]."),
     click.option("--prompt-file", type=click.File("rb"), default=None,
                  help="Read the prompt from this UTF-8 file ('-' for stdin)."),
@@ -214,7 +215,8 @@ stopping_options = option_group(
     "stopping", lambda stop, **kw: Stopping(stop=tuple(stop), **kw),
     click.option("-n", "--max-new-tokens", type=click.IntRange(min=0), default=200,
                  show_default=True),
-    click.option("--stop", multiple=True, callback=non_empty_strings,
+    click.option("--stop", multiple=True,
+                 callback=lambda c, p, v: utf8_text(c, p, non_empty_strings(c, p, v)),
                  help="Stop when this text appears (repeatable)."),
     click.option("--ignore-eos", is_flag=True,
                  help="Go on past the model's end-of-sequence token."))
@@ -262,7 +264,7 @@ chat_options = option_group(
     click.option("--chat-template", "chat_template", default=None, metavar="NAME|FILE",
                  help="--chat: a built-in template (plain, chatml) or a JSON file [default: "
                       "the model's chat_template.json, else plain]."),
-    click.option("--system", "system_text", default=None,
+    click.option("--system", "system_text", default=None, callback=utf8_text,
                  help="--chat: a system message that opens the conversation."))
 
 # --------------------------------------------------------------------------- loading
@@ -492,6 +494,6 @@ def _user_lines(stdin):
         line = stdin.readline()
         if not line or line.strip() == "/exit":
             return
-        line = line.rstrip("\r\n")
+        line = check_utf8(line.rstrip("\r\n"), "a line read from standard input")
         if line.strip():
             yield line

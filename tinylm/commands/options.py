@@ -134,3 +134,38 @@ def writable_file(ctx, param, value):
         raise click.BadParameter(f"cannot write {value} ({e.strerror or e}); pick a "
                                  f"folder you may write to", ctx=ctx, param=param) from None
     return value
+
+
+def _surrogate_at(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (what Python makes of bytes that
+    are not UTF-8 in a command-line argument or on standard input), else None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
+def check_utf8(text: str, what: str) -> str:
+    """``text`` if it is UTF-8 text; else a TinyLMError naming ``what`` (a shell that
+    passed bytes in another encoding, or a binary file piped in)."""
+    at = _surrogate_at(text)
+    if at is not None:
+        from tinylm.errors import TinyLMError
+
+        raise TinyLMError(f"{what} is not UTF-8 text (a byte that is not UTF-8 at character "
+                          f"{at}); give UTF-8 text (check the terminal's or the file's "
+                          f"encoding)")
+    return text
+
+
+def utf8_text(ctx, param, value):
+    """A callback for a text option or argument (one value or ``multiple``): each must be
+    UTF-8 (see ``check_utf8``)."""
+    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(item, str) and _surrogate_at(item) is not None:
+            at = _surrogate_at(item)
+            raise click.BadParameter(f"not UTF-8 text (a byte that is not UTF-8 at character "
+                                     f"{at}); give UTF-8 text (check the terminal's "
+                                     f"encoding)", ctx=ctx, param=param)
+    return value

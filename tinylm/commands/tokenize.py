@@ -31,6 +31,7 @@ import time
 import click
 
 from tinylm import plugins
+from tinylm.commands.options import utf8_text
 from tinylm.errors import TinyLMError
 
 # TokenizerError.option -> the advice, in flags, that replaces the keyword advice
@@ -208,7 +209,7 @@ def _check_output(output) -> None:
 @tokenize_group.command(name="encode")
 @click.option("-t", "--tokenizer", "tokenizer_path", required=True, type=click.Path(),
               help="A tokenizer file.")
-@click.argument("text", required=False)
+@click.argument("text", required=False, callback=utf8_text)
 @click.option("-f", "--file", "file", type=click.Path(), help="Encode this file instead of TEXT.")
 @click.option("--allow-special", is_flag=True,
               help="Encode special tokens in the text as their ids (default: refuse them).")
