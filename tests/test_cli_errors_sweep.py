@@ -307,3 +307,30 @@ def test_a_chat_line_that_is_not_utf8_is_one_error():
     assert next(lines) == "hello"
     with pytest.raises(TinyLMError, match="standard input is not UTF-8 text"):
         next(lines)
+
+
+def test_train_help_states_the_defaults_train_uses():
+    """Every "[default: N]" number in `tinylm train --help` is TrainConfig's default (or
+    the small model's, for the [model] options), so the two cannot drift apart."""
+    import dataclasses
+    import re
+
+    from tinylm.commands.train import _MODEL_OPTIONS, train_command
+    from tinylm.train import SMALL_MODEL, TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    checked = 0
+    for param in train_command.params:
+        found = re.search(r"\[default: ([^\]]+)\]", param.help or "")
+        if not found or not re.fullmatch(r"[0-9.e+-]+|cpu|char|random", found.group(1)):
+            continue
+        text = found.group(1)
+        if param.name in _MODEL_OPTIONS:
+            expected = SMALL_MODEL[_MODEL_OPTIONS[param.name]]
+        else:
+            expected = defaults[param.name]
+        got = text if isinstance(expected, str) else float(text)
+        assert got == expected, (param.name, text, expected)
+        checked += 1
+    assert checked >= 18

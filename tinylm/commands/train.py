@@ -86,38 +86,50 @@ class _DataPath(click.Path):
 @click.option("--objective", help="causal-lm, prefix-lm, masked-lm, span-corruption "
                                   "[default: the family's].")
 @click.option("--tokenizer", callback=_tokenizer_spec,
-              help="char, bpe (trained on the data) or a tokenizer file.")
-@click.option("--vocab-size", type=click.IntRange(min=1), help="For a trained bpe tokenizer.")
-@click.option("--n-layer", type=click.IntRange(min=1))
-@click.option("--n-head", type=click.IntRange(min=1))
-@click.option("--d-model", "--n-embd", "d_model", type=click.IntRange(min=1))
-@click.option("--d-ff", type=click.IntRange(min=1))
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
-@click.option("--block-size", type=click.IntRange(min=1), help="Context length in tokens.")
-@click.option("--batch-size", type=click.IntRange(min=1))
+              help="char, bpe (trained on the data) or a tokenizer file [default: char].")
+@click.option("--vocab-size", type=click.IntRange(min=1),
+              help="For a trained bpe tokenizer [default: 2048].")
+@click.option("--n-layer", type=click.IntRange(min=1), help="Transformer blocks [default: 4].")
+@click.option("--n-head", type=click.IntRange(min=1), help="Attention heads [default: 4].")
+@click.option("--d-model", "--n-embd", "d_model", type=click.IntRange(min=1),
+              help="Width of each token's vector [default: 128].")
+@click.option("--d-ff", type=click.IntRange(min=1),
+              help="Width of the MLP's hidden layer [default: the family's, from d-model].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="[default: 0]")
+@click.option("--block-size", type=click.IntRange(min=1),
+              help="Context length in tokens [default: 64].")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Sequences per micro-batch [default: 12].")
 @click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step.")
-@click.option("--max-steps", type=click.IntRange(min=0))
-@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--max-steps", type=click.IntRange(min=0), help="Optimizer steps [default: 1000].")
+@click.option("--lr", type=float, help="Peak learning rate [default: 0.001].")
 @click.option("--min-lr", type=float, help="Final learning rate [default: lr/10].")
-@click.option("--warmup-steps", type=click.IntRange(min=0))
+@click.option("--warmup-steps", type=click.IntRange(min=0),
+              help="Steps of linear warm-up to --lr [default: 100].")
 @click.option("--lr-decay-steps", type=click.IntRange(min=0), help="[default: max-steps]")
-@click.option("--weight-decay", type=click.FloatRange(min=0))
-@click.option("--beta1", type=float)
-@click.option("--beta2", type=float)
-@click.option("--grad-clip", type=click.FloatRange(min=0), help="0 turns clipping off.")
-@click.option("--eval-every", type=click.IntRange(min=1))
-@click.option("--eval-iters", type=click.IntRange(min=1))
-@click.option("--log-every", type=click.IntRange(min=1))
+@click.option("--weight-decay", type=click.FloatRange(min=0),
+              help="AdamW's weight decay [default: 0.1].")
+@click.option("--beta1", type=float, help="AdamW's beta1 [default: 0.9].")
+@click.option("--beta2", type=float, help="AdamW's beta2 [default: 0.99].")
+@click.option("--grad-clip", type=click.FloatRange(min=0),
+              help="Gradient norm clip; 0 turns clipping off [default: 1.0].")
+@click.option("--eval-every", type=click.IntRange(min=1),
+              help="Steps between evaluations [default: 250].")
+@click.option("--eval-iters", type=click.IntRange(min=1),
+              help="Batches per evaluation [default: 20].")
+@click.option("--log-every", type=click.IntRange(min=1),
+              help="Steps between log lines [default: 10].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="[default: eval-every]")
 @click.option("--sample-tokens", type=click.IntRange(min=0),
-              help="Length of the sample printed at each eval (0: none).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True))
+              help="Length of the sample printed at each eval (0: none) [default: 200].")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+              help="Share of the data held out for validation [default: 0.1].")
 @click.option("--sampling", type=click.Choice(["random", "packed"]),
-              help="Random windows (nanoGPT) or packed documents.")
+              help="Random windows (nanoGPT) or packed documents [default: random].")
 @click.option("--text-field", help="The text field of JSONL records [default: text].")
 @click.option("--cache-dir", help="Where tokenized data is cached [default: ~/.cache/tinylm].")
-@click.option("--seed", type=click.IntRange(min=0))
-@click.option("--device", type=click.Choice(["cpu", "cuda"]))
+@click.option("--seed", type=click.IntRange(min=0), help="[default: 1337]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cpu]")
 @click.option("--half/--no-half", default=None,
               help="float16 matmuls + loss scaling (needs --device cuda).")
 @click.option("--threads", type=click.IntRange(min=0),
