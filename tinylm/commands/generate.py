@@ -225,15 +225,21 @@ sampling_options = option_group(
     "sampling", SamplingConfig,
     click.option("-t", "--temperature", type=finite_float(min=0), default=0.8,
                  show_default=True, help="0 picks the most likely token every time."),
-    click.option("-k", "--top-k", type=click.IntRange(min=1), default=200, show_default=True),
+    click.option("-k", "--top-k", type=click.IntRange(min=1), default=200, show_default=True,
+                 help="Sample among the K most likely tokens."),
     click.option("--top-p", type=finite_float(0, 1, min_open=True), default=None,
                  help="Nucleus sampling: keep the most likely tokens covering this mass."),
     click.option("--min-p", type=finite_float(0, 1), default=None,
                  help="Keep tokens at least this fraction as likely as the top one."),
     click.option("--repetition-penalty", type=finite_float(min=0, min_open=True), default=1.0,
-                 show_default=True),
-    click.option("--frequency-penalty", type=finite_float(), default=0.0, show_default=True),
-    click.option("--presence-penalty", type=finite_float(), default=0.0, show_default=True))
+                 show_default=True,
+                 help="Make tokens already in the text less likely (transformers'; 1: off)."),
+    click.option("--frequency-penalty", type=finite_float(), default=0.0, show_default=True,
+                 help="Subtract this times a token's count in the reply from its logit "
+                      "(OpenAI's)."),
+    click.option("--presence-penalty", type=finite_float(), default=0.0, show_default=True,
+                 help="Subtract this from the logit of each token the reply has used "
+                      "(OpenAI's)."))
 
 search_options = option_group(
     "search", _search,
@@ -279,7 +285,8 @@ chat_options = option_group(
 @stopping_options
 @sampling_options
 @search_options
-@click.option("--seed", type=click.IntRange(min=0), default=1337, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=1337, show_default=True,
+              help="Seed of the sampling (the same seed gives the same text).")
 @output_options
 @chat_options
 def generate_command(model: ModelSource, prompt: Prompt, stopping: Stopping,
