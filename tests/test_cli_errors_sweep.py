@@ -186,6 +186,11 @@ def test_the_output_checks_leave_a_good_path_as_it_was(p, tmp_path):
     assert (out / "clean.stats.json").is_file()
     one_error_line(run("data", "clean", p["missing"], "-o", tmp_path / "c" / "d"), "missing")
     assert not (tmp_path / "c").exists()  # the checked (and created) folders are gone
+    # a folder name too long to create, below one the check could create: both refused
+    # and gone
+    one_error_line(run("data", "clean", p["corpus.txt"], "-o", tmp_path / "e" / ("x" * 300)),
+                   "cannot write into the folder")
+    assert not (tmp_path / "e").exists()
 
 
 def test_the_largest_window_and_id_the_model_takes_still_work(p):

@@ -106,10 +106,11 @@ def writable_folder(ctx, param, value):
                                  ctx=ctx, param=param) from None
     finally:
         for folder in made:  # deepest first: only the folders this check created
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+            if os.path.isdir(folder):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
     return value
 
 
