@@ -44,7 +44,8 @@ def resolve_config(target: str, log=None):
         if isinstance(data, dict) and "architecture" in data and "quantization" in data:
             # a folder `tinylm quantize` wrote: its model config plus a quantization record
             data = dict(data)
-            scheme = (data.pop("quantization") or {}).get("scheme", "?")
+            record = data.pop("quantization")
+            scheme = record.get("scheme", "?") if isinstance(record, dict) else "?"
             if log is not None:
                 log(f"{target}: a model quantized to {scheme} by `tinylm quantize`; the "
                     f"counts and the estimate are of its float32 model")
@@ -86,8 +87,9 @@ def info_command(config_or_dir, batch_size, seq_len, dtype, as_json):
     it, its vocabulary from the tokenizer train would use, trained on the data if
     need be), a run folder or Hugging Face checkpoint directory (or its config.json),
     a folder `tinylm quantize` wrote (its float32 model), or an architecture name
-    (gpt2, llama, bert, t5) for that family's default config. No model is allocated: any size works. A .gguf file gets a report of its own:
-    architecture, tensor types with counts, bits per weight, size and parameters.
+    (gpt2, llama, bert, t5) for that family's default config. No model is allocated:
+    any size works. A .gguf file gets a report of its own: architecture, tensor types
+    with counts, bits per weight, size and parameters.
     """
     if os.path.isfile(config_or_dir) and (config_or_dir.lower().endswith(".gguf")
                                           or _gguf_magic(config_or_dir)):
