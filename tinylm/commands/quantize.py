@@ -6,9 +6,10 @@
 
 MODEL is anything ``tinylm.loading.load_model`` reads (a run folder, a Hugging Face
 folder, a GGUF file), with float32 weights (a quantized source is dequantized, so every
-layer is quantized to SCHEME anew; a --skip pattern must name a layer). OUT is a folder (``tinylm.quant.model.save_quantized``: config.json
-with a "quantization" section, model.safetensors, tokenizer.txt) or, ending in
-``.gguf``, a GGUF file written by ``tinylm.formats.gguf_model.export_gguf``.
+layer is quantized to SCHEME anew; a --skip pattern must name a layer). OUT is a folder
+(``tinylm.quant.model.save_quantized``: config.json with a "quantization" section,
+model.safetensors, tokenizer.txt) or, ending in ``.gguf``, a GGUF file written by
+``tinylm.formats.gguf_model.export_gguf``.
 """
 
 from __future__ import annotations
