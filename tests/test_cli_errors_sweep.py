@@ -339,3 +339,27 @@ def test_train_help_states_the_defaults_train_uses():
         assert got == expected, (param.name, text, expected)
         checked += 1
     assert checked >= 18
+
+
+def test_a_run_folder_with_another_runs_tokenizer_is_refused_at_load(p, tmp_path):
+    """A run folder (no trainer_state.json: a model folder) whose tokenizer.txt has more
+    ids than the model's embedding loaded, then failed in the embedding mid-generation."""
+    import shutil
+
+    from train_helpers import TINY_CLI
+
+    run_dir = tmp_path / "run"
+    trained = run("train", "--data", p["corpus.txt"], "--out", run_dir, "--cache-dir",
+                  tmp_path / "cache", "--max-steps", "1", *TINY_CLI)
+    assert trained.exit_code == 0, trained.output
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.txt"):
+        shutil.copy(run_dir / name, model_dir / name)
+    assert run("generate", "-m", model_dir, "-p", "the", "-n", "2").exit_code == 0
+    big = tmp_path / "big.txt"
+    assert run("tokenize", "train", p["corpus.txt"], "--type", "bpe", "-n", "300",
+               "--no-progress", "--format", "tinylm", "-o", big).exit_code == 0
+    shutil.copy(big, model_dir / "tokenizer.txt")
+    one_error_line(run("generate", "-m", model_dir, "-p", "the", "-n", "2"),
+                   "the tokenizer has 300 ids", "is not the model's")

@@ -62,6 +62,7 @@ def load_model(path, device: str = "cpu", *, dequantize: bool | None = None):
         from tinylm.rundir import load_model_dir
 
         model, tokenizer = load_model_dir(path, device)
+        _check_vocab(path, model, tokenizer)
     else:
         model, tokenizer = _load_hf(path), hf_tokenizer(path)
         model = model.to(device)
@@ -113,6 +114,17 @@ def source_kind(path) -> str:
         return "hf"
     raise CheckpointError(f"{config} names neither an 'architecture' (tinylm) nor a "
                           f"'model_type' (Hugging Face); pass {_EXPECTED}")
+
+
+def _check_vocab(path, model, tokenizer) -> None:
+    """A run folder's tokenizer may not have ids past the model's embedding rows (a
+    tokenizer.txt from another run: it would fail in the embedding mid-generation)."""
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    size = getattr(tokenizer, "vocab_size", None)
+    if rows is not None and size is not None and size > rows:
+        raise CheckpointError(f"{path}: the tokenizer has {size} ids, the model's embedding "
+                              f"{rows} rows; its tokenizer.txt is not the model's: restore "
+                              f"the run's own, or retrain (tinylm train --overwrite)")
 
 
 def _load_gguf(path, dequantize: bool):
