@@ -1,8 +1,10 @@
-"""A second sweep of bad inputs over the commands test_cli_errors.py does not cover as
-closely (data, plugins new, eval, audit, quantize, finetune, align, serve): an output
-path that cannot be written, a folder where a file goes, options that cannot mean
-anything for the model given. Each is one `Error:` line on stderr, exit code 2, no
-traceback, refused before any work is done and with nothing written."""
+"""A second sweep of bad inputs, over what test_cli_errors.py does not cover as closely
+(data, plugins new, eval, audit, quantize, finetune, align, tokenize, info, and loading
+GGUF files and run folders): an output path that cannot be written, a folder where a
+file goes, options that cannot mean anything for the model given, text that is not
+UTF-8, damaged metadata. Each is one `Error:` line on stderr, exit code 2, no
+traceback, refused before any work is done and with nothing written; the few fixes
+that change a result (quantize, info, GGUF special ids) are checked against it."""
 
 from __future__ import annotations
 
