@@ -138,6 +138,12 @@ CASES = {
                                   ["--stop", "not UTF-8 text"]),
     "tokenize encode TEXT not UTF-8": (["tokenize", "encode", "-t", "{hf}/tokenizer.json",
                                         "x\udcfe"], ["not UTF-8 text", "character 1"]),
+    # past the context, greedy decoding slides its window off the prefix: not the
+    # k-extractability the audit reports (it printed numbers, exit 0)
+    "audit extraction --prefix + --suffix past the context": (
+        ["audit", "extraction", "-m", "{hf}", "--train", "{corpus.txt}", "--heldout",
+         "{corpus.txt}", "--prefix", "40", "--suffix", "40", "--no-progress"],
+        ["do not fit the model's 64 positions", "at most 65"]),
 }
 
 UNWRITABLE_CASES = {

@@ -200,6 +200,13 @@ def extraction_command(model, train_file, heldout_file, prefix, suffix, samples,
     from tinylm.tokenizers.formats import read_text_file
 
     net, tokenizer = model.load()
+    limit = getattr(getattr(net, "config", None), "max_positions", None)
+    if limit is not None and prefix + suffix - 1 > limit:
+        from tinylm.errors import TinyLMError
+
+        raise TinyLMError(f"--prefix {prefix} + --suffix {suffix} tokens do not fit the "
+                          f"model's {limit} positions: greedy decoding would slide past the "
+                          f"prefix; give --prefix + --suffix at most {limit + 1}")
     with model.precision():
         results = extraction_audit(net, tokenizer, read_text_file(train_file),
                                    read_text_file(heldout_file), prefix=prefix,
