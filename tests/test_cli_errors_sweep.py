@@ -371,3 +371,12 @@ def test_a_run_folder_with_another_runs_tokenizer_is_refused_at_load(p, tmp_path
     shutil.copy(big, model_dir / "tokenizer.txt")
     one_error_line(run("generate", "-m", model_dir, "-p", "the", "-n", "2"),
                    "the tokenizer has 300 ids", "is not the model's")
+
+
+def test_extraction_at_the_context_limit_runs(p):
+    """The bound is exact: prefix + suffix = max_positions + 1 is the longest that fits."""
+    ok = run("audit", "extraction", "-m", p["hf"], "--train", p["corpus.txt"], "--heldout",
+             p["corpus.txt"], "--prefix", "40", "--suffix", "25", "--samples", "2",
+             "--no-progress", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["results"]["train"]["suffix_tokens"] == 25
