@@ -433,6 +433,73 @@ def test_a_rank_killed_stops_the_other_with_its_rank_named(mpiexec, cache, tmp_p
     assert not launch._alive(survivor)
 
 
+
+def test_a_rank_killed_by_sigkill_gets_one_line_naming_it_and_the_signal(mpiexec, cache,
+                                                                         tmp_path):
+    """``--nproc 2``, rank 1 SIGKILLed mid-training: one ``Error:`` line on stderr, naming
+    rank 1 (its pid) and SIGKILL, from mpiexec's "Killed (signal 9)", saying what to do;
+    exit code 2, no Python traceback from any process."""
+    pids = tmp_path / "pids"
+    process = _start([sys.executable, "-c", ENTRY, *_long_run(tmp_path / "run", cache),
+                      "--nproc", "2"], _env(TINYLM_DIST_PIDS=str(pids)), tmp_path / "run")
+    killed = _rank_pid(pids, 1)
+    os.kill(killed, signal.SIGKILL)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err
+    lines = [line for line in err.splitlines() if "Error" in line]
+    assert len(lines) == 1, err
+    assert re.fullmatch(rf"Error: rank 1 of 2 \(pid {killed}\) was killed by SIGKILL \(.*"
+                        rf"out-of-memory killer.*\), so mpiexec stopped the others; run the "
+                        rf"same command again to resume from the last checkpoint", lines[0]), err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert not (pids / "rank-1.error").exists()
+
+
+FAKE_MPIEXEC = r"""#!{python}
+import os, socket, sys
+pids, mode = os.environ["TINYLM_DIST_PIDS"], os.environ["FAKE_MODE"]
+line = "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"
+with open(os.path.join(pids, "rank-1"), "w") as f:
+    f.write(f"999999999 {{socket.gethostname()}}\n")
+if mode in ("lost", "said"):
+    with open(os.path.join(pids, "rank-1.error"), "w") as f:
+        f.write(line + "\n")
+if mode == "said":
+    sys.stderr.write("step 3\r" + line + "\n")
+if mode == "killed":
+    print("=   PID 999999999 RUNNING AT host\n=   EXIT CODE: 11\n"
+          "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Segmentation fault (signal 11)")
+sys.exit(2 if mode != "killed" else 11)
+"""
+
+
+@pytest.mark.parametrize("mode, want", [
+    ("lost", "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"),
+    ("said", "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"),
+    ("killed", "Error: rank 1 of 2 (pid 999999999) was killed by SIGSEGV (a crash in native "
+               "code), so mpiexec stopped the others; run the same command again to resume "
+               "from the last checkpoint")])
+def test_launch_prints_a_ranks_report_once_whether_or_not_it_reached_stderr(tmp_path, mode,
+                                                                            want):
+    """A stand-in mpiexec (no MPI): a rank's ``rank-R.error`` that never reached stderr
+    is printed by the launcher, one that did is not printed again, and a rank that
+    died from a signal without a report is named with the signal mpiexec gives."""
+    fake = tmp_path / "mpiexec"
+    fake.write_text(FAKE_MPIEXEC.format(python=sys.executable))
+    fake.chmod(0o755)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (pids / "rank-0.error").write_text("Error: rank 0 of 2: from an earlier job\n")  # stale
+    code = ("import sys; from tinylm.dist import launch; "
+            f"launch.find_mpiexec = lambda: {str(fake)!r}; sys.exit(launch.launch(2, ['x']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(TINYLM_DIST_PIDS=str(pids), FAKE_MODE=mode), timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "Error" in line]  # (\r too)
+    assert lines == [want], done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_stopped_rank_times_out_the_other_naming_it(mpiexec, cache, tmp_path):
     pids = tmp_path / "pids"
     command = [mpiexec, "-n", "2", sys.executable, "-c", ENTRY,

@@ -9,7 +9,17 @@ the dist extra puts it), then on PATH. Each rank gets ``cores / N`` BLAS threads
 this process reads mpiexec's output and watches the pids of the ranks on this host
 (``TINYLM_DIST_PIDS``): when the job fails because a rank vanished without reporting
 an error (SIGKILL, the OOM killer, a segfault), it names that rank, which MPICH's
-own message does not (it gives a pid).
+own message does not (it gives a pid), and the signal that ended it when mpiexec says
+("Killed (signal 9)": was killed by SIGKILL).
+
+A rank that fails reports with ``report_and_abort``: one ``Error: rank R ...`` line on
+its stderr, and the same line in ``TINYLM_DIST_PIDS/rank-R.error``. That line can be
+lost on the way (mpiexec torn down before it forwarded it), so after a failed job
+the text of each ``rank-R.error`` is printed here, but only when it was not already
+seen: mpiexec's stderr is piped through this process (copied on at once, bytes as they
+come, so a progress bar still moves) and its ``Error:`` lines are noted. Knowing that
+costs one thread and a set of a few lines, so each rank's message appears once,
+whether or not it reached stderr by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,43 +87,140 @@ def launch(nproc: int, argv: list | None = None) -> int:
                *child_args(sys.argv[1:] if argv is None else argv)]
     with tempfile.TemporaryDirectory(prefix="tinylm-ranks-") as own:
         pids = os.environ.get(PIDS_VAR) or own
-        process = subprocess.Popen(command, env=rank_env(nproc, pids), stdout=subprocess.PIPE)
+        _clear(pids, nproc)
+        process = subprocess.Popen(command, env=rank_env(nproc, pids), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
         named = []  # what mpiexec says about a rank that ended badly
-        copier = threading.Thread(target=_copy_output, args=(process.stdout, named),
-                                  daemon=True)
-        copier.start()
+        said = set()  # the `Error: ...` lines that went through its stderr
+        copiers = [threading.Thread(target=_copy_output, args=(process.stdout, named),
+                                    daemon=True),
+                   threading.Thread(target=_copy_errors, args=(process.stderr, said),
+                                    daemon=True)]
+        for copier in copiers:
+            copier.start()
         try:
             first_gone = _watch(process, pids, nproc)
         except KeyboardInterrupt:
             process.wait()
             return 130
-        copier.join(timeout=5)
+        for copier in copiers:
+            copier.join(timeout=5)
         code = process.returncode
         if code in (0, 130, 143):
             return code
+        reports = _reports(pids, nproc)
+        for rank in sorted(reports):  # the messages that did not reach stderr by themselves
+            if reports[rank] not in said:
+                print(reports[rank], file=sys.stderr, flush=True)
         culprit = _culprit(pids, nproc, named, first_gone)
-        reported = culprit is not None and os.path.exists(
-            os.path.join(pids, f"rank-{culprit[0]}.error"))
-        if culprit is not None and not reported:
-            rank, pid = culprit
-            print(f"Error: rank {rank} of {nproc} (pid {pid}) ended without a message (killed, "
-                  f"out of memory or crashed), so mpiexec stopped the others; run the same "
-                  f"command again to resume from the last checkpoint", file=sys.stderr, flush=True)
+        signum = next((value for kind, value in named if kind == "signal"), None)
+        if culprit is not None and culprit[0] not in reports:
+            print(_vanished(culprit[0], nproc, culprit[1], signum), file=sys.stderr, flush=True)
+        elif culprit is None and not reports and signum is not None:
+            print(_vanished(None, nproc, None, signum), file=sys.stderr, flush=True)
         return 2
+
+
+def _clear(folder: str, nproc: int) -> None:
+    """Remove what an earlier job left in ``folder`` (its pids, its error reports), which
+    would be taken for this job's."""
+    for rank in range(nproc):
+        for name in (f"rank-{rank}", f"rank-{rank}.error"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _reports(folder: str, nproc: int) -> dict:
+    """{rank: its one-line ``Error: ...`` report} of the ranks that wrote ``rank-R.error``."""
+    found = {}
+    for rank in range(nproc):
+        try:
+            with open(os.path.join(folder, f"rank-{rank}.error"), encoding="utf-8",
+                      errors="replace") as f:
+                text = " ".join(f.read().split())
+        except OSError:
+            continue
+        if text:
+            found[rank] = text
+    return found
+
+
+_CRASHES = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"}
+
+
+def _vanished(rank, nproc: int, pid, signum) -> str:
+    """The line for a rank that ended without a report (rank / pid / signal: None when
+    unknown)."""
+    who = "a rank" if rank is None else f"rank {rank}"
+    who += f" of {nproc}" + ("" if pid is None else f" (pid {pid})")
+    if signum is None:
+        how = "ended without a message (killed, out of memory or crashed)"
+    else:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        how = f"was killed by {name}"
+        if name == "SIGKILL":
+            how += (" (by hand or by the out-of-memory killer: dmesg says which; if out of "
+                    "memory, lower --batch-size or --nproc)")
+        elif name in _CRASHES:
+            how += " (a crash in native code)"
+    return (f"Error: {who} {how}, so mpiexec stopped the others; run the same command again "
+            f"to resume from the last checkpoint")
+
+
+_NAMING = ((r"PID (\d+) RUNNING AT", "pid"), (r"process rank (\d+) with PID", "rank"),
+           (r"\(signal (\d+)\)|exited on signal (\d+)", "signal"))
 
 
 def _copy_output(stream, named: list) -> None:
     """Copy mpiexec's stdout to ours, noting the pids / ranks it reports as ended
-    badly (MPICH: "PID 1234 RUNNING AT host"; Open MPI: "process rank 1 with PID")."""
+    badly and the signal that ended them (MPICH: "PID 1234 RUNNING AT host", "EXIT
+    STRING: Killed (signal 9)"; Open MPI: "process rank 1 with PID 1234 on node n
+    exited on signal 9")."""
     for line in iter(stream.readline, b""):
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
         text = line.decode(errors="replace")
-        for pattern, kind in ((r"PID (\d+) RUNNING AT", "pid"), (r"process rank (\d+) with PID",
-                                                                  "rank")):
+        for pattern, kind in _NAMING:
             found = re.search(pattern, text)
             if found:
-                named.append((kind, int(found.group(1))))
+                named.append((kind, int(next(g for g in found.groups() if g))))
+
+
+def _copy_errors(stream, said: set, limit: int = 1 << 16) -> None:
+    """Copy mpiexec's stderr to ours as it comes (a progress bar's "\\r" included),
+    adding to ``said`` each line's ``Error: ...`` (from there on, spaces collapsed as in
+    ``_reports``). A line is ended by "\\n" or "\\r"; of a longer one than ``limit``
+    bytes only the end is looked at."""
+    fd, out, pending = stream.fileno(), getattr(sys.stderr, "buffer", None), b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:
+            chunk = b""
+        if chunk:
+            try:
+                if out is None:
+                    sys.stderr.write(chunk.decode(errors="replace"))
+                else:
+                    out.write(chunk)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # (our stderr is gone: the lines are still noted)
+        *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+        if not chunk:
+            lines.append(pending)
+        for line in lines:
+            at = line.find(b"Error: ")
+            if at >= 0:
+                said.add(" ".join(line[at:].decode(errors="replace").split()))
+        if not chunk:
+            return
+        pending = pending[-limit:]
 
 
 def _culprit(folder: str, nproc: int, named: list, first_gone):
