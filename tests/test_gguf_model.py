@@ -51,7 +51,10 @@ def hf_llama():
 @pytest.fixture(scope="module")
 def hf_gpt2():
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                     n_positions=128, activation_function="gelu_new")
+                                     n_positions=128, activation_function="gelu_new",
+                                     # GPT2Config's default 50256 is outside this small
+                                     # vocabulary: GGUF import drops such ids, as llama.cpp
+                                     bos_token_id=VOCAB - 5, eos_token_id=VOCAB - 5)
     return build_hf(transformers.GPT2LMHeadModel, config).eval()
 
 
