@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +42,35 @@ from tinylm.nn.module import Module, Parameter
 def _normal(std: float):
     """A draw of N(0, std) weights from the init RNG, for ``initial_weights``."""
     return lambda shape: backend.rng(np).normal(0.0, std, shape)
+
+
+def _number(scheme: str, name: str, value, low: float = 0.0, high: float | None = None,
+            integer: bool = False):
+    """``value`` of option ``name`` checked to be a finite number (an integer when
+    ``integer``) above ``low`` and at most ``high``; a TinyLMError saying what to write
+    in ``positional_options`` otherwise (float("x") was a ValueError traceback)."""
+    kinds = numbers.Integral if integer else numbers.Real
+    what = "an integer" if integer else "a number"
+    bound = f" > {low:g}" + (f" and <= {high:g}" if high is not None else "")
+    ok = (isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
+          and math.isfinite(value)
+          and value > low and (high is None or value <= high))
+    if not ok:
+        raise TinyLMError(f"{scheme} positional option {name} = {value!r} is not {what}{bound}; "
+                          f"fix positional_options in the model config (e.g. {{{name} = "
+                          f"{_EXAMPLES.get(name, 1)}}})")
+    return value
+
+
+def _flag(scheme: str, name: str, value) -> bool:
+    """A true/false option; anything else (a string "false" was true) is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TinyLMError(f"{scheme} positional option {name} = {value!r} is not true or "
+                          f"false; fix positional_options in the model config")
+    return bool(value)
+
+
+_EXAMPLES = {"base": "10000.0", "fraction": "0.5", "num_buckets": "32", "max_distance": "128"}
 
 
 class PositionalDims(NamedTuple):
@@ -143,7 +173,7 @@ class SinusoidalPositional(PositionalEncoding):
 
     def __init__(self, d_model: int, base: float = 10000.0):
         super().__init__()
-        self.d_model, self.base = d_model, float(base)
+        self.d_model, self.base = d_model, float(_number("sinusoidal", "base", base))
 
     @classmethod
     def from_dims(cls, dims, **options):
@@ -238,6 +268,9 @@ class RoPE(PositionalEncoding):
     def __init__(self, head_dim: int, base: float = 10000.0, fraction: float = 1.0,
                  interleaved: bool = False, scaling: dict | None = None):
         super().__init__()
+        base = _number("rope", "base", base)
+        fraction = _number("rope", "fraction", fraction, high=1.0)
+        interleaved = _flag("rope", "interleaved", interleaved)
         rot_dim = int(head_dim * fraction)
         if rot_dim % 2 or rot_dim <= 0:
             raise TinyLMError(
@@ -319,7 +352,7 @@ class ALiBi(PositionalEncoding):
 
     def __init__(self, n_head: int, bidirectional: bool = False):
         super().__init__()
-        self.n_head, self.bidirectional = n_head, bool(bidirectional)
+        self.n_head, self.bidirectional = n_head, _flag("alibi", "bidirectional", bidirectional)
         self.slopes = alibi_slopes(n_head)
 
     @classmethod
@@ -381,8 +414,17 @@ class T5RelativeBias(PositionalEncoding):
     def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128,
                  bidirectional: bool = True):
         super().__init__()
+        self.bidirectional = _flag("t5", "bidirectional", bidirectional)
+        num_buckets = _number("t5", "num_buckets", num_buckets, low=0, integer=True)
+        max_distance = _number("t5", "max_distance", max_distance, low=0, integer=True)
+        exact = (num_buckets // 2 if self.bidirectional else num_buckets) // 2
+        if exact < 1 or max_distance <= exact:
+            raise TinyLMError(f"t5 positional options num_buckets = {num_buckets} and "
+                              f"max_distance = {max_distance} leave no log-spaced buckets; "
+                              f"give num_buckets >= {4 if self.bidirectional else 2} and "
+                              f"max_distance above num_buckets / "
+                              f"{4 if self.bidirectional else 2} (T5: 32 and 128)")
         self.n_head, self.num_buckets, self.max_distance = n_head, num_buckets, max_distance
-        self.bidirectional = bool(bidirectional)
         self.weight = Parameter(initial_weights(_normal(0.02), (num_buckets, n_head))
                                 .astype(np.float32))
 

@@ -1,0 +1,70 @@
+"""A third sweep of bad inputs, for what the second (test_cli_errors_sweep.py) found and
+left: options a model config cannot mean, files of the wrong kind handed to a reader,
+damaged compressed inputs, adapter ranks that are no rank, and defaults that do not fit
+the model given. Each is one `Error:` line on stderr, exit code 2 and no traceback, or
+(where the fix changes a result) checked against what the result should be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import one_error_line, run
+from generate_helpers import tiny_hf_gpt
+from train_helpers import corpus_text
+
+LLAMA = """architecture = "llama"
+vocab_size = 100
+d_model = 16
+n_layer = 1
+n_head = 2
+d_ff = 32
+max_positions = 32
+"""
+
+
+@pytest.fixture(scope="module")
+def p(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep2")
+    (tmp / "corpus.txt").write_text(corpus_text(400), encoding="utf-8")
+    hf = tmp / "hf"
+    hf.mkdir()
+    tiny_hf_gpt(hf, corpus_text(300))
+    return {"tmp": tmp, "hf": hf, "corpus.txt": tmp / "corpus.txt"}
+
+
+# positional_options -> fragments; each was a ValueError traceback (float("x"), int("aa"))
+POSITIONAL = {
+    '{ base = "x" }': ["base = 'x' is not a number > 0", "positional_options"],
+    "{ base = -2.0 }": ["base = -2.0 is not a number > 0"],
+    '{ fraction = "a" }': ["fraction = 'a' is not a number > 0 and <= 1"],
+    "{ fraction = 2.0 }": ["fraction = 2.0 is not a number"],
+    '{ interleaved = "no" }': ["interleaved = 'no' is not true or false"],
+}
+
+
+@pytest.mark.parametrize("options", POSITIONAL)
+def test_a_positional_option_of_the_wrong_kind_is_one_error_line(p, options):
+    path = p["tmp"] / "model.toml"
+    path.write_text(LLAMA + f"positional_options = {options}\n")
+    one_error_line(run("info", path), *POSITIONAL[options])
+
+
+@pytest.mark.parametrize("scheme,options,fragment", [
+    ("sinusoidal", '{ base = "x" }', "sinusoidal positional option base"),
+    ("t5", "{ num_buckets = 2.5 }", "num_buckets = 2.5 is not an integer"),
+    ("t5", "{ num_buckets = 1 }", "leave no log-spaced buckets"),
+    ("alibi", '{ bidirectional = "yes" }', "bidirectional = 'yes' is not true or false"),
+])
+def test_the_other_schemes_check_their_options_too(p, scheme, options, fragment):
+    path = p["tmp"] / f"{scheme}.toml"
+    path.write_text(LLAMA + f'positional = "{scheme}"\npositional_options = {options}\n')
+    one_error_line(run("info", path), fragment)
+
+
+def test_good_positional_options_still_build(p):
+    path = p["tmp"] / "good.toml"
+    path.write_text(LLAMA + "positional_options = { base = 500000, fraction = 0.5 }\n")
+    result = run("info", path, "--json")
+    assert result.exit_code == 0, result.output
