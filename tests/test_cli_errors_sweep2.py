@@ -68,3 +68,14 @@ def test_good_positional_options_still_build(p):
     path.write_text(LLAMA + "positional_options = { base = 500000, fraction = 0.5 }\n")
     result = run("info", path, "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_info_counts_a_gguf_token_list_of_any_kind():
+    """``len(tokens or ())`` asked a NumPy array for its truth value (a ValueError). Only
+    a latent bug through a file: loading refuses a token list that is not strings first."""
+    import numpy as np
+
+    from tinylm.models.info import _count
+
+    assert _count(np.array([5, 6, 7])) == 3 and _count(["a", "b"]) == 2
+    assert _count(None) == 0 and _count([]) == 0

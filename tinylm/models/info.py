@@ -404,6 +404,12 @@ def describe(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
 # --------------------------------------------------------------------------- GGUF files
 
 
+def _count(tokens) -> int:
+    """How many tokens a GGUF token list holds: 0 when there is none. (``len(tokens or
+    ())`` asked a NumPy array for its truth value, a ValueError.)"""
+    return 0 if tokens is None else len(tokens)
+
+
 def gguf_summary(path) -> dict:
     """What ``tinylm info model.gguf`` reports: architecture, tensor types (count,
     weights, bytes each), parameters, size and bits per weight (tensor bytes * 8 /
@@ -432,7 +438,7 @@ def gguf_summary(path) -> dict:
             "config": config_from_gguf(f).to_dict(),
             "tokenizer": {"model": m.get("tokenizer.ggml.model"),
                           "pre": m.get("tokenizer.ggml.pre"),
-                          "tokens": len(m.get("tokenizer.ggml.tokens") or ())},
+                          "tokens": _count(m.get("tokenizer.ggml.tokens"))},
             "chat_template": None if "tokenizer.chat_template" not in m else
             template.name if template else "not recognised (generate --chat uses plain)"}
 
