@@ -79,3 +79,44 @@ def test_info_counts_a_gguf_token_list_of_any_kind():
 
     assert _count(np.array([5, 6, 7])) == 3 and _count(["a", "b"]) == 2
     assert _count(None) == 0 and _count([]) == 0
+
+
+@pytest.fixture(scope="module")
+def gguf_variant(p):
+    """variant(name, fields): a copy of a q8_0 GGUF export of the tiny model with those
+    metadata fields (GGUFValue) replaced."""
+    from tinylm.formats.gguf import read_gguf, write_gguf
+
+    good = p["tmp"] / "good.gguf"
+    assert run("quantize", p["hf"], "--to", "q8_0", "-o", good).exit_code == 0
+    f = read_gguf(good)
+
+    def variant(name, fields):
+        kept = {k: v for k, v in f.fields.items() if k != "general.alignment"}
+        write_gguf(p["tmp"] / name, {**kept, **fields}, dict(f.tensors))
+        return p["tmp"] / name
+
+    return variant
+
+
+def test_eval_ignores_a_gguf_bos_id_outside_the_vocabulary(p, gguf_variant):
+    """add_bos_token with bos_token_id 99999: the evaluation put 99999 before every
+    window, raw, and failed in the embedding; now it is ignored (as llama.cpp and the
+    model's import do), and the scores are those of the file that asks for no BOS."""
+    from tinylm.formats.gguf import GGUFValue, ValueType as V
+
+    add = {"tokenizer.ggml.add_bos_token": GGUFValue(V.BOOL, True)}
+    bad = gguf_variant("bad_bos.gguf", {**add, "tokenizer.ggml.bos_token_id":
+                                        GGUFValue(V.UINT32, 99999)})
+    none = gguf_variant("no_bos.gguf", {"tokenizer.ggml.add_bos_token": GGUFValue(V.BOOL,
+                                                                                  False)})
+    good = gguf_variant("bos_7.gguf", {**add, "tokenizer.ggml.bos_token_id":
+                                       GGUFValue(V.UINT32, 7)})
+    scores = {}
+    for name, path in (("bad", bad), ("none", none), ("good", good)):
+        result = run("eval", "perplexity", "-m", path, "--data", p["corpus.txt"],
+                     "--no-progress", "--json", "--max-length", "32")
+        assert result.exit_code == 0, (name, result.output)
+        scores[name] = json.loads(result.stdout)["results"][0]
+    assert scores["bad"] == scores["none"]
+    assert scores["good"] != scores["none"]  # a BOS in range is still used

@@ -145,13 +145,16 @@ def _post_processor_bos(source, tokenizer):
 
 
 def _gguf_bos(path):
+    """The BOS id a GGUF file asks to be put first (``tokenizer.ggml.add_bos_token``):
+    read through ``special_ids``, so one outside the token list is ignored, as llama.cpp
+    and the model's own import do (it was prepended raw, and failed in the embedding)."""
     from tinylm.formats.gguf import GGUFError, read_gguf
+    from tinylm.formats.gguf_tokenizer import special_ids
 
     try:
-        meta = read_gguf(path).metadata
+        f = read_gguf(path)
     except GGUFError:
         return None
-    if not meta.get("tokenizer.ggml.add_bos_token"):
+    if not f.metadata.get("tokenizer.ggml.add_bos_token"):
         return None
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    return None if bos is None else int(bos)
+    return special_ids(f).get("bos")
