@@ -120,3 +120,69 @@ def test_eval_ignores_a_gguf_bos_id_outside_the_vocabulary(p, gguf_variant):
         scores[name] = json.loads(result.stdout)["results"][0]
     assert scores["bad"] == scores["none"]
     assert scores["good"] != scores["none"]  # a BOS in range is still used
+
+
+@pytest.fixture(scope="module")
+def cut_gz(p):
+    """A .jsonl.gz cut in half (complete lines before the cut) and one cut after 40
+    bytes (no complete line), with the records they came from."""
+    import gzip
+
+    records = [{"text": f"Document number {i} says a few words about the cat."}
+               for i in range(3000)]
+    blob = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    (p["tmp"] / "half.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    (p["tmp"] / "stub.jsonl.gz").write_bytes(blob[:40])
+    corrupt = bytearray(blob)
+    corrupt[len(blob) // 2] ^= 0xFF
+    (p["tmp"] / "corrupt.jsonl.gz").write_bytes(bytes(corrupt))
+    return records
+
+
+@pytest.mark.parametrize("name", ["half", "stub"])
+@pytest.mark.parametrize("stage", ["clean", "dedup", "tokenize"])
+def test_a_truncated_gz_input_is_one_error_naming_it(p, cut_gz, tmp_path, name, stage):
+    """A cut download gave exit 0 and "kept 0 of 0 documents" (the cut counted as one
+    bad record, on a line of its own); now it is refused, by name, and no shard is made."""
+    path = p["tmp"] / f"{name}.jsonl.gz"
+    extra = ["-t", p["hf"] / "tokenizer.json"] if stage == "tokenize" else []
+    out = tmp_path / "out"
+    line = one_error_line(run("data", stage, path, *extra, "-o", out, "--no-progress"),
+                          f"{path} is truncated", "gzip stream ends before its end marker",
+                          "get a complete copy")
+    assert line.count(str(path)) == 1
+    written = [f for f in out.rglob("*") if f.is_file()] if out.exists() else []
+    assert not [f for f in written if ".jsonl" in f.name or f.suffix == ".bin"], written
+
+
+def test_a_corrupt_gz_input_is_one_error(p, cut_gz, tmp_path):
+    one_error_line(run("data", "clean", p["tmp"] / "corrupt.jsonl.gz", "-o", tmp_path / "o",
+                       "--no-progress"), "corrupt.jsonl.gz is corrupt", "does not decompress")
+
+
+def test_keep_damaged_reads_what_came_before_the_cut(p, cut_gz):
+    """The library can still keep a damaged file's complete records, when asked."""
+    from tinylm.webdata.readers import ReadStats, WebDataError, read_documents
+
+    path = p["tmp"] / "half.jsonl.gz"
+    with pytest.raises(WebDataError, match="is truncated"):
+        list(read_documents(path))
+    stats = ReadStats(str(path))
+    docs = list(read_documents(path, stats=stats, keep_damaged=True))
+    assert 500 < len(docs) < 3000 and stats.bad == {"truncated_stream": 1}
+    assert [d.text for d in docs] == [r["text"] for r in cut_gz[: len(docs)]]
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_clear_error(p, tmp_path):
+    """The stages' own os.makedirs (the Python API has no -o check in front of it) was an
+    OSError traceback."""
+    from tinylm.webdata.clean import clean_corpus
+    from tinylm.webdata.dedup import dedup_corpus
+    from tinylm.webdata.readers import WebDataError
+
+    (tmp_path / "a_file").write_text("x")
+    for stage in (clean_corpus, dedup_corpus):
+        with pytest.raises(WebDataError, match="cannot create the folder .*a_file"):
+            stage([p["corpus.txt"]], str(tmp_path / "a_file" / "out"), show_progress=False)
+        with pytest.raises(WebDataError, match="a file of that name is in the way"):
+            stage([p["corpus.txt"]], str(tmp_path / "a_file"), show_progress=False)

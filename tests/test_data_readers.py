@@ -101,7 +101,7 @@ def test_bad_jsonl_records_are_counted_and_reading_goes_on(tmp_path):
     assert [d.text for d in docs] == ["no text"]
 
 
-def test_truncated_and_corrupt_gzip_keep_what_was_read(tmp_path):
+def test_truncated_and_corrupt_gzip_keep_what_was_read_when_asked(tmp_path):
     records = random_records(4000, seed=1)
     blob = gzip.compress(jsonl_bytes(records))
     (tmp_path / "a.jsonl.gz").write_bytes(blob[: len(blob) // 2])
@@ -110,7 +110,7 @@ def test_truncated_and_corrupt_gzip_keep_what_was_read(tmp_path):
     (tmp_path / "b.jsonl.gz").write_bytes(bytes(corrupt))
     (tmp_path / "c.jsonl.gz").write_bytes(blob + blob)  # two gzip members: both read
     stats = []
-    docs = list(iter_corpus([tmp_path], stats=stats))
+    docs = list(iter_corpus([tmp_path], stats=stats, keep_damaged=True))
     truncated, corrupted, whole = stats
     assert truncated.bad == {"truncated_stream": 1}
     assert 1000 < truncated.documents < 3000  # the complete lines before the cut
@@ -132,7 +132,7 @@ def test_bz2_and_zstd(tmp_path):
     docs, stats = read(tmp_path / "a.jsonl.zst")
     assert [d.text for d in docs] == [r["text"] for r in records] * 2
     (tmp_path / "b.jsonl.zst").write_bytes(blob[: len(blob) * 3 // 4])
-    docs, stats = read(tmp_path / "b.jsonl.zst")
+    docs, stats = read(tmp_path / "b.jsonl.zst", keep_damaged=True)
     assert stats.bad == {"truncated_stream": 1} and len(docs) < 2000
     assert [d.text for d in docs] == [r["text"] for r in records[: len(docs)]]
 
@@ -271,10 +271,12 @@ def test_truncated_wiki_dump_counts_bad_xml(tmp_path):
     assert [d.text for d in docs] == ["First.", "Second."] and stats.bad == {"bad_xml": 1}
 
 
-def test_unreadable_file_is_counted(tmp_path, monkeypatch):
+def test_unreadable_file_is_an_error_or_counted_when_asked(tmp_path, monkeypatch):
     def refuse(path):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(readers, "open_binary", refuse)
-    docs, stats = read(tmp_path / "a.jsonl")
+    docs, stats = read(tmp_path / "a.jsonl", keep_damaged=True)
     assert docs == [] and stats.bad == {"unreadable": 1}
+    with pytest.raises(readers.WebDataError, match="cannot read .*a.jsonl: Permission denied"):
+        read(tmp_path / "a.jsonl")

@@ -144,7 +144,7 @@ def clean_corpus(inputs, out_dir: str, config: CleanConfig | None = None, *,
     config = config or CleanConfig()
     read_options = dict(read_options or {})
     files = expand_inputs(inputs)
-    os.makedirs(out_dir, exist_ok=True)
+    sh.make_folder(out_dir)
     shards = sh.plan(files, out_dir, "clean", compression)
     pipeline = build_pipeline(config)
     key = sh.options_key(_options(config, read_options, compression))

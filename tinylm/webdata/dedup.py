@@ -232,7 +232,7 @@ def dedup_corpus(inputs, out_dir: str, config: DedupConfig | None = None, *,
     bands_rows = config.layout() if config.near else (0, 0)
     read_options = dict(read_options or {})
     files = expand_inputs(inputs)
-    os.makedirs(out_dir, exist_ok=True)
+    sh.make_folder(out_dir)
     shards = sh.plan(files, out_dir, "dedup", compression)
     totals = {"documents_in": 0, "documents_out": 0, "exact_duplicates": 0,
               "near_duplicates": 0, "config": dataclasses.asdict(config),

@@ -30,10 +30,14 @@ standard library, ``.zst`` / ``.zstd`` with the ``zstandard`` package
 (``pip install 'tinylm[data]'``).
 
 Bad records never stop a run: each is counted in ``ReadStats.bad`` under its reason
-(``BAD_REASONS``) and reading goes on with the next record; a stream that cannot go on
-(a truncated or corrupt gzip/zstd/bz2 stream, XML that stops parsing) ends that file,
-keeping what was read before. Records that are fine but are not documents (a WET file's
-``warcinfo`` record, a wiki redirect) are counted in ``ReadStats.skipped``.
+(``BAD_REASONS``) and reading goes on with the next record. A damaged file is another
+matter: a truncated or corrupt gzip/zstd/bz2 stream, or a file that cannot be opened, is
+a ``WebDataError`` naming it (a cut download read as a short file, exit 0, was silently
+wrong), unless ``keep_damaged=True``: then it is counted ("truncated_stream",
+"unreadable") and what was read before the damage is kept. XML that stops parsing ends
+that file, keeping what was read, and is counted as "bad_xml". Records that are fine but
+are not documents (a WET file's ``warcinfo`` record, a wiki redirect) are counted in
+``ReadStats.skipped``.
 """
 
 from __future__ import annotations
@@ -270,10 +274,13 @@ def _stream_errors() -> tuple:
 
 def read_documents(path, format: str | None = None, *, stats: ReadStats | None = None,
                    text_field: str = "text", text_unit: str = "file",
-                   max_chars: int = DEFAULT_MAX_CHARS, strip_wiki_markup: bool = True):
+                   max_chars: int = DEFAULT_MAX_CHARS, strip_wiki_markup: bool = True,
+                   keep_damaged: bool = False):
     """Yield the ``Document`` records of one file, streamed (see the module docstring).
     ``stats`` (a ``ReadStats``, made if None) counts documents, bytes and bad records as
-    they go; read it after the loop. Raises WebDataError only for an unknown format."""
+    they go; read it after the loop. Raises WebDataError for an unknown format, and for
+    a file that cannot be opened or whose compressed stream is truncated or corrupt
+    (after yielding the documents before the damage) unless ``keep_damaged``."""
     format = format or detect_format(path)
     if format not in FORMATS:
         raise WebDataError(f"cannot tell the format of {path}; pass --format "
@@ -285,7 +292,10 @@ def read_documents(path, format: str | None = None, *, stats: ReadStats | None =
     name = os.path.basename(os.fspath(path))
     try:
         stream = open_binary(path)
-    except OSError:
+    except OSError as e:
+        if not keep_damaged:
+            raise WebDataError(f"cannot read {path}: {e.strerror or e}; check that it is a "
+                               f"file you may read, or leave it out of the inputs") from None
         stats.count_bad("unreadable")
         return
     records = {"jsonl": lambda: _jsonl(stream, name, stats, text_field),
@@ -297,8 +307,19 @@ def read_documents(path, format: str | None = None, *, stats: ReadStats | None =
             for doc in records():
                 stats.documents += 1
                 yield doc
-        except _stream_errors():
+        except _stream_errors() as e:
+            if not keep_damaged:
+                raise _damaged(path, e, stats.documents) from None
             stats.count_bad("truncated_stream")
+
+
+def _damaged(path, error, documents: int) -> WebDataError:
+    """The error for a compressed file whose stream broke off after ``documents``."""
+    kind = _split_name(path)[2] or "compressed"
+    what = ("is truncated: its {} stream ends before its end marker" if
+            isinstance(error, EOFError) else "is corrupt: its {} stream does not decompress")
+    return WebDataError(f"{path} {what.format(kind)} (after {documents} documents); "
+                        f"get a complete copy of it, or leave it out of the inputs")
 
 
 def iter_corpus(paths, format: str | None = None, *, stats: list | None = None, **options):

@@ -59,7 +59,7 @@ def plan(files, out_dir: str, stage: str, compression: str = "gz") -> list:
     if compression == "zst":
         zstd_module()
     work = os.path.join(out_dir, f".{stage}")
-    os.makedirs(work, exist_ok=True)
+    make_folder(work)
     shards, seen = [], {}
     for path in files:
         stem = output_stem(path)
@@ -72,6 +72,21 @@ def plan(files, out_dir: str, stage: str, compression: str = "gz") -> list:
         shards.append(Shard(path, stem, os.path.join(out_dir, stem + COMPRESSIONS[compression]),
                             work))
     return shards
+
+
+def make_folder(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with a WebDataError naming the folder when
+    it cannot be made (a file in its place or above it, no permission, a read-only disk)
+    instead of an OSError traceback."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise WebDataError(f"cannot create the folder {path}: a file of that name is in "
+                           f"the way; pick another output folder") from None
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and os.fspath(e.filename) != os.fspath(path) else ""
+        raise WebDataError(f"cannot create the folder {path}{where}: {e.strerror or e}; "
+                           f"pick an output folder you may write to") from None
 
 
 def fingerprint(path) -> dict:

@@ -59,7 +59,7 @@ from tinylm.data_shards import INDEX_FILE, SHARDS_FORMAT, SHARDS_VERSION, TOKENI
 from tinylm.errors import TinyLMError
 from tinylm.webdata import readers
 from tinylm.webdata.readers import ReadStats, WebDataError, expand_inputs
-from tinylm.webdata.shards import fingerprint, options_key, stats_path, write_json
+from tinylm.webdata.shards import fingerprint, make_folder, options_key, stats_path, write_json
 
 STAGE = "tokenize"
 PLAN_VERSION = 1
@@ -124,7 +124,7 @@ def _claim(out_dir: str, key: str, options: dict, overwrite: bool) -> None:
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise WebDataError(f"{out_dir} is not empty and holds no tokenize run; pick a new or "
                            f"empty --out folder")
-    os.makedirs(work, exist_ok=True)
+    make_folder(work)
     if saved is None:
         write_json(plan, {"key": key, "options": options})
     for tmp in glob.glob(os.path.join(out_dir, ".shard-*.tmp")):  # a killed worker's
@@ -357,7 +357,9 @@ def _worker_main(tokenizer_path: str, tasks, events) -> None:
                                       lambda d, t: events.put(("progress", d, t)))
             except Exception as e:  # a bug or a full disk: say it in the parent
                 message = str(e) if isinstance(e, TinyLMError) else f"{type(e).__name__}: {e}"
-                events.put(("error", job["unit"], f"{job['path']}: {message}"))
+                if not message.startswith(job["path"]):  # (the reader's errors name it)
+                    message = f"{job['path']}: {message}"
+                events.put(("error", job["unit"], message))
                 break
             events.put(("done", job["unit"], state))
     except SystemExit:
@@ -494,7 +496,7 @@ def _plan(inputs, out_dir, tokenizer, config, read_options, overwrite) -> tuple:
                "split_bytes": config.split_bytes, "format": fmt, "read": read_options,
                "units": [[fingerprint(p), a, b] for p, a, b in units]}
     key = options_key(options)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)
     _claim(out_dir, key, options, overwrite)
     tok_path = os.path.join(out_dir, TOKENIZER_FILE)
     tok.save(tok_path)
