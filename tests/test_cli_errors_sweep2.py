@@ -186,3 +186,25 @@ def test_an_output_folder_that_cannot_be_made_is_a_clear_error(p, tmp_path):
             stage([p["corpus.txt"]], str(tmp_path / "a_file" / "out"), show_progress=False)
         with pytest.raises(WebDataError, match="a file of that name is in the way"):
             stage([p["corpus.txt"]], str(tmp_path / "a_file"), show_progress=False)
+
+
+def test_a_folder_given_as_a_file_is_said_once(tmp_path):
+    """A folder handed to a one-file reader was "is not a regular file, not a regular
+    file; give a text file, a JSONL file or a folder of them" (a folder was what it got)."""
+    from tinylm.data import DataError, check_regular_file, read_utf8
+
+    for call in (lambda: check_regular_file(str(tmp_path)), lambda: read_utf8(tmp_path)):
+        with pytest.raises(DataError) as e:
+            call()
+        message = str(e.value)
+        assert "is a folder, not a file; give a file" in message
+        assert message.count("regular file") == 0 and "\n" not in message
+
+
+def test_read_utf8_of_a_binary_file_says_what_to_give(tmp_path):
+    from tinylm.data import DataError, read_utf8
+
+    (tmp_path / "b.bin").write_bytes(b"ok\xff\xfe")
+    with pytest.raises(DataError, match=r"b.bin is not UTF-8 text \(byte 2\); give a text "
+                                        r"file, saved as UTF-8"):
+        read_utf8(tmp_path / "b.bin")

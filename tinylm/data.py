@@ -93,10 +93,11 @@ def read_utf8(path, error=DataError, hint: str = "") -> str:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror or e}") from None
+        raise error(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        hint = hint or "; give a text file, saved as UTF-8"
         raise error(f"{path} is not UTF-8 text (byte {e.start}){hint}") from None
 
 
@@ -111,13 +112,19 @@ def check_regular_file(path: str, where: str = "") -> None:
         raise DataError(f"data source {path!r} does not exist; give a text file, a "
                         f"JSONL file or a folder of them") from None
     except OSError as e:
-        raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
+        raise DataError(f"cannot read {path!r}: {e.strerror or e}; check the path and its "
+                        f"permissions") from None
+    if stat.S_ISDIR(mode):  # (data_files walks folders; a reader of one file got one)
+        raise DataError(f"{path!r} {where + ' ' if where else ''}is a folder, not a file; "
+                        f"give a file")
     if not stat.S_ISREG(mode):
         kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
                 else "a block device" if stat.S_ISBLK(mode) else "a socket"
-                if stat.S_ISSOCK(mode) else "not a regular file")
-        raise DataError(f"data source {path!r} {where + ' ' if where else ''}is {kind}, not a "
-                        f"regular file; give a text file, a JSONL file or a folder of them")
+                if stat.S_ISSOCK(mode) else None)
+        # (an unnamed kind said "is not a regular file, not a regular file")
+        what = f"is {kind}, not a regular file" if kind else "is not a regular file"
+        raise DataError(f"data source {path!r} {where + ' ' if where else ''}{what}; give a "
+                        f"text file, a JSONL file or a folder of them")
 
 
 def make_dirs(path: str, what: str = "folder", error=None) -> None:
