@@ -469,7 +469,13 @@ if mode == "said":
 if mode == "killed":
     print("=   PID 999999999 RUNNING AT host\n=   EXIT CODE: 11\n"
           "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Segmentation fault (signal 11)")
-sys.exit(2 if mode != "killed" else 11)
+if mode == "misnamed":  # hydra naming rank 0, which it killed after rank 1 crashed
+    with open(os.path.join(pids, "rank-0"), "w") as f:
+        f.write(f"999999998 {{socket.gethostname()}}\n")
+    print("=   PID 999999998 RUNNING AT host\n=   EXIT CODE: 9\n"
+          f"[mpiexec@host] Exit codes: [{{socket.gethostname()}}] 0,11\n"
+          "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)")
+sys.exit(2 if mode in ("lost", "said") else 11)
 """
 
 
@@ -478,12 +484,16 @@ sys.exit(2 if mode != "killed" else 11)
     ("said", "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"),
     ("killed", "Error: rank 1 of 2 (pid 999999999) was killed by SIGSEGV (a crash in native "
                "code), so mpiexec stopped the others; run the same command again to resume "
-               "from the last checkpoint")])
+               "from the last checkpoint"),
+    ("misnamed", "Error: rank 1 of 2 (pid 999999999) was killed by SIGSEGV (a crash in "
+                 "native code), so mpiexec stopped the others; run the same command again to "
+                 "resume from the last checkpoint")])
 def test_launch_prints_a_ranks_report_once_whether_or_not_it_reached_stderr(tmp_path, mode,
                                                                             want):
     """A stand-in mpiexec (no MPI): a rank's ``rank-R.error`` that never reached stderr
     is printed by the launcher, one that did is not printed again, and a rank that
-    died from a signal without a report is named with the signal mpiexec gives."""
+    died from a signal without a report is named with the signal mpiexec gives (from
+    hydra's exit statuses when they say another rank than its "PID ... RUNNING AT")."""
     fake = tmp_path / "mpiexec"
     fake.write_text(FAKE_MPIEXEC.format(python=sys.executable))
     fake.chmod(0o755)
@@ -497,7 +507,7 @@ def test_launch_prints_a_ranks_report_once_whether_or_not_it_reached_stderr(tmp_
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if "Error" in line]  # (\r too)
     assert lines == [want], done.stderr
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr and "Exit codes" not in done.stdout
 
 
 def test_a_stopped_rank_times_out_the_other_naming_it(mpiexec, cache, tmp_path):

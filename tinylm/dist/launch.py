@@ -7,10 +7,12 @@
 the dist extra puts it), then on PATH. Each rank gets ``cores / N`` BLAS threads
 (``OMP_NUM_THREADS`` and friends) unless they are set already. While the ranks run,
 this process reads mpiexec's output and watches the pids of the ranks on this host
-(``TINYLM_DIST_PIDS``): when the job fails because a rank vanished without reporting
-an error (SIGKILL, the OOM killer, a segfault), it names that rank, which MPICH's
-own message does not (it gives a pid), and the signal that ended it when mpiexec says
-("Killed (signal 9)": was killed by SIGKILL).
+(``TINYLM_DIST_PIDS``; pidfds where there are): when the job fails because a rank
+vanished without reporting an error (SIGKILL, the OOM killer, a segfault), it names
+that rank, which MPICH's own message does not (it gives a pid, at times another
+rank's), and the signal that ended it when mpiexec says (hydra's exit statuses, which
+this process asks for; "Killed (signal 9)"): "rank 1 of 2 (pid P) was killed by
+SIGKILL". Files of an earlier job in that folder are removed first.
 
 A rank that fails reports with ``report_and_abort``: one ``Error: rank R ...`` line on
 its stderr, and the same line in ``TINYLM_DIST_PIDS/rank-R.error``. That line can be
@@ -27,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -83,7 +86,11 @@ def rank_env(nproc: int, pids: str, environ=None) -> dict:
 def launch(nproc: int, argv: list | None = None) -> int:
     """Run ``tinylm <argv>`` (default: this process's arguments, --nproc left out) on
     ``nproc`` ranks; returns the exit code to leave with."""
-    command = [find_mpiexec(), "-n", str(nproc), sys.executable, "-c", ENTRY,
+    mpiexec = find_mpiexec()
+    # MPICH's hydra: its last line gives each rank's wait status ("Exit codes: [host] 0,9"),
+    # read (and not shown) by _copy_output
+    statuses = ["-print-all-exitcodes"] if _is_hydra(mpiexec) else []
+    command = [mpiexec, *statuses, "-n", str(nproc), sys.executable, "-c", ENTRY,
                *child_args(sys.argv[1:] if argv is None else argv)]
     with tempfile.TemporaryDirectory(prefix="tinylm-ranks-") as own:
         pids = os.environ.get(PIDS_VAR) or own
@@ -112,13 +119,25 @@ def launch(nproc: int, argv: list | None = None) -> int:
         for rank in sorted(reports):  # the messages that did not reach stderr by themselves
             if reports[rank] not in said:
                 print(reports[rank], file=sys.stderr, flush=True)
-        culprit = _culprit(pids, nproc, named, first_gone)
-        signum = next((value for kind, value in named if kind == "signal"), None)
-        if culprit is not None and culprit[0] not in reports:
+        if reports:  # (they say why; a rank stopped by mpiexec after them needs no line)
+            return 2
+        culprit, signum = _culprit(pids, nproc, named, first_gone)
+        if culprit is not None:
             print(_vanished(culprit[0], nproc, culprit[1], signum), file=sys.stderr, flush=True)
-        elif culprit is None and not reports and signum is not None:
-            print(_vanished(None, nproc, None, signum), file=sys.stderr, flush=True)
+        else:
+            signum = next((value for kind, value in named if kind == "signal"), None)
+            if signum is not None:  # (a rank of another host, mpiexec naming it by pid)
+                print(_vanished(None, nproc, None, signum), file=sys.stderr, flush=True)
         return 2
+
+
+def _is_hydra(mpiexec: str) -> bool:
+    """Whether ``mpiexec`` is MPICH's hydra (``--version``: "HYDRA build details")."""
+    try:
+        done = subprocess.run([mpiexec, "--version"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return b"HYDRA" in done.stdout
 
 
 def _clear(folder: str, nproc: int) -> None:
@@ -182,9 +201,15 @@ def _copy_output(stream, named: list) -> None:
     STRING: Killed (signal 9)"; Open MPI: "process rank 1 with PID 1234 on node n
     exited on signal 9")."""
     for line in iter(stream.readline, b""):
+        text = line.decode(errors="replace")
+        codes = re.search(r"Exit codes: (.*)", text)
+        if codes:  # (asked for by launch, -print-all-exitcodes: not shown)
+            named.append(("codes", [(host, [int(c) for c in values.split(",")]) for host, values
+                                    in re.findall(r"\[([^\]]+)\]\s*(\d+(?:,\d+)*)",
+                                                  codes.group(1))]))
+            continue
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
-        text = line.decode(errors="replace")
         for pattern, kind in _NAMING:
             found = re.search(pattern, text)
             if found:
@@ -224,30 +249,114 @@ def _copy_errors(stream, said: set, limit: int = 1 << 16) -> None:
 
 
 def _culprit(folder: str, nproc: int, named: list, first_gone):
-    """(rank, pid) of the rank that ended first: as mpiexec named it, else as seen."""
+    """(rank, pid) of the rank that ended first, and the signal that ended it (or None).
+
+    With every rank's wait status (hydra's "Exit codes", all on this host): the rank
+    that did not end well (the ones hydra stops after it end with 0, though now and
+    then one with SIGKILL too: then the one seen to end first among them), and its
+    signal. Else, when every rank runs on this host, the one seen to end first (hydra's
+    "PID ... RUNNING AT" at times names one it killed in its cleanup, and on two busy
+    cores that one now and then ends before the first has); else (or when none was
+    seen first) the one mpiexec names, with the signal it gives for that pid / rank."""
     pids = {r: _read_pid(os.path.join(folder, f"rank-{r}")) for r in range(nproc)}
+    said, last = {}, None  # {rank: signal}, as mpiexec's lines give them
+    order = []  # the ranks mpiexec names, in its order
+    statuses = _statuses(named, nproc)
+    if statuses is not None:
+        bad = [r for r, status in enumerate(statuses) if status]
+        if first_gone is not None and first_gone[0] in bad:
+            rank = first_gone[0]
+        elif bad:
+            rank = bad[0]
+        else:
+            return None, None
+        return (rank, pids[rank]), (statuses[rank] & 0x7F) or None
     for kind, value in named:
-        for rank, pid in pids.items():
-            if (kind == "pid" and pid == value) or (kind == "rank" and rank == value):
-                return rank, pid
-    return first_gone
+        if kind == "codes":
+            continue
+        if kind == "signal":
+            if last is not None:
+                said.setdefault(last, value)
+            continue
+        last = next((r for r, pid in pids.items()
+                     if (kind == "pid" and pid == value) or (kind == "rank" and r == value)),
+                    None)
+        if last is not None:
+            order.append(last)
+    local = all(pid is not None for pid in pids.values())
+    if first_gone is not None and (local or not order):
+        rank, pid = first_gone
+    elif order:
+        rank, pid = order[0], pids[order[0]]
+    else:
+        return None, None
+    return (rank, pid), said.get(rank)
+
+
+def _statuses(named: list, nproc: int):
+    """Each rank's wait status from hydra's "Exit codes" (one host, ``nproc`` of them),
+    else None."""
+    hosts = next((value for kind, value in named if kind == "codes"), None)
+    if hosts is None or len(hosts) != 1 or len(hosts[0][1]) != nproc \
+            or hosts[0][0] != socket.gethostname():
+        return None
+    return hosts[0][1]
 
 
 def _watch(process, folder: str, nproc: int):
-    """Wait for ``process``; (rank, pid) of the first rank seen to vanish, or None."""
-    known, first = {}, None
-    while process.poll() is None:
-        for rank in range(nproc):
-            if rank not in known:
-                pid = _read_pid(os.path.join(folder, f"rank-{rank}"))
-                if pid is not None:
-                    known[rank] = pid
-        if first is None:
-            gone = [r for r, pid in sorted(known.items()) if not _alive(pid)]
-            if len(gone) == 1:  # (several at once: mpiexec's cleanup, not a first)
-                first = (gone[0], known[gone[0]])
-        time.sleep(0.05)
+    """Wait for ``process``; (rank, pid) of the first rank seen to end, or None.
+
+    A rank of this host is watched by a pidfd (Linux), which wakes this process the
+    moment that rank has ended: the one that ended first is told from the others that
+    mpiexec kills right after it (within milliseconds) as long as they end in separate
+    wake-ups. Without pidfds it is polled every 50 ms. Once a rank has ended (or
+    several at once: no first) it is decided."""
+    known, fds, first, decided = {}, {}, None, False
+    try:
+        while process.poll() is None:
+            for rank in range(nproc):
+                if rank not in known:
+                    pid = _read_pid(os.path.join(folder, f"rank-{rank}"))
+                    if pid is not None:
+                        known[rank] = pid
+                        fd = _pidfd(pid)
+                        if fd is not None:
+                            fds[fd] = rank
+            if decided or not known:
+                time.sleep(0.05)
+                continue
+            if fds:
+                ready = select.select(list(fds), [], [], 0.05)[0]
+            else:
+                ready = []
+                time.sleep(0.05)
+            watched = set(fds.values())
+            gone = sorted({fds[fd] for fd in ready} | {r for r, pid in known.items()
+                                                       if r not in watched and not _alive(pid)})
+            if gone:
+                decided = True
+                if len(gone) == 1:  # (several at once: mpiexec's cleanup, not a first)
+                    first = (gone[0], known[gone[0]])
+    finally:
+        for fd in fds:
+            os.close(fd)
     return first
+
+
+def _pidfd(pid: int):
+    """A pidfd of ``pid`` (readable once it has ended), None where there is none; a
+    pid already gone gets an fd that is readable at once (a pipe's closed end)."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        return opener(pid)
+    except ProcessLookupError:
+        read, write = os.pipe()
+        os.close(write)
+        return read
+    except OSError:
+        return None
 
 
 def _read_pid(path: str):
