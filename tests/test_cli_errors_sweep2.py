@@ -208,3 +208,54 @@ def test_read_utf8_of_a_binary_file_says_what_to_give(tmp_path):
     with pytest.raises(DataError, match=r"b.bin is not UTF-8 text \(byte 2\); give a text "
                                         r"file, saved as UTF-8"):
         read_utf8(tmp_path / "b.bin")
+
+
+def test_eval_perplexity_of_a_binary_file_says_what_to_give(p):
+    """Was "cannot read X as UTF-8 text: 'utf-8' codec can't decode byte 0xff ..."."""
+    binary = p["tmp"] / "scores.bin"
+    binary.write_bytes(b"ab\xff\xfe\x00\x01")
+    one_error_line(run("eval", "perplexity", "-m", p["hf"], "--data", binary),
+                   "scores.bin is not UTF-8 text (byte 2)", "saved as UTF-8")
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_binary_config_file_says_what_to_give(tmp_path, suffix):
+    """A model config that is a binary file said only "cannot parse X: 'utf-8' codec
+    can't decode byte 0xff in position 0" (read_config_data is the shared reader)."""
+    from tinylm.config_files import read_config_data
+    from tinylm.errors import ConfigError
+
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    kind = "TOML" if suffix == ".toml" else "JSON"
+    with pytest.raises(ConfigError, match=rf"model{suffix} is not a {kind} config: byte 0 is "
+                                          rf"not UTF-8 text .*give a .toml or .json config"):
+        read_config_data(path)
+    path.write_text("a = [" if suffix == ".toml" else "{")
+    with pytest.raises(ConfigError, match=rf"cannot parse .*; fix the {kind} there"):
+        read_config_data(path)
+    path.write_text('vocab_size = 5\n' if suffix == ".toml" else '{"vocab_size": 5}')
+    assert read_config_data(path) == {"vocab_size": 5}
+    with pytest.raises(ConfigError, match="is a folder; give a .toml or .json"):
+        read_config_data(tmp_path)
+
+
+def test_a_gguf_file_is_a_tokenizer_file(p, gguf_variant):
+    """-t model.gguf said "line 1 is not valid UTF-8 (byte 323); the file is corrupted or
+    is not a tokenizer file"; it holds the model's tokenizer, which is now read."""
+    good = gguf_variant("tok.gguf", {})
+    text = "the cat sat on the mat, hello"
+    ours = run("tokenize", "encode", "-t", good, text)
+    source = run("tokenize", "encode", "-t", p["hf"] / "tokenizer.json", text)
+    assert ours.exit_code == 0, ours.output
+    assert ours.stdout == source.stdout and len(ours.stdout.split()) > 3
+
+
+def test_a_json_of_ids_without_merges_says_what_is_expected(p):
+    """{"a": 1} said "tokenizer file 'merges.txt' does not exist"."""
+    path = p["tmp"] / "ids" / "a.json"
+    path.parent.mkdir()
+    path.write_text('{"a": 1}')
+    one_error_line(run("tokenize", "encode", "-t", path, "hello"),
+                   "reads as a GPT-2 vocab.json", "no merges.txt beside it",
+                   "give a Hugging Face tokenizer.json or a tinylm tokenizer file")

@@ -1,6 +1,7 @@
 """Shared by the config dataclasses (``tinylm.models.config``, ``tinylm.train``,
-``tinylm.sampling``): the TOML reader, the type and finiteness checks of a
-dataclass's fields, and the check for unknown field names."""
+``tinylm.sampling``): the TOML module, a TOML/JSON file reader (``read_config_data``),
+the type and finiteness checks of a dataclass's fields, and the check for unknown field
+names."""
 
 from __future__ import annotations
 
@@ -21,6 +22,36 @@ def toml_module(advice: str = ""):
             raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`"
                               + advice) from e
     return tomllib
+
+
+def read_config_data(path, error=ConfigError):
+    """What a TOML (``.toml``) or JSON (any other name) config file holds. Each way it
+    can fail is one ``error`` line saying what to do: missing, a folder, unreadable, not
+    UTF-8 text (a binary file: "'utf-8' codec can't decode byte 0xff" said nothing of
+    what to give), or not valid TOML/JSON."""
+    import json
+    import os
+
+    path = os.fspath(path)
+    kind = "TOML" if path.endswith(".toml") else "JSON"
+    try:
+        if kind == "TOML":
+            tomllib = toml_module("; or write the config as JSON")
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"config file not found: {path}; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a folder; give a .toml or .json config file") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a {kind} config: byte {e.start} is not UTF-8 text (a "
+                    f"binary file?); give a .toml or .json config file") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
+    except ValueError as e:  # TOMLDecodeError and JSONDecodeError
+        raise error(f"cannot parse {path}: {e}; fix the {kind} there") from None
 
 
 def field_type_problems(obj, types: dict) -> list:

@@ -66,8 +66,12 @@ def read_documents(path, text_key: str = "text") -> list:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinyLMError(f"cannot read {path} as UTF-8 text: {e}") from None
+    except UnicodeDecodeError as e:
+        raise TinyLMError(f"{path} is not UTF-8 text (byte {e.start}); give a text file, "
+                          f"or .jsonl / .json documents, saved as UTF-8") from None
+    except OSError as e:
+        raise TinyLMError(f"cannot read {path}: {e.strerror or e}; check the path and its "
+                          f"permissions") from None
     lower = path.lower()
     if lower.endswith(".jsonl"):
         records = []

@@ -378,6 +378,8 @@ def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokeni
     - a file a registered class recognises: its classmethod ``sniff_file(path) ->
       bool`` says so, its ``from_file(path)`` reads it (e.g. the Unigram plugin's
       SentencePiece ``.model`` files);
+    - a GGUF model file: the tokenizer its metadata holds (the one ``-m model.gguf``
+      uses);
     - a BERT ``vocab.txt`` (one token per line): a WordPiece tokenizer; pass
       ``lowercase`` through ``WordPieceTokenizer.from_vocab_file`` if you need to
       choose it (here it is guessed from the vocabulary).
@@ -411,7 +413,17 @@ def from_file(path, *, merges=None, special_tokens=None, pattern=None) -> Tokeni
                                      f"more (a class with hf_model_type = {detail!r}; Unigram: "
                                      f"pip install tinylm-unigram)")
         return plugins.get_tokenizer_class(name).from_hf_json(path, parsed=parsed)
+    if kind == "gguf":  # a model file: the tokenizer in its metadata, as -m model.gguf uses
+        from tinylm.formats.gguf import read_gguf
+        from tinylm.formats.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(read_gguf(path))
     if kind == "gpt2-vocab":
+        if merges is None and not path.with_name("merges.txt").is_file():
+            raise TokenizerFileError(
+                f"{str(path)!r} is a JSON object of token ids, which tinylm reads as a GPT-2 "
+                f"vocab.json, but there is no merges.txt beside it; put its merges.txt "
+                f"there, or give a Hugging Face tokenizer.json or a tinylm tokenizer file")
         merges = Path(merges) if merges is not None else path.with_name("merges.txt")
         return plugins.get_tokenizer_class("bpe").from_gpt2_files(
             path, merges, special_tokens=special_tokens, pattern=pattern or "gpt2",

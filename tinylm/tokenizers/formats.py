@@ -150,8 +150,10 @@ def read_json(path, text: str | None = None):
 def sniff(path) -> tuple:
     """``(kind, detail, parsed)``: what a tokenizer file is. Kinds: "tinylm" (detail:
     the tokenizer name), "hf-json" (detail: the model type), "gpt2-vocab", "tiktoken",
-    "vocab-txt"; ``parsed`` is the JSON object for the JSON kinds (read once), else
-    None."""
+    "vocab-txt", "gguf" (a GGUF model file, which holds its tokenizer; only its magic is
+    read here); ``parsed`` is the JSON object for the JSON kinds (read once), else None."""
+    if _magic(path) == b"GGUF":
+        return "gguf", None, None
     data = read_bytes(path)
     if data.startswith(BOM):
         data = data[len(BOM):]
@@ -186,6 +188,16 @@ def sniff(path) -> tuple:
     raise file_error(path, "unrecognised tokenizer format: expected a tinylm tokenizer file, "
                            "a Hugging Face tokenizer.json, a GPT-2 vocab.json, a tiktoken ranks "
                            "file or a BERT vocab.txt (with an [UNK] line)")
+
+
+def _magic(path) -> bytes:
+    """The first 4 bytes of ``path`` (b"" when it cannot be read: ``read_bytes`` then
+    says why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
 
 
 def _is_base64(token: str) -> bool:
