@@ -325,8 +325,11 @@ def _watch(process, folder: str, nproc: int):
             if decided or not known:
                 time.sleep(0.05)
                 continue
-            if fds:
-                ready = select.select(list(fds), [], [], 0.05)[0]
+            if fds:  # (poll, not select: any fd number)
+                waiter = select.poll()
+                for fd in fds:
+                    waiter.register(fd, select.POLLIN)
+                ready = [fd for fd, _ in waiter.poll(50)]
             else:
                 ready = []
                 time.sleep(0.05)
