@@ -259,3 +259,40 @@ def test_a_json_of_ids_without_merges_says_what_is_expected(p):
     one_error_line(run("tokenize", "encode", "-t", path, "hello"),
                    "reads as a GPT-2 vocab.json", "no merges.txt beside it",
                    "give a Hugging Face tokenizer.json or a tinylm tokenizer file")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(p):
+    """A LoRA adapter (r = 2) of the tiny model, one step trained."""
+    records = [{"prompt": "the cat", "completion": " sat"}] * 4
+    (p["tmp"] / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = p["tmp"] / "lora"
+    result = run("finetune", "-m", p["hf"], "--data", p["tmp"] / "sft.jsonl", "--peft",
+                 "lora", "--lora-r", "2", "-o", out, "--max-steps", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("r", -3, "lora r must be a positive integer, got -3"),
+    ("r", 0, "lora r must be a positive integer, got 0"),
+    ("r", 2.5, "lora r must be a positive integer, got 2.5"),
+    ("r", "two", "lora r must be a positive integer, got 'two'"),
+    ("rank_pattern", {"c_attn": -1}, "rank_pattern['c_attn'] must be a positive integer"),
+    ("use_dora", "false", "use_dora must be true or false"),
+])
+def test_an_adapter_config_with_no_rank_is_refused_as_such(p, lora_dir, tmp_path, field,
+                                                            value, fragment):
+    """r = -3 was accepted and found out as tensor shapes "(-3, 32)"; a string
+    use_dora "false" was taken as true."""
+    import shutil
+
+    bad = tmp_path / "adapter"
+    shutil.copytree(lora_dir, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    line = one_error_line(run("generate", "-m", p["hf"], "--adapter", bad, "-p", "the",
+                              "-n", "1"), "adapter_config.json", fragment)
+    assert "shape" not in line
+    assert run("generate", "-m", p["hf"], "--adapter", lora_dir, "-p", "the",
+               "-n", "1").exit_code == 0

@@ -524,6 +524,13 @@ def _import_lora(model, fields, tensors, name, path):
     _unsupported(fields, path, _LORA_OPTIONS)
     modules = hf_modules(model)
     r0, alpha0 = fields.get("r", 8), fields.get("lora_alpha", 8)
+    # the config's own values first: r = -3 (or 0, 2.5, "two") was only found out as
+    # tensor shapes "(-3, 32)" that no file can have
+    _config(path, "lora", dict(
+        r=r0, alpha=alpha0, dropout=fields.get("lora_dropout", 0.0) or 0.0,
+        use_rslora=fields.get("use_rslora", False), use_dora=fields.get("use_dora", False),
+        bias=fields.get("bias", "none"), rank_pattern=fields.get("rank_pattern") or {},
+        alpha_pattern=fields.get("alpha_pattern") or {}))
     use_dora = bool(fields.get("use_dora", False))
     found, state = _sort_lora_tensors(model, tensors, path)
     ranks, alphas, lora, problems = {}, {}, {}, []
@@ -568,7 +575,7 @@ def _config(path, method, options):
     try:
         return peft_base.config_for(method, **options)
     except TinyLMError as e:
-        raise TinyLMError(f"{path}: {e}") from None
+        raise TinyLMError(f"{path}: adapter_config.json: {e}") from None
 
 
 # --------------------------------------------------------------------------- IA3
@@ -670,10 +677,10 @@ def _import_prompt(model, fields, tensors, name, path):
                               f"only, found {', '.join(sorted(tensors))}")
     a = tensors["prompt_embeddings"]
     P = fields.get("num_virtual_tokens")
+    config = _config(path, "prompt_tuning", {"num_virtual_tokens": P})  # before the shapes
     shape = (P, model.config.d_model)
     if tuple(a.shape) != shape:
         _raise_problems(path, [_shape_problem("prompt_embeddings", a.shape, shape)])
-    config = _config(path, "prompt_tuning", {"num_virtual_tokens": P})
     return config, {f"transformer.peft.{name}.prompt_embeddings": a}
 
 
@@ -709,10 +716,11 @@ def _import_prefix(model, fields, tensors, name, path):
         raise CheckpointError(f"{path}: a prefix-tuning {WEIGHTS} holds prompt_embeddings "
                               f"only, found {', '.join(sorted(tensors))}")
     c, a = model.config, tensors["prompt_embeddings"]
+    config = _config(path, "prefix_tuning",  # before the shapes
+                     {"num_virtual_tokens": fields.get("num_virtual_tokens")})
     shape = (fields.get("num_virtual_tokens"), 2 * c.n_layer * c.kv_heads * c.head_size)
     if tuple(a.shape) != shape:
         _raise_problems(path, [_shape_problem("prompt_embeddings", a.shape, shape)])
-    config = _config(path, "prefix_tuning", {"num_virtual_tokens": shape[0]})
     return config, {f"transformer.peft.{name}.embedding": a}
 
 
