@@ -296,3 +296,66 @@ def test_an_adapter_config_with_no_rank_is_refused_as_such(p, lora_dir, tmp_path
     assert "shape" not in line
     assert run("generate", "-m", p["hf"], "--adapter", lora_dir, "-p", "the",
                "-n", "1").exit_code == 0
+
+
+def test_serve_max_tokens_past_the_context_is_refused_at_startup(p):
+    """--max-tokens 100 with --context 32 was clamped to 32, silently; now the server
+    does not start. (Run as a process with a timeout: before, it started and served.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tinylm = Path(sys.executable).with_name("tinylm")
+    args = [str(tinylm), "serve", "-m", str(p["hf"]), "--port", "0"]
+    for extra, fragment in ((["--context", "32", "--max-tokens", "100"],
+                             "--max-tokens 100 does not fit the context of 32 positions"),
+                            (["--max-tokens", "65"], "give 1 to 64")):
+        done = subprocess.run(args + extra, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (done.returncode, done.stderr)
+        assert "Traceback" not in done.stderr and fragment in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_serve_max_tokens_equal_to_the_context_is_still_allowed(p):
+    from tinylm.loading import load_model
+    from tinylm.serve.server import ServerConfig
+
+    model, _ = load_model(p["hf"])
+    assert ServerConfig(max_tokens=64).check(model) == 64
+    assert ServerConfig(max_tokens=32, context=32).check(model) == 32
+
+
+def test_a_request_past_the_context_is_an_openai_400(p):
+    """Per request, max_tokens past the context was already a 400 with an OpenAI error
+    body; checked here against a server whose --max-tokens is below the context."""
+    import urllib.error
+    import urllib.request
+
+    from tinylm.loading import load_model
+    from tinylm.serve.server import Server, ServerConfig
+
+    model, tok = load_model(p["hf"])
+    server = Server(model, tok, ServerConfig(port=0, context=32, max_tokens=8))
+    server.start()
+    try:
+        def post(body):
+            req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions",
+                                         json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        ok = post({"model": "tinylm", "prompt": [5, 6], "max_tokens": 8})
+        assert ok[0] == 200 and ok[1]["usage"]["completion_tokens"] <= 8
+        for max_tokens, code in ((31, "invalid_value"), (40, "invalid_value")):
+            status, body = post({"model": "tinylm", "prompt": [5, 6], "max_tokens": max_tokens})
+            assert status == 400, body
+            assert body["error"]["param"] == "max_tokens" and body["error"]["code"] == code
+            assert body["error"]["type"] == "invalid_request_error"
+        status, body = post({"model": "tinylm", "prompt": [5] * 30, "max_tokens": 5})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    finally:
+        server.close()

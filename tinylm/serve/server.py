@@ -58,6 +58,11 @@ class ServerConfig:
         if limit and context > limit:
             raise TinyLMError(f"--context {context} is longer than the model's max_positions "
                               f"({limit}); give at most {limit}")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= context:
+            # (it was clamped to the context, silently)
+            raise TinyLMError(f"--max-tokens {self.max_tokens} does not fit the context of "
+                              f"{context} positions (prompt included); give 1 to {context}, "
+                              f"or leave it out to allow the whole context")
         return context
 
 
