@@ -359,3 +359,36 @@ def test_a_request_past_the_context_is_an_openai_400(p):
         assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
     finally:
         server.close()
+
+
+def test_grpo_with_no_completion_length_picks_what_fits_the_model(p, tmp_path):
+    """A fixed max_completion_length of 256 refused every model of a 64-token context
+    ("--block-size 64 leaves no room for the prompt"); None (RLConfig's default) is now
+    min(256, block size - the longest prompt), recorded as that number."""
+    from tinylm.align.rl import DEFAULT_COMPLETION_LENGTH, RLConfig
+    from tinylm.align.rl_run import run as rl_run
+    from tinylm.finetune import FinetuneSpec
+    from tinylm.tokenizers import from_file
+
+    prompts = ["the cat", "the cat sat on the mat and the dog"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t, "answer": "x"}) + "\n" for t in prompts))
+    longest = max(len(from_file(p["hf"] / "tokenizer.json").encode(t)) for t in prompts)
+    assert RLConfig("grpo").max_completion_length is None and DEFAULT_COMPLETION_LENGTH == 256
+    said = []
+    result = rl_run(FinetuneSpec(str(p["hf"]), "lora", {"r": 2}),
+                    {"out_dir": str(tmp_path / "run"), "data": [str(data)], "max_steps": 1,
+                     "batch_size": 2}, RLConfig("grpo", num_generations=2),
+                    rewards=["exact-match"], log=said.append)
+    assert result["step"] == 1
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["extra"]["rl"]["max_completion_length"] == 64 - longest
+    assert any(f"max completion length: {64 - longest} tokens" in s for s in said), said
+    # a length given is kept, and one that does not fit is still refused
+    from tinylm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="leaves no room for the prompt"):
+        rl_run(FinetuneSpec(str(p["hf"]), "lora", {"r": 2}),
+               {"out_dir": str(tmp_path / "run2"), "data": [str(data)], "max_steps": 1},
+               RLConfig("grpo", num_generations=2, max_completion_length=256),
+               rewards=["exact-match"])

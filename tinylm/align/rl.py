@@ -73,6 +73,8 @@ from tinylm.errors import ConfigError
 from tinylm.objectives import Objective, ObjectiveError
 
 METHODS = ("grpo", "rloo")
+DEFAULT_COMPLETION_LENGTH = 256  # the most max_completion_length=None picks (TRL: 512,
+#                                  long for a CPU)
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")  # TRL's clipped-ratio losses; dapo default
 SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
@@ -93,7 +95,10 @@ class RLConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon
     num_iterations: int = 1
-    max_completion_length: int = 256  # TRL: 512, long for a CPU
+    # None: what fits, min(DEFAULT_COMPLETION_LENGTH, block size - the longest prompt),
+    # resolved by ``rl_run.run`` once the prompts are read (a fixed 256 refused every
+    # model of a 64-token context)
+    max_completion_length: int | None = None
     temperature: float = 1.0
     loss_type: str = "dapo"
     scale_rewards: str = "group"
@@ -120,8 +125,11 @@ class RLConfig:
             p.append(f"num_generations must be >= 2 (a group needs a baseline), got "
                      f"{self.num_generations}")
         for name in ("num_iterations", "max_completion_length"):
-            if getattr(self, name) < 1:
-                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None and name == "max_completion_length":
+                continue  # resolved against the prompts (rl_run.run)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                p.append(f"{name} must be an integer >= 1, got {value!r}")
         if not self.temperature > 0:
             p.append(f"temperature must be > 0 (the log-probabilities divide by it), got "
                      f"{self.temperature}")

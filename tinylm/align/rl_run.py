@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from tinylm.align.rl import GRPO, RLOO, RLConfig
 from tinylm.errors import ConfigError
 
@@ -76,11 +78,37 @@ def _config(spec, settings: dict, model, rl: RLConfig):
         raise ConfigError("an RL run has no validation split (its curve is the training "
                           "reward); leave out --val-fraction")
     config = finetune._config(spec, {**DEFAULTS, "objective": rl.method, **settings}, model)
+    if rl.max_completion_length is None:  # resolved against the prompts (resolve_length)
+        if config.block_size < 2:
+            raise ConfigError(f"--block-size {config.block_size} leaves no room for a prompt "
+                              f"and a completion; give at least 2")
+        return config
     if config.block_size <= rl.max_completion_length:
         raise ConfigError(f"--block-size {config.block_size} leaves no room for the prompt "
                           f"after --max-completion-length {rl.max_completion_length}; raise "
                           f"the one or lower the other")
     return config
+
+
+def resolve_length(rl: RLConfig, block_size: int, data) -> RLConfig:
+    """``rl`` with max_completion_length None resolved to what fits every prompt of
+    ``data`` (a ``PromptData``): min(DEFAULT_COMPLETION_LENGTH, block_size - the longest
+    prompt); ``rl`` itself when it has a length."""
+    import dataclasses
+
+    from tinylm.align.rl import DEFAULT_COMPLETION_LENGTH
+
+    if rl.max_completion_length is not None:
+        return rl
+    longest = int(np.diff(data.examples.ids.offsets).max())
+    return dataclasses.replace(rl, max_completion_length=min(DEFAULT_COMPLETION_LENGTH,
+                                                             block_size - longest))
+
+
+def _default_length() -> int:
+    from tinylm.align.rl import DEFAULT_COMPLETION_LENGTH
+
+    return DEFAULT_COMPLETION_LENGTH
 
 
 def _with_epochs(config, data, rl: RLConfig, epochs: float):
@@ -127,13 +155,21 @@ def run(spec, settings: dict, rl: RLConfig, *, rewards=(), reward_model=None,
         model, tokenizer = finetune.load_base(spec, device)
         config = _config(spec, settings, model, rl)
         finetune.adapt(model, spec, seed=config.seed)
-        mine = record(spec, model, rl, rewards, reward_model)
-        if folder.state is not None:
-            check_resume(spec, folder.state, folder.path, mine)
         fmt = finetune.formatting(model, tokenizer, spec, config.block_size, log=log)
+        if rl.max_completion_length is None:  # what the longest prompt leaves
+            measure = type(fmt)(fmt.tokenizer, fmt.eos_id, config.block_size - 1,
+                                fmt.template, fmt.text_field)
+            rl = resolve_length(rl, config.block_size,
+                                PromptData.read(config.data, measure, seed=config.seed))
+            log(f"max completion length: {rl.max_completion_length} tokens (what --block-size "
+                f"{config.block_size} leaves after the longest prompt, at most "
+                f"{_default_length()}; --max-completion-length sets it)")
         fmt = type(fmt)(fmt.tokenizer, fmt.eos_id, config.block_size - rl.max_completion_length,
                         fmt.template, fmt.text_field)
         data = PromptData.read(config.data, fmt, seed=config.seed)
+        mine = record(spec, model, rl, rewards, reward_model)
+        if folder.state is not None:
+            check_resume(spec, folder.state, folder.path, mine)
         log(f"data: {len(data)} prompts, {rl.num_generations} completions each; rewards: "
             f"{', '.join(scorers)}")
         if "max_steps" not in settings:
