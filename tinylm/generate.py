@@ -640,16 +640,41 @@ def speculative_accept(p, q, proposal, rng) -> tuple:
 class _Speculation:
     """Both models' KV caches over one growing context. Each cache holds the context
     minus the tokens it has not been fed yet (fed at its next call); rejected
-    positions are cropped from it."""
+    positions are cropped from it.
 
-    def __init__(self, target, draft, ctx, cfg: SamplingConfig, rng):
+    A cache may start with positions that are no tokens of the context: a prompt- or
+    prefix-tuning adapter's P virtual tokens, put in on the first forward. Each
+    model's count of them is measured then (cache length - tokens fed), so feeding
+    and cropping count the context's tokens only, and the model's own positions
+    (the cache's) stay P.. for the real tokens."""
+
+    def __init__(self, target, draft, ctx, cfg: SamplingConfig, rng, context: int = 0):
         from tinylm.nn import KVCache
 
         self.target, self.draft, self.cfg, self.rng = target, draft, cfg, rng
         self.V = target.config.vocab_size
-        self.t_cache, self.d_cache = KVCache(), KVCache()
+        self.caches = {"target": KVCache(), "draft": KVCache()}
+        self.fed = {"target": 0, "draft": 0}  # context tokens in each cache
+        self.virtual = {"target": None, "draft": None}  # P, measured at the first forward
+        self.context = context  # the most context tokens a model is fed (to fit)
         self.ctx = list(ctx)
         self.result = SpeculativeResult()
+
+    def _forward(self, which: str, seq: list):
+        """Feed ``which`` model the tokens of ``seq`` its cache lacks; its output."""
+        model, cache = getattr(self, which), self.caches[which]
+        out = model(np.array([seq[self.fed[which]:]]), cache=cache)
+        self.fed[which] = len(seq)
+        if self.virtual[which] is None:
+            self.virtual[which] = cache.length - len(seq)
+            _check_fits(model, which, self.virtual[which], self.context)
+        return out
+
+    def _crop(self, which: str, n: int) -> None:
+        """Keep the first ``n`` context tokens (and any virtual positions) in the cache."""
+        if self.virtual[which] is not None and self.fed[which] > n:
+            self.caches[which].crop(self.virtual[which] + n)
+            self.fed[which] = n
 
     def _probs(self, logits) -> np.ndarray:
         """(n, V) logits -> the probabilities sampling draws from (temperature, filters)."""
@@ -660,8 +685,7 @@ class _Speculation:
         was drawn from (empty when greedy)."""
         proposal, q = [], []
         for _ in range(n):
-            fresh = (self.ctx + proposal)[self.d_cache.length:]
-            logits = self.draft(np.array([fresh]), cache=self.d_cache).logits
+            logits = self._forward("draft", self.ctx + proposal).logits
             row = backend.to_numpy(logits.data[0, -1:, :self.V])  # (1, V)
             if self.cfg.greedy:
                 proposal.append(int(row.argmax()))
@@ -674,8 +698,7 @@ class _Speculation:
         """Propose ``n`` tokens, verify them with one forward of the target; returns the
         tokens to append (the accepted drafts and one of the target's own)."""
         proposal, q = self.propose(n)
-        fresh = (self.ctx + proposal)[self.t_cache.length:]
-        out = self.target(np.array([fresh]), cache=self.t_cache)
+        out = self._forward("target", self.ctx + proposal)
         rows = backend.to_numpy(out.logits.data[0])[-(n + 1):, :self.V]  # (n+1, V) the
         # target at each proposed position and one past them
         if self.cfg.greedy:
@@ -686,12 +709,37 @@ class _Speculation:
             new, agree = speculative_accept(self._probs(rows), q, proposal, self.rng)
         self.result.proposed += n
         self.result.accepted += int(agree)
-        self.t_cache.crop(len(self.ctx) + agree)  # keep context + accepted drafts
-        self.d_cache.crop(len(self.ctx) + agree)
+        for which in ("target", "draft"):  # keep context + accepted drafts
+            self._crop(which, len(self.ctx) + agree)
         return new
 
 
-def _check_speculative(target, draft, n_prompt: int, max_new_tokens, k) -> None:
+def virtual_positions(model) -> int:
+    """How many positions the model's active adapters put in front of the tokens in a
+    KV cache (prompt / prefix tuning's ``num_virtual_tokens``); 0 without any."""
+    from tinylm.peft.base import adapter_sets
+
+    total = 0
+    for _, _, adapters in adapter_sets(model):
+        adapter = None if adapters.disabled else adapters.adapters().get(adapters.active)
+        if adapter is not None and not adapter.merged:
+            total += int(getattr(adapter, "num_virtual_tokens", 0) or 0)
+    return total
+
+
+def _check_fits(model, which: str, virtual: int, context: int) -> None:
+    """The ``context`` tokens plus ``virtual`` positions must fit max_positions."""
+    limit = model.config.max_positions
+    if limit and context and virtual + context > limit:
+        extra = (f" + the {which} model's {virtual} virtual tokens (prompt/prefix tuning)"
+                 if virtual else "")
+        raise TinyLMError(f"prompt + max_new_tokens + k{extra} must fit max_positions="
+                          f"{limit} of the {which} model; ask for fewer new tokens or a smaller k")
+
+
+def _check_speculative(target, draft, n_prompt: int, max_new_tokens, k) -> int:
+    """Refuses what speculative decoding cannot do; returns the context length both
+    models must fit (virtual tokens aside)."""
     from tinylm.objectives import model_kind
 
     for m in (target, draft):
@@ -703,11 +751,10 @@ def _check_speculative(target, draft, n_prompt: int, max_new_tokens, k) -> None:
         raise TinyLMError(f"the draft model's vocab_size ({draft.config.vocab_size}) differs "
                           f"from the target's ({target.config.vocab_size}); the draft must "
                           f"share the target's tokenizer")
-    for m in (target, draft):
-        limit = m.config.max_positions
-        if limit and n_prompt + max_new_tokens + k > limit:
-            raise TinyLMError(f"prompt + max_new_tokens + k must fit max_positions={limit} of "
-                              f"both models")
+    context = n_prompt + max_new_tokens + k
+    for which, m in (("target", target), ("draft", draft)):
+        _check_fits(m, which, virtual_positions(m), context)
+    return context
 
 
 def speculative_sample(target, draft, prompt, max_new_tokens: int = 200, *, k: int = 4,
@@ -726,9 +773,9 @@ def speculative_sample(target, draft, prompt, max_new_tokens: int = 200, *, k: i
     rows = as_prompt_rows(prompt, tokenizer)
     if len(rows) != 1:
         raise TinyLMError(f"speculative decoding continues one prompt, got {len(rows)}")
-    _check_speculative(target, draft, len(rows[0]), max_new_tokens, k)
+    context = _check_speculative(target, draft, len(rows[0]), max_new_tokens, k)
     eos = resolve_eos(target, eos_id, tokenizer)
-    run = _Speculation(target, draft, rows[0], cfg, np.random.default_rng(seed))
+    run = _Speculation(target, draft, rows[0], cfg, np.random.default_rng(seed), context)
     n0, ctx = len(rows[0]), run.ctx
     done = max_new_tokens == 0
     with inference(target, draft):
