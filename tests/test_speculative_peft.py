@@ -232,3 +232,32 @@ def test_max_positions_counts_the_virtual_tokens(method, where):
     assert out.tokens == G.generate(target, PROMPT, 5, temperature=0, eos_id=()).tokens[0]
     with peft.disable_adapters(target if where == "target" else draft):
         G.speculative_greedy(target, draft, PROMPT, 8, k=3, eos_id=())
+
+
+# --------------------------------------------------------------------------- generate's window
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_slides_a_window_of_max_positions_less_the_virtual_tokens(kind, method):
+    """max_positions 8, P 3: past 5 tokens of context the window slides, and each new
+    token is the argmax of a full recompute of the last 5 (a GPT-2 with learned
+    positions failed: 'position 8 is beyond the model's max_positions=8')."""
+    model = adapted(tiny(kind, max_positions=8), method)
+    ctx = list(PROMPT[:4])
+    want = []
+    with tinylm.no_grad():
+        for _ in range(10):
+            want.append(int(model(np.array([ctx[-5:]])).logits.numpy()[0, -1].argmax()))
+            ctx.append(want[-1])
+    assert G.generate(model, PROMPT[:4], 10, temperature=0, eos_id=()).tokens[0] == want
+
+
+def test_beam_search_and_generate_refuse_what_the_virtual_tokens_leave_no_room_for():
+    model = adapted(tiny("gpt2", max_positions=8), "prompt_tuning")
+    with pytest.raises(TinyLMError, match="max_positions=8 less its 3 virtual tokens"):
+        G.beam_search(model, [PROMPT[:4]], 2, num_beams=2, eos_id=())
+    assert len(G.beam_search(model, [PROMPT[:4]], 1, num_beams=2, eos_id=()).tokens[0]) == 1
+    full = adapted(tiny("gpt2", max_positions=3), "prompt_tuning")
+    with pytest.raises(TinyLMError, match="use fewer num_virtual_tokens"):
+        G.generate(full, [1], 2, temperature=0)

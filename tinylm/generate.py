@@ -21,12 +21,13 @@ column; the attention mask hides the padding and each row's positions count its 
 tokens only (0, 1, ... from its first real token), so a padded row decodes exactly as
 it would alone. When a row's context would pass the model's ``max_positions``, the
 cache is dropped and the last ``max_positions`` tokens are run again (a sliding
-window). An encoder-decoder encodes the prompts once and decodes from its
+window; a prompt/prefix-tuning adapter's virtual tokens take their share of it). An encoder-decoder encodes the prompts once and decodes from its
 decoder-start token with a cache. An encoder (BERT) does not generate text.
 
 Also here: ``beam_search`` (transformers' algorithm, length penalty and early
 stopping), ``speculative_sample`` / ``speculative_greedy`` (a draft model proposes,
-the target verifies; the output is distributed as the target's own) and
+the target verifies; the output is distributed as the target's own; either model
+may carry a prompt/prefix-tuning adapter) and
 ``TextStream`` (bytes of tokens -> text that is safe to print: split UTF-8 characters
 and possible stop strings wait).
 """
@@ -180,6 +181,19 @@ def left_pad(rows, pad_id: int = 0):
     return ids, mask, positions
 
 
+def token_window(model) -> int:
+    """How many tokens of context a decoder takes: its ``max_positions`` less the
+    positions its prompt/prefix-tuning adapter puts in front (0: no limit)."""
+    limit = model.config.max_positions
+    if not limit:
+        return 0
+    virtual = virtual_positions(model)
+    if virtual >= limit:
+        raise TinyLMError(f"the adapter's {virtual} virtual tokens fill max_positions={limit}; "
+                          f"use fewer num_virtual_tokens")
+    return limit - virtual
+
+
 def _last_logits(out) -> np.ndarray:
     return backend.to_numpy(out.logits.data[:, -1]).astype(np.float64)  # (B, V)
 
@@ -189,7 +203,7 @@ class _DecoderStepper:
 
     def __init__(self, model, rows):
         self.model = model
-        self.limit = model.config.max_positions
+        self.limit = token_window(model)
         self.rows = [list(r) for r in rows]  # the whole context of each row
         self.cache = self.mask = self.next_pos = None
 
@@ -567,9 +581,11 @@ def beam_search(model, prompts, max_new_tokens: int = 20, *, num_beams: int = 4,
     _check_count("max_new_tokens", max_new_tokens)
     rows = as_prompt_rows(prompts, tokenizer)
     limit = model.config.max_positions
-    if kind == "decoder" and limit and max(map(len, rows)) + max_new_tokens > limit:
+    window = token_window(model) if kind == "decoder" else 0
+    if window and max(map(len, rows)) + max_new_tokens > window:
+        extra = f" less its {limit - window} virtual tokens" if window < limit else ""
         raise TinyLMError(f"beam search keeps the whole context: prompt + max_new_tokens must "
-                          f"fit the model's max_positions={limit}")
+                          f"fit the model's max_positions={limit}{extra}")
     if max_new_tokens == 0:
         return BeamResult([[] for _ in rows], [0.0] * len(rows))
     eos = np.array(sorted(resolve_eos(model, eos_id, tokenizer)), dtype=np.int64)
