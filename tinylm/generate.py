@@ -21,8 +21,9 @@ column; the attention mask hides the padding and each row's positions count its 
 tokens only (0, 1, ... from its first real token), so a padded row decodes exactly as
 it would alone. When a row's context would pass the model's ``max_positions``, the
 cache is dropped and the last ``max_positions`` tokens are run again (a sliding
-window; a prompt/prefix-tuning adapter's virtual tokens take their share of it). An encoder-decoder encodes the prompts once and decodes from its
-decoder-start token with a cache. An encoder (BERT) does not generate text.
+window; a prompt/prefix-tuning adapter's virtual tokens take their share of it).
+An encoder-decoder encodes the prompts once and decodes from its decoder-start
+token with a cache. An encoder (BERT) does not generate text.
 
 Also here: ``beam_search`` (transformers' algorithm, length penalty and early
 stopping), ``speculative_sample`` / ``speculative_greedy`` (a draft model proposes,
