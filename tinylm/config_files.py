@@ -24,16 +24,17 @@ def toml_module(advice: str = ""):
     return tomllib
 
 
-def read_config_data(path, error=ConfigError):
-    """What a TOML (``.toml``) or JSON (any other name) config file holds. Each way it
-    can fail is one ``error`` line saying what to do: missing, a folder, unreadable, not
+def read_config_data(path, error=ConfigError, kind: str | None = None):
+    """What a TOML (``.toml``, or ``kind="TOML"``) or JSON (any other name) config file
+    holds. Each way it can fail is one ``error`` line saying what to do: missing, a
+    folder, unreadable, not
     UTF-8 text (a binary file: "'utf-8' codec can't decode byte 0xff" said nothing of
     what to give), or not valid TOML/JSON."""
     import json
     import os
 
     path = os.fspath(path)
-    kind = "TOML" if path.endswith(".toml") else "JSON"
+    kind = kind or ("TOML" if path.endswith(".toml") else "JSON")
     try:
         if kind == "TOML":
             tomllib = toml_module("; or write the config as JSON")

@@ -317,15 +317,10 @@ class TrainConfig:
 
 
 def read_toml(path) -> dict:
-    path = os.fspath(path)
-    tomllib = toml_module()
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"cannot parse {path}: {e}") from None
+    """A train config: TOML whatever the file's name."""
+    from tinylm.config_files import read_config_data
+
+    return read_config_data(path, kind="TOML")
 
 
 # --------------------------------------------------------------------------- building blocks

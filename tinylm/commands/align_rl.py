@@ -10,7 +10,7 @@ Prompt records are ``{"prompt": text or messages, ...}``; the other fields (an
 "answer") go to the reward functions (``tinylm.align.prompt_data``). The method is
 TRL 1.16's GRPOTrainer / RLOOTrainer (``tinylm.align.rl``: DeepSeekMath's GRPO,
 arXiv:2402.03300; RLOO, arXiv:2402.14740); its options keep TRL's names and
-defaults (but --max-completion-length 256, TRL's 512; --batch-size counts prompts,
+defaults (but --max-completion-length at most 256, TRL's 512; --batch-size counts prompts,
 each sampled --num-generations times). The model and training options are `tinylm finetune`'s: OUT is a run
 folder that resumes bit for bit (run the same command again), and at the end holds
 the adapter (or with --full the model).
@@ -53,8 +53,9 @@ def _rl_options(method: str):
                      help="Upper clip range [default: --epsilon]."),
         click.option("--num-iterations", type=click.IntRange(min=1), default=1,
                      show_default=True, help="Optimisation steps per batch of rollouts."),
-        click.option("--max-completion-length", type=click.IntRange(min=1), default=256,
-                     show_default=True, help="Longest completion in tokens."),
+        click.option("--max-completion-length", type=click.IntRange(min=1), default=None,
+                     help="Longest completion in tokens.  [default: 256, or what the "
+                          "model's context leaves after the longest prompt]"),
         click.option("--temperature", type=finite_float(min=0, min_open=True), default=1.0,
                      show_default=True, help="Sampling temperature."),
         click.option("--mask-truncated-completions", is_flag=True,

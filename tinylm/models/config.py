@@ -310,19 +310,9 @@ def config_from_dict(data: dict) -> ModelConfig:
 
 def read_config_file(path) -> dict:
     """The dict in a TOML or JSON file (the ``[model]`` table if the file has one)."""
-    path = os.fspath(path)
-    try:
-        if path.endswith(".toml"):
-            tomllib = toml_module("; or write the config as JSON")
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        else:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {path}") from e
-    except (ValueError, OSError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"cannot parse {path}: {e}") from e
+    from tinylm.config_files import read_config_data
+
+    data = read_config_data(path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     return data
