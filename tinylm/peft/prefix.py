@@ -24,7 +24,8 @@ are not rotated: PEFT's behaviour), an ``attention_mask`` over the real tokens g
 ones in front, given ``positions`` and ``prefix_length`` grow by P. Logits are the
 real tokens' only (B, T, V). To decode with the prefixes in the graph, start from
 ``adapter.new_cache(model.transformer, batch)``. As with prompt tuning, the prefix
-positions count against ``max_positions`` and speculative decoding does not take them.
+positions count against ``max_positions`` (generate keeps max_positions - P tokens of
+context); speculative decoding takes them on either model.
 """
 
 from __future__ import annotations

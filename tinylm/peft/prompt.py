@@ -26,9 +26,9 @@ KV cache: the virtual tokens go in on the first forward only, when the cache is 
 the cache is marked (``VIRTUAL``) so later steps, whose masks and positions count real
 tokens only, are shifted by P too; a cache filled without this adapter is refused.
 ``tinylm.generate`` and beam search work unchanged. Limits: the P virtual positions
-count against ``max_positions`` (a learned-position model generates up to
-max_positions - P tokens of context), and speculative decoding, which reads the
-cache's length as its count of real tokens, does not take virtual tokens.
+count against ``max_positions``: generate and beam search keep up to max_positions - P
+tokens of context, and speculative decoding (the adapter on the target, the draft or
+both) needs prompt + max_new_tokens + k + P to fit.
 
 Init (``prompt_tuning_init``, as PEFT's ``PromptTuningInit``): "RANDOM" N(0, 1) (torch's
 Embedding init, as PEFT), "SAMPLE_VOCAB" rows of the token embedding at random ids,
