@@ -25,8 +25,10 @@ The folder is a run folder's model part: ``config.json`` (the model config plus 
 ``"quantization"`` section: scheme, skip patterns, each quantized layer's format and
 shape, the tied heads), ``model.safetensors`` (the float parameters as usual; each
 quantized layer as its packed buffers, ``<layer>.qweight`` uint8/int8 plus
-``<layer>.scale`` / ``.absmax`` / ``.qabsmax`` / ``.absmax2`` / ``.offset`` by format)
-and ``tokenizer.txt``. Loading builds the model from the config with its weights
+``<layer>.scale`` / ``.absmax`` / ``.qabsmax`` / ``.absmax2`` / ``.offset`` by format;
+a layer in a float format, e.g. the bf16 embedding of ``embeddings="bf16"``, as its
+``qweight`` typed BF16 / F16 / F32 (out, in), which loads back as those bits, not
+float32) and ``tokenizer.txt``. Loading builds the model from the config with its weights
 unwritten (``nn.skip_init``), then reads the file one layer at a time: each quantized
 layer's packed arrays become its buffers (no copy), each float tensor is copied into
 its parameter and dropped, so loading never holds more than the model plus one tensor.
@@ -51,6 +53,9 @@ from tinylm.quant.registry import get_format
 
 SCHEMES = ("q8_0", "q4_0", "q4_1", "int8", "nf4", "nf4-dq", "f16", "bf16")
 EMBEDDING_SCHEMES = ("q8_0", "q4_0", "q4_1", "f16", "bf16")  # embeddings=None: these
+# the float layer formats and the safetensors dtype their ``qweight`` is stored as (the
+# file says what the bytes are; a folder with them as U8 bytes, as written before, loads too)
+FLOAT_CODES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.txt"
 QUANT_VERSION = 1
 
@@ -205,7 +210,15 @@ def save_quantized(model, tokenizer, folder, overwrite: bool = False) -> None:
                               f"--overwrite (overwrite=True) to replace it")
     os.makedirs(folder, exist_ok=True)
     state = {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
-    checkpoint.save_file(state, os.path.join(folder, MODEL_FILE),
+    dtypes = {}
+    for name, info in record["tensors"].items():  # f32 / f16 / bf16 layers: typed, not U8
+        code = FLOAT_CODES.get(info["format"])
+        key = f"{name}.qweight"
+        if code and key in state:
+            typed = np.dtype(get_format(info["format"]).dtype)  # BF16: its uint16 bits
+            state[key] = state[key].view(typed).reshape(info["shape"])
+            dtypes[key] = code
+    checkpoint.save_file(state, os.path.join(folder, MODEL_FILE), dtypes=dtypes,
                          metadata={"format": "np", "tinylm_quantization": record["scheme"]})
     tokenizer.save(os.path.join(folder, TOKENIZER_FILE))
     config = {**model.config.to_dict(), "quantization": record}
@@ -306,8 +319,14 @@ def _swap_in(model, record: dict, file: str, header: dict) -> set:
             keys = {a: f"{name}.{_BUFFER.get(a, a)}" for a in kernels.LAYOUTS[get_format(fmt).name]}
             if f"{name}.bias" in header and info.get("layer") != "embedding":
                 keys["bias"] = f"{name}.bias"
-            state = checkpoint.load_file(file, names=[k for k in keys.values() if k in header])
+            state = checkpoint.load_file(file, names=[k for k in keys.values() if k in header],
+                                         bf16="raw")  # BF16 as its bits, never float32
             arrays = {a: state[k] for a, k in keys.items() if a != "bias"}
+            code = header.get(keys.get("raw"), {}).get("dtype")
+            if code in FLOAT_CODES.values():  # a typed f32 / f16 / bf16 table: its bytes
+                if code != FLOAT_CODES.get(get_format(fmt).name):
+                    raise ValueError(f"a {fmt} layer stored as {code}")
+                arrays["raw"] = arrays["raw"].reshape(shape[0], -1).view(np.uint8)
             packed = kernels.check_packed(kernels.Packed(get_format(fmt).name, shape, arrays))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{file}: layer {name!r} is not a valid quantized tensor "
