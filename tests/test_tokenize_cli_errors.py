@@ -9,6 +9,7 @@ import pytest
 from tinylm import hookimpl, plugins
 from cli_helpers import one_error_line, run
 from tinylm.tokenizers import BPETokenizer, CharTokenizer, WordPieceTokenizer
+from tinylm.tokenizers.base import Tokenizer
 
 TEXT = "hello world, the quick brown fox. " * 10
 BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff\xfe\xfd"
@@ -170,3 +171,37 @@ def test_wordpiece_files_are_fine_to_encode(files):
     WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello"]).save(path)
     result = run("tokenize", "encode", "-t", path, "hello")
     assert result.exit_code == 0 and result.stdout.split() == ["5"]
+
+
+class FilesOnly(CharTokenizer):
+    """A plugin tokenizer with ``train_from_files`` and no ``train`` (docs/plugins.md:
+    ``tokenize train --type NAME FILE...`` trains it)."""
+    name = "filesonly"
+    train = Tokenizer.train  # the base class's: "has no train method of its own"
+
+    @classmethod
+    def train_from_files(cls, paths, vocab_size=None, *, special_tokens=()):
+        text = "".join(open(p, encoding="utf-8").read() for p in paths)
+        return CharTokenizer.train([text], special_tokens=special_tokens)
+
+
+class FilesOnlyPlugin:
+    @staticmethod
+    @hookimpl
+    def register_tokenizers(register):
+        register("filesonly", FilesOnly)
+
+
+def test_a_tokenizer_with_only_train_from_files_trains_from_files(tmp_path):
+    plugins.register_plugin(FilesOnlyPlugin)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\nabc\n", encoding="utf-8")
+    out = tmp_path / "tok.txt"
+    result = run("tokenize", "train", str(corpus), "--type", "filesonly", "-o", str(out),
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "trained a filesonly tokenizer" in result.output and out.exists()
+    # Without CORPUS files (the default corpus is text, for train): one line, exit 2.
+    result = run("tokenize", "train", "--type", "filesonly", "-o", str(tmp_path / "t2.txt"),
+                 "--no-progress")
+    assert "train from files only" in one_error_line(result)

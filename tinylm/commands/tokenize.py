@@ -121,6 +121,12 @@ def train_command(ctx, corpus, output, kind, fmt, **values):
     for path in corpus:
         check_file(path, "text file")
     train = getattr(cls, "train_from_files", None) if corpus else None
+    if train is None and not _has_own_train(cls):
+        from tinylm.tokenizers.base import TokenizerError
+
+        raise TokenizerError(f"{kind!r} tokenizers train from files only "
+                             f"({cls.__module__}.{cls.__qualname__} has train_from_files, no "
+                             f"train); give the CORPUS files to train on")
     values["special_tokens"] = list(values["special_tokens"])  # train's keywords (TRAIN_FLAGS)
     options = _train_options(ctx, kind, train or cls.train, cls.train, values)
     size = options.pop("vocab_size", None)
@@ -145,15 +151,20 @@ def train_command(ctx, corpus, output, kind, fmt, **values):
                f"{seconds:.1f} s; saved {output}", err=True)
 
 
-def _trainable_types() -> list:
-    """The registered tokenizer names whose class has a ``train`` of its own (the base
-    class's says there is none)."""
+def _has_own_train(cls) -> bool:
+    """Whether ``cls`` has a ``train`` of its own (the base class's says there is none)."""
     from tinylm.tokenizers.base import Tokenizer
 
+    return (getattr(getattr(cls, "train", None), "__func__", None)
+            is not Tokenizer.train.__func__)
+
+
+def _trainable_types() -> list:
+    """The registered tokenizer names whose class has a ``train`` of its own or a
+    ``train_from_files`` (docs/plugins.md: either makes it trainable here)."""
     found = plugins.registry("tokenizers")
     return sorted(name for name, cls in found.items()
-                  if getattr(getattr(cls, "train", None), "__func__", None)
-                  is not Tokenizer.train.__func__)
+                  if _has_own_train(cls) or callable(getattr(cls, "train_from_files", None)))
 
 
 def _train_options(ctx, kind: str, function, train, values: dict) -> dict:
