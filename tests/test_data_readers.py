@@ -2,6 +2,7 @@
 
 import bz2
 import gzip
+import io
 import json
 import random
 import sys
@@ -280,3 +281,138 @@ def test_unreadable_file_is_an_error_or_counted_when_asked(tmp_path, monkeypatch
     assert docs == [] and stats.bad == {"unreadable": 1}
     with pytest.raises(readers.WebDataError, match="cannot read .*a.jsonl: Permission denied"):
         read(tmp_path / "a.jsonl")
+
+
+# ------------------------------------------- damage and padding after complete members
+
+
+THREE = random_records(3, seed=7)
+
+
+def zstd_compress(data: bytes) -> bytes:
+    return pytest.importorskip("zstandard").ZstdCompressor().compress(data)
+
+
+COMPRESS = {"gz": gzip.compress, "bz2": bz2.compress, "zst": zstd_compress}
+# what follows the complete members: bytes the format's own tool refuses (gzip -d: "unknown
+# method"; bzip2 -d: "data integrity error" for what starts as a stream; zstd -d: any)
+DAMAGE = {"gz": b"\x1f\x8bGARBAGE", "bz2": b"BZh9GARBAGEGARBAGE", "zst": b"\x1f\x8bGARBAGE"}
+
+
+def hex_records(n, seed):
+    """Records whose text barely compresses, so their members pass 64 KiB chunks."""
+    rng = random.Random(seed)
+    return [{"text": rng.randbytes(60).hex()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("ext", ["gz", "bz2", "zst"])
+def test_damage_after_complete_members_in_the_same_chunk_keeps_them(tmp_path, ext):
+    path = tmp_path / f"d.jsonl.{ext}"
+    path.write_bytes(COMPRESS[ext](jsonl_bytes(THREE)) + DAMAGE[ext])
+    docs, stats = read(path, keep_damaged=True)
+    assert [d.text for d in docs] == [r["text"] for r in THREE]
+    assert stats.documents == 3 and stats.bad == {"truncated_stream": 1}
+    with pytest.raises(WebDataError, match=r"d\.jsonl\.\w+ is corrupt: .*after 3 documents"):
+        read(path)
+
+
+@pytest.mark.parametrize("ext", ["gz", "bz2", "zst"])
+@pytest.mark.parametrize("members", ["one", "many"])
+def test_damage_after_a_chunk_boundary_keeps_every_document_before_it(tmp_path, ext,
+                                                                      members):
+    records = hex_records(3000, seed=3)  # > 128 KiB compressed
+    compress = COMPRESS[ext]
+    if members == "one":
+        blob = compress(jsonl_bytes(records))
+    else:  # a member per 10 records: the chunk that breaks also holds complete members
+        blob = b"".join(compress(jsonl_bytes(records[i:i + 10]))
+                        for i in range(0, len(records), 10))
+    assert len(blob) > 1 << 17
+    path = tmp_path / f"d.jsonl.{ext}"
+    path.write_bytes(blob + DAMAGE[ext])
+    docs, stats = read(path, keep_damaged=True)
+    assert [d.text for d in docs] == [r["text"] for r in records]
+    assert stats.bad == {"truncated_stream": 1}
+    with pytest.raises(WebDataError, match=r"is corrupt: .*after 3000 documents"):
+        read(path)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_gzip_zero_padding_is_the_end_of_the_stream_as_gzip_reads_it(tmp_path, big):
+    records = hex_records(1500, seed=4) if big else THREE
+    blob = gzip.compress(jsonl_bytes(records))
+    # padding that straddles a 64 KiB chunk boundary when the member is big
+    pad = (-len(blob)) % (1 << 16) + 700 if big else 512
+    data = blob + b"\0" * pad
+    assert gzip.decompress(data) == jsonl_bytes(records)  # the oracle
+    (tmp_path / "pad.jsonl.gz").write_bytes(data)
+    docs, stats = read(tmp_path / "pad.jsonl.gz")
+    assert [d.text for d in docs] == [r["text"] for r in records] and stats.bad == {}
+    # zeros between members are skipped, as Python's gzip module does
+    (tmp_path / "two.jsonl.gz").write_bytes(data + blob + b"\0" * 3)
+    docs, stats = read(tmp_path / "two.jsonl.gz")
+    assert [d.text for d in docs] == [r["text"] for r in records] * 2 and stats.bad == {}
+    # zeros, then bytes that are no gzip member: damage, after the documents
+    (tmp_path / "junk.jsonl.gz").write_bytes(data + b"xx")
+    with pytest.raises(WebDataError, match=rf"is corrupt: .*after {len(records)} documents"):
+        read(tmp_path / "junk.jsonl.gz")
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 512, b"\x1f\x8bGARBAGE", b"BZh0", b"xBZh9"])
+def test_bz2_trailing_garbage_is_ignored_as_bzip2_does(tmp_path, tail):
+    data = bz2.compress(jsonl_bytes(THREE)) + tail
+    assert bz2.decompress(data) == jsonl_bytes(THREE)  # the oracle (bzip2 -d agrees)
+    (tmp_path / "t.jsonl.bz2").write_bytes(data)
+    docs, stats = read(tmp_path / "t.jsonl.bz2")
+    assert [d.text for d in docs] == [r["text"] for r in THREE] and stats.bad == {}
+
+
+@pytest.mark.parametrize("tail", [b"B", b"BZ", b"BZh", b"BZh9"])
+def test_bz2_cut_in_the_next_stream_header_is_truncated(tmp_path, tail):
+    path = tmp_path / "t.jsonl.bz2"
+    path.write_bytes(bz2.compress(jsonl_bytes(THREE)) + tail)
+    with pytest.raises(WebDataError, match=r"is truncated: .*after 3 documents"):
+        read(path)
+
+
+def test_zstd_trailing_zeros_are_damage_as_zstd_reads_them(tmp_path):
+    path = tmp_path / "t.jsonl.zst"
+    path.write_bytes(zstd_compress(jsonl_bytes(THREE)) + b"\0" * 512)
+    docs, stats = read(path, keep_damaged=True)
+    assert len(docs) == 3 and stats.bad == {"truncated_stream": 1}
+
+
+class _FailingRaw(io.RawIOBase):
+    """A raw file that gives ``data`` and then fails with EIO."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.data:
+            raise OSError(5, "Input/output error")
+        n = min(len(buffer), len(self.data))
+        buffer[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz"])
+def test_an_io_error_while_reading_names_it_not_a_broken_stream(tmp_path, monkeypatch, name):
+    body = jsonl_bytes(THREE)
+    data = gzip.compress(body) if name.endswith(".gz") else body
+    def failing_open(path, mode="r", buffering=-1):
+        return _FailingRaw(data) if buffering == 0 else io.BufferedReader(_FailingRaw(data))
+
+    monkeypatch.setattr(readers, "open", failing_open, raising=False)  # shadows the builtin
+    path = tmp_path / name
+    with pytest.raises(WebDataError) as info:
+        read(path)
+    message = str(info.value)
+    assert f"cannot read {path}: Input/output error (after 3 documents)" in message
+    assert "decompress" not in message and "corrupt" not in message
+    docs, stats = read(path, keep_damaged=True)
+    assert [d.text for d in docs] == [r["text"] for r in THREE]
+    assert stats.bad == {"unreadable": 1}

@@ -29,12 +29,21 @@ Each may be compressed: ``.gz`` (gzip), ``.bz2`` (bz2; Wikipedia's dumps) from t
 standard library, ``.zst`` / ``.zstd`` with the ``zstandard`` package
 (``pip install 'tinylm[data]'``).
 
+Concatenated members/frames are all read. What follows a complete one is judged as the
+format's own tool does: for gzip, zero bytes are padding, skipped (``gzip -d`` ignores
+trailing zeros; Python's ``gzip`` also reads a member after them); for bz2, bytes that do
+not start another stream ("BZh1".."BZh9") are trailing garbage, ignored (``bzip2 -d`` and
+Python's ``bz2`` do); for zstd, anything that is not a frame is damage (``zstd -d``).
+
 Bad records never stop a run: each is counted in ``ReadStats.bad`` under its reason
 (``BAD_REASONS``) and reading goes on with the next record. A damaged file is another
-matter: a truncated or corrupt gzip/zstd/bz2 stream, or a file that cannot be opened, is
-a ``WebDataError`` naming it (a cut download read as a short file, exit 0, was silently
-wrong), unless ``keep_damaged=True``: then it is counted ("truncated_stream",
-"unreadable") and what was read before the damage is kept. XML that stops parsing ends
+matter: a truncated or corrupt gzip/zstd/bz2 stream (trailing bytes that are no member,
+by the rules above, included), or a file that cannot be opened or read, is a
+``WebDataError`` naming it and the documents read before the damage (a cut download read
+as a short file, exit 0, was silently wrong), unless ``keep_damaged=True``: then it is
+counted ("truncated_stream", "unreadable") and the documents before the damage are kept
+(every complete line before it; of the damaged member itself, what its 64 KiB of input
+around the damage decompressed to may be lost). XML that stops parsing ends
 that file, keeping what was read, and is counted as "bad_xml". Records that are fine but
 are not documents (a WET file's ``warcinfo`` record, a wiki redirect) are counted in
 ``ReadStats.skipped``.
@@ -47,6 +56,7 @@ import io
 import json
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass, field
 
@@ -66,7 +76,7 @@ BAD_REASONS = {
     "bad_warc_record": "a WARC record without a version line, a Content-Length, or whose "
                        "Content-Length does not frame it (skipped to the next WARC/ line)",
     "bad_xml": "XML that stops parsing (the file ends there)",
-    "unreadable": "a file that cannot be opened",
+    "unreadable": "a file that cannot be opened or read (an I/O error; the file ends)",
 }
 C4_SHARD = re.compile(r"^c4-(?P<split>[A-Za-z]+)\.(?P<index>\d{5})-of-(?P<total>\d{5})"
                       r"\.json(?:\.gz)?$")
@@ -202,38 +212,117 @@ def zstd_module():
     return zstandard
 
 
+class _CorruptStream(OSError):
+    """A compressed stream that does not decompress (the decompressor's own message)."""
+
+
+def _decompress_errors() -> tuple:
+    """What a decompressor (zlib's, bz2's, zstandard's) raises for data it cannot read."""
+    errors = (zlib.error, OSError)
+    zstandard = sys.modules.get("zstandard")
+    return errors + (zstandard.ZstdError,) if zstandard is not None else errors
+
+
+def _after_gzip_member(data: bytes, at_end: bool):
+    """Zero bytes after a complete gzip member are padding, skipped (gzip -d ignores
+    trailing zeros; Python's gzip module also reads a member after them); anything else
+    is read as the next member, so bytes that are none are damage (gzip -d: an error)."""
+    data = data.lstrip(b"\0")
+    if data:
+        return "member", data
+    return ("end" if at_end else "wait"), b""
+
+
+_BZ2_MAGIC = re.compile(rb"B(Z(h[1-9]?)?)?")
+
+
+def _after_bz2_stream(data: bytes, at_end: bool):
+    """After a complete bz2 stream, bytes that do not start another ("BZh1".."BZh9") are
+    trailing garbage, ignored, as bzip2 -d and Python's bz2 module do; a next stream is
+    read (damage in it, or a cut in its header, is damage, as bzip2 -d says)."""
+    if not data:
+        return ("end" if at_end else "wait"), b""
+    head = data[:4]
+    if not _BZ2_MAGIC.fullmatch(head):
+        return "end", b""
+    return ("member" if len(head) == 4 or at_end else "wait"), data
+
+
+def _after_frame(data: bytes, at_end: bool):
+    """After a complete zstd frame, any bytes are read as the next frame (skippable frames
+    included), so trailing zeros or garbage are damage, as zstd -d says."""
+    if data:
+        return "member", data
+    return ("end" if at_end else "wait"), b""
+
+
 class _Decompressing(io.RawIOBase):
     """A raw stream of the decompressed bytes of ``raw`` (a binary file), through
     decompressors ``make()`` builds (``decompress``, ``eof``, ``unused_data``: zlib's,
-    bz2's, zstandard's). Concatenated members/frames are read on; a stream that ends
-    before its last member does raises EOFError, but only after every byte that could
-    be decompressed was returned, so a truncated file gives all its complete lines."""
+    bz2's, zstandard's). Concatenated members/frames are read on; what follows a complete
+    member is judged by ``after(data, at_end)`` -> ("member", data) to read on, ("end", _)
+    when the stream ends there, ("wait", data) to keep until more is read (the format's
+    rules for padding and trailing garbage: ``_after_gzip_member``, ...).
 
-    def __init__(self, raw, make):
-        self.raw, self.make, self.dec, self.pending = raw, make, make(), b""
+    A stream that breaks raises, but only once every byte decompressed before the break
+    was returned: EOFError for one that ends before its last member does (a truncated
+    file gives all its complete lines), ``_CorruptStream`` for data that does not
+    decompress (the complete members before it, in the same 64 KiB chunk or not, are
+    returned first; what the failing call itself decompressed of the damaged member is
+    lost with it). An OSError reading ``raw`` is raised as it is."""
+
+    def __init__(self, raw, make, after=_after_frame):
+        self.raw, self.make, self.after, self.dec = raw, make, after, make()
+        self.pending, self.pos = b"", 0
+        self.carry = b""  # bytes after a complete member that ``after`` waits on
+        self.error, self.ended, self.started = None, False, False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
-            chunk = self.raw.read(1 << 16)
-            if not chunk:
-                if not self.dec.eof and self._started:
-                    raise EOFError("compressed stream ended before its end marker")
+        while self.pos >= len(self.pending):
+            if self.error is not None:
+                raise self.error
+            if self.ended:
                 return 0
-            self._started = True
-            while chunk:
-                if self.dec.eof:
-                    self.dec = self.make()
-                self.pending += self.dec.decompress(chunk)
-                chunk = self.dec.unused_data if self.dec.eof else b""
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+            self.pending, self.pos = self._decompress(self.raw.read(1 << 16)), 0
+        n = min(len(buffer), len(self.pending) - self.pos)
+        buffer[:n] = memoryview(self.pending)[self.pos:self.pos + n]
+        self.pos += n
         return n
 
-    _started = False
+    def _decompress(self, chunk: bytes) -> bytes:
+        """The bytes ``chunk`` (b"": the file's end) decompresses to; a break or the end
+        of the stream is noted in ``error`` / ``ended`` for after they are returned."""
+        out, data, at_end = [], chunk, not chunk
+        while True:
+            if self.dec.eof:  # between members: what follows decides
+                kind, data = self.after(self.carry + data, at_end)
+                self.carry = b""
+                if kind == "wait":
+                    self.carry = data
+                    break
+                if kind == "end":
+                    self.ended = True
+                    break
+                self.dec = self.make()
+            elif at_end:
+                if self.started:
+                    self.error = EOFError("compressed stream ended before its end marker")
+                self.ended = True
+                break
+            self.started = True
+            try:
+                out.append(self.dec.decompress(data))
+            except _decompress_errors() as e:
+                self.error = _CorruptStream(str(e) or type(e).__name__)
+                self.ended = True
+                break
+            if not self.dec.eof and not at_end:
+                break
+            data = self.dec.unused_data if self.dec.eof else b""
+        return b"".join(out)
 
     def close(self) -> None:
         self.raw.close()
@@ -241,12 +330,13 @@ class _Decompressing(io.RawIOBase):
 
 
 def _decompressor(compression: str):
+    """(make a decompressor, what follows a complete member) for ``compression``."""
     if compression == "gzip":
-        return lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), _after_gzip_member
     if compression == "bz2":
-        return bz2.BZ2Decompressor
+        return bz2.BZ2Decompressor, _after_bz2_stream
     zstandard = zstd_module()
-    return lambda: zstandard.ZstdDecompressor().decompressobj()
+    return lambda: zstandard.ZstdDecompressor().decompressobj(), _after_frame
 
 
 def open_binary(path):
@@ -255,18 +345,9 @@ def open_binary(path):
     compression = _split_name(path)[2]
     if compression is None:
         return open(path, "rb", buffering=1 << 20)
-    make = _decompressor(compression)
-    return io.BufferedReader(_Decompressing(open(path, "rb"), make), buffer_size=1 << 16)
-
-
-def _stream_errors() -> tuple:
-    """The exceptions a broken compressed stream raises while being read."""
-    errors = (EOFError, OSError, zlib.error)
-    try:
-        import zstandard
-    except ImportError:
-        return errors
-    return errors + (zstandard.ZstdError,)
+    make, after = _decompressor(compression)
+    return io.BufferedReader(_Decompressing(open(path, "rb", buffering=0), make, after),
+                             buffer_size=1 << 16)
 
 
 # --------------------------------------------------------------------------- reading
@@ -307,18 +388,27 @@ def read_documents(path, format: str | None = None, *, stats: ReadStats | None =
             for doc in records():
                 stats.documents += 1
                 yield doc
-        except _stream_errors() as e:
+        except (EOFError, OSError) as e:  # _Decompressing's breaks, or a read that fails
             if not keep_damaged:
                 raise _damaged(path, e, stats.documents) from None
-            stats.count_bad("truncated_stream")
+            stats.count_bad("truncated_stream" if isinstance(e, (EOFError, _CorruptStream))
+                            else "unreadable")
 
 
 def _damaged(path, error, documents: int) -> WebDataError:
-    """The error for a compressed file whose stream broke off after ``documents``."""
+    """The error for a file whose reading broke off after ``documents``: a compressed
+    stream that ends early or does not decompress, or a read that fails (an I/O error)."""
     kind = _split_name(path)[2] or "compressed"
-    what = ("is truncated: its {} stream ends before its end marker" if
-            isinstance(error, EOFError) else "is corrupt: its {} stream does not decompress")
-    return WebDataError(f"{path} {what.format(kind)} (after {documents} documents); "
+    after = f"after {documents} document{'' if documents == 1 else 's'}"
+    if isinstance(error, EOFError):
+        what = f"is truncated: its {kind} stream ends before its end marker ("
+    elif isinstance(error, _CorruptStream):
+        what = f"is corrupt: its {kind} stream does not decompress ({error}; "
+    else:
+        return WebDataError(f"cannot read {path}: {error.strerror or error} ("
+                            f"{after}); check the disk or the file, or leave "
+                            f"it out of the inputs")
+    return WebDataError(f"{path} {what}{after}); "
                         f"get a complete copy of it, or leave it out of the inputs")
 
 
