@@ -175,7 +175,8 @@ def train_command(config_path, data, out_dir, settings, overwrite, progress, npr
         from tinylm.dist.launch import launch
         from tinylm.train import TrainConfig
 
-        TrainConfig.from_dict(given)  # a bad setting: one line here, not one per rank
+        # a bad setting or model config: one line here, before any rank starts
+        check_model_settings(TrainConfig.from_dict(given))
         sys.exit(launch(nproc))
     comm = dist.world()
     try:
@@ -208,6 +209,32 @@ def _train(given: dict, overwrite: bool, progress: bool, comm) -> tuple:
         trainer = Trainer(config, log=lambda msg: click.echo(msg, err=True), progress=progress,
                           dist=dp)
         return trainer.fit(run), config
+
+
+def check_model_settings(config) -> None:
+    """A ConfigError now for a run whose family, objective or [model] table the ranks
+    would refuse, checked as ``tinylm.train.build_model_config`` builds the model config
+    (the family's small defaults, then [model], max_positions = block_size), but without
+    the tokenizer (no data read, nothing trained) and without allocating the model: the
+    vocabulary is [model]'s or the family's default, token ids are left unset. What only
+    the tokenizer can tell (a vocab_size below its ids) is still found by the ranks."""
+    import dataclasses
+
+    from tinylm import plugins
+    from tinylm.errors import ConfigError
+    from tinylm.models.config import config_from_dict
+    from tinylm.train import SMALL_MODEL, resolve_objective
+
+    resolve_objective(config)  # an unknown family or objective, or one not for the family
+    arch = plugins.get_architecture(config.architecture)
+    fields = {f.name for f in dataclasses.fields(arch.config)}
+    data = {k: v for k, v in SMALL_MODEL.items() if k in fields}
+    data.update({k: v for k, v in config.model.items() if k != "architecture"})
+    data.setdefault("max_positions", config.block_size)
+    model_config = config_from_dict({"architecture": config.architecture, **data})
+    if model_config.positional == "learned" and model_config.max_positions < config.block_size:
+        raise ConfigError(f"[model] max_positions = {model_config.max_positions} is below "
+                          f"block_size = {config.block_size}; learned positions stop there")
 
 
 def _given_settings(config_path, data, out_dir, settings, options) -> dict:
