@@ -455,47 +455,80 @@ def test_a_rank_killed_by_sigkill_gets_one_line_naming_it_and_the_signal(mpiexec
     assert not (pids / "rank-1.error").exists()
 
 
+# What the mpich wheel's hydra (5.0.2) prints with -print-all-exitcodes, all on stdout,
+# stderr empty: each rank's raw wait status, "[mpiexec@vm] Exit codes: [vm] 0,256" for
+# rank 1's exit(1) ("0,768": exit(3)), and for rank 1's SIGSEGV (SIGKILL: "9,9", "Killed
+# (signal 9)") with the other killed by hydra, naming the pid of that other:
+HYDRA_SEGV = """
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID {pid} RUNNING AT vm
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES
+===================================================================================
+{codes}YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Segmentation fault (signal 11)
+This typically refers to a problem with your application.
+Please see the FAQ page for debugging suggestions"""
+
 FAKE_MPIEXEC = r"""#!{python}
 import os, socket, sys
+if sys.argv[1:] == ["--version"]:
+    sys.exit(print("HYDRA build details:\n    Version:                                 5.0.2"))
+asked = "-print-all-exitcodes" in sys.argv  # (the launcher asks hydra for them)
+host = socket.gethostname()
+def codes(*hosts):
+    return f"[mpiexec@vm] Exit codes: " + "".join(f"[{{h}}] {{s}}\n" for h, s in hosts)
 pids, mode = os.environ["TINYLM_DIST_PIDS"], os.environ["FAKE_MODE"]
 line = "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"
 with open(os.path.join(pids, "rank-1"), "w") as f:
-    f.write(f"999999999 {{socket.gethostname()}}\n")
+    f.write(f"999999999 {{host}}\n")
 if mode in ("lost", "said"):
     with open(os.path.join(pids, "rank-1.error"), "w") as f:
         f.write(line + "\n")
 if mode == "said":
     sys.stderr.write("step 3\r" + line + "\n")
-if mode == "killed":
-    print("=   PID 999999999 RUNNING AT host\n=   EXIT CODE: 11\n"
-          "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Segmentation fault (signal 11)")
-if mode == "misnamed":  # hydra naming rank 0, which it killed after rank 1 crashed
+if mode == "killed":  # (no statuses: hydra's text alone)
+    print({segv!r}.format(pid=999999999, codes=""))
+if mode == "misnamed":  # hydra naming rank 0, which it killed after rank 1
     with open(os.path.join(pids, "rank-0"), "w") as f:
-        f.write(f"999999998 {{socket.gethostname()}}\n")
-    print("=   PID 999999998 RUNNING AT host\n=   EXIT CODE: 9\n"
-          f"[mpiexec@host] Exit codes: [{{socket.gethostname()}}] 0,11\n"
-          "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)")
+        f.write(f"999999998 {{host}}\n")
+    print({segv!r}.format(pid=999999998, codes=codes((host, "9,11")) if asked else ""))
+if mode == "hosts":  # rank 0 on another host: a line per proxy, the statuses not used
+    with open(os.path.join(pids, "rank-0"), "w") as f:
+        f.write("999999998 other\n")
+    print({segv!r}.format(pid=999999999, codes=codes(("other", "0"), (host, "11"))
+                          if asked else ""))
+if mode == "exited":  # rank 1's exit(3), its own lines with "Exit codes: " in them shown
+    print("rank 1: Exit codes: [vm] 3 (its own)\n[vm] 0,768")
+    sys.stdout.write("unended")
+    print(codes((host, "0,768")) if asked else "", end="")
+    sys.exit(3)
 sys.exit(2 if mode in ("lost", "said") else 11)
 """
+
+SEGV = ("Error: rank 1 of 2 (pid 999999999) was killed by SIGSEGV (a crash in native code), "
+        "so mpiexec stopped the others; run the same command again to resume from the last "
+        "checkpoint")
 
 
 @pytest.mark.parametrize("mode, want", [
     ("lost", "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"),
     ("said", "Error: rank 1 of 2: all_reduce failed; resume from the last checkpoint"),
-    ("killed", "Error: rank 1 of 2 (pid 999999999) was killed by SIGSEGV (a crash in native "
-               "code), so mpiexec stopped the others; run the same command again to resume "
-               "from the last checkpoint"),
-    ("misnamed", "Error: rank 1 of 2 (pid 999999999) was killed by SIGSEGV (a crash in "
-                 "native code), so mpiexec stopped the others; run the same command again to "
-                 "resume from the last checkpoint")])
+    ("killed", SEGV), ("misnamed", SEGV), ("hosts", SEGV),
+    ("exited", "Error: rank 1 of 2 (pid 999999999) exited with status 3 without an error "
+               "message (its output above may say why); run the same command again to resume "
+               "from the last checkpoint")])
 def test_launch_prints_a_ranks_report_once_whether_or_not_it_reached_stderr(tmp_path, mode,
                                                                             want):
-    """A stand-in mpiexec (no MPI): a rank's ``rank-R.error`` that never reached stderr
-    is printed by the launcher, one that did is not printed again, and a rank that
-    died from a signal without a report is named with the signal mpiexec gives (from
-    hydra's exit statuses when they say another rank than its "PID ... RUNNING AT")."""
+    """A stand-in mpiexec (no MPI) printing what hydra prints: a rank's ``rank-R.error``
+    that never reached stderr is printed by the launcher, one that did is not printed
+    again, and a rank that ended without a report is named with how it ended (its wait
+    status in hydra's "Exit codes" when they say another rank than its "PID ... RUNNING
+    AT": 11 is SIGSEGV, 768 exit status 3), those lines not shown but a rank's own
+    "Exit codes: " lines are."""
     fake = tmp_path / "mpiexec"
-    fake.write_text(FAKE_MPIEXEC.format(python=sys.executable))
+    fake.write_text(FAKE_MPIEXEC.format(python=sys.executable, segv=HYDRA_SEGV))
     fake.chmod(0o755)
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -507,7 +540,73 @@ def test_launch_prints_a_ranks_report_once_whether_or_not_it_reached_stderr(tmp_
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if "Error" in line]  # (\r too)
     assert lines == [want], done.stderr
-    assert "Traceback" not in done.stderr and "Exit codes" not in done.stdout
+    assert "Traceback" not in done.stderr and "[mpiexec@" not in done.stdout, done.stdout
+    assert "Exit codes" not in done.stdout or mode == "exited"
+    assert "] 11" not in done.stdout and "[other]" not in done.stdout
+    if mode == "exited":
+        assert done.stdout.splitlines()[-3:] == ["rank 1: Exit codes: [vm] 3 (its own)",
+                                                 "[vm] 0,768", "unended"], done.stdout
+    if mode in ("killed", "misnamed"):
+        assert "RUNNING AT vm" in done.stdout and "signal 11" in done.stdout
+
+
+RANK_ENDS = r"""
+import os, signal, socket, sys, time
+rank, how = int(os.environ["PMI_RANK"]), sys.argv[-1]
+folder = os.environ["TINYLM_DIST_PIDS"]
+with open(os.path.join(folder, f"rank-{rank}"), "w") as f:
+    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+if rank == 1:
+    print("rank 1: Exit codes: [vm] 1", flush=True)  # (its own line: shown)
+    time.sleep(1)  # (the launcher has seen its pid file: it watches it end)
+    if how == "exit":
+        sys.exit(1)
+    os.kill(os.getpid(), getattr(signal, how))
+    time.sleep(60)
+# rank 0: until rank 1 has ended (its pid file there and the pid gone), then a clean end
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        with open(os.path.join(folder, "rank-1")) as f:
+            os.kill(int(f.read().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        if os.path.exists(os.path.join(folder, "rank-1")):
+            break
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("how, want", [
+    ("exit", r"exited with status 1 without an error message \(its output above may say "
+             r"why\); run the same command again to resume from the last checkpoint"),
+    ("SIGKILL", r"was killed by SIGKILL \(by hand or by the out-of-memory killer: .*\), so "
+                r"mpiexec stopped the others; run the same command again to resume from "
+                r"the last checkpoint"),
+    ("SIGSEGV", r"was killed by SIGSEGV \(a crash in native code\), so mpiexec stopped the "
+                r"others; run the same command again to resume from the last checkpoint")])
+def test_real_mpiexec_names_a_rank_that_ended_without_a_report(mpiexec, tmp_path, how, want):
+    """The launcher under the real mpiexec (hydra's raw wait statuses: 256 is exit(1),
+    9 SIGKILL, 11 SIGSEGV), rank 1 of 2 ending without a report: one ``Error:`` line
+    naming rank 1, its pid and its exit status or signal; exit code 2, no traceback;
+    hydra's "Exit codes" line not shown, rank 1's own line with that text shown."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_ENDS)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = ("import sys; from tinylm.dist import launch; "
+            "launch.ENTRY = 'import runpy, sys; runpy.run_path(sys.argv[1], "
+            "run_name=\"__main__\")'; "
+            f"sys.exit(launch.launch(2, [{str(script)!r}, {how!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(TINYLM_DIST_PIDS=str(pids)), timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    pid = _rank_pid(pids, 1)
+    lines = [line for line in done.stderr.splitlines() if "Error" in line]
+    assert len(lines) == 1, done.stderr
+    assert re.fullmatch(rf"Error: rank 1 of 2 \(pid {pid}\) {want}", lines[0]), lines[0]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert "rank 1: Exit codes: [vm] 1" in done.stdout.splitlines(), done.stdout
+    assert "[mpiexec@" not in done.stdout, done.stdout
 
 
 def test_a_stopped_rank_times_out_the_other_naming_it(mpiexec, cache, tmp_path):

@@ -10,9 +10,18 @@ this process reads mpiexec's output and watches the pids of the ranks on this ho
 (``TINYLM_DIST_PIDS``; pidfds where there are): when the job fails because a rank
 vanished without reporting an error (SIGKILL, the OOM killer, a segfault), it names
 that rank, which MPICH's own message does not (it gives a pid, at times another
-rank's), and the signal that ended it when mpiexec says (hydra's exit statuses, which
-this process asks for; "Killed (signal 9)"): "rank 1 of 2 (pid P) was killed by
-SIGKILL". Files of an earlier job in that folder are removed first.
+rank's), and how it ended when mpiexec says: "rank 1 of 2 (pid P) was killed by
+SIGKILL", "rank 1 of 2 (pid P) exited with status 1 without an error message". Files of
+an earlier job in that folder are removed first.
+
+How it ended comes from hydra's (MPICH's mpiexec) ``-print-all-exitcodes``, which this
+process asks for: after the job, on mpiexec's stdout, a line
+``[mpiexec@HOST] Exit codes: [HOST] S,S`` (one ``[HOST] S,S`` per proxy, the later
+ones on lines of their own), each S a rank's raw wait status as ``waitpid`` gives it
+(hydra 4/5; observed with the mpich wheel's hydra 5.0.2): ``exit(1)`` is 256,
+``exit(3)`` 768, SIGKILL 9, SIGSEGV 11 (139 with a core dump), 0 a clean end. Those
+lines, and only those, are not shown. Elsewhere (no statuses, ranks on other hosts)
+from the signal of mpiexec's "EXIT STRING: Killed (signal 9)".
 
 A rank that fails reports with ``report_and_abort``: one ``Error: rank R ...`` line on
 its stderr, and the same line in ``TINYLM_DIST_PIDS/rank-R.error``. That line can be
@@ -87,8 +96,8 @@ def launch(nproc: int, argv: list | None = None) -> int:
     """Run ``tinylm <argv>`` (default: this process's arguments, --nproc left out) on
     ``nproc`` ranks; returns the exit code to leave with."""
     mpiexec = find_mpiexec()
-    # MPICH's hydra: its last line gives each rank's wait status ("Exit codes: [host] 0,9"),
-    # read (and not shown) by _copy_output
+    # MPICH's hydra: its last line gives each rank's wait status
+    # ("[mpiexec@host] Exit codes: [host] 0,256"), read (and not shown) by _copy_output
     statuses = ["-print-all-exitcodes"] if _is_hydra(mpiexec) else []
     command = [mpiexec, *statuses, "-n", str(nproc), sys.executable, "-c", ENTRY,
                *child_args(sys.argv[1:] if argv is None else argv)]
@@ -99,8 +108,8 @@ def launch(nproc: int, argv: list | None = None) -> int:
                                    stderr=subprocess.PIPE)
         named = []  # what mpiexec says about a rank that ended badly
         said = set()  # the `Error: ...` lines that went through its stderr
-        copiers = [threading.Thread(target=_copy_output, args=(process.stdout, named),
-                                    daemon=True),
+        copiers = [threading.Thread(target=_copy_output,
+                                    args=(process.stdout, named, bool(statuses)), daemon=True),
                    threading.Thread(target=_copy_errors, args=(process.stderr, said),
                                     daemon=True)]
         for copier in copiers:
@@ -121,13 +130,14 @@ def launch(nproc: int, argv: list | None = None) -> int:
                 print(reports[rank], file=sys.stderr, flush=True)
         if reports:  # (they say why; a rank stopped by mpiexec after them needs no line)
             return 2
-        culprit, signum = _culprit(pids, nproc, named, first_gone)
+        culprit, how = _culprit(pids, nproc, named, first_gone)
         if culprit is not None:
-            print(_vanished(culprit[0], nproc, culprit[1], signum), file=sys.stderr, flush=True)
+            print(_vanished(culprit[0], nproc, culprit[1], how), file=sys.stderr, flush=True)
         else:
             signum = next((value for kind, value in named if kind == "signal"), None)
             if signum is not None:  # (a rank of another host, mpiexec naming it by pid)
-                print(_vanished(None, nproc, None, signum), file=sys.stderr, flush=True)
+                print(_vanished(None, nproc, None, ("signal", signum)), file=sys.stderr,
+                      flush=True)
         return 2
 
 
@@ -169,14 +179,29 @@ def _reports(folder: str, nproc: int) -> dict:
 _CRASHES = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"}
 
 
-def _vanished(rank, nproc: int, pid, signum) -> str:
-    """The line for a rank that ended without a report (rank / pid / signal: None when
-    unknown)."""
+def _ending(status: int):
+    """How a rank ended, from its raw wait status (hydra's "Exit codes"): ("signal", N),
+    ("exit", N), or None for a clean end (0)."""
+    if status & 0x7F:
+        return "signal", status & 0x7F
+    if status >> 8:
+        return "exit", (status >> 8) & 0xFF
+    return None
+
+
+def _vanished(rank, nproc: int, pid, how) -> str:
+    """The line for a rank that ended without a report (rank / pid: None when unknown;
+    ``how``: ("signal", N), ("exit", N) or None when unknown)."""
     who = "a rank" if rank is None else f"rank {rank}"
     who += f" of {nproc}" + ("" if pid is None else f" (pid {pid})")
-    if signum is None:
+    if how is not None and how[0] == "exit":
+        return (f"Error: {who} exited with status {how[1]} without an error message (its "
+                f"output above may say why); run the same command again to resume from the "
+                f"last checkpoint")
+    if how is None:
         how = "ended without a message (killed, out of memory or crashed)"
     else:
+        signum = how[1]
         try:
             name = signal.Signals(signum).name
         except ValueError:
@@ -195,19 +220,40 @@ _NAMING = ((r"PID (\d+) RUNNING AT", "pid"), (r"process rank (\d+) with PID", "r
            (r"\(signal (\d+)\)|exited on signal (\d+)", "signal"))
 
 
-def _copy_output(stream, named: list) -> None:
+# hydra's -print-all-exitcodes (its ui/mpich/mpiexec.c): HYDU_dump's "[mpiexec@HOST] "
+# and "Exit codes: ", then per proxy "[HOST] S,S,...\n" (the first on that line); a
+# rank's unended last line may come before it
+_CODES = re.compile(rb"(.*?)\[mpiexec@[^\]\s]+\] Exit codes: (?:\[([^\]\s]+)\] "
+                    rb"(-?\d+(?:,-?\d+)*))?\r?\n?", re.S)
+_PROXY = re.compile(rb"\[([^\]\s]+)\] (-?\d+(?:,-?\d+)*)\r?\n?")
+
+
+def _copy_output(stream, named: list, codes: bool = False) -> None:
     """Copy mpiexec's stdout to ours, noting the pids / ranks it reports as ended
     badly and the signal that ended them (MPICH: "PID 1234 RUNNING AT host", "EXIT
     STRING: Killed (signal 9)"; Open MPI: "process rank 1 with PID 1234 on node n
-    exited on signal 9")."""
+    exited on signal 9"). With ``codes`` (hydra asked for -print-all-exitcodes), its
+    "Exit codes" lines (_CODES, then _PROXY lines) are noted as ("codes", [(host,
+    [status, ...]), ...]) and not shown; any other line is, "Exit codes" in it or not."""
+    hosts = None  # while in hydra's "Exit codes" lines: the ones read
     for line in iter(stream.readline, b""):
+        if hosts is not None:
+            more = _PROXY.fullmatch(line)
+            if more:
+                hosts.append((more.group(1).decode(errors="replace"),
+                              [int(c) for c in more.group(2).split(b",")]))
+                continue
+            hosts = None
+        found = _CODES.fullmatch(line) if codes else None
+        if found:
+            hosts = [] if found.group(2) is None else [
+                (found.group(2).decode(errors="replace"),
+                 [int(c) for c in found.group(3).split(b",")])]
+            named.append(("codes", hosts))
+            line = found.group(1)  # (a rank's output before it, if any)
+            if not line:
+                continue
         text = line.decode(errors="replace")
-        codes = re.search(r"Exit codes: (.*)", text)
-        if codes:  # (asked for by launch, -print-all-exitcodes: not shown)
-            named.append(("codes", [(host, [int(c) for c in values.split(",")]) for host, values
-                                    in re.findall(r"\[([^\]]+)\]\s*(\d+(?:,\d+)*)",
-                                                  codes.group(1))]))
-            continue
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
         for pattern, kind in _NAMING:
@@ -249,12 +295,14 @@ def _copy_errors(stream, said: set, limit: int = 1 << 16) -> None:
 
 
 def _culprit(folder: str, nproc: int, named: list, first_gone):
-    """(rank, pid) of the rank that ended first, and the signal that ended it (or None).
+    """(rank, pid) of the rank that ended first, and how it ended: ("signal", N),
+    ("exit", N) or None (unknown).
 
     With every rank's wait status (hydra's "Exit codes", all on this host): the rank
-    that did not end well (the ones hydra stops after it end with 0, though now and
-    then one with SIGKILL too: then the one seen to end first among them), and its
-    signal. Else, when every rank runs on this host, the one seen to end first (hydra's
+    that did not end well (the ones hydra stops after it end with 0 or SIGKILL, its
+    cleanup: "9,11" for rank 1's segfault, "9,9" for its SIGKILL): the one seen to end
+    first among them, else the first that did not end by SIGKILL, else the first; and
+    how it ended. Else, when every rank runs on this host, the one seen to end first (hydra's
     "PID ... RUNNING AT" at times names one it killed in its cleanup, and on two busy
     cores that one now and then ends before the first has); else (or when none was
     seen first) the one mpiexec names, with the signal it gives for that pid / rank."""
@@ -263,14 +311,15 @@ def _culprit(folder: str, nproc: int, named: list, first_gone):
     order = []  # the ranks mpiexec names, in its order
     statuses = _statuses(named, nproc)
     if statuses is not None:
-        bad = [r for r, status in enumerate(statuses) if status]
+        ended = [_ending(status) for status in statuses]
+        bad = [r for r, how in enumerate(ended) if how is not None]
+        if not bad:
+            return None, None
         if first_gone is not None and first_gone[0] in bad:
             rank = first_gone[0]
-        elif bad:
-            rank = bad[0]
         else:
-            return None, None
-        return (rank, pids[rank]), (statuses[rank] & 0x7F) or None
+            rank = next((r for r in bad if ended[r] != ("signal", signal.SIGKILL)), bad[0])
+        return (rank, pids[rank]), ended[rank]
     for kind, value in named:
         if kind == "codes":
             continue
@@ -290,7 +339,8 @@ def _culprit(folder: str, nproc: int, named: list, first_gone):
         rank, pid = order[0], pids[order[0]]
     else:
         return None, None
-    return (rank, pid), said.get(rank)
+    signum = said.get(rank)
+    return (rank, pid), None if signum is None else ("signal", signum)
 
 
 def _statuses(named: list, nproc: int):
