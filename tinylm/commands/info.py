@@ -19,7 +19,7 @@ from tinylm import plugins
 from tinylm.loading import _gguf_magic
 from tinylm.models.config import ConfigError, config_from_dict, read_config_file
 from tinylm.models.hf import read_hf_config
-from tinylm.models.info import activation_memory, describe, parameter_counts
+from tinylm.models.info import activation_memory, check_weights, describe, parameter_counts
 
 
 def resolve_config(target: str, log=None):
@@ -99,6 +99,8 @@ def info_command(config_or_dir, batch_size, seq_len, dtype, as_json):
                    else describe_gguf(config_or_dir))
         return
     config, train = resolve_config(config_or_dir, log=lambda m: click.echo(m, err=True))
+    if os.path.isdir(config_or_dir):
+        check_weights(config_or_dir)  # a truncated or corrupt model.safetensors (or shard)
     if train is not None:
         batch_size = batch_size or train.batch_size
         seq_len = seq_len or train.block_size

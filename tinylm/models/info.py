@@ -401,6 +401,52 @@ def describe(c: ModelConfig, batch_size: int = 1, seq_len: int | None = None,
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- weights files
+
+DAMAGED = ("the weights are damaged or incomplete (an interrupted download or copy, or a "
+           "disk that filled up); download or copy the folder again, or save the model again")
+
+
+def check_weights(folder) -> list:
+    """The safetensors files of a run, Hugging Face or ``tinylm quantize`` folder
+    (model.safetensors, or each shard model.safetensors.index.json lists), each checked
+    by reading its header alone (``tinylm.checkpoint.read_header``: valid JSON, known
+    dtypes, every tensor's data_offsets inside the file, spans matching the shapes, no
+    gaps, overlaps or truncation) and, for shards, holding the tensors the index puts
+    there; no tensor is read. A problem is a CheckpointError naming the file and what to
+    do. A folder with neither file (a config alone) has nothing to check: []."""
+    from tinylm import checkpoint
+    from tinylm.errors import CheckpointError
+    from tinylm.models.hf import INDEX, SINGLE, _read_json
+
+    folder = os.fspath(folder)
+    index, single = os.path.join(folder, INDEX), os.path.join(folder, SINGLE)
+    try:
+        if os.path.exists(index):
+            data = _read_json(index, "safetensors index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f for f in weight_map.values()):
+                raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> "
+                                      f"shard file")
+            files = {n: os.path.join(folder, f) for n, f in weight_map.items()}
+            checked = sorted(set(files.values()))
+        elif os.path.exists(single):
+            files, checked = {}, [single]
+        else:
+            return []
+        for file in checked:
+            held = checkpoint.read_header(file)
+            lacking = sorted(n for n, f in files.items() if f == file and n not in held)
+            if lacking:
+                more = ", ..." if len(lacking) > 3 else ""
+                raise CheckpointError(f"{file}: lacks {len(lacking)} tensor(s) the index "
+                                      f"{INDEX} puts there ({', '.join(lacking[:3])}{more})")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {DAMAGED}") from e
+    return checked
+
+
 # --------------------------------------------------------------------------- GGUF files
 
 
