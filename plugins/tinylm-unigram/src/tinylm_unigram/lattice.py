@@ -279,3 +279,147 @@ def sample(n: int, lattice: tuple, unk_score: float, alpha: float, rng) -> list:
         e = int(starts[pick])
     path.reverse()
     return path
+
+
+# ---------------------------------------------------------------------- many lines at once
+
+BUCKET_CELLS = 1 << 22  # best/back cells (lines x longest line + 1) per batched bucket
+MIN_BUCKET = 8  # fewer lines than this in a bucket: one ``viterbi_f32`` per line
+
+
+def edges_batch(index: PieceIndex, scores: np.ndarray, texts: list, unk_score: float) -> tuple:
+    """The lattices of all ``texts`` from one piece search over their concatenation
+    (a 0 between texts, which no piece contains): ``(line, start, end, score, id)``
+    arrays, starts and ends within the line, in no particular order (each line's
+    pieces by start, then its unknown edges). An unknown edge (id -1, score
+    ``unk_score``) wherever no piece of one character starts. Within one start of one
+    line all ends differ, so ``viterbi_f32_batch`` only needs them sorted by start."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    offsets = np.concatenate([[0], np.cumsum(lengths + 1)])  # where each text begins
+    total = int(offsets[-1]) - 1 if len(texts) else 0
+    if total <= 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, np.zeros(0), empty
+    cp = code_points("\0".join(texts))
+    cp[offsets[1:-1] - 1] = 0
+    starts, plen, rows = index.find(cp)
+    ids = index.ids[rows]
+    single = np.zeros(total, dtype=bool)
+    single[starts[plen == 1]] = True
+    single[offsets[1:-1] - 1] = True  # the separators get no edge
+    missing = np.flatnonzero(~single)
+    starts = np.concatenate([starts, missing])
+    plen = np.concatenate([plen, np.ones(len(missing), np.int64)])
+    ids = np.concatenate([ids, np.full(len(missing), -1, np.int64)])
+    line = np.repeat(np.arange(len(texts)), lengths + 1)[starts]
+    local = starts - offsets[line]
+    edge_scores = np.where(ids >= 0, scores[np.maximum(ids, 0)], unk_score)
+    return line, local, local + plen, edge_scores, ids
+
+
+def viterbi_f32_batch(lengths: np.ndarray, lattice: tuple, unk_score: float) -> tuple:
+    """``viterbi_f32`` for many lines at once, bit for bit: ``lattice`` is
+    ``edges_batch``'s (``unk_score`` its). Lines are sorted by length and cut into buckets; in a bucket
+    the loop runs over start positions p, and the edges starting at p in every line
+    of the bucket update their ends in one set of NumPy operations. That is the same
+    sequence of updates per position as the edge-by-edge loop: starts in increasing
+    order, and within one start of one line the ends are distinct (so no two updates
+    of one position are in the same step). Candidates are the float64 sum rounded
+    once to float32 (as ``array('f')`` does), compared strictly; the score rebase
+    is checked per line per start. Lines too long to batch (fewer than
+    ``MIN_BUCKET`` in a bucket) go through ``viterbi_f32``.
+
+    Returns the best paths as ``(line, start, end, id)`` arrays sorted by line then
+    start."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    line, start, end, score, ids = lattice
+    nl = len(lengths)
+    order = np.argsort(-lengths, kind="stable")  # longest first
+    bucket_of = np.empty(nl, dtype=np.int64)
+    rank = np.empty(nl, dtype=np.int64)  # the line's row in its bucket
+    buckets, k = [], 0
+    while k < nl:
+        longest = int(lengths[order[k]])
+        size = max(1, min(nl - k, BUCKET_CELLS // (longest + 1)))
+        members = order[k:k + size]
+        bucket_of[members] = len(buckets)
+        rank[members] = np.arange(size)
+        buckets.append(members)
+        k += size
+    eb = bucket_of[line]
+    # by bucket, then start (any order within one start of one line: the ends differ)
+    by = np.argsort(eb * (int(lengths.max(initial=0)) + 1) + start)
+    cuts = np.searchsorted(eb[by], np.arange(len(buckets) + 1))
+    out = []
+    for b, members in enumerate(buckets):
+        sel = by[cuts[b]:cuts[b + 1]]
+        if not len(sel):
+            continue
+        if len(members) < MIN_BUCKET:
+            for m in members.tolist():
+                mine = sel[line[sel] == m]
+                path = viterbi_f32(int(lengths[m]), list(zip(
+                    start[mine].tolist(), end[mine].tolist(), score[mine].tolist(),
+                    ids[mine].tolist())), unk_score)
+                if path:
+                    s, e, i = (np.array(c, dtype=np.int64) for c in zip(*path))
+                    out.append((np.full(len(s), m, dtype=np.int64), s, e, i))
+            continue
+        out.append(_bucket(members, lengths[members], rank[line[sel]], start[sel], end[sel],
+                           score[sel], ids[sel]))
+    if not out:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty
+    pl, ps, pe, pi = (np.concatenate(c) for c in zip(*out))
+    o = np.lexsort((ps, pl))
+    return pl[o], ps[o], pe[o], pi[o]
+
+
+def _bucket(members, lengths, row, start, end, score, ids) -> tuple:
+    """One bucket of ``viterbi_f32_batch``: lines ``members`` (longest first, so the
+    lines still going at start p are rows 0 .. active(p) - 1), edges sorted by start."""
+    n_rows, width = len(members), int(lengths[0]) + 1
+    best = np.zeros(n_rows * width, dtype=np.float32)
+    back = np.full(n_rows * width, -1, dtype=np.int64)
+    which = np.zeros(n_rows * width, dtype=np.int64)
+    grid = best.reshape(n_rows, width)
+    at = row * width
+    src, dst = at + start, at + end
+    bounds = np.searchsorted(start, np.arange(width)).tolist()
+    active = np.searchsorted(-lengths, -np.arange(width), side="left").tolist()  # lines with length > p
+    f32 = np.float32
+    for p in range(width - 1):
+        a, z = bounds[p], bounds[p + 1]
+        here = grid[:active[p], p]
+        big = (here < -RESET) | (here > RESET)
+        if big.any():  # SentencePiece's rebase, for the lines where it applies
+            r = np.flatnonzero(big)
+            offset = here[r][:, None]
+            tail = grid[r, p + 1:]
+            reached = back.reshape(n_rows, width)[r, p + 1:] >= 0
+            grid[r, p + 1:] = np.where(reached, tail - offset, tail)
+            grid[r, p] = 0.0
+        cand = (score[a:z] + best[src[a:z]]).astype(f32)
+        d = dst[a:z]
+        upd = (back[d] < 0) | (cand > best[d])
+        t = d[upd]
+        best[t] = cand[upd]
+        back[t] = p
+        which[t] = ids[a:z][upd]
+    # backtrack all lines at once, one piece per step from each line's end
+    rows = np.arange(n_rows)
+    e = lengths.copy()
+    got_r, got_s, got_e, got_i = [], [], [], []
+    live = e > 0
+    rows, e = rows[live], e[live]
+    while len(rows):
+        flat = rows * width + e
+        s = back[flat]
+        got_r.append(rows)
+        got_s.append(s)
+        got_e.append(e)
+        got_i.append(which[flat])
+        go = s > 0
+        rows, e = rows[go], s[go]
+    r = np.concatenate(got_r)
+    return members[r], np.concatenate(got_s), np.concatenate(got_e), np.concatenate(got_i)
