@@ -301,8 +301,8 @@ def _culprit(folder: str, nproc: int, named: list, first_gone):
     With every rank's wait status (hydra's "Exit codes", all on this host): the rank
     that did not end well (the ones hydra stops after it end with 0 or SIGKILL, its
     cleanup: "9,11" for rank 1's segfault, "9,9" for its SIGKILL): the one seen to end
-    first among them, else the first that did not end by SIGKILL, else the first; and
-    how it ended. Else, when every rank runs on this host, the one seen to end first (hydra's
+    first among them, else the first that did not end by SIGKILL, else (all SIGKILL, none
+    seen first) all of them as "0 or 1"; and how it ended. Else, when every rank runs on this host, the one seen to end first (hydra's
     "PID ... RUNNING AT" at times names one it killed in its cleanup, and on two busy
     cores that one now and then ends before the first has); else (or when none was
     seen first) the one mpiexec names, with the signal it gives for that pid / rank."""
@@ -317,6 +317,10 @@ def _culprit(folder: str, nproc: int, named: list, first_gone):
             return None, None
         if first_gone is not None and first_gone[0] in bad:
             rank = first_gone[0]
+        elif len(bad) > 1 and all(ended[r] == ("signal", signal.SIGKILL) for r in bad):
+            # hydra's cleanup kills with SIGKILL too: when the watcher saw them all end
+            # in one wake-up (a loaded machine), nothing tells which went first
+            return (" or ".join(map(str, bad)), None), ("signal", signal.SIGKILL)
         else:
             rank = next((r for r in bad if ended[r] != ("signal", signal.SIGKILL)), bad[0])
         return (rank, pids[rank]), ended[rank]
