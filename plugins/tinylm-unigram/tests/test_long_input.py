@@ -57,3 +57,45 @@ def test_rebase_covers_positions_already_reached():
     far = float(np.float32(np.float32(big) + np.float32(-0.6)))
     edges = [(0, 1, big, 0), (0, 3, far, 4), (1, 2, a, 1), (1, 3, ab, 2), (2, 3, b, 3)]
     assert lattice.viterbi_f32(3, edges, -20.0) == [(0, 3, 4)]
+
+
+def test_batch_of_long_and_short_lines_crosses_the_rebase(pair, monkeypatch):
+    """Long lines batched with short ones (``viterbi_f32_batch``, no per-line
+    fallback): each long line passes the rebase threshold at its own positions."""
+    tok, sp = pair
+    monkeypatch.setattr(lattice, "MIN_BUCKET", 1)
+    long_lines = [" ".join(generated_text(n, seed=20 + n)) for n in (1000, 700, 1300)]
+    texts = generated_text(40, seed=3) + long_lines + ["", "x"] + generated_text(9, seed=4)
+    expected = sp.encode(texts)
+    for ids in (expected[40], expected[42]):
+        assert sum(sp.get_score(i) for i in ids) < -lattice.RESET
+    assert tok.encode_batch(texts, disallowed_special=()) == expected
+
+
+def _as_batch(lattices):
+    """``edges_batch``-style arrays from per-line edge lists ``[(s, e, score, id)]``."""
+    rows = [(k, s, e, c, i) for k, edges in enumerate(lattices) for s, e, c, i in edges]
+    line, s, e, c, i = (np.array(col) for col in zip(*rows))
+    return line, s, e, c.astype(np.float64), i
+
+
+@pytest.mark.parametrize("min_bucket", [1, 8])
+def test_batched_viterbi_rebases_as_viterbi_f32(monkeypatch, min_bucket):
+    """The two hand-made rebase lattices above, many times over in one batch (with
+    shifted copies so that the rebase happens at different positions per line)."""
+    monkeypatch.setattr(lattice, "MIN_BUCKET", min_bucket)
+    big, a, b = (float(np.float32(x)) for x in (-100000.5, -0.3, -0.4))
+    ab = float(np.float32(a) + np.float32(b))
+    far = float(np.float32(np.float32(big) + np.float32(-0.6)))
+    tie = [(0, 1, big, 0), (1, 2, a, 1), (1, 3, ab, 2), (2, 3, b, 3)]
+    cover = [(0, 1, big, 0), (0, 3, far, 4), (1, 2, a, 1), (1, 3, ab, 2), (2, 3, b, 3)]
+    lattices, lengths = [], []
+    for k in range(12):
+        base = tie if k % 2 else cover
+        pad = [(j, j + 1, -1.0, 5) for j in range(k)]  # k one-character pieces first
+        lattices.append(pad + [(s + k, e + k, c, i) for s, e, c, i in base])
+        lengths.append(3 + k)
+    line, s, e, i = lattice.viterbi_f32_batch(np.array(lengths), _as_batch(lattices), -20.0)
+    for k, edges in enumerate(lattices):
+        mine = [(int(x), int(y), int(z)) for x, y, z in zip(s[line == k], e[line == k], i[line == k])]
+        assert mine == lattice.viterbi_f32(lengths[k], edges, -20.0)

@@ -78,3 +78,46 @@ def test_normalisation_and_ids_on_random_text(pair, text):
     tok, sp, _ = pair
     assert tok.normalizer.normalize(text) == sp.normalize(text)
     assert tok.encode(text, disallowed_special=()) == sp.encode(text)
+
+
+# ---------------------------------------------------------------- encode_batch
+
+def _batched_everywhere(fn, cells=None):
+    """Run ``fn`` with every bucket batched (no per-line fallback), and optionally
+    small buckets (so that lines of very different lengths land in several)."""
+    from tinylm_unigram import lattice
+
+    saved = lattice.MIN_BUCKET, lattice.BUCKET_CELLS
+    lattice.MIN_BUCKET = 1
+    if cells is not None:
+        lattice.BUCKET_CELLS = cells
+    try:
+        return fn()
+    finally:
+        lattice.MIN_BUCKET, lattice.BUCKET_CELLS = saved
+
+
+def test_encode_batch_equals_sentencepiece(pair):
+    tok, sp, held = pair
+    texts = held[:600] + multilingual_lines(60, seed=3) + TRICKY + ["", "\n", "ab\ncd"]
+    expected = sp.encode(texts)
+    assert tok.encode_batch(texts, disallowed_special=()) == expected
+    assert _batched_everywhere(lambda: tok.encode_batch(texts, disallowed_special=()),
+                               cells=5000) == expected
+
+
+LINE = st.one_of(st.lists(ALPHABET, max_size=14).map("".join),
+                 st.tuples(st.lists(ALPHABET, min_size=1, max_size=8).map("".join),
+                           st.integers(1, 60)).map(lambda t: t[0] * t[1]))
+
+
+@given(st.lists(LINE, max_size=24), st.sampled_from([None, 64, 600]))
+def test_encode_batch_on_random_lines(pair, texts, cells):
+    """Random lines (unknown characters, empty lines, lengths from 0 to hundreds) in
+    one batch: the ids of encoding each line alone, and of sentencepiece."""
+    tok, sp, _ = pair
+    expected = sp.encode(texts)
+    assert [tok.encode(t, disallowed_special=()) for t in texts] == expected
+    assert tok.encode_batch(texts, disallowed_special=()) == expected
+    assert _batched_everywhere(lambda: tok.encode_batch(texts, disallowed_special=()),
+                               cells=cells) == expected

@@ -206,3 +206,21 @@ def test_trained_model_with_overlapping_user_symbols(trained):
 def test_trained_model_sampling_mode(trained):
     tok, sp = trained
     assert _check_sampling_mode(tok, sp, random_texts(TRAINED_ALPHABET, 200, seed=3, longest=6)) > 100
+
+
+def test_encode_batch_on_the_hand_and_trained_models(hand, trained):
+    """User-defined pieces (0.1 * (bytes - 1)) in the batched Viterbi."""
+    from tinylm_unigram import lattice
+
+    cases = [(hand, ["xyz", "öüw", "日本語", "", "xyzöüw日本語 the"] + random_texts(
+        HAND_ALPHABET, 600, seed=4, longest=40)),
+             (trained, random_texts(TRAINED_ALPHABET, 800, seed=5, longest=30) + [""])]
+    for (tok, sp), texts in cases:
+        expected = sp.encode(texts)
+        assert tok.encode_batch(texts, disallowed_special=()) == expected
+        saved = lattice.BUCKET_CELLS
+        lattice.BUCKET_CELLS = 2000  # many buckets
+        try:
+            assert tok.encode_batch(texts, disallowed_special=()) == expected
+        finally:
+            lattice.BUCKET_CELLS = saved
