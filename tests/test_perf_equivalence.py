@@ -177,3 +177,50 @@ def test_split_backward_of_a_strided_input_keeps_its_layout_and_values():
     np.testing.assert_array_equal(y.grad, np.concatenate([np.full((2, 5, 10), 2.0, np.float32),
                                                           np.full((2, 5, 14), 3.0, np.float32)],
                                                          axis=-1))
+
+
+def _clipped_gelu(x, slope):
+    """The blocked GELU's formula before it dropped the clip to [-6, 6] (normal_cdf's)."""
+    c = np.clip(x, -backend._PHI_CLIP, backend._PHI_CLIP)
+    g = backend._horner(c * c, backend._PHI_TANH, np.empty_like(c))
+    g *= c
+    np.tanh(g, out=g)
+    g *= 0.5
+    g += 0.5
+    with np.errstate(invalid="ignore"):
+        y = x * g
+    if slope:
+        with np.errstate(over="ignore", invalid="ignore"):  # (0 * inf at x = inf)
+            g = g + _plain_gelu_slope(x, np.zeros_like(x))
+    return y, g
+
+
+def test_unclipped_gelu_is_bit_identical_to_the_clipped_one_everywhere():
+    # every float32 in [0.5, 8] at a stride of 31 bit patterns (odd: all mantissa bits
+    # move), every float32 in [5.9, 6.1] and [-6.1, -5.9], a strided sweep over all
+    # finite float32 bit patterns, and the specials: the same bits, and no warning
+    half, lo = np.float32(0.5).view(np.int32), np.float32(8.0).view(np.int32)
+    hi = np.float32(5.9).view(np.int32)
+    top = np.float32(6.1).view(np.int32)
+    pos = np.concatenate([
+        np.arange(half, lo, 31, dtype=np.int32), np.arange(hi, top, dtype=np.int32),
+        np.arange(0, np.float32(np.finfo(np.float32).max).view(np.int32), 4093,
+                  dtype=np.int32)]).view(np.float32)
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 6.0, -6.0, 1e4, 1e20, 3e38],
+                       np.float32)
+    x = np.concatenate([pos, -pos, special]).astype(np.float32)
+    # the kernel keeps its own overflow quiet (-inf * Phi = -inf * 0 is NaN, as before)
+    with np.errstate(over="raise", invalid="ignore"):
+        y, cdf = backend.gelu_forward(x)
+        y2, slope = backend.gelu_forward(x, slope=True)
+    want_y, want_cdf = _clipped_gelu(x, False)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(cdf, want_cdf)
+    np.testing.assert_array_equal(y2, want_y)
+    _, want_slope = _clipped_gelu(x, True)
+    np.testing.assert_array_equal(slope, want_slope)
+    big = np.abs(x) >= 6
+    assert set(np.unique(cdf[big & (x > 0)])) == {1.0}
+    assert set(np.unique(cdf[big & (x < 0)])) == {0.0}
+    assert np.isnan(cdf[-8]) and np.isnan(y[-8]) and np.isnan(slope[-8])
+    assert np.isnan(cdf).sum() == 1
