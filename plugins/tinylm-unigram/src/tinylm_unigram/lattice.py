@@ -341,7 +341,7 @@ def viterbi_f32_batch(lengths: np.ndarray, lattice: tuple, unk_score: float) -> 
     while k < nl:
         longest = int(lengths[order[k]])
         size = max(1, min(nl - k, BUCKET_CELLS // (longest + 1)))
-        members = order[k:k + size]
+        members = np.sort(order[k:k + size])  # in line order: paths come out sorted
         bucket_of[members] = len(buckets)
         rank[members] = np.arange(size)
         buckets.append(members)
@@ -371,55 +371,50 @@ def viterbi_f32_batch(lengths: np.ndarray, lattice: tuple, unk_score: float) -> 
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty, empty
     pl, ps, pe, pi = (np.concatenate(c) for c in zip(*out))
-    o = np.lexsort((ps, pl))
+    if len(out) == 1:
+        return pl, ps, pe, pi
+    o = np.argsort(pl, kind="stable")  # each part is sorted by line, then start
     return pl[o], ps[o], pe[o], pi[o]
 
 
 def _bucket(members, lengths, row, start, end, score, ids) -> tuple:
-    """One bucket of ``viterbi_f32_batch``: lines ``members`` (longest first, so the
-    lines still going at start p are rows 0 .. active(p) - 1), edges sorted by start."""
-    n_rows, width = len(members), int(lengths[0]) + 1
-    best = np.zeros(n_rows * width, dtype=np.float32)
+    """One bucket of ``viterbi_f32_batch``: lines ``members`` (rows of the bucket, in
+    line order), edges sorted by start. Unreached positions hold -inf rather than a
+    flag (the first candidate always beats it, a rebase leaves it -inf). The rebase
+    check runs over every row, also rows whose text ended at p or before: there it
+    can only touch the scores at and after the row's end, which no edge reads."""
+    n_rows, width = len(members), int(lengths.max()) + 1
+    grid = np.full((n_rows, width), -np.inf, dtype=np.float32)
+    grid[:, 0] = 0.0
+    grid[np.arange(width) > lengths[:, None]] = 0.0
+    best = grid.reshape(-1)
     back = np.full(n_rows * width, -1, dtype=np.int64)
     which = np.zeros(n_rows * width, dtype=np.int64)
-    grid = best.reshape(n_rows, width)
     at = row * width
     src, dst = at + start, at + end
     bounds = np.searchsorted(start, np.arange(width)).tolist()
-    active = np.searchsorted(-lengths, -np.arange(width), side="left").tolist()  # lines with length > p
     f32 = np.float32
     for p in range(width - 1):
         a, z = bounds[p], bounds[p + 1]
-        here = grid[:active[p], p]
-        big = (here < -RESET) | (here > RESET)
-        if big.any():  # SentencePiece's rebase, for the lines where it applies
-            r = np.flatnonzero(big)
-            offset = here[r][:, None]
-            tail = grid[r, p + 1:]
-            reached = back.reshape(n_rows, width)[r, p + 1:] >= 0
-            grid[r, p + 1:] = np.where(reached, tail - offset, tail)
+        here = grid[:, p]
+        if here.min() < -RESET or here.max() > RESET:  # SentencePiece's rebase
+            r = np.flatnonzero((here < -RESET) | (here > RESET))
+            grid[r, p + 1:] -= here[r][:, None]  # float32 differences; -inf stays
             grid[r, p] = 0.0
         cand = (score[a:z] + best[src[a:z]]).astype(f32)
         d = dst[a:z]
-        upd = (back[d] < 0) | (cand > best[d])
+        upd = cand > best[d]
         t = d[upd]
         best[t] = cand[upd]
         back[t] = p
         which[t] = ids[a:z][upd]
-    # backtrack all lines at once, one piece per step from each line's end
-    rows = np.arange(n_rows)
-    e = lengths.copy()
-    got_r, got_s, got_e, got_i = [], [], [], []
-    live = e > 0
-    rows, e = rows[live], e[live]
-    while len(rows):
-        flat = rows * width + e
+    # backtrack all rows at once (one piece per step), marking where pieces end
+    on = np.zeros(n_rows * width, dtype=bool)
+    flat = np.flatnonzero(lengths > 0) * width + lengths[lengths > 0]
+    while len(flat):
+        on[flat] = True
         s = back[flat]
-        got_r.append(rows)
-        got_s.append(s)
-        got_e.append(e)
-        got_i.append(which[flat])
-        go = s > 0
-        rows, e = rows[go], s[go]
-    r = np.concatenate(got_r)
-    return members[r], np.concatenate(got_s), np.concatenate(got_e), np.concatenate(got_i)
+        flat = (flat - flat % width + s)[s > 0]
+    flat = np.flatnonzero(on)  # by row, then position
+    r, e = np.divmod(flat, width)
+    return members[r], back[flat], e, which[flat]
