@@ -224,3 +224,54 @@ def test_unclipped_gelu_is_bit_identical_to_the_clipped_one_everywhere():
     assert set(np.unique(cdf[big & (x < 0)])) == {0.0}
     assert np.isnan(cdf[-8]) and np.isnan(y[-8]) and np.isnan(slope[-8])
     assert np.isnan(cdf).sum() == 1
+
+
+@pytest.mark.parametrize("shape", [(12, 64, 128), (768, 65), (5,), (0, 7), (3, 0, 4), (2, 3, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_leading_sum_equals_the_sum_over_leading_axes(shape, dtype):
+    from tinylm.ops.reduce import leading_sum
+
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal(shape).astype(dtype)
+    lead = tuple(range(a.ndim - 1))
+    got = leading_sum(np, a)
+    want = a.astype(np.float64).sum(axis=lead)
+    assert got.shape == want.shape and got.dtype == dtype
+    rows = max(a.size // max(a.shape[-1], 1), 1)
+    tol = (np.finfo(dtype).eps * (2 + np.log2(rows)) * np.abs(a).astype(np.float64).sum(axis=lead)
+           if a.size else 0)
+    assert np.all(np.abs(got - want) <= tol)
+    strided = np.asarray(rng.standard_normal(shape[:-1] + (2 * shape[-1],)), dtype)[..., ::2]
+    np.testing.assert_array_equal(leading_sum(np, strided), strided.sum(axis=lead))
+    np.testing.assert_array_equal(leading_sum(np, np.full(shape, 0.5, dtype)),
+                                  np.full(shape[-1:], 0.5 * (a.size // shape[-1] if shape[-1] else 0), dtype))
+
+
+@pytest.mark.parametrize("wdtype", [np.float32, np.float64, None])
+def test_layer_norm_reused_buffers_match_float64(wdtype):
+    from tinylm.ops.nn import layer_norm
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((12, 64, 128)) * 3 + 1).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w = None if wdtype is None else (rng.standard_normal(128) + 1).astype(wdtype)
+    tx = Tensor(x, requires_grad=True)
+    tw = None if w is None else Tensor(w, requires_grad=True)
+    y = layer_norm(tx, tw)
+    y.backward(Tensor(g))
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    w64 = np.ones(128) if w is None else w.astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    xhat = (x64 - mu) * rstd
+    assert y.data.dtype == np.result_type(np.float32, w.dtype if w is not None else np.float32)
+    np.testing.assert_allclose(y.data, xhat * w64, rtol=0, atol=4e-6 * np.abs(w64).max() * 8)
+    gxhat = g64 * w64
+    gx = rstd * (gxhat - gxhat.mean(-1, keepdims=True)
+                 - xhat * (gxhat * xhat).mean(-1, keepdims=True))
+    np.testing.assert_allclose(tx.grad, gx, rtol=0, atol=2e-5 * np.abs(gx).max())
+    if w is not None:
+        gw = (g64 * xhat).sum(axis=(0, 1))
+        tol = 1e-6 * (2 + np.log2(768)) * np.abs(g64 * xhat).sum(axis=(0, 1)) + 1e-6
+        assert np.all(np.abs(tw.grad - gw) <= tol)

@@ -10,6 +10,7 @@ from tinylm import amp
 from tinylm.errors import ShapeError
 from tinylm.function import Function
 from tinylm.ops.movement import reshape
+from tinylm.ops.reduce import leading_sum
 from tinylm.threads import cpu_threads
 
 
@@ -84,7 +85,7 @@ class Linear(Function):
             gx = (g2 @ self.w).reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
         gw = (g2.T @ self.x2) if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 3:
-            gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+            gb = leading_sum(xp, g2) if self.needs_input_grad[2] else None
             return gx, gw, gb
         return gx, gw
 

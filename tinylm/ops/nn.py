@@ -17,7 +17,7 @@ from tinylm import amp, backend
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
 from tinylm.kernels import fused
-from tinylm.ops.reduce import last_axis_max, last_axis_sum
+from tinylm.ops.reduce import last_axis_max, last_axis_sum, leading_sum
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- embedding
@@ -238,20 +238,26 @@ class LayerNorm(Function):
             return y.reshape(x.shape)
         inv_d = 1.0 / x.shape[-1]
         xc = x - last_axis_sum(xp, x) * inv_d  # x - mean, fresh: becomes xhat in place
-        var = last_axis_sum(xp, xc * xc) * inv_d
+        y = xc * xc  # fresh: the squares, then the output
+        var = last_axis_sum(xp, y) * inv_d
         self.rstd = 1 / xp.sqrt(var + self.eps)
         xc *= self.rstd
         self.xhat = xc
-        self.w = params[0] if self.has_weight else None
-        y = self.xhat * self.w if self.has_weight else self.xhat.copy()
-        if self.has_bias:
-            y += params[-1]
+        self.w = w
+        if w is None:
+            y[...] = xc
+        elif xp.result_type(xc, w) == y.dtype:
+            xp.multiply(xc, w, out=y)
+        else:
+            y = xc * w
+        if b is not None:
+            y += b
         return y
 
     def backward(self, xp, grad):
         if self.fused_path:
             return _norm_backward_fused(self, xp, grad, center=True)
-        xhat, lead = self.xhat, tuple(range(grad.ndim - 1))
+        xhat = self.xhat
         # gx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat)), in place on gx
         gx = grad * self.w if self.has_weight else grad.copy()  # gxhat, fresh
         inv_d = 1.0 / grad.shape[-1]
@@ -264,9 +270,9 @@ class LayerNorm(Function):
         gx *= self.rstd
         out = [gx]
         if self.has_weight:
-            out.append(xp.multiply(grad, xhat, out=tmp).sum(axis=lead))
+            out.append(leading_sum(xp, xp.multiply(grad, xhat, out=tmp)))
         if self.has_bias:
-            out.append(grad.sum(axis=lead))
+            out.append(leading_sum(xp, grad))
         return tuple(out)
 
 
@@ -295,7 +301,7 @@ class RMSNorm(Function):
         xhat = self.xhat
         gxhat = grad * self.w
         gx = self.rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
-        gw = (grad * xhat).sum(axis=tuple(range(grad.ndim - 1)))
+        gw = leading_sum(xp, grad * xhat)
         return gx, gw
 
 
