@@ -275,3 +275,65 @@ def test_layer_norm_reused_buffers_match_float64(wdtype):
         gw = (g64 * xhat).sum(axis=(0, 1))
         tol = 1e-6 * (2 + np.log2(768)) * np.abs(g64 * xhat).sum(axis=(0, 1)) + 1e-6
         assert np.all(np.abs(tw.grad - gw) <= tol)
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])
+def test_attention_backward_rowsum_from_the_output_matches_the_scores_route(H, Hkv, monkeypatch):
+    """Attention.backward takes rowsum(dP * P) as rowsum(dY * Y): the same gradients as
+    the scores' route (within float32 rounding), both against float64, an empty row
+    (every key masked) included: it gets no gradient either way."""
+    from tinylm import ops
+    from tinylm.ops import attention as att_mod
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(5)
+    B, T, hs = 2, 12, 8
+    q = rng.standard_normal((B, H, T, hs)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, T, hs)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, T, hs)).astype(np.float32)
+    g = rng.standard_normal((B, H, T, hs)).astype(np.float32)
+    keep = np.tril(np.ones((T, T), bool))
+    keep[3] = False  # query 3 sees no key
+
+    def grads():
+        ts = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        y = ops.scaled_dot_product_attention(*ts, mask=Tensor(keep), impl="naive")
+        y.backward(Tensor(g))
+        return y.data, [t.grad for t in ts]
+
+    routes, backward = [], att_mod.Attention.backward
+
+    def spy(self, xp, grad):
+        routes.append(self.y is not None)
+        return backward(self, xp, grad)
+
+    monkeypatch.setattr(att_mod.Attention, "backward", spy)
+    y_new, new = grads()
+    forward = att_mod.Attention.forward
+
+    def scores_route(self, xp, *arrays):
+        out = forward(self, xp, *arrays)
+        self.y = None
+        return out
+
+    monkeypatch.setattr(att_mod.Attention, "forward", scores_route)
+    y_old, old = grads()
+    assert routes == [True, False]  # the fused node, by the output's route, then the scores'
+    np.testing.assert_array_equal(y_new, y_old)
+    # float64 reference: dS = P * (dP - rowsum(dP * P)) * scale
+    rep, scale = H // Hkv, 1 / math.sqrt(hs)
+    k64, v64 = (np.repeat(a.astype(np.float64), rep, axis=1) for a in (k, v))
+    q64, g64 = q.astype(np.float64), g.astype(np.float64)
+    s = np.where(keep, q64 @ k64.swapaxes(-1, -2) * scale, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0))
+    p = np.divide(p, p.sum(-1, keepdims=True), out=np.zeros_like(p), where=np.isfinite(m))
+    dp = g64 @ v64.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    want = [ds @ k64, (ds.swapaxes(-1, -2) @ q64).reshape(B, Hkv, rep, T, hs).sum(2),
+            (p.swapaxes(-1, -2) @ g64).reshape(B, Hkv, rep, T, hs).sum(2)]
+    for got_new, got_old, ref in zip(new, old, want):
+        np.testing.assert_allclose(got_new, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(got_old, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(got_new, got_old, rtol=0, atol=2e-5 * np.abs(ref).max())
+    assert not new[0][:, :, 3].any() and not old[0][:, :, 3].any()

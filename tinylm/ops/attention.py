@@ -101,6 +101,10 @@ class Attention(Function):
         softmax_array(att, out=att)  # in place; a row that sees no key gets p = 0
         self.q, self.k, self.v, self.p = q, k, v, att
         y = att.astype(v.dtype, copy=False) @ v  # (B, Hkv, rep*T, hs_v), in v's dtype
+        # rowsum(dP * P) = rowsum(dY * Y) (dP = dY V^T, Y = P V): the backward reads it
+        # off the (rep*T, hs_v) output instead of the (rep*T, S) scores, as
+        # FlashAttention does; kept when Y is in the scores' dtype (not under half amp)
+        self.y = y if y.dtype == att.dtype and self.needs_grad else None
         return y.reshape(y.shape[0], H, T, v.shape[-1])  # (B, H, T, hs of v)
 
     def backward(self, xp, grad):
@@ -108,7 +112,10 @@ class Attention(Function):
         grad = grad.reshape(p.shape[:3] + grad.shape[-1:])  # (B, Hkv, rep*T, hs_v)
         gv = p.swapaxes(-1, -2) @ grad if self.needs_input_grad[2] else None
         ds = (grad @ _transposed(xp, v)).astype(p.dtype, copy=False)  # dP (B, Hkv, rep*T, S)
-        ds -= last_axis_sum(xp, ds * p)
+        if self.y is not None and grad.dtype == p.dtype:
+            ds -= last_axis_sum(xp, grad * self.y)
+        else:
+            ds -= last_axis_sum(xp, ds * p)
         ds *= p
         ds *= self.scale
         gq = (ds @ k).reshape(ds.shape[0], *self.q_shape[1:]) if self.needs_input_grad[0] \
