@@ -63,7 +63,7 @@ def test_batch_of_long_and_short_lines_crosses_the_rebase(pair, monkeypatch):
     """Long lines batched with short ones (``viterbi_f32_batch``, no per-line
     fallback): each long line passes the rebase threshold at its own positions."""
     tok, sp = pair
-    monkeypatch.setattr(lattice, "MIN_BUCKET", 1)
+    monkeypatch.setattr(lattice, "MIN_EDGES_PER_STEP", 0)
     long_lines = [" ".join(generated_text(n, seed=20 + n)) for n in (1000, 700, 1300)]
     texts = generated_text(40, seed=3) + long_lines + ["", "x"] + generated_text(9, seed=4)
     expected = sp.encode(texts)
@@ -79,11 +79,11 @@ def _as_batch(lattices):
     return line, s, e, c.astype(np.float64), i
 
 
-@pytest.mark.parametrize("min_bucket", [1, 8])
-def test_batched_viterbi_rebases_as_viterbi_f32(monkeypatch, min_bucket):
+@pytest.mark.parametrize("min_edges", [0, 10**9])  # all batched, none batched
+def test_batched_viterbi_rebases_as_viterbi_f32(monkeypatch, min_edges):
     """The two hand-made rebase lattices above, many times over in one batch (with
     shifted copies so that the rebase happens at different positions per line)."""
-    monkeypatch.setattr(lattice, "MIN_BUCKET", min_bucket)
+    monkeypatch.setattr(lattice, "MIN_EDGES_PER_STEP", min_edges)
     big, a, b = (float(np.float32(x)) for x in (-100000.5, -0.3, -0.4))
     ab = float(np.float32(a) + np.float32(b))
     far = float(np.float32(np.float32(big) + np.float32(-0.6)))

@@ -87,14 +87,14 @@ def _batched_everywhere(fn, cells=None):
     small buckets (so that lines of very different lengths land in several)."""
     from tinylm_unigram import lattice
 
-    saved = lattice.MIN_BUCKET, lattice.BUCKET_CELLS
-    lattice.MIN_BUCKET = 1
+    saved = lattice.MIN_EDGES_PER_STEP, lattice.BUCKET_CELLS
+    lattice.MIN_EDGES_PER_STEP = 0
     if cells is not None:
         lattice.BUCKET_CELLS = cells
     try:
         return fn()
     finally:
-        lattice.MIN_BUCKET, lattice.BUCKET_CELLS = saved
+        lattice.MIN_EDGES_PER_STEP, lattice.BUCKET_CELLS = saved
 
 
 def test_encode_batch_equals_sentencepiece(pair):

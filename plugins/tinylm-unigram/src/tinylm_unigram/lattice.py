@@ -284,7 +284,9 @@ def sample(n: int, lattice: tuple, unk_score: float, alpha: float, rng) -> list:
 # ---------------------------------------------------------------------- many lines at once
 
 BUCKET_CELLS = 1 << 22  # best/back cells (lines x longest line + 1) per batched bucket
-MIN_BUCKET = 8  # fewer lines than this in a bucket: one ``viterbi_f32`` per line
+# A bucket is batched when it has at least this many edges per start position (its
+# longest line): each step costs ~20 edges' worth of the per-edge loop (measured).
+MIN_EDGES_PER_STEP = 24
 
 
 def edges_batch(index: PieceIndex, scores: np.ndarray, texts: list, unk_score: float) -> tuple:
@@ -326,8 +328,10 @@ def viterbi_f32_batch(lengths: np.ndarray, lattice: tuple, unk_score: float) -> 
     order, and within one start of one line the ends are distinct (so no two updates
     of one position are in the same step). Candidates are the float64 sum rounded
     once to float32 (as ``array('f')`` does), compared strictly; the score rebase
-    is checked per line per start. Lines too long to batch (fewer than
-    ``MIN_BUCKET`` in a bucket) go through ``viterbi_f32``.
+    is checked per line per start. A bucket holds lines from its longest down to half
+    that length (at most ``BUCKET_CELLS`` cells); one with too few edges per step
+    (``MIN_EDGES_PER_STEP``: a few long lines) goes through ``viterbi_f32`` line by
+    line.
 
     Returns the best paths as ``(line, start, end, id)`` arrays sorted by line then
     start."""
@@ -338,9 +342,11 @@ def viterbi_f32_batch(lengths: np.ndarray, lattice: tuple, unk_score: float) -> 
     bucket_of = np.empty(nl, dtype=np.int64)
     rank = np.empty(nl, dtype=np.int64)  # the line's row in its bucket
     buckets, k = [], 0
-    while k < nl:
-        longest = int(lengths[order[k]])
-        size = max(1, min(nl - k, BUCKET_CELLS // (longest + 1)))
+    sorted_lengths = lengths[order]
+    while k < nl:  # lines from the longest left down to half its length, as many as fit
+        longest = int(sorted_lengths[k])
+        half = k + int(np.searchsorted(-sorted_lengths[k:], -((longest + 1) // 2), side="right"))
+        size = max(1, min(half - k, BUCKET_CELLS // (longest + 1)))
         members = np.sort(order[k:k + size])  # in line order: paths come out sorted
         bucket_of[members] = len(buckets)
         rank[members] = np.arange(size)
@@ -355,9 +361,11 @@ def viterbi_f32_batch(lengths: np.ndarray, lattice: tuple, unk_score: float) -> 
         sel = by[cuts[b]:cuts[b + 1]]
         if not len(sel):
             continue
-        if len(members) < MIN_BUCKET:
-            for m in members.tolist():
-                mine = sel[line[sel] == m]
+        if len(sel) < MIN_EDGES_PER_STEP * int(lengths[members].max()):
+            sel = sel[np.argsort(line[sel], kind="stable")]  # by line, then start
+            cut = np.searchsorted(line[sel], members, side="right").tolist()
+            for m, a, z in zip(members.tolist(), [0] + cut[:-1], cut):
+                mine = sel[a:z]
                 path = viterbi_f32(int(lengths[m]), list(zip(
                     start[mine].tolist(), end[mine].tolist(), score[mine].tolist(),
                     ids[mine].tolist())), unk_score)
