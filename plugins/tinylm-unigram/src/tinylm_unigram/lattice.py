@@ -9,9 +9,11 @@ sorted per-length hash tables, and each hit is confirmed by comparing code point
 The result is every lattice edge ``(start, length, id)``, sorted by start then
 length: the order in which both libraries visit them.
 
-The best path is a Python loop over those edges (documented cost: a few hundred
-nanoseconds per edge). It cannot be vectorised without changing the answer: each
-position's best score depends on the earlier ones, and SentencePiece's arithmetic
+The best path of one text is a Python loop over those edges (a few hundred
+nanoseconds per edge); across many lines (``edges_batch``, ``viterbi_f32_batch``) it is
+a loop over start positions with NumPy operations across the lines, the same updates
+in the same order. It cannot be vectorised along one text without changing the
+answer: each position's best score depends on the earlier ones, and SentencePiece's arithmetic
 must be reproduced to the bit: scores are float32, each candidate ``score +
 best[start]`` is a float32 sum, a strictly better candidate replaces the best (so on a
 tie the earliest start wins). On a long text the sums reach thousands, where float32
