@@ -337,3 +337,32 @@ def test_attention_backward_rowsum_from_the_output_matches_the_scores_route(H, H
         np.testing.assert_allclose(got_old, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
         np.testing.assert_allclose(got_new, got_old, rtol=0, atol=2e-5 * np.abs(ref).max())
     assert not new[0][:, :, 3].any() and not old[0][:, :, 3].any()
+
+
+def test_gelu_backward_into_its_slope_only_on_the_last_use():
+    """The exact GELU's backward writes grad * slope into its own slope array when the
+    engine releases the node after it (no retain_graph): the same bits as a fresh
+    product; with retain_graph the slope is kept, so a second backward is the same."""
+    from tinylm import ops
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((12, 64, 512)) * 2).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    _, slope = backend.gelu_forward(x, slope=True)
+    want = g * slope
+
+    t = Tensor(x, requires_grad=True)
+    (ops.gelu(t) * Tensor(g)).sum().backward()
+    np.testing.assert_array_equal(t.grad, want)
+
+    t = Tensor(x, requires_grad=True)
+    y = ops.gelu(t)
+    loss = (y * Tensor(g)).sum()
+    loss.backward(retain_graph=True)
+    np.testing.assert_array_equal(t.grad, want)
+    first = t.grad.copy()
+    t.grad = None
+    loss.backward()  # the slope survived the first pass
+    np.testing.assert_array_equal(t.grad, first)
+    np.testing.assert_array_equal(t.grad, want)

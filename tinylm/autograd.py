@@ -128,6 +128,8 @@ def run_backward(root, grad, retain_graph: bool = False) -> None:
             out = ref()
             if out is not None and out.retains_grad:
                 out.grad = _accumulate(out.grad, g)
+        if not retain_graph:
+            fn.final_backward = True  # (released below)
         input_grads = fn.backward(xp, *grads)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)

@@ -234,15 +234,18 @@ def gelu_forward(x, slope: bool = False):
     # then the slope's x^2 too (another pass less).
     flat = np.ascontiguousarray(x).reshape(-1)
     n = flat.size
-    y, cdf = np.empty(n, np.float32), np.empty(n, np.float32)
+    # (arrays of x's shape that own their memory, written through flat views: a
+    # gradient made in place from one is then no view a leaf's .grad must copy)
+    y, cdf = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)
+    y_flat, cdf_flat = y.reshape(-1), cdf.reshape(-1)
     sq = np.empty(min(GELU_BLOCK, n), np.float32)
     with np.errstate(over="ignore"):  # R(x^2) overflows to inf past |x| ~ 9e3 (x^2 past 1.8e19)
         for start in range(0, n, GELU_BLOCK):
             part = flat[start:start + GELU_BLOCK]
             m = part.size
-            s, g = sq[:m], cdf[start:start + m]
-            _gelu_block(part, s, g, y[start:start + m], slope)
-    return y.reshape(x.shape), cdf.reshape(x.shape)
+            s, g = sq[:m], cdf_flat[start:start + m]
+            _gelu_block(part, s, g, y_flat[start:start + m], slope)
+    return y, cdf
 
 
 def _gelu_block(part, s, g, y, slope: bool) -> None:

@@ -39,6 +39,10 @@ from tinylm.tensor import Tensor
 
 class Function:
     differentiable = True  # False for ops like comparisons that never record a graph
+    # True while ``backward`` runs for the last time (the engine releases the node right
+    # after: no retain_graph); a backward may then reuse arrays it saved itself (never
+    # an incoming one) as its output
+    final_backward = False
 
     def forward(self, xp, *arrays):
         raise NotImplementedError

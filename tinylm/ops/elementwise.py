@@ -266,7 +266,12 @@ class Gelu(Function):
             g *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) d inner
             g *= grad
             return g
-        return xp.multiply(grad, self.slope)  # grad (Phi(x) + x phi(x))
+        slope = self.slope
+        if self.final_backward and grad.shape == slope.shape and grad.dtype == slope.dtype:
+            # the node's last use of its own slope array: the gradient goes into it
+            # (no fresh (B, T, 4d) array; the same product)
+            return xp.multiply(grad, slope, out=slope)
+        return xp.multiply(grad, slope)  # grad (Phi(x) + x phi(x))
 
 
 def tanh(x):
