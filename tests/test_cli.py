@@ -174,3 +174,12 @@ def test_error_in_a_real_process():
                           env={**os.environ, plugins.ALLOW_ENV: ""})
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == "Error: it went wrong; try again\n"
+
+
+def test_python_dash_m_tinylm_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tinylm", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("Usage: tinylm "), done.stderr
