@@ -366,3 +366,50 @@ def test_gelu_backward_into_its_slope_only_on_the_last_use():
     loss.backward()  # the slope survived the first pass
     np.testing.assert_array_equal(t.grad, first)
     np.testing.assert_array_equal(t.grad, want)
+
+
+def _cross_entropy_run(x, t, **kw):
+    from tinylm.ops.nn import cross_entropy
+    from tinylm.tensor import Tensor
+
+    logits = Tensor(x, requires_grad=True)
+    loss = cross_entropy(logits, Tensor(t), **kw)
+    (loss.sum() if loss.ndim else loss).backward()
+    return loss.data, logits.grad
+
+
+@pytest.mark.parametrize("shape", [(7, 50257), (3, 5, 1000), (1, 3), (66, 4097)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}, {"reduction": "sum"},
+                                {"reduction": "none"}])
+def test_blocked_cross_entropy_is_bit_identical_to_the_whole_array_path(
+        shape, dtype, kw, monkeypatch):
+    """NumPy cross-entropy per block of rows (no (N, V) temporary in forward, softmax
+    recomputed per block in backward) gives the whole-array log_softmax path's bits, in
+    loss and gradient, -inf logits and ignored targets included (one BLAS thread: the
+    row sums are sgemv's, whose split over threads may round otherwise)."""
+    from threadpoolctl import threadpool_limits
+
+    import tinylm.ops.nn as nn
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    x.reshape(-1, shape[-1])[0, :2] = -np.inf
+    t = rng.integers(0, shape[-1], shape[:-1])
+    t.reshape(-1)[-1] = -100
+    with threadpool_limits(1, user_api="blas"), np.errstate(all="ignore"):
+        loss, grad = _cross_entropy_run(x, t, **kw)
+        monkeypatch.setattr(nn, "_ce_blocks", lambda xp, x2: False)
+        want_loss, want_grad = _cross_entropy_run(x, t, **kw)
+    assert loss.dtype == want_loss.dtype and grad.dtype == want_grad.dtype == dtype
+    np.testing.assert_array_equal(loss, want_loss)
+    np.testing.assert_array_equal(grad, want_grad)
+    if shape[0] > 1 and not kw:  # and both are right: float64 softmax - one-hot, / count
+        x64 = x.astype(np.float64).reshape(-1, shape[-1])
+        p = np.exp(x64 - x64.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        tt = t.reshape(-1)
+        p[np.arange(tt.size), np.where(tt < 0, 0, tt)] -= 1
+        p *= (tt >= 0)[:, None] / (tt >= 0).sum()
+        np.testing.assert_allclose(grad.reshape(p.shape), p, rtol=0, atol=1e-7)
+
