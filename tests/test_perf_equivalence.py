@@ -413,3 +413,36 @@ def test_blocked_cross_entropy_is_bit_identical_to_the_whole_array_path(
         p *= (tt >= 0)[:, None] / (tt >= 0).sum()
         np.testing.assert_allclose(grad.reshape(p.shape), p, rtol=0, atol=1e-7)
 
+
+def _adamw_states(dtype, amsgrad, wd, shape):
+    from tinylm.optim import AdamW
+    from tinylm.tensor import Tensor
+
+    rng = np.random.default_rng(8)
+    p = Tensor(rng.standard_normal(shape).astype(dtype), requires_grad=True)
+    opt = AdamW([p], lr=1e-3, weight_decay=wd, amsgrad=amsgrad)
+    for i in range(3):
+        p.grad = (rng.standard_normal(shape) * (i + 1)).astype(dtype)
+        opt.step()
+    state = opt.state[p]
+    return [p.data.copy()] + [state[k].copy() for k in sorted(state) if k != "step"]
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (2 * 65536 + 5,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_blocked_adamw_is_bit_identical_to_the_whole_array_update(
+        shape, dtype, amsgrad, wd, monkeypatch):
+    """AdamW's NumPy update per L2-sized block: the same parameter, exp_avg, exp_avg_sq
+    (and max_exp_avg_sq) bits after three steps as the whole-array update."""
+    import tinylm.optim as optim
+
+    got = _adamw_states(dtype, amsgrad, wd, shape)
+    assert optim._adamw_blocks(np, *got)  # the blocked path did run
+    monkeypatch.setattr(optim, "_adamw_blocks", lambda xp, *arrays: False)
+    want = _adamw_states(dtype, amsgrad, wd, shape)
+    assert len(got) == len(want) == (4 if amsgrad else 3)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a, b)
