@@ -446,3 +446,73 @@ def test_blocked_adamw_is_bit_identical_to_the_whole_array_update(
     for a, b in zip(got, want):
         assert a.dtype == b.dtype == dtype
         np.testing.assert_array_equal(a, b)
+
+
+def test_reusable_empty_hands_back_only_arrays_nobody_holds():
+    """The pool of large per-step arrays: the same memory again only when no array,
+    view or buffer of it is alive; small arrays are never pooled."""
+    shape = (backend.REUSE_MIN_BYTES // 4 + 1,)
+    a = backend.reusable_empty("test.pool", shape, np.float32)
+    address = a.ctypes.data
+    b = backend.reusable_empty("test.pool", shape, np.float32)
+    assert b.ctypes.data != address  # a is alive
+    del b
+    view = a[10:]
+    del a
+    c = backend.reusable_empty("test.pool", shape, np.float32)
+    assert c.ctypes.data != address  # a view keeps it
+    del view, c
+    d = backend.reusable_empty("test.pool", shape, np.float32)
+    kept = d.ctypes.data
+    buffer = memoryview(d)
+    del d
+    e = backend.reusable_empty("test.pool", shape, np.float32)
+    assert e.ctypes.data != kept  # an exported buffer keeps it
+    freed = e.ctypes.data
+    del buffer, e
+    f = backend.reusable_empty("test.pool", shape, np.float32)
+    assert f.ctypes.data == freed  # nobody holds it: the same memory
+    other = backend.reusable_empty("test.pool", (shape[0] + 1,), np.float32)
+    assert other.ctypes.data != f.ctypes.data and other.shape == (shape[0] + 1,)
+    del f, other
+    backend._REUSABLE.pop("test.pool", None)
+    small = backend.reusable_empty("test.small", (4,), np.float32)
+    assert "test.small" not in backend._REUSABLE and small.shape == (4,)
+
+
+def test_pooled_head_logits_and_gradients_never_overwrite_live_arrays(monkeypatch):
+    """A vocabulary head's logits, its cross-entropy gradient and its weight gradient
+    come from the pool: two steps in a row, the first step's logits and weight
+    gradient (still held) keep their values, and each step's values are those of
+    fresh arrays (pool off)."""
+    from tinylm.ops.matmul import linear
+    from tinylm.ops.nn import cross_entropy
+    from tinylm.tensor import Tensor
+
+    monkeypatch.setattr(backend, "REUSE_MIN_BYTES", 1 << 12)  # small arrays pooled here
+    rng = np.random.default_rng(9)
+    V, D, N = 3000, 32, 40
+    w = Tensor(rng.standard_normal((V, D)).astype(np.float32) * 0.1, requires_grad=True)
+    xs = [rng.standard_normal((N, D)).astype(np.float32) for _ in range(2)]
+    ts = [rng.integers(0, V, N) for _ in range(2)]
+
+    def step(x, t):
+        logits = linear(Tensor(x), w)
+        cross_entropy(logits, Tensor(t)).backward()
+        grad, w.grad = w.grad, None
+        return logits, grad
+
+    first_logits, first_grad = step(xs[0], ts[0])
+    keep_logits, keep_grad = first_logits.data.copy(), first_grad.copy()
+    second_logits, second_grad = step(xs[1], ts[1])
+    np.testing.assert_array_equal(first_logits.data, keep_logits)
+    np.testing.assert_array_equal(first_grad, keep_grad)
+    assert second_logits.data.ctypes.data != first_logits.data.ctypes.data
+    del first_logits, first_grad
+    third_logits, third_grad = step(xs[0], ts[0])  # may reuse the first step's memory
+    np.testing.assert_array_equal(third_logits.data, keep_logits)
+    np.testing.assert_array_equal(third_grad, keep_grad)
+    monkeypatch.setattr(backend, "REUSE_MIN_BYTES", 1 << 62)  # pool off: fresh arrays
+    fresh_logits, fresh_grad = step(xs[1], ts[1])
+    np.testing.assert_array_equal(second_logits.data, fresh_logits.data)
+    np.testing.assert_array_equal(second_grad, fresh_grad)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from tinylm import amp
+from tinylm import backend
 from tinylm.errors import ShapeError
 from tinylm.function import Function
 from tinylm.ops.movement import reshape
@@ -83,7 +84,11 @@ class Linear(Function):
         gx = None
         if self.needs_input_grad[0]:
             gx = (g2 @ self.w).reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
-        gw = (g2.T @ self.x2) if self.needs_input_grad[1] else None
+        gw = None
+        if self.needs_input_grad[1]:
+            gw = g2.T @ self.x2 if xp is not np or g2.dtype != self.x2.dtype else np.matmul(
+                g2.T, self.x2, out=backend.reusable_empty(
+                    "linear.grad_weight", (g2.shape[1], self.x2.shape[1]), g2.dtype))
         if len(self.needs_input_grad) == 3:
             gb = leading_sum(xp, g2) if self.needs_input_grad[2] else None
             return gx, gw, gb
@@ -112,6 +117,9 @@ def _product(xp, x2, w):
     n, out = x2.shape[0], w.shape[0]
     tiled = n <= FEW_ROWS or (out >= WIDE and n <= GEMM_TILED_ROWS)
     if not (tiled and _vecdot_pays(xp, x2, w)):
+        if xp is np and x2.dtype == w.dtype and x2.dtype.char in "fd":
+            # a large product (a vocabulary head's logits) into memory kept between steps
+            return np.matmul(x2, w.T, out=backend.reusable_empty("linear.out", (n, out), w.dtype))
         return x2 @ w.T
     y = np.empty((n, out), dtype=w.dtype)
     step = out if n == 1 else TILE

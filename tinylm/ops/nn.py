@@ -240,7 +240,7 @@ class CrossEntropy(Function):
         x2, eps = self.logits, self.label_smoothing
         N, V = x2.shape
         step = _ce_block_rows(V)
-        g = np.empty((N, V), x2.dtype)
+        g = backend.reusable_empty("cross_entropy.grad", (N, V), x2.dtype)
         scale = np.broadcast_to(scale.astype(g.dtype, copy=False), (N, 1))
         local = np.arange(min(step, N))
         for s in range(0, N, step):
