@@ -229,8 +229,9 @@ class AdamW(Optimizer):
         m += (1 - beta1) * (g - m);   v = beta2 * v + (1 - beta2) * g * g
         p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
-    (amsgrad uses the running maximum of v.) Each step allocates one temporary the
-    size of the parameter; the rest is in place on the state arrays. On float32 CuPy
+    (amsgrad uses the running maximum of v.) In place on the state arrays, with one
+    temporary the size of the parameter (NumPy: of one L2-sized block, the update
+    running block by block). On float32 CuPy
     arrays with TINYLM_FUSED_KERNELS=1 the step is one fused kernel per parameter
     (``tinylm.kernels.fused.adamw_step``), with no temporary.
     """
