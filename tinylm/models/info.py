@@ -15,7 +15,8 @@ masks). Per layer that is about
 
     13 N d + 3 N d_ff + 4 B H T S     bytes / itemsize, N = B T tokens
 
-for a GPT-2 block (pre-norm, GELU), plus 2 N V for the logits and their log-softmax.
+for a GPT-2 block (pre-norm, GELU), plus N V for the logits (cross-entropy keeps only
+each row's max and log-sum-exp, and recomputes the log-softmax in backward).
 Attention follows the op's own choice: the fused naive op keeps the probabilities
 (4 B H T S bytes); the composed one (T5's learned bias, attention dropout) a few more
 score-sized arrays; the tiled op (T * S >= ``ops.attention.TILED_MIN_SCORES``) none,
@@ -238,7 +239,7 @@ def activation_memory(c: ModelConfig, batch_size: int = 1, seq_len: int | None =
 
     def logits(N):
         t.add("head", N * V)
-        t.add("head", N * V, t.score_itemsize)  # cross-entropy's log-softmax
+        t.add("head", 2 * N, t.score_itemsize)  # cross-entropy's row max and log-sum-exp
 
     if isinstance(c, T5Config):
         Tt = T if target_len is None else target_len
