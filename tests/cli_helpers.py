@@ -31,3 +31,20 @@ def one_error_line(result, *fragments) -> str:
     for fragment in fragments:
         assert fragment.lower() in errors[0].lower(), errors[0]
     return errors[0]
+
+
+def gguf_variants(tmp, hf):
+    """variant(name, fields): a copy of a q8_0 GGUF export of the model in folder ``hf``
+    with those metadata fields (GGUFValue) replaced, written under ``tmp``."""
+    from tinylm.formats.gguf import read_gguf, write_gguf
+
+    good = tmp / "good.gguf"
+    assert run("quantize", hf, "--to", "q8_0", "-o", good).exit_code == 0
+    f = read_gguf(good)
+
+    def variant(name, fields):
+        kept = {k: v for k, v in f.fields.items() if k != "general.alignment"}
+        write_gguf(tmp / name, {**kept, **fields}, dict(f.tensors))
+        return tmp / name
+
+    return variant

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from cli_helpers import one_error_line, run
+from cli_helpers import gguf_variants, one_error_line, run
 from generate_helpers import tiny_hf_gpt
 from train_helpers import corpus_text
 
@@ -238,20 +238,7 @@ def test_info_reads_a_quantize_folder_as_its_float_model(p, tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_variant(p):
-    """variant(name, **fields): a copy of a good GGUF export of the tiny model with
-    those metadata fields (GGUFValue) replaced."""
-    from tinylm.formats.gguf import read_gguf, write_gguf
-
-    good = p["tmp"] / "good.gguf"
-    assert run("quantize", p["hf"], "--to", "q8_0", "-o", good).exit_code == 0
-    f = read_gguf(good)
-
-    def variant(name, fields):
-        kept = {k: v for k, v in f.fields.items() if k != "general.alignment"}
-        write_gguf(p["tmp"] / name, {**kept, **fields}, dict(f.tensors))
-        return p["tmp"] / name
-
-    return variant
+    return gguf_variants(p["tmp"], p["hf"])
 
 
 def _gguf_cases():

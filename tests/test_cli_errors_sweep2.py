@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from cli_helpers import one_error_line, run
+from cli_helpers import gguf_variants, one_error_line, run
 from generate_helpers import tiny_hf_gpt
 from train_helpers import corpus_text
 
@@ -83,20 +83,7 @@ def test_info_counts_a_gguf_token_list_of_any_kind():
 
 @pytest.fixture(scope="module")
 def gguf_variant(p):
-    """variant(name, fields): a copy of a q8_0 GGUF export of the tiny model with those
-    metadata fields (GGUFValue) replaced."""
-    from tinylm.formats.gguf import read_gguf, write_gguf
-
-    good = p["tmp"] / "good.gguf"
-    assert run("quantize", p["hf"], "--to", "q8_0", "-o", good).exit_code == 0
-    f = read_gguf(good)
-
-    def variant(name, fields):
-        kept = {k: v for k, v in f.fields.items() if k != "general.alignment"}
-        write_gguf(p["tmp"] / name, {**kept, **fields}, dict(f.tensors))
-        return p["tmp"] / name
-
-    return variant
+    return gguf_variants(p["tmp"], p["hf"])
 
 
 def test_eval_ignores_a_gguf_bos_id_outside_the_vocabulary(p, gguf_variant):

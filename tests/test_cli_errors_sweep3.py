@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_helpers import _env
+
 from tinylm import dist
 from tinylm.dist import launch
 
@@ -30,12 +32,6 @@ def _mpiexec():
         pytest.skip(str(e))
 
 
-def _env(**extra) -> dict:
-    launcher = ("PMI_", "OMPI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "TINYLM_DIST")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               TINYLM_LOAD_PLUGINS="", **extra)
-    return env
 
 
 BAD_MODELS = {

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_helpers import _env
+
 from tinylm import dist
 from tinylm.dist import data_parallel, launch
 from tinylm.errors import TinyLMError
@@ -71,12 +73,6 @@ def _json_objects(text: str) -> list:
     return objects
 
 
-def _env(**extra) -> dict:
-    launcher = ("PMI_", "OMPI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "TINYLM_DIST")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               TINYLM_LOAD_PLUGINS="", **extra)
-    return env
 
 
 def _recipe_args(out, cache, *extra) -> list:
