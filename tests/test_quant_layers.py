@@ -77,8 +77,12 @@ def test_forward_and_input_gradient_match_the_dequantized_weight(fmt, out, block
         ty = ty + torch.tensor(b, dtype=torch.float64)
     (ty * torch.tensor(g, dtype=torch.float64)).sum().backward()
     assert y.shape == (*lead, out) and y.dtype == np.float32
-    assert rel(y.numpy(), ty.detach().numpy()) < 1e-5
-    assert rel(xt.grad, tx.grad.numpy()) < 1e-5
+    # float32 sums of n_in products: their error scales with the sum of |terms|, which
+    # cancellation can make far larger than the result (one output, a few blocks)
+    y_scale = np.abs(x) @ np.abs(w).T + (np.abs(b) if bias else 0)
+    assert np.abs(y.numpy() - ty.detach().numpy()).max() < 1e-5 * y_scale.max()
+    gx_scale = np.abs(g) @ np.abs(w)
+    assert np.abs(xt.grad - tx.grad.numpy()).max() < 1e-5 * gx_scale.max()
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "nf4", "int8"])

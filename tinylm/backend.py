@@ -293,6 +293,15 @@ _PHI_TANH = (0.7978849414934731, 0.0363330844042023, -3.259476116112948e-05,
 
 _exact_erf = np.frompyfunc(math.erf, 1, 1)
 
+# The compiled exact GELU's (tinylm.kernels.native, cpu.c) coefficients, float32: erf's
+# rational above rescaled to Phi(x) = 1/2 + x A(x^2) / B(x^2) with A_k = P_k / (2^k 2
+# sqrt 2), B_k = Q_k / 2^k (erf(t) = t P(t^2) / Q(t^2) at t = x / sqrt 2; the same fit,
+# so erf's error analysis holds), then the clip in x (3.92 sqrt 2) and 1 / sqrt(2 pi).
+GELU_RATIONAL = np.array(
+    [p / (2**k * 2 * math.sqrt(2.0)) for k, p in enumerate(_ERF_P)]
+    + [q / 2**k for k, q in enumerate(_ERF_Q)]
+    + [_ERF_CLIP * math.sqrt(2.0), _INV_SQRT_2PI], dtype=np.float32)
+
 
 # Arrays of at least this many bytes come from ``reusable_empty``'s pool: glibc serves
 # them by mmap (its threshold tops out at 32 MB), so each is page-faulted anew; in a VM

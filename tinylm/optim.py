@@ -24,7 +24,7 @@ import numpy as np
 from tinylm import backend
 from tinylm.autograd import no_grad
 from tinylm.errors import CheckpointError, TinyLMError
-from tinylm.kernels import fused
+from tinylm.kernels import fused, native
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- base
@@ -258,7 +258,10 @@ class AdamW(Optimizer):
             fused.adamw_step(p.data, grad, m, v, vmax, lr=lr, beta1=beta1, beta2=beta2,
                              eps=eps, weight_decay=group["weight_decay"], step=t)
             return
-
+        if xp is np and p.data.size and native.usable(p.data, grad, m, v, vmax):
+            native.adamw_step(p.data, grad, m, v, vmax, lr=lr, beta1=beta1, beta2=beta2,
+                              eps=eps, weight_decay=group["weight_decay"], step=t)
+            return
         if _adamw_blocks(xp, p.data, grad, m, v, vmax):
             _adamw_blocked(p.data, grad, m, v, vmax, lr, beta1, beta2, eps,
                            group["weight_decay"], t)

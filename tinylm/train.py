@@ -637,8 +637,17 @@ class Trainer:
         c, n = self.model.config, self.model.num_parameters()
         self.log(f"model: {c.architecture}, {n / 1e6:.2f}M parameters, {c.n_layer} layers x "
                  f"{c.d_model}, vocab {c.vocab_size}; objective {self.objective_name}; "
-                 f"device {cfg.device}")
+                 f"device {cfg.device}{self._kernels_note()}")
         self._ready = True
+
+    def _kernels_note(self) -> str:
+        """On the CPU, whether the compiled kernels run (a user should know when the
+        slower NumPy paths do, and why)."""
+        if backend.normalize_device(self.config.device) != "cpu":
+            return ""
+        from tinylm.kernels import native
+
+        return f" ({native.summary()})"
 
     def _build_parts(self, run: Run):
         """Tokenizer, objective and data (each unless handed in), and the model config

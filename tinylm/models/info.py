@@ -11,9 +11,12 @@ models). ``activation_memory`` estimates the bytes a training forward keeps for
 backward, term by term, following what tinylm's ops keep: every intermediate that is
 an input of a later op (the graph holds them), plus what a few ops save besides
 (LayerNorm's normalised input, GELU's tanh/CDF, softmax probabilities, dropout
-masks). Per layer that is about
+masks). A norm run by compiled kernels (the CPU's ``kernels.native``, CUDA's fused
+ones) keeps two numbers per row instead of its normalised input, and the estimate
+follows the CPU's choice. Per layer that is about
 
-    13 N d + 3 N d_ff + 4 B H T S     bytes / itemsize, N = B T tokens
+    13 N d + 3 N d_ff + 4 B H T S     bytes / itemsize, N = B T tokens (11 N d with
+                                      the compiled norms)
 
 for a GPT-2 block (pre-norm, GELU), plus N V for the logits (cross-entropy keeps only
 each row's max and log-sum-exp, and recomputes the log-softmax in backward).
@@ -38,6 +41,15 @@ from tinylm.models.config import BertConfig, ModelConfig, T5Config
 
 def _linear(i: int, o: int, bias: bool) -> int:
     return i * o + (o if bias else 0)
+
+
+def _norm_keeps(N: int, d: int) -> int:
+    """Elements a LayerNorm / RMSNorm over N rows of d keeps: its output, and either
+    the normalised input and 1/rms per row (the NumPy path) or the mean and 1/rms per
+    row (the compiled kernels, which recompute the rest from the input)."""
+    from tinylm.kernels import native
+
+    return N * d + 2 * N if native.library() is not None else 2 * N * d + N
 
 
 def _norm(c: ModelConfig) -> int:
@@ -139,7 +151,7 @@ def _attention(t: _Tally, c, part, a: _Attn):
     """One attention sub-layer (norm, projections, scores, output, residual)."""
     B, T, S, rotary, composed, causal, bias, cross = a
     N, d, nh, nkv, hs = B * T, c.d_model, c.n_head, c.kv_heads, c.head_size
-    t.add(part, 2 * N * d + N)  # norm: normalised input + output (+ 1/rms per row)
+    t.add(part, _norm_keeps(N, d))  # norm
     if cross:
         t.add(part, N * nh * hs + B * S * 2 * nkv * hs)  # q, and kv of the memory
     else:
@@ -182,7 +194,7 @@ def _tiled_min_scores() -> int:
 def _feed_forward(t: _Tally, c, part, N):
     d, ff = c.d_model, c.ff_size
     rows = N * c.moe_top_k if c.n_experts else N
-    t.add(part, 2 * N * d + N)  # norm
+    t.add(part, _norm_keeps(N, d))  # norm
     if c.gated_mlp:
         t.add(part, 5 * rows * ff)  # gate, sigmoid/cdf, act, up, product
     elif c.activation == "relu":
@@ -234,7 +246,7 @@ def activation_memory(c: ModelConfig, batch_size: int = 1, seq_len: int | None =
                 _attention(t, c, "attention", _Attn(B_, T_, memory, cross=True))
             _feed_forward(t, c, "feed_forward", N)
         if c.norm_position == "pre":
-            t.add("head", 2 * N * d + N)
+            t.add("head", _norm_keeps(N, d))
         return N
 
     def logits(N):
@@ -258,10 +270,10 @@ def activation_memory(c: ModelConfig, batch_size: int = 1, seq_len: int | None =
         if c.type_vocab_size:
             t.add("embeddings", 2 * N * d)
         if c.embed_norm:
-            t.add("embeddings", 2 * N * d + N)
+            t.add("embeddings", _norm_keeps(N, d))
         stack(B, T, c.n_layer, False)
         if c.head == "mlm":
-            t.add("head", 5 * N * d + N)  # dense, gelu (saved + out), norm
+            t.add("head", 3 * N * d + _norm_keeps(N, d))  # dense, gelu (saved + out), norm
             logits(N)
     else:
         N = B * T

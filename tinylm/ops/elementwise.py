@@ -11,6 +11,7 @@ import math
 from tinylm import backend
 from tinylm.errors import TinyLMError
 from tinylm.function import Function
+from tinylm.kernels import native
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- arithmetic
@@ -223,6 +224,16 @@ class Silu(Function):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def exact_gelu(x, slope: bool):
+    """(x Phi(x), Phi(x) + x phi(x) or, without ``slope``, anything): the exact GELU and
+    its derivative, as one compiled loop where the CPU kernels take x
+    (``kernels.native``: the rational of ``backend.GELU_RATIONAL``, within 2.5e-7 of
+    Phi), else ``backend.gelu_forward`` (NumPy passes by blocks; CuPy)."""
+    if x.size and native.usable(x):
+        return native.gelu_forward(x, backend.GELU_RATIONAL, slope)
+    return backend.gelu_forward(x, slope=slope)
+
+
 class Gelu(Function):
     """GELU, exact (erf) or the tanh approximation of GPT-2 (``approximate="tanh"``).
 
@@ -247,7 +258,7 @@ class Gelu(Function):
             y *= 0.5
             return y
         # x Phi(x), and its slope Phi(x) + x phi(x) for the backward (x is not kept)
-        y, self.slope = backend.gelu_forward(x, slope=self.needs_grad)
+        y, self.slope = exact_gelu(x, slope=self.needs_grad)
         return y
 
     def backward(self, xp, grad):

@@ -16,7 +16,7 @@ import numpy as np
 from tinylm import amp, backend
 from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
-from tinylm.kernels import fused
+from tinylm.kernels import fused, native
 from tinylm.ops.reduce import last_axis_max, last_axis_sum, leading_sum
 from tinylm.tensor import Tensor
 
@@ -304,14 +304,15 @@ def cross_entropy(
 class LayerNorm(Function):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
 
-    fused_path = False  # True once forward ran the fused kernels
+    kernels = None  # the kernel module forward ran (``_norm_kernels``), if any
 
     def forward(self, xp, x, *params):
         w = params[0] if self.has_weight else None
         b = params[-1] if self.has_bias else None
-        if _fused_norm(x, w, b):
-            self.fused_path, self.x, self.w = True, x, w
-            y, self.mean, self.rstd = fused.norm_forward(
+        kernels = _norm_kernels(x, w, b)
+        if kernels is not None:
+            self.kernels, self.x, self.w = kernels, x, w
+            y, self.mean, self.rstd = kernels.norm_forward(
                 x.reshape(-1, x.shape[-1]), w, b, self.eps, center=True)
             return y.reshape(x.shape)
         inv_d = 1.0 / x.shape[-1]
@@ -333,8 +334,8 @@ class LayerNorm(Function):
         return y
 
     def backward(self, xp, grad):
-        if self.fused_path:
-            return _norm_backward_fused(self, xp, grad, center=True)
+        if self.kernels is not None:
+            return _norm_backward_kernels(self, xp, grad, center=True)
         xhat = self.xhat
         # gx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat)), in place on gx
         gx = grad * self.w if self.has_weight else grad.copy()  # gxhat, fresh
@@ -357,13 +358,14 @@ class LayerNorm(Function):
 class RMSNorm(Function):
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (Llama, T5)."""
 
-    fused_path = False  # True once forward ran the fused kernels
+    kernels = None  # the kernel module forward ran (``_norm_kernels``), if any
     has_weight, has_bias = True, False
 
     def forward(self, xp, x, w):
-        if _fused_norm(x, w, None):
-            self.fused_path, self.x, self.w = True, x, w
-            y, self.mean, self.rstd = fused.norm_forward(
+        kernels = _norm_kernels(x, w, None)
+        if kernels is not None:
+            self.kernels, self.x, self.w = kernels, x, w
+            y, self.mean, self.rstd = kernels.norm_forward(
                 x.reshape(-1, x.shape[-1]), w, None, self.eps, center=False)
             return y.reshape(x.shape)
         mean_sq = last_axis_sum(xp, x * x)  # (..., 1), then in place: mean + eps, rstd
@@ -374,8 +376,8 @@ class RMSNorm(Function):
         return self.xhat * w
 
     def backward(self, xp, grad):
-        if self.fused_path:
-            return _norm_backward_fused(self, xp, grad, center=False)
+        if self.kernels is not None:
+            return _norm_backward_kernels(self, xp, grad, center=False)
         xhat = self.xhat
         gxhat = grad * self.w
         gx = self.rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
@@ -383,19 +385,26 @@ class RMSNorm(Function):
         return gx, gw
 
 
-def _fused_norm(x, w, b) -> bool:
-    """The fused norm kernels take these arrays: weight and bias of shape (D,) only (the
-    kernels read w[j] for j < D; a broadcast weight takes the composed path)."""
-    return bool(x.shape[-1]) and all(p is None or p.shape == x.shape[-1:] for p in (w, b)) \
-        and fused.usable(x, w, b)
+def _norm_kernels(x, w, b):
+    """The kernels that take these arrays, as a module with ``norm_forward`` and
+    ``norm_backward``: CUDA's fused ones (``kernels.fused``) or the compiled CPU ones
+    (``kernels.native``); None for the composed path. Weight and bias of shape (D,)
+    only (the kernels read w[j] for j < D; a broadcast weight takes the composed path)."""
+    if not (x.shape[-1] and all(p is None or p.shape == x.shape[-1:] for p in (w, b))):
+        return None
+    if fused.usable(x, w, b):
+        return fused
+    if x.size and native.usable(x, w, b):
+        return native
+    return None
 
 
-def _norm_backward_fused(fn, xp, grad, center: bool):
-    """(dx, dw?, db?) of a LayerNorm / RMSNorm node whose forward ran the fused kernel."""
+def _norm_backward_kernels(fn, xp, grad, center: bool):
+    """(dx, dw?, db?) of a LayerNorm / RMSNorm node whose forward ran a kernel module."""
     D = grad.shape[-1]
     dy = xp.ascontiguousarray(xp.asarray(grad, dtype=np.float32)).reshape(-1, D)
-    dx, dw, db = fused.norm_backward(dy, fn.x.reshape(-1, D), fn.w, fn.mean, fn.rstd, center,
-                                     want_w=fn.has_weight, want_b=fn.has_bias)
+    dx, dw, db = fn.kernels.norm_backward(dy, fn.x.reshape(-1, D), fn.w, fn.mean, fn.rstd,
+                                          center, want_w=fn.has_weight, want_b=fn.has_bias)
     return (dx.reshape(grad.shape),) + tuple(g for g in (dw, db) if g is not None)
 
 

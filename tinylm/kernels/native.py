@@ -1,0 +1,268 @@
+"""The CPU kernels of ``cpu.c``: built once per machine with the system C compiler, loaded
+with ctypes, used where they apply; without them every caller runs its NumPy path.
+
+    lib = native.library()          # the ctypes library, or None
+    if native.usable(x): native.gelu_forward(x, slope=True, threads=1)
+
+Why C at all: the exact GELU, LayerNorm and AdamW are a dozen or more NumPy passes each
+(one ufunc call per arithmetic operation, every one a trip through memory), where one
+compiled loop does the same arithmetic once per element, vectorised. On the nanoGPT
+character recipe they were a fifth of a training step (bench/RESULTS.md).
+
+The build: ``$CC`` (else ``cc``, ``gcc``, ``clang`` on PATH) with ``-O3 -march=native``
+and OpenMP when the compiler has it (without it the kernels run on one thread), into
+``$TINYLM_CACHE/native`` (default ``~/.cache/tinylm/native``) under a name that hashes
+the source, the compiler, the flags and this CPU (so a shared home directory never hands
+one machine another's build); written to a temporary file and renamed, so a process
+that loads it never sees half a file. A failed build is remembered for the process and
+said by ``status()`` (``tinylm info`` shows it); ``TINYLM_NATIVE=0`` turns the kernels
+off (every op then runs its NumPy path, the reference the tests hold them to).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+OPENMP = ("-fopenmp",)
+
+_lock = threading.Lock()
+_lib = None
+_status = None  # why there is no library (or "loaded PATH")
+_single = False  # the kernels keep to one thread (see _load)
+
+_P, _I, _N, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "tl_gelu_forward": (_P, _P, _P, _N, _I, _P, _I),
+    "tl_norm_forward": (_P, _P, _P, _P, _P, _P, _N, _N, _F, _I, _I),
+    "tl_norm_backward": (_P, _P, _P, _P, _P, _P, _P, _P, _N, _N, _I, _I),
+    "tl_adamw": (_P, _P, _P, _P, _P, _N, _F, _F, _F, _F, _F, _F, _F, _I),
+    "tl_softmax": (_P, _P, _P, _N, _N, _N, _F, _I),
+    "tl_softmax_backward": (_P, _P, _P, _N, _N, _F, _I),
+}
+
+
+def enabled() -> bool:
+    """False when ``TINYLM_NATIVE=0`` (or ``off``/``false``/``no``)."""
+    return os.environ.get("TINYLM_NATIVE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def library():
+    """The loaded kernels (a ``ctypes.CDLL``), built on first use; None when they are
+    off or cannot be built here (``status()`` says why)."""
+    global _lib, _status
+    if _lib is not None or _status is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _status is None:
+            if not enabled():
+                _status = "off (TINYLM_NATIVE=0)"
+            else:
+                try:
+                    path = _build()
+                    lib = _load(path)
+                    for name, args in _SIGNATURES.items():
+                        fn = getattr(lib, name)
+                        fn.argtypes, fn.restype = args, None
+                    _lib, _status = lib, f"loaded {path}"
+                except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                    _status = f"not available ({_one_line(e)}): the NumPy paths run instead"
+    return _lib
+
+
+def _load(path):
+    """ctypes.CDLL(path), its OpenMP runtime told to wait for work asleep: spinning, its
+    default, its idle threads would take the cores from the BLAS library's threads (the
+    recipe at two threads: 50 ms a step asleep, 240 spinning). libgomp reads the setting
+    once, when it is loaded, so it goes in the environment only for the load (a user's
+    OMP_WAIT_POLICY wins). If this process had loaded libgomp before (its setting is
+    then not ours), the kernels keep to one thread."""
+    global _single
+    _single = _maps_have("libgomp")
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    if saved is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def _maps_have(name: str) -> bool:
+    """Whether a shared library whose file name starts with ``name`` is loaded here."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(f"/{name}" in line for line in f)
+    except OSError:
+        return False
+
+
+def status() -> str:
+    """One line: where the kernels were loaded from, or why they were not."""
+    library()
+    return _status
+
+
+def summary() -> str:
+    """A few words for a log line: "compiled CPU kernels", or why not."""
+    if library() is not None:
+        return "compiled CPU kernels"
+    return "NumPy only: " + _status.split(": the NumPy")[0]
+
+
+def usable(*arrays) -> bool:
+    """Whether the kernels apply to ``arrays`` (None entries are skipped): NumPy float32,
+    C-contiguous, and a library to run them."""
+    for a in arrays:
+        if a is None:
+            continue
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+            return False
+    return library() is not None
+
+
+def _ptr(a):
+    return None if a is None else a.ctypes.data
+
+
+def _threads() -> int:
+    from tinylm.threads import cpu_threads  # (threads imports nothing of tinylm's)
+
+    return 1 if _single else cpu_threads()
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise OSError("no C compiler (cc, gcc or clang) on PATH")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags",
+                                                                  "Features", "CPU part"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TINYLM_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "tinylm"
+    return base / "native"
+
+
+def _build() -> Path:
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_identity().encode()])).hexdigest()[:20]
+    folder = cache_dir()
+    path = folder / f"tinylm_cpu-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        errors = ""
+        for extra in (OPENMP, ()):  # without OpenMP the pragmas are ignored: one thread
+            done = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
+            errors = done.stderr.strip()
+        else:
+            raise OSError(f"{Path(cc).name} failed: {errors.splitlines()[-1] if errors else '?'}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def gelu_forward(x, coefficients, slope: bool):
+    """(x Phi(x), Phi(x) + x phi(x)) with ``slope``, else (x Phi(x), None), as fresh
+    arrays of x's shape; ``coefficients``: float32 (14,), ``tinylm.backend.GELU_RATIONAL``."""
+    y = np.empty_like(x)
+    g = np.empty_like(x) if slope else None
+    library().tl_gelu_forward(_ptr(x), _ptr(y), _ptr(g), x.size, int(slope),
+                              _ptr(coefficients), _threads())
+    return y, g
+
+
+def norm_forward(x, w, b, eps: float, center: bool):
+    """(y, mean, rstd) of LayerNorm (center=True) or RMSNorm (center=False) over the last
+    axis of ``x`` (rows, D); ``w``, ``b`` (D,) or None; mean is 0 for RMSNorm. The same
+    interface as ``tinylm.kernels.fused.norm_forward`` (the CUDA kernels)."""
+    rows, d = x.shape
+    y = np.empty_like(x)
+    mean, rstd = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    library().tl_norm_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(y), _ptr(mean), _ptr(rstd),
+                              rows, d, eps, int(center), _threads())
+    return y, mean, rstd
+
+
+def norm_backward(dy, x, w, mean, rstd, center: bool, want_w: bool, want_b: bool):
+    """(dx, dw or None, db or None) for ``norm_forward``'s output gradient ``dy``."""
+    rows, d = x.shape
+    dx = np.empty_like(x)
+    dw = np.empty(d, np.float32) if want_w else None
+    db = np.empty(d, np.float32) if want_b else None
+    library().tl_norm_backward(_ptr(x), _ptr(w), _ptr(dy), _ptr(mean), _ptr(rstd), _ptr(dx),
+                               _ptr(dw), _ptr(db), rows, d, int(center), _threads())
+    return dx, dw, db
+
+
+def adamw_step(p, g, m, v, vmax, *, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float, step: int) -> None:
+    """One AdamW step, in place on p, m, v (and vmax for amsgrad; else None): the
+    formula of ``tinylm.optim.AdamW``, its scalars computed in double as there."""
+    library().tl_adamw(_ptr(p), _ptr(g), _ptr(m), _ptr(v), _ptr(vmax), p.size,
+                       1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps,
+                       lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, _threads())
+
+
+def softmax(x, out, bias, scale: float) -> None:
+    """out = softmax(x * scale + bias) over the last axis (out may be x: in place);
+    ``bias`` None or (T, n) float32, added to row r as its row r % T (attention's
+    causal or ALiBi bias over stacked heads). A row of -inf gets zeros."""
+    n = x.shape[-1]
+    rows = x.size // n if n else 0
+    library().tl_softmax(_ptr(x), _ptr(out), _ptr(bias), rows, n,
+                         1 if bias is None else bias.shape[0], scale, _threads())
+
+
+def softmax_backward(dp, p, delta, scale: float) -> None:
+    """Attention's score gradient in place on ``dp``: (dp - delta) * p * scale, with
+    ``delta`` one value per row (rowsum(dY * Y))."""
+    n = dp.shape[-1]
+    rows = dp.size // n if n else 0
+    library().tl_softmax_backward(_ptr(dp), _ptr(p), _ptr(delta), rows, n, scale, _threads())
