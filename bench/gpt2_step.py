@@ -2,7 +2,7 @@
 CPU, one thread and two, interleaved.
 
     .venv/bin/python bench/gpt2_step.py                        # 124M, batch 4, T=256
-    .venv/bin/python bench/gpt2_step.py --tiny --steps 2       # a smoke test (seconds)
+    .venv/bin/python bench/gpt2_step.py --tiny --steps 2 --repeats 1   # a smoke test
 
 A step is what a training loop runs: zero the gradients, forward of the whole model
 (token + position embeddings, 12 pre-LayerNorm blocks with causal attention and the
@@ -14,19 +14,26 @@ attention and dropout 0, ``torch.optim.AdamW(fused=False)``. Random weights (the
 initialisations), the same random batch on both sides; both losses start near
 ln(vocab) and are printed, as a check that each side trains.
 
-For each thread count (numpy's BLAS through threadpoolctl, torch.set_num_threads) the
-two sides alternate step by step (which goes first alternates too), after a pause
-(``--settle``) so that the other side's thread pool has stopped spinning, and after
-``--warmup`` untimed steps each. Per step: wall time and this process's CPU time
-(``time.process_time``: all its threads), medians and spread over ``--steps``; the
-ratio tinylm / torch is the median of the per-pair ratios.
+Each side runs in a process of its own (``--worker SIDE``), with OMP_NUM_THREADS and
+friends set to the thread count: neither side's imports, OpenMP runtime or thread pools
+reach the other (in one process the second to load libgomp gets the first's, with its
+wait policy: tinylm's compiled kernels then keep to one thread), and tinylm's process
+keeps freed memory as ``tinylm train`` does. For each of ``--repeats`` rounds and each
+thread count the two sides' processes alternate (which goes first alternates too);
+each builds its model, takes ``--warmup`` untimed steps, then ``--steps`` timed ones.
+Per step: wall time and the process's CPU time (``time.process_time``: all its
+threads); medians and spread over every timed step; the ratio tinylm / torch is the
+median of the per-round ratios of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,11 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side and thread count")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--settle", type=float, default=0.3, metavar="SECONDS")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="rounds of one process per side and thread count")
     p.add_argument("--tiny", action="store_true",
                    help="2 layers, d=128, vocab 1000, T<=64: a smoke test")
+    p.add_argument("--worker", choices=["tinylm", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-threads", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -112,34 +122,57 @@ def torch_step(kw: dict, ids: np.ndarray, targets: np.ndarray):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def set_threads(n: int) -> None:
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(n, user_api="blas")
-    torch.set_num_threads(n)
+def batch(kw: dict, args):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, kw["vocab_size"], size=(args.batch, args.seq + 1))
+    return ids[:, :-1].copy(), ids[:, 1:].copy()
 
 
-def timed(step, settle: float) -> tuple:
-    if settle:
-        time.sleep(settle)
-    w0, c0 = time.perf_counter(), time.process_time()
-    loss = step()
-    return time.perf_counter() - w0, time.process_time() - c0, loss
+def worker(args) -> None:
+    """One side in this process: build, warm up, time; one JSON line on stdout."""
+    kw = shape(args)
+    ids, targets = batch(kw, args)
+    if args.worker == "torch":
+        import torch
 
+        torch.set_num_threads(args.worker_threads)
+        step, n = torch_step(kw, ids, targets)
+    else:
+        from threadpoolctl import threadpool_limits
 
-def run_threads(n: int, sides: dict, args) -> dict:
-    set_threads(n)
-    rows = {name: {"wall": [], "cpu": [], "loss": []} for name in sides}
-    names = list(sides)
+        from tinylm import backend
+        from tinylm.kernels import native
+
+        backend.keep_freed_memory()  # as `tinylm train` does
+        threadpool_limits(args.worker_threads, user_api="blas")
+        step, n = tinylm_step(kw, ids, targets)
+        kernels = native.summary()
+    walls, cpus, losses = [], [], []
     for i in range(args.warmup + args.steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            wall, cpu, loss = timed(sides[name], args.settle)
-            if i >= args.warmup:
-                rows[name]["wall"].append(wall)
-                rows[name]["cpu"].append(cpu)
-            rows[name]["loss"].append(loss)
-    return rows
+        w0, c0 = time.perf_counter(), time.process_time()
+        losses.append(step())
+        if i >= args.warmup:
+            walls.append(time.perf_counter() - w0)
+            cpus.append(time.process_time() - c0)
+    out = {"wall": walls, "cpu": cpus, "loss": losses, "parameters": n}
+    if args.worker == "tinylm":
+        out["kernels"] = kernels
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_process(side: str, n: int, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side,
+           "--worker-threads", str(n), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
+               ["--tiny"] if args.tiny else [])
+    env = {**os.environ, **{k: str(n) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                "MKL_NUM_THREADS")}}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        tail = [ln for ln in done.stderr.strip().splitlines() if ln.strip()] or ["no output"]
+        sys.exit(f"{side} worker at {n} threads failed: {tail[-1]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def spread(v) -> str:
@@ -148,23 +181,31 @@ def spread(v) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.worker:
+        return worker(args)
     kw = shape(args)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, kw["vocab_size"], size=(args.batch, args.seq + 1))
-    ids, targets = ids[:, :-1].copy(), ids[:, 1:].copy()
-    ours, n_ours = tinylm_step(kw, ids, targets)
-    peer, n_peer = torch_step(kw, ids, targets)
     print(f"# GPT-2 step: {kw['n_layer']} layers, d={kw['d_model']}, {kw['n_head']} heads, "
-          f"vocab {kw['vocab_size']}; batch {args.batch}, T={args.seq}; parameters "
-          f"tinylm {n_ours / 1e6:.1f}M, torch {n_peer / 1e6:.1f}M; {args.steps} timed steps "
-          f"each after {args.warmup} warm-up; ln(vocab) = {math.log(kw['vocab_size']):.3f}")
+          f"vocab {kw['vocab_size']}; batch {args.batch}, T={args.seq}; {args.repeats} "
+          f"rounds of {args.steps} timed steps per process after {args.warmup} warm-up; "
+          f"ln(vocab) = {math.log(kw['vocab_size']):.3f}", flush=True)
+    sides = ["tinylm", "torch"]
+    rows = {(side, n): [] for side in sides for n in args.threads}
+    for r in range(args.repeats):
+        for n in args.threads:
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                rows[side, n].append(run_process(side, n, args))
     for n in args.threads:
-        rows = run_threads(n, {"tinylm": ours, "torch": peer}, args)
-        for name, r in rows.items():
-            print(f"threads={n} {name:6s} wall {spread(r['wall'])}  cpu {spread(r['cpu'])}  "
-                  f"loss {r['loss'][0]:.3f} -> {r['loss'][-1]:.3f}")
+        for side in sides:
+            got = rows[side, n]
+            wall = [w for g in got for w in g["wall"]]
+            cpu = [c for g in got for c in g["cpu"]]
+            extra = f"  ({got[0]['kernels']})" if "kernels" in got[0] else ""
+            print(f"threads={n} {side:6s} wall {spread(wall)}  cpu {spread(cpu)}  loss "
+                  f"{got[0]['loss'][0]:.3f} -> {got[0]['loss'][-1]:.3f}  "
+                  f"{got[0]['parameters'] / 1e6:.1f}M parameters{extra}")
         for key in ("wall", "cpu"):
-            pairs = [a / b for a, b in zip(rows["tinylm"][key], rows["torch"][key])]
+            pairs = [statistics.median(a[key]) / statistics.median(b[key])
+                     for a, b in zip(rows["tinylm", n], rows["torch", n])]
             print(f"threads={n} tinylm/torch {key}: {statistics.median(pairs):.3f} "
                   f"(min {min(pairs):.3f}, max {max(pairs):.3f})", flush=True)
 

@@ -71,7 +71,7 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, threads):
     g = rng.standard_normal(x.shape).astype(np.float32)
 
     def run(n):
-        monkeypatch.setattr(native, "_threads", lambda: n)
+        monkeypatch.setattr(native, "_threads", lambda *size: n)
         gy, gs = native.gelu_forward(x, backend.GELU_RATIONAL, True)
         y, mean, rstd = native.norm_forward(x, w, b, 1e-5, True)
         grads = native.norm_backward(g, x, w, mean, rstd, True, True, True)
@@ -246,3 +246,41 @@ def test_a_build_goes_to_the_cache_once(tmp_path):
     assert again.returncode == 0 and again.stdout == first.stdout
     assert built[0].stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "native").iterdir()] == [built[0].name]
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kv_heads,causal", [(4, 4, True), (4, 2, True), (2, 1, False)])
+def test_attention_compiled_path_matches_the_numpy_path_and_any_split(monkeypatch, heads,
+                                                                      kv_heads, causal):
+    """The fused attention node's compiled path (softmax kernels, batch rows split over
+    threads) against its NumPy path; one thread and three give the same bits."""
+    from tinylm.ops import attention
+    from tinylm.threads import blas_threads
+
+    rng = np.random.default_rng(5)
+    B, T, hs = 5, 9, 8
+    q = rng.standard_normal((B, heads, T, hs)).astype(np.float32)
+    k, v = (rng.standard_normal((B, kv_heads, T, hs)).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal(q.shape).astype(np.float32)
+
+    def run():
+        ts = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        y = attention.scaled_dot_product_attention(*ts, is_causal=causal, impl="naive")
+        compiled = y.creator.compiled
+        (y * Tensor(g)).sum().backward()
+        return [y.data] + [t.grad for t in ts], compiled
+
+    monkeypatch.setattr(attention, "PARALLEL_SCORES", 0)  # split even these few scores
+    monkeypatch.setattr(attention, "cpu_threads", lambda: 1)
+    one, compiled = run()
+    assert compiled
+    monkeypatch.setattr(attention, "cpu_threads", lambda: 3)
+    with blas_threads(3):
+        three, _ = run()
+    for a, b_ in zip(one, three):
+        np.testing.assert_array_equal(a, b_)
+    monkeypatch.setattr(native, "usable", lambda *a: False)
+    numpy_path, compiled = run()
+    assert not compiled
+    for a, b_ in zip(one, numpy_path):
+        np.testing.assert_allclose(a, b_, rtol=0, atol=2e-6 * max(1.0, np.abs(b_).max()))

@@ -101,11 +101,17 @@ def blas_threads(n: int | None):
         yield
 
 
-def run_parts(fn, parts: list) -> list:
+def run_parts(fn, parts: list, limit_blas: bool = True) -> list:
     """``[fn(part) for part in parts]``, one thread per part, each part's BLAS calls
     single-threaded; results come back in the order of ``parts``, and an exception in
     any part is re-raised here once the parts have stopped (Ctrl-C cancels the parts
     not yet started).
+
+    ``limit_blas=False`` leaves the BLAS thread limit as it is, for parts whose
+    products are all too small for the BLAS library to split (it runs those on the
+    calling thread by itself): changing the limit costs the next large products dearly
+    (OpenBLAS's pool, measured on the nanoGPT recipe at two threads: 50 -> 76 ms a
+    step when attention's parts set and lifted it on every call).
 
     Every part runs on a pool thread while the calling thread waits: measured, a part
     run on the main thread took 1.4x as long as the same part on a pool thread. Raising
@@ -125,7 +131,8 @@ def run_parts(fn, parts: list) -> list:
         finally:
             _local.in_part = False
 
-    _enter()
+    if limit_blas:
+        _enter()
     try:
         with _lock:  # submitted under the lock: the pool cannot be swapped meanwhile
             pool = _workers(len(parts))
@@ -139,7 +146,8 @@ def run_parts(fn, parts: list) -> list:
             raise
         return [f.result() for f in futures]
     finally:
-        _leave()
+        if limit_blas:
+            _leave()
 
 
 def _enter():

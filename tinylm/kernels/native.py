@@ -89,7 +89,7 @@ def _load(path):
     OMP_WAIT_POLICY wins). If this process had loaded libgomp before (its setting is
     then not ours), the kernels keep to one thread."""
     global _single
-    _single = _maps_have("libgomp")
+    _single = _maps_have("libgomp.so.1")  # (torch's own copy is libgomp-HASH.so.1)
     saved = os.environ.get("OMP_WAIT_POLICY")
     if saved is None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -101,10 +101,10 @@ def _load(path):
 
 
 def _maps_have(name: str) -> bool:
-    """Whether a shared library whose file name starts with ``name`` is loaded here."""
+    """Whether a shared library file called ``name`` is loaded in this process."""
     try:
         with open("/proc/self/maps") as f:
-            return any(f"/{name}" in line for line in f)
+            return any(line.rstrip().endswith(f"/{name}") for line in f)
     except OSError:
         return False
 
@@ -137,10 +137,18 @@ def _ptr(a):
     return None if a is None else a.ctypes.data
 
 
-def _threads() -> int:
+# Elements a kernel call must touch before it uses more than one thread: waking an
+# OpenMP thread that waits asleep costs ~0.1 ms in a VM (a LayerNorm over 768 x 128 on
+# two threads: 49 -> 168 us; the GELU over 393k elements, 585 us on one: 509 on two).
+PARALLEL_MIN = 1 << 20
+
+
+def _threads(n: int = PARALLEL_MIN) -> int:
+    """Threads for a kernel call over ``n`` elements: one below PARALLEL_MIN (or after
+    ``_load`` found another OpenMP runtime), else ``cpu_threads()``."""
     from tinylm.threads import cpu_threads  # (threads imports nothing of tinylm's)
 
-    return 1 if _single else cpu_threads()
+    return 1 if _single or n < PARALLEL_MIN else cpu_threads()
 
 
 # --------------------------------------------------------------------------- the build
@@ -214,7 +222,7 @@ def gelu_forward(x, coefficients, slope: bool):
     y = np.empty_like(x)
     g = np.empty_like(x) if slope else None
     library().tl_gelu_forward(_ptr(x), _ptr(y), _ptr(g), x.size, int(slope),
-                              _ptr(coefficients), _threads())
+                              _ptr(coefficients), _threads(x.size))
     return y, g
 
 
@@ -226,7 +234,7 @@ def norm_forward(x, w, b, eps: float, center: bool):
     y = np.empty_like(x)
     mean, rstd = np.empty(rows, np.float32), np.empty(rows, np.float32)
     library().tl_norm_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(y), _ptr(mean), _ptr(rstd),
-                              rows, d, eps, int(center), _threads())
+                              rows, d, eps, int(center), _threads(x.size))
     return y, mean, rstd
 
 
@@ -237,7 +245,7 @@ def norm_backward(dy, x, w, mean, rstd, center: bool, want_w: bool, want_b: bool
     dw = np.empty(d, np.float32) if want_w else None
     db = np.empty(d, np.float32) if want_b else None
     library().tl_norm_backward(_ptr(x), _ptr(w), _ptr(dy), _ptr(mean), _ptr(rstd), _ptr(dx),
-                               _ptr(dw), _ptr(db), rows, d, int(center), _threads())
+                               _ptr(dw), _ptr(db), rows, d, int(center), _threads(x.size))
     return dx, dw, db
 
 
@@ -247,7 +255,7 @@ def adamw_step(p, g, m, v, vmax, *, lr: float, beta1: float, beta2: float, eps: 
     formula of ``tinylm.optim.AdamW``, its scalars computed in double as there."""
     library().tl_adamw(_ptr(p), _ptr(g), _ptr(m), _ptr(v), _ptr(vmax), p.size,
                        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps,
-                       lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, _threads())
+                       lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, _threads(p.size))
 
 
 def softmax(x, out, bias, scale: float) -> None:
@@ -257,7 +265,7 @@ def softmax(x, out, bias, scale: float) -> None:
     n = x.shape[-1]
     rows = x.size // n if n else 0
     library().tl_softmax(_ptr(x), _ptr(out), _ptr(bias), rows, n,
-                         1 if bias is None else bias.shape[0], scale, _threads())
+                         1 if bias is None else bias.shape[0], scale, _threads(x.size))
 
 
 def softmax_backward(dp, p, delta, scale: float) -> None:
@@ -265,4 +273,5 @@ def softmax_backward(dp, p, delta, scale: float) -> None:
     ``delta`` one value per row (rowsum(dY * Y))."""
     n = dp.shape[-1]
     rows = dp.size // n if n else 0
-    library().tl_softmax_backward(_ptr(dp), _ptr(p), _ptr(delta), rows, n, scale, _threads())
+    library().tl_softmax_backward(_ptr(dp), _ptr(p), _ptr(delta), rows, n, scale,
+                                  _threads(dp.size))
