@@ -138,13 +138,13 @@ def worker(args) -> None:
         torch.set_num_threads(args.worker_threads)
         step, n = torch_step(kw, ids, targets)
     else:
-        from threadpoolctl import threadpool_limits
-
         from tinylm import backend
         from tinylm.kernels import native
+        from tinylm.threads import blas_threads
 
         backend.keep_freed_memory()  # as `tinylm train` does
-        threadpool_limits(args.worker_threads, user_api="blas")
+        limit = blas_threads(args.worker_threads)  # as `tinylm train --threads N` does
+        limit.__enter__()
         step, n = tinylm_step(kw, ids, targets)
         kernels = native.summary()
     walls, cpus, losses = [], [], []

@@ -284,3 +284,98 @@ def test_attention_compiled_path_matches_the_numpy_path_and_any_split(monkeypatc
     assert not compiled
     for a, b_ in zip(one, numpy_path):
         np.testing.assert_allclose(a, b_, rtol=0, atol=2e-6 * max(1.0, np.abs(b_).max()))
+
+
+@needs_native
+def test_softmax_kernel_rows_with_nan_and_without_keys():
+    x = np.array([[np.nan, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf], [1.0, 2.0, 3.0]],
+                 np.float32)
+    out = np.empty_like(x)
+    native.softmax(x, out, None, 1.0)
+    assert np.isnan(out[0]).all()
+    assert (out[1] == 0).all()
+    np.testing.assert_allclose(out[2], F.softmax_array(x[2]), rtol=1e-6)
+
+
+def test_attention_with_a_broadcast_kv_batch_takes_the_numpy_path():
+    """k, v of batch 1 against q of batch 2 (NumPy broadcasting): not the compiled path's
+    case; the result and gradients are the broadcast ones."""
+    from tinylm.ops import attention
+
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 3, 4)).astype(np.float32) for _ in range(2))
+    ts = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+    y = attention.scaled_dot_product_attention(*ts, is_causal=True, impl="naive")
+    assert not y.creator.compiled
+    y.sum().backward()
+    assert ts[1].grad.shape == k.shape and ts[2].grad.shape == v.shape
+
+
+@needs_native
+def test_adamw_with_a_gradient_of_another_shape_does_not_reach_the_kernel(monkeypatch):
+    p = Parameter(np.ones(8, np.float32))
+    p.grad = np.full(1, 0.5, np.float32)  # broadcasts in the NumPy update
+    called = []
+    monkeypatch.setattr(native, "adamw_step", lambda *a, **k: called.append(1))
+    optim.AdamW([p], lr=0.1).step()
+    assert not called and np.all(p.data < 1)
+
+
+@pytest.mark.skipif(not native.can_own_threads(), reason="the kernels cannot own threads here")
+def test_owned_threads_run_the_products_with_the_same_values(monkeypatch):
+    """Inside blas_threads(3) the kernels own the threads: the BLAS library is held at one,
+    linear layers and attention run their products on the kernels' pool; a nested
+    blas_threads(1) gives them back one thread. Values as on one thread (within
+    float32 rounding: sgemm on row blocks)."""
+    from tinylm import threads
+    from tinylm.ops import attention
+    from tinylm.ops.matmul import linear
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 40, 48)).astype(np.float32)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    q = rng.standard_normal((6, 4, 40, 16)).astype(np.float32)
+    kv = rng.standard_normal((6, 40, 2, 2, 16)).astype(np.float32).transpose(2, 0, 3, 1, 4)
+
+    def run():
+        xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+        qt, kt, vt = (Tensor(a, requires_grad=True) for a in (q, kv[0], kv[1]))
+        y = linear(xt, wt)
+        a = attention.scaled_dot_product_attention(qt, kt, vt, is_causal=True, impl="naive")
+        owned = a.creator.owned
+        ((y * y).sum() + (a * a).sum()).backward()
+        return [y.data, a.data, xt.grad, wt.grad, qt.grad, kt.grad, vt.grad], owned
+
+    with threads.blas_threads(1):
+        assert threads.owned_threads() == 1
+        one, owned = run()
+    assert not owned
+    calls = []
+    real = native.gemm
+    monkeypatch.setattr(native, "gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with threads.blas_threads(3):
+        assert threads.owned_threads() == min(3, threads.cores())
+        if threads.cores() > 1:
+            many, owned = run()
+            assert owned and len(calls) == 3 + 6  # linear 1 + 2, attention 2 + 4
+            for a, b_ in zip(one, many):
+                np.testing.assert_allclose(a, b_, rtol=0, atol=1e-5 * max(1.0, np.abs(a).max()))
+        with threads.blas_threads(1):
+            assert threads.owned_threads() == 1
+    assert threads.owned_threads() == 1
+
+
+@pytest.mark.skipif(not native.can_own_threads(), reason="the kernels cannot own threads here")
+@given(m=st.integers(1, 70), n=st.integers(1, 40), k=st.integers(1, 50), ta=st.booleans(),
+       tb=st.booleans(), batch=st.sampled_from([(), (3,), (2, 3)]), seed=st.integers(0, 99))
+def test_gemm_matches_numpy(m, n, k, ta, tb, batch, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(batch + ((k, m) if ta else (m, k))).astype(np.float32)
+    b = rng.standard_normal(batch + ((n, k) if tb else (k, n))).astype(np.float32)
+    out = np.empty(batch + (m, n), np.float32)
+    from tinylm import threads
+    with threads.blas_threads(2):
+        native.gemm(a, b, out, transa=ta, transb=tb)
+    want = (a.swapaxes(-1, -2) if ta else a) @ (b.swapaxes(-1, -2) if tb else b)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * k)

@@ -259,8 +259,15 @@ def test_layer_norm_matches_torch(dtype, tol, data):
         t_out, t_grads = torch_run(torch, theirs, *[a.astype(np.float64) for a in inputs],
                                    cot=cot.astype(np.float64))
         testing.assert_close(out, t_out, **tol, msg="value vs torch float64")
+        # The input gradient's float32 floor: an ulp of the mean, (x - mean) off by it,
+        # times rstd ~ 1/std, times xhat's share ~ 1/std again (row [2.367, 2.406]:
+        # 1.9e-4 off the float64 answer on the NumPy path and the compiled one alike).
+        x64 = x.astype(np.float64)
+        floor = float((6e-8 * 8 * np.abs(x64.mean(-1)) / (x64.var(-1) + 1e-5)).max(initial=0.0)
+                      * np.abs(cot).max(initial=0.0))
         for i, (g, tg) in enumerate(zip(grads, t_grads)):
-            testing.assert_close(g, tg, **tol, msg=f"grad of input {i} vs torch float64")
+            tol_i = dict(tol, atol=max(tol["atol"], floor)) if i == 0 else tol
+            testing.assert_close(g, tg, **tol_i, msg=f"grad of input {i} vs torch float64")
         # Against torch's own float32 only where rows are well conditioned: the input
         # gradient's rounding grows like (|mean| / std)^2 (a row [2.625, 2.6015625]:
         # torch float32 is 5e-4 off the float64 answer, ours 6e-6).

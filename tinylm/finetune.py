@@ -357,7 +357,8 @@ def _activations(model, parts: dict, N: int) -> int:
         total += int(-layers + layers / c.n_layer + c.n_layer * N * c.d_model * 4)
     if getattr(model, "return_logits", True) is False and "head" in parts:
         rows = min(N, rows_per_chunk(c.vocab_size, 4))
-        total += int(-2 * N * c.vocab_size * 4 + 2 * rows * c.vocab_size * 4 + N * c.d_model * 4)
+        # (the whole logits, N V, give way to one chunk of them and of their gradient)
+        total += int(-N * c.vocab_size * 4 + 2 * rows * c.vocab_size * 4 + N * c.d_model * 4)
     return max(total, 0)
 
 

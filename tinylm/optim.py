@@ -258,7 +258,9 @@ class AdamW(Optimizer):
             fused.adamw_step(p.data, grad, m, v, vmax, lr=lr, beta1=beta1, beta2=beta2,
                              eps=eps, weight_decay=group["weight_decay"], step=t)
             return
-        if xp is np and p.data.size and native.usable(p.data, grad, m, v, vmax):
+        if (xp is np and p.data.size and native.usable(p.data, grad, m, v, vmax)
+                and all(a.shape == p.data.shape for a in (grad, m, v, vmax) if a is not None)
+                and p.data.flags.writeable):
             native.adamw_step(p.data, grad, m, v, vmax, lr=lr, beta1=beta1, beta2=beta2,
                               eps=eps, weight_decay=group["weight_decay"], step=t)
             return

@@ -12,6 +12,16 @@ at the end.
 One knob controls both: the BLAS library's thread limit (``OPENBLAS_NUM_THREADS``,
 ``MKL_NUM_THREADS``, threadpoolctl, or ``blas_threads`` below). Ops that split work
 themselves use that many threads (``cpu_threads``), each with single-threaded BLAS.
+
+A third way, when tinylm's compiled CPU kernels can (``kernels.native``: built, and
+NumPy's BLAS is the OpenBLAS whose sgemm they can call): inside ``blas_threads(n)``
+with n > 1 they *own* the threads. The BLAS library is held at one thread, and the
+kernels run the linear layers' and attention's products (single-threaded sgemm calls
+on row blocks) and their own loops on one OpenMP pool of n threads (``owned_threads``).
+Two pools of spinning threads on the same cores take them from each other (the nanoGPT
+recipe at two threads: 240 ms a step), and a pool that sleeps between calls pays
+~0.1 ms to wake (in a VM) on every one; one pool that spins briefly pays ~1 us. Other
+NumPy products inside the block run on one thread.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ _active = 0  # run_parts calls in flight, in any thread
 _limiter = None  # the BLAS limit of 1 they share, set by the first, lifted by the last
 _outside = 1  # the BLAS thread count from before that limit
 _local = threading.local()  # .in_part: this thread is running a part
+_owned = 0  # inside blas_threads(n > 1) where the compiled kernels own the threads: n
 
 
 def _after_fork_in_child():
@@ -75,10 +86,20 @@ def cpu_threads() -> int:
     ``run_parts`` (no nested splitting)."""
     if getattr(_local, "in_part", False):
         return 1
+    if _owned > 1:
+        return min(_owned, cores())
     with _lock:
         if _active:  # another thread's parts hold BLAS at 1: the count from before
             return _outside
     return _blas_limit()
+
+
+def owned_threads() -> int:
+    """The threads the compiled kernels may use: n inside ``blas_threads(n)`` when they
+    own the threads (see above), else 1; 1 inside a part of ``run_parts``."""
+    if _owned <= 1 or getattr(_local, "in_part", False):
+        return 1
+    return min(_owned, cores())
 
 
 def _blas_limit() -> int:
@@ -92,13 +113,28 @@ def _blas_limit() -> int:
 @contextlib.contextmanager
 def blas_threads(n: int | None):
     """Limit the BLAS library to ``n`` threads inside the block (None or 0: leave it
-    as it is). The limit is process-wide: use it from one thread at a time."""
+    as it is); with n > 1, when the compiled kernels can own the threads, the BLAS
+    library gets one and the kernels n (see above). The limit is process-wide: use it
+    from one thread at a time."""
+    global _owned
     blas = _blas()
     if not n or blas is None:
         yield
         return
-    with blas.limit(limits=n):
-        yield
+    previous = _owned
+    own = n > 1 and _kernels_can_own()
+    with blas.limit(limits=1 if own else n):
+        _owned = n if own else 0  # (a nested blas_threads(1) keeps the kernels to one)
+        try:
+            yield
+        finally:
+            _owned = previous
+
+
+def _kernels_can_own() -> bool:
+    from tinylm.kernels import native  # (imported late: native asks this file back)
+
+    return native.can_own_threads()
 
 
 def run_parts(fn, parts: list, limit_blas: bool = True) -> list:

@@ -317,7 +317,8 @@ void tl_adamw(float *p, const float *g, float *m, float *v, float *vmax, int64_t
  * out = softmax(x * scale + bias[r % bias_rows]) over rows of n (bias (bias_rows, n) or
  * NULL; in place when out == x). exp(z - max) by exp_nonpositive; an entry at -inf (or
  * more than 87 below its row's max) gets 0, a row that is -inf throughout gets 0
- * everywhere (attention's empty-row rule), NaN stays NaN. */
+ * everywhere (attention's empty-row rule), a row holding a NaN is NaN throughout (as
+ * the NumPy softmax: its max, then its sum, is NaN). */
 
 static void softmax_rows(const float *x, float *out, const float *bias, int64_t lo, int64_t hi,
                          int64_t n, int64_t bias_rows, float scale)
@@ -327,20 +328,28 @@ static void softmax_rows(const float *x, float *out, const float *bias, int64_t 
         const float *br = bias ? bias + (r % bias_rows) * n : 0;
         float *o = out + r * n;
         float m = -INFINITY;
+        int nan = 0;
         if (br) {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(| : nan)
             for (int64_t j = 0; j < n; j++) {
                 float z = xr[j] * scale + br[j];
                 o[j] = z;
                 m = z > m ? z : m;
+                nan |= z != z;
             }
         } else {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(| : nan)
             for (int64_t j = 0; j < n; j++) {
                 float z = xr[j] * scale;
                 o[j] = z;
                 m = z > m ? z : m;
+                nan |= z != z;
             }
+        }
+        if (nan) { /* NaN anywhere in the row: NaN throughout, as exp(x - max) / sum */
+            for (int64_t j = 0; j < n; j++)
+                o[j] = NAN;
+            continue;
         }
         if (m == -INFINITY) {
             for (int64_t j = 0; j < n; j++)
@@ -389,4 +398,63 @@ void tl_softmax_backward(float *dp, const float *p, const float *delta, int64_t 
                          int64_t n, float scale, int threads)
 {
     PARTS(rows, 1, threads, softmax_backward_rows(dp, p, delta, lo, hi, n, scale));
+}
+
+/* ------------------------------------------------------------------------ matrix products
+ * The BLAS library's single-threaded sgemm (NumPy's OpenBLAS, its ILP64 cblas_sgemm:
+ * a pointer handed in), called from this file's OpenMP threads: with several threads
+ * tinylm's ops run every product and every kernel above on one pool of threads (the
+ * BLAS library held at one thread), instead of two pools taking the cores from each
+ * other. Row-major; C = op(A) op(B), op = transpose when trans*. Each thread computes
+ * whole rows of C (or whole matrices of a batch) by the same sgemm call it would make
+ * alone, so the values do not depend on the thread count. */
+
+typedef void (*sgemm64_t)(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k,
+                          float alpha, const float *a, int64_t lda, const float *b,
+                          int64_t ldb, float beta, float *c, int64_t ldc);
+
+#define ROW_MAJOR 101
+#define NO_TRANS 111
+#define TRANS 112
+
+static void gemm_rows(sgemm64_t sgemm, int transa, int transb, int64_t lo, int64_t hi,
+                      int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
+                      int64_t ldb, float *c, int64_t ldc)
+{
+    const float *ap = transa ? a + lo : a + lo * lda; /* rows lo.. of op(A) */
+    sgemm(ROW_MAJOR, transa ? TRANS : NO_TRANS, transb ? TRANS : NO_TRANS, hi - lo, n, k,
+          1.0f, ap, lda, b, ldb, 0.0f, c + lo * ldc, ldc);
+}
+
+static void gemm_items(sgemm64_t sgemm, int transa, int transb, int64_t lo, int64_t hi,
+                       int64_t nb2, int64_t m, int64_t n, int64_t k, const float *a,
+                       int64_t sa1, int64_t sa2, int64_t lda, const float *b, int64_t sb1,
+                       int64_t sb2, int64_t ldb, float *c, int64_t sc1, int64_t sc2,
+                       int64_t ldc)
+{
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t i = it / nb2, j = it % nb2;
+        gemm_rows(sgemm, transa, transb, 0, m, n, k, a + i * sa1 + j * sa2, lda,
+                  b + i * sb1 + j * sb2, ldb, c + i * sc1 + j * sc2, ldc);
+    }
+}
+
+/* A batch of nb1 x nb2 products; operand X of item (i, j) starts at x + i * sx1 + j * sx2
+ * (elements). One item: its rows split over the threads (whole multiples of 16); more:
+ * the items split over the threads. */
+void tl_gemm(void *fn, int transa, int transb, int64_t nb1, int64_t nb2, int64_t m, int64_t n,
+             int64_t k, const float *a, int64_t sa1, int64_t sa2, int64_t lda, const float *b,
+             int64_t sb1, int64_t sb2, int64_t ldb, float *c, int64_t sc1, int64_t sc2,
+             int64_t ldc, int threads)
+{
+    sgemm64_t sgemm = (sgemm64_t)fn;
+    int64_t items = nb1 * nb2;
+    if (m <= 0 || n <= 0 || items <= 0)
+        return;
+    if (items == 1) {
+        PARTS(m, 16, threads, gemm_rows(sgemm, transa, transb, lo, hi, n, k, a, lda, b, ldb, c, ldc));
+        return;
+    }
+    PARTS(items, 1, threads, gemm_items(sgemm, transa, transb, lo, hi, nb2, m, n, k, a, sa1,
+                                       sa2, lda, b, sb1, sb2, ldb, c, sc1, sc2, ldc));
 }

@@ -40,7 +40,7 @@ OPENMP = ("-fopenmp",)
 _lock = threading.Lock()
 _lib = None
 _status = None  # why there is no library (or "loaded PATH")
-_single = False  # the kernels keep to one thread (see _load)
+_sgemm = None  # the BLAS library's ILP64 cblas_sgemm (a function pointer), or 0: none
 
 _P, _I, _N, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -50,6 +50,8 @@ _SIGNATURES = {
     "tl_adamw": (_P, _P, _P, _P, _P, _N, _F, _F, _F, _F, _F, _F, _F, _I),
     "tl_softmax": (_P, _P, _P, _N, _N, _N, _F, _I),
     "tl_softmax_backward": (_P, _P, _P, _N, _N, _F, _I),
+    "tl_gemm": (_P, _I, _I, _N, _N, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N,
+                _I),
 }
 
 
@@ -71,42 +73,23 @@ def library():
             else:
                 try:
                     path = _build()
-                    lib = _load(path)
+                    try:
+                        lib = _load(path)
+                    except OSError:  # a damaged file in the cache: build it afresh, once
+                        path.unlink(missing_ok=True)
+                        path = _build()
+                        lib = _load(path)
                     for name, args in _SIGNATURES.items():
                         fn = getattr(lib, name)
                         fn.argtypes, fn.restype = args, None
                     _lib, _status = lib, f"loaded {path}"
-                except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
                     _status = f"not available ({_one_line(e)}): the NumPy paths run instead"
     return _lib
 
 
 def _load(path):
-    """ctypes.CDLL(path), its OpenMP runtime told to wait for work asleep: spinning, its
-    default, its idle threads would take the cores from the BLAS library's threads (the
-    recipe at two threads: 50 ms a step asleep, 240 spinning). libgomp reads the setting
-    once, when it is loaded, so it goes in the environment only for the load (a user's
-    OMP_WAIT_POLICY wins). If this process had loaded libgomp before (its setting is
-    then not ours), the kernels keep to one thread."""
-    global _single
-    _single = _maps_have("libgomp.so.1")  # (torch's own copy is libgomp-HASH.so.1)
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    if saved is None:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        return ctypes.CDLL(str(path))
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-
-
-def _maps_have(name: str) -> bool:
-    """Whether a shared library file called ``name`` is loaded in this process."""
-    try:
-        with open("/proc/self/maps") as f:
-            return any(line.rstrip().endswith(f"/{name}") for line in f)
-    except OSError:
-        return False
+    return ctypes.CDLL(str(path))
 
 
 def status() -> str:
@@ -137,18 +120,46 @@ def _ptr(a):
     return None if a is None else a.ctypes.data
 
 
-# Elements a kernel call must touch before it uses more than one thread: waking an
-# OpenMP thread that waits asleep costs ~0.1 ms in a VM (a LayerNorm over 768 x 128 on
-# two threads: 49 -> 168 us; the GELU over 393k elements, 585 us on one: 509 on two).
-PARALLEL_MIN = 1 << 20
+# Elements a kernel call must touch before it uses more than one thread (the pool's
+# threads wait spinning between calls: waking them costs ~1 us).
+PARALLEL_MIN = 1 << 15
 
 
 def _threads(n: int = PARALLEL_MIN) -> int:
-    """Threads for a kernel call over ``n`` elements: one below PARALLEL_MIN (or after
-    ``_load`` found another OpenMP runtime), else ``cpu_threads()``."""
-    from tinylm.threads import cpu_threads  # (threads imports nothing of tinylm's)
+    """Threads for a kernel call over ``n`` elements: ``owned_threads()`` (more than one
+    only inside ``threads.blas_threads(N)`` when these kernels own the threads; see
+    ``tinylm.threads``), one below PARALLEL_MIN."""
+    from tinylm.threads import owned_threads  # (threads imports nothing of tinylm's)
 
-    return 1 if _single or n < PARALLEL_MIN else cpu_threads()
+    return 1 if n < PARALLEL_MIN else owned_threads()
+
+
+def sgemm_pointer() -> int:
+    """The address of the BLAS library's ILP64 ``cblas_sgemm`` that NumPy itself uses
+    (the ``scipy_cblas_sgemm64_`` of the scipy-openblas64 build NumPy's wheels ship),
+    or 0: another BLAS (MKL, Accelerate, a 32-bit-integer OpenBLAS), where tinylm's
+    threads never run products and the BLAS library keeps its own threads."""
+    global _sgemm
+    if _sgemm is None:
+        _sgemm = 0
+        try:
+            from threadpoolctl import threadpool_info
+
+            for lib in threadpool_info():
+                if lib.get("internal_api") == "openblas" and \
+                        lib.get("prefix") == "libscipy_openblas":
+                    fn = getattr(ctypes.CDLL(lib["filepath"]), "scipy_cblas_sgemm64_")
+                    _sgemm = ctypes.cast(fn, ctypes.c_void_p).value or 0
+                    break
+        except (ImportError, OSError, AttributeError):
+            _sgemm = 0
+    return _sgemm
+
+
+def can_own_threads() -> bool:
+    """Whether the kernels can run every product and kernel of an op on their own pool
+    of threads: the library built and the BLAS's sgemm found."""
+    return library() is not None and sgemm_pointer() != 0
 
 
 # --------------------------------------------------------------------------- the build
@@ -275,3 +286,41 @@ def softmax_backward(dp, p, delta, scale: float) -> None:
     rows = dp.size // n if n else 0
     library().tl_softmax_backward(_ptr(dp), _ptr(p), _ptr(delta), rows, n, scale,
                                   _threads(dp.size))
+
+
+def is_matrix(a, ndim: int) -> bool:
+    """Whether ``gemm`` takes ``a`` as an operand: a NumPy float32 array of ``ndim``
+    axes (2 to 4) whose rows are unit-stride runs that do not overlap."""
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == ndim):
+        return False
+    rows, cols = a.shape[-2], a.shape[-1]
+    col_ok = cols <= 1 or a.strides[-1] == 4
+    row_ok = rows <= 1 or (a.strides[-2] % 4 == 0 and a.strides[-2] >= 4 * cols)
+    return col_ok and row_ok and all(st % 4 == 0 and st >= 0 for st in a.strides[:-2])
+
+
+def _matrix(a, name: str):
+    """(leading dimension, batch strides) of ``a`` (..., rows, cols) in elements, for
+    sgemm: float32 with unit column stride, at most two batch axes."""
+    st = [x // 4 for x in a.strides]
+    if a.dtype != np.float32 or a.ndim < 2 or a.ndim > 4 or st[-1] != 1 and a.shape[-1] > 1:
+        raise ValueError(f"{name}: not a float32 matrix stack with unit column stride")
+    ld = max(st[-2], a.shape[-1], 1) if a.shape[-2] > 1 else max(a.shape[-1], 1)
+    batch = [0, 0] + st[:-2]
+    return ld, batch[-2], batch[-1]
+
+
+def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
+    """out = op(a) @ op(b) on the kernels' threads (op: transpose the last two axes when
+    trans*), ``out`` C-contiguous float32; a, b float32 with unit column stride and
+    the same (up to two) batch axes as out, or none (a shared matrix). Call only where
+    ``owned_threads() > 1`` (see ``tinylm.threads``)."""
+    lda, sa1, sa2 = _matrix(a, "a")
+    ldb, sb1, sb2 = _matrix(b, "b")
+    ldc, sc1, sc2 = _matrix(out, "out")
+    m, n = out.shape[-2], out.shape[-1]
+    k = a.shape[-2] if transa else a.shape[-1]
+    nb = (1, 1) + out.shape[:-2]
+    library().tl_gemm(sgemm_pointer(), int(transa), int(transb), nb[-2], nb[-1], m, n, k,
+                      _ptr(a), sa1, sa2, lda, _ptr(b), sb1, sb2, ldb, _ptr(out), sc1, sc2, ldc,
+                      _threads(m * n * k))

@@ -40,7 +40,7 @@ from tinylm.ops.tiled import alibi_bias, tiled_attention
 from tinylm.kernels import flash_attention as cuda_flash
 from tinylm.kernels import native
 from tinylm.tensor import Tensor
-from tinylm.threads import cpu_threads, run_parts
+from tinylm.threads import cpu_threads, owned_threads, run_parts
 
 
 def causal_mask(xp, T: int, S: int):
@@ -137,9 +137,12 @@ class Attention(Function):
     # are small BLAS calls that one BLAS thread each runs best);
     # every value is that of the unsplit computation.
     compiled = False
+    owned = False  # (the compiled path on the kernels' own threads)
 
     def _compiled(self, xp, q, kt, v, rows_bias) -> bool:
+        # (k and v of q's batch and one head count: no broadcasting between them)
         return (xp is np and self.keep is None and (self.bias is None or rows_bias is not None)
+                and q.shape[:2] == kt.shape[:2] == v.shape[:2] and kt.shape[-1] == v.shape[-2]
                 and q.dtype == kt.dtype == v.dtype == np.float32
                 and native.usable(rows_bias) and q.size > 0 and v.size > 0)
 
@@ -147,6 +150,15 @@ class Attention(Function):
         B, Hkv, R, _ = q.shape
         att = np.empty((B, Hkv, R, kt.shape[-1]), np.float32)
         y = np.empty((B, Hkv, R, v.shape[-1]), np.float32)
+        self.owned = _owned(q, k, v)
+        if self.owned:  # every product and the softmax on the kernels' threads
+            native.gemm(q, k, att, transb=True)
+            native.softmax(att, att, rows_bias, self.scale)
+            native.gemm(att, v, y)
+            self.compiled = True
+            self.q, self.k, self.v, self.p = q, k, v, att
+            self.y = y if self.needs_grad else None
+            return y
 
         def part(sl):
             np.matmul(q[sl], kt[sl], out=att[sl])
@@ -166,6 +178,18 @@ class Attention(Function):
         gq = np.empty(q.shape, np.float32) if need_q else None
         gk = np.empty(k.shape, np.float32) if need_k else None
         gv = np.empty(v.shape, np.float32) if need_v else None
+        if self.owned:
+            if need_v:
+                native.gemm(p, grad, gv, transa=True)
+            ds = np.empty(p.shape, np.float32)
+            native.gemm(grad, v, ds, transb=True)  # dP
+            delta = np.ascontiguousarray(last_axis_sum(np, grad * y))
+            native.softmax_backward(ds, p, delta, self.scale)  # dS, in place
+            if need_q:
+                native.gemm(ds, k, gq)
+            if need_k:
+                native.gemm(ds, q, gk, transa=True)
+            return (gq.reshape(self.q_shape) if need_q else None), gk, gv
 
         def part(sl):
             if need_v:
@@ -186,6 +210,13 @@ class Attention(Function):
 # handing parts to pool threads costs more than it saves (the nanoGPT recipe's 196k
 # scores a layer, forward + backward: 2.03 ms on one thread, 2.33 on two).
 PARALLEL_SCORES = 1 << 21
+
+
+def _owned(*arrays) -> bool:
+    """Whether the compiled kernels' threads run the node's products (they own the
+    threads: ``tinylm.threads.owned_threads``) on these (B, H, rows, cols) stacks."""
+    return (owned_threads() > 1 and all(native.is_matrix(a, 4) for a in arrays)
+            and native.can_own_threads())
 
 
 def _run_batches(part, B: int, scores: int) -> None:

@@ -12,7 +12,16 @@ from tinylm.errors import ShapeError
 from tinylm.function import Function
 from tinylm.ops.movement import reshape
 from tinylm.ops.reduce import leading_sum
-from tinylm.threads import cpu_threads
+from tinylm.kernels import native
+from tinylm.threads import cpu_threads, owned_threads
+
+
+def _owned(xp, *arrays) -> bool:
+    """Whether the compiled kernels' threads run these arrays' product: they own the
+    threads (``tinylm.threads.owned_threads``), and the arrays are NumPy float32
+    matrices with unit column stride."""
+    return (xp is np and owned_threads() > 1 and all(native.is_matrix(a, 2) for a in arrays)
+            and native.can_own_threads())
 
 
 def _flat_rows(a):
@@ -74,20 +83,36 @@ class Linear(Function):
         # One 2-D GEMM over all rows: NumPy would run a (..., in) @ (in, out) product
         # as one small GEMM per leading index.
         self.x2, self.w = _flat_rows(x), w  # (N, in)
-        y = _product(xp, self.x2, w)  # (N, out)
+        if _owned(xp, self.x2, w):  # the compiled kernels' threads run the product
+            y = backend.reusable_empty("linear.out", (self.x2.shape[0], w.shape[0]), w.dtype)
+            native.gemm(self.x2, w, y, transb=True)
+        else:
+            y = _product(xp, self.x2, w)  # (N, out)
         if bias:
             y += bias[0]  # y is a fresh array: in-place add is safe
         return y.reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
 
     def backward(self, xp, grad):
         g2 = _flat_rows(grad)  # (N, out)
+        owned = _owned(xp, g2, self.w, self.x2)
         gx = None
         if self.needs_input_grad[0]:
-            gx = (g2 @ self.w).reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
+            if owned:
+                gx = np.empty((g2.shape[0], self.w.shape[1]), np.float32)
+                native.gemm(g2, self.w, gx)
+            else:
+                gx = g2 @ self.w
+            gx = gx.reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
         gw = None
         if self.needs_input_grad[1]:
-            gw = g2.T @ self.x2 if xp is not np or g2.dtype != self.x2.dtype else np.matmul(
-                g2.T, self.x2, out=backend.reusable_empty(
+            if owned:
+                gw = backend.reusable_empty("linear.grad_weight",
+                                            (g2.shape[1], self.x2.shape[1]), np.float32)
+                native.gemm(g2, self.x2, gw, transa=True)
+            elif xp is not np or g2.dtype != self.x2.dtype:
+                gw = g2.T @ self.x2
+            else:
+                gw = np.matmul(g2.T, self.x2, out=backend.reusable_empty(
                     "linear.grad_weight", (g2.shape[1], self.x2.shape[1]), g2.dtype))
         if len(self.needs_input_grad) == 3:
             gb = leading_sum(xp, g2) if self.needs_input_grad[2] else None
