@@ -55,23 +55,20 @@ static inline float exp_nonpositive(float z)
  * Without slope only y is written (g may be NULL).
  * x phi(x) is 0 where |x| > 13 (phi < 1e-37; also at +-inf, where x phi would be NaN). */
 
+/* sum_k c[k] s^k for k = 0..5, by Horner's rule */
+static inline float horner5(const float *c, float s)
+{
+    float p = c[5];
+    for (int i = 4; i >= 0; i--)
+        p = fmaf(p, s, c[i]);
+    return p;
+}
+
 static inline float gelu_phi(float x, const float *a, const float *b, float clip)
 {
     float t = x > clip ? clip : (x < -clip ? -clip : x);
     float s = t * t;
-    float p = a[5];
-    p = fmaf(p, s, a[4]);
-    p = fmaf(p, s, a[3]);
-    p = fmaf(p, s, a[2]);
-    p = fmaf(p, s, a[1]);
-    p = fmaf(p, s, a[0]);
-    float q = b[5];
-    q = fmaf(q, s, b[4]);
-    q = fmaf(q, s, b[3]);
-    q = fmaf(q, s, b[2]);
-    q = fmaf(q, s, b[1]);
-    q = fmaf(q, s, b[0]);
-    float phi = 0.5f + t * p / q;
+    float phi = 0.5f + t * horner5(a, s) / horner5(b, s);
     phi = phi > 1.0f ? 1.0f : phi; /* rounding may pass 1 (or 0) by an ulp */
     return phi < 0.0f ? 0.0f : phi;
 }

@@ -210,9 +210,10 @@ def _build() -> Path:
                                   capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 break
-            errors = done.stderr.strip()
+            errors = done.stderr.strip() or f"exit status {done.returncode}, no message"
         else:
-            raise OSError(f"{Path(cc).name} failed: {errors.splitlines()[-1] if errors else '?'}")
+            raise OSError(f"{Path(cc).name} failed to build {SOURCE.name}: "
+                          f"{errors.splitlines()[-1]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
