@@ -367,7 +367,7 @@ def test_owned_threads_run_the_products_with_the_same_values(monkeypatch):
 
 
 @pytest.mark.skipif(not native.can_own_threads(), reason="the kernels cannot own threads here")
-@given(m=st.integers(1, 70), n=st.integers(1, 40), k=st.integers(1, 50), ta=st.booleans(),
+@given(m=st.integers(1, 70), n=st.integers(1, 100), k=st.integers(0, 50), ta=st.booleans(),
        tb=st.booleans(), batch=st.sampled_from([(), (3,), (2, 3)]), seed=st.integers(0, 99))
 def test_gemm_matches_numpy(m, n, k, ta, tb, batch, seed):
     rng = np.random.default_rng(seed)
@@ -379,3 +379,24 @@ def test_gemm_matches_numpy(m, n, k, ta, tb, batch, seed):
         native.gemm(a, b, out, transa=ta, transb=tb)
     want = (a.swapaxes(-1, -2) if ta else a) @ (b.swapaxes(-1, -2) if tb else b)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * k)
+
+
+@pytest.mark.skipif(not native.can_own_threads(), reason="the kernels cannot own threads here")
+def test_gemm_refuses_operands_that_do_not_fit():
+    a, b = np.ones((4, 3), np.float32), np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        native.gemm(a, b, np.empty((4, 2), np.float32))
+    with pytest.raises(ValueError, match="unit column stride"):
+        native.gemm(a[:, ::2], np.ones((2, 2), np.float32), np.empty((4, 2), np.float32))
+
+
+def test_attention_with_mismatched_head_sizes_raises_on_every_path():
+    from tinylm import threads
+    from tinylm.errors import TinyLMError
+    from tinylm.ops import attention
+
+    q = Tensor(np.ones((2, 2, 5, 16), np.float32))
+    k = v = Tensor(np.ones((2, 2, 5, 8), np.float32))
+    for n in (1, 2):
+        with threads.blas_threads(n), pytest.raises((ValueError, TinyLMError)):
+            attention.scaled_dot_product_attention(q, k, v, is_causal=True, impl="naive")

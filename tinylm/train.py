@@ -74,7 +74,7 @@ from tinylm.rundir import (
     save_checkpoint,
 )
 from tinylm.rundir import load_model_dir, read_metrics  # noqa: F401  (old imports of them)
-from tinylm.threads import blas_threads
+from tinylm.threads import blas_threads, cores
 
 # --family takes these short names as well as any registered architecture
 FAMILY_ALIASES = {"gpt": "gpt2", "gpt2": "gpt2", "llama": "llama", "bert": "bert", "t5": "t5"}
@@ -909,9 +909,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def threads(self) -> int | None:
-        """The BLAS thread limit fit() trains under (see ``blas_threads``)."""
+        """The BLAS thread limit fit() trains under (see ``blas_threads``): the config's,
+        else one for a small model on the CPU and every core for a larger one (on the
+        compiled kernels' pool of threads where they can own them)."""
         n = self.config.threads
-        return auto_threads(self.model, self.config.device) if n is None else (n or None)
+        if n is not None:
+            return n or None
+        auto = auto_threads(self.model, self.config.device)
+        if auto is None and backend.normalize_device(self.config.device) == "cpu":
+            return cores()
+        return auto
 
     def fit(self, run: Run | None = None, *, resume="auto", overwrite: bool = False) -> dict:
         """Train to ``max_steps``; ``run``, ``resume``, ``overwrite``: as for ``setup``

@@ -423,6 +423,15 @@ static void gemm_rows(sgemm64_t sgemm, int transa, int transb, int64_t lo, int64
           1.0f, ap, lda, b, ldb, 0.0f, c + lo * ldc, ldc);
 }
 
+static void gemm_columns(sgemm64_t sgemm, int transa, int transb, int64_t m, int64_t lo,
+                         int64_t hi, int64_t k, const float *a, int64_t lda, const float *b,
+                         int64_t ldb, float *c, int64_t ldc)
+{
+    const float *bp = transb ? b + lo * ldb : b + lo; /* columns lo.. of op(B) */
+    sgemm(ROW_MAJOR, transa ? TRANS : NO_TRANS, transb ? TRANS : NO_TRANS, m, hi - lo, k,
+          1.0f, a, lda, bp, ldb, 0.0f, c + lo, ldc);
+}
+
 static void gemm_items(sgemm64_t sgemm, int transa, int transb, int64_t lo, int64_t hi,
                        int64_t nb2, int64_t m, int64_t n, int64_t k, const float *a,
                        int64_t sa1, int64_t sa2, int64_t lda, const float *b, int64_t sb1,
@@ -437,8 +446,9 @@ static void gemm_items(sgemm64_t sgemm, int transa, int transb, int64_t lo, int6
 }
 
 /* A batch of nb1 x nb2 products; operand X of item (i, j) starts at x + i * sx1 + j * sx2
- * (elements). One item: its rows split over the threads (whole multiples of 16); more:
- * the items split over the threads. */
+ * (elements). One item: its rows split over the threads (whole multiples of 16), or its
+ * columns when it has few rows (a decode step's); more: the items split over the
+ * threads. */
 void tl_gemm(void *fn, int transa, int transb, int64_t nb1, int64_t nb2, int64_t m, int64_t n,
              int64_t k, const float *a, int64_t sa1, int64_t sa2, int64_t lda, const float *b,
              int64_t sb1, int64_t sb2, int64_t ldb, float *c, int64_t sc1, int64_t sc2,
@@ -448,10 +458,25 @@ void tl_gemm(void *fn, int transa, int transb, int64_t nb1, int64_t nb2, int64_t
     int64_t items = nb1 * nb2;
     if (m <= 0 || n <= 0 || items <= 0)
         return;
+    if (items == 1 && m < 32 * threads && n >= 32 * threads) { /* few rows: split columns */
+        PARTS(n, 16, threads, gemm_columns(sgemm, transa, transb, m, lo, hi, k, a, lda, b, ldb,
+                                           c, ldc));
+        return;
+    }
     if (items == 1) {
         PARTS(m, 16, threads, gemm_rows(sgemm, transa, transb, lo, hi, n, k, a, lda, b, ldb, c, ldc));
         return;
     }
     PARTS(items, 1, threads, gemm_items(sgemm, transa, transb, lo, hi, nb2, m, n, k, a, sa1,
                                        sa2, lda, b, sb1, sb2, ldb, c, sc1, sc2, ldc));
+}
+
+/* 1 when this build has OpenMP (its threads can run the products), else 0. */
+int tl_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -50,6 +50,7 @@ _SIGNATURES = {
     "tl_adamw": (_P, _P, _P, _P, _P, _N, _F, _F, _F, _F, _F, _F, _F, _I),
     "tl_softmax": (_P, _P, _P, _N, _N, _N, _F, _I),
     "tl_softmax_backward": (_P, _P, _P, _N, _N, _F, _I),
+    "tl_openmp": (),
     "tl_gemm": (_P, _I, _I, _N, _N, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N,
                 _I),
 }
@@ -81,7 +82,7 @@ def library():
                         lib = _load(path)
                     for name, args in _SIGNATURES.items():
                         fn = getattr(lib, name)
-                        fn.argtypes, fn.restype = args, None
+                        fn.argtypes, fn.restype = args, ctypes.c_int if not args else None
                     _lib, _status = lib, f"loaded {path}"
                 except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
                     _status = f"not available ({_one_line(e)}): the NumPy paths run instead"
@@ -145,21 +146,25 @@ def sgemm_pointer() -> int:
         try:
             from threadpoolctl import threadpool_info
 
-            for lib in threadpool_info():
-                if lib.get("internal_api") == "openblas" and \
-                        lib.get("prefix") == "libscipy_openblas":
+            libs = threadpool_info()
+        except ImportError:
+            libs = []
+        for lib in libs:
+            if lib.get("internal_api") == "openblas" and lib.get("prefix") == "libscipy_openblas":
+                try:
                     fn = getattr(ctypes.CDLL(lib["filepath"]), "scipy_cblas_sgemm64_")
-                    _sgemm = ctypes.cast(fn, ctypes.c_void_p).value or 0
-                    break
-        except (ImportError, OSError, AttributeError):
-            _sgemm = 0
+                except (OSError, AttributeError):  # (a 32-bit-integer build: no 64_ names)
+                    continue
+                _sgemm = ctypes.cast(fn, ctypes.c_void_p).value or 0
+                break
     return _sgemm
 
 
 def can_own_threads() -> bool:
     """Whether the kernels can run every product and kernel of an op on their own pool
-    of threads: the library built and the BLAS's sgemm found."""
-    return library() is not None and sgemm_pointer() != 0
+    of threads: the library built with OpenMP and the BLAS's sgemm found."""
+    lib = library()
+    return lib is not None and lib.tl_openmp() == 1 and sgemm_pointer() != 0
 
 
 # --------------------------------------------------------------------------- the build
@@ -316,12 +321,25 @@ def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
     trans*), ``out`` C-contiguous float32; a, b float32 with unit column stride and
     the same (up to two) batch axes as out, or none (a shared matrix). Call only where
     ``owned_threads() > 1`` (see ``tinylm.threads``)."""
+    fn = sgemm_pointer()
+    if not fn:
+        raise ValueError("gemm: no BLAS sgemm to call (see can_own_threads)")
+    if not all(is_matrix(x, x.ndim) for x in (a, b, out)) or not out.flags.c_contiguous:
+        raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
+                         "stride and a C-contiguous output")
     lda, sa1, sa2 = _matrix(a, "a")
     ldb, sb1, sb2 = _matrix(b, "b")
     ldc, sc1, sc2 = _matrix(out, "out")
     m, n = out.shape[-2], out.shape[-1]
-    k = a.shape[-2] if transa else a.shape[-1]
+    am, k = (a.shape[-1], a.shape[-2]) if transa else a.shape[-2:]
+    bk, bn = (b.shape[-1], b.shape[-2]) if transb else b.shape[-2:]
+    if (am, bk, bn) != (m, k, n) or not (a.shape[:-2] == b.shape[:-2] == out.shape[:-2]):
+        raise ValueError(f"gemm: shapes {a.shape}{'^T' if transa else ''} @ "
+                         f"{b.shape}{'^T' if transb else ''} -> {out.shape} do not match")
+    if k == 0:  # a sum of no products (sgemm may leave C untouched)
+        out.fill(0)
+        return
     nb = (1, 1) + out.shape[:-2]
-    library().tl_gemm(sgemm_pointer(), int(transa), int(transb), nb[-2], nb[-1], m, n, k,
+    library().tl_gemm(fn, int(transa), int(transb), nb[-2], nb[-1], m, n, k,
                       _ptr(a), sa1, sa2, lda, _ptr(b), sb1, sb2, ldb, _ptr(out), sc1, sc2, ldc,
                       _threads(m * n * k))

@@ -143,6 +143,7 @@ class Attention(Function):
         # (k and v of q's batch and one head count: no broadcasting between them)
         return (xp is np and self.keep is None and (self.bias is None or rows_bias is not None)
                 and q.shape[:2] == kt.shape[:2] == v.shape[:2] and kt.shape[-1] == v.shape[-2]
+                and q.shape[-1] == kt.shape[-2]
                 and q.dtype == kt.dtype == v.dtype == np.float32
                 and native.usable(rows_bias) and q.size > 0 and v.size > 0)
 

@@ -83,7 +83,9 @@ class Linear(Function):
         # One 2-D GEMM over all rows: NumPy would run a (..., in) @ (in, out) product
         # as one small GEMM per leading index.
         self.x2, self.w = _flat_rows(x), w  # (N, in)
-        if _owned(xp, self.x2, w):  # the compiled kernels' threads run the product
+        if _owned(xp, self.x2, w) and not _tiled(self.x2.shape[0], w.shape[0]):
+            # the compiled kernels' threads run the product (a decode step's few rows
+            # keep ``_product``'s tiles)
             y = backend.reusable_empty("linear.out", (self.x2.shape[0], w.shape[0]), w.dtype)
             native.gemm(self.x2, w, y, transb=True)
         else:
@@ -135,13 +137,17 @@ TILE = 256  # weight rows per tile: 768 KiB of float32 at 768 inputs
 WIDE = 16384
 
 
+def _tiled(n: int, out: int) -> bool:
+    """Whether ``_product`` tiles an (n, in) @ (out, in)^T product (a few rows)."""
+    return n <= FEW_ROWS or (out >= WIDE and n <= GEMM_TILED_ROWS)
+
+
 def _product(xp, x2, w):
     """x2 @ w.T for x2 (N, in) and w (out, in): tiled for a few rows on one BLAS thread
     where that is faster, the same values up to float rounding (each row's are those of
     the row alone while N <= FEW_ROWS), else one BLAS GEMM."""
     n, out = x2.shape[0], w.shape[0]
-    tiled = n <= FEW_ROWS or (out >= WIDE and n <= GEMM_TILED_ROWS)
-    if not (tiled and _vecdot_pays(xp, x2, w)):
+    if not (_tiled(n, out) and _vecdot_pays(xp, x2, w)):
         if xp is np and x2.dtype == w.dtype and x2.dtype.char in "fd":
             # a large product (a vocabulary head's logits) into memory kept between steps
             return np.matmul(x2, w.T, out=backend.reusable_empty("linear.out", (n, out), w.dtype))
