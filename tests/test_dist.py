@@ -602,7 +602,11 @@ def test_real_mpiexec_names_a_rank_that_ended_without_a_report(mpiexec, tmp_path
     pid = _rank_pid(pids, 1)
     lines = [line for line in done.stderr.splitlines() if "Error" in line]
     assert len(lines) == 1, done.stderr
-    assert re.fullmatch(rf"Error: rank 1 of 2 \(pid {pid}\) {want}", lines[0]), lines[0]
+    named = rf"rank 1 of 2 \(pid {pid}\)"
+    if how == "SIGKILL":  # mpiexec SIGKILLs rank 0 too: on a loaded machine both statuses
+        # are 9 before the pid watch sees which went first, and the launcher says so
+        named = rf"(?:{named}|rank 0 or 1 of 2)"
+    assert re.fullmatch(rf"Error: {named} {want}", lines[0]), lines[0]
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     assert "rank 1: Exit codes: [vm] 1" in done.stdout.splitlines(), done.stdout
     assert "[mpiexec@" not in done.stdout, done.stdout
