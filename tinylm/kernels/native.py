@@ -324,21 +324,21 @@ def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
     fn = sgemm_pointer()
     if not fn:
         raise ValueError("gemm: no BLAS sgemm to call (see can_own_threads)")
-    if not all(is_matrix(x, x.ndim) for x in (a, b, out)) or not out.flags.c_contiguous:
-        raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
-                         "stride and a C-contiguous output")
-    lda, sa1, sa2 = _matrix(a, "a")
-    ldb, sb1, sb2 = _matrix(b, "b")
-    ldc, sc1, sc2 = _matrix(out, "out")
     m, n = out.shape[-2], out.shape[-1]
     am, k = (a.shape[-1], a.shape[-2]) if transa else a.shape[-2:]
     bk, bn = (b.shape[-1], b.shape[-2]) if transb else b.shape[-2:]
     if (am, bk, bn) != (m, k, n) or not (a.shape[:-2] == b.shape[:-2] == out.shape[:-2]):
         raise ValueError(f"gemm: shapes {a.shape}{'^T' if transa else ''} @ "
                          f"{b.shape}{'^T' if transb else ''} -> {out.shape} do not match")
-    if k == 0:  # a sum of no products (sgemm may leave C untouched)
+    if k == 0 or out.size == 0:  # a sum of no products (sgemm may leave C untouched)
         out.fill(0)
         return
+    if not all(is_matrix(x, x.ndim) for x in (a, b, out)) or not out.flags.c_contiguous:
+        raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
+                         "stride and a C-contiguous output")
+    lda, sa1, sa2 = _matrix(a, "a")
+    ldb, sb1, sb2 = _matrix(b, "b")
+    ldc, sc1, sc2 = _matrix(out, "out")
     nb = (1, 1) + out.shape[:-2]
     library().tl_gemm(fn, int(transa), int(transb), nb[-2], nb[-1], m, n, k,
                       _ptr(a), sa1, sa2, lda, _ptr(b), sb1, sb2, ldb, _ptr(out), sc1, sc2, ldc,
