@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from tinylm import backend, optim
 from tinylm.kernels import native
@@ -352,13 +352,18 @@ def test_owned_threads_run_the_products_with_the_same_values(monkeypatch):
         one, owned = run()
     assert not owned
     calls = []
-    real = native.gemm
-    monkeypatch.setattr(native, "gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = native.gemm_many
+
+    def counted(products):
+        calls.extend(products)  # (gemm hands its one product to gemm_many)
+        return real(products)
+
+    monkeypatch.setattr(native, "gemm_many", counted)
     with threads.blas_threads(3):
         assert threads.owned_threads() == min(3, threads.cores())
         if threads.cores() > 1:
             many, owned = run()
-            assert owned and len(calls) == 3 + 6  # linear 1 + 2, attention 2 + 4
+            assert owned and len(calls) == 3 + 6  # products: linear 1 + 2, attention 2 + 4
             for a, b_ in zip(one, many):
                 np.testing.assert_allclose(a, b_, rtol=0, atol=1e-5 * max(1.0, np.abs(a).max()))
         with threads.blas_threads(1):
@@ -400,3 +405,37 @@ def test_attention_with_mismatched_head_sizes_raises_on_every_path():
     for n in (1, 2):
         with threads.blas_threads(n), pytest.raises((ValueError, TinyLMError)):
             attention.scaled_dot_product_attention(q, k, v, is_causal=True, impl="naive")
+
+
+@pytest.mark.skipif(not native.can_own_threads(), reason="the kernels cannot own threads here")
+@settings(deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 90), st.integers(1, 60), st.integers(0, 40),
+                                 st.booleans(), st.booleans()), min_size=1, max_size=4),
+       threads_=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_gemm_many_runs_each_product_as_numpy_does(shapes, threads_, seed):
+    """Independent products in one call: side by side in thread teams (as many threads
+    as products or more), else one after another; each output is its own product."""
+    from tinylm import threads
+
+    rng = np.random.default_rng(seed)
+    products, wants = [], []
+    for m, n, k, ta, tb in shapes:
+        a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+        out = np.full((m, n), np.nan, np.float32)
+        products.append((a, b, out, ta, tb))
+        wants.append((a.T if ta else a) @ (b.T if tb else b))
+    with threads.blas_threads(threads_):
+        native.gemm_many(products)
+    for (_, _, out, _, _), want, (m, n, k, _, _) in zip(products, wants, shapes):
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * max(k, 1))
+
+
+def test_array_addresses_are_those_numpy_reports():
+    """The kernels read an array's data address from the array object (fast); it must
+    be the address NumPy's ctypes interface gives, for arrays and views alike."""
+    base = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
+    for a in (base, base[1:], base[:, 2:, 1:], base.transpose(2, 0, 1), base[::2, ::-1],
+              base[4, 6, 2:], np.empty(0, np.float32), base.astype(np.float64)[2:]):
+        assert native._ptr(a) == a.ctypes.data
+    assert native._ptr(None) is None

@@ -87,7 +87,7 @@ def cpu_threads() -> int:
     if getattr(_local, "in_part", False):
         return 1
     if _owned > 1:
-        return min(_owned, cores())
+        return _owned
     with _lock:
         if _active:  # another thread's parts hold BLAS at 1: the count from before
             return _outside
@@ -99,7 +99,7 @@ def owned_threads() -> int:
     own the threads (see above), else 1; 1 inside a part of ``run_parts``."""
     if _owned <= 1 or getattr(_local, "in_part", False):
         return 1
-    return min(_owned, cores())
+    return _owned
 
 
 def _blas_limit() -> int:
@@ -124,7 +124,9 @@ def blas_threads(n: int | None):
     previous = _owned
     own = n > 1 and _kernels_can_own()
     with blas.limit(limits=1 if own else n):
-        _owned = n if own else 0  # (a nested blas_threads(1) keeps the kernels to one)
+        # (at most the cores, counted here once; a nested blas_threads(1) keeps the
+        # kernels to one)
+        _owned = min(n, cores()) if own else 0
         try:
             yield
         finally:

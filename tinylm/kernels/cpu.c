@@ -445,30 +445,113 @@ static void gemm_items(sgemm64_t sgemm, int transa, int transb, int64_t lo, int6
     }
 }
 
-/* A batch of nb1 x nb2 products; operand X of item (i, j) starts at x + i * sx1 + j * sx2
- * (elements). One item: its rows split over the threads (whole multiples of 16), or its
- * columns when it has few rows (a decode step's); more: the items split over the
- * threads. */
-void tl_gemm(void *fn, int transa, int transb, int64_t nb1, int64_t nb2, int64_t m, int64_t n,
-             int64_t k, const float *a, int64_t sa1, int64_t sa2, int64_t lda, const float *b,
-             int64_t sb1, int64_t sb2, int64_t ldb, float *c, int64_t sc1, int64_t sc2,
-             int64_t ldc, int threads)
+/* One product of tl_gemm: a batch of nb1 x nb2 products whose operand X of item (i, j)
+ * starts at x + i * sx1 + j * sx2 (elements); a, b, c are addresses. All int64, so
+ * Python hands a list of them over as one int64 array. */
+typedef struct {
+    int64_t transa, transb, nb1, nb2, m, n, k;
+    int64_t a, sa1, sa2, lda, b, sb1, sb2, ldb, c, sc1, sc2, ldc;
+} gemm_args;
+
+/* Part t of nt of [0, n) in whole multiples of grain (PARTS's split). */
+static void share(int64_t n, int64_t grain, int64_t t, int64_t nt, int64_t *lo, int64_t *hi)
+{
+    int64_t units = (n + grain - 1) / grain;
+    *lo = units * t / nt * grain;
+    *hi = units * (t + 1) / nt * grain;
+    if (*hi > n)
+        *hi = n;
+}
+
+/* Thread t's part of one product run by nt threads. One item: its rows split (whole
+ * multiples of 16), or its columns when it has few rows (a decode step's); more: the
+ * items split. */
+static void gemm_part(sgemm64_t sgemm, const gemm_args *p, int64_t t, int64_t nt)
+{
+    const float *a = (const float *)(intptr_t)p->a, *b = (const float *)(intptr_t)p->b;
+    float *c = (float *)(intptr_t)p->c;
+    int ta = (int)p->transa, tb = (int)p->transb;
+    int64_t items = p->nb1 * p->nb2, lo, hi;
+    if (p->m <= 0 || p->n <= 0 || items <= 0)
+        return;
+    if (items == 1 && p->m < 32 * nt && p->n >= 32 * nt) {
+        share(p->n, 16, t, nt, &lo, &hi);
+        if (lo < hi)
+            gemm_columns(sgemm, ta, tb, p->m, lo, hi, p->k, a, p->lda, b, p->ldb, c, p->ldc);
+    } else if (items == 1) {
+        share(p->m, 16, t, nt, &lo, &hi);
+        if (lo < hi)
+            gemm_rows(sgemm, ta, tb, lo, hi, p->n, p->k, a, p->lda, b, p->ldb, c, p->ldc);
+    } else {
+        share(items, 1, t, nt, &lo, &hi);
+        if (lo < hi)
+            gemm_items(sgemm, ta, tb, lo, hi, p->nb2, p->m, p->n, p->k, a, p->sa1, p->sa2,
+                       p->lda, b, p->sb1, p->sb2, p->ldb, c, p->sc1, p->sc2, p->ldc);
+    }
+}
+
+static double gemm_work(const gemm_args *p)
+{
+    return (double)p->nb1 * p->nb2 * p->m * p->n * (p->k > 0 ? p->k : 1);
+}
+
+/* ``count`` independent products (their outputs distinct) on ``threads`` threads, in
+ * one parallel region: with as many threads as products or more, each product gets a
+ * team of threads in proportion to its work (at least one), so two products of one
+ * backward (a linear layer's input and weight gradients) run side by side, each on
+ * whole rows, instead of one after the other split in halves; with fewer threads, the
+ * products one after another on all of them. */
+void tl_gemm(void *fn, int64_t count, const gemm_args *args, int threads)
 {
     sgemm64_t sgemm = (sgemm64_t)fn;
-    int64_t items = nb1 * nb2;
-    if (m <= 0 || n <= 0 || items <= 0)
-        return;
-    if (items == 1 && m < 32 * threads && n >= 32 * threads) { /* few rows: split columns */
-        PARTS(n, 16, threads, gemm_columns(sgemm, transa, transb, m, lo, hi, k, a, lda, b, ldb,
-                                           c, ldc));
+#ifdef _OPENMP
+    if (threads > 1 && count >= 1 && count <= threads && count <= 64) {
+        int64_t team[64], first[65]; /* thread counts, and each team's first thread */
+        double total = 0.0, work[64];
+        for (int64_t i = 0; i < count; i++)
+            total += work[i] = gemm_work(&args[i]);
+        int64_t given = 0;
+        for (int64_t i = 0; i < count; i++) {
+            int64_t left = count - 1 - i; /* later products keep one thread each */
+            int64_t want = total > 0 ? (int64_t)(threads * work[i] / total + 0.5) : 1;
+            if (want < 1)
+                want = 1;
+            if (want > threads - given - left)
+                want = threads - given - left;
+            team[i] = i == count - 1 ? threads - given : want;
+            given += team[i];
+        }
+        first[0] = 0;
+        for (int64_t i = 0; i < count; i++)
+            first[i + 1] = first[i] + team[i];
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+            if (nt == threads) {
+                int64_t i = 0;
+                while (t >= first[i + 1])
+                    i++;
+                gemm_part(sgemm, &args[i], t - first[i], team[i]);
+            } else { /* (the runtime gave fewer threads: each product on all of them) */
+                for (int64_t i = 0; i < count; i++) {
+                    gemm_part(sgemm, &args[i], t, nt);
+#pragma omp barrier
+                }
+            }
+        }
         return;
     }
-    if (items == 1) {
-        PARTS(m, 16, threads, gemm_rows(sgemm, transa, transb, lo, hi, n, k, a, lda, b, ldb, c, ldc));
+    if (threads > 1) {
+        for (int64_t i = 0; i < count; i++) {
+#pragma omp parallel num_threads(threads)
+            gemm_part(sgemm, &args[i], omp_get_thread_num(), omp_get_num_threads());
+        }
         return;
     }
-    PARTS(items, 1, threads, gemm_items(sgemm, transa, transb, lo, hi, nb2, m, n, k, a, sa1,
-                                       sa2, lda, b, sb1, sb2, ldb, c, sc1, sc2, ldc));
+#endif
+    (void)threads;
+    for (int64_t i = 0; i < count; i++)
+        gemm_part(sgemm, &args[i], 0, 1);
 }
 
 /* 1 when this build has OpenMP (its threads can run the products), else 0. */

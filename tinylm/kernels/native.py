@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.threads import owned_threads  # (threads imports nothing of tinylm's at import)
+
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 OPENMP = ("-fopenmp",)
@@ -51,8 +53,7 @@ _SIGNATURES = {
     "tl_softmax": (_P, _P, _P, _N, _N, _N, _F, _I),
     "tl_softmax_backward": (_P, _P, _P, _N, _N, _F, _I),
     "tl_openmp": (),
-    "tl_gemm": (_P, _I, _I, _N, _N, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N,
-                _I),
+    "tl_gemm": (_P, _N, _P, _I),
 }
 
 
@@ -117,8 +118,39 @@ def usable(*arrays) -> bool:
     return library() is not None
 
 
+def _data_offset():
+    """Where a NumPy array object keeps its data address, in bytes from the object's
+    start (CPython: ``id`` is that start), or None where that cannot be relied on.
+
+    ``a.ctypes.data`` costs ~2 us a call (it builds a ctypes helper object); a training
+    step makes a few hundred kernel calls with two to six arrays each. NumPy's C API
+    reads the address as the first field after the object header (``PyArray_DATA``,
+    part of NumPy's ABI), so reading it there takes ~0.3 us; checked here against
+    ``a.ctypes.data`` on a few arrays and views, else the slow way is used."""
+    import sys
+
+    if sys.implementation.name != "cpython":
+        return None
+    offset = object.__basicsize__  # the object header (larger on free-threaded builds)
+    probe = np.arange(12, dtype=np.float32).reshape(3, 4)
+    views = (probe, probe.T, probe[1:], probe[:, 2:], probe[2, 1:], np.empty(0, np.int64))
+    read = ctypes.c_void_p.from_address
+    if all(read(id(v) + offset).value == v.ctypes.data for v in views):
+        return offset
+    return None
+
+
+_OFFSET = _data_offset()
+_read = ctypes.c_void_p.from_address
+
+
 def _ptr(a):
-    return None if a is None else a.ctypes.data
+    """The data address of NumPy array ``a`` (None for None)."""
+    if a is None:
+        return None
+    if _OFFSET is None:
+        return a.ctypes.data
+    return _read(id(a) + _OFFSET).value
 
 
 # Elements a kernel call must touch before it uses more than one thread (the pool's
@@ -130,8 +162,6 @@ def _threads(n: int = PARALLEL_MIN) -> int:
     """Threads for a kernel call over ``n`` elements: ``owned_threads()`` (more than one
     only inside ``threads.blas_threads(N)`` when these kernels own the threads; see
     ``tinylm.threads``), one below PARALLEL_MIN."""
-    from tinylm.threads import owned_threads  # (threads imports nothing of tinylm's)
-
     return 1 if n < PARALLEL_MIN else owned_threads()
 
 
@@ -163,8 +193,14 @@ def sgemm_pointer() -> int:
 def can_own_threads() -> bool:
     """Whether the kernels can run every product and kernel of an op on their own pool
     of threads: the library built with OpenMP and the BLAS's sgemm found."""
-    lib = library()
-    return lib is not None and lib.tl_openmp() == 1 and sgemm_pointer() != 0
+    global _can_own
+    if _can_own is None:
+        lib = library()
+        _can_own = lib is not None and lib.tl_openmp() == 1 and sgemm_pointer() != 0
+    return _can_own
+
+
+_can_own = None
 
 
 # --------------------------------------------------------------------------- the build
@@ -294,26 +330,34 @@ def softmax_backward(dp, p, delta, scale: float) -> None:
                                   _threads(dp.size))
 
 
+def _layout(a):
+    """(leading dimension, batch stride 1, batch stride 2) in elements of ``a`` as a
+    ``gemm`` operand: a NumPy float32 array of 2 to 4 axes (..., rows, cols) whose rows
+    are unit-stride runs that do not overlap, batch strides non-negative (a missing
+    batch axis: stride 0); None when it is not one."""
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and 2 <= a.ndim <= 4):
+        return None
+    st, shape = a.strides, a.shape
+    rows, cols = shape[-2], shape[-1]
+    if cols > 1 and st[-1] != 4:
+        return None
+    if rows > 1:
+        if st[-2] % 4 or st[-2] < 4 * cols:
+            return None
+        ld = max(st[-2] // 4, cols, 1)
+    else:
+        ld = max(cols, 1)
+    if a.ndim == 2:
+        return ld, 0, 0
+    if any(x % 4 or x < 0 for x in st[:-2]):
+        return None
+    return (ld, 0, st[0] // 4) if a.ndim == 3 else (ld, st[0] // 4, st[1] // 4)
+
+
 def is_matrix(a, ndim: int) -> bool:
     """Whether ``gemm`` takes ``a`` as an operand: a NumPy float32 array of ``ndim``
     axes (2 to 4) whose rows are unit-stride runs that do not overlap."""
-    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == ndim):
-        return False
-    rows, cols = a.shape[-2], a.shape[-1]
-    col_ok = cols <= 1 or a.strides[-1] == 4
-    row_ok = rows <= 1 or (a.strides[-2] % 4 == 0 and a.strides[-2] >= 4 * cols)
-    return col_ok and row_ok and all(st % 4 == 0 and st >= 0 for st in a.strides[:-2])
-
-
-def _matrix(a, name: str):
-    """(leading dimension, batch strides) of ``a`` (..., rows, cols) in elements, for
-    sgemm: float32 with unit column stride, at most two batch axes."""
-    st = [x // 4 for x in a.strides]
-    if a.dtype != np.float32 or a.ndim < 2 or a.ndim > 4 or st[-1] != 1 and a.shape[-1] > 1:
-        raise ValueError(f"{name}: not a float32 matrix stack with unit column stride")
-    ld = max(st[-2], a.shape[-1], 1) if a.shape[-2] > 1 else max(a.shape[-1], 1)
-    batch = [0, 0] + st[:-2]
-    return ld, batch[-2], batch[-1]
+    return getattr(a, "ndim", None) == ndim and _layout(a) is not None
 
 
 def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
@@ -321,25 +365,37 @@ def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
     trans*), ``out`` C-contiguous float32; a, b float32 with unit column stride and
     the same (up to two) batch axes as out, or none (a shared matrix). Call only where
     ``owned_threads() > 1`` (see ``tinylm.threads``)."""
+    gemm_many(((a, b, out, transa, transb),))
+
+
+def gemm_many(products) -> None:
+    """Several independent products ``(a, b, out, transa, transb)`` (as ``gemm``; no
+    output is another's operand) in one call: with as many threads as products, each
+    product runs on its own share of the threads, side by side (the two gradients of
+    a linear layer's backward: each on whole rows, instead of both split in halves)."""
     fn = sgemm_pointer()
     if not fn:
         raise ValueError("gemm: no BLAS sgemm to call (see can_own_threads)")
-    m, n = out.shape[-2], out.shape[-1]
-    am, k = (a.shape[-1], a.shape[-2]) if transa else a.shape[-2:]
-    bk, bn = (b.shape[-1], b.shape[-2]) if transb else b.shape[-2:]
-    if (am, bk, bn) != (m, k, n) or not (a.shape[:-2] == b.shape[:-2] == out.shape[:-2]):
-        raise ValueError(f"gemm: shapes {a.shape}{'^T' if transa else ''} @ "
-                         f"{b.shape}{'^T' if transb else ''} -> {out.shape} do not match")
-    if k == 0 or out.size == 0:  # a sum of no products (sgemm may leave C untouched)
-        out.fill(0)
-        return
-    if not all(is_matrix(x, x.ndim) for x in (a, b, out)) or not out.flags.c_contiguous:
-        raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
-                         "stride and a C-contiguous output")
-    lda, sa1, sa2 = _matrix(a, "a")
-    ldb, sb1, sb2 = _matrix(b, "b")
-    ldc, sc1, sc2 = _matrix(out, "out")
-    nb = (1, 1) + out.shape[:-2]
-    library().tl_gemm(fn, int(transa), int(transb), nb[-2], nb[-1], m, n, k,
-                      _ptr(a), sa1, sa2, lda, _ptr(b), sb1, sb2, ldb, _ptr(out), sc1, sc2, ldc,
-                      _threads(m * n * k))
+    args, work = [], 0
+    for a, b, out, transa, transb in products:
+        m, n = out.shape[-2], out.shape[-1]
+        am, k = (a.shape[-1], a.shape[-2]) if transa else a.shape[-2:]
+        bk, bn = (b.shape[-1], b.shape[-2]) if transb else b.shape[-2:]
+        if (am, bk, bn) != (m, k, n) or not (a.shape[:-2] == b.shape[:-2] == out.shape[:-2]):
+            raise ValueError(f"gemm: shapes {a.shape}{'^T' if transa else ''} @ "
+                             f"{b.shape}{'^T' if transb else ''} -> {out.shape} do not match")
+        if k == 0 or out.size == 0:  # a sum of no products (sgemm may leave C untouched)
+            out.fill(0)
+            continue
+        la, lb, lc = _layout(a), _layout(b), _layout(out)
+        if la is None or lb is None or lc is None or not out.flags.c_contiguous:
+            raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
+                             "stride and a C-contiguous output")
+        nb = out.shape[:-2]
+        args += (int(transa), int(transb), nb[0] if len(nb) == 2 else 1, nb[-1] if nb else 1,
+                 m, n, k, _ptr(a), la[1], la[2], la[0], _ptr(b), lb[1], lb[2], lb[0],
+                 _ptr(out), lc[1], lc[2], lc[0])
+        work += out.size * k
+    if args:
+        packed = np.array(args, np.int64)
+        library().tl_gemm(fn, len(args) // 19, _ptr(packed), _threads(work))

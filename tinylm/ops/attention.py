@@ -179,17 +179,14 @@ class Attention(Function):
         gq = np.empty(q.shape, np.float32) if need_q else None
         gk = np.empty(k.shape, np.float32) if need_k else None
         gv = np.empty(v.shape, np.float32) if need_v else None
-        if self.owned:
-            if need_v:
-                native.gemm(p, grad, gv, transa=True)
+        if self.owned:  # (independent products side by side: one call each pair)
             ds = np.empty(p.shape, np.float32)
-            native.gemm(grad, v, ds, transb=True)  # dP
+            native.gemm_many([(grad, v, ds, False, True)]  # dP
+                             + ([(p, grad, gv, True, False)] if need_v else []))
             delta = np.ascontiguousarray(last_axis_sum(np, grad * y))
             native.softmax_backward(ds, p, delta, self.scale)  # dS, in place
-            if need_q:
-                native.gemm(ds, k, gq)
-            if need_k:
-                native.gemm(ds, q, gk, transa=True)
+            native.gemm_many(([(ds, k, gq, False, False)] if need_q else [])
+                             + ([(ds, q, gk, True, False)] if need_k else []))
             return (gq.reshape(self.q_shape) if need_q else None), gk, gv
 
         def part(sl):

@@ -96,26 +96,29 @@ class Linear(Function):
 
     def backward(self, xp, grad):
         g2 = _flat_rows(grad)  # (N, out)
-        owned = _owned(xp, g2, self.w, self.x2)
-        gx = None
-        if self.needs_input_grad[0]:
-            if owned:
+        gx = gw = None
+        if _owned(xp, g2, self.w, self.x2):
+            # both gradients in one call: side by side on the kernels' threads
+            products = []
+            if self.needs_input_grad[0]:
                 gx = np.empty((g2.shape[0], self.w.shape[1]), np.float32)
-                native.gemm(g2, self.w, gx)
-            else:
-                gx = g2 @ self.w
-            gx = gx.reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
-        gw = None
-        if self.needs_input_grad[1]:
-            if owned:
+                products.append((g2, self.w, gx, False, False))
+            if self.needs_input_grad[1]:
                 gw = backend.reusable_empty("linear.grad_weight",
                                             (g2.shape[1], self.x2.shape[1]), np.float32)
-                native.gemm(g2, self.x2, gw, transa=True)
-            elif xp is not np or g2.dtype != self.x2.dtype:
-                gw = g2.T @ self.x2
-            else:
-                gw = np.matmul(g2.T, self.x2, out=backend.reusable_empty(
-                    "linear.grad_weight", (g2.shape[1], self.x2.shape[1]), g2.dtype))
+                products.append((g2, self.x2, gw, True, False))
+            native.gemm_many(products)
+        else:
+            if self.needs_input_grad[0]:
+                gx = g2 @ self.w
+            if self.needs_input_grad[1]:
+                if xp is not np or g2.dtype != self.x2.dtype:
+                    gw = g2.T @ self.x2
+                else:
+                    gw = np.matmul(g2.T, self.x2, out=backend.reusable_empty(
+                        "linear.grad_weight", (g2.shape[1], self.x2.shape[1]), g2.dtype))
+        if gx is not None:
+            gx = gx.reshape(grad.shape[:-1] + (self.w.shape[1],))  # (..., in)
         if len(self.needs_input_grad) == 3:
             gb = leading_sum(xp, g2) if self.needs_input_grad[2] else None
             return gx, gw, gb
