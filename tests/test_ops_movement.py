@@ -386,3 +386,55 @@ def test_movement_on_device(device, case):
     else:
         fn = lambda t: F.concat([*F.split(F.stack([t, t * 2], axis=1), [1, 2], axis=2)], axis=2)  # noqa: E731
     check_device(device, fn, x)
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 5), sizes=st.lists(st.integers(1, 3), min_size=1,
+                                                                  max_size=4),
+       hs=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_split_of_heads_hands_on_gradients_made_in_place_without_a_copy(B, T, sizes, hs, seed):
+    """The heads of a fused projection (B, T, n, hs) seen as (B, n, T, hs), split along
+    the heads: gradients made by ``empty_views_like`` in their pieces' places come back
+    as one view of their buffer (no concatenation), with the concatenation's values;
+    gradients anywhere else are concatenated as before."""
+    from tinylm.ops.movement import Split, empty_views_like
+
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    fused = rng.standard_normal((B, T, n, hs)).astype(np.float32)
+    x = Tensor(fused.transpose(0, 2, 1, 3), requires_grad=True)
+    pieces = Split.apply(x, sizes=sizes, axis=1)
+    grads = empty_views_like(*(p.data for p in pieces))
+    for g in grads:
+        g[...] = rng.standard_normal(g.shape)
+    want = np.concatenate(grads, axis=1)
+    node = pieces[0].creator
+    node.needs_input_grad = (True,)
+    joined = node.backward(np, *grads)
+    np.testing.assert_array_equal(joined, want)
+    assert np.shares_memory(joined, grads[0]) and joined.strides == x.data.strides
+    fresh = [g.copy() for g in grads]  # each in its own buffer: concatenated
+    copied = node.backward(np, *fresh)
+    np.testing.assert_array_equal(copied, want)
+    if len(sizes) > 1:
+        assert not any(np.shares_memory(copied, g) for g in fresh)
+
+
+def test_split_backward_through_the_graph_with_views_matches_the_plain_gradient():
+    """End to end: q, k, v of a fused projection through attention; the gradient of the
+    projection's input equals the one computed with the heads copied apart first."""
+    rng = np.random.default_rng(3)
+    xa = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    w = rng.standard_normal((24, 8)).astype(np.float32) * 0.3
+
+    def run(copy_heads):
+        x, wt = Tensor(xa, requires_grad=True), Tensor(w, requires_grad=True)
+        heads = F.linear(x, wt).reshape(2, 5, 6, 4).transpose(0, 2, 1, 3)
+        q, k, v = heads.split([2, 2, 2], axis=1)
+        if copy_heads:
+            q, k, v = (t * 1.0 for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        (y * y).sum().backward()
+        return x.grad, wt.grad
+
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -144,13 +144,16 @@ _OFFSET = _data_offset()
 _read = ctypes.c_void_p.from_address
 
 
-def _ptr(a):
+def address(a):
     """The data address of NumPy array ``a`` (None for None)."""
     if a is None:
         return None
     if _OFFSET is None:
         return a.ctypes.data
     return _read(id(a) + _OFFSET).value
+
+
+_ptr = address
 
 
 # Elements a kernel call must touch before it uses more than one thread (the pool's
@@ -360,9 +363,25 @@ def is_matrix(a, ndim: int) -> bool:
     return getattr(a, "ndim", None) == ndim and _layout(a) is not None
 
 
+def _disjoint(a) -> bool:
+    """Whether no two elements of ``a`` share an address (threads may write them all):
+    C-contiguous, or each axis's stride, in decreasing order, at least the extent of the
+    axes below it (a transposed view of a contiguous array: attention's heads)."""
+    if a.flags.c_contiguous:
+        return True
+    axes = sorted(((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1), reverse=True)
+    extent = a.itemsize
+    for st, n in reversed(axes):
+        if st < extent:
+            return False
+        extent = st * n
+    return True
+
+
 def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
     """out = op(a) @ op(b) on the kernels' threads (op: transpose the last two axes when
-    trans*), ``out`` C-contiguous float32; a, b float32 with unit column stride and
+    trans*), ``out`` float32 with unit column stride, its elements disjoint (C-contiguous,
+    or a transposed view of a contiguous array); a, b float32 with unit column stride and
     the same (up to two) batch axes as out, or none (a shared matrix). Call only where
     ``owned_threads() > 1`` (see ``tinylm.threads``)."""
     gemm_many(((a, b, out, transa, transb),))
@@ -388,9 +407,9 @@ def gemm_many(products) -> None:
             out.fill(0)
             continue
         la, lb, lc = _layout(a), _layout(b), _layout(out)
-        if la is None or lb is None or lc is None or not out.flags.c_contiguous:
+        if la is None or lb is None or lc is None or not _disjoint(out):
             raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
-                             "stride and a C-contiguous output")
+                             "stride, the output's elements each at its own address")
         nb = out.shape[:-2]
         args += (int(transa), int(transb), nb[0] if len(nb) == 2 else 1, nb[-1] if nb else 1,
                  m, n, k, _ptr(a), la[1], la[2], la[0], _ptr(b), lb[1], lb[2], lb[0],

@@ -33,7 +33,7 @@ from tinylm.errors import ShapeError, TinyLMError
 from tinylm.function import Function
 from tinylm.ops.elementwise import add, masked_fill, mul
 from tinylm.ops.matmul import matmul
-from tinylm.ops.movement import broadcast_to, reshape, swapaxes
+from tinylm.ops.movement import broadcast_to, empty_views_like, reshape, swapaxes
 from tinylm.ops.nn import dropout, softmax, softmax_array
 from tinylm.ops.reduce import last_axis_sum
 from tinylm.ops.tiled import alibi_bias, tiled_attention
@@ -150,7 +150,12 @@ class Attention(Function):
     def _forward_compiled(self, q, k, kt, v, rows_bias):
         B, Hkv, R, _ = q.shape
         att = np.empty((B, Hkv, R, kt.shape[-1]), np.float32)
-        y = np.empty((B, Hkv, R, v.shape[-1]), np.float32)
+        if Hkv == self.q_shape[1]:  # (no query groups)
+            # laid out as (B, T, H, hs): what the caller's transpose and reshape to
+            # (B, T, H hs) make of it, without copying
+            y = np.empty((B, R, Hkv, v.shape[-1]), np.float32).transpose(0, 2, 1, 3)
+        else:
+            y = np.empty((B, Hkv, R, v.shape[-1]), np.float32)
         self.owned = _owned(q, k, v)
         if self.owned:  # every product and the softmax on the kernels' threads
             native.gemm(q, k, att, transb=True)
@@ -174,11 +179,14 @@ class Attention(Function):
 
     def _backward_compiled(self, grad):
         q, k, v, p, y = self.q, self.k, self.v, self.p, self.y
-        grad = np.ascontiguousarray(grad, np.float32).reshape(y.shape)  # (B, Hkv, rep*T, hs_v)
+        grad = grad.astype(np.float32, copy=False).reshape(y.shape)  # (B, Hkv, rep*T, hs_v)
+        if not native.is_matrix(grad, 4):
+            grad = np.ascontiguousarray(grad)
         need_q, need_k, need_v = self.needs_input_grad
-        gq = np.empty(q.shape, np.float32) if need_q else None
-        gk = np.empty(k.shape, np.float32) if need_k else None
-        gv = np.empty(v.shape, np.float32) if need_v else None
+        # q, k and v's gradients where they are in their buffer (the heads of one fused
+        # projection: its split then hands on one gradient, without concatenating)
+        gq, gk, gv = empty_views_like(q if need_q else None, k if need_k else None,
+                                      v if need_v else None)
         if self.owned:  # (independent products side by side: one call each pair)
             ds = np.empty(p.shape, np.float32)
             native.gemm_many([(grad, v, ds, False, True)]  # dP

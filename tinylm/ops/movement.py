@@ -10,6 +10,7 @@ import numpy as np
 from tinylm import backend
 from tinylm.errors import ShapeError
 from tinylm.function import Function
+from tinylm.kernels.native import address
 from tinylm.tensor import Tensor
 
 # --------------------------------------------------------------------------- shape
@@ -167,12 +168,65 @@ class Split(Function):
 
     def backward(self, xp, *grads):
         x = self.inputs[0].data
+        if xp is np:
+            whole = _joined(x, grads, self.sizes, self.axis)
+            if whole is not None:  # (made by ``empty_views_like``: no copy)
+                return whole
         if xp is np and not x.flags.c_contiguous:
             # In x's memory order (empty_like keeps it): the heads split of a fused qkv
             # projection, (B, T, 3n, hs) seen as (B, 3n, T, hs), then gets a gradient
             # that the transpose and reshape back hand on as views, not a second copy.
             return np.concatenate(grads, axis=self.axis, out=np.empty_like(x))
         return xp.concatenate(grads, axis=self.axis)
+
+
+def _root(a):
+    """The array whose memory ``a`` views (``a`` itself when it owns it)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def empty_views_like(*arrays):
+    """Uninitialised arrays of ``arrays``' shapes and strides, each at its array's place in
+    one new buffer laid out as the buffer they all view (q, k and v: the heads of one
+    fused projection), or fresh C-contiguous arrays when they do not all view one
+    C-contiguous array; None entries stay None. Gradients made this way let ``Split``
+    hand on its input's gradient as a view of that buffer instead of concatenating."""
+    present = [a for a in arrays if a is not None]
+    if not present:
+        return arrays
+    root = _root(present[0])
+    if not (root.flags.c_contiguous and all(_root(a) is root and a.dtype == root.dtype
+                                            for a in present)):
+        return tuple(None if a is None else np.empty(a.shape, a.dtype) for a in arrays)
+    buffer, start = np.empty(root.size, root.dtype), address(root)
+    return tuple(None if a is None else np.ndarray(a.shape, a.dtype, buffer, address(a) - start,
+                                                   a.strides) for a in arrays)
+
+
+def _joined(x, grads, sizes, axis):
+    """``concatenate(grads, axis)`` as a view, when the gradients are the pieces of one
+    C-contiguous buffer laid out as x's pieces are in x (``empty_views_like``), else
+    None."""
+    first = grads[0]
+    if not all(isinstance(g, np.ndarray) for g in grads) or first.dtype != x.dtype:
+        return None
+    root = _root(first)
+    if not root.flags.c_contiguous:
+        return None
+    axis %= x.ndim
+    start, step = address(first), x.strides[axis]
+    offset = 0
+    for g, n in zip(grads, sizes):
+        if (g.strides != x.strides or g.shape != x.shape[:axis] + (n,) + x.shape[axis + 1:]
+                or _root(g) is not root or address(g) != start + offset):
+            return None
+        offset += n * step
+    try:  # (NumPy checks that x's layout from ``start`` lies inside root's memory)
+        return np.ndarray(x.shape, x.dtype, root, start - address(root), x.strides)
+    except (ValueError, TypeError):
+        return None
 
 
 def _split_at(xp, a, sizes, axis):
