@@ -439,3 +439,44 @@ def test_array_addresses_are_those_numpy_reports():
               base[4, 6, 2:], np.empty(0, np.float32), base.astype(np.float64)[2:]):
         assert native._ptr(a) == a.ctypes.data
     assert native._ptr(None) is None
+
+
+@pytest.mark.parametrize("threads_", [1, 2])
+def test_attention_gradients_of_shared_or_broadcast_inputs_are_summed(threads_):
+    """q is k is v (one leaf), or k broadcast over the heads: each use's gradient must be
+    summed, never written to one place twice (the gradients sit in their inputs'
+    places only when those do not overlap)."""
+    from tinylm import threads
+    from tinylm.ops import attention
+    from tinylm.ops.movement import broadcast_to
+
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal((2, 2, 8, 4)).astype(np.float32)
+    kb = rng.standard_normal((2, 1, 8, 4)).astype(np.float32)
+
+    def grads(shared):
+        t = Tensor(a, requires_grad=True)
+        k = Tensor(kb, requires_grad=True)
+        with threads.blas_threads(threads_):
+            if shared:
+                y = attention.scaled_dot_product_attention(t, t, t, is_causal=True, impl="naive")
+            else:
+                y = attention.scaled_dot_product_attention(
+                    t * 1.0, broadcast_to(k, (2, 2, 8, 4)), t * 1.0, is_causal=True,
+                    impl="naive")
+            (y * y).sum().backward()
+        return t.grad, k.grad
+
+    def separate(shared):  # the reference: every use its own copy
+        q, k, v = (Tensor(a.copy(), requires_grad=True) for _ in range(3))
+        kk = Tensor(kb, requires_grad=True)
+        kin = k if shared else broadcast_to(kk, (2, 2, 8, 4))
+        y = attention.scaled_dot_product_attention(q, kin, v, is_causal=True, impl="naive")
+        (y * y).sum().backward()
+        return (q.grad + k.grad + v.grad) if shared else (q.grad + v.grad), kk.grad
+
+    got, want = grads(True), separate(True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+    got, want = grads(False), separate(False)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)

@@ -490,10 +490,12 @@ static void gemm_part(sgemm64_t sgemm, const gemm_args *p, int64_t t, int64_t nt
     }
 }
 
+#ifdef _OPENMP
 static double gemm_work(const gemm_args *p)
 {
     return (double)p->nb1 * p->nb2 * p->m * p->n * (p->k > 0 ? p->k : 1);
 }
+#endif
 
 /* ``count`` independent products (their outputs distinct) on ``threads`` threads, in
  * one parallel region: with as many threads as products or more, each product gets a
@@ -521,6 +523,15 @@ void tl_gemm(void *fn, int64_t count, const gemm_args *args, int threads)
             team[i] = i == count - 1 ? threads - given : want;
             given += team[i];
         }
+        /* teams only when they share the work out evenly (two equal products on an odd
+         * number of threads would leave one team a thread short: then each product on
+         * all of them, in turn) */
+        double slowest = 0.0;
+        for (int64_t i = 0; i < count; i++)
+            if (work[i] / team[i] > slowest)
+                slowest = work[i] / team[i];
+        if (slowest > 1.1 * total / threads)
+            goto in_turn;
         first[0] = 0;
         for (int64_t i = 0; i < count; i++)
             first[i + 1] = first[i] + team[i];
@@ -541,6 +552,7 @@ void tl_gemm(void *fn, int64_t count, const gemm_args *args, int threads)
         }
         return;
     }
+in_turn:
     if (threads > 1) {
         for (int64_t i = 0; i < count; i++) {
 #pragma omp parallel num_threads(threads)

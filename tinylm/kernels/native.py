@@ -148,6 +148,8 @@ def address(a):
     """The data address of NumPy array ``a`` (None for None)."""
     if a is None:
         return None
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"address: a NumPy array, not {type(a).__name__}")
     if _OFFSET is None:
         return a.ctypes.data
     return _read(id(a) + _OFFSET).value
@@ -363,7 +365,7 @@ def is_matrix(a, ndim: int) -> bool:
     return getattr(a, "ndim", None) == ndim and _layout(a) is not None
 
 
-def _disjoint(a) -> bool:
+def disjoint(a) -> bool:
     """Whether no two elements of ``a`` share an address (threads may write them all):
     C-contiguous, or each axis's stride, in decreasing order, at least the extent of the
     axes below it (a transposed view of a contiguous array: attention's heads)."""
@@ -407,7 +409,7 @@ def gemm_many(products) -> None:
             out.fill(0)
             continue
         la, lb, lc = _layout(a), _layout(b), _layout(out)
-        if la is None or lb is None or lc is None or not _disjoint(out):
+        if la is None or lb is None or lc is None or not disjoint(out):
             raise ValueError("gemm: operands must be float32 matrix stacks with unit column "
                              "stride, the output's elements each at its own address")
         nb = out.shape[:-2]

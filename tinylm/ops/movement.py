@@ -10,6 +10,7 @@ import numpy as np
 from tinylm import backend
 from tinylm.errors import ShapeError
 from tinylm.function import Function
+from tinylm.kernels import native
 from tinylm.kernels.native import address
 from tinylm.tensor import Tensor
 
@@ -198,11 +199,25 @@ def empty_views_like(*arrays):
         return arrays
     root = _root(present[0])
     if not (root.flags.c_contiguous and all(_root(a) is root and a.dtype == root.dtype
-                                            for a in present)):
+                                            and native.disjoint(a) for a in present)
+            and not _overlap(present)):
         return tuple(None if a is None else np.empty(a.shape, a.dtype) for a in arrays)
     buffer, start = np.empty(root.size, root.dtype), address(root)
     return tuple(None if a is None else np.ndarray(a.shape, a.dtype, buffer, address(a) - start,
                                                    a.strides) for a in arrays)
+
+
+def _overlap(arrays) -> bool:
+    """Whether two of ``arrays`` share an element (or NumPy cannot tell cheaply): then
+    their gradients cannot sit in their places (q is k: each needs its own sum)."""
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1:]:
+            try:
+                if np.shares_memory(a, b, max_work=1000):
+                    return True
+            except np.exceptions.TooHardError:
+                return True
+    return False
 
 
 def _joined(x, grads, sizes, axis):
