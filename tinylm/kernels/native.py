@@ -380,6 +380,15 @@ def disjoint(a) -> bool:
     return True
 
 
+def owns_products(ndim: int, *arrays) -> bool:
+    """Whether an op's products over these operands run as ``gemm`` on the kernels'
+    threads: they own the threads (``tinylm.threads.owned_threads``), and every array
+    is a float32 matrix stack of ``ndim`` axes that ``gemm`` takes (linear layers: 2,
+    attention's heads: 4)."""
+    return (owned_threads() > 1 and all(is_matrix(a, ndim) for a in arrays)
+            and can_own_threads())
+
+
 def gemm(a, b, out, transa: bool = False, transb: bool = False) -> None:
     """out = op(a) @ op(b) on the kernels' threads (op: transpose the last two axes when
     trans*), ``out`` float32 with unit column stride, its elements disjoint (C-contiguous,

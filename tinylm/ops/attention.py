@@ -40,7 +40,7 @@ from tinylm.ops.tiled import alibi_bias, tiled_attention
 from tinylm.kernels import flash_attention as cuda_flash
 from tinylm.kernels import native
 from tinylm.tensor import Tensor
-from tinylm.threads import cpu_threads, owned_threads, run_parts
+from tinylm.threads import cpu_threads, run_parts
 
 
 def causal_mask(xp, T: int, S: int):
@@ -156,22 +156,18 @@ class Attention(Function):
             y = np.empty((B, R, Hkv, v.shape[-1]), np.float32).transpose(0, 2, 1, 3)
         else:
             y = np.empty((B, Hkv, R, v.shape[-1]), np.float32)
-        self.owned = _owned(q, k, v)
+        self.owned = native.owns_products(4, q, k, v)
         if self.owned:  # every product and the softmax on the kernels' threads
             native.gemm(q, k, att, transb=True)
             native.softmax(att, att, rows_bias, self.scale)
             native.gemm(att, v, y)
-            self.compiled = True
-            self.q, self.k, self.v, self.p = q, k, v, att
-            self.y = y if self.needs_grad else None
-            return y
+        else:
+            def part(sl):
+                np.matmul(q[sl], kt[sl], out=att[sl])
+                native.softmax(att[sl], att[sl], rows_bias, self.scale)
+                np.matmul(att[sl], v[sl], out=y[sl])
 
-        def part(sl):
-            np.matmul(q[sl], kt[sl], out=att[sl])
-            native.softmax(att[sl], att[sl], rows_bias, self.scale)
-            np.matmul(att[sl], v[sl], out=y[sl])
-
-        _run_batches(part, B, att.size)
+            _run_batches(part, B, att.size)
         self.compiled = True
         self.q, self.k, self.v, self.p = q, k, v, att
         self.y = y if self.needs_grad else None
@@ -216,13 +212,6 @@ class Attention(Function):
 # handing parts to pool threads costs more than it saves (the nanoGPT recipe's 196k
 # scores a layer, forward + backward: 2.03 ms on one thread, 2.33 on two).
 PARALLEL_SCORES = 1 << 21
-
-
-def _owned(*arrays) -> bool:
-    """Whether the compiled kernels' threads run the node's products (they own the
-    threads: ``tinylm.threads.owned_threads``) on these (B, H, rows, cols) stacks."""
-    return (owned_threads() > 1 and all(native.is_matrix(a, 4) for a in arrays)
-            and native.can_own_threads())
 
 
 def _run_batches(part, B: int, scores: int) -> None:

@@ -13,15 +13,7 @@ from tinylm.function import Function
 from tinylm.ops.movement import reshape
 from tinylm.ops.reduce import leading_sum
 from tinylm.kernels import native
-from tinylm.threads import cpu_threads, owned_threads
-
-
-def _owned(xp, *arrays) -> bool:
-    """Whether the compiled kernels' threads run these arrays' product: they own the
-    threads (``tinylm.threads.owned_threads``), and the arrays are NumPy float32
-    matrices with unit column stride."""
-    return (xp is np and owned_threads() > 1 and all(native.is_matrix(a, 2) for a in arrays)
-            and native.can_own_threads())
+from tinylm.threads import cpu_threads
 
 
 def _flat_rows(a):
@@ -83,7 +75,7 @@ class Linear(Function):
         # One 2-D GEMM over all rows: NumPy would run a (..., in) @ (in, out) product
         # as one small GEMM per leading index.
         self.x2, self.w = _flat_rows(x), w  # (N, in)
-        if _owned(xp, self.x2, w) and not _tiled(self.x2.shape[0], w.shape[0]):
+        if xp is np and native.owns_products(2, self.x2, w) and not _tiled(self.x2.shape[0], w.shape[0]):
             # the compiled kernels' threads run the product (a decode step's few rows
             # keep ``_product``'s tiles)
             y = backend.reusable_empty("linear.out", (self.x2.shape[0], w.shape[0]), w.dtype)
@@ -97,7 +89,7 @@ class Linear(Function):
     def backward(self, xp, grad):
         g2 = _flat_rows(grad)  # (N, out)
         gx = gw = None
-        if _owned(xp, g2, self.w, self.x2):
+        if xp is np and native.owns_products(2, g2, self.w, self.x2):
             # both gradients in one call: side by side on the kernels' threads
             products = []
             if self.needs_input_grad[0]:
