@@ -12,6 +12,7 @@ code path that runs on both.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -301,6 +302,16 @@ GELU_RATIONAL = np.array(
     [p / (2**k * 2 * math.sqrt(2.0)) for k, p in enumerate(_ERF_P)]
     + [q / 2**k for k, q in enumerate(_ERF_Q)]
     + [_ERF_CLIP * math.sqrt(2.0), _INV_SQRT_2PI], dtype=np.float32)
+
+
+def default_cache_dir() -> str:
+    """Where tinylm keeps files it can make again (token caches, compiled kernels,
+    downloads): ``$TINYLM_CACHE``, else ``$XDG_CACHE_HOME/tinylm``, else
+    ``~/.cache/tinylm``."""
+    if os.environ.get("TINYLM_CACHE"):
+        return os.environ["TINYLM_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tinylm")
 
 
 # Arrays of at least this many bytes come from ``reusable_empty``'s pool: glibc serves

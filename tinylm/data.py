@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinylm.atomic import atomic_open, write_atomic
+from tinylm.backend import default_cache_dir  # noqa: F401  (callers import it from here)
 from tinylm.errors import TinyLMError
 
 FORMAT = "tinylm-tokens"
@@ -217,14 +218,6 @@ def tokenizer_sha256(tokenizer) -> str:
         tokenizer.save(path)
         with open(path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
-
-
-def default_cache_dir() -> str:
-    """``$TINYLM_CACHE``, else ``$XDG_CACHE_HOME/tinylm``, else ``~/.cache/tinylm``."""
-    if os.environ.get("TINYLM_CACHE"):
-        return os.environ["TINYLM_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "tinylm")
 
 
 # --------------------------------------------------------------------------- token files

@@ -11,7 +11,8 @@ character recipe they were a fifth of a training step (bench/RESULTS.md).
 
 The build: ``$CC`` (else ``cc``, ``gcc``, ``clang`` on PATH) with ``-O3 -march=native``
 and OpenMP when the compiler has it (without it the kernels run on one thread), into
-``$TINYLM_CACHE/native`` (default ``~/.cache/tinylm/native``) under a name that hashes
+``$TINYLM_CACHE/native`` (default ``$XDG_CACHE_HOME/tinylm/native`` or
+``~/.cache/tinylm/native``, as the token caches) under a name that hashes
 the source, the compiler, the flags and this CPU (so a shared home directory never hands
 one machine another's build); written to a temporary file and renamed, so a process
 that loads it never sees half a file. A failed build is remembered for the process and
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.backend import default_cache_dir
 from tinylm.threads import owned_threads  # (threads imports nothing of tinylm's at import)
 
 SOURCE = Path(__file__).with_name("cpu.c")
@@ -230,9 +232,7 @@ def _cpu_identity() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TINYLM_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "tinylm"
-    return base / "native"
+    return Path(default_cache_dir()) / "native"
 
 
 def _build() -> Path:
